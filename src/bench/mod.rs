@@ -1,0 +1,52 @@
+//! Benchmarks that measure shardwire against its anchors in the same run and
+//! report ratios. They back `shardwire bench ...` and `cargo bench`.
+
+pub mod runtime;
+
+use std::time::Duration;
+
+/// Latency percentiles of a sample, in microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct Percentiles {
+    pub samples: usize,
+    pub p50_us: f64,
+    pub p90_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+impl Percentiles {
+    /// Sorts `samples` in place and reads the percentiles off it.
+    pub fn of(samples: &mut [Duration]) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return 0.0;
+            }
+            let i = ((samples.len() as f64 - 1.0) * q).round() as usize;
+            samples[i].as_nanos() as f64 / 1000.0
+        };
+        Self { samples: samples.len(), p50_us: at(0.50), p90_us: at(0.90), p99_us: at(0.99), max_us: at(1.0) }
+    }
+}
+
+/// Pins the calling thread, quietly doing nothing if the CPU is not usable.
+pub fn pin_current(cpu: u32) -> bool {
+    core_affinity::set_for_current(core_affinity::CoreId { id: cpu as usize })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_of_a_known_sample() {
+        let mut s: Vec<Duration> = (1..=100).rev().map(Duration::from_micros).collect();
+        let p = Percentiles::of(&mut s);
+        assert_eq!(p.samples, 100);
+        assert_eq!(p.p50_us, 51.0);
+        assert_eq!(p.p99_us, 99.0);
+        assert_eq!(p.max_us, 100.0);
+        assert_eq!(Percentiles::of(&mut []).p50_us, 0.0);
+    }
+}
