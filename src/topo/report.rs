@@ -41,6 +41,10 @@ fn or_dash(text: String) -> String {
     if text.is_empty() { "-".into() } else { text }
 }
 
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 { format!("1 {noun}") } else { format!("{n} {noun}s") }
+}
+
 fn list(names: &[String]) -> String {
     or_dash(names.join(","))
 }
@@ -52,12 +56,12 @@ pub fn render(topo: &Topology, matrix: &PriorityMatrix, plan: &Plan) -> String {
     let cores: std::collections::BTreeSet<(u32, u32)> = topo.cpus.iter().map(|c| (c.package_id, c.core_id)).collect();
     let _ = writeln!(
         out,
-        "CPUs: {} online ({}), {} physical cores, {} packages, {} NUMA nodes",
+        "CPUs: {} online ({}), {}, {}, {}",
         topo.cpus.len(),
         cpulist::format(&topo.cpus.iter().map(|c| c.id).collect::<Vec<_>>()),
-        cores.len(),
-        packages.len(),
-        topo.nodes.len()
+        count(cores.len(), "physical core"),
+        count(packages.len(), "package"),
+        count(topo.nodes.len(), "NUMA node")
     );
 
     out.push_str("\nNUMA nodes\n");
@@ -108,7 +112,7 @@ pub fn render(topo: &Topology, matrix: &PriorityMatrix, plan: &Plan) -> String {
     }
     t.render(&mut out);
 
-    let _ = writeln!(out, "\nPlacement plan: {} shards, CPUs from {}", plan.shards.len(), plan.cores_from);
+    let _ = writeln!(out, "\nPlacement plan: {}, CPUs from {}", count(plan.shards.len(), "shard"), plan.cores_from);
     let mut t = Table::new(&[
         "shard",
         "cpu",
