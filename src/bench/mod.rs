@@ -32,7 +32,7 @@ impl Percentiles {
 
 /// Pins the calling thread, quietly doing nothing if the CPU is not usable.
 pub fn pin_current(cpu: u32) -> bool {
-    core_affinity::set_for_current(core_affinity::CoreId { id: cpu as usize })
+    crate::runtime::shard::pin_current_thread(cpu).is_ok()
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ pub mod uring;
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -186,10 +186,14 @@ pub struct ShardReport {
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A running set of shards.
+///
+/// `Runtime` is `Sync`: any number of threads may submit to it at once, and
+/// one of them may shut it down while the others still submit (they get
+/// [`SubmitError::ShutDown`]).
 pub struct Runtime {
     id: u64,
     shards: Arc<[Arc<ShardShared>]>,
-    threads: Vec<JoinHandle<ShardReport>>,
+    threads: Mutex<Vec<JoinHandle<ShardReport>>>,
     features: Vec<RingFeatures>,
     config: Arc<RuntimeConfig>,
 }
@@ -227,7 +231,7 @@ impl Runtime {
         let mut runtime = Runtime {
             id,
             shards: peers.clone(),
-            threads: Vec::with_capacity(n),
+            threads: Mutex::new(Vec::with_capacity(n)),
             features: Vec::new(),
             config: config.clone(),
         };
@@ -245,9 +249,9 @@ impl Runtime {
             let spawned =
                 std::thread::Builder::new().name(format!("shardwire-shard-{shard}")).spawn(move || shard::run(seed));
             match spawned {
-                Ok(handle) => runtime.threads.push(handle),
+                Ok(handle) => runtime.lock_threads().push(handle),
                 Err(e) => {
-                    runtime.stop_all();
+                    runtime.shutdown();
                     return Err(StartError::Shard { shard, cpu: config.cpus[shard], fault: format!("thread: {e}") });
                 }
             }
@@ -268,7 +272,7 @@ impl Runtime {
             }
         }
         if let Some(e) = first_error {
-            runtime.stop_all();
+            runtime.shutdown();
             return Err(e);
         }
         runtime.features = features;
@@ -412,13 +416,27 @@ impl Runtime {
         Ok(producer)
     }
 
-    fn stop_all(&mut self) -> Vec<ShardReport> {
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<ShardReport>>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stops every shard, fails queued work with [`CallError::Canceled`],
+    /// cancels io in flight, and joins the threads. Idempotent: a second call
+    /// returns no reports. Called from one of this runtime's own shards, it
+    /// only asks the shards to stop (a thread cannot join itself); the
+    /// joining happens at the next call from outside, or on drop.
+    pub fn shutdown(&self) -> Vec<ShardReport> {
         for s in self.shards.iter() {
             s.stop.store(true, Ordering::Release);
             s.parker.wake();
         }
-        let mut reports = Vec::with_capacity(self.threads.len());
-        for (shard, handle) in self.threads.drain(..).enumerate() {
+        if CURRENT_SHARD.with(|c| c.get()).is_some_and(|(runtime, _)| runtime == self.id) {
+            log::warn!("runtime shutdown requested from one of its shards; joining later");
+            return Vec::new();
+        }
+        let handles = std::mem::take(&mut *self.lock_threads());
+        let mut reports = Vec::with_capacity(handles.len());
+        for (shard, handle) in handles.into_iter().enumerate() {
             reports.push(match handle.join() {
                 Ok(report) => report,
                 Err(payload) => ShardReport {
@@ -431,17 +449,15 @@ impl Runtime {
         reports
     }
 
-    /// Stops every shard, fails queued work, and joins the threads.
-    pub fn shutdown(mut self) -> Vec<ShardReport> {
-        self.stop_all()
+    /// Whether [`Runtime::shutdown`] has been called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shards.iter().any(|s| s.stop.load(Ordering::Acquire))
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
-            self.stop_all();
-        }
+        self.shutdown();
     }
 }
 

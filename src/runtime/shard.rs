@@ -98,6 +98,22 @@ thread_local! {
     pub(crate) static CURRENT_SHARD: std::cell::Cell<Option<(u64, usize)>> = const { std::cell::Cell::new(None) };
 }
 
+/// Pins the calling thread to one CPU.
+pub fn pin_current_thread(cpu: u32) -> Result<(), String> {
+    // core_affinity indexes a fixed cpu_set_t and panics beyond it.
+    if cpu as usize >= libc::CPU_SETSIZE as usize {
+        return Err(format!("cannot pin to CPU {cpu}: above CPU_SETSIZE ({})", libc::CPU_SETSIZE));
+    }
+    if core_affinity::set_for_current(core_affinity::CoreId { id: cpu as usize }) {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot pin to CPU {cpu}: {} (is it online and in this process's affinity mask?)",
+            std::io::Error::last_os_error()
+        ))
+    }
+}
+
 /// The shard thread's body.
 pub(crate) fn run(seed: ShardSeed) -> ShardReport {
     let id = seed.id;
@@ -108,9 +124,9 @@ pub(crate) fn run(seed: ShardSeed) -> ShardReport {
     };
     // Pin before allocating anything large, so first touch lands locally.
     if let Some(cpu) = cpu
-        && !core_affinity::set_for_current(core_affinity::CoreId { id: cpu as usize })
+        && let Err(fault) = pin_current_thread(cpu)
     {
-        return fail(format!("cannot pin to CPU {cpu}: {}", std::io::Error::last_os_error()));
+        return fail(fault);
     }
     let (ring, features) = match uring::build_ring(seed.config.ring_entries, seed.config.uring_setup) {
         Ok(r) => r,
@@ -274,10 +290,20 @@ impl Shard {
         }
     }
 
+    /// Whether shutdown was requested: checked between tasks, so work still
+    /// queued when it comes is failed rather than run.
+    #[inline]
+    fn stopping(&self) -> bool {
+        self.shared.stop.load(Ordering::Relaxed)
+    }
+
     fn drain_inbound(&mut self) -> usize {
         let mut work = 0;
         for i in 0..self.mesh_in.len() {
             for _ in 0..RING_BATCH_MAX {
+                if self.stopping() {
+                    return work;
+                }
                 let Some(task) = self.mesh_in[i].pop() else { break };
                 self.run_task(task);
                 work += 1;
@@ -292,6 +318,9 @@ impl Shard {
         while i < self.foreign_in.len() {
             let mut popped = 0;
             while popped < RING_BATCH_MAX {
+                if self.stopping() {
+                    return work + popped;
+                }
                 let Some(task) = self.foreign_in[i].pop() else { break };
                 self.run_task(task);
                 popped += 1;
@@ -313,6 +342,9 @@ impl Shard {
     fn run_local(&mut self) -> usize {
         let n = self.ctx.local.len();
         for _ in 0..n {
+            if self.stopping() {
+                break;
+            }
             let Some(task) = self.ctx.local.pop_front() else { break };
             self.run_task(task);
         }
