@@ -145,8 +145,14 @@ pub fn run(opts: &Options) -> Report {
     }
     let mut rates: Vec<Rate> =
         pairs.iter().zip(runs).map(|((name, _), mut r)| rate(name, opts.messages, median(&mut r))).collect();
-    let (mesh, features) = mesh_rate(opts);
-    rates.push(mesh);
+    let mut mesh_runs = Vec::new();
+    let mut features = String::new();
+    for _ in 0..opts.repeats.max(1) {
+        let (elapsed, f) = mesh_rate(opts);
+        mesh_runs.push(elapsed);
+        features = f;
+    }
+    rates.push(rate(SHARDWIRE_MESH, opts.messages, median(&mut mesh_runs)));
     let round_trips = vec![
         RoundTrip { name: SPINNING, latency: shard_round_trip(opts, true) },
         RoundTrip { name: PARKED, latency: shard_round_trip(opts, false) },
@@ -258,7 +264,7 @@ fn pump(ctx: &mut ShardCtx, mut left: u64) {
     }
 }
 
-fn mesh_rate(opts: &Options) -> (Rate, String) {
+fn mesh_rate(opts: &Options) -> (Duration, String) {
     let mut config = RuntimeConfig::pinned(&[opts.cpu_a, opts.cpu_b]);
     config.spin = SpinPolicy { budget: Duration::from_secs(5), adaptive: false };
     config.mesh_capacity = PAIR_CAPACITY;
@@ -277,7 +283,7 @@ fn mesh_rate(opts: &Options) -> (Rate, String) {
     }
     let elapsed = start.elapsed();
     rt.shutdown();
-    (rate(SHARDWIRE_MESH, n, elapsed), features)
+    (elapsed, features)
 }
 
 fn shard_round_trip(opts: &Options, spinning: bool) -> Percentiles {
