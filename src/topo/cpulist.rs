@@ -28,6 +28,12 @@ impl std::error::Error for CpuListError {}
 ///
 /// Surrounding white space (sysfs files end in a newline) is ignored, and an
 /// empty list is valid (memory-only NUMA nodes have one).
+///
+/// ```
+/// use shardwire::topo::cpulist;
+/// assert_eq!(cpulist::parse("0-2,8\n").unwrap(), vec![0, 1, 2, 8]);
+/// assert!(cpulist::parse("3-1").is_err());
+/// ```
 pub fn parse(input: &str) -> Result<Vec<u32>, CpuListError> {
     let fail = |fault: String| CpuListError { input: input.to_string(), fault };
     let text = input.trim();
@@ -67,6 +73,10 @@ fn parse_id(text: &str) -> Result<u32, String> {
 
 /// Formats a list of CPU ids in the kernel's compact form (`0-3,8`).
 /// The input need not be sorted; duplicates are folded.
+///
+/// ```
+/// assert_eq!(shardwire::topo::cpulist::format(&[8, 0, 1, 2, 2]), "0-2,8");
+/// ```
 pub fn format(cpus: &[u32]) -> String {
     let mut sorted = cpus.to_vec();
     sorted.sort_unstable();

@@ -152,6 +152,14 @@ impl PriorityMatrix {
     }
 
     /// Parses matrix text, checking every key and list.
+    ///
+    /// ```
+    /// use shardwire::topo::PriorityMatrix;
+    /// let m = PriorityMatrix::parse(r#"{"cpu:0": [["mlx5_0"], ["mlx5_1"]]}"#).unwrap();
+    /// assert_eq!(m.for_cpu_node(0).unwrap().preferred, ["mlx5_0"]);
+    /// let err = PriorityMatrix::parse(r#"{"cpu:0": [["mlx5_0"]]}"#).unwrap_err();
+    /// assert!(err.to_string().contains("exactly two arrays"));
+    /// ```
     pub fn parse(text: &str) -> Result<Self, MatrixFault> {
         if text.trim().is_empty() {
             return Err(MatrixFault::Empty);
