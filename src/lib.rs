@@ -50,5 +50,9 @@
 //!   benchmark figures.
 
 pub mod bench;
+pub mod engine;
+pub mod meta;
+pub mod proto;
 pub mod runtime;
 pub mod topo;
+pub mod transport;

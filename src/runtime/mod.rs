@@ -20,6 +20,7 @@
 pub mod ctx;
 pub mod error;
 pub mod hook;
+pub mod latch;
 pub mod park;
 pub mod shard;
 pub mod spin;
@@ -185,6 +186,24 @@ pub struct ShardReport {
 
 static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Bumped in a forked child (pthread_atfork), which inherits a runtime's
+/// memory but none of its threads.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn after_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::Relaxed);
+}
+
+fn fork_generation() -> u64 {
+    static REGISTER: std::sync::Once = std::sync::Once::new();
+    REGISTER.call_once(|| {
+        // SAFETY: registers a handler that only touches an atomic, which is
+        // async-signal-safe as a fork child handler must be.
+        unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+    });
+    FORK_GENERATION.load(Ordering::Relaxed)
+}
+
 /// A running set of shards.
 ///
 /// `Runtime` is `Sync`: any number of threads may submit to it at once, and
@@ -192,6 +211,9 @@ static NEXT_RUNTIME_ID: AtomicU64 = AtomicU64::new(1);
 /// [`SubmitError::ShutDown`]).
 pub struct Runtime {
     id: u64,
+    /// The fork generation the shards were started in; in a forked child
+    /// the shards do not exist, and the runtime refuses work.
+    generation: u64,
     shards: Arc<[Arc<ShardShared>]>,
     threads: Mutex<Vec<JoinHandle<ShardReport>>>,
     features: Vec<RingFeatures>,
@@ -230,6 +252,7 @@ impl Runtime {
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut runtime = Runtime {
             id,
+            generation: fork_generation(),
             shards: peers.clone(),
             threads: Mutex::new(Vec::with_capacity(n)),
             features: Vec::new(),
@@ -359,7 +382,15 @@ impl Runtime {
 
     /// Pushes onto this thread's ring to `shard`, creating it on first use.
     /// On failure the task comes back when it was not consumed.
+    /// Whether this process is a fork of the one that started the shards.
+    pub fn is_forked_copy(&self) -> bool {
+        fork_generation() != self.generation
+    }
+
     fn push_foreign(&self, shard: usize, task: Task) -> Result<(), (SubmitError, Option<Task>)> {
+        if self.is_forked_copy() {
+            return Err((SubmitError::ShutDown, None));
+        }
         let Some(target) = self.shards.get(shard) else {
             return Err((SubmitError::NoSuchShard { shard, count: self.shards.len() }, None));
         };
@@ -426,6 +457,11 @@ impl Runtime {
     /// only asks the shards to stop (a thread cannot join itself); the
     /// joining happens at the next call from outside, or on drop.
     pub fn shutdown(&self) -> Vec<ShardReport> {
+        if self.is_forked_copy() {
+            // The threads were the parent's; there is nothing to stop or join.
+            std::mem::forget(std::mem::take(&mut *self.lock_threads()));
+            return Vec::new();
+        }
         for s in self.shards.iter() {
             s.stop.store(true, Ordering::Release);
             s.parker.wake();

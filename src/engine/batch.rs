@@ -1,0 +1,342 @@
+//! Batches and tasks: what a caller waits on.
+//!
+//! A batch holds tasks (one per request); a task is split into slices that
+//! shards carry out. Slices report back through atomics, from any shard; the
+//! last slice of the last task sets the batch's latch. Batch ids index a
+//! table, so a bogus id is an error, never a dereference (Mooncake casts
+//! the id to a pointer).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::error::{TeError, TeResult, code};
+use crate::runtime::latch::Latch;
+
+/// Mooncake's `TransferStatusEnum`, in its order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TransferStatus {
+    Waiting = 0,
+    Pending = 1,
+    Invalid = 2,
+    Canceled = 3,
+    Completed = 4,
+    Timeout = 5,
+    Failed = 6,
+}
+
+impl TransferStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Waiting,
+            1 => Self::Pending,
+            2 => Self::Invalid,
+            3 => Self::Canceled,
+            4 => Self::Completed,
+            5 => Self::Timeout,
+            _ => Self::Failed,
+        }
+    }
+}
+
+/// The settled state of a batch, as `transfer_check_status` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchState {
+    /// Every task completed (1).
+    Completed,
+    /// Some task is still running (0).
+    Pending,
+    /// A task failed (-1).
+    Failed,
+    /// A task ran out of time (-2).
+    TimedOut,
+}
+
+impl BatchState {
+    /// Mooncake's `transfer_check_status` value.
+    pub fn code(self) -> i32 {
+        match self {
+            Self::Completed => 1,
+            Self::Pending => 0,
+            Self::Failed => -1,
+            Self::TimedOut => -2,
+        }
+    }
+}
+
+/// One request of a batch.
+#[derive(Debug)]
+pub struct Task {
+    pub len: u64,
+    remaining_slices: AtomicU32,
+    /// 0, or the first failure's TransferStatus.
+    failure: AtomicU8,
+    transferred: AtomicU64,
+}
+
+impl Task {
+    pub fn status(&self) -> TransferStatus {
+        if self.remaining_slices.load(Ordering::Acquire) > 0 {
+            return TransferStatus::Pending;
+        }
+        match self.failure.load(Ordering::Acquire) {
+            0 => TransferStatus::Completed,
+            f => TransferStatus::from_u8(f),
+        }
+    }
+
+    /// Bytes moved by the slices that completed.
+    pub fn transferred(&self) -> u64 {
+        self.transferred.load(Ordering::Acquire)
+    }
+}
+
+/// A set of tasks submitted together.
+#[derive(Debug)]
+pub struct Batch {
+    pub tasks: Box<[Task]>,
+    pending_tasks: AtomicUsize,
+    /// Tasks that failed or timed out (counted once each).
+    failed_tasks: AtomicUsize,
+    timed_out_tasks: AtomicUsize,
+    pub deadline: Instant,
+    settled: Latch,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Batch {
+    /// A batch whose task `i` will be carried out in `slices[i]` slices; a
+    /// task with no slices (zero bytes) is complete at once.
+    pub fn new(lens: &[u64], slices: &[u32], deadline: Instant) -> Arc<Self> {
+        debug_assert_eq!(lens.len(), slices.len());
+        let tasks: Box<[Task]> = lens
+            .iter()
+            .zip(slices)
+            .map(|(&len, &n)| Task {
+                len,
+                remaining_slices: AtomicU32::new(n),
+                failure: AtomicU8::new(0),
+                transferred: AtomicU64::new(0),
+            })
+            .collect();
+        let pending = slices.iter().filter(|&&n| n > 0).count();
+        let batch = Arc::new(Self {
+            tasks,
+            pending_tasks: AtomicUsize::new(pending),
+            failed_tasks: AtomicUsize::new(0),
+            timed_out_tasks: AtomicUsize::new(0),
+            deadline,
+            settled: Latch::new(),
+            first_error: Mutex::new(None),
+        });
+        if pending == 0 {
+            batch.settled.set();
+        }
+        batch
+    }
+
+    /// A slice of task `task` moved `bytes`.
+    pub fn slice_done(&self, task: usize, bytes: u64) {
+        self.tasks[task].transferred.fetch_add(bytes, Ordering::AcqRel);
+        self.finish_slice(task);
+    }
+
+    /// A slice of task `task` failed (`Failed` or `Timeout`).
+    pub fn slice_failed(&self, task: usize, status: TransferStatus, why: &str) {
+        debug_assert!(matches!(status, TransferStatus::Failed | TransferStatus::Timeout | TransferStatus::Canceled));
+        let t = &self.tasks[task];
+        if t.failure.compare_exchange(0, status as u8, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            let counter = if status == TransferStatus::Timeout { &self.timed_out_tasks } else { &self.failed_tasks };
+            counter.fetch_add(1, Ordering::AcqRel);
+            let mut first = self.first_error.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(why.to_string());
+            }
+        }
+        self.finish_slice(task);
+    }
+
+    fn finish_slice(&self, task: usize) {
+        let before = self.tasks[task].remaining_slices.fetch_sub(1, Ordering::AcqRel);
+        debug_assert!(before > 0, "more slices finished than were planned");
+        if before == 1 && self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.settled.set();
+        }
+    }
+
+    /// Whether every slice has finished, successfully or not.
+    pub fn is_settled(&self) -> bool {
+        self.settled.is_set()
+    }
+
+    /// The batch's state now. A batch past its deadline that has not
+    /// settled reports `TimedOut` (its slices are being failed by then).
+    pub fn state(&self) -> BatchState {
+        if self.timed_out_tasks.load(Ordering::Acquire) > 0 {
+            return BatchState::TimedOut;
+        }
+        if self.failed_tasks.load(Ordering::Acquire) > 0 {
+            return BatchState::Failed;
+        }
+        if self.is_settled() {
+            BatchState::Completed
+        } else if Instant::now() > self.deadline + Duration::from_secs(1) {
+            BatchState::TimedOut
+        } else {
+            BatchState::Pending
+        }
+    }
+
+    /// The first failure's description.
+    pub fn first_error(&self) -> Option<String> {
+        self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Waits until every slice has finished or `deadline` passes.
+    pub fn wait(&self, spin: Duration, deadline: Instant) -> bool {
+        self.settled.wait(spin, Some(deadline))
+    }
+
+    /// Settles the batch as one result: `Ok` if every task completed.
+    pub fn result(&self) -> TeResult<()> {
+        match self.state() {
+            BatchState::Completed => Ok(()),
+            BatchState::Pending => Err(TeError::invalid("the batch has not finished")),
+            BatchState::Failed => Err(TeError::invalid(self.first_error().unwrap_or_else(|| "transfer failed".into()))),
+            BatchState::TimedOut => Err(TeError::invalid(
+                self.first_error().unwrap_or_else(|| "transfer timed out (MC_TRANSFER_TIMEOUT)".into()),
+            )),
+        }
+    }
+}
+
+/// Most batches an engine tracks at once.
+pub const BATCHES_MAX: usize = 1 << 20;
+
+/// Batch ids handed out to callers.
+#[derive(Debug)]
+pub struct BatchTable {
+    next: AtomicU64,
+    live: Mutex<HashMap<u64, Arc<Batch>>>,
+}
+
+impl Default for BatchTable {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BatchTable {
+    pub fn new() -> Self {
+        // Ids start at a per-process random-looking point, so an id from
+        // another engine or an earlier run is unlikely to name a batch here.
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+        let start = (seed ^ (u64::from(std::process::id()) << 40)) & 0x0000_ffff_ffff_ff00 | 0x0001_0000_0000_0000;
+        Self { next: AtomicU64::new(start), live: Mutex::new(HashMap::new()) }
+    }
+
+    /// Files a batch and returns its id (never 0: 0 is Mooncake's failure
+    /// sentinel for the async APIs).
+    pub fn insert(&self, batch: Arc<Batch>) -> TeResult<u64> {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.len() >= BATCHES_MAX {
+            return Err(TeError::new(
+                code::TOO_MANY_REQUESTS,
+                format!("{BATCHES_MAX} batches are outstanding; check or wait on some first"),
+            ));
+        }
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        live.insert(id, batch);
+        Ok(id)
+    }
+
+    pub fn get(&self, id: u64) -> TeResult<Arc<Batch>> {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| TeError::invalid(format!("no batch has id {id}")))
+    }
+
+    /// Forgets a batch; its slices, if any still run, finish on their own.
+    pub fn remove(&self, id: u64) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn completes_when_every_slice_is_done() {
+        let b = Batch::new(&[10, 20], &[1, 2], later());
+        assert_eq!(b.state(), BatchState::Pending);
+        b.slice_done(0, 10);
+        b.slice_done(1, 10);
+        assert!(!b.is_settled());
+        assert_eq!(b.tasks[1].status(), TransferStatus::Pending);
+        b.slice_done(1, 10);
+        assert!(b.is_settled());
+        assert_eq!(b.state(), BatchState::Completed);
+        assert_eq!(b.tasks[1].status(), TransferStatus::Completed);
+        assert_eq!(b.tasks[1].transferred(), 20);
+        assert_eq!(b.result(), Ok(()));
+    }
+
+    #[test]
+    fn zero_length_tasks_are_done_at_once() {
+        let b = Batch::new(&[0, 0], &[0, 0], later());
+        assert!(b.is_settled());
+        assert_eq!(b.state(), BatchState::Completed);
+    }
+
+    #[test]
+    fn a_failure_is_reported_once_and_keeps_the_first_reason() {
+        let b = Batch::new(&[10, 10], &[2, 1], later());
+        b.slice_failed(0, TransferStatus::Failed, "peer rejected the address");
+        b.slice_failed(0, TransferStatus::Timeout, "later reason");
+        assert_eq!(b.state(), BatchState::Failed);
+        assert!(!b.is_settled(), "task 1 still runs");
+        b.slice_done(1, 10);
+        assert!(b.is_settled());
+        assert_eq!(b.tasks[0].status(), TransferStatus::Failed);
+        assert_eq!(b.result().unwrap_err().message(), "peer rejected the address");
+    }
+
+    #[test]
+    fn timeouts_are_their_own_state() {
+        let b = Batch::new(&[10], &[1], later());
+        b.slice_failed(0, TransferStatus::Timeout, "no answer in 30 s");
+        assert_eq!(b.state(), BatchState::TimedOut);
+        assert_eq!(b.state().code(), -2);
+    }
+
+    #[test]
+    fn table_ids_are_nonzero_and_bogus_ids_are_errors() {
+        let t = BatchTable::new();
+        let id = t.insert(Batch::new(&[0], &[0], later())).unwrap();
+        assert_ne!(id, 0);
+        assert!(t.get(id).is_ok());
+        assert_eq!(t.get(id ^ 0xdead).unwrap_err().code(), code::INVALID_ARGUMENT);
+        assert_eq!(t.get(0).unwrap_err().code(), code::INVALID_ARGUMENT);
+        t.remove(id);
+        assert!(t.get(id).is_err());
+    }
+}

@@ -1,0 +1,68 @@
+//! Mooncake's error codes (`mooncake-transfer-engine/include/error.h`), and
+//! the engine's error type that carries one.
+
+use std::fmt;
+
+/// Mooncake's return codes. The Python surface returns these integers; the
+/// Rust API returns [`TeError`], whose [`TeError::code`] is one of them.
+pub mod code {
+    pub const OK: i32 = 0;
+    pub const INVALID_ARGUMENT: i32 = -1;
+    pub const TOO_MANY_REQUESTS: i32 = -2;
+    pub const ADDRESS_NOT_REGISTERED: i32 = -3;
+    pub const BATCH_BUSY: i32 = -4;
+    pub const DEVICE_NOT_FOUND: i32 = -6;
+    pub const ADDRESS_OVERLAPPED: i32 = -7;
+    pub const DNS: i32 = -101;
+    pub const SOCKET: i32 = -102;
+    pub const MALFORMED_JSON: i32 = -103;
+    pub const REJECT_HANDSHAKE: i32 = -104;
+    pub const METADATA: i32 = -200;
+    pub const ENDPOINT: i32 = -201;
+    pub const CONTEXT: i32 = -202;
+    pub const NUMA: i32 = -300;
+    pub const CLOCK: i32 = -301;
+    pub const MEMORY: i32 = -302;
+    pub const NOT_IMPLEMENTED: i32 = -303;
+}
+
+/// An engine error: a Mooncake code and what went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeError {
+    code: i32,
+    message: String,
+}
+
+impl TeError {
+    pub fn new(code: i32, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+
+    /// The Mooncake return code (always negative).
+    pub fn code(&self) -> i32 {
+        self.code
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(code::INVALID_ARGUMENT, message)
+    }
+
+    pub fn not_initialized() -> Self {
+        Self::invalid("the engine is not initialized: call initialize() first")
+    }
+}
+
+impl fmt::Display for TeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} (code {})", self.message, self.code)
+    }
+}
+
+impl std::error::Error for TeError {}
+
+/// The engine's result type.
+pub type TeResult<T> = Result<T, TeError>;

@@ -1,0 +1,636 @@
+//! The transfer engine: Mooncake's Transfer Engine API, on the shards.
+//!
+//! [`TransferEngine`] has the surface of `mooncake.engine.TransferEngine`
+//! (see `shared/seeds/mooncake-transfer-engine-python-api.md`), in Rust:
+//! methods return `TeResult`, and [`TeError::code`] is the integer Mooncake
+//! returns. Where Mooncake crashes (a bogus batch id, a call before
+//! `initialize`, an unknown metadata scheme) this returns an error.
+//!
+//! A transfer resolves the target segment (a P2P Metadata RPC, cached),
+//! checks both ends against registered memory, splits each request into
+//! slices (striping large ones over the shards), and hands the slices to the
+//! shards, whose TCP clients carry them out. The caller waits on the batch.
+
+pub mod batch;
+pub mod buddy;
+pub mod config;
+pub mod error;
+pub mod managed;
+pub mod registry;
+pub mod rpc;
+pub mod segment;
+pub mod shared;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+pub use batch::{Batch, BatchState, TransferStatus};
+pub use config::EngineConfig;
+pub use error::{TeError, TeResult, code};
+pub use rpc::TransferNotify;
+
+use crate::meta::p2p::{self, CallOptions, RpcServer};
+use crate::proto::mooncake::message::NotifyDesc;
+use crate::proto::mooncake::name::{self, HostPort};
+use crate::proto::mooncake::tcp::Opcode;
+use crate::runtime::Runtime;
+use crate::transport::tcp::{Slice, TcpTransport, sock};
+use managed::ManagedPool;
+use registry::Registry;
+use rpc::{EngineRpc, NotifyQueue};
+use segment::{Segment, SegmentCache};
+
+/// Read or write, as `TransferOpcode`.
+pub type TransferOpcode = Opcode;
+
+/// One request of a batch: `len` bytes between local `source` and the
+/// peer's `target_offset` (an absolute address, as in Mooncake).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferRequest {
+    pub opcode: Opcode,
+    pub source: u64,
+    pub target_offset: u64,
+    pub length: u64,
+}
+
+/// How long unregister waits for transfers in flight on a region.
+const UNREGISTER_DRAIN: Duration = Duration::from_secs(5);
+/// How long a waiter spins before sleeping.
+const WAIT_SPIN: Duration = Duration::from_micros(50);
+/// Extra time past a batch's deadline before a waiter gives up on the shards
+/// (they fail the slices at the deadline; this only guards against a bug).
+const SETTLE_GRACE: Duration = Duration::from_secs(5);
+
+static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Metadata back-ends `initialize` understands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Metadata {
+    P2p,
+}
+
+/// A transfer engine. Create it, `initialize` it, then register memory and
+/// transfer. It is `Sync`: share it between threads.
+pub struct TransferEngine {
+    config: EngineConfig,
+    inner: RwLock<Option<Arc<Engine>>>,
+}
+
+/// An initialized engine.
+struct Engine {
+    name: String,
+    rpc_port: u16,
+    runtime: Arc<Runtime>,
+    registry: Arc<Registry>,
+    tcp: TcpTransport,
+    rpc: Mutex<Option<RpcServer>>,
+    handler: Arc<EngineRpc>,
+    segments: SegmentCache,
+    batches: batch::BatchTable,
+    notifies: Arc<NotifyQueue>,
+    managed: Mutex<ManagedPool>,
+    timeout: Duration,
+    stripe_bytes: u64,
+    call_options: CallOptions,
+}
+
+impl Default for TransferEngine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TransferEngine {
+    /// An engine configured from the environment (`MC_*`).
+    pub fn new() -> Self {
+        Self::with_config(EngineConfig::from_env())
+    }
+
+    pub fn with_config(config: EngineConfig) -> Self {
+        Self { config, inner: RwLock::new(None) }
+    }
+
+    fn engine(&self) -> TeResult<Arc<Engine>> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(TeError::not_initialized)
+    }
+
+    /// Initializes the engine: `local_hostname` is `host[:port]`,
+    /// `metadata_server` is `P2PHANDSHAKE` (or empty for `MC_METADATA_SERVER`,
+    /// then P2P), `protocol` is `tcp` (or `rdma`, served over TCP here),
+    /// `device_name` filters RDMA devices.
+    pub fn initialize(
+        &self,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: &str,
+    ) -> TeResult<()> {
+        self.initialize_ext(local_hostname, metadata_server, protocol, device_name, "")
+    }
+
+    /// [`TransferEngine::initialize`] with a metadata type (`p2p`, `etcd`,
+    /// `http`, `redis`) for a server given without a scheme.
+    pub fn initialize_ext(
+        &self,
+        local_hostname: &str,
+        metadata_server: &str,
+        protocol: &str,
+        device_name: &str,
+        metadata_type: &str,
+    ) -> TeResult<()> {
+        let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        if slot.is_some() {
+            return Err(TeError::invalid("the engine is already initialized"));
+        }
+        let Metadata::P2p =
+            parse_metadata(metadata_server, metadata_type, self.config.default_metadata_server.as_deref())?;
+        match protocol.trim() {
+            "tcp" | "" => {}
+            "rdma" => {
+                if !self.config.force_tcp {
+                    log::warn!("protocol \"rdma\": no RDMA transport is available here; serving this segment over TCP");
+                }
+            }
+            other => return Err(TeError::invalid(format!("protocol {other:?} is not available; use \"tcp\""))),
+        }
+        let _ = device_name;
+        let hp = name::parse(local_hostname).map_err(|e| TeError::invalid(format!("local_hostname: {e}")))?;
+        let bind_ip = self.config.bind_address.unwrap_or_else(sock::any_address);
+        let advertised = match self.config.bind_address {
+            Some(ip) => ip.to_string(),
+            None => hp.host.clone(),
+        };
+        // Beyond Mooncake's P2P mode: a port given is the port bound.
+        let rpc_listener = sock::bind_listener(bind_ip, hp.port, self.config.port_range).map_err(|e| {
+            TeError::new(code::SOCKET, format!("cannot bind the RPC port for {local_hostname} on {bind_ip}: {e}"))
+        })?;
+        let rpc_port = rpc_listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
+        let runtime = match &self.config.runtime {
+            Some(rt) => rt.clone(),
+            None => shared::shared_runtime()?,
+        };
+        let registry = Arc::new(Registry::new());
+        let engine_id = NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed);
+        let tcp = TcpTransport::start(
+            engine_id,
+            runtime.clone(),
+            registry.clone(),
+            bind_ip,
+            self.config.port_range,
+            self.config.client_limits,
+        )?;
+        let name = HostPort::with_port(&advertised, rpc_port);
+        let notifies = Arc::new(NotifyQueue::default());
+        let handler = Arc::new(EngineRpc {
+            name: name.clone(),
+            data_host: advertised,
+            data_port: tcp.data_port(),
+            registry: registry.clone(),
+            notifies: notifies.clone(),
+        });
+        let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
+            .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
+        let call_options = CallOptions {
+            connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
+            io_timeout: Duration::from_secs(60).min(self.config.transfer_timeout),
+            max_frame: self.config.handshake_max_len,
+        };
+        log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
+        *slot = Some(Arc::new(Engine {
+            name,
+            rpc_port,
+            runtime,
+            registry: registry.clone(),
+            tcp,
+            rpc: Mutex::new(Some(rpc)),
+            handler,
+            segments: SegmentCache::default(),
+            batches: batch::BatchTable::new(),
+            notifies,
+            managed: Mutex::new(ManagedPool::new(registry, UNREGISTER_DRAIN)),
+            timeout: self.config.transfer_timeout,
+            stripe_bytes: self.config.stripe_bytes,
+            call_options,
+        }));
+        Ok(())
+    }
+
+    /// The RPC (handshake) port.
+    pub fn get_rpc_port(&self) -> TeResult<u16> {
+        Ok(self.engine()?.rpc_port)
+    }
+
+    /// This engine's segment name, `host:rpc_port`: what peers pass as
+    /// `target_hostname`.
+    pub fn segment_name(&self) -> TeResult<String> {
+        Ok(self.engine()?.name.clone())
+    }
+
+    /// The TCP data port.
+    pub fn data_port(&self) -> TeResult<u16> {
+        Ok(self.engine()?.tcp.data_port())
+    }
+
+    /// The shards transfers run on.
+    pub fn runtime(&self) -> TeResult<Arc<Runtime>> {
+        Ok(self.engine()?.runtime.clone())
+    }
+
+    /// Registers `[addr, addr + len)` for transfers. `location` is `cpu:N`,
+    /// `cuda:N` or `*`.
+    pub fn register_memory(&self, addr: u64, len: u64, location: &str) -> TeResult<()> {
+        self.engine()?.registry.register(addr, len, location)
+    }
+
+    /// Unregisters the region starting at `addr`, after transfers in flight
+    /// on it finish.
+    pub fn unregister_memory(&self, addr: u64) -> TeResult<()> {
+        self.engine()?.registry.unregister(addr, UNREGISTER_DRAIN)
+    }
+
+    /// Registers several regions, all or none.
+    pub fn batch_register_memory(&self, addrs: &[u64], lens: &[u64], location: &str) -> TeResult<()> {
+        if addrs.len() != lens.len() {
+            return Err(TeError::invalid(format!("{} addresses but {} lengths", addrs.len(), lens.len())));
+        }
+        let items: Vec<(u64, u64)> = addrs.iter().copied().zip(lens.iter().copied()).collect();
+        self.engine()?.registry.register_batch(&items, location)
+    }
+
+    /// Unregisters several regions, going on past errors; returns the first.
+    pub fn batch_unregister_memory(&self, addrs: &[u64]) -> TeResult<()> {
+        let engine = self.engine()?;
+        let mut first = Ok(());
+        for &addr in addrs {
+            if let Err(e) = engine.registry.unregister(addr, UNREGISTER_DRAIN)
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+
+    /// Allocates `len` bytes of registered memory.
+    pub fn allocate_managed_buffer(&self, len: u64) -> TeResult<u64> {
+        self.engine()?.managed.lock().unwrap_or_else(|e| e.into_inner()).allocate(len)
+    }
+
+    /// Frees a managed buffer; `len` must be its allocated length.
+    pub fn free_managed_buffer(&self, addr: u64, len: u64) -> TeResult<()> {
+        self.engine()?.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len)
+    }
+
+    /// The address of the first buffer of a (possibly remote) segment.
+    pub fn get_first_buffer_address(&self, segment: &str) -> TeResult<u64> {
+        let engine = self.engine()?;
+        let seg = engine.open_segment(segment, false)?;
+        seg.buffers.first().map(|b| b.0).ok_or_else(|| TeError::invalid(format!("segment {segment} has no buffers")))
+    }
+
+    /// Writes `len` bytes from local `buffer` to `peer_addr` of `target`.
+    pub fn transfer_sync_write(&self, target: &str, buffer: u64, peer_addr: u64, len: u64) -> TeResult<()> {
+        self.transfer_sync(target, buffer, peer_addr, len, Opcode::Write, None)
+    }
+
+    /// Reads `len` bytes from `peer_addr` of `target` into local `buffer`.
+    pub fn transfer_sync_read(&self, target: &str, buffer: u64, peer_addr: u64, len: u64) -> TeResult<()> {
+        self.transfer_sync(target, buffer, peer_addr, len, Opcode::Read, None)
+    }
+
+    /// One transfer, waited for; then, if given, a notification to the peer.
+    pub fn transfer_sync(
+        &self,
+        target: &str,
+        buffer: u64,
+        peer_addr: u64,
+        len: u64,
+        opcode: Opcode,
+        notify: Option<&TransferNotify>,
+    ) -> TeResult<()> {
+        let req = TransferRequest { opcode, source: buffer, target_offset: peer_addr, length: len };
+        self.batch_transfer_sync(target, &[req], notify)
+    }
+
+    /// Several transfers, waited for together.
+    pub fn batch_transfer_sync(
+        &self,
+        target: &str,
+        requests: &[TransferRequest],
+        notify: Option<&TransferNotify>,
+    ) -> TeResult<()> {
+        let engine = self.engine()?;
+        let batch = engine.submit(target, requests)?;
+        engine.wait_settled(&batch)?;
+        batch.result()?;
+        if let Some(note) = notify {
+            let desc = NotifyDesc { name: note.name.clone(), notify_msg: note.msg.clone() };
+            p2p::send_notify(target, &desc, &engine.call_options)?;
+        }
+        Ok(())
+    }
+
+    /// [`TransferEngine::batch_transfer_sync`] from parallel lists, as the
+    /// Python API takes them.
+    pub fn batch_transfer_sync_lists(
+        &self,
+        target: &str,
+        buffers: &[u64],
+        peer_addrs: &[u64],
+        lens: &[u64],
+        opcode: Opcode,
+        notify: Option<&TransferNotify>,
+    ) -> TeResult<()> {
+        let requests = zip_requests(buffers, peer_addrs, lens, opcode)?;
+        self.batch_transfer_sync(target, &requests, notify)
+    }
+
+    /// Submits transfers and returns a batch id at once.
+    pub fn batch_transfer_async(&self, target: &str, requests: &[TransferRequest]) -> TeResult<u64> {
+        let engine = self.engine()?;
+        let batch = engine.submit(target, requests)?;
+        engine.batches.insert(batch)
+    }
+
+    /// [`TransferEngine::batch_transfer_async`] from parallel lists.
+    pub fn batch_transfer_async_lists(
+        &self,
+        target: &str,
+        buffers: &[u64],
+        peer_addrs: &[u64],
+        lens: &[u64],
+        opcode: Opcode,
+    ) -> TeResult<u64> {
+        let requests = zip_requests(buffers, peer_addrs, lens, opcode)?;
+        self.batch_transfer_async(target, &requests)
+    }
+
+    /// Submits one write and returns its batch id.
+    pub fn transfer_submit_write(&self, target: &str, buffer: u64, peer_addr: u64, len: u64) -> TeResult<u64> {
+        self.batch_transfer_async(
+            target,
+            &[TransferRequest { opcode: Opcode::Write, source: buffer, target_offset: peer_addr, length: len }],
+        )
+    }
+
+    /// Submits one read and returns its batch id (Mooncake has only the
+    /// write form).
+    pub fn transfer_submit_read(&self, target: &str, buffer: u64, peer_addr: u64, len: u64) -> TeResult<u64> {
+        self.batch_transfer_async(
+            target,
+            &[TransferRequest { opcode: Opcode::Read, source: buffer, target_offset: peer_addr, length: len }],
+        )
+    }
+
+    /// A batch's state now, without waiting. A batch that has finished,
+    /// well or not, is forgotten: its id is then invalid.
+    pub fn transfer_check_status(&self, batch_id: u64) -> TeResult<BatchState> {
+        let engine = self.engine()?;
+        let batch = engine.batches.get(batch_id)?;
+        let state = batch.state();
+        if state != BatchState::Pending {
+            engine.batches.remove(batch_id);
+        }
+        Ok(state)
+    }
+
+    /// The state of each batch now, without waiting or forgetting any (a
+    /// bogus id reports as `Err` in its place).
+    pub fn batch_states(&self, batch_ids: &[u64]) -> TeResult<Vec<TeResult<BatchState>>> {
+        let engine = self.engine()?;
+        Ok(batch_ids.iter().map(|&id| engine.batches.get(id).map(|b| b.state())).collect())
+    }
+
+    /// Waits until every batch completes (then forgets them all), or one
+    /// fails or times out (then forgets all, and returns its error).
+    pub fn get_batch_transfer_status(&self, batch_ids: &[u64]) -> TeResult<()> {
+        let engine = self.engine()?;
+        let batches: Vec<Arc<Batch>> = batch_ids.iter().map(|&id| engine.batches.get(id)).collect::<TeResult<_>>()?;
+        let mut outcome = Ok(());
+        for b in &batches {
+            engine.wait_settled(b)?;
+            if let Err(e) = b.result() {
+                outcome = Err(e);
+                break;
+            }
+        }
+        for &id in batch_ids {
+            engine.batches.remove(id);
+        }
+        outcome
+    }
+
+    /// Notifications received since the last call.
+    pub fn get_notifies(&self) -> TeResult<Vec<TransferNotify>> {
+        Ok(self.engine()?.notifies.drain())
+    }
+
+    /// Checks that `peer` (`host:port`) answers on its RPC port.
+    pub fn send_probe(&self, peer: &str) -> TeResult<()> {
+        let engine = self.engine()?;
+        p2p::probe(peer, &engine.call_options)
+    }
+
+    /// Copies `bytes` to `addr`, which must lie in registered memory.
+    pub fn write_bytes_to_buffer(&self, addr: u64, bytes: &[u8]) -> TeResult<()> {
+        let engine = self.engine()?;
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let _pin =
+            engine.registry.pin(addr, bytes.len() as u64).ok_or_else(|| not_registered(addr, bytes.len() as u64))?;
+        // SAFETY: the destination lies inside one registered region, which
+        // the pin keeps registered; registration promised the memory is ours
+        // to write.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
+    /// Copies `len` bytes from `addr`, which must lie in registered memory.
+    pub fn read_bytes_from_buffer(&self, addr: u64, len: u64) -> TeResult<Vec<u8>> {
+        let engine = self.engine()?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let _pin = engine.registry.pin(addr, len).ok_or_else(|| not_registered(addr, len))?;
+        let mut out = vec![0u8; len as usize];
+        // SAFETY: as in write_bytes_to_buffer, for reading.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), len as usize) };
+        Ok(out)
+    }
+
+    /// Connections and server sessions per shard (diagnostics).
+    pub fn connection_counts(&self) -> TeResult<Vec<(usize, usize)>> {
+        Ok(self.engine()?.tcp.counts())
+    }
+
+    /// Stops the engine: no new transfers; connections close; memory the
+    /// engine manages is released. Also done on drop.
+    pub fn shutdown(&self) {
+        let engine = self.inner.write().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(engine) = engine {
+            engine.stop();
+        }
+    }
+}
+
+impl Drop for TransferEngine {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+fn not_registered(addr: u64, len: u64) -> TeError {
+    TeError::new(code::ADDRESS_NOT_REGISTERED, format!("[{addr:#x}, +{len}) is not inside one registered buffer"))
+}
+
+fn zip_requests(buffers: &[u64], peer_addrs: &[u64], lens: &[u64], opcode: Opcode) -> TeResult<Vec<TransferRequest>> {
+    if buffers.len() != peer_addrs.len() || buffers.len() != lens.len() {
+        return Err(TeError::invalid(format!(
+            "list lengths differ: {} buffers, {} peer addresses, {} lengths",
+            buffers.len(),
+            peer_addrs.len(),
+            lens.len()
+        )));
+    }
+    Ok(buffers
+        .iter()
+        .zip(peer_addrs)
+        .zip(lens)
+        .map(|((&source, &target_offset), &length)| TransferRequest { opcode, source, target_offset, length })
+        .collect())
+}
+
+fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> TeResult<Metadata> {
+    let mut server = server.trim().to_string();
+    if server.is_empty() {
+        server = default.unwrap_or("P2PHANDSHAKE").trim().to_string();
+    }
+    if server == "P2PHANDSHAKE" {
+        return Ok(Metadata::P2p);
+    }
+    let kind = metadata_type.trim();
+    if !server.contains("://") && !kind.is_empty() {
+        if kind == "p2p" {
+            return Ok(Metadata::P2p);
+        }
+        server = format!("{kind}://{server}");
+    }
+    let scheme = server.split_once("://").map_or("etcd", |(s, _)| s);
+    match scheme {
+        "p2p" => Ok(Metadata::P2p),
+        "etcd" | "http" | "https" | "redis" => Err(TeError::new(
+            code::NOT_IMPLEMENTED,
+            format!("metadata server {server:?}: {scheme} metadata is not supported yet; use P2PHANDSHAKE"),
+        )),
+        other => Err(TeError::invalid(format!(
+            "metadata server {server:?}: unknown scheme {other:?} (expected P2PHANDSHAKE, etcd://, http://, redis://)"
+        ))),
+    }
+}
+
+impl Engine {
+    /// The segment `name`, from the cache unless `refresh`.
+    fn open_segment(&self, name: &str, refresh: bool) -> TeResult<Arc<Segment>> {
+        if !refresh && let Some(seg) = self.segments.get(name) {
+            return Ok(seg);
+        }
+        let desc = p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options)?;
+        let seg = Arc::new(Segment::from_desc(name, &desc)?);
+        self.segments.put(seg.clone());
+        Ok(seg)
+    }
+
+    /// Validates requests, splits them into slices and hands them out.
+    fn submit(&self, target: &str, requests: &[TransferRequest]) -> TeResult<Arc<Batch>> {
+        let mut seg = self.open_segment(target, false)?;
+        for r in requests {
+            if r.length > 0 && !seg.contains(r.target_offset, r.length) {
+                // The peer may have registered memory since: look again once.
+                seg = self.open_segment(target, true)?;
+                break;
+            }
+        }
+        let stripe = self.stripe_bytes.max(1);
+        let mut slice_counts = Vec::with_capacity(requests.len());
+        let mut total = 0u64;
+        for r in requests {
+            if r.length == 0 {
+                slice_counts.push(0);
+                continue;
+            }
+            if !self.registry.contains(r.source, r.length) {
+                return Err(not_registered(r.source, r.length));
+            }
+            if !seg.contains(r.target_offset, r.length) {
+                return Err(TeError::invalid(format!(
+                    "[{:#x}, +{}) is not inside a buffer registered at {target}",
+                    r.target_offset, r.length
+                )));
+            }
+            total += r.length;
+            slice_counts.push(r.length.div_ceil(stripe).min(u64::from(u32::MAX)) as u32);
+        }
+        let deadline = Instant::now() + self.timeout + Duration::from_nanos(total);
+        let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
+        let batch = Batch::new(&lens, &slice_counts, deadline);
+        let shards = self.tcp.shard_count();
+        let mut per_shard: Vec<Vec<Slice>> = (0..shards).map(|_| Vec::new()).collect();
+        let mut next = self.tcp.next_shard();
+        for (task, r) in requests.iter().enumerate() {
+            let mut offset = 0;
+            while offset < r.length {
+                let len = (r.length - offset).min(stripe);
+                let Some(pin) = self.registry.pin(r.source + offset, len) else {
+                    // Unregistered since the check above: this slice fails.
+                    batch.slice_failed(task, TransferStatus::Failed, "the local buffer was unregistered");
+                    offset += len;
+                    continue;
+                };
+                per_shard[next % shards].push(Slice::new(
+                    r.opcode,
+                    r.source + offset,
+                    r.target_offset + offset,
+                    len,
+                    batch.clone(),
+                    task,
+                    deadline,
+                    pin,
+                ));
+                next += 1;
+                offset += len;
+            }
+        }
+        for (shard, slices) in per_shard.into_iter().enumerate() {
+            if !slices.is_empty() {
+                self.tcp.submit(shard, seg.peer, slices);
+            }
+        }
+        Ok(batch)
+    }
+
+    /// Waits until every slice of `batch` has finished.
+    fn wait_settled(&self, batch: &Batch) -> TeResult<()> {
+        if batch.wait(WAIT_SPIN, batch.deadline + SETTLE_GRACE) {
+            Ok(())
+        } else {
+            Err(TeError::invalid("transfer did not settle after its deadline (shards unresponsive)"))
+        }
+    }
+
+    fn stop(&self) {
+        let rpc = self.rpc.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if self.runtime.is_forked_copy() {
+            // A forked child: the RPC thread is the parent's, and shutting
+            // the listener down would close the parent's socket too. Leave
+            // it all alone.
+            std::mem::forget(rpc);
+            return;
+        }
+        if let Some(mut rpc) = rpc {
+            rpc.stop();
+        }
+        self.tcp.close();
+    }
+}

@@ -1,0 +1,40 @@
+//! The process-wide shard runtime that engines share by default: one shard
+//! per planned core, however many engines the process creates.
+
+use std::sync::{Arc, Mutex, Weak};
+
+use super::error::{TeError, TeResult, code};
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::topo::{self, Plan, PlanOptions, PriorityMatrix};
+
+static SHARED: Mutex<Option<(u32, Weak<Runtime>)>> = Mutex::new(None);
+
+/// The placement plan for this machine: sysfs topology, `MC_CUSTOM_TOPO_JSON`
+/// and `SHARDWIRE_CORES`.
+pub fn machine_plan() -> TeResult<Plan> {
+    let topology = topo::discover(std::path::Path::new("/sys")).map_err(|e| TeError::invalid(e.to_string()))?;
+    let (matrix, from) = match PriorityMatrix::from_env().map_err(|e| TeError::invalid(e.to_string()))? {
+        Some((path, m)) => (m, path.display().to_string()),
+        None => (PriorityMatrix::discover(&topology), "discovered".to_string()),
+    };
+    let options = PlanOptions::from_env().map_err(|e| TeError::invalid(e.to_string()))?;
+    Plan::derive(&topology, &matrix, &from, &options).map_err(|e| TeError::invalid(e.to_string()))
+}
+
+/// The shared runtime, started on first use (and again in a forked child,
+/// which inherits no threads).
+pub fn shared_runtime() -> TeResult<Arc<Runtime>> {
+    let mut shared = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    let pid = std::process::id();
+    if let Some((owner, weak)) = shared.as_ref()
+        && *owner == pid
+        && let Some(rt) = weak.upgrade()
+    {
+        return Ok(rt);
+    }
+    let plan = machine_plan()?;
+    let config = RuntimeConfig::from_plan(&plan).apply_env().map_err(|e| TeError::invalid(e.to_string()))?;
+    let rt = Arc::new(Runtime::start(config).map_err(|e| TeError::new(code::CONTEXT, e.to_string()))?);
+    *shared = Some((pid, Arc::downgrade(&rt)));
+    Ok(rt)
+}

@@ -1,0 +1,8 @@
+//! Sans-IO protocol codecs and state machines. Nothing here touches a socket:
+//! each codec takes bytes and returns values (or the reverse), so every one
+//! is tested, and fuzzed, without I/O.
+//!
+//! - [`mooncake`]: Mooncake Transfer Engine's P2P handshake frames, its JSON
+//!   messages, and the TCP v2 data protocol.
+
+pub mod mooncake;

@@ -1,0 +1,171 @@
+//! The JSON bodies of Mooncake's RPC frames.
+//!
+//! Mooncake writes JSON with jsoncpp's FastWriter: keys in alphabetical order
+//! (a `std::map`), no spaces, a trailing newline. The structs below declare
+//! their fields alphabetically so serde writes the same bytes, and
+//! [`to_wire`] adds the newline. Decoding is tolerant the way jsoncpp is:
+//! unknown fields (an RDMA descriptor's `devices`, `priority_matrix`, keys)
+//! are ignored, and absent ones take Mooncake's defaults.
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// One registered buffer of a segment, as a TCP segment publishes it. RDMA
+/// descriptors add key arrays, which are ignored here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BufferDesc {
+    pub addr: u64,
+    pub length: u64,
+    /// The segment name for TCP; the location (`cpu:0`) for RDMA.
+    #[serde(default)]
+    pub name: String,
+}
+
+/// A segment descriptor: the Metadata reply, and what a P2P requester sends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentDesc {
+    #[serde(default)]
+    pub buffers: Vec<BufferDesc>,
+    pub name: String,
+    /// `tcp`, `rdma`, ... (a JSON array in multi-protocol builds; the first
+    /// entry is kept).
+    #[serde(deserialize_with = "string_or_first")]
+    pub protocol: String,
+    #[serde(default)]
+    pub rdma_server_name: String,
+    /// The host to reach the data port at (0.3.13 and later); older peers
+    /// leave it out, and the segment name's host applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_data_host: Option<String>,
+    #[serde(default)]
+    pub tcp_data_port: u16,
+    /// 2 for servers that send MCTV status frames; absent means 1.
+    #[serde(default = "proto_v1")]
+    pub tcp_proto_version: u32,
+    #[serde(default)]
+    pub timestamp: String,
+}
+
+fn proto_v1() -> u32 {
+    1
+}
+
+fn string_or_first<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s,
+        OneOrMany::Many(v) => v.into_iter().next().unwrap_or_default(),
+    })
+}
+
+/// The Connection (RDMA queue-pair) exchange. A TCP-only engine answers it
+/// with empty fields; a non-empty `reply_msg` means "rejected".
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct HandshakeDesc {
+    #[serde(default)]
+    pub local_gid: String,
+    #[serde(default)]
+    pub local_lid: u16,
+    #[serde(default)]
+    pub local_nic_path: String,
+    #[serde(default)]
+    pub payload: String,
+    #[serde(default)]
+    pub peer_nic_path: String,
+    #[serde(default)]
+    pub qp_num: Vec<u32>,
+    #[serde(default)]
+    pub reply_msg: String,
+}
+
+/// A notification: who sent it and what it says.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct NotifyDesc {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub notify_msg: String,
+}
+
+/// The reply to a Probe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeReply {
+    pub status: String,
+}
+
+/// What a Notify is answered with.
+pub fn notify_ack() -> NotifyDesc {
+    NotifyDesc { name: String::new(), notify_msg: "success".into() }
+}
+
+/// Serialises a message the way jsoncpp's FastWriter does.
+pub fn to_wire<T: Serialize>(value: &T) -> Vec<u8> {
+    let mut out = serde_json::to_vec(value).expect("plain structs always serialise");
+    out.push(b'\n');
+    out
+}
+
+/// Parses a message body.
+pub fn from_wire<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, serde_json::Error> {
+    serde_json::from_slice(body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real Metadata reply from the mooncake-transfer-engine-non-cuda
+    /// 0.3.13.post1 wheel.
+    const WHEEL_REPLY: &str = r#"{"buffers":[{"addr":140623738826768,"length":2147483648,"name":"127.0.0.1:16830"}],"name":"127.0.0.1:16830","protocol":"tcp","rdma_server_name":"","tcp_data_host":"127.0.0.1","tcp_data_port":16824,"tcp_proto_version":2,"timestamp":"2026-11-23 13:31:39.220754"}"#;
+
+    #[test]
+    fn decodes_the_wheels_descriptor_and_writes_the_same_bytes() {
+        let desc: SegmentDesc = from_wire(WHEEL_REPLY.as_bytes()).unwrap();
+        assert_eq!(
+            desc.buffers,
+            vec![BufferDesc { addr: 140623738826768, length: 2 << 30, name: "127.0.0.1:16830".into() }]
+        );
+        assert_eq!((desc.tcp_data_port, desc.tcp_proto_version), (16824, 2));
+        assert_eq!(desc.tcp_data_host.as_deref(), Some("127.0.0.1"));
+        let mut expected = WHEEL_REPLY.as_bytes().to_vec();
+        expected.push(b'\n');
+        assert_eq!(to_wire(&desc), expected);
+    }
+
+    #[test]
+    fn older_and_rdma_descriptors_decode() {
+        let old: SegmentDesc = from_wire(br#"{"name":"h:1","protocol":"tcp","tcp_data_port":5,"buffers":[]}"#).unwrap();
+        assert_eq!((old.tcp_proto_version, old.tcp_data_host), (1, None));
+        let rdma: SegmentDesc = from_wire(
+            br#"{"name":"h:1","protocol":["rdma","tcp"],"devices":[{"name":"mlx5_0","lid":0,"gid":"fe:80"}],
+                "buffers":[{"name":"cpu:0","addr":4096,"length":8192,"rkey":[1],"lkey":[2]}],
+                "priority_matrix":{"cpu:0":[["mlx5_0"],[]]}}"#,
+        )
+        .unwrap();
+        assert_eq!(rdma.protocol, "rdma");
+        assert_eq!(rdma.buffers[0].addr, 4096);
+    }
+
+    #[test]
+    fn small_messages_match_the_wheel() {
+        assert_eq!(to_wire(&ProbeReply { status: "success".into() }), b"{\"status\":\"success\"}\n");
+        assert_eq!(to_wire(&notify_ack()), b"{\"name\":\"\",\"notify_msg\":\"success\"}\n");
+        assert_eq!(
+            to_wire(&HandshakeDesc::default()),
+            b"{\"local_gid\":\"\",\"local_lid\":0,\"local_nic_path\":\"\",\"payload\":\"\",\"peer_nic_path\":\"\",\"qp_num\":[],\"reply_msg\":\"\"}\n"
+        );
+        let n: NotifyDesc = from_wire(br#"{"name":"whoami","notify_msg":"hi there"}"#).unwrap();
+        assert_eq!((n.name.as_str(), n.notify_msg.as_str()), ("whoami", "hi there"));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        for bad in [&b""[..], b"{", b"[]", b"{\"name\":5}", b"{\"name\":\"x\"}", b"\xff\xfe"] {
+            assert!(from_wire::<SegmentDesc>(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,14 @@
+//! Mooncake Transfer Engine wire formats, bit for bit.
+//!
+//! - [`frame`]: the RPC (handshake) port's typed frames: a u64 little-endian
+//!   length covering a type byte and a JSON body.
+//! - [`message`]: the JSON bodies: segment descriptors, the RDMA connection
+//!   descriptor, notifications, probes.
+//! - [`tcp`]: the TCP data port's 24-byte request header, the v2 "MCTV"
+//!   status frames, and the server's address validation.
+//! - [`name`]: `host:port` segment names, IPv6 included.
+
+pub mod frame;
+pub mod message;
+pub mod name;
+pub mod tcp;

@@ -1,0 +1,199 @@
+//! Mooncake's TCP data protocol (version 2).
+//!
+//! A request is a 24-byte header, little-endian:
+//!
+//! ```text
+//! u64 size      bytes to move
+//! u64 addr      absolute virtual address in the server's registered memory
+//! u8  opcode    0 READ, 1 WRITE; bit 0x80 asks for v2 status frames
+//! u8  pad[7]
+//! ```
+//!
+//! A WRITE header is followed by `size` bytes. The v2 server answers every
+//! request with an 8-byte status frame, `("MCTV" << 32) | code` as a
+//! little-endian u64: for a WRITE once the bytes have landed, for a READ
+//! before the `size` bytes it sends. A non-zero code means the request was
+//! rejected, and the server closes the connection after sending it. A v1
+//! server sends no status: it just closes on a bad request. Connections are
+//! persistent, and requests may be pipelined: the server handles them in
+//! order.
+
+/// Bytes in a request header.
+pub const HEADER_BYTES: usize = 24;
+/// Bytes in a status frame.
+pub const STATUS_BYTES: usize = 8;
+/// "MCTV", the high half of every status frame.
+pub const STATUS_MAGIC: u32 = 0x4D43_5456;
+/// Status code: done.
+pub const STATUS_OK: u32 = 0;
+/// Status code: rejected (what Mooncake sends for a bad address).
+pub const STATUS_REJECTED: u32 = 1;
+/// The opcode bit that asks for v2 framing.
+pub const V2_FLAG: u8 = 0x80;
+
+/// Which way the bytes go, seen from the client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Opcode {
+    /// Server to client.
+    Read = 0,
+    /// Client to server.
+    Write = 1,
+}
+
+/// A request header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestHeader {
+    pub size: u64,
+    pub addr: u64,
+    pub opcode: Opcode,
+    pub v2: bool,
+}
+
+/// Why a header is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("unknown opcode {0:#04x}")]
+    UnknownOpcode(u8),
+    #[error("zero-length request")]
+    ZeroSize,
+    #[error("address {addr:#x} plus size {size} overflows")]
+    Overflow { addr: u64, size: u64 },
+}
+
+impl RequestHeader {
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..16].copy_from_slice(&self.addr.to_le_bytes());
+        out[16] = self.opcode as u8 | if self.v2 { V2_FLAG } else { 0 };
+        out
+    }
+
+    /// Decodes a header. The opcode must be READ or WRITE (a v1 server would
+    /// take anything else for READ; refusing it is safer), the size non-zero,
+    /// and the range must not wrap. Padding is ignored, as Mooncake does.
+    pub fn decode(bytes: &[u8; HEADER_BYTES]) -> Result<Self, (Self, HeaderError)> {
+        let size = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let addr = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        let raw = bytes[16];
+        let v2 = raw & V2_FLAG != 0;
+        let partial = Self { size, addr, opcode: Opcode::Read, v2 };
+        let opcode = match raw & !V2_FLAG {
+            0 => Opcode::Read,
+            1 => Opcode::Write,
+            other => return Err((partial, HeaderError::UnknownOpcode(other))),
+        };
+        let header = Self { opcode, ..partial };
+        if size == 0 {
+            return Err((header, HeaderError::ZeroSize));
+        }
+        if addr.checked_add(size).is_none() {
+            return Err((header, HeaderError::Overflow { addr, size }));
+        }
+        Ok(header)
+    }
+}
+
+/// Encodes a status frame.
+pub fn encode_status(code: u32) -> [u8; STATUS_BYTES] {
+    ((u64::from(STATUS_MAGIC) << 32) | u64::from(code)).to_le_bytes()
+}
+
+/// Decodes a status frame into its code; `Err` if the magic is wrong (the
+/// peer is not speaking v2, or the stream is out of step).
+pub fn decode_status(bytes: &[u8; STATUS_BYTES]) -> Result<u32, u64> {
+    let raw = u64::from_le_bytes(*bytes);
+    if (raw >> 32) as u32 == STATUS_MAGIC { Ok(raw as u32) } else { Err(raw) }
+}
+
+/// Finds the one buffer that holds all of `[addr, addr + size)`, given
+/// `(addr, length)` pairs. A range that spans two adjacent buffers is not
+/// inside one buffer and is refused, as Mooncake refuses it; so are empty
+/// and wrapping ranges.
+pub fn locate(buffers: impl IntoIterator<Item = (u64, u64)>, addr: u64, size: u64) -> Option<usize> {
+    let end = addr.checked_add(size)?;
+    if size == 0 {
+        return None;
+    }
+    buffers.into_iter().position(|(base, len)| match base.checked_add(len) {
+        Some(limit) => addr >= base && end <= limit,
+        None => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_layout() {
+        let h = RequestHeader { size: 100, addr: 0x1_0000_0010, opcode: Opcode::Write, v2: true };
+        let bytes = h.encode();
+        assert_eq!(bytes[16], 0x81);
+        assert_eq!(&bytes[17..], &[0; 7]);
+        assert_eq!(&bytes[..8], &100u64.to_le_bytes());
+        assert_eq!(RequestHeader::decode(&bytes), Ok(h));
+        let r = RequestHeader { opcode: Opcode::Read, v2: false, ..h };
+        assert_eq!(r.encode()[16], 0x00);
+        assert_eq!(RequestHeader::decode(&r.encode()), Ok(r));
+    }
+
+    #[test]
+    fn bad_headers_are_named() {
+        let mut b = RequestHeader { size: 8, addr: 64, opcode: Opcode::Read, v2: true }.encode();
+        b[16] = 0x82;
+        assert_eq!(RequestHeader::decode(&b).unwrap_err().1, HeaderError::UnknownOpcode(2));
+        let z = RequestHeader { size: 0, addr: 64, opcode: Opcode::Write, v2: true }.encode();
+        assert_eq!(RequestHeader::decode(&z).unwrap_err().1, HeaderError::ZeroSize);
+        let o = RequestHeader { size: 2, addr: u64::MAX, opcode: Opcode::Write, v2: true }.encode();
+        assert!(matches!(RequestHeader::decode(&o).unwrap_err().1, HeaderError::Overflow { .. }));
+        // The partial header still says whether to answer with a v2 status.
+        assert!(RequestHeader::decode(&o).unwrap_err().0.v2);
+    }
+
+    #[test]
+    fn status_frames_match_the_wheel() {
+        // Bytes captured from mooncake-transfer-engine-non-cuda 0.3.13.post1.
+        assert_eq!(encode_status(STATUS_OK), [0, 0, 0, 0, 0x56, 0x54, 0x43, 0x4d]);
+        assert_eq!(encode_status(STATUS_REJECTED), [1, 0, 0, 0, 0x56, 0x54, 0x43, 0x4d]);
+        assert_eq!(decode_status(&encode_status(7)), Ok(7));
+        assert!(decode_status(b"hello wo").is_err());
+    }
+
+    // Mirrors Mooncake's tcp_address_validation_test.
+    const BUFS: [(u64, u64); 2] = [(0x1000, 0x1000), (0x2000, 0x1000)];
+
+    #[test]
+    fn exact_match_and_within_bounds() {
+        assert_eq!(locate(BUFS, 0x1000, 0x1000), Some(0));
+        assert_eq!(locate(BUFS, 0x1800, 0x10), Some(0));
+        assert_eq!(locate(BUFS, 0x2fff, 1), Some(1), "single byte at the end");
+    }
+
+    #[test]
+    fn out_of_bounds_and_partial_overlap() {
+        assert_eq!(locate(BUFS, 0x3000, 1), None);
+        assert_eq!(locate(BUFS, 0x0fff, 2), None, "starts before the first buffer");
+        assert_eq!(locate(BUFS, 0x2f00, 0x200), None, "runs past the end");
+    }
+
+    #[test]
+    fn spanning_adjacent_buffers_is_refused() {
+        assert_eq!(locate(BUFS, 0x1f00, 0x200), None);
+    }
+
+    #[test]
+    fn zero_size_overflow_and_no_buffers() {
+        assert_eq!(locate(BUFS, 0x1000, 0), None);
+        assert_eq!(locate(BUFS, u64::MAX, 2), None);
+        assert_eq!(locate([(u64::MAX - 4, 100)], u64::MAX - 2, 1), None, "a buffer that wraps matches nothing");
+        assert_eq!(locate(std::iter::empty(), 0x1000, 1), None);
+    }
+
+    #[test]
+    fn large_buffer() {
+        let big = [(0x7f00_0000_0000, 1 << 40)];
+        assert_eq!(locate(big, 0x7f00_0000_0000 + (1 << 39), 1 << 39), Some(0));
+        assert_eq!(locate(big, 0x7f00_0000_0000 + (1 << 39), (1 << 39) + 1), None);
+    }
+}

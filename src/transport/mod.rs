@@ -1,0 +1,5 @@
+//! Transports: how bytes move between registered memory on two hosts.
+//!
+//! - [`tcp`]: Mooncake's TCP v2 data protocol on the shards' io_uring rings.
+
+pub mod tcp;

@@ -1,0 +1,71 @@
+//! Two shardwire engines talking Mooncake's P2P handshake and TCP v2 data
+//! protocol over loopback.
+
+use shardwire::engine::{TransferEngine, code};
+
+fn engine() -> TransferEngine {
+    let e = TransferEngine::new();
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
+    e
+}
+
+#[test]
+fn write_then_read_back() {
+    let target = engine();
+    let initiator = engine();
+    let remote = target.allocate_managed_buffer(1 << 20).unwrap();
+    let local = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    let name = target.segment_name().unwrap();
+    assert_eq!(target.get_rpc_port().unwrap().to_string(), name.rsplit(':').next().unwrap());
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    initiator.transfer_sync_write(&name, local, remote + 100, 4096).unwrap();
+    assert_eq!(target.read_bytes_from_buffer(remote + 100, 4096).unwrap(), data);
+    initiator.write_bytes_to_buffer(local, &[0u8; 4096]).unwrap();
+    initiator.transfer_sync_read(&name, local + 8192, remote + 100, 4096).unwrap();
+    assert_eq!(initiator.read_bytes_from_buffer(local + 8192, 4096).unwrap(), data);
+    // The target's first buffer is the 2 GiB slab the managed buffer is in.
+    let first = initiator.get_first_buffer_address(&name).unwrap();
+    assert!(first <= remote && remote < first + (2 << 30), "{first:#x} {remote:#x}");
+}
+
+#[test]
+fn large_striped_transfer() {
+    let target = engine();
+    let initiator = engine();
+    let size = 16u64 << 20;
+    let remote = target.allocate_managed_buffer(size).unwrap();
+    let local = initiator.allocate_managed_buffer(size).unwrap();
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    let name = target.segment_name().unwrap();
+    initiator.transfer_sync_write(&name, local, remote, size).unwrap();
+    assert!(target.read_bytes_from_buffer(remote, size).unwrap() == data);
+    initiator.write_bytes_to_buffer(local, &vec![0u8; size as usize]).unwrap();
+    initiator.transfer_sync_read(&name, local, remote, size).unwrap();
+    assert!(initiator.read_bytes_from_buffer(local, size).unwrap() == data);
+}
+
+#[test]
+fn errors_are_codes_not_crashes() {
+    let e = TransferEngine::new();
+    assert_eq!(e.get_rpc_port().unwrap_err().code(), code::INVALID_ARGUMENT, "before initialize");
+    assert_eq!(e.transfer_check_status(12345).unwrap_err().code(), code::INVALID_ARGUMENT);
+    assert_eq!(e.initialize("127.0.0.1", "foo://x", "tcp", "").unwrap_err().code(), code::INVALID_ARGUMENT);
+    assert_eq!(
+        e.initialize("127.0.0.1", "etcd://127.0.0.1:2379", "tcp", "").unwrap_err().code(),
+        code::NOT_IMPLEMENTED
+    );
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
+    assert!(e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").is_err(), "twice");
+    assert_eq!(e.transfer_check_status(12345).unwrap_err().code(), code::INVALID_ARGUMENT, "bogus batch id");
+    let buf = e.allocate_managed_buffer(8192).unwrap();
+    assert_eq!(e.register_memory(buf, 10, "*").unwrap_err().code(), code::ADDRESS_OVERLAPPED);
+    assert_eq!(e.unregister_memory(0x1000).unwrap_err().code(), code::ADDRESS_NOT_REGISTERED);
+    assert_eq!(e.register_memory(0x1000, 0, "*").unwrap_err().code(), code::INVALID_ARGUMENT);
+    // Unknown peer: a port nobody listens on.
+    let err = e.transfer_sync_write("127.0.0.1:1", buf, 0x1000, 8).unwrap_err();
+    assert_eq!(err.code(), code::SOCKET, "{err}");
+    assert_eq!(e.send_probe("127.0.0.1:1").unwrap_err().code(), code::SOCKET);
+    assert_eq!(e.send_probe(&e.segment_name().unwrap()), Ok(()));
+}
