@@ -21,11 +21,65 @@ struct Cli {
 enum Command {
     /// Print the machine's topology and the shard placement plan.
     Topo(TopoArgs),
-    /// Run a benchmark against its anchors and print ratios.
-    Bench {
-        #[command(subcommand)]
-        what: BenchWhat,
-    },
+    /// The transfer benchmark (Mooncake transfer_engine_bench's flags), or
+    /// another benchmark named by a subcommand.
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
+    #[command(flatten)]
+    transfer: TransferBenchArgs,
+}
+
+/// transfer_engine_bench's flags, spelt as it spells them.
+#[derive(clap::Args)]
+struct TransferBenchArgs {
+    /// initiator or target; omit to run both in this process over loopback.
+    #[arg(long, value_parser = ["initiator", "target"])]
+    mode: Option<String>,
+    /// P2PHANDSHAKE (no server), or a metadata server.
+    #[arg(long = "metadata_server", default_value = "P2PHANDSHAKE")]
+    metadata_server: String,
+    /// This engine's host[:port].
+    #[arg(long = "local_server_name", default_value = "127.0.0.1")]
+    local_server_name: String,
+    /// The target's segment name (what the target prints as segment_id=...).
+    #[arg(long = "segment_id")]
+    segment_id: Option<String>,
+    #[arg(long, default_value = "tcp")]
+    protocol: String,
+    #[arg(long = "device_name", default_value = "")]
+    device_name: String,
+    /// read or write.
+    #[arg(long, default_value = "read", value_parser = ["read", "write"])]
+    operation: String,
+    /// Bytes per request.
+    #[arg(long = "block_size", default_value_t = 65536)]
+    block_size: u64,
+    /// Requests per batch.
+    #[arg(long = "batch_size", default_value_t = 128)]
+    batch_size: usize,
+    /// Initiator threads.
+    #[arg(long, default_value_t = 12)]
+    threads: usize,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Bytes of buffer on each side.
+    #[arg(long = "buffer_size", default_value_t = 1 << 30)]
+    buffer_size: u64,
+    /// GB, GiB, Gb, MB, MiB, Mb or KB.
+    #[arg(long = "report_unit", default_value = "GB")]
+    report_unit: String,
+    #[arg(long = "report_precision", default_value_t = 2)]
+    report_precision: usize,
+    /// Print the report as JSON on the last line as well.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -71,7 +125,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
-        Command::Bench { what: BenchWhat::Runtime(args) } => runtime_bench(&args),
+        Command::Bench(BenchArgs { what: Some(BenchWhat::Runtime(args)), .. }) => runtime_bench(&args),
+        Command::Bench(BenchArgs { what: None, transfer }) => transfer_bench(&transfer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -121,6 +176,62 @@ fn runtime_bench(args: &RuntimeBenchArgs) -> Result<(), String> {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     } else {
         print!("{}", report.render());
+    }
+    Ok(())
+}
+
+static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, std::sync::atomic::Ordering::Release);
+}
+
+fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
+    use bench::transfer::{self, Mode, Options};
+    let options = Options {
+        mode: match args.mode.as_deref() {
+            Some("initiator") => Some(Mode::Initiator),
+            Some("target") => Some(Mode::Target),
+            _ => None,
+        },
+        metadata_server: args.metadata_server.clone(),
+        local_server_name: args.local_server_name.clone(),
+        segment_id: args.segment_id.clone(),
+        protocol: args.protocol.clone(),
+        device_name: args.device_name.clone(),
+        operation: if args.operation == "write" {
+            shardwire::proto::mooncake::tcp::Opcode::Write
+        } else {
+            shardwire::proto::mooncake::tcp::Opcode::Read
+        },
+        block_size: args.block_size,
+        batch_size: args.batch_size,
+        threads: args.threads,
+        duration: std::time::Duration::from_secs(args.duration),
+        buffer_size: args.buffer_size,
+        report_unit: args.report_unit.clone(),
+        report_precision: args.report_precision,
+    };
+    let report = match options.mode {
+        Some(Mode::Target) => {
+            // SAFETY: installs a handler that only stores to an atomic.
+            unsafe {
+                libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
+                libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
+            }
+            return transfer::run_target(&options, &STOP);
+        }
+        Some(Mode::Initiator) => {
+            let segment =
+                options.segment_id.clone().ok_or("--mode=initiator needs --segment_id=<target's segment_id>")?;
+            transfer::run_initiator(&options, &segment)?
+        }
+        None => transfer::run_loopback(&options)?,
+    };
+    println!("{}", report.latency_line());
+    println!("{}", report.mooncake_line(&options.report_unit, options.report_precision));
+    if args.json {
+        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     }
     Ok(())
 }

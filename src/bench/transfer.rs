@@ -1,0 +1,218 @@
+//! `shardwire bench`: the initiator/target benchmark, with the flags and the
+//! closing line of Mooncake's `transfer_engine_bench`, so either side can be
+//! Mooncake's and the numbers compare directly.
+//!
+//! - `--mode=target` registers a buffer, prints `segment_id=<name>` and
+//!   serves until interrupted.
+//! - `--mode=initiator --segment_id=<name>` runs `--threads` threads, each
+//!   submitting batches of `--batch_size` requests of `--block_size` bytes
+//!   and waiting for each batch, for `--duration` seconds; then prints
+//!   `Test completed: duration D, batch count N, throughput X GB/s` and the
+//!   batch latency percentiles.
+//! - With no `--mode`, both run in this process on loopback: the embedded
+//!   default.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::Percentiles;
+use crate::engine::{TransferEngine, TransferRequest};
+use crate::proto::mooncake::tcp::Opcode;
+
+/// The benchmark's settings (the flags).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub mode: Option<Mode>,
+    pub metadata_server: String,
+    pub local_server_name: String,
+    pub segment_id: Option<String>,
+    pub protocol: String,
+    pub device_name: String,
+    pub operation: Opcode,
+    pub block_size: u64,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub duration: Duration,
+    pub buffer_size: u64,
+    pub report_unit: String,
+    pub report_precision: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Initiator,
+    Target,
+}
+
+/// What an initiator measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub operation: String,
+    pub block_size: u64,
+    pub batch_size: usize,
+    pub threads: usize,
+    pub duration_s: f64,
+    pub batches: u64,
+    pub bytes: u64,
+    pub throughput_gbps: f64,
+    pub failed_batches: u64,
+    pub batch_latency: Percentiles,
+}
+
+impl Report {
+    /// Mooncake's closing line, in the unit asked for.
+    pub fn mooncake_line(&self, unit: &str, precision: usize) -> String {
+        let (scale, label) = unit_scale(unit);
+        format!(
+            "Test completed: duration {:.2}, batch count {}, throughput {:.*} {label}",
+            self.duration_s,
+            self.batches,
+            precision,
+            self.bytes as f64 / self.duration_s.max(1e-9) / scale,
+        )
+    }
+
+    pub fn latency_line(&self) -> String {
+        let p = &self.batch_latency;
+        format!(
+            "Batch latency: p50 {:.1} us, p90 {:.1} us, p99 {:.1} us, max {:.1} us ({} batches, {} failed)",
+            p.p50_us, p.p90_us, p.p99_us, p.max_us, p.samples, self.failed_batches
+        )
+    }
+}
+
+/// Bytes per unit for `--report_unit`, as Mooncake names them.
+pub fn unit_scale(unit: &str) -> (f64, &'static str) {
+    match unit {
+        "GiB" => (1024.0 * 1024.0 * 1024.0, "GiB/s"),
+        "Gb" => (1e9 / 8.0, "Gb/s"),
+        "MB" => (1e6, "MB/s"),
+        "MiB" => (1024.0 * 1024.0, "MiB/s"),
+        "Mb" => (1e6 / 8.0, "Mb/s"),
+        "KB" => (1e3, "KB/s"),
+        _ => (1e9, "GB/s"),
+    }
+}
+
+/// Runs a target until `stop` is set. Prints the segment name first.
+pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
+    let engine = TransferEngine::new();
+    engine
+        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
+        .map_err(|e| e.to_string())?;
+    let buffer = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
+    let name = engine.segment_name().map_err(|e| e.to_string())?;
+    println!("segment_id={name}");
+    eprintln!("target: segment {name}, buffer {buffer:#x} ({} bytes); interrupt to stop", opts.buffer_size);
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    while !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    engine.shutdown();
+    Ok(())
+}
+
+/// Runs an initiator against `segment` and measures it.
+pub fn run_initiator(opts: &Options, segment: &str) -> Result<Report, String> {
+    let engine = Arc::new(TransferEngine::new());
+    engine
+        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
+        .map_err(|e| e.to_string())?;
+    initiate(&engine, opts, segment)
+}
+
+fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Result<Report, String> {
+    let threads = opts.threads.max(1);
+    let span = opts.block_size * opts.batch_size as u64 * threads as u64;
+    if opts.block_size == 0 || opts.batch_size == 0 || span > opts.buffer_size {
+        return Err(format!(
+            "block_size {} x batch_size {} x threads {threads} must be non-zero and fit in buffer_size {}",
+            opts.block_size, opts.batch_size, opts.buffer_size
+        ));
+    }
+    let local = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
+    let remote = engine.get_first_buffer_address(segment).map_err(|e| format!("segment {segment}: {e}"))?;
+    // SAFETY: the engine just allocated these bytes; fill them so a write
+    // carries something recognisable.
+    unsafe { std::ptr::write_bytes(local as *mut u8, 0x5a, opts.buffer_size as usize) };
+    let stop = Arc::new(AtomicBool::new(false));
+    let batches = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..threads)
+        .map(|t| {
+            let (engine, stop, batches, failed) = (engine.clone(), stop.clone(), batches.clone(), failed.clone());
+            let (segment, opts) = (segment.to_string(), opts.clone());
+            std::thread::spawn(move || {
+                let base = (t * opts.batch_size) as u64 * opts.block_size;
+                let requests: Vec<TransferRequest> = (0..opts.batch_size as u64)
+                    .map(|i| TransferRequest {
+                        opcode: opts.operation,
+                        source: local + base + i * opts.block_size,
+                        target_offset: remote + base + i * opts.block_size,
+                        length: opts.block_size,
+                    })
+                    .collect();
+                let mut samples = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let t0 = Instant::now();
+                    let ok = engine
+                        .batch_transfer_async(&segment, &requests)
+                        .and_then(|id| engine.get_batch_transfer_status(&[id]))
+                        .is_ok();
+                    samples.push(t0.elapsed());
+                    if ok {
+                        batches.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        if failed.load(Ordering::Relaxed) > 100 {
+                            break;
+                        }
+                    }
+                }
+                samples
+            })
+        })
+        .collect();
+    std::thread::sleep(opts.duration);
+    stop.store(true, Ordering::Relaxed);
+    let mut samples = Vec::new();
+    for w in workers {
+        samples.extend(w.join().map_err(|_| "an initiator thread panicked".to_string())?);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = batches.load(Ordering::Relaxed);
+    let bytes = n * opts.batch_size as u64 * opts.block_size;
+    let _ = engine.free_managed_buffer(local, opts.buffer_size);
+    Ok(Report {
+        operation: if opts.operation == Opcode::Write { "write".into() } else { "read".into() },
+        block_size: opts.block_size,
+        batch_size: opts.batch_size,
+        threads,
+        duration_s: elapsed,
+        batches: n,
+        bytes,
+        throughput_gbps: bytes as f64 / elapsed / 1e9,
+        failed_batches: failed.load(Ordering::Relaxed),
+        batch_latency: Percentiles::of(&mut samples),
+    })
+}
+
+/// The embedded default: a target and an initiator in this process, over
+/// loopback with P2P metadata.
+pub fn run_loopback(opts: &Options) -> Result<Report, String> {
+    let target = TransferEngine::new();
+    target
+        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
+        .map_err(|e| e.to_string())?;
+    let buffer = target.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
+    let name = target.segment_name().map_err(|e| e.to_string())?;
+    println!("segment_id={name}");
+    let report = run_initiator(opts, &name);
+    let _ = target.free_managed_buffer(buffer, opts.buffer_size);
+    report
+}
