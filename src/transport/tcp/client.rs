@@ -180,6 +180,25 @@ impl ClientShard {
     }
 }
 
+/// Wraps a completion handler so that a bug in it breaks its connection
+/// (settling its slices) instead of leaving them to wait for the timeout.
+fn guarded(
+    conn_rc: &Rc<RefCell<Conn>>,
+    handler: fn(&mut ShardCtx, &Rc<RefCell<Conn>>, Completion),
+) -> impl FnOnce(&mut ShardCtx, Completion) + 'static {
+    let rc = conn_rc.clone();
+    move |ctx, done| {
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(ctx, &rc, done)));
+        if let Err(payload) = outcome {
+            if let Ok(mut c) = rc.try_borrow_mut() {
+                c.ops = c.ops.saturating_sub(1);
+            }
+            break_conn(ctx, &rc, TransferStatus::Failed, "internal error in the TCP client".into(), false);
+            std::panic::resume_unwind(payload);
+        }
+    }
+}
+
 fn start_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
     let mut c = conn_rc.borrow_mut();
     let peer = c.peer.addr;
@@ -194,10 +213,9 @@ fn start_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
     let entry = opcode::Connect::new(types::Fd(fd.as_raw_fd()), addr.as_ptr(), addr.len).build();
     c.fd = Some(fd);
     c.connect_addr = Some(addr);
-    let rc = conn_rc.clone();
     // SAFETY: the sockaddr lives in the connection (boxed), which the
     // callback keeps alive until the connect completes.
-    let submitted = unsafe { ctx.submit_op(entry, move |ctx, done| on_connect(ctx, &rc, done)) };
+    let submitted = unsafe { ctx.submit_op(entry, guarded(conn_rc, on_connect)) };
     match submitted {
         Ok(_) => c.ops += 1,
         Err(e) => {
@@ -283,12 +301,11 @@ impl Conn {
         }
         let mut group = Box::new(SendGroup { _headers: headers, iov });
         let entry = send_entry(self.fd(), &mut group.iov);
-        let rc = conn_rc.clone();
         // SAFETY: the headers and iovecs live in the boxed group, held by the
         // connection until this op completes; the payload is registered
         // memory pinned by the slices, which stay in `awaiting` at least as
         // long (a slice is answered only after the server read all of it).
-        unsafe { ctx.submit_op(entry, move |ctx, done| on_send(ctx, &rc, done)) }.map_err(|e| e.to_string())?;
+        unsafe { ctx.submit_op(entry, guarded(conn_rc, on_send)) }.map_err(|e| e.to_string())?;
         self.ops += 1;
         self.send = Some(group);
         for _ in 0..count {
@@ -336,11 +353,10 @@ impl Conn {
         let entry = opcode::RecvMsg::new(types::Fd(self.fd()), group.iov.msghdr() as *mut libc::msghdr)
             .flags(libc::MSG_WAITALL as u32)
             .build();
-        let rc = conn_rc.clone();
         // SAFETY: as for the send: the group is boxed in the connection until
         // completion, and READ targets are pinned registered memory held by
         // slices in `awaiting`, which this op answers.
-        unsafe { ctx.submit_op(entry, move |ctx, done| on_recv(ctx, &rc, done)) }.map_err(|e| e.to_string())?;
+        unsafe { ctx.submit_op(entry, guarded(conn_rc, on_recv)) }.map_err(|e| e.to_string())?;
         self.ops += 1;
         self.recv = Some(group);
         Ok(())
@@ -387,9 +403,8 @@ fn on_send(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
             if !group.iov.is_complete() {
                 // A short send: carry on with the rest.
                 let entry = send_entry(fd, &mut group.iov);
-                let rc = conn_rc.clone();
                 // SAFETY: as in start_send; the same group stays boxed.
-                match unsafe { ctx.submit_op(entry, move |ctx, done| on_send(ctx, &rc, done)) } {
+                match unsafe { ctx.submit_op(entry, guarded(conn_rc, on_send)) } {
                     Ok(_) => c.ops += 1,
                     Err(e) => {
                         c.send = None;
@@ -431,12 +446,11 @@ fn on_recv(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
                 let entry = opcode::RecvMsg::new(types::Fd(c.fd()), group.iov.msghdr() as *mut libc::msghdr)
                     .flags(libc::MSG_WAITALL as u32)
                     .build();
-                let rc = conn_rc.clone();
                 let slices = group.slices;
                 c.recv = Some(group);
                 // SAFETY: as in start_recv; the group is boxed in the
                 // connection again before the op can complete.
-                match unsafe { ctx.submit_op(entry, move |ctx, done| on_recv(ctx, &rc, done)) } {
+                match unsafe { ctx.submit_op(entry, guarded(conn_rc, on_recv)) } {
                     Ok(_) => {
                         c.ops += 1;
                         return;

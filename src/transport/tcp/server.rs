@@ -31,6 +31,11 @@ use crate::runtime::{Completion, ShardCtx};
 
 /// Largest payload piece per operation.
 const PIECE_BYTES_MAX: u64 = 1 << 30;
+/// After a rejection, how much of the client's unread payload the session
+/// drains (so the client reads the status, not a reset), and for how long.
+const REJECT_DRAIN_BYTES_MAX: u64 = 64 << 20;
+const REJECT_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+const DRAIN_CHUNK: usize = 64 << 10;
 
 /// One shard's server sessions for one engine.
 pub struct ServerShard {
@@ -58,6 +63,8 @@ struct Session {
     /// Close once the op in flight completes.
     closing: bool,
     in_flight: bool,
+    /// Scratch space for draining a rejected request's payload.
+    drain: Option<Box<[u8]>>,
 }
 
 impl ServerShard {
@@ -93,6 +100,7 @@ impl ServerShard {
                 iov: None,
                 closing: false,
                 in_flight: false,
+                drain: None,
             }));
             let id = shard.next_id;
             shard.sessions.insert(id, s.clone());
@@ -126,11 +134,20 @@ fn submit(
     then: fn(&mut ShardCtx, &Rc<RefCell<Session>>, Completion),
 ) {
     let rc = session.clone();
+    let step = move |ctx: &mut ShardCtx, done: Completion| {
+        // A bug in a step must not leave the session hanging: close it.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(ctx, &rc, done)));
+        if let Err(payload) = outcome {
+            rc.borrow_mut().in_flight = false;
+            close(ctx, &rc, "internal error");
+            std::panic::resume_unwind(payload);
+        }
+    };
     // SAFETY: every buffer the entries built in this module point to is
     // either boxed in the session (header, status, iovecs), which the
     // callback keeps alive, or registered memory pinned by `current`, which
     // is released only after the op completes.
-    let result = unsafe { ctx.submit_op(entry, move |ctx, done| then(ctx, &rc, done)) };
+    let result = unsafe { ctx.submit_op(entry, step) };
     match result {
         Ok(_) => session.borrow_mut().in_flight = true,
         Err(e) => close(ctx, session, &format!("cannot queue an operation: {e}")),
@@ -172,12 +189,13 @@ fn on_header(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completio
         s.header_got = 0;
         RequestHeader::decode(&s.header)
     };
-    let (header, pin) = match header {
-        Ok(h) => match session.borrow().registry.pin(h.addr, h.size) {
-            Some(pin) => (h, pin),
-            None => return reject(ctx, session, h.v2, "address range is not inside one registered buffer"),
-        },
+    let header = match header {
+        Ok(h) => h,
         Err((partial, why)) => return reject(ctx, session, partial.v2, &why.to_string()),
+    };
+    let registry = session.borrow().registry.clone();
+    let Some(pin) = registry.pin(header.addr, header.size) else {
+        return reject(ctx, session, header.v2, "address range is not inside one registered buffer");
     };
     let op = header.opcode;
     session.borrow_mut().current = Some((header, pin));
@@ -200,9 +218,52 @@ fn reject(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, v2: bool, why: &st
             .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
             .build()
     };
-    submit(ctx, session, entry, |ctx, session, _| {
-        session.borrow_mut().in_flight = false;
-        close(ctx, session, "request rejected");
+    submit(ctx, session, entry, on_reject_sent);
+}
+
+/// The rejection is out: say no more (FIN), and swallow what the client was
+/// still sending, so it reads the status rather than a reset. Bounded in
+/// bytes and in time.
+fn on_reject_sent(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
+    {
+        let mut s = session.borrow_mut();
+        s.in_flight = false;
+        if s.closing || done.result < 0 {
+            drop(s);
+            return close(ctx, session, "request rejected");
+        }
+        if let Some(fd) = &s.fd {
+            // SAFETY: plain syscall on our own socket.
+            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
+        }
+        s.drain = Some(vec![0u8; DRAIN_CHUNK].into_boxed_slice());
+        s.moved = 0;
+    }
+    let rc = session.clone();
+    let _ = ctx.set_timer(REJECT_DRAIN_TIME, move |ctx| close(ctx, &rc, "rejection drain time is up"));
+    drain_more(ctx, session);
+}
+
+fn drain_more(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
+    let entry = {
+        let mut s = session.borrow_mut();
+        let fd = fd_of(&s);
+        let buf = s.drain.as_mut().expect("draining");
+        opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).build()
+    };
+    submit(ctx, session, entry, |ctx, session, done| {
+        let more = {
+            let mut s = session.borrow_mut();
+            s.in_flight = false;
+            match done.io_result() {
+                Ok(n) if n > 0 && !s.closing => {
+                    s.moved += u64::from(n);
+                    s.moved < REJECT_DRAIN_BYTES_MAX
+                }
+                _ => false,
+            }
+        };
+        if more { drain_more(ctx, session) } else { close(ctx, session, "request rejected") }
     });
 }
 
@@ -362,6 +423,7 @@ fn finish(session: &Rc<RefCell<Session>>) {
     let mut s = session.borrow_mut();
     s.current = None;
     s.iov = None;
+    s.drain = None;
     s.fd = None;
     if let Some(shard) = s.shard.upgrade() {
         shard.borrow_mut().sessions.remove(&s.id);
