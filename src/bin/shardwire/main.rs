@@ -23,7 +23,7 @@ enum Command {
     Topo(TopoArgs),
     /// The transfer benchmark (Mooncake transfer_engine_bench's flags), or
     /// another benchmark named by a subcommand.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(clap::Args)]
@@ -125,8 +125,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
-        Command::Bench(BenchArgs { what: Some(BenchWhat::Runtime(args)), .. }) => runtime_bench(&args),
-        Command::Bench(BenchArgs { what: None, transfer }) => transfer_bench(&transfer),
+        Command::Bench(args) => match &args.what {
+            Some(BenchWhat::Runtime(r)) => runtime_bench(r),
+            None => transfer_bench(&args.transfer),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
