@@ -96,6 +96,8 @@ impl Task {
 /// A set of tasks submitted together.
 #[derive(Debug)]
 pub struct Batch {
+    /// The segment the batch transfers to.
+    pub target: String,
     pub tasks: Box<[Task]>,
     pending_tasks: AtomicUsize,
     /// Tasks that failed or timed out (counted once each).
@@ -109,7 +111,7 @@ pub struct Batch {
 impl Batch {
     /// A batch whose task `i` will be carried out in `slices[i]` slices; a
     /// task with no slices (zero bytes) is complete at once.
-    pub fn new(lens: &[u64], slices: &[u32], deadline: Instant) -> Arc<Self> {
+    pub fn new(target: &str, lens: &[u64], slices: &[u32], deadline: Instant) -> Arc<Self> {
         debug_assert_eq!(lens.len(), slices.len());
         let tasks: Box<[Task]> = lens
             .iter()
@@ -123,6 +125,7 @@ impl Batch {
             .collect();
         let pending = slices.iter().filter(|&&n| n > 0).count();
         let batch = Arc::new(Self {
+            target: target.to_string(),
             tasks,
             pending_tasks: AtomicUsize::new(pending),
             failed_tasks: AtomicUsize::new(0),
@@ -286,7 +289,7 @@ mod tests {
 
     #[test]
     fn completes_when_every_slice_is_done() {
-        let b = Batch::new(&[10, 20], &[1, 2], later());
+        let b = Batch::new("peer:1", &[10, 20], &[1, 2], later());
         assert_eq!(b.state(), BatchState::Pending);
         b.slice_done(0, 10);
         b.slice_done(1, 10);
@@ -302,14 +305,14 @@ mod tests {
 
     #[test]
     fn zero_length_tasks_are_done_at_once() {
-        let b = Batch::new(&[0, 0], &[0, 0], later());
+        let b = Batch::new("peer:1", &[0, 0], &[0, 0], later());
         assert!(b.is_settled());
         assert_eq!(b.state(), BatchState::Completed);
     }
 
     #[test]
     fn a_failure_is_reported_once_and_keeps_the_first_reason() {
-        let b = Batch::new(&[10, 10], &[2, 1], later());
+        let b = Batch::new("peer:1", &[10, 10], &[2, 1], later());
         b.slice_failed(0, TransferStatus::Failed, "peer rejected the address");
         b.slice_failed(0, TransferStatus::Timeout, "later reason");
         assert_eq!(b.state(), BatchState::Failed);
@@ -322,7 +325,7 @@ mod tests {
 
     #[test]
     fn timeouts_are_their_own_state() {
-        let b = Batch::new(&[10], &[1], later());
+        let b = Batch::new("peer:1", &[10], &[1], later());
         b.slice_failed(0, TransferStatus::Timeout, "no answer in 30 s");
         assert_eq!(b.state(), BatchState::TimedOut);
         assert_eq!(b.state().code(), -2);
@@ -331,7 +334,7 @@ mod tests {
     #[test]
     fn table_ids_are_nonzero_and_bogus_ids_are_errors() {
         let t = BatchTable::new();
-        let id = t.insert(Batch::new(&[0], &[0], later())).unwrap();
+        let id = t.insert(Batch::new("peer:1", &[0], &[0], later())).unwrap();
         assert_ne!(id, 0);
         assert!(t.get(id).is_ok());
         assert_eq!(t.get(id ^ 0xdead).unwrap_err().code(), code::INVALID_ARGUMENT);

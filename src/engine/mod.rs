@@ -232,6 +232,15 @@ impl TransferEngine {
         Ok(self.engine()?.tcp.data_port())
     }
 
+    /// Where the RPC and data listeners are bound.
+    pub fn listen_addresses(&self) -> TeResult<(std::net::SocketAddr, std::net::SocketAddr)> {
+        let engine = self.engine()?;
+        let io = |e: std::io::Error| TeError::new(code::SOCKET, e.to_string());
+        let rpc = engine.rpc.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|r| r.local_addr());
+        let rpc = rpc.ok_or_else(TeError::not_initialized)?.map_err(io)?;
+        Ok((rpc, engine.tcp.local_addr().map_err(io)?))
+    }
+
     /// The shards transfers run on.
     pub fn runtime(&self) -> TeResult<Arc<Runtime>> {
         Ok(self.engine()?.runtime.clone())
@@ -323,7 +332,7 @@ impl TransferEngine {
         let engine = self.engine()?;
         let batch = engine.submit(target, requests)?;
         engine.wait_settled(&batch)?;
-        batch.result()?;
+        engine.settle(&batch)?;
         if let Some(note) = notify {
             let desc = NotifyDesc { name: note.name.clone(), notify_msg: note.msg.clone() };
             p2p::send_notify(target, &desc, &engine.call_options)?;
@@ -391,6 +400,7 @@ impl TransferEngine {
         let state = batch.state();
         if state != BatchState::Pending {
             engine.batches.remove(batch_id);
+            let _ = engine.settle(&batch);
         }
         Ok(state)
     }
@@ -410,7 +420,7 @@ impl TransferEngine {
         let mut outcome = Ok(());
         for b in &batches {
             engine.wait_settled(b)?;
-            if let Err(e) = b.result() {
+            if let Err(e) = engine.settle(b) {
                 outcome = Err(e);
                 break;
             }
@@ -536,7 +546,9 @@ impl Engine {
         if !refresh && let Some(seg) = self.segments.get(name) {
             return Ok(seg);
         }
-        let desc = p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options)?;
+        let desc = p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options).inspect_err(|_| {
+            self.segments.forget(name);
+        })?;
         let seg = Arc::new(Segment::from_desc(name, &desc)?);
         self.segments.put(seg.clone());
         Ok(seg)
@@ -574,7 +586,7 @@ impl Engine {
         }
         let deadline = Instant::now() + self.timeout + Duration::from_nanos(total);
         let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
-        let batch = Batch::new(&lens, &slice_counts, deadline);
+        let batch = Batch::new(target, &lens, &slice_counts, deadline);
         let shards = self.tcp.shard_count();
         let mut per_shard: Vec<Vec<Slice>> = (0..shards).map(|_| Vec::new()).collect();
         let mut next = self.tcp.next_shard();
@@ -608,6 +620,17 @@ impl Engine {
             }
         }
         Ok(batch)
+    }
+
+    /// The batch's result; a failure also forgets the target's cached
+    /// segment, so the next transfer looks the peer up again (it may have
+    /// restarted, with a new data port).
+    fn settle(&self, batch: &Batch) -> TeResult<()> {
+        let result = batch.result();
+        if result.is_err() {
+            self.segments.forget(&batch.target);
+        }
+        result
     }
 
     /// Waits until every slice of `batch` has finished.

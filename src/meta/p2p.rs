@@ -62,6 +62,11 @@ impl RpcServer {
         self.port
     }
 
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// Stops accepting and waits (a bounded time) for requests in progress.
     pub fn stop(&mut self) {
         self.stop.store(true, Ordering::Release);

@@ -107,6 +107,11 @@ impl TcpTransport {
         self.data_port
     }
 
+    /// The address the data listener is bound to.
+    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
     pub fn shard_count(&self) -> usize {
         self.runtime.shard_count()
     }
