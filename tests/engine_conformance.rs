@@ -163,7 +163,7 @@ fn unknown_peer_and_probes() {
 #[test]
 fn local_and_remote_ranges_are_checked_before_sending() {
     let (_target, remote, initiator, local, name) = pair(1 << 16);
-    let unregistered = vec![0u8; 64];
+    let unregistered = [0u8; 64];
     let err = initiator.transfer_sync_write(&name, unregistered.as_ptr() as u64, remote, 64).unwrap_err();
     assert_eq!(err.code(), code::ADDRESS_NOT_REGISTERED);
     let err = initiator.transfer_sync_write(&name, local, remote + (3 << 30), 64).unwrap_err();
