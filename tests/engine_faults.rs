@@ -66,7 +66,7 @@ impl SilentPeer {
         thread::spawn(move || {
             let mut held = Vec::new();
             while !s.load(Ordering::Relaxed) {
-                if let Ok((mut conn, _)) = data.accept() {
+                if let Ok((conn, _)) = data.accept() {
                     conn.set_nonblocking(true).unwrap();
                     held.push(conn);
                 }
