@@ -9,6 +9,8 @@
 //! - [`name`]: `host:port` segment names, IPv6 included.
 
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod message;
 pub mod name;
 pub mod tcp;
