@@ -22,7 +22,7 @@ pub struct SpinPolicy {
 
 impl Default for SpinPolicy {
     fn default() -> Self {
-        Self { budget: Duration::from_micros(200), adaptive: true }
+        Self { budget: Duration::from_micros(20), adaptive: true }
     }
 }
 

@@ -84,7 +84,10 @@ mod tests {
             x
         };
         let seeds: Vec<Vec<u8>> = vec![
-            frame::encode(frame::FrameType::Metadata, br#"{"buffers":[{"addr":1,"length":2,"name":"a"}],"name":"h:1","protocol":"tcp","tcp_data_port":5}"#),
+            frame::encode(
+                frame::FrameType::Metadata,
+                br#"{"buffers":[{"addr":1,"length":2,"name":"a"}],"name":"h:1","protocol":"tcp","tcp_data_port":5}"#,
+            ),
             frame::encode(frame::FrameType::Notify, br#"{"name":"a","notify_msg":"b"}"#),
             tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
