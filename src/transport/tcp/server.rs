@@ -2,39 +2,53 @@
 //!
 //! Shard 0 accepts on the engine's data port (a multishot accept) and deals
 //! the connections out to the shards in turn. Each connection is a session
-//! that runs one request at a time, as the protocol orders them:
+//! with two halves that run at once, so pipelined requests flow:
 //!
-//! 1. receive the 24-byte header;
-//! 2. check that `[addr, addr + size)` lies inside one registered region,
-//!    and pin it; if not, answer status 1 and close, as Mooncake does;
-//! 3. WRITE: receive the payload straight into that memory, then answer
-//!    status 0 (v2) — so "complete" on the client means "landed";
-//!    READ: send status 0 (v2) and the bytes, straight from that memory.
+//! - **receive**: headers and WRITE payloads, in stream order. A header is
+//!   checked (`[addr, addr + size)` inside one registered region, which is
+//!   then pinned) before any payload byte is read; the payload goes straight
+//!   into that memory. A small payload and the next header arrive in one
+//!   `recvmsg` whose two entries point at the target memory and at the
+//!   header buffer: no bounce buffer, one operation per request.
+//! - **send**: replies, in request order: a WRITE's status once its payload
+//!   has landed, a READ's status and bytes (straight from registered
+//!   memory). Replies that are ready together go out in one `sendmsg`.
 //!
-//! Payloads move in pieces of at most 1 GiB per operation (a CQE's result is
-//! an i32). A session that breaks (EOF, reset, the engine closing) releases
-//! its pin and its descriptor once its one operation in flight has finished.
+//! A request that fails the check gets status 1 and the session ends, as
+//! with Mooncake; the session first half-closes and drains what the client
+//! was still sending, so the client reads the status instead of a reset.
+//! The receive half pauses while too many replies wait, so a client that
+//! never reads cannot make the server queue without bound.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
+use std::time::Duration;
 
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
-use super::iov::IoVecs;
+use super::iov::{IOV_MAX, IoVecs};
 use super::sock;
 use crate::engine::registry::{Pin, Registry};
 use crate::proto::mooncake::tcp::{self, Opcode, RequestHeader};
 use crate::runtime::{Completion, ShardCtx};
 
-/// Largest payload piece per operation.
+/// Largest payload piece per receive operation (a CQE's result is an i32).
 const PIECE_BYTES_MAX: u64 = 1 << 30;
-/// After a rejection, how much of the client's unread payload the session
-/// drains (so the client reads the status, not a reset), and for how long.
+/// Payloads up to this size are received together with the next header.
+const SMALL_PAYLOAD_MAX: u64 = 256 << 10;
+/// The receive half pauses while more replies than this wait to be sent...
+const REPLIES_QUEUED_MAX: usize = 1024;
+/// ... or while this many READ bytes do.
+const READ_BYTES_QUEUED_MAX: u64 = 256 << 20;
+/// Replies per sendmsg (a READ reply takes two iovecs).
+const REPLIES_PER_SEND_MAX: usize = IOV_MAX / 2;
+/// After a rejection: how much of the client's unread payload to drain, for
+/// how long, in what chunks.
 const REJECT_DRAIN_BYTES_MAX: u64 = 64 << 20;
-const REJECT_DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+const REJECT_DRAIN_TIME: Duration = Duration::from_secs(1);
 const DRAIN_CHUNK: usize = 64 << 10;
 
 /// One shard's server sessions for one engine.
@@ -46,25 +60,53 @@ pub struct ServerShard {
     closed: bool,
 }
 
+/// A reply waiting to be sent.
+enum Reply {
+    /// A status frame (v2 only).
+    Status(u32),
+    /// A READ's bytes, after a status frame if v2; the pin keeps the region
+    /// registered until they are sent.
+    Read { header: RequestHeader, _pin: Pin },
+}
+
+/// Replies in one sendmsg, and what their iovecs point at.
+struct SendGroup {
+    _statuses: Vec<[u8; tcp::STATUS_BYTES]>,
+    iov: IoVecs,
+    _replies: Vec<Reply>,
+}
+
+/// A WRITE whose payload is being received.
+struct Incoming {
+    header: RequestHeader,
+    _pin: Pin,
+    received: u64,
+}
+
 struct Session {
     id: u64,
     shard: Weak<RefCell<ServerShard>>,
     registry: Arc<Registry>,
     fd: Option<OwnedFd>,
+    /// The header being assembled.
     header: Box<[u8; tcp::HEADER_BYTES]>,
     header_got: usize,
-    status: Box<[u8; tcp::STATUS_BYTES]>,
-    /// The request being served and the pin on its memory.
-    current: Option<(RequestHeader, Pin)>,
-    /// Payload bytes of the current request moved so far.
-    moved: u64,
-    /// The gather list of a READ reply or a status frame.
-    iov: Option<Box<IoVecs>>,
-    /// Close once the op in flight completes.
-    closing: bool,
-    in_flight: bool,
-    /// Scratch space for draining a rejected request's payload.
+    incoming: Option<Incoming>,
+    /// The receive op's iovecs (payload, then header).
+    rx_iov: Option<Box<IoVecs>>,
+    rx_in_flight: bool,
+    /// The receive half stopped: a rejection is on its way, or the peer
+    /// closed.
+    rx_stopped: bool,
+    replies: VecDeque<Reply>,
+    read_bytes_queued: u64,
+    tx: Option<Box<SendGroup>>,
+    /// End once the replies queued are sent: half-close and drain.
+    reject_after_send: bool,
     drain: Option<Box<[u8]>>,
+    drained: u64,
+    /// Closing: no new ops; finish when none is in flight.
+    closing: bool,
 }
 
 impl ServerShard {
@@ -87,26 +129,30 @@ impl ServerShard {
             }
             let _ = sock::set_nodelay(&fd);
             shard.next_id += 1;
+            let id = shard.next_id;
             let s = Rc::new(RefCell::new(Session {
-                id: shard.next_id,
+                id,
                 shard: Rc::downgrade(this),
                 registry: shard.registry.clone(),
                 fd: Some(fd),
                 header: Box::new([0; tcp::HEADER_BYTES]),
                 header_got: 0,
-                status: Box::new([0; tcp::STATUS_BYTES]),
-                current: None,
-                moved: 0,
-                iov: None,
-                closing: false,
-                in_flight: false,
+                incoming: None,
+                rx_iov: None,
+                rx_in_flight: false,
+                rx_stopped: false,
+                replies: VecDeque::new(),
+                read_bytes_queued: 0,
+                tx: None,
+                reject_after_send: false,
                 drain: None,
+                drained: 0,
+                closing: false,
             }));
-            let id = shard.next_id;
             shard.sessions.insert(id, s.clone());
             s
         };
-        recv_header(ctx, &session);
+        rx_next(ctx, &session);
     }
 
     /// Aborts every session.
@@ -122,122 +168,266 @@ impl ServerShard {
     }
 }
 
-fn fd_of(s: &Session) -> i32 {
-    s.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+impl Session {
+    fn fd(&self) -> i32 {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    fn backlogged(&self) -> bool {
+        self.replies.len() >= REPLIES_QUEUED_MAX || self.read_bytes_queued >= READ_BYTES_QUEUED_MAX
+    }
 }
 
-/// Submits an op for the session; on failure the session closes.
-fn submit(
-    ctx: &mut ShardCtx,
-    session: &Rc<RefCell<Session>>,
-    entry: io_uring::squeue::Entry,
-    then: fn(&mut ShardCtx, &Rc<RefCell<Session>>, Completion),
-) {
+type Step = fn(&mut ShardCtx, &Rc<RefCell<Session>>, Completion);
+
+/// Submits an op for the session. A step that panics closes the session
+/// rather than leave it hanging. Returns false if the op could not be queued
+/// (the session is then closing).
+fn submit(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, entry: squeue::Entry, then: Step) -> bool {
     let rc = session.clone();
     let step = move |ctx: &mut ShardCtx, done: Completion| {
-        // A bug in a step must not leave the session hanging: close it.
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(ctx, &rc, done)));
         if let Err(payload) = outcome {
-            rc.borrow_mut().in_flight = false;
+            if let Ok(mut s) = rc.try_borrow_mut() {
+                s.rx_in_flight = false;
+                s.tx = None;
+            }
             close(ctx, &rc, "internal error");
             std::panic::resume_unwind(payload);
         }
     };
-    // SAFETY: every buffer the entries built in this module point to is
-    // either boxed in the session (header, status, iovecs), which the
-    // callback keeps alive, or registered memory pinned by `current`, which
-    // is released only after the op completes.
-    let result = unsafe { ctx.submit_op(entry, step) };
-    match result {
-        Ok(_) => session.borrow_mut().in_flight = true,
-        Err(e) => close(ctx, session, &format!("cannot queue an operation: {e}")),
+    // SAFETY: every buffer the entries of this module point to is boxed in
+    // the session (header, iovecs, statuses, drain buffer), which the
+    // callback keeps alive, or is registered memory pinned by `incoming` or
+    // by a queued READ reply, released only after the op completes.
+    match unsafe { ctx.submit_op(entry, step) } {
+        Ok(_) => true,
+        Err(e) => {
+            close(ctx, session, &format!("cannot queue an operation: {e}"));
+            false
+        }
     }
 }
 
-fn recv_header(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
+/// Starts the next receive, if the receive half may run.
+fn rx_next(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
     let entry = {
         let mut s = session.borrow_mut();
-        s.current = None;
-        s.moved = 0;
-        let got = s.header_got;
-        // SAFETY: got < HEADER_BYTES, so the pointer stays inside the box.
-        let ptr = unsafe { s.header.as_mut_ptr().add(got) };
-        opcode::Recv::new(types::Fd(fd_of(&s)), ptr, (tcp::HEADER_BYTES - got) as u32).flags(libc::MSG_WAITALL).build()
+        if s.closing || s.rx_stopped || s.rx_in_flight || s.backlogged() {
+            return;
+        }
+        let fd = s.fd();
+        let header_left = tcp::HEADER_BYTES - s.header_got;
+        // SAFETY: header_got < HEADER_BYTES, so the pointer is in the box.
+        let header_ptr = unsafe { s.header.as_mut_ptr().add(s.header_got) };
+        match &s.incoming {
+            Some(w) if w.header.size - w.received <= SMALL_PAYLOAD_MAX => {
+                // The rest of a small payload, and whatever of the next
+                // header has arrived with it.
+                let mut iov = Box::new(IoVecs::with_capacity(2));
+                iov.push((w.header.addr + w.received) as *const u8, (w.header.size - w.received) as usize);
+                iov.push(header_ptr, header_left);
+                let msg = iov.msghdr() as *mut libc::msghdr;
+                s.rx_iov = Some(iov);
+                opcode::RecvMsg::new(types::Fd(fd), msg).build()
+            }
+            Some(w) => {
+                let piece = (w.header.size - w.received).min(PIECE_BYTES_MAX) as u32;
+                opcode::Recv::new(types::Fd(fd), (w.header.addr + w.received) as *mut u8, piece)
+                    .flags(libc::MSG_WAITALL)
+                    .build()
+            }
+            None => opcode::Recv::new(types::Fd(fd), header_ptr, header_left as u32).flags(libc::MSG_WAITALL).build(),
+        }
     };
-    submit(ctx, session, entry, on_header);
+    if submit(ctx, session, entry, on_rx) {
+        session.borrow_mut().rx_in_flight = true;
+    }
 }
 
-fn on_header(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
-    let header = {
+fn on_rx(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
+    let mut n = {
         let mut s = session.borrow_mut();
-        s.in_flight = false;
+        s.rx_in_flight = false;
+        s.rx_iov = None;
         if s.closing {
             drop(s);
-            return finish(session);
+            return finish_if_idle(session);
         }
         match done.io_result() {
-            Ok(0) | Err(_) => {
+            Ok(0) => {
+                // The client closed its side: send what is queued, then end.
+                s.rx_stopped = true;
+                let idle = s.tx.is_none() && s.replies.is_empty();
                 drop(s);
-                return close(ctx, session, "peer closed or failed");
+                if idle {
+                    close(ctx, session, "peer closed the connection");
+                }
+                return;
             }
-            Ok(n) => s.header_got += n as usize,
+            Err(_) => {
+                drop(s);
+                return close(ctx, session, "receive failed");
+            }
+            Ok(n) => n as u64,
         }
-        if s.header_got < tcp::HEADER_BYTES {
-            drop(s);
-            return recv_header(ctx, session);
+    };
+    // Payload bytes first, then header bytes.
+    let mut s = session.borrow_mut();
+    if let Some(w) = &mut s.incoming {
+        let take = n.min(w.header.size - w.received);
+        w.received += take;
+        n -= take;
+        if w.received == w.header.size {
+            let v2 = w.header.v2;
+            s.incoming = None; // unpins: the bytes have landed
+            if v2 {
+                s.replies.push_back(Reply::Status(tcp::STATUS_OK));
+            }
         }
+    }
+    s.header_got += n as usize;
+    debug_assert!(s.header_got <= tcp::HEADER_BYTES);
+    if s.header_got == tcp::HEADER_BYTES {
         s.header_got = 0;
-        RequestHeader::decode(&s.header)
-    };
-    let header = match header {
-        Ok(h) => h,
-        Err((partial, why)) => return reject(ctx, session, partial.v2, &why.to_string()),
-    };
-    let registry = session.borrow().registry.clone();
-    let Some(pin) = registry.pin(header.addr, header.size) else {
-        return reject(ctx, session, header.v2, "address range is not inside one registered buffer");
-    };
-    let op = header.opcode;
-    session.borrow_mut().current = Some((header, pin));
-    match op {
-        Opcode::Write => recv_body(ctx, session),
-        Opcode::Read => send_read_reply(ctx, session),
+        let decoded = RequestHeader::decode(&s.header);
+        match decoded {
+            Err((partial, why)) => reject(&mut s, partial.v2, &why.to_string()),
+            Ok(h) => match s.registry.pin(h.addr, h.size) {
+                None => reject(&mut s, h.v2, "address range is not inside one registered buffer"),
+                Some(pin) => match h.opcode {
+                    Opcode::Write => s.incoming = Some(Incoming { header: h, _pin: pin, received: 0 }),
+                    Opcode::Read => {
+                        s.read_bytes_queued += h.size;
+                        s.replies.push_back(Reply::Read { header: h, _pin: pin });
+                    }
+                },
+            },
+        }
+    }
+    let close_now = s.rx_stopped && s.replies.is_empty() && s.tx.is_none() && !s.reject_after_send;
+    drop(s);
+    if close_now {
+        return close(ctx, session, "request rejected (v1: no status)");
+    }
+    tx_next(ctx, session);
+    rx_next(ctx, session);
+}
+
+/// Refuses the request in `s.header`: status 1 (v2) after the replies
+/// already queued, then the session ends.
+fn reject(s: &mut Session, v2: bool, why: &str) {
+    log::debug!("data session {}: rejecting a request: {why}", s.id);
+    s.rx_stopped = true;
+    if v2 {
+        s.replies.push_back(Reply::Status(tcp::STATUS_REJECTED));
+        s.reject_after_send = true;
     }
 }
 
-/// Answers a bad request: status 1 (v2) and close, or just close (v1).
-fn reject(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, v2: bool, why: &str) {
-    log::debug!("rejecting a data request: {why}");
-    if !v2 {
-        return close(ctx, session, why);
-    }
+/// Sends the replies that are ready, if no send is in flight.
+fn tx_next(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
     let entry = {
         let mut s = session.borrow_mut();
-        *s.status = tcp::encode_status(tcp::STATUS_REJECTED);
-        opcode::Send::new(types::Fd(fd_of(&s)), s.status.as_ptr(), tcp::STATUS_BYTES as u32)
-            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
-            .build()
+        if s.closing || s.tx.is_some() || s.replies.is_empty() {
+            return;
+        }
+        let count = s.replies.len().min(REPLIES_PER_SEND_MAX);
+        let replies: Vec<Reply> = s.replies.drain(..count).collect();
+        let statuses: Vec<[u8; tcp::STATUS_BYTES]> = replies
+            .iter()
+            .map(|r| match r {
+                Reply::Status(code) => tcp::encode_status(*code),
+                Reply::Read { .. } => tcp::encode_status(tcp::STATUS_OK),
+            })
+            .collect();
+        let mut iov = IoVecs::with_capacity(2 * count);
+        for (r, st) in replies.iter().zip(&statuses) {
+            match r {
+                Reply::Status(_) => iov.push(st.as_ptr(), tcp::STATUS_BYTES),
+                Reply::Read { header, .. } => {
+                    if header.v2 {
+                        iov.push(st.as_ptr(), tcp::STATUS_BYTES);
+                    }
+                    iov.push(header.addr as *const u8, header.size as usize);
+                    s.read_bytes_queued -= header.size;
+                }
+            }
+        }
+        let mut group = Box::new(SendGroup { _statuses: statuses, iov, _replies: replies });
+        let entry = send_entry(s.fd(), &mut group.iov);
+        s.tx = Some(group);
+        entry
     };
-    submit(ctx, session, entry, on_reject_sent);
+    if !submit(ctx, session, entry, on_tx) {
+        session.borrow_mut().tx = None;
+        finish_if_idle(session);
+    }
+}
+
+fn send_entry(fd: i32, iov: &mut IoVecs) -> squeue::Entry {
+    opcode::SendMsg::new(types::Fd(fd), iov.msghdr()).flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32).build()
+}
+
+fn on_tx(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
+    let resend = {
+        let mut s = session.borrow_mut();
+        if s.closing {
+            s.tx = None;
+            drop(s);
+            return finish_if_idle(session);
+        }
+        let n = match done.io_result() {
+            Ok(n) if n > 0 => n as usize,
+            _ => {
+                s.tx = None;
+                drop(s);
+                return close(ctx, session, "send failed");
+            }
+        };
+        let fd = s.fd();
+        let group = s.tx.as_mut().expect("a send in flight");
+        group.iov.advance(n);
+        if group.iov.is_complete() {
+            s.tx = None; // releases the READ pins
+            None
+        } else {
+            Some(send_entry(fd, &mut group.iov))
+        }
+    };
+    if let Some(entry) = resend {
+        if !submit(ctx, session, entry, on_tx) {
+            session.borrow_mut().tx = None;
+            finish_if_idle(session);
+        }
+        return;
+    }
+    let (reject, ended) = {
+        let s = session.borrow();
+        let drained = s.replies.is_empty();
+        (drained && s.reject_after_send, drained && s.rx_stopped && !s.reject_after_send)
+    };
+    if reject {
+        return start_reject_drain(ctx, session);
+    }
+    if ended {
+        return close(ctx, session, "peer closed the connection");
+    }
+    tx_next(ctx, session);
+    rx_next(ctx, session);
 }
 
 /// The rejection is out: say no more (FIN), and swallow what the client was
-/// still sending, so it reads the status rather than a reset. Bounded in
-/// bytes and in time.
-fn on_reject_sent(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
+/// still sending, bounded in bytes and time.
+fn start_reject_drain(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
     {
         let mut s = session.borrow_mut();
-        s.in_flight = false;
-        if s.closing || done.result < 0 {
-            drop(s);
-            return close(ctx, session, "request rejected");
-        }
+        s.reject_after_send = false;
         if let Some(fd) = &s.fd {
             // SAFETY: plain syscall on our own socket.
             unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_WR) };
         }
         s.drain = Some(vec![0u8; DRAIN_CHUNK].into_boxed_slice());
-        s.moved = 0;
     }
     let rc = session.clone();
     let _ = ctx.set_timer(REJECT_DRAIN_TIME, move |ctx| close(ctx, &rc, "rejection drain time is up"));
@@ -247,182 +437,63 @@ fn on_reject_sent(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Comp
 fn drain_more(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
     let entry = {
         let mut s = session.borrow_mut();
-        let fd = fd_of(&s);
+        if s.closing {
+            return;
+        }
+        let fd = s.fd();
         let buf = s.drain.as_mut().expect("draining");
         opcode::Recv::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32).build()
     };
-    submit(ctx, session, entry, |ctx, session, done| {
-        let more = {
-            let mut s = session.borrow_mut();
-            s.in_flight = false;
-            match done.io_result() {
-                Ok(n) if n > 0 && !s.closing => {
-                    s.moved += u64::from(n);
-                    s.moved < REJECT_DRAIN_BYTES_MAX
-                }
-                _ => false,
-            }
-        };
-        if more { drain_more(ctx, session) } else { close(ctx, session, "request rejected") }
-    });
+    if submit(ctx, session, entry, on_drain) {
+        session.borrow_mut().rx_in_flight = true;
+    }
 }
 
-fn recv_body(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
-    let entry = {
-        let s = session.borrow();
-        let (h, _) = s.current.as_ref().expect("a request is being served");
-        let piece = (h.size - s.moved).min(PIECE_BYTES_MAX) as u32;
-        let ptr = (h.addr + s.moved) as *mut u8;
-        opcode::Recv::new(types::Fd(fd_of(&s)), ptr, piece).flags(libc::MSG_WAITALL).build()
-    };
-    submit(ctx, session, entry, on_body);
-}
-
-fn on_body(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
-    let (finished, v2) = {
+fn on_drain(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
+    let more = {
         let mut s = session.borrow_mut();
-        s.in_flight = false;
+        s.rx_in_flight = false;
         if s.closing {
             drop(s);
-            return finish(session);
+            return finish_if_idle(session);
         }
         match done.io_result() {
-            Ok(0) | Err(_) => {
-                drop(s);
-                return close(ctx, session, "peer went away mid-write");
+            Ok(n) if n > 0 => {
+                s.drained += u64::from(n);
+                s.drained < REJECT_DRAIN_BYTES_MAX
             }
-            Ok(n) => s.moved += u64::from(n),
-        }
-        let (h, _) = s.current.as_ref().expect("a request is being served");
-        (s.moved == h.size, h.v2)
-    };
-    if !finished {
-        return recv_body(ctx, session);
-    }
-    if !v2 {
-        return recv_header(ctx, session);
-    }
-    // The bytes have landed: now say so.
-    let entry = {
-        let mut s = session.borrow_mut();
-        s.current = None;
-        *s.status = tcp::encode_status(tcp::STATUS_OK);
-        opcode::Send::new(types::Fd(fd_of(&s)), s.status.as_ptr(), tcp::STATUS_BYTES as u32)
-            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
-            .build()
-    };
-    submit(ctx, session, entry, on_status_sent);
-}
-
-fn on_status_sent(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
-    {
-        let mut s = session.borrow_mut();
-        s.in_flight = false;
-        if s.closing {
-            drop(s);
-            return finish(session);
-        }
-    }
-    match done.io_result() {
-        Ok(8) => recv_header(ctx, session),
-        _ => close(ctx, session, "could not send a status frame"),
-    }
-}
-
-fn send_read_reply(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
-    let entry = {
-        let mut s = session.borrow_mut();
-        let (h, _) = s.current.as_ref().expect("a request is being served");
-        let (addr, size, v2) = (h.addr, h.size, h.v2);
-        let mut iov = Box::new(IoVecs::with_capacity(2));
-        if v2 {
-            *s.status = tcp::encode_status(tcp::STATUS_OK);
-            iov.push(s.status.as_ptr(), tcp::STATUS_BYTES);
-        }
-        iov.push(addr as *const u8, size.min(PIECE_BYTES_MAX) as usize);
-        let msg = iov.msghdr();
-        s.iov = Some(iov);
-        opcode::SendMsg::new(types::Fd(fd_of(&s)), msg).flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32).build()
-    };
-    submit(ctx, session, entry, on_read_sent);
-}
-
-fn on_read_sent(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
-    let next = {
-        let mut s = session.borrow_mut();
-        s.in_flight = false;
-        if s.closing {
-            drop(s);
-            return finish(session);
-        }
-        let n = match done.io_result() {
-            Ok(n) if n > 0 => n as usize,
-            _ => {
-                drop(s);
-                return close(ctx, session, "peer went away mid-read");
-            }
-        };
-        let mut iov = s.iov.take().expect("a reply in flight");
-        iov.advance(n);
-        if !iov.is_complete() {
-            // A short send: the rest of this piece.
-            let msg = iov.msghdr();
-            s.iov = Some(iov);
-            Some(
-                opcode::SendMsg::new(types::Fd(fd_of(&s)), msg)
-                    .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
-                    .build(),
-            )
-        } else {
-            let status_len =
-                if s.current.as_ref().is_some_and(|(h, _)| h.v2) && s.moved == 0 { tcp::STATUS_BYTES } else { 0 };
-            s.moved += (iov.total() - status_len) as u64;
-            let (h, _) = s.current.as_ref().expect("a request is being served");
-            if s.moved < h.size {
-                // The next piece of a reply above 1 GiB.
-                let mut iov = Box::new(IoVecs::with_capacity(1));
-                let piece = (h.size - s.moved).min(PIECE_BYTES_MAX) as usize;
-                iov.push((h.addr + s.moved) as *const u8, piece);
-                let msg = iov.msghdr();
-                s.iov = Some(iov);
-                Some(
-                    opcode::SendMsg::new(types::Fd(fd_of(&s)), msg)
-                        .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
-                        .build(),
-                )
-            } else {
-                None
-            }
+            _ => false,
         }
     };
-    match next {
-        Some(entry) => submit(ctx, session, entry, on_read_sent),
-        None => recv_header(ctx, session),
-    }
+    if more { drain_more(ctx, session) } else { close(ctx, session, "request rejected") }
 }
 
-/// Shuts the session down; it is dropped once its op in flight finishes.
+/// Shuts the session down; it is dropped once no op is in flight.
 fn close(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, why: &str) {
     let _ = ctx;
     {
         let mut s = session.borrow_mut();
-        log::debug!("data session {} closing: {why}", s.id);
-        s.closing = true;
-        if let Some(fd) = &s.fd {
-            sock::shutdown_both(fd);
-        }
-        if s.in_flight {
-            return;
+        if !s.closing {
+            log::debug!("data session {} closing: {why}", s.id);
+            s.closing = true;
+            if let Some(fd) = &s.fd {
+                sock::shutdown_both(fd);
+            }
         }
     }
-    finish(session);
+    finish_if_idle(session);
 }
 
-/// Releases the pin and the descriptor, and forgets the session.
-fn finish(session: &Rc<RefCell<Session>>) {
+/// Once closing and idle: releases pins and the descriptor, and forgets the
+/// session.
+fn finish_if_idle(session: &Rc<RefCell<Session>>) {
     let mut s = session.borrow_mut();
-    s.current = None;
-    s.iov = None;
+    if !s.closing || s.rx_in_flight || s.tx.is_some() {
+        return;
+    }
+    s.incoming = None;
+    s.replies.clear();
+    s.rx_iov = None;
     s.drain = None;
     s.fd = None;
     if let Some(shard) = s.shard.upgrade() {
