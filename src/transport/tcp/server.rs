@@ -43,6 +43,10 @@ const SMALL_PAYLOAD_MAX: u64 = 256 << 10;
 const REPLIES_QUEUED_MAX: usize = 1024;
 /// ... or while this many READ bytes do.
 const READ_BYTES_QUEUED_MAX: u64 = 256 << 20;
+/// Headers looked at in one peek: a pipelined run of READs is taken in with
+/// two operations (peek, then consume) instead of one per header.
+const PEEK_HEADERS_MAX: usize = 64;
+const PEEK_BYTES: usize = PEEK_HEADERS_MAX * tcp::HEADER_BYTES;
 /// Replies per sendmsg (a READ reply takes two iovecs).
 const REPLIES_PER_SEND_MAX: usize = IOV_MAX / 2;
 /// After a rejection: how much of the client's unread payload to drain, for
@@ -76,6 +80,17 @@ struct SendGroup {
     _replies: Vec<Reply>,
 }
 
+/// What a receive operation reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RxKind {
+    /// Payload bytes, then header bytes, into their places.
+    Stream,
+    /// A look (MSG_PEEK) at the headers waiting in the socket.
+    Peek,
+    /// Taking in `n` whole headers already peeked at.
+    Consume(usize),
+}
+
 /// A WRITE whose payload is being received.
 struct Incoming {
     header: RequestHeader,
@@ -92,6 +107,10 @@ struct Session {
     header: Box<[u8; tcp::HEADER_BYTES]>,
     header_got: usize,
     incoming: Option<Incoming>,
+    /// What the receive op in flight reads.
+    rx_kind: RxKind,
+    /// Headers peeked at, then consumed.
+    peek: Box<[u8; PEEK_BYTES]>,
     /// The receive op's iovecs (payload, then header).
     rx_iov: Option<Box<IoVecs>>,
     rx_in_flight: bool,
@@ -138,6 +157,8 @@ impl ServerShard {
                 header: Box::new([0; tcp::HEADER_BYTES]),
                 header_got: 0,
                 incoming: None,
+                rx_kind: RxKind::Stream,
+                peek: Box::new([0; PEEK_BYTES]),
                 rx_iov: None,
                 rx_in_flight: false,
                 rx_stopped: false,
@@ -220,7 +241,8 @@ fn rx_next(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
         let header_left = tcp::HEADER_BYTES - s.header_got;
         // SAFETY: header_got < HEADER_BYTES, so the pointer is in the box.
         let header_ptr = unsafe { s.header.as_mut_ptr().add(s.header_got) };
-        match &s.incoming {
+        let mut kind = RxKind::Stream;
+        let entry = match &s.incoming {
             Some(w) if w.header.size - w.received <= SMALL_PAYLOAD_MAX => {
                 // The rest of a small payload, and whatever of the next
                 // header has arrived with it.
@@ -237,8 +259,14 @@ fn rx_next(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
                     .flags(libc::MSG_WAITALL)
                     .build()
             }
+            None if s.header_got == 0 => {
+                kind = RxKind::Peek;
+                opcode::Recv::new(types::Fd(fd), s.peek.as_mut_ptr(), PEEK_BYTES as u32).flags(libc::MSG_PEEK).build()
+            }
             None => opcode::Recv::new(types::Fd(fd), header_ptr, header_left as u32).flags(libc::MSG_WAITALL).build(),
-        }
+        };
+        s.rx_kind = kind;
+        entry
     };
     if submit(ctx, session, entry, on_rx) {
         session.borrow_mut().rx_in_flight = true;
@@ -272,6 +300,12 @@ fn on_rx(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
             Ok(n) => n as u64,
         }
     };
+    let kind = session.borrow().rx_kind;
+    match kind {
+        RxKind::Peek => return on_peek(ctx, session, n as usize),
+        RxKind::Consume(headers) => return on_consume(ctx, session, n as usize, headers),
+        RxKind::Stream => {}
+    }
     // Payload bytes first, then header bytes.
     let mut s = session.borrow_mut();
     if let Some(w) = &mut s.incoming {
@@ -290,28 +324,106 @@ fn on_rx(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, done: Completion) {
     debug_assert!(s.header_got <= tcp::HEADER_BYTES);
     if s.header_got == tcp::HEADER_BYTES {
         s.header_got = 0;
-        let decoded = RequestHeader::decode(&s.header);
-        match decoded {
-            Err((partial, why)) => reject(&mut s, partial.v2, &why.to_string()),
-            Ok(h) => match s.registry.pin(h.addr, h.size) {
-                None => reject(&mut s, h.v2, "address range is not inside one registered buffer"),
-                Some(pin) => match h.opcode {
-                    Opcode::Write => s.incoming = Some(Incoming { header: h, _pin: pin, received: 0 }),
-                    Opcode::Read => {
-                        s.read_bytes_queued += h.size;
-                        s.replies.push_back(Reply::Read { header: h, _pin: pin });
-                    }
-                },
-            },
-        }
+        let header = *s.header;
+        take_header(&mut s, &header);
     }
-    let close_now = s.rx_stopped && s.replies.is_empty() && s.tx.is_none() && !s.reject_after_send;
     drop(s);
+    after_rx(ctx, session);
+}
+
+/// After headers were taken in: end a rejected v1 session, or carry on.
+fn after_rx(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
+    let close_now = {
+        let s = session.borrow();
+        s.rx_stopped && s.replies.is_empty() && s.tx.is_none() && !s.reject_after_send
+    };
     if close_now {
         return close(ctx, session, "request rejected (v1: no status)");
     }
     tx_next(ctx, session);
     rx_next(ctx, session);
+}
+
+/// Acts on one complete header. Returns whether more headers may follow
+/// without a payload in between (a READ was taken).
+fn take_header(s: &mut Session, bytes: &[u8; tcp::HEADER_BYTES]) -> bool {
+    let h = match RequestHeader::decode(bytes) {
+        Ok(h) => h,
+        Err((partial, why)) => {
+            reject(s, partial.v2, &why.to_string());
+            return false;
+        }
+    };
+    let Some(pin) = s.registry.pin(h.addr, h.size) else {
+        reject(s, h.v2, "address range is not inside one registered buffer");
+        return false;
+    };
+    match h.opcode {
+        Opcode::Write => {
+            s.incoming = Some(Incoming { header: h, _pin: pin, received: 0 });
+            false
+        }
+        Opcode::Read => {
+            s.read_bytes_queued += h.size;
+            s.replies.push_back(Reply::Read { header: h, _pin: pin });
+            true
+        }
+    }
+}
+
+/// Whole headers wait in the socket: take in a run of READs (and the WRITE
+/// or bad header that ends it) with one more operation. Fewer bytes than a
+/// header: wait for the rest the usual way.
+fn on_peek(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, n: usize) {
+    let entry = {
+        let mut s = session.borrow_mut();
+        let whole = n / tcp::HEADER_BYTES;
+        let fd = s.fd();
+        if whole == 0 {
+            s.rx_kind = RxKind::Stream;
+            opcode::Recv::new(types::Fd(fd), s.header.as_mut_ptr(), tcp::HEADER_BYTES as u32)
+                .flags(libc::MSG_WAITALL)
+                .build()
+        } else {
+            let mut take = 0;
+            for i in 0..whole {
+                take += 1;
+                let bytes: &[u8; tcp::HEADER_BYTES] =
+                    s.peek[i * tcp::HEADER_BYTES..][..tcp::HEADER_BYTES].try_into().expect("24 bytes");
+                if !matches!(RequestHeader::decode(bytes), Ok(h) if h.opcode == Opcode::Read) {
+                    break;
+                }
+            }
+            s.rx_kind = RxKind::Consume(take);
+            opcode::Recv::new(types::Fd(fd), s.peek.as_mut_ptr(), (take * tcp::HEADER_BYTES) as u32)
+                .flags(libc::MSG_WAITALL)
+                .build()
+        }
+    };
+    if submit(ctx, session, entry, on_rx) {
+        session.borrow_mut().rx_in_flight = true;
+    }
+}
+
+fn on_consume(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, n: usize, headers: usize) {
+    {
+        let mut s = session.borrow_mut();
+        s.rx_kind = RxKind::Stream;
+        if n != headers * tcp::HEADER_BYTES {
+            // The peeked bytes were in the socket: a short take means the
+            // connection is failing.
+            drop(s);
+            return close(ctx, session, "short read of peeked headers");
+        }
+        for i in 0..headers {
+            let bytes: [u8; tcp::HEADER_BYTES] =
+                s.peek[i * tcp::HEADER_BYTES..][..tcp::HEADER_BYTES].try_into().expect("24 bytes");
+            if !take_header(&mut s, &bytes) {
+                break;
+            }
+        }
+    }
+    after_rx(ctx, session);
 }
 
 /// Refuses the request in `s.header`: status 1 (v2) after the replies
