@@ -6,6 +6,25 @@
 //! returns. Where Mooncake crashes (a bogus batch id, a call before
 //! `initialize`, an unknown metadata scheme) this returns an error.
 //!
+//! ```
+//! use shardwire::engine::TransferEngine;
+//!
+//! # fn main() -> Result<(), shardwire::engine::TeError> {
+//! let target = TransferEngine::new();
+//! target.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")?;
+//! let remote = target.allocate_managed_buffer(1 << 20)?;
+//! let name = target.segment_name()?; // "127.0.0.1:<rpc port>"
+//!
+//! let initiator = TransferEngine::new();
+//! initiator.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")?;
+//! let local = initiator.allocate_managed_buffer(1 << 20)?;
+//! initiator.write_bytes_to_buffer(local, b"hello")?;
+//! initiator.transfer_sync_write(&name, local, remote, 5)?;
+//! assert_eq!(target.read_bytes_from_buffer(remote, 5)?, b"hello");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! A transfer resolves the target segment (a P2P Metadata RPC, cached),
 //! checks both ends against registered memory, splits each request into
 //! slices (striping large ones over the shards), and hands the slices to the
