@@ -38,7 +38,7 @@
 //!   pipelined TCP connection per peer and serves the sessions the data port
 //!   accepts, moving bytes straight between sockets and registered memory.
 //! - **[`meta`]** is the P2P handshake: a concurrent RPC server and client.
-//! - **[`bench`]** measures against anchors in the same run.
+//! - **[`bench`](mod@bench)** measures against anchors in the same run.
 //!
 //! Protocol logic is free of I/O, so codecs are tested and fuzzed without
 //! sockets. Every queue, frame and retry has a limit, and every transfer
