@@ -255,3 +255,13 @@ fn calls_before_initialize_are_errors() {
     // After all those failures the engine still initializes.
     e.initialize_ext("127.0.0.1", "", "tcp", "", "p2p").unwrap();
 }
+
+#[test]
+fn local_topology_is_mooncakes_matrix() {
+    let e = TransferEngine::new();
+    let json = e.get_local_topology("").expect("works before initialize");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert!(v.get("cpu:0").is_some(), "{json}");
+    assert_eq!(v["cpu:0"].as_array().unwrap().len(), 2);
+    assert!(e.get_local_topology("mlx5_9").is_ok(), "filtering to an absent device leaves empty lists");
+}

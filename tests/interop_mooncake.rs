@@ -131,3 +131,97 @@ fn mooncake_peer_sees_rejections_from_a_shardwire_target() {
     let mut peer = MooncakePeer::initiator(&name, remote, 1 << 20);
     assert_eq!(peer.cmd("write 0 64 2"), "ok", "the target serves the next peer");
 }
+
+/// Runs one side of Mooncake's `transfer_engine_bench` and the other of
+/// `shardwire bench`, briefly, and returns the initiator's output.
+fn bench_pair(mooncake_target: bool, operation: &str) -> String {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let common = ["--metadata_server=P2PHANDSHAKE", "--local_server_name=127.0.0.1", "--buffer_size=67108864"];
+    let initiator_flags = [
+        format!("--operation={operation}"),
+        "--block_size=65536".into(),
+        "--batch_size=8".into(),
+        "--threads=2".into(),
+        "--duration=1".into(),
+    ];
+    let mut target = if mooncake_target {
+        Command::new(interop::mooncake_bench())
+            .args(["--mode=target", "--protocol=tcp"])
+            .args(common)
+            .env("MC_FORCE_TCP", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    } else {
+        Command::new(env!("CARGO_BIN_EXE_shardwire"))
+            .args(["bench", "--mode=target"])
+            .args(common)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let segment = if mooncake_target {
+        let stderr = std::io::BufReader::new(target.stderr.take().unwrap());
+        let mut found = None;
+        let mut lines = stderr.lines();
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            if let Some(pos) = line.find("listening on ") {
+                found = Some(line[pos + 13..].trim().to_string());
+                break;
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        found.expect("the Mooncake target prints where it listens")
+    } else {
+        let mut line = String::new();
+        std::io::BufReader::new(target.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        line.trim().strip_prefix("segment_id=").expect("segment_id= line").to_string()
+    };
+    let out = if mooncake_target {
+        Command::new(env!("CARGO_BIN_EXE_shardwire"))
+            .args(["bench", "--mode=initiator", &format!("--segment_id={segment}")])
+            .args(common)
+            .args(&initiator_flags)
+            .output()
+            .unwrap()
+    } else {
+        Command::new(interop::mooncake_bench())
+            .args(["--mode=initiator", "--protocol=tcp", &format!("--segment_id={segment}")])
+            .args(common)
+            .args(&initiator_flags)
+            .env("MC_FORCE_TCP", "1")
+            .output()
+            .unwrap()
+    };
+    let _ = target.kill();
+    let _ = target.wait();
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+fn completed_batches(output: &str) -> u64 {
+    let line =
+        output.lines().find(|l| l.contains("Test completed")).unwrap_or_else(|| panic!("no result in:\n{output}"));
+    let count = line.split("batch count ").nth(1).unwrap().split(',').next().unwrap();
+    count.trim().parse().unwrap()
+}
+
+#[test]
+fn shardwire_bench_drives_mooncakes_target() {
+    for op in ["write", "read"] {
+        let out = bench_pair(true, op);
+        assert!(completed_batches(&out) > 0, "{op}: {out}");
+        assert!(out.contains("Batch latency: p50"), "{out}");
+    }
+}
+
+#[test]
+fn mooncakes_bench_drives_a_shardwire_target() {
+    for op in ["write", "read"] {
+        let out = bench_pair(false, op);
+        assert!(completed_batches(&out) > 0, "{op}: {out}");
+    }
+}

@@ -489,6 +489,32 @@ impl TransferEngine {
         Ok(out)
     }
 
+    /// The NIC priority matrix of this machine as Mooncake's JSON (what
+    /// `get_local_topology` returns): `MC_CUSTOM_TOPO_JSON` if set, otherwise
+    /// discovered from sysfs, keeping only the RDMA devices `device_name`
+    /// lists (comma-separated; empty keeps all). Needs no `initialize`, and
+    /// unlike Mooncake's binds no port.
+    pub fn get_local_topology(&self, device_name: &str) -> TeResult<String> {
+        use crate::topo::{self, MatrixEntry, PriorityMatrix};
+        let matrix = match PriorityMatrix::from_env().map_err(|e| TeError::invalid(e.to_string()))? {
+            Some((_, m)) => m,
+            None => {
+                let t = topo::discover(std::path::Path::new("/sys")).map_err(|e| TeError::invalid(e.to_string()))?;
+                PriorityMatrix::discover(&t)
+            }
+        };
+        let wanted: Vec<&str> = device_name.split(',').map(str::trim).filter(|d| !d.is_empty()).collect();
+        if wanted.is_empty() {
+            return Ok(matrix.to_json());
+        }
+        let keep = |names: &[String]| names.iter().filter(|n| wanted.contains(&n.as_str())).cloned().collect();
+        let mut filtered = PriorityMatrix::new();
+        for (key, entry) in matrix.entries() {
+            filtered.insert(key, MatrixEntry { preferred: keep(&entry.preferred), available: keep(&entry.available) });
+        }
+        Ok(filtered.to_json())
+    }
+
     /// Connections and server sessions per shard (diagnostics).
     pub fn connection_counts(&self) -> TeResult<Vec<(usize, usize)>> {
         Ok(self.engine()?.tcp.counts())
