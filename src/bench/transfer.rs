@@ -97,18 +97,30 @@ pub fn unit_scale(unit: &str) -> (f64, &'static str) {
     }
 }
 
-/// Runs a target until `stop` is set. Prints the segment name first.
-pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
+fn init_engine(opts: &Options) -> Result<TransferEngine, String> {
     let engine = TransferEngine::new();
     engine
         .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
         .map_err(|e| e.to_string())?;
+    Ok(engine)
+}
+
+/// An engine with a `buffer_size` buffer, its segment name printed as
+/// `segment_id=<name>` on a line of its own.
+fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), String> {
+    let engine = init_engine(opts)?;
     let buffer = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
     let name = engine.segment_name().map_err(|e| e.to_string())?;
     println!("segment_id={name}");
-    eprintln!("target: segment {name}, buffer {buffer:#x} ({} bytes); interrupt to stop", opts.buffer_size);
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    Ok((engine, buffer, name))
+}
+
+/// Runs a target until `stop` is set. Prints the segment name first.
+pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
+    let (engine, buffer, name) = serve(opts)?;
+    eprintln!("target: segment {name}, buffer {buffer:#x} ({} bytes); interrupt to stop", opts.buffer_size);
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -118,10 +130,7 @@ pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
 
 /// Runs an initiator against `segment` and measures it.
 pub fn run_initiator(opts: &Options, segment: &str) -> Result<Report, String> {
-    let engine = Arc::new(TransferEngine::new());
-    engine
-        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
-        .map_err(|e| e.to_string())?;
+    let engine = Arc::new(init_engine(opts)?);
     initiate(&engine, opts, segment)
 }
 
@@ -205,13 +214,7 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
 /// The embedded default: a target and an initiator in this process, over
 /// loopback with P2P metadata.
 pub fn run_loopback(opts: &Options) -> Result<Report, String> {
-    let target = TransferEngine::new();
-    target
-        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
-        .map_err(|e| e.to_string())?;
-    let buffer = target.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
-    let name = target.segment_name().map_err(|e| e.to_string())?;
-    println!("segment_id={name}");
+    let (target, buffer, name) = serve(opts)?;
     let report = run_initiator(opts, &name);
     let _ = target.free_managed_buffer(buffer, opts.buffer_size);
     report
