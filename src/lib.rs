@@ -57,6 +57,8 @@ pub mod bench;
 pub mod engine;
 pub mod meta;
 pub mod proto;
+#[cfg(feature = "python")]
+pub mod python;
 pub mod runtime;
 pub mod topo;
 pub mod transport;

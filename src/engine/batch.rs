@@ -94,7 +94,6 @@ impl Task {
 }
 
 /// A set of tasks submitted together.
-#[derive(Debug)]
 pub struct Batch {
     /// The segment the batch transfers to.
     pub target: String,
@@ -106,6 +105,21 @@ pub struct Batch {
     pub deadline: Instant,
     settled: Latch,
     first_error: Mutex<Option<String>>,
+    /// Runs once, when the batch settles (an asyncio loop's wake-up).
+    on_settle: Mutex<Option<SettleHook>>,
+}
+
+/// What [`Batch::set_on_settle`] runs.
+pub type SettleHook = Box<dyn FnOnce() + Send + 'static>;
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("target", &self.target)
+            .field("tasks", &self.tasks.len())
+            .field("settled", &self.is_settled())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Batch {
@@ -133,6 +147,7 @@ impl Batch {
             deadline,
             settled: Latch::new(),
             first_error: Mutex::new(None),
+            on_settle: Mutex::new(None),
         });
         if pending == 0 {
             batch.settled.set();
@@ -166,6 +181,26 @@ impl Batch {
         debug_assert!(before > 0, "more slices finished than were planned");
         if before == 1 && self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.settled.set();
+            let hook = self.on_settle.lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+
+    /// Runs `hook` once the batch has settled: now, if it already has. The
+    /// hook runs on whichever thread finishes the last slice, so it must be
+    /// quick (a write to an eventfd, say).
+    pub fn set_on_settle(&self, hook: SettleHook) {
+        let mut slot = self.on_settle.lock().unwrap_or_else(|e| e.into_inner());
+        // Settling sets the latch, then takes the hook under this lock: a
+        // hook stored here before that is taken; one that comes after sees
+        // the latch set and runs at once.
+        if self.settled.is_set() {
+            drop(slot);
+            hook();
+        } else {
+            *slot = Some(hook);
         }
     }
 
@@ -321,6 +356,25 @@ mod tests {
         assert!(b.is_settled());
         assert_eq!(b.tasks[0].status(), TransferStatus::Failed);
         assert_eq!(b.result().unwrap_err().message(), "peer rejected the address");
+    }
+
+    #[test]
+    fn the_settle_hook_runs_once_whenever_it_is_set() {
+        use std::sync::atomic::AtomicUsize;
+        let runs = Arc::new(AtomicUsize::new(0));
+        let b = Batch::new("peer:1", &[10], &[1], later());
+        let r = runs.clone();
+        b.set_on_settle(Box::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(runs.load(Ordering::SeqCst), 0);
+        b.slice_done(0, 10);
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let r = runs.clone();
+        b.set_on_settle(Box::new(move || {
+            r.fetch_add(1, Ordering::SeqCst);
+        }));
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "already settled: at once");
     }
 
     #[test]

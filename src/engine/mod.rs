@@ -376,8 +376,22 @@ impl TransferEngine {
 
     /// Submits transfers and returns a batch id at once.
     pub fn batch_transfer_async(&self, target: &str, requests: &[TransferRequest]) -> TeResult<u64> {
+        self.batch_transfer_async_hooked(target, requests, None)
+    }
+
+    /// [`TransferEngine::batch_transfer_async`], running `on_settle` when
+    /// the batch settles (on a shard thread: keep it quick).
+    pub fn batch_transfer_async_hooked(
+        &self,
+        target: &str,
+        requests: &[TransferRequest],
+        on_settle: Option<batch::SettleHook>,
+    ) -> TeResult<u64> {
         let engine = self.engine()?;
         let batch = engine.submit(target, requests)?;
+        if let Some(hook) = on_settle {
+            batch.set_on_settle(hook);
+        }
         engine.batches.insert(batch)
     }
 
@@ -459,6 +473,11 @@ impl TransferEngine {
     pub fn send_probe(&self, peer: &str) -> TeResult<()> {
         let engine = self.engine()?;
         p2p::probe(peer, &engine.call_options)
+    }
+
+    /// Whether `[addr, addr + len)` lies inside one registered region.
+    pub fn is_registered(&self, addr: u64, len: u64) -> TeResult<bool> {
+        Ok(self.engine()?.registry.contains(addr, len))
     }
 
     /// Copies `bytes` to `addr`, which must lie in registered memory.

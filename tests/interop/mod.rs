@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
-/// The byte pattern of `mooncake_peer.py`: `(i*131 + seed*7 + (i>>8)) & 255`.
+/// The byte pattern of `peer.py`: `(i*131 + seed*7 + (i>>8)) & 255`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
 }
@@ -33,7 +33,7 @@ pub fn mooncake_bench() -> PathBuf {
     p
 }
 
-/// A running mooncake_peer.py.
+/// A running tests/interop/peer.py with the Mooncake wheel.
 pub struct MooncakePeer {
     child: Child,
     stdin: ChildStdin,
@@ -47,7 +47,7 @@ pub struct MooncakePeer {
 impl MooncakePeer {
     fn spawn(args: &[String]) -> Self {
         let mut child = Command::new(python())
-            .arg(repo().join("tests/interop/mooncake_peer.py"))
+            .arg(repo().join("tests/interop/peer.py"))
             .args(args)
             .env("MC_FORCE_TCP", "1")
             .env("GLOG_minloglevel", "2")

@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""A Mooncake Transfer Engine peer for shardwire's interop tests.
+"""A transfer-engine peer process for shardwire's tests.
 
-It runs the real `mooncake.engine.TransferEngine` from the
-mooncake-transfer-engine-non-cuda wheel, in P2P mode over loopback, and
-talks to the Rust test over stdin/stdout, one command per line:
+It runs `mooncake.engine.TransferEngine` from the real
+mooncake-transfer-engine-non-cuda wheel (PEER_IMPL=mooncake, the default),
+or shardwire's drop-in (PEER_IMPL=shardwire), in P2P mode over loopback, and
+talks to the test over stdin/stdout, one command per line:
 
-  target mode:    python mooncake_peer.py target BYTES
+  target mode:    python peer.py target BYTES
       prints      ready <segment name> <buffer address>
       then reads  fill OFFSET LEN SEED   -> writes the pattern, prints "ok"
                   check OFFSET LEN SEED  -> prints "ok" or "mismatch at N"
                   notifies               -> prints "notifies name=msg;..."
+                  hex OFFSET LEN         -> prints the bytes, in hex
                   quit
 
-  initiator mode: python mooncake_peer.py initiator SEGMENT REMOTE_ADDR BYTES
+  initiator mode: python peer.py initiator SEGMENT REMOTE_ADDR BYTES
       reads       write OFFSET LEN SEED  -> pattern into local, transfer_sync_write
                   read OFFSET LEN SEED   -> transfer_sync_read, check the pattern
                   batch COUNT LEN SEED   -> batch_transfer_sync_write then _read
@@ -24,9 +26,13 @@ talks to the Rust test over stdin/stdout, one command per line:
 
 The byte pattern matches tests/interop/mod.rs: (i*131 + seed*7 + (i>>8)) & 255.
 """
+import os
 import sys
 
-from mooncake.engine import TransferEngine, TransferNotify
+if os.environ.get("PEER_IMPL", "mooncake") == "shardwire":
+    from shardwire import TransferEngine, TransferNotify
+else:
+    from mooncake.engine import TransferEngine, TransferNotify
 
 
 def pattern(length, seed):
@@ -40,7 +46,9 @@ def reply(text):
 
 def target(size):
     engine = TransferEngine()
-    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+    # PEER_HOSTNAME="127.0.0.1:12346" gives a shardwire target that fixed
+    # name (shardwire binds a port given; Mooncake picks its own).
+    if engine.initialize(os.environ.get("PEER_HOSTNAME", "127.0.0.1"), "P2PHANDSHAKE", "tcp", "") != 0:
         reply("fail initialize")
         return
     buf = engine.allocate_managed_buffer(size)
@@ -53,6 +61,9 @@ def target(size):
             break
         if cmd[0] == "notifies":
             reply("notifies " + ";".join(f"{n.name}={n.msg}" for n in engine.get_notifies()))
+            continue
+        if cmd[0] == "hex":
+            reply(engine.read_bytes_from_buffer(buf + int(cmd[1]), int(cmd[2])).hex())
             continue
         off, length, seed = int(cmd[1]), int(cmd[2]), int(cmd[3])
         if cmd[0] == "fill":

@@ -1,0 +1,53 @@
+"""Where Mooncake crashes, shardwire returns its error codes."""
+import pytest
+
+from shardwire import TransferEngine, TransferError
+
+
+def test_calls_before_initialize_return_errors():
+    e = TransferEngine()
+    assert e.get_rpc_port() == -1  # Mooncake segfaults here
+    assert e.allocate_managed_buffer(4096) == 0
+    assert e.transfer_sync_write("127.0.0.1:1", 4096, 4096, 8) == -1
+    assert e.transfer_check_status(1) == -1
+    assert e.get_batch_transfer_status([1]) == -1
+    assert e.register_memory(4096, 10) == -1
+    assert "initialize" in e.last_error()[1]
+
+
+def test_bogus_batch_ids(engine):
+    assert engine.transfer_check_status(0xDEADBEEF) == -1  # Mooncake dereferences it
+    assert engine.get_batch_transfer_status([1, 2, 3]) == -1
+    assert engine.get_batch_transfer_status_nowait([7]) == [-1]
+
+
+def test_unknown_metadata_schemes():
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "foo://bar", "tcp", "") == -1  # Mooncake aborts
+    assert e.initialize_ext("127.0.0.1", "", "tcp", "", "p2p") == 0
+
+
+def test_memory_errors(engine):
+    buf = engine.allocate_managed_buffer(8192)
+    assert engine.register_memory(buf, 100) == -7
+    assert engine.unregister_memory(0x1234000) == -3
+    assert engine.register_memory(0x1234000, 0) == -1
+    assert engine.free_managed_buffer(buf, 8191) == -1  # Mooncake does not check
+    assert engine.free_managed_buffer(buf, 8192) == 0
+    with pytest.raises(ValueError):
+        engine.read_bytes_from_buffer(0x10, 4)  # Mooncake reads wild memory
+    assert engine.write_bytes_to_buffer(0x10, b"x", 1) == -3
+
+
+def test_dead_peer(engine, shardwire_target):
+    local = engine.allocate_managed_buffer(1 << 20)
+    assert engine.transfer_sync_write(shardwire_target.name, local, shardwire_target.buffer, 4096) == 0
+    shardwire_target.kill()
+    assert engine.transfer_sync_write(shardwire_target.name, local, shardwire_target.buffer, 4096) == -1
+
+
+def test_raising_variant(engine):
+    assert engine.check(0) == 0
+    with pytest.raises(TransferError) as info:
+        engine.check(engine.unregister_memory(0x4000), "unregister_memory")
+    assert info.value.code == -3
