@@ -54,7 +54,7 @@ use crate::proto::mooncake::message::NotifyDesc;
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
-use crate::transport::tcp::{Slice, TcpTransport, sock};
+use crate::transport::tcp::{Slice, TcpTransport, direct, sock};
 use managed::ManagedPool;
 use registry::Registry;
 use rpc::{EngineRpc, NotifyQueue};
@@ -98,6 +98,7 @@ pub struct TransferEngine {
 
 /// An initialized engine.
 struct Engine {
+    id: u64,
     name: String,
     rpc_port: u16,
     runtime: Arc<Runtime>,
@@ -131,7 +132,16 @@ impl TransferEngine {
     }
 
     fn engine(&self) -> TeResult<Arc<Engine>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(TeError::not_initialized)
+        let engine =
+            self.inner.read().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(TeError::not_initialized)?;
+        if engine.runtime.is_forked_copy() {
+            // Its threads stayed in the parent, and its sockets are shared
+            // with it: using them here would tangle both processes' traffic.
+            return Err(TeError::invalid(
+                "this engine was created before fork(); create and initialize a new one in the child",
+            ));
+        }
+        Ok(engine)
     }
 
     /// Initializes the engine: `local_hostname` is `host[:port]`,
@@ -217,6 +227,7 @@ impl TransferEngine {
         };
         log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
         *slot = Some(Arc::new(Engine {
+            id: engine_id,
             name,
             rpc_port,
             runtime,
@@ -349,9 +360,14 @@ impl TransferEngine {
         notify: Option<&TransferNotify>,
     ) -> TeResult<()> {
         let engine = self.engine()?;
-        let batch = engine.submit(target, requests)?;
-        engine.wait_settled(&batch)?;
-        engine.settle(&batch)?;
+        match requests {
+            [one] if one.length > 0 && one.length <= direct::DIRECT_BYTES_MAX => engine.transfer_direct(target, one)?,
+            _ => {
+                let batch = engine.submit(target, requests)?;
+                engine.wait_settled(&batch)?;
+                engine.settle(&batch)?;
+            }
+        }
         if let Some(note) = notify {
             let desc = NotifyDesc { name: note.name.clone(), notify_msg: note.msg.clone() };
             p2p::send_notify(target, &desc, &engine.call_options)?;
@@ -618,6 +634,33 @@ impl Engine {
         Ok(seg)
     }
 
+    /// One small synchronous request, carried out by the calling thread
+    /// (see [`direct`]); v1 peers go through the shards.
+    fn transfer_direct(&self, target: &str, r: &TransferRequest) -> TeResult<()> {
+        let mut seg = self.open_segment(target, false)?;
+        if !seg.contains(r.target_offset, r.length) {
+            seg = self.open_segment(target, true)?;
+        }
+        if !seg.peer.v2 {
+            let batch = self.submit(target, std::slice::from_ref(r))?;
+            self.wait_settled(&batch)?;
+            return self.settle(&batch);
+        }
+        let _pin = self.registry.pin(r.source, r.length).ok_or_else(|| not_registered(r.source, r.length))?;
+        if !seg.contains(r.target_offset, r.length) {
+            return Err(TeError::invalid(format!(
+                "[{:#x}, +{}) is not inside a buffer registered at {target}",
+                r.target_offset, r.length
+            )));
+        }
+        let deadline = Instant::now() + self.timeout + Duration::from_nanos(r.length);
+        direct::transfer(self.id, seg.peer, r.opcode, r.source, r.target_offset, r.length, deadline).map_err(|e| {
+            self.segments.forget(target);
+            let code = if e.rejected || e.timed_out { code::INVALID_ARGUMENT } else { code::SOCKET };
+            TeError::new(code, e.message)
+        })
+    }
+
     /// Validates requests, splits them into slices and hands them out.
     fn submit(&self, target: &str, requests: &[TransferRequest]) -> TeResult<Arc<Batch>> {
         let mut seg = self.open_segment(target, false)?;
@@ -653,7 +696,12 @@ impl Engine {
         let batch = Batch::new(target, &lens, &slice_counts, deadline);
         let shards = self.tcp.shard_count();
         let mut per_shard: Vec<Vec<Slice>> = (0..shards).map(|_| Vec::new()).collect();
-        let mut next = self.tcp.next_shard();
+        // A batch that fits one slice goes to the calling thread's own shard
+        // (picked in turn at its first transfer), so a thread issuing small
+        // transfers one after another keeps one shard busy, not all of them
+        // half-busy: on few cores the idle ones' spinning costs latency.
+        let total_slices: usize = slice_counts.iter().map(|&n| n as usize).sum();
+        let mut next = if total_slices <= 1 { self.home_shard() } else { self.tcp.next_shard() };
         for (task, r) in requests.iter().enumerate() {
             let mut offset = 0;
             while offset < r.length {
@@ -697,6 +745,24 @@ impl Engine {
         result
     }
 
+    /// The calling thread's shard for small transfers.
+    fn home_shard(&self) -> usize {
+        thread_local! {
+            static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+        }
+        if std::env::var_os("NOHOME").is_some() {
+            return self.tcp.next_shard();
+        }
+        HOME.with(|h| match h.get() {
+            Some(s) if s < self.tcp.shard_count() => s,
+            _ => {
+                let s = self.tcp.next_shard();
+                h.set(Some(s));
+                s
+            }
+        })
+    }
+
     /// Waits until every slice of `batch` has finished.
     fn wait_settled(&self, batch: &Batch) -> TeResult<()> {
         if batch.wait(WAIT_SPIN, batch.deadline + SETTLE_GRACE) {
@@ -719,5 +785,6 @@ impl Engine {
             rpc.stop();
         }
         self.tcp.close();
+        direct::forget(self.id);
     }
 }

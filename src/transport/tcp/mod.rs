@@ -7,6 +7,7 @@
 //! sockets and registered memory with no copy in between.
 
 pub mod client;
+pub mod direct;
 pub mod iov;
 pub mod server;
 pub mod slice;

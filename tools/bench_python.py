@@ -1,0 +1,114 @@
+"""Python-level benchmark: shardwire against the Mooncake wheel, same run.
+
+For each engine, a target process of the same kind (tests/interop/peer.py)
+serves a buffer over loopback with P2P metadata; this process initiates:
+
+- `transfer_sync_write` of 4 KiB, one at a time: latency p50 and p99;
+- throughput of `transfer_sync_write` at 64 KiB, 1 MiB and 16 MiB, and of a
+  `batch_transfer_sync_write` of 16 such blocks.
+
+Run it through tools/bench-python, which prepares .venv first.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PEER = os.path.join(ROOT, "tests", "interop", "peer.py")
+KIB, MIB = 1024, 1024 * 1024
+
+
+def measure(impl, samples, duration, sizes):
+    """Runs in a child process per engine, so the two never share a process."""
+    if impl == "shardwire":
+        from shardwire import TransferEngine
+    else:
+        from mooncake.engine import TransferEngine
+    buffer_size = 64 * MIB
+    env = dict(os.environ, PEER_IMPL=impl, MC_FORCE_TCP="1", GLOG_minloglevel="2")
+    peer = subprocess.Popen([sys.executable, PEER, "target", str(buffer_size)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, env=env)
+    ready = peer.stdout.readline().split()
+    name, remote = ready[1], int(ready[2])
+    engine = TransferEngine()
+    assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    local = engine.allocate_managed_buffer(buffer_size)
+    result = {"impl": impl}
+    try:
+        # Warm up the connection and the code paths.
+        for _ in range(200):
+            assert engine.transfer_sync_write(name, local, remote, 4 * KIB) == 0
+        lat = []
+        for _ in range(samples):
+            t0 = time.perf_counter_ns()
+            engine.transfer_sync_write(name, local, remote, 4 * KIB)
+            lat.append(time.perf_counter_ns() - t0)
+        lat.sort()
+        result["lat4k_p50_us"] = lat[len(lat) // 2] / 1000
+        result["lat4k_p99_us"] = lat[int(len(lat) * 0.99)] / 1000
+        for size in sizes:
+            moved = 0
+            deadline = time.perf_counter() + duration
+            start = time.perf_counter()
+            while time.perf_counter() < deadline:
+                assert engine.transfer_sync_write(name, local, remote, size) == 0
+                moved += size
+            result[f"sync_{size}_gbps"] = moved / (time.perf_counter() - start) / 1e9
+            blocks = min(16, buffer_size // size)
+            bufs = [local + i * size for i in range(blocks)]
+            peers = [remote + i * size for i in range(blocks)]
+            moved = 0
+            deadline = time.perf_counter() + duration
+            start = time.perf_counter()
+            while time.perf_counter() < deadline:
+                assert engine.batch_transfer_sync_write(name, bufs, peers, [size] * blocks) == 0
+                moved += size * blocks
+            result[f"batch_{size}_gbps"] = moved / (time.perf_counter() - start) / 1e9
+    finally:
+        peer.stdin.write("quit\n")
+        peer.stdin.flush()
+        peer.wait(timeout=10)
+    return result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--duration", type=float, default=2.0, help="seconds per throughput figure")
+    ap.add_argument("--samples", type=int, default=20000, help="4 KiB writes timed")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help="also write the results here")
+    args = ap.parse_args()
+    sizes = [64 * KIB, 1 * MIB, 16 * MIB]
+    if args.child:
+        print(json.dumps(measure(args.child, args.samples, args.duration, sizes)))
+        return
+    results = {}
+    for impl in ("mooncake", "shardwire"):
+        print(f"bench: {impl}", file=sys.stderr, flush=True)
+        out = subprocess.run([sys.executable, __file__, "--child", impl, "--duration", str(args.duration),
+                              "--samples", str(args.samples)], capture_output=True, text=True, check=True)
+        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    m, s = results["mooncake"], results["shardwire"]
+    print(f"Python, loopback, a target process each; {args.samples} timed 4 KiB writes; {args.duration:g} s per "
+          f"throughput figure; GB/s = 1e9 bytes/s.\n")
+    print("| measure | Mooncake wheel | shardwire | ratio |")
+    print("|---|---:|---:|---:|")
+    print(f"| 4 KiB transfer_sync_write p50 | {m['lat4k_p50_us']:.1f} µs | {s['lat4k_p50_us']:.1f} µs | "
+          f"{m['lat4k_p50_us'] / s['lat4k_p50_us']:.1f}x faster |")
+    print(f"| 4 KiB transfer_sync_write p99 | {m['lat4k_p99_us']:.1f} µs | {s['lat4k_p99_us']:.1f} µs | "
+          f"{m['lat4k_p99_us'] / s['lat4k_p99_us']:.1f}x faster |")
+    for size in sizes:
+        label = f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+        for kind, what in (("sync", "transfer_sync_write"), ("batch", "batch of 16")):
+            a, b = m[f"{kind}_{size}_gbps"], s[f"{kind}_{size}_gbps"]
+            print(f"| {label} {what} | {a:.2f} GB/s | {b:.2f} GB/s | {b / a:.1f}x |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
