@@ -50,7 +50,7 @@ impl Default for EngineConfig {
             port_range: sock::PORT_RANGE_DEFAULT,
             handshake_max_len: frame::MAX_LEN_DEFAULT,
             force_tcp: false,
-            stripe_bytes: 1 << 20,
+            stripe_bytes: 512 << 10,
             client_limits: ClientLimits::default(),
             runtime: None,
         }
@@ -88,7 +88,7 @@ impl EngineConfig {
         if let Ok(v) = std::env::var("SHARDWIRE_STRIPE_BYTES") {
             match v.trim().parse::<u64>() {
                 Ok(b) if (4096..=(1 << 30)).contains(&b) => c.stripe_bytes = b,
-                _ => log::warn!("SHARDWIRE_STRIPE_BYTES={v:?} is not 4096..=1073741824; using 1 MiB"),
+                _ => log::warn!("SHARDWIRE_STRIPE_BYTES={v:?} is not 4096..=1073741824; using 512 KiB"),
             }
         }
         c

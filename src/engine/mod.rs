@@ -701,7 +701,8 @@ impl Engine {
         // transfers one after another keeps one shard busy, not all of them
         // half-busy: on few cores the idle ones' spinning costs latency.
         let total_slices: usize = slice_counts.iter().map(|&n| n as usize).sum();
-        let mut next = if total_slices <= 1 { self.home_shard() } else { self.tcp.next_shard() };
+        let small = total_slices <= 1 && total <= direct::DIRECT_BYTES_MAX;
+        let mut next = if small { self.home_shard() } else { self.tcp.next_shard() };
         for (task, r) in requests.iter().enumerate() {
             let mut offset = 0;
             while offset < r.length {
@@ -749,9 +750,6 @@ impl Engine {
     fn home_shard(&self) -> usize {
         thread_local! {
             static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-        }
-        if std::env::var_os("NOHOME").is_some() {
-            return self.tcp.next_shard();
         }
         HOME.with(|h| match h.get() {
             Some(s) if s < self.tcp.shard_count() => s,
