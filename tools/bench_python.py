@@ -79,21 +79,27 @@ def main():
     ap.add_argument("--duration", type=float, default=2.0, help="seconds per throughput figure")
     ap.add_argument("--samples", type=int, default=20000, help="4 KiB writes timed")
     ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--repeats", type=int, default=3, help="runs per engine; the median of each figure is kept")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     sizes = [64 * KIB, 1 * MIB, 16 * MIB]
     if args.child:
         print(json.dumps(measure(args.child, args.samples, args.duration, sizes)))
         return
+    runs = {"mooncake": [], "shardwire": []}
+    for rep in range(args.repeats):
+        # Alternate the engines so drift hits both alike.
+        for impl in ("mooncake", "shardwire"):
+            print(f"bench: {impl} (run {rep + 1})", file=sys.stderr, flush=True)
+            out = subprocess.run([sys.executable, __file__, "--child", impl, "--duration", str(args.duration),
+                                  "--samples", str(args.samples)], capture_output=True, text=True, check=True)
+            runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
-    for impl in ("mooncake", "shardwire"):
-        print(f"bench: {impl}", file=sys.stderr, flush=True)
-        out = subprocess.run([sys.executable, __file__, "--child", impl, "--duration", str(args.duration),
-                              "--samples", str(args.samples)], capture_output=True, text=True, check=True)
-        results[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+    for impl, rs in runs.items():
+        results[impl] = {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in rs[0] if k != "impl"}
     m, s = results["mooncake"], results["shardwire"]
     print(f"Python, loopback, a target process each; {args.samples} timed 4 KiB writes; {args.duration:g} s per "
-          f"throughput figure; GB/s = 1e9 bytes/s.\n")
+          f"throughput figure; median of {args.repeats} runs each; GB/s = 1e9 bytes/s.\n")
     print("| measure | Mooncake wheel | shardwire | ratio |")
     print("|---|---:|---:|---:|")
     print(f"| 4 KiB transfer_sync_write p50 | {m['lat4k_p50_us']:.1f} µs | {s['lat4k_p50_us']:.1f} µs | "
