@@ -37,7 +37,9 @@
 //! - **[`transport`]** carries transfers on the shards: each shard keeps one
 //!   pipelined TCP connection per peer and serves the sessions the data port
 //!   accepts, moving bytes straight between sockets and registered memory.
-//! - **[`meta`]** is the P2P handshake: a concurrent RPC server and client.
+//! - **[`meta`]** finds peers: the P2P handshake (a concurrent RPC server
+//!   and client) or etcd, in Mooncake's key layout, with leased keys.
+//! - **[`http`]** is our sans-IO HTTP/1.1 layer on `httparse`.
 //! - **[`bench`](mod@bench)** measures against anchors in the same run.
 //!
 //! Protocol logic is free of I/O, so codecs are tested and fuzzed without
@@ -55,6 +57,7 @@
 
 pub mod bench;
 pub mod engine;
+pub mod http;
 pub mod meta;
 pub mod proto;
 #[cfg(feature = "python")]

@@ -52,8 +52,10 @@ fn errors_are_codes_not_crashes() {
     assert_eq!(e.get_rpc_port().unwrap_err().code(), code::INVALID_ARGUMENT, "before initialize");
     assert_eq!(e.transfer_check_status(12345).unwrap_err().code(), code::INVALID_ARGUMENT);
     assert_eq!(e.initialize("127.0.0.1", "foo://x", "tcp", "").unwrap_err().code(), code::INVALID_ARGUMENT);
+    // Nothing listens on port 1: etcd metadata fails with a metadata error, not a hang.
+    assert_eq!(e.initialize("127.0.0.1", "etcd://127.0.0.1:1", "tcp", "").unwrap_err().code(), code::METADATA);
     assert_eq!(
-        e.initialize("127.0.0.1", "etcd://127.0.0.1:2379", "tcp", "").unwrap_err().code(),
+        e.initialize("127.0.0.1", "redis://127.0.0.1:6379", "tcp", "").unwrap_err().code(),
         code::NOT_IMPLEMENTED
     );
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();

@@ -145,7 +145,7 @@ fn bench_pair(mooncake_target: bool, operation: &str) -> String {
         "--threads=2".into(),
         "--duration=1".into(),
     ];
-    let mut target = if mooncake_target {
+    let mut target = interop::KillOnDrop(if mooncake_target {
         Command::new(interop::mooncake_bench())
             .args(["--mode=target", "--protocol=tcp"])
             .args(common)
@@ -162,9 +162,9 @@ fn bench_pair(mooncake_target: bool, operation: &str) -> String {
             .stderr(Stdio::null())
             .spawn()
             .unwrap()
-    };
+    });
     let segment = if mooncake_target {
-        let stderr = std::io::BufReader::new(target.stderr.take().unwrap());
+        let stderr = std::io::BufReader::new(target.0.stderr.take().unwrap());
         let mut found = None;
         let mut lines = stderr.lines();
         for line in lines.by_ref() {
@@ -178,7 +178,7 @@ fn bench_pair(mooncake_target: bool, operation: &str) -> String {
         found.expect("the Mooncake target prints where it listens")
     } else {
         let mut line = String::new();
-        std::io::BufReader::new(target.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
+        std::io::BufReader::new(target.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
         line.trim().strip_prefix("segment_id=").expect("segment_id= line").to_string()
     };
     let out = if mooncake_target {
@@ -197,8 +197,7 @@ fn bench_pair(mooncake_target: bool, operation: &str) -> String {
             .output()
             .unwrap()
     };
-    let _ = target.kill();
-    let _ = target.wait();
+    drop(target);
     String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
 }
 

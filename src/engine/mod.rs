@@ -49,8 +49,9 @@ pub use config::EngineConfig;
 pub use error::{TeError, TeResult, code};
 pub use rpc::TransferNotify;
 
+use crate::meta::etcd::{EtcdClient, EtcdRegistration, RpcMeta};
 use crate::meta::p2p::{self, CallOptions, RpcServer};
-use crate::proto::mooncake::message::NotifyDesc;
+use crate::proto::mooncake::message::{self, NotifyDesc};
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
@@ -87,6 +88,14 @@ static NEXT_ENGINE_ID: AtomicU64 = AtomicU64::new(1);
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Metadata {
     P2p,
+    /// etcd endpoints, `h1:2379,h2:2379`.
+    Etcd(String),
+}
+
+/// The metadata an initialized engine publishes to and looks peers up in.
+enum Meta {
+    P2p,
+    Etcd(Box<Mutex<EtcdRegistration>>),
 }
 
 /// A transfer engine. Create it, `initialize` it, then register memory and
@@ -113,6 +122,7 @@ struct Engine {
     timeout: Duration,
     stripe_bytes: u64,
     call_options: CallOptions,
+    meta: Meta,
 }
 
 impl Default for TransferEngine {
@@ -172,8 +182,7 @@ impl TransferEngine {
         if slot.is_some() {
             return Err(TeError::invalid("the engine is already initialized"));
         }
-        let Metadata::P2p =
-            parse_metadata(metadata_server, metadata_type, self.config.default_metadata_server.as_deref())?;
+        let metadata = parse_metadata(metadata_server, metadata_type, self.config.default_metadata_server.as_deref())?;
         match protocol.trim() {
             "tcp" | "" => {}
             "rdma" => {
@@ -190,8 +199,18 @@ impl TransferEngine {
             Some(ip) => ip.to_string(),
             None => hp.host.clone(),
         };
-        // Beyond Mooncake's P2P mode: a port given is the port bound.
-        let rpc_listener = sock::bind_listener(bind_ip, hp.port, self.config.port_range).map_err(|e| {
+        // P2P: beyond Mooncake, a port given is the port bound. With a
+        // metadata server, as in Mooncake, the name is only a name and the
+        // port is random, unless MC_LEGACY_RPC_PORT_BINDING asks to bind it
+        // (12001 when the name has none).
+        let rpc_port_wanted = match metadata {
+            Metadata::P2p => hp.port,
+            Metadata::Etcd(_) if self.config.legacy_rpc_port_binding => {
+                Some(hp.port.unwrap_or(p2p::HANDSHAKE_PORT_DEFAULT))
+            }
+            Metadata::Etcd(_) => None,
+        };
+        let rpc_listener = sock::bind_listener(bind_ip, rpc_port_wanted, self.config.port_range).map_err(|e| {
             TeError::new(code::SOCKET, format!("cannot bind the RPC port for {local_hostname} on {bind_ip}: {e}"))
         })?;
         let rpc_port = rpc_listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
@@ -209,11 +228,14 @@ impl TransferEngine {
             self.config.port_range,
             self.config.client_limits,
         )?;
-        let name = HostPort::with_port(&advertised, rpc_port);
+        let name = match metadata {
+            Metadata::P2p => HostPort::with_port(&advertised, rpc_port),
+            Metadata::Etcd(_) => local_hostname.trim().to_string(),
+        };
         let notifies = Arc::new(NotifyQueue::default());
         let handler = Arc::new(EngineRpc {
             name: name.clone(),
-            data_host: advertised,
+            data_host: advertised.clone(),
             data_port: tcp.data_port(),
             registry: registry.clone(),
             notifies: notifies.clone(),
@@ -224,6 +246,16 @@ impl TransferEngine {
             connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
             io_timeout: Duration::from_secs(60).min(self.config.transfer_timeout),
             max_frame: self.config.handshake_max_len,
+        };
+        let meta = match &metadata {
+            Metadata::P2p => Meta::P2p,
+            Metadata::Etcd(endpoints) => {
+                let mut registration = EtcdRegistration::start(EtcdClient::new(endpoints)?, &name)?;
+                refuse_live_name(&registration, &name)?;
+                let rpc = RpcMeta { ip_or_host_name: advertised.clone(), rpc_port };
+                registration.publish(&rpc, &handler.descriptor())?;
+                Meta::Etcd(Box::new(Mutex::new(registration)))
+            }
         };
         log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
         *slot = Some(Arc::new(Engine {
@@ -242,6 +274,7 @@ impl TransferEngine {
             timeout: self.config.transfer_timeout,
             stripe_bytes: self.config.stripe_bytes,
             call_options,
+            meta,
         }));
         Ok(())
     }
@@ -279,13 +312,21 @@ impl TransferEngine {
     /// Registers `[addr, addr + len)` for transfers. `location` is `cpu:N`,
     /// `cuda:N` or `*`.
     pub fn register_memory(&self, addr: u64, len: u64, location: &str) -> TeResult<()> {
-        self.engine()?.registry.register(addr, len, location)
+        let engine = self.engine()?;
+        engine.registry.register(addr, len, location)?;
+        // Memory peers cannot find is no use: undo, so a retry starts clean.
+        engine.publish().inspect_err(|_| {
+            let _ = engine.registry.unregister(addr, UNREGISTER_DRAIN);
+        })
     }
 
     /// Unregisters the region starting at `addr`, after transfers in flight
     /// on it finish.
     pub fn unregister_memory(&self, addr: u64) -> TeResult<()> {
-        self.engine()?.registry.unregister(addr, UNREGISTER_DRAIN)
+        let engine = self.engine()?;
+        engine.registry.unregister(addr, UNREGISTER_DRAIN)?;
+        engine.publish_after_release();
+        Ok(())
     }
 
     /// Registers several regions, all or none.
@@ -294,7 +335,13 @@ impl TransferEngine {
             return Err(TeError::invalid(format!("{} addresses but {} lengths", addrs.len(), lens.len())));
         }
         let items: Vec<(u64, u64)> = addrs.iter().copied().zip(lens.iter().copied()).collect();
-        self.engine()?.registry.register_batch(&items, location)
+        let engine = self.engine()?;
+        engine.registry.register_batch(&items, location)?;
+        engine.publish().inspect_err(|_| {
+            for &(addr, _) in &items {
+                let _ = engine.registry.unregister(addr, UNREGISTER_DRAIN);
+            }
+        })
     }
 
     /// Unregisters several regions, going on past errors; returns the first.
@@ -308,17 +355,26 @@ impl TransferEngine {
                 first = Err(e);
             }
         }
+        engine.publish_after_release();
         first
     }
 
     /// Allocates `len` bytes of registered memory.
     pub fn allocate_managed_buffer(&self, len: u64) -> TeResult<u64> {
-        self.engine()?.managed.lock().unwrap_or_else(|e| e.into_inner()).allocate(len)
+        let engine = self.engine()?;
+        let addr = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).allocate(len)?;
+        engine.publish().inspect_err(|_| {
+            let _ = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len);
+        })?;
+        Ok(addr)
     }
 
     /// Frees a managed buffer; `len` must be its allocated length.
     pub fn free_managed_buffer(&self, addr: u64, len: u64) -> TeResult<()> {
-        self.engine()?.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len)
+        let engine = self.engine()?;
+        engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len)?;
+        engine.publish_after_release();
+        Ok(())
     }
 
     /// The address of the first buffer of a (possibly remote) segment.
@@ -370,7 +426,7 @@ impl TransferEngine {
         }
         if let Some(note) = notify {
             let desc = NotifyDesc { name: note.name.clone(), notify_msg: note.msg.clone() };
-            p2p::send_notify(target, &desc, &engine.call_options)?;
+            p2p::send_notify(&engine.rpc_target(target)?, &desc, &engine.call_options)?;
         }
         Ok(())
     }
@@ -488,7 +544,7 @@ impl TransferEngine {
     /// Checks that `peer` (`host:port`) answers on its RPC port.
     pub fn send_probe(&self, peer: &str) -> TeResult<()> {
         let engine = self.engine()?;
-        p2p::probe(peer, &engine.call_options)
+        p2p::probe(&engine.rpc_target(peer)?, &engine.call_options)
     }
 
     /// Whether `[addr, addr + len)` lies inside one registered region.
@@ -610,7 +666,9 @@ fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> T
     let scheme = server.split_once("://").map_or("etcd", |(s, _)| s);
     match scheme {
         "p2p" => Ok(Metadata::P2p),
-        "etcd" | "http" | "https" | "redis" => Err(TeError::new(
+        // A bare host:port means etcd, as in Mooncake.
+        "etcd" => Ok(Metadata::Etcd(server.trim_start_matches("etcd://").to_string())),
+        "http" | "https" | "redis" => Err(TeError::new(
             code::NOT_IMPLEMENTED,
             format!("metadata server {server:?}: {scheme} metadata is not supported yet; use P2PHANDSHAKE"),
         )),
@@ -620,18 +678,81 @@ fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> T
     }
 }
 
+/// Mooncake lets a second engine overwrite the keys of a name in use, and
+/// both then break. Here a name whose registered RPC port still answers is
+/// refused; keys left by an engine that died are taken over.
+fn refuse_live_name(registration: &EtcdRegistration, name: &str) -> TeResult<()> {
+    let Some(prev) = registration.rpc_meta(name)? else { return Ok(()) };
+    let addr = HostPort::with_port(&prev.ip_or_host_name, prev.rpc_port);
+    let quick =
+        CallOptions { connect_timeout: Duration::from_secs(1), io_timeout: Duration::from_secs(2), max_frame: 4096 };
+    if p2p::probe(&addr, &quick).is_ok() {
+        return Err(TeError::new(
+            code::METADATA,
+            format!("segment name {name} is taken: a live engine answers at {addr}; choose another local_hostname"),
+        ));
+    }
+    log::info!("segment name {name}: taking over the keys of an engine at {addr} that no longer answers");
+    Ok(())
+}
+
 impl Engine {
     /// The segment `name`, from the cache unless `refresh`.
     fn open_segment(&self, name: &str, refresh: bool) -> TeResult<Arc<Segment>> {
         if !refresh && let Some(seg) = self.segments.get(name) {
             return Ok(seg);
         }
-        let desc = p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options).inspect_err(|_| {
-            self.segments.forget(name);
-        })?;
-        let seg = Arc::new(Segment::from_desc(name, &desc)?);
+        let (desc, rpc_host) = self.fetch_descriptor(name).inspect_err(|_| self.segments.forget(name))?;
+        let seg = Arc::new(Segment::from_desc(name, &desc, rpc_host.as_deref())?);
         self.segments.put(seg.clone());
         Ok(seg)
+    }
+
+    /// A peer's descriptor, and the host of its RPC port when the metadata
+    /// store says.
+    fn fetch_descriptor(&self, name: &str) -> TeResult<(message::SegmentDesc, Option<String>)> {
+        match &self.meta {
+            Meta::P2p => Ok((p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options)?, None)),
+            Meta::Etcd(reg) => {
+                let (bytes, rpc) = reg.lock().unwrap_or_else(|e| e.into_inner()).lookup(name)?;
+                let desc = message::from_wire(&bytes).map_err(|e| {
+                    TeError::new(code::MALFORMED_JSON, format!("segment {name} in etcd is not a descriptor: {e}"))
+                })?;
+                Ok((desc, rpc.map(|r| r.ip_or_host_name)))
+            }
+        }
+    }
+
+    /// Where `name`'s RPC port is: the name itself in P2P mode; with etcd,
+    /// its `rpc_meta` entry (or the name, if it is an address there is no
+    /// entry for).
+    fn rpc_target(&self, name: &str) -> TeResult<String> {
+        match &self.meta {
+            Meta::P2p => Ok(name.to_string()),
+            Meta::Etcd(reg) => match reg.lock().unwrap_or_else(|e| e.into_inner()).rpc_meta(name)? {
+                Some(r) => Ok(HostPort::with_port(&r.ip_or_host_name, r.rpc_port)),
+                None if name::parse(name).is_ok_and(|hp| hp.port.is_some()) => Ok(name.to_string()),
+                None => Err(TeError::new(code::METADATA, format!("{name} is not known to the metadata server"))),
+            },
+        }
+    }
+
+    /// Republishes this engine's descriptor if registrations changed since
+    /// the last time (etcd; P2P peers ask for it).
+    fn publish(&self) -> TeResult<()> {
+        let Meta::Etcd(reg) = &self.meta else { return Ok(()) };
+        let mut reg = reg.lock().unwrap_or_else(|e| e.into_inner());
+        // Built under the lock, so the last publisher writes the newest state.
+        reg.publish_descriptor(&self.handler.descriptor())
+    }
+
+    /// Publishes after memory was released: that cannot be undone, so a
+    /// failure is only logged (peers that still see the region are refused
+    /// by the data server; the next successful publish corrects etcd).
+    fn publish_after_release(&self) {
+        if let Err(e) = self.publish() {
+            log::warn!("engine {}: the metadata server still lists released memory: {e}", self.name);
+        }
     }
 
     /// One small synchronous request, carried out by the calling thread
@@ -784,5 +905,8 @@ impl Engine {
         }
         self.tcp.close();
         direct::forget(self.id);
+        if let Meta::Etcd(reg) = &self.meta {
+            reg.lock().unwrap_or_else(|e| e.into_inner()).withdraw();
+        }
     }
 }

@@ -21,8 +21,9 @@ pub struct Segment {
 }
 
 impl Segment {
-    /// Builds a segment from a descriptor fetched under `name`.
-    pub fn from_desc(name: &str, desc: &SegmentDesc) -> TeResult<Self> {
+    /// Builds a segment from a descriptor fetched under `name`; `rpc_host`
+    /// is where the peer's RPC port lives, if known (etcd's rpc_meta).
+    pub fn from_desc(name: &str, desc: &SegmentDesc, rpc_host: Option<&str>) -> TeResult<Self> {
         if desc.protocol != "tcp" {
             return Err(TeError::invalid(format!(
                 "segment {name} uses the {:?} transport; this engine speaks TCP (set MC_FORCE_TCP=1 on the peer)",
@@ -32,8 +33,9 @@ impl Segment {
         if desc.tcp_data_port == 0 {
             return Err(TeError::new(code::METADATA, format!("segment {name} publishes no TCP data port")));
         }
-        let host = match desc.tcp_data_host.as_deref().map(str::trim) {
-            Some(h) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
+        let host = match (desc.tcp_data_host.as_deref().map(str::trim), rpc_host) {
+            (Some(h), _) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
+            (_, Some(h)) => h.to_string(),
             _ => name::parse(name).map_err(TeError::invalid)?.host,
         };
         let target = name::HostPort::with_port(&host, desc.tcp_data_port);

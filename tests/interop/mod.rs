@@ -1,11 +1,114 @@
 //! Helpers for the interop tests: a Mooncake peer process from the real
-//! wheel, and the byte pattern both sides check.
+//! wheel, a real etcd server, and the byte pattern both sides check.
 
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Makes the child die with the thread that spawns it, so a test runner
+/// that is killed leaves no peer behind.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches no memory of the
+    // parent; it runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A free loopback TCP port (free when asked; the caller binds it soon).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A real etcd server (Debian's etcd-server, installed by tools/setup) on
+/// loopback ports of its own, with its data in a fresh directory. Dropping
+/// it kills the server and removes the directory.
+pub struct EtcdServer {
+    child: KillOnDrop,
+    dir: PathBuf,
+    /// `127.0.0.1:PORT`, the client endpoint.
+    pub endpoint: String,
+}
+
+impl EtcdServer {
+    pub fn start() -> Self {
+        let binary = std::env::var("SHARDWIRE_ETCD").unwrap_or_else(|_| "etcd".into());
+        let (client, peer) = (free_port(), free_port());
+        let dir = std::env::temp_dir().join(format!("shardwire-etcd-{}-{client}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let client_url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new(&binary);
+        cmd.arg("--name=shardwire-test")
+            .arg(format!("--data-dir={}", dir.display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=shardwire-test={peer_url}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): tools/setup installs etcd-server"));
+        let server = Self { child: KillOnDrop(child), dir, endpoint: format!("127.0.0.1:{client}") };
+        server.wait_ready();
+        server
+    }
+
+    fn wait_ready(&self) {
+        let client = shardwire::meta::etcd::EtcdClient::new(&self.endpoint).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match client.get("shardwire-test/ready") {
+                Ok(_) => return,
+                Err(e) if Instant::now() > deadline => panic!("etcd at {} never answered: {e}", self.endpoint),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    /// `etcd://127.0.0.1:PORT`, what `initialize` takes.
+    pub fn url(&self) -> String {
+        format!("etcd://{}", self.endpoint)
+    }
+
+    pub fn client(&self) -> shardwire::meta::etcd::EtcdClient {
+        shardwire::meta::etcd::EtcdClient::new(&self.endpoint).unwrap()
+    }
+
+    /// Kills the server now (its data directory goes on drop).
+    pub fn kill(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
 
 /// The byte pattern of `peer.py`: `(i*131 + seed*7 + (i>>8)) & 255`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
@@ -45,12 +148,14 @@ pub struct MooncakePeer {
 }
 
 impl MooncakePeer {
-    fn spawn(args: &[String]) -> Self {
-        let mut child = Command::new(python())
-            .arg(repo().join("tests/interop/peer.py"))
+    fn spawn(args: &[String], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(python());
+        cmd.arg(repo().join("tests/interop/peer.py"))
             .args(args)
             .env("MC_FORCE_TCP", "1")
             .env("GLOG_minloglevel", "2")
+            .envs(env.iter().copied());
+        let mut child = die_with_parent(&mut cmd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -67,12 +172,29 @@ impl MooncakePeer {
 
     /// A Mooncake target with `bytes` of managed buffer.
     pub fn target(bytes: u64) -> Self {
-        Self::spawn(&["target".into(), bytes.to_string()])
+        Self::spawn(&["target".into(), bytes.to_string()], &[])
     }
 
     /// A Mooncake initiator aimed at `segment`'s buffer at `remote`.
     pub fn initiator(segment: &str, remote: u64, bytes: u64) -> Self {
-        Self::spawn(&["initiator".into(), segment.into(), remote.to_string(), bytes.to_string()])
+        Self::spawn(&["initiator".into(), segment.into(), remote.to_string(), bytes.to_string()], &[])
+    }
+
+    /// A Mooncake target that registers as `name` with the etcd server at
+    /// `metadata` (`etcd://host:port`).
+    pub fn target_via(metadata: &str, name: &str, bytes: u64) -> Self {
+        Self::spawn(&["target".into(), bytes.to_string()], &Self::meta_env(metadata, name))
+    }
+
+    /// A Mooncake initiator named `name`, finding `segment` through etcd.
+    pub fn initiator_via(metadata: &str, name: &str, segment: &str, remote: u64, bytes: u64) -> Self {
+        let args = ["initiator".into(), segment.into(), remote.to_string(), bytes.to_string()];
+        Self::spawn(&args, &Self::meta_env(metadata, name))
+    }
+
+    fn meta_env<'a>(metadata: &'a str, name: &'a str) -> [(&'a str, &'a str); 3] {
+        // Mooncake's TCP transport binds this address for its data port.
+        [("PEER_METADATA", metadata), ("PEER_HOSTNAME", name), ("MC_TCP_BIND_ADDRESS", "127.0.0.1")]
     }
 
     /// Sends a command and returns the peer's one-line answer.

@@ -3,8 +3,10 @@
 
 It runs `mooncake.engine.TransferEngine` from the real
 mooncake-transfer-engine-non-cuda wheel (PEER_IMPL=mooncake, the default),
-or shardwire's drop-in (PEER_IMPL=shardwire), in P2P mode over loopback, and
-talks to the test over stdin/stdout, one command per line:
+or shardwire's drop-in (PEER_IMPL=shardwire), over loopback, and talks to the
+test over stdin/stdout, one command per line. Metadata is P2P, or the server
+in PEER_METADATA (e.g. "etcd://127.0.0.1:2379"); PEER_HOSTNAME sets the
+local_hostname (default "127.0.0.1").
 
   target mode:    python peer.py target BYTES
       prints      ready <segment name> <buffer address>
@@ -39,6 +41,18 @@ def pattern(length, seed):
     return bytes(((i * 131 + seed * 7 + (i >> 8)) & 0xFF) for i in range(length))
 
 
+METADATA = os.environ.get("PEER_METADATA", "P2PHANDSHAKE")
+HOSTNAME = os.environ.get("PEER_HOSTNAME", "127.0.0.1")
+
+
+def segment_name(engine):
+    """What peers pass as target_hostname: host:rpc_port in P2P mode, the
+    local_hostname as given with a metadata server."""
+    if METADATA == "P2PHANDSHAKE":
+        return f"127.0.0.1:{engine.get_rpc_port()}"
+    return HOSTNAME
+
+
 def reply(text):
     sys.stdout.write(text + "\n")
     sys.stdout.flush()
@@ -46,13 +60,13 @@ def reply(text):
 
 def target(size):
     engine = TransferEngine()
-    # PEER_HOSTNAME="127.0.0.1:12346" gives a shardwire target that fixed
-    # name (shardwire binds a port given; Mooncake picks its own).
-    if engine.initialize(os.environ.get("PEER_HOSTNAME", "127.0.0.1"), "P2PHANDSHAKE", "tcp", "") != 0:
+    # In P2P mode PEER_HOSTNAME="127.0.0.1:12346" gives a shardwire target
+    # that fixed name (shardwire binds a port given; Mooncake picks its own).
+    if engine.initialize(HOSTNAME, METADATA, "tcp", "") != 0:
         reply("fail initialize")
         return
     buf = engine.allocate_managed_buffer(size)
-    reply(f"ready 127.0.0.1:{engine.get_rpc_port()} {buf}")
+    reply(f"ready {segment_name(engine)} {buf}")
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:
@@ -78,11 +92,11 @@ def target(size):
 
 def initiator(segment, remote, size):
     engine = TransferEngine()
-    if engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") != 0:
+    if engine.initialize(HOSTNAME, METADATA, "tcp", "") != 0:
         reply("fail initialize")
         return
     local = engine.allocate_managed_buffer(size)
-    reply(f"ready 127.0.0.1:{engine.get_rpc_port()} {local}")
+    reply(f"ready {segment_name(engine)} {local}")
     for line in sys.stdin:
         cmd = line.split()
         if not cmd:

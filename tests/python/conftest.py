@@ -1,8 +1,15 @@
 """Fixtures for the pytest suite: real peer processes (shardwire's package
-or the Mooncake wheel), talking P2P over loopback."""
+or the Mooncake wheel) talking over loopback, P2P or through a real etcd
+server that the fixture starts."""
+import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
 
 import pytest
 
@@ -18,10 +25,13 @@ def pattern(length, seed):
 class Peer:
     """A peer process driven over stdin/stdout (see tests/interop/peer.py)."""
 
-    def __init__(self, impl, *args, hostname=None):
+    def __init__(self, impl, *args, hostname=None, metadata=None):
         env = dict(os.environ, PEER_IMPL=impl, MC_FORCE_TCP="1", GLOG_minloglevel="2")
         if hostname:
             env["PEER_HOSTNAME"] = hostname
+        if metadata:
+            env["PEER_METADATA"] = metadata
+            env["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"  # where Mooncake's data port binds
         self.proc = subprocess.Popen([sys.executable, PEER, *map(str, args)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         ready = self.proc.stdout.readline().split()
@@ -71,3 +81,79 @@ def engine():
     assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
     yield e
     e.shutdown()
+
+
+def port_free(port):
+    s = socket.socket()
+    # As servers bind: connections lingering in TIME_WAIT do not count.
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(("127.0.0.1", port))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def etcd_version(port):
+    """The etcd version answering on 127.0.0.1:port, or None."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=2) as r:
+            return json.loads(r.read()).get("etcdserver")
+    except Exception:
+        return None
+
+
+class EtcdServer:
+    """A real etcd server (tools/setup installs Debian's etcd-server) on
+    127.0.0.1:port, with its data in a fresh directory."""
+
+    def __init__(self, port):
+        self.port, self.endpoint = port, f"127.0.0.1:{port}"
+        self.dir = tempfile.mkdtemp(prefix="shardwire-etcd-")
+        peer_url = f"http://127.0.0.1:{free_port()}"
+        client_url = f"http://{self.endpoint}"
+        self.proc = subprocess.Popen(
+            ["etcd", "--name=shardwire-test", f"--data-dir={self.dir}", f"--listen-client-urls={client_url}",
+             f"--advertise-client-urls={client_url}", f"--listen-peer-urls={peer_url}",
+             f"--initial-advertise-peer-urls={peer_url}", f"--initial-cluster=shardwire-test={peer_url}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while etcd_version(port) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"etcd did not start on {self.endpoint}")
+            time.sleep(0.05)
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd():
+    server = EtcdServer(free_port())
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def etcd_2379():
+    """An etcd server where the API document's examples look for one,
+    127.0.0.1:2379: one already running there, else one started here."""
+    if not port_free(2379):
+        if etcd_version(2379) is None:
+            pytest.fail("127.0.0.1:2379 is taken by something that is not etcd")
+        yield "127.0.0.1:2379"
+        return
+    server = EtcdServer(2379)
+    yield server.endpoint
+    server.close()

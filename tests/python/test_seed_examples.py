@@ -1,18 +1,16 @@
 """The usage examples of the API document (shared/seeds/
-mooncake-transfer-engine-python-api.md), as written, against a real peer
-process named 127.0.0.1:12346 as they expect.
+mooncake-transfer-engine-python-api.md), as written: with the etcd server
+they name (127.0.0.1:2379, started by the fixture) and a real peer process
+registered there as 127.0.0.1:12346, once a shardwire peer and once the
+Mooncake wheel.
 
 Copied verbatim below, with these substitutions only, each marked:
 - `from mooncake.engine import` -> `from shardwire import` (the drop-in);
 - `import numpy as np`, which the document uses but never imports;
-- `metadata_server="127.0.0.1:2379"` (an etcd server) -> "P2PHANDSHAKE", the
-  embedded default, until etcd metadata lands;
 - `remote_addr = ??` (a placeholder in the document) -> the peer's buffer.
 The asynchronous example continues the first one, as in the document, with
 `local_addr` the buffer the first one registered.
 """
-import socket
-
 import pytest
 
 from conftest import Peer
@@ -115,24 +113,9 @@ else:
 '''
 
 
-def port_free(port):
-    s = socket.socket()
-    # As the engine binds: connections lingering in TIME_WAIT do not count.
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind(("127.0.0.1", port))
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
-
-
-@pytest.fixture
-def peer_12346():
-    if not (port_free(12345) and port_free(12346)):
-        pytest.fail("the examples need ports 12345 and 12346 free on 127.0.0.1")
-    peer = Peer("shardwire", "target", 1 << 20, hostname="127.0.0.1:12346")
+@pytest.fixture(params=["shardwire", "mooncake"])
+def peer_12346(request, etcd_2379):
+    peer = Peer(request.param, "target", 1 << 20, hostname="127.0.0.1:12346", metadata=etcd_2379)
     assert peer.name == "127.0.0.1:12346"
     yield peer
     peer.close()
@@ -140,7 +123,6 @@ def peer_12346():
 
 def substituted(text, remote):
     out = text.replace("from mooncake.engine import", "from shardwire import")  # the drop-in
-    out = out.replace('metadata_server="127.0.0.1:2379"', 'metadata_server="P2PHANDSHAKE"')  # no etcd yet
     out = out.replace("remote_addr = ??", f"remote_addr = {remote}")  # the document's placeholder
     return "import numpy as np\n" + out  # used, never imported, by the document
 

@@ -55,6 +55,40 @@ pub fn tcp_header(data: &[u8]) {
     }
 }
 
+/// HTTP responses (etcd's JSON gateway), chunked bodies included, whole
+/// and fed to the incremental chunked decoder in pieces.
+pub fn http_response(data: &[u8]) {
+    if let Ok(r) = crate::http::response::parse(data, 1 << 20) {
+        assert!(r.status <= 999);
+        assert!(r.body.len() <= data.len());
+    }
+    let whole = crate::http::chunked::decode_all(data, 1 << 20);
+    let mut decoder = crate::http::chunked::Decoder::new();
+    let (mut fed, mut used, mut out) = (0, 0, Vec::new());
+    let streamed = loop {
+        fed = (fed + 7).min(data.len());
+        match decoder.step(&data[used..fed]) {
+            Err(e) => break Err(e),
+            Ok((n, step)) => {
+                used += n;
+                match step {
+                    crate::http::chunked::Step::Data(d) => out.extend_from_slice(d),
+                    crate::http::chunked::Step::Done => break Ok(out),
+                    crate::http::chunked::Step::NeedMore if fed == data.len() => {
+                        break Err(crate::http::HttpError::Truncated(""));
+                    }
+                    crate::http::chunked::Step::NeedMore => {}
+                }
+            }
+        }
+    };
+    // Whole or in pieces, the decoder reaches the same verdict.
+    assert_eq!(whole.is_ok(), streamed.is_ok());
+    if let (Ok(a), Ok(b)) = (whole, streamed) {
+        assert_eq!(a, b);
+    }
+}
+
 /// Segment names and hosts, which arrive in descriptors from the network.
 pub fn segment_name(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data)
@@ -92,6 +126,7 @@ mod tests {
             tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
             b"[::1]:15000".to_vec(),
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n".to_vec(),
         ];
         for round in 0..60_000u32 {
             let mut input = if round % 2 == 0 {
@@ -108,6 +143,7 @@ mod tests {
             handshake_frame(&input);
             tcp_header(&input);
             segment_name(&input);
+            http_response(&input);
         }
     }
 }

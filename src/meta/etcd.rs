@@ -1,0 +1,297 @@
+//! etcd metadata, through etcd's v3 JSON gateway (`POST /v3/kv/put`,
+//! `/v3/kv/range`, `/v3/kv/deleterange`, `/v3/lease/...` on the client port).
+//!
+//! The gateway speaks plain HTTP/1.1 and JSON with base64 keys and values,
+//! so no gRPC stack (and no tokio, no protoc) is needed for the few calls the
+//! engine makes: publish its descriptor, read a peer's, delete on exit.
+//!
+//! Keys follow Mooncake's layout, so shardwire and Mooncake engines find
+//! each other through one etcd:
+//!
+//! - `mooncake/ram/<segment name>`: the segment descriptor;
+//! - `mooncake/rpc_meta/<segment name>`: `{"ip_or_host_name": ..., "rpc_port": N}`;
+//! - with `MC_METADATA_CLUSTER_ID=<id>`, `mooncake/<id>/...` instead.
+//!
+//! Beyond Mooncake, both keys hang off a lease that a background thread
+//! keeps alive: a process that dies leaves no stale keys past the TTL.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use serde::{Deserialize, Serialize};
+
+use crate::engine::error::{TeError, TeResult, code};
+use crate::proto::mooncake::message::{SegmentDesc, to_wire};
+
+/// Most bytes of an etcd response read.
+const RESPONSE_BYTES_MAX: usize = 64 << 20;
+/// How long one etcd call may take (Mooncake's client allows about 5 s).
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default lease TTL (`SHARDWIRE_ETCD_TTL` seconds overrides).
+pub const LEASE_TTL_DEFAULT: Duration = Duration::from_secs(30);
+
+/// What `rpc_meta/<name>` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RpcMeta {
+    pub ip_or_host_name: String,
+    pub rpc_port: u16,
+}
+
+/// A client of one etcd cluster (a list of endpoints, tried in turn).
+#[derive(Debug, Clone)]
+pub struct EtcdClient {
+    endpoints: Vec<String>,
+}
+
+impl EtcdClient {
+    /// `etcd://h1:2379,h2:2379`, or the same without the scheme.
+    pub fn new(spec: &str) -> TeResult<Self> {
+        let list = spec.trim().strip_prefix("etcd://").unwrap_or(spec.trim());
+        let endpoints: Vec<String> = list
+            .split(',')
+            .map(|e| e.trim().trim_start_matches("http://").trim_end_matches('/').to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(TeError::invalid(format!("metadata server {spec:?} names no etcd endpoint")));
+        }
+        Ok(Self { endpoints })
+    }
+
+    pub fn put(&self, key: &str, value: &[u8], lease: Option<i64>) -> TeResult<()> {
+        let mut body = serde_json::json!({ "key": B64.encode(key), "value": B64.encode(value) });
+        if let Some(id) = lease {
+            body["lease"] = serde_json::json!(id.to_string());
+        }
+        self.post("/v3/kv/put", &body).map(|_| ())
+    }
+
+    pub fn get(&self, key: &str) -> TeResult<Option<Vec<u8>>> {
+        let reply = self.post("/v3/kv/range", &serde_json::json!({ "key": B64.encode(key) }))?;
+        let Some(value) = reply.get("kvs").and_then(|k| k.get(0)).and_then(|kv| kv.get("value")) else {
+            return Ok(None);
+        };
+        let text = value.as_str().unwrap_or_default();
+        B64.decode(text)
+            .map(Some)
+            .map_err(|e| TeError::new(code::METADATA, format!("etcd sent a value that is not base64: {e}")))
+    }
+
+    pub fn delete(&self, key: &str) -> TeResult<()> {
+        self.post("/v3/kv/deleterange", &serde_json::json!({ "key": B64.encode(key) })).map(|_| ())
+    }
+
+    /// A lease of `ttl`; returns its id.
+    pub fn grant(&self, ttl: Duration) -> TeResult<i64> {
+        let reply = self.post("/v3/lease/grant", &serde_json::json!({ "TTL": ttl.as_secs().max(1).to_string() }))?;
+        reply
+            .get("ID")
+            .and_then(|id| id.as_str().and_then(|s| s.parse().ok()).or_else(|| id.as_i64()))
+            .ok_or_else(|| TeError::new(code::METADATA, "etcd granted a lease without an ID"))
+    }
+
+    pub fn keepalive(&self, lease: i64) -> TeResult<()> {
+        self.post("/v3/lease/keepalive", &serde_json::json!({ "ID": lease.to_string() })).map(|_| ())
+    }
+
+    pub fn revoke(&self, lease: i64) -> TeResult<()> {
+        self.post("/v3/lease/revoke", &serde_json::json!({ "ID": lease.to_string() })).map(|_| ())
+    }
+
+    /// POSTs to the first endpoint that answers.
+    fn post(&self, path: &str, body: &serde_json::Value) -> TeResult<serde_json::Value> {
+        let mut last = String::new();
+        for endpoint in &self.endpoints {
+            match post_once(endpoint, path, body) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = format!("{endpoint}: {e}"),
+            }
+        }
+        Err(TeError::new(code::METADATA, format!("etcd {path} failed: {last}")))
+    }
+}
+
+fn post_once(endpoint: &str, path: &str, body: &serde_json::Value) -> Result<serde_json::Value, String> {
+    let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(endpoint).map_err(|e| e.to_string())?.collect();
+    let addr = addrs.first().ok_or("no address")?;
+    let mut stream = TcpStream::connect_timeout(addr, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(|e| e.to_string())?;
+    let payload = body.to_string();
+    let request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {endpoint}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{payload}",
+        payload.len()
+    );
+    stream.write_all(request.as_bytes()).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    stream.take(RESPONSE_BYTES_MAX as u64 + 1).read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    if raw.len() > RESPONSE_BYTES_MAX {
+        return Err(format!("response above {RESPONSE_BYTES_MAX} bytes"));
+    }
+    let crate::http::response::Response { status, body } =
+        crate::http::response::parse(&raw, RESPONSE_BYTES_MAX).map_err(|e| e.to_string())?;
+    let json: serde_json::Value = serde_json::from_slice(&body).map_err(|e| format!("bad JSON ({e})"))?;
+    if status != 200 {
+        let message = json.get("message").and_then(|m| m.as_str()).unwrap_or("no message");
+        return Err(format!("HTTP {status}: {message}"));
+    }
+    Ok(json)
+}
+
+/// An engine's keys in etcd, kept alive by a lease.
+pub struct EtcdRegistration {
+    client: EtcdClient,
+    prefix: String,
+    name: String,
+    lease: Option<i64>,
+    /// The descriptor etcd holds (timestamp cleared), to skip puts that
+    /// change nothing.
+    published: Option<SegmentDesc>,
+    /// Whether this engine wrote its keys (and so may delete them).
+    owns_keys: bool,
+    stop: Arc<AtomicBool>,
+    keeper: Option<JoinHandle<()>>,
+}
+
+/// Mooncake's key prefix: `mooncake/`, or `mooncake/<cluster id>/`.
+pub fn key_prefix() -> String {
+    match std::env::var("MC_METADATA_CLUSTER_ID") {
+        Ok(id) if !id.trim().is_empty() => format!("mooncake/{}/", id.trim()),
+        _ => "mooncake/".into(),
+    }
+}
+
+/// The lease TTL: `SHARDWIRE_ETCD_TTL` seconds, else 30.
+pub fn lease_ttl() -> Duration {
+    std::env::var("SHARDWIRE_ETCD_TTL")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&s| (1..=86_400).contains(&s))
+        .map_or(LEASE_TTL_DEFAULT, Duration::from_secs)
+}
+
+impl EtcdRegistration {
+    /// Grants a lease and starts keeping it alive.
+    pub fn start(client: EtcdClient, name: &str) -> TeResult<Self> {
+        let ttl = lease_ttl();
+        let lease = client.grant(ttl)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let (c, s) = (client.clone(), stop.clone());
+        let keeper = std::thread::Builder::new()
+            .name("shardwire-etcd".into())
+            .spawn(move || keep_alive(&c, lease, ttl, &s))
+            .map_err(|e| TeError::new(code::CONTEXT, e.to_string()))?;
+        Ok(Self {
+            client,
+            prefix: key_prefix(),
+            name: name.to_string(),
+            lease: Some(lease),
+            published: None,
+            owns_keys: false,
+            stop,
+            keeper: Some(keeper),
+        })
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}{kind}/{name}", self.prefix)
+    }
+
+    /// Publishes the RPC address and the segment descriptor.
+    pub fn publish(&mut self, rpc: &RpcMeta, descriptor: &SegmentDesc) -> TeResult<()> {
+        let meta = to_wire(rpc);
+        self.owns_keys = true;
+        self.client.put(&self.key("rpc_meta", &self.name), &meta, self.lease)?;
+        self.publish_descriptor(descriptor)
+    }
+
+    /// Publishes the descriptor, unless etcd already holds the same one
+    /// (but for its timestamp).
+    pub fn publish_descriptor(&mut self, descriptor: &SegmentDesc) -> TeResult<()> {
+        let mut key = descriptor.clone();
+        key.timestamp.clear();
+        if self.published.as_ref() == Some(&key) {
+            return Ok(());
+        }
+        self.client.put(&self.key("ram", &self.name), &to_wire(descriptor), self.lease)?;
+        self.published = Some(key);
+        Ok(())
+    }
+
+    /// A peer's descriptor and RPC address.
+    pub fn lookup(&self, name: &str) -> TeResult<(Vec<u8>, Option<RpcMeta>)> {
+        let desc = self
+            .client
+            .get(&self.key("ram", name))?
+            .ok_or_else(|| TeError::new(code::METADATA, format!("no segment named {name} in etcd")))?;
+        let rpc = self.rpc_meta(name)?;
+        Ok((desc, rpc))
+    }
+
+    pub fn rpc_meta(&self, name: &str) -> TeResult<Option<RpcMeta>> {
+        match self.client.get(&self.key("rpc_meta", name))? {
+            Some(v) => serde_json::from_slice(&v)
+                .map(Some)
+                .map_err(|e| TeError::new(code::MALFORMED_JSON, format!("rpc_meta of {name}: {e}"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Deletes this engine's keys (if it wrote them) and the lease (once).
+    pub fn withdraw(&mut self) {
+        if self.stop.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        if let Some(k) = self.keeper.take() {
+            k.thread().unpark();
+            let _ = k.join();
+        }
+        if self.owns_keys {
+            let _ = self.client.delete(&self.key("rpc_meta", &self.name));
+            let _ = self.client.delete(&self.key("ram", &self.name));
+        }
+        if let Some(lease) = self.lease.take() {
+            let _ = self.client.revoke(lease);
+        }
+    }
+}
+
+impl Drop for EtcdRegistration {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
+}
+
+fn keep_alive(client: &EtcdClient, lease: i64, ttl: Duration, stop: &AtomicBool) {
+    let every = ttl / 3;
+    let mut next = Instant::now() + every;
+    while !stop.load(Ordering::Acquire) {
+        let now = Instant::now();
+        if now < next {
+            std::thread::park_timeout(next - now);
+            continue;
+        }
+        if let Err(e) = client.keepalive(lease) {
+            log::warn!("etcd lease keep-alive: {e}");
+        }
+        next = Instant::now() + every;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_parse() {
+        let c = EtcdClient::new("etcd://h1:2379, http://h2:2379/").unwrap();
+        assert_eq!(c.endpoints, vec!["h1:2379", "h2:2379"]);
+        assert!(EtcdClient::new("etcd://").is_err());
+    }
+}
