@@ -145,24 +145,20 @@ fn bench_pair(mooncake_target: bool, operation: &str) -> String {
         "--threads=2".into(),
         "--duration=1".into(),
     ];
-    let mut target = interop::KillOnDrop(if mooncake_target {
-        Command::new(interop::mooncake_bench())
-            .args(["--mode=target", "--protocol=tcp"])
-            .args(common)
+    let mut command = if mooncake_target {
+        let mut c = Command::new(interop::mooncake_bench());
+        c.args(["--mode=target", "--protocol=tcp"])
             .env("MC_FORCE_TCP", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        c
     } else {
-        Command::new(env!("CARGO_BIN_EXE_shardwire"))
-            .args(["bench", "--mode=target"])
-            .args(common)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
-    });
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+        c.args(["bench", "--mode=target"]).stdout(Stdio::piped()).stderr(Stdio::null());
+        c
+    };
+    command.args(common);
+    let mut target = interop::KillOnDrop(interop::die_with_parent(&mut command).spawn().unwrap());
     let segment = if mooncake_target {
         let stderr = std::io::BufReader::new(target.0.stderr.take().unwrap());
         let mut found = None;

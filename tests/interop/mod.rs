@@ -129,9 +129,15 @@ pub fn python() -> PathBuf {
     p
 }
 
-/// The wheel's transfer_engine_bench.
+/// The wheel's transfer_engine_bench: the binary itself, not the console
+/// script in `.venv/bin`, which runs it as a grandchild that a kill of the
+/// script would leave behind.
 pub fn mooncake_bench() -> PathBuf {
-    let p = python().parent().expect("venv bin").join("transfer_engine_bench");
+    let out = Command::new(python())
+        .args(["-c", "import mooncake, os; print(os.path.dirname(mooncake.__file__))"])
+        .output()
+        .expect("python runs");
+    let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("transfer_engine_bench");
     assert!(p.exists(), "{} is missing: run tools/setup", p.display());
     p
 }

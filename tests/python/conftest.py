@@ -1,6 +1,7 @@
 """Fixtures for the pytest suite: real peer processes (shardwire's package
 or the Mooncake wheel) talking over loopback, P2P or through a real etcd
 server that the fixture starts."""
+import ctypes
 import json
 import os
 import shutil
@@ -15,6 +16,12 @@ import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PEER = os.path.join(HERE, "..", "interop", "peer.py")
+
+
+def die_with_parent():
+    """preexec_fn: the child gets SIGKILL when pytest dies, and leaks nothing."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, 9)
 
 
 def pattern(length, seed):
@@ -33,7 +40,7 @@ class Peer:
             env["PEER_METADATA"] = metadata
             env["MC_TCP_BIND_ADDRESS"] = "127.0.0.1"  # where Mooncake's data port binds
         self.proc = subprocess.Popen([sys.executable, PEER, *map(str, args)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=env)
+                                     stdout=subprocess.PIPE, text=True, env=env, preexec_fn=die_with_parent)
         ready = self.proc.stdout.readline().split()
         assert ready and ready[0] == "ready", f"peer said {ready!r}"
         self.name, self.buffer = ready[1], int(ready[2])
@@ -124,7 +131,7 @@ class EtcdServer:
             ["etcd", "--name=shardwire-test", f"--data-dir={self.dir}", f"--listen-client-urls={client_url}",
              f"--advertise-client-urls={client_url}", f"--listen-peer-urls={peer_url}",
              f"--initial-advertise-peer-urls={peer_url}", f"--initial-cluster=shardwire-test={peer_url}"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=die_with_parent)
         deadline = time.monotonic() + 30
         while etcd_version(port) is None:
             if self.proc.poll() is not None or time.monotonic() > deadline:
