@@ -71,3 +71,49 @@ fn errors_are_codes_not_crashes() {
     assert_eq!(e.send_probe("127.0.0.1:1").unwrap_err().code(), code::SOCKET);
     assert_eq!(e.send_probe(&e.segment_name().unwrap()), Ok(()));
 }
+
+/// The per-connection in-flight cap: with a cap smaller than one slice, a
+/// batch of mixed reads and writes still completes, every byte in place
+/// (one slice at a time per connection; a slice larger than the cap goes
+/// alone).
+#[test]
+fn tiny_inflight_cap_still_moves_every_byte() {
+    use shardwire::engine::{EngineConfig, TransferOpcode, TransferRequest};
+    let mut config = EngineConfig::from_env();
+    config.client_limits.awaiting_bytes_local_max = 4096;
+    config.client_limits.awaiting_bytes_max = 4096;
+    let initiator = TransferEngine::with_config(config);
+    initiator.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
+    let target = engine();
+    let size = 8u64 << 20;
+    let remote = target.allocate_managed_buffer(size).unwrap();
+    let local = initiator.allocate_managed_buffer(2 * size).unwrap();
+    let name = target.segment_name().unwrap();
+    let lens = [1u64, 4096, 4097, 300 << 10, 1 << 20, 3 << 20];
+    let mut offsets = Vec::new();
+    let mut at = 0;
+    for len in lens {
+        offsets.push(at);
+        at += len;
+    }
+    let data: Vec<u8> = (0..at).map(|i| (i * 13 % 251) as u8).collect();
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    let writes: Vec<TransferRequest> = lens
+        .iter()
+        .zip(&offsets)
+        .map(|(&len, &off)| TransferRequest {
+            opcode: TransferOpcode::Write,
+            source: local + off,
+            target_offset: remote + off,
+            length: len,
+        })
+        .collect();
+    initiator.batch_transfer_sync(&name, &writes, None).unwrap();
+    assert!(target.read_bytes_from_buffer(remote, at).unwrap() == data);
+    let reads: Vec<TransferRequest> = writes
+        .iter()
+        .map(|w| TransferRequest { opcode: TransferOpcode::Read, source: w.source + size, ..*w })
+        .collect();
+    initiator.batch_transfer_sync(&name, &reads, None).unwrap();
+    assert!(initiator.read_bytes_from_buffer(local + size, at).unwrap() == data);
+}

@@ -85,6 +85,15 @@ impl EngineConfig {
         c.port_range = sock::port_range_from_env();
         c.handshake_max_len = frame::max_len_from_env();
         c.force_tcp = env_flag("MC_FORCE_TCP");
+        if let Ok(v) = std::env::var("SHARDWIRE_INFLIGHT_BYTES") {
+            match v.trim().parse::<u64>() {
+                Ok(b) if (4096..=(1 << 34)).contains(&b) => {
+                    c.client_limits.awaiting_bytes_max = b;
+                    c.client_limits.awaiting_bytes_local_max = b;
+                }
+                _ => log::warn!("SHARDWIRE_INFLIGHT_BYTES={v:?} is not 4096..=17179869184; using the default"),
+            }
+        }
         if let Ok(v) = std::env::var("SHARDWIRE_STRIPE_BYTES") {
             match v.trim().parse::<u64>() {
                 Ok(b) if (4096..=(1 << 30)).contains(&b) => c.stripe_bytes = b,

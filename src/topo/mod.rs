@@ -9,6 +9,7 @@
 //! - [`plan`] decides which CPUs run shards and which NICs each shard prefers.
 //! - [`report`] renders all of it as the table `shardwire topo` prints.
 
+pub mod cache;
 pub mod cpulist;
 pub mod matrix;
 pub mod plan;

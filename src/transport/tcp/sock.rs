@@ -81,6 +81,16 @@ fn random_seed() -> u64 {
     (nanos ^ (u64::from(std::process::id()) << 32) ^ (&local as *const u8 as u64)) | 1
 }
 
+/// Whether `ip` belongs to this host (loopback, or an address of one of
+/// its interfaces): only a local address can be bound.
+pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    let ip = match ip {
+        std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, std::net::IpAddr::V4),
+        v4 => v4,
+    };
+    ip.is_loopback() || std::net::UdpSocket::bind((ip, 0)).is_ok()
+}
+
 /// A new TCP socket for `peer`, with TCP_NODELAY, not yet connected.
 pub fn client_socket(peer: &SocketAddr) -> io::Result<OwnedFd> {
     let family = if peer.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
