@@ -54,6 +54,23 @@ impl Decoder {
         self.state == State::Done
     }
 
+    /// Returns the last `n` bytes of the latest `Data` step, unread: the
+    /// next step hands them out again (the caller offers them again, at the
+    /// start of its input). For consumers that take only part of a slice.
+    pub fn give_back(&mut self, n: u64) {
+        if n == 0 {
+            return;
+        }
+        self.state = match self.state {
+            State::Data(left) => State::Data(left + n),
+            State::DataEnd => State::Data(n),
+            other => {
+                debug_assert!(false, "give_back outside chunk data");
+                other
+            }
+        };
+    }
+
     /// Decodes from the start of `input`. Returns the bytes consumed and the
     /// step; on `NeedMore` the caller keeps the unconsumed bytes and appends.
     pub fn step<'a>(&mut self, input: &'a [u8]) -> Result<(usize, Step<'a>), HttpError> {

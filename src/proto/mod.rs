@@ -4,5 +4,8 @@
 //!
 //! - [`mooncake`]: Mooncake Transfer Engine's P2P handshake frames, its JSON
 //!   messages, and the TCP v2 data protocol.
+//! - [`objstream`]: AIStore's object-stream frames, headers, PDUs and LZ4
+//!   framing.
 
 pub mod mooncake;
+pub mod objstream;
