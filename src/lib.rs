@@ -63,5 +63,6 @@ pub mod proto;
 #[cfg(feature = "python")]
 pub mod python;
 pub mod runtime;
+pub mod stream;
 pub mod topo;
 pub mod transport;

@@ -1,0 +1,37 @@
+//! Object streams: AIStore's transport, on the shards.
+//!
+//! A stream carries many objects (a header and a body each) from a sender
+//! to a receiver over one long-lived HTTP PUT to `/v1/objstream/<trname>`,
+//! in AIStore's objstream framing ([`crate::proto::objstream`]).
+//!
+//! - [`rx`]: the receiver. Shards accept, receive and parse HTTP; each
+//!   connection's bodies are decoded by a thread of its own that calls the
+//!   handler registered for the trname once per object.
+//! - [`tx`]: the sender, [`tx::Stream`]: a queue with back-pressure, framed
+//!   into HTTP chunks on its shard, with one completion per object.
+//! - [`pipe`]: the byte ring between a shard and that thread.
+//! - [`stats`]: per-stream and per-endpoint figures.
+
+pub mod pipe;
+pub mod rx;
+pub mod stats;
+pub mod tx;
+
+pub use rx::{EndpointStats, HandlerError, ObjReader, Receiver, RecvError, RecvHandler, RegError, RxOptions, Session};
+pub use stats::{RxStats, Stats};
+pub use tx::{Body, Stream, StreamError, StreamOptions, Termination};
+
+/// An environment variable read as a boolean the way Go's `ParseBool` does
+/// ("1", "t", "true", ... are true); unset or unparsable is false.
+pub fn env_bool(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| parse_bool(&v).unwrap_or(false))
+}
+
+/// Go's `strconv.ParseBool`.
+pub fn parse_bool(v: &str) -> Option<bool> {
+    match v {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}

@@ -1,0 +1,543 @@
+//! The shard side of a receiver: accepting, receiving into each
+//! connection's pipe, request heads, and responses.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use io_uring::{opcode, types};
+
+use super::worker::{self, Job, Link};
+use super::{RecvError, RxShared, Session};
+use crate::http::request::{self, BodyFraming, RequestHead};
+use crate::proto::objstream::Framing;
+use crate::runtime::{Completion, OpId, ShardCtx};
+use crate::stream::pipe::Pipe;
+
+/// The URL path prefix of object streams (AIStore's `/v1/objstream/`).
+pub const PATH_PREFIX: &str = "/v1/objstream/";
+/// Most bytes one receive asks for.
+const RECV_BYTES_MAX: usize = 1 << 20;
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+static NEXT_RECEIVER: AtomicU64 = AtomicU64::new(1);
+
+/// A receiver's state on one shard.
+#[derive(Default)]
+struct RxShard {
+    conns: HashMap<u64, Rc<RefCell<Conn>>>,
+    accept: Option<OpId>,
+    next_conn: u64,
+}
+
+/// Every receiver's state on a shard.
+#[derive(Default)]
+struct RxShards(HashMap<u64, RxShard>);
+
+fn rx_shard(ctx: &mut ShardCtx, rx: u64) -> Option<&mut RxShard> {
+    ctx.local_mut::<RxShards>()?.0.get_mut(&rx)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading a request head.
+    Head,
+    /// The body belongs to the decoding thread.
+    Body,
+    /// Going away: no more requests.
+    Closing,
+}
+
+struct Conn {
+    rx: u64,
+    id: u64,
+    fd: OwnedFd,
+    peer: SocketAddr,
+    pipe: Arc<Pipe>,
+    shared: Arc<RxShared>,
+    phase: Phase,
+    recv_op: bool,
+    out: VecDeque<Vec<u8>>,
+    /// Bytes of the front response already sent.
+    out_sent: usize,
+    send_op: bool,
+    close_after_send: bool,
+    keep_alive: bool,
+    link: Option<Arc<Link>>,
+    session_key: Option<u64>,
+    trname: String,
+    caller: String,
+    gone: bool,
+}
+
+/// Installs the receiver on every shard and starts accepting on shard 0.
+/// Returns the receiver's id.
+pub(super) fn install(shared: &Arc<RxShared>, listener: &Arc<TcpListener>) -> std::io::Result<()> {
+    let rx = NEXT_RECEIVER.fetch_add(1, Ordering::Relaxed);
+    shared.id.store(rx, Ordering::Relaxed);
+    let rt = shared.runtime.clone();
+    for shard in 0..rt.shard_count() {
+        rt.call(shard, move |ctx| {
+            let mut all = ctx.take_local::<RxShards>().unwrap_or_default();
+            all.0.insert(rx, RxShard::default());
+            ctx.insert_local(all);
+        })
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    }
+    let (l, s) = (listener.clone(), shared.clone());
+    let cpus: Arc<[Option<u32>]> = rt.shard_cpus().into();
+    rt.call(0, move |ctx| start_accept(ctx, rx, l, s, cpus)).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(())
+}
+
+/// Stops accepting and closes every connection, on every shard.
+pub(super) fn uninstall(shared: &Arc<RxShared>, _listener: &Arc<TcpListener>) {
+    let rx = shared.id.load(Ordering::Relaxed);
+    let rt = shared.runtime.clone();
+    for shard in 0..rt.shard_count() {
+        let _ = rt.call(shard, move |ctx| {
+            let Some(state) = rx_shard(ctx, rx) else { return };
+            let accept = state.accept.take();
+            let conns: Vec<_> = state.conns.values().cloned().collect();
+            if let Some(op) = accept {
+                let _ = ctx.cancel_op(op);
+            }
+            for c in conns {
+                close(ctx, &c, "the receiver closed");
+            }
+            if let Some(all) = ctx.local_mut::<RxShards>() {
+                // Connections still finishing operations keep their Rc.
+                all.0.remove(&rx);
+            }
+        });
+    }
+}
+
+fn start_accept(
+    ctx: &mut ShardCtx,
+    rx: u64,
+    listener: Arc<TcpListener>,
+    shared: Arc<RxShared>,
+    cpus: Arc<[Option<u32>]>,
+) {
+    let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).flags(libc::SOCK_CLOEXEC).build();
+    let next = Rc::new(std::cell::Cell::new(0usize));
+    let (l, s) = (listener.clone(), shared.clone());
+    // SAFETY: the entry points at no memory; the listener stays open while
+    // the callback (which owns an Arc of it) lives.
+    let op = unsafe { ctx.submit_multishot(entry, move |ctx, done| on_accept(ctx, rx, &l, &s, &cpus, &next, done)) };
+    match op {
+        Ok(op) => {
+            if let Some(st) = rx_shard(ctx, rx) {
+                st.accept = Some(op);
+            }
+        }
+        Err(e) => log::error!("stream receiver cannot accept: {e}"),
+    }
+}
+
+fn on_accept(
+    ctx: &mut ShardCtx,
+    rx: u64,
+    listener: &Arc<TcpListener>,
+    shared: &Arc<RxShared>,
+    cpus: &Arc<[Option<u32>]>,
+    next: &Rc<std::cell::Cell<usize>>,
+    done: Completion,
+) {
+    match done.io_result() {
+        Ok(fd) => {
+            // SAFETY: the accept handed us this descriptor; nothing else owns it.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+            let target = crate::transport::tcp::choose_shard(&fd, cpus, next);
+            let s = shared.clone();
+            if target == ctx.id() {
+                adopt(ctx, rx, fd, s);
+            } else {
+                // A failed hand-over drops the descriptor: the peer sees a close.
+                let _ = ctx.send_to(target, move |ctx| adopt(ctx, rx, fd, s));
+            }
+        }
+        Err(e) => {
+            let code = e.raw_os_error().unwrap_or(0);
+            if code == libc::ECANCELED || code == libc::EBADF || code == libc::EINVAL || ctx.is_stopping() {
+                return;
+            }
+            log::warn!("stream receiver: accept failed: {e}");
+        }
+    }
+    if done.has_more() || ctx.is_stopping() {
+        return;
+    }
+    let still = rx_shard(ctx, rx).map(|st| st.accept = None).is_some();
+    if still {
+        let (l, s, c) = (listener.clone(), shared.clone(), cpus.clone());
+        let _ = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
+            if rx_shard(ctx, rx).is_some() {
+                start_accept(ctx, rx, l, s, c);
+            }
+        });
+    }
+}
+
+fn peer_of(fd: &OwnedFd) -> SocketAddr {
+    // SAFETY: borrowing the descriptor as a TcpStream without taking it:
+    // ManuallyDrop keeps it from being closed here.
+    let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd.as_raw_fd()) });
+    s.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+fn adopt(ctx: &mut ShardCtx, rx: u64, fd: OwnedFd, shared: Arc<RxShared>) {
+    let Some(st) = rx_shard(ctx, rx) else { return };
+    st.next_conn += 1;
+    let id = st.next_conn;
+    let _ = crate::transport::tcp::sock::set_nodelay(&fd);
+    let pipe = match Pipe::new(shared.options.pipe_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            log::warn!("stream receiver: no pipe for a connection: {e}");
+            return;
+        }
+    };
+    let over = shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.options.connections_max as u64;
+    let conn = Rc::new(RefCell::new(Conn {
+        rx,
+        id,
+        peer: peer_of(&fd),
+        fd,
+        pipe: pipe.clone(),
+        shared: shared.clone(),
+        phase: Phase::Head,
+        recv_op: false,
+        out: VecDeque::new(),
+        out_sent: 0,
+        send_op: false,
+        close_after_send: false,
+        keep_alive: true,
+        link: None,
+        session_key: None,
+        trname: String::new(),
+        caller: String::new(),
+        gone: false,
+    }));
+    st.conns.insert(id, conn.clone());
+    let (rt, shard) = (shared.runtime.clone(), ctx.id());
+    pipe.set_producer_wake(Box::new(move || {
+        let _ = rt.submit(shard, move |ctx| {
+            if let Some(c) = rx_shard(ctx, rx).and_then(|st| st.conns.get(&id).cloned()) {
+                post_recv(ctx, &c);
+            }
+        });
+    }));
+    if over {
+        let msg = format!("more than {} connections", shared.options.connections_max);
+        respond(ctx, &conn, 503, &error_json(503, &msg, "ErrBusy"), false);
+        return;
+    }
+    post_recv(ctx, &conn);
+}
+
+fn post_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
+    let entry = {
+        let c = conn.borrow();
+        if c.recv_op || c.gone || c.phase == Phase::Closing {
+            return;
+        }
+        let (p, free) = c.pipe.writable();
+        if free == 0 {
+            if c.pipe.producer_stall() {
+                return; // woken when the decoding thread frees space
+            }
+            drop(c);
+            return post_recv(ctx, conn);
+        }
+        opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), p, free.min(RECV_BYTES_MAX) as u32).build()
+    };
+    let c2 = conn.clone();
+    let pipe = conn.borrow().pipe.clone();
+    // SAFETY: the buffer is the pipe's free span, which only this shard
+    // writes and the consumer does not read until commit; the closure owns
+    // an Arc of the pipe (so the mapping outlives the operation) and of the
+    // connection (so the descriptor does).
+    let r = unsafe {
+        ctx.submit_op(entry, move |ctx, done| {
+            let _keep = pipe;
+            on_recv(ctx, &c2, done)
+        })
+    };
+    match r {
+        Ok(_) => conn.borrow_mut().recv_op = true,
+        Err(e) => close(ctx, conn, &format!("cannot receive: {e}")),
+    }
+}
+
+fn on_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
+    conn.borrow_mut().recv_op = false;
+    let phase = conn.borrow().phase;
+    match done.io_result() {
+        Ok(0) | Err(_) if conn.borrow().gone => finish_if_idle(ctx, conn),
+        Ok(0) => {
+            conn.borrow().pipe.close(None);
+            match phase {
+                // The decoding thread sees the end and reports.
+                Phase::Body => {}
+                _ => close(ctx, conn, "peer closed"),
+            }
+        }
+        Ok(n) => {
+            conn.borrow().pipe.commit(n as usize);
+            if phase == Phase::Head {
+                parse_heads(ctx, conn);
+            }
+            post_recv(ctx, conn);
+        }
+        Err(e) => {
+            conn.borrow().pipe.close(Some(e.to_string()));
+            if phase != Phase::Body {
+                close(ctx, conn, &e.to_string());
+            }
+        }
+    }
+}
+
+/// Takes complete request heads from the pipe while the connection is
+/// between bodies.
+fn parse_heads(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
+    if conn.borrow().phase != Phase::Head {
+        return;
+    }
+    let parsed = request::parse_head(conn.borrow().pipe.readable());
+    match parsed {
+        Ok(None) => {}
+        Err(e) => {
+            let body = error_json(e.status, &e.message, "ErrHTTP");
+            respond(ctx, conn, e.status, &body, false);
+        }
+        Ok(Some((head, len))) => {
+            conn.borrow().pipe.consume(len);
+            start_body(ctx, conn, head);
+        }
+    }
+}
+
+/// Checks a head and hands its body to the decoding thread.
+fn start_body(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, head: RequestHead) {
+    let shared = conn.borrow().shared.clone();
+    let refuse = |ctx: &mut ShardCtx, status: u16, msg: String| {
+        respond(ctx, conn, status, &error_json(status, &msg, "ErrHTTP"), false);
+    };
+    if head.method != "PUT" {
+        return refuse(ctx, 405, format!("{} {}: object streams are PUT", head.method, head.path));
+    }
+    let Some(trname) = head.path.strip_prefix(PATH_PREFIX).map(|t| t.split('?').next().unwrap_or(t)) else {
+        return refuse(ctx, 404, format!("{}: not under {PATH_PREFIX}", head.path));
+    };
+    let trname = trname.trim_end_matches('/').to_string();
+    let handler = match shared.handler(&trname) {
+        Ok(h) => h,
+        Err(msg) => return refuse(ctx, 400, msg),
+    };
+    let id = match head.field("ais-session-id") {
+        None => 0,
+        Some(v) => match v.parse::<i64>() {
+            Ok(id) => id,
+            Err(_) => return refuse(ctx, 400, format!("bad Ais-Session-Id {v:?}")),
+        },
+    };
+    let compressed = match head.field("ais-compress") {
+        None | Some("") => false,
+        Some(v) if v.eq_ignore_ascii_case("lz4") => true,
+        Some(v) => return refuse(ctx, 400, format!("unsupported Ais-Compress {v:?}")),
+    };
+    let framing = match head.framing {
+        BodyFraming::Chunked => Framing::Chunked,
+        BodyFraming::Length(n) => Framing::Length(n),
+        BodyFraming::None => Framing::Length(0),
+    };
+    let caller = head.field("ais-caller-id").unwrap_or_default().to_string();
+    let (key, counters) = shared.open_session(&trname, &caller, id);
+    let session = Session { trname: trname.clone(), caller: caller.clone(), id, peer: conn.borrow().peer };
+    let job = Job {
+        handler,
+        session,
+        framing,
+        compressed,
+        counters,
+        dry_run: shared.options.dry_run,
+        max_header: shared.options.max_header,
+    };
+    {
+        let mut c = conn.borrow_mut();
+        c.phase = Phase::Body;
+        c.keep_alive = head.keep_alive;
+        c.session_key = Some(key);
+        c.trname = trname;
+        c.caller = caller;
+    }
+    if head.expect_continue {
+        queue_send(ctx, conn, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+    }
+    let link = match ensure_worker(ctx, conn) {
+        Ok(l) => l,
+        Err(e) => {
+            shared.close_session(key);
+            return respond(ctx, conn, 503, &error_json(503, &format!("no decoding thread: {e}"), "ErrBusy"), false);
+        }
+    };
+    link.give(job);
+}
+
+fn ensure_worker(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) -> std::io::Result<Arc<Link>> {
+    if let Some(l) = conn.borrow().link.clone() {
+        return Ok(l);
+    }
+    let link = Link::new();
+    let (rx, id, shard) = (conn.borrow().rx, conn.borrow().id, ctx.id());
+    let rt = conn.borrow().shared.runtime.clone();
+    let done = Box::new(move |result: Result<(), RecvError>| {
+        let _ = rt.submit(shard, move |ctx| {
+            if let Some(c) = rx_shard(ctx, rx).and_then(|st| st.conns.get(&id).cloned()) {
+                body_done(ctx, &c, result);
+            }
+        });
+    });
+    worker::spawn(link.clone(), conn.borrow().pipe.clone(), done)?;
+    conn.borrow_mut().link = Some(link.clone());
+    Ok(link)
+}
+
+/// The decoding thread finished a body: answer, then read the next head.
+fn body_done(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, result: Result<(), RecvError>) {
+    let (shared, key) = {
+        let mut c = conn.borrow_mut();
+        (c.shared.clone(), c.session_key.take())
+    };
+    if let Some(key) = key {
+        shared.close_session(key);
+    }
+    if conn.borrow().gone {
+        return finish_if_idle(ctx, conn);
+    }
+    match result {
+        Ok(()) => {
+            let keep = conn.borrow().keep_alive && !conn.borrow().pipe.is_closed();
+            respond(ctx, conn, 200, "", keep);
+            if keep {
+                conn.borrow_mut().phase = Phase::Head;
+                parse_heads(ctx, conn);
+                post_recv(ctx, conn);
+            }
+        }
+        Err(e) => {
+            let (trname, caller) = (conn.borrow().trname.clone(), conn.borrow().caller.clone());
+            let msg = format!("{trname}[{caller}] {e}");
+            log::warn!("stream receiver: {msg}");
+            let kind = if matches!(e, RecvError::Handler(_)) { "ErrHandler" } else { "ErrSBR" };
+            respond(ctx, conn, 400, &error_json(400, &msg, kind), false);
+        }
+    }
+}
+
+fn error_json(status: u16, message: &str, type_code: &str) -> String {
+    serde_json::json!({ "message": message, "status": status, "type_code": type_code }).to_string()
+}
+
+/// Queues a response; unless `keep`, the connection closes once it is sent.
+fn respond(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, status: u16, body: &str, keep: bool) {
+    if !keep {
+        let mut c = conn.borrow_mut();
+        c.phase = Phase::Closing;
+        c.close_after_send = true;
+    }
+    queue_send(ctx, conn, request::response(status, body, keep));
+}
+
+fn queue_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, bytes: Vec<u8>) {
+    conn.borrow_mut().out.push_back(bytes);
+    post_send(ctx, conn);
+}
+
+fn post_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
+    let entry = {
+        let c = conn.borrow();
+        if c.send_op || c.gone {
+            return;
+        }
+        let Some(front) = c.out.front() else {
+            drop(c);
+            if conn.borrow().close_after_send {
+                close(ctx, conn, "response sent");
+            }
+            return;
+        };
+        let rest = &front[c.out_sent..];
+        opcode::Send::new(types::Fd(c.fd.as_raw_fd()), rest.as_ptr(), rest.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+    };
+    let c2 = conn.clone();
+    // SAFETY: the bytes are the front of `out`, which is not touched while
+    // `send_op` is set; the closure keeps the connection (and so `out` and
+    // the descriptor) alive until the completion.
+    match unsafe { ctx.submit_op(entry, move |ctx, done| on_send(ctx, &c2, done)) } {
+        Ok(_) => conn.borrow_mut().send_op = true,
+        Err(e) => close(ctx, conn, &format!("cannot send: {e}")),
+    }
+}
+
+fn on_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
+    conn.borrow_mut().send_op = false;
+    if conn.borrow().gone {
+        return finish_if_idle(ctx, conn);
+    }
+    match done.io_result() {
+        Ok(n) => {
+            {
+                let mut c = conn.borrow_mut();
+                c.out_sent += n as usize;
+                if c.out.front().is_some_and(|f| c.out_sent >= f.len()) {
+                    c.out.pop_front();
+                    c.out_sent = 0;
+                }
+            }
+            post_send(ctx, conn);
+        }
+        Err(e) => close(ctx, conn, &format!("send failed: {e}")),
+    }
+}
+
+/// Ends a connection: no more I/O, the decoding thread stops, and the
+/// state goes once its operations are back.
+fn close(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, why: &str) {
+    {
+        let mut c = conn.borrow_mut();
+        if c.gone {
+            return;
+        }
+        log::debug!("stream receiver: connection {} from {} closes: {why}", c.id, c.peer);
+        c.gone = true;
+        c.phase = Phase::Closing;
+        crate::transport::tcp::sock::shutdown_both(&c.fd);
+        c.pipe.close(Some(format!("connection closed: {why}")));
+        if let Some(l) = &c.link {
+            l.quit();
+        }
+        c.shared.connections.fetch_sub(1, Ordering::Relaxed);
+    }
+    finish_if_idle(ctx, conn);
+}
+
+fn finish_if_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
+    let (rx, id, idle) = {
+        let c = conn.borrow();
+        (c.rx, c.id, c.gone && !c.recv_op && !c.send_op && c.session_key.is_none())
+    };
+    if idle && let Some(st) = rx_shard(ctx, rx) {
+        st.conns.remove(&id);
+    }
+}

@@ -1,0 +1,266 @@
+//! A connection's decoding thread: it runs request bodies through the
+//! sans-IO [`BodyDecoder`] straight out of the connection's pipe and calls
+//! the handler once per object, with an [`ObjReader`] bounded to it.
+
+use std::io::{self, BufRead, Read};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{RecvError, RecvHandler, Session};
+use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing, ObjHdr, SbrCode, SbrError};
+use crate::stream::pipe::Pipe;
+use crate::stream::stats::RxCounters;
+
+/// One request body to decode.
+pub(crate) struct Job {
+    pub handler: Arc<dyn RecvHandler>,
+    pub session: Session,
+    pub framing: Framing,
+    pub compressed: bool,
+    pub counters: Arc<RxCounters>,
+    pub dry_run: bool,
+    pub max_header: usize,
+}
+
+/// The hand-over point between the shard and the thread.
+pub(crate) struct Link {
+    job: Mutex<Option<Job>>,
+    quit: AtomicBool,
+    thread: Mutex<Option<std::thread::Thread>>,
+}
+
+impl Link {
+    pub fn new() -> Arc<Link> {
+        Arc::new(Link { job: Mutex::new(None), quit: AtomicBool::new(false), thread: Mutex::new(None) })
+    }
+
+    pub fn give(&self, job: Job) {
+        *self.job.lock().expect("job lock") = Some(job);
+        self.wake();
+    }
+
+    pub fn quit(&self) {
+        self.quit.store(true, Ordering::SeqCst);
+        self.wake();
+    }
+
+    fn wake(&self) {
+        if let Some(t) = self.thread.lock().expect("thread lock").as_ref() {
+            t.unpark();
+        }
+    }
+}
+
+/// Starts the thread; `done` reports each body's result to the shard.
+pub(crate) fn spawn(
+    link: Arc<Link>,
+    pipe: Arc<Pipe>,
+    done: Box<dyn Fn(Result<(), RecvError>) + Send>,
+) -> io::Result<()> {
+    let l = link.clone();
+    let handle = std::thread::Builder::new().name("shardwire-rx".into()).spawn(move || {
+        pipe.set_consumer(std::thread::current());
+        loop {
+            let job = l.job.lock().expect("job lock").take();
+            match job {
+                Some(job) => done(run(&pipe, job)),
+                None if l.quit.load(Ordering::SeqCst) => return,
+                None => std::thread::park_timeout(Duration::from_millis(200)),
+            }
+        }
+    })?;
+    *link.thread.lock().expect("thread lock") = Some(handle.thread().clone());
+    handle.thread().unpark();
+    Ok(())
+}
+
+/// Decodes one body, calling the handler per object.
+fn run(pipe: &Arc<Pipe>, job: Job) -> Result<(), RecvError> {
+    let mut body = Body {
+        pipe: pipe.clone(),
+        dec: BodyDecoder::new(job.framing, job.compressed, job.max_header),
+        owed: 0,
+        offset: 0,
+        error: None,
+    };
+    let result = objects(&mut body, &job);
+    // Free what the last object's bytes still held.
+    body.pipe.consume(std::mem::take(&mut body.owed));
+    if let Err(e) = &result {
+        job.handler.error(&job.session, e);
+    }
+    result
+}
+
+fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
+    loop {
+        match body.step()? {
+            Step::Header(hdr) => {
+                let mut reader = ObjReader { body: &mut *body, cur: (std::ptr::null(), 0), done: false, received: 0 };
+                let handled = if job.dry_run { Ok(()) } else { job.handler.object(&job.session, &hdr, &mut reader) };
+                if reader.body.error.is_none() {
+                    reader.drain();
+                }
+                let received = reader.received;
+                if let Some(e) = body.error.take() {
+                    return Err(e);
+                }
+                handled.map_err(|e| RecvError::Handler(e.0))?;
+                let c = &job.counters;
+                if !hdr.is_control() {
+                    c.num.fetch_add(1, Ordering::Relaxed);
+                    c.size.fetch_add(received as i64, Ordering::Relaxed);
+                }
+            }
+            Step::Fin => {}
+            Step::BodyEnd => return Ok(()),
+            Step::Data(..) | Step::ObjEnd(_) => {
+                let e = RecvError::Broken(SbrError::new(SbrCode::ProtoHdr, "object bytes outside an object"));
+                return Err(e);
+            }
+        }
+        job.counters.offset.store(body.offset as i64, Ordering::Relaxed);
+    }
+}
+
+/// What the body yields, with object bytes as a raw slice (valid until the
+/// next step; see [`Body::step`]).
+enum Step {
+    Header(Box<ObjHdr>),
+    Data(*const u8, usize),
+    ObjEnd(u64),
+    Fin,
+    BodyEnd,
+}
+
+/// A body being decoded out of the pipe.
+struct Body {
+    pipe: Arc<Pipe>,
+    dec: BodyDecoder,
+    /// Pipe bytes behind the data last handed out, freed at the next step.
+    owed: usize,
+    /// Body bytes taken so far.
+    offset: u64,
+    /// The breakage that made a read fail, reported once the handler returns.
+    error: Option<RecvError>,
+}
+
+impl Body {
+    /// The next event. Data points into the pipe (not yet freed) or into
+    /// the decoder's LZ4 output; either stays put until the next call.
+    fn step(&mut self) -> Result<Step, RecvError> {
+        self.pipe.consume(std::mem::take(&mut self.owed));
+        loop {
+            let buf = self.pipe.readable();
+            let len = buf.len();
+            let (used, ev) = self.dec.step(buf).map_err(RecvError::Broken)?;
+            let step = match ev {
+                BodyEvent::NeedMore => None,
+                BodyEvent::End => Some(Step::BodyEnd),
+                BodyEvent::Obj(Event::Data(d)) => {
+                    let s = Step::Data(d.as_ptr(), d.len());
+                    self.owed = used;
+                    self.offset += used as u64;
+                    return Ok(s);
+                }
+                BodyEvent::Obj(Event::Header(h)) => Some(Step::Header(h)),
+                BodyEvent::Obj(Event::End { received }) => Some(Step::ObjEnd(received)),
+                BodyEvent::Obj(Event::Fin) => Some(Step::Fin),
+            };
+            self.pipe.consume(used);
+            self.offset += used as u64;
+            if let Some(s) = step {
+                return Ok(s);
+            }
+            // Everything offered was taken, or a partial line stays in the
+            // pipe: wait for more than that.
+            if !self.pipe.wait_more(len - used) {
+                let why = self.pipe.error().unwrap_or_else(|| "EOF".into());
+                return Err(RecvError::PeerClosed(why));
+            }
+        }
+    }
+}
+
+/// One object's bytes, as the handler reads them (`Read` and `BufRead`).
+/// Reads end (return 0) at the object's end, never past it; a broken stream
+/// makes them fail, and the stream then ends with that error whatever the
+/// handler returns.
+pub struct ObjReader<'b> {
+    body: &'b mut Body,
+    cur: (*const u8, usize),
+    done: bool,
+    received: u64,
+}
+
+impl ObjReader<'_> {
+    /// Bytes of this object read so far.
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    /// Reads and drops the rest of the object.
+    fn drain(&mut self) {
+        while let Ok(b) = self.fill_buf() {
+            let n = b.len();
+            if n == 0 {
+                return;
+            }
+            self.consume(n);
+        }
+    }
+}
+
+impl BufRead for ObjReader<'_> {
+    fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if self.cur.1 == 0 && !self.done {
+            if let Some(e) = &self.body.error {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
+            }
+            match self.body.step() {
+                Ok(Step::Data(p, n)) => self.cur = (p, n),
+                Ok(Step::ObjEnd(n)) => {
+                    debug_assert_eq!(n, self.received);
+                    self.done = true;
+                }
+                Ok(_) => {
+                    let e = RecvError::Broken(SbrError::new(SbrCode::ProtoHdr, "an object ended without its end"));
+                    self.body.error = Some(e);
+                }
+                Err(e) => self.body.error = Some(e),
+            }
+            if let Some(e) = &self.body.error {
+                let kind = match e {
+                    RecvError::PeerClosed(_) => io::ErrorKind::UnexpectedEof,
+                    _ => io::ErrorKind::InvalidData,
+                };
+                return Err(io::Error::new(kind, e.to_string()));
+            }
+        }
+        if self.cur.1 == 0 {
+            return Ok(&[]);
+        }
+        // SAFETY: `cur` came from Body::step and points into the pipe's
+        // unfreed data or the decoder's LZ4 output; neither changes until
+        // the next step, which happens only once `cur` is used up.
+        Ok(unsafe { std::slice::from_raw_parts(self.cur.0, self.cur.1) })
+    }
+
+    fn consume(&mut self, n: usize) {
+        let n = n.min(self.cur.1);
+        // SAFETY: advancing within the slice described by `cur`.
+        self.cur = (unsafe { self.cur.0.add(n) }, self.cur.1 - n);
+        self.received += n as u64;
+    }
+}
+
+impl Read for ObjReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let src = self.fill_buf()?;
+        let n = src.len().min(out.len());
+        out[..n].copy_from_slice(&src[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}

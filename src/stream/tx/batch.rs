@@ -1,0 +1,332 @@
+//! Building what one send carries: a request head when a PUT starts, then
+//! one HTTP chunk holding the frames of as many queued objects as fit, and
+//! the body's end when the request ends.
+//!
+//! Object bytes given as [`Body::Bytes`] are not copied: the batch points at
+//! them (and holds their `Arc` until the send completes). Readers are read
+//! into a staging buffer, a piece at a time, and reads never go past the
+//! declared size. With LZ4, everything in the chunk is compressed, and a
+//! block ends at every object's end.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use super::Outgoing;
+use crate::proto::objstream::frame::{self, MAX_PDU_PAYLOAD};
+use crate::proto::objstream::lz4::{self, BlockSize};
+use crate::transport::tcp::iov::{IOV_MAX, IoVecs};
+
+/// Most object bytes one batch starts on (a single larger Bytes object
+/// still goes whole, uncopied).
+pub const BATCH_BYTES: usize = 4 << 20;
+/// Most bytes read from a reader per piece.
+pub const STAGE_BYTES: usize = 256 << 10;
+
+/// An object's bytes: none, bytes in memory, or a reader.
+pub enum Body {
+    Empty,
+    Bytes(Arc<[u8]>),
+    Reader(Box<dyn Read + Send>),
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Body::Empty => f.write_str("Empty"),
+            Body::Bytes(b) => write!(f, "Bytes({})", b.len()),
+            Body::Reader(_) => f.write_str("Reader"),
+        }
+    }
+}
+
+impl From<Vec<u8>> for Body {
+    fn from(v: Vec<u8>) -> Self {
+        Body::Bytes(v.into())
+    }
+}
+
+impl From<Arc<[u8]>> for Body {
+    fn from(v: Arc<[u8]>) -> Self {
+        Body::Bytes(v)
+    }
+}
+
+/// Where a piece of the batch lives.
+enum Seg {
+    /// A range of `owned`.
+    Owned(usize, usize),
+    /// Bytes of an object's `Arc`.
+    Shared(Arc<[u8]>, usize, usize),
+}
+
+/// One send's bytes.
+pub struct Batch {
+    owned: Vec<u8>,
+    segs: Vec<Seg>,
+    /// Objects whose last byte is in this batch (completed when it is sent).
+    pub completes: usize,
+    /// Object (non-header) bytes carried, for stats.
+    pub object_bytes: u64,
+    /// Bytes of request body carried (the stream offset).
+    pub body_bytes: u64,
+    /// The iovecs, built by [`Batch::iovecs`].
+    iov: IoVecs,
+}
+
+/// What the stream needs to frame a batch.
+pub struct Framing<'a> {
+    /// The request head, when this batch opens a PUT.
+    pub head: Option<&'a [u8]>,
+    /// PDU payload size, for PDU streams.
+    pub pdu: Option<usize>,
+    pub compression: Option<BlockSize>,
+    pub max_header: usize,
+    /// Append the Fin frame after the objects.
+    pub fin: bool,
+    /// End the request body after this batch.
+    pub end_body: bool,
+}
+
+/// Why an object cannot go on: it is completed with this error, and, if
+/// some of it was already sent, the stream breaks.
+pub struct ObjFailure {
+    pub index: usize,
+    pub error: String,
+    /// Part of the object is already on the wire.
+    pub breaks_stream: bool,
+}
+
+impl Batch {
+    /// Frames the front of `queue`. Returns the batch and, if an object
+    /// failed (a reader error or short read), which one.
+    pub fn build(queue: &mut [Outgoing], f: &Framing<'_>) -> (Batch, Option<ObjFailure>) {
+        let mut b = Batch {
+            owned: Vec::new(),
+            segs: Vec::new(),
+            completes: 0,
+            object_bytes: 0,
+            body_bytes: 0,
+            iov: IoVecs::new(),
+        };
+        if let Some(head) = f.head {
+            b.push_owned(head);
+        }
+        // The chunk-size line goes before the chunk's bytes: reserve its
+        // segment, fill it at the end.
+        let chunk_line_seg = b.segs.len();
+        b.segs.push(Seg::Owned(0, 0));
+        let chunk_start = b.segs.len();
+        if f.head.is_some()
+            && let Some(block) = f.compression
+        {
+            b.push_owned(&lz4::frame_header(block));
+        }
+        let mut failure = None;
+        let mut started_bytes = 0usize;
+        for (i, o) in queue.iter_mut().enumerate() {
+            if b.segs.len() + 8 >= IOV_MAX || (started_bytes >= BATCH_BYTES && i > 0) {
+                break;
+            }
+            let mut zstart = b.segs.len();
+            match b.frame_object(o, f, &mut started_bytes) {
+                Ok(true) => b.completes = i + 1,
+                Ok(false) => {
+                    b.compress_since(&mut zstart, f);
+                    break;
+                }
+                Err(error) => {
+                    failure = Some(ObjFailure { index: i, error, breaks_stream: o.started });
+                    b.compress_since(&mut zstart, f);
+                    break;
+                }
+            }
+            b.compress_since(&mut zstart, f);
+        }
+        if f.fin && failure.is_none() && b.completes == queue.len() {
+            let mut z = b.segs.len();
+            b.push_owned(&frame::fin_frame());
+            b.compress_since(&mut z, f);
+        }
+        // Fill in the chunk line (or drop it if the chunk is empty).
+        let chunk_len: usize = b.segs[chunk_start..].iter().map(Seg::len).sum();
+        b.body_bytes = chunk_len as u64;
+        if chunk_len > 0 {
+            let line = format!("{chunk_len:x}\r\n");
+            let at = b.owned.len();
+            b.owned.extend_from_slice(line.as_bytes());
+            b.segs[chunk_line_seg] = Seg::Owned(at, line.len());
+            b.push_owned(b"\r\n");
+        }
+        if f.end_body && failure.as_ref().is_none_or(|x| !x.breaks_stream) {
+            b.push_owned(b"0\r\n\r\n");
+        }
+        (b, failure)
+    }
+
+    fn push_owned(&mut self, bytes: &[u8]) {
+        let at = self.owned.len();
+        self.owned.extend_from_slice(bytes);
+        self.segs.push(Seg::Owned(at, bytes.len()));
+    }
+
+    /// Adds as much of `o` as this batch takes. True when the object is
+    /// complete.
+    fn frame_object(&mut self, o: &mut Outgoing, f: &Framing<'_>, started: &mut usize) -> Result<bool, String> {
+        if !o.started {
+            let mut hdr = Vec::new();
+            frame::encode_obj_frame(&o.hdr, f.pdu.is_some(), &mut hdr, f.max_header).map_err(|e| e.to_string())?;
+            self.push_owned(&hdr);
+            o.started = true;
+        }
+        let size = o.hdr.attrs.size;
+        if size == 0 {
+            return Ok(true);
+        }
+        loop {
+            let left = if size < 0 { usize::MAX } else { (size as u64 - o.sent) as usize };
+            if size >= 0 && left == 0 && f.pdu.is_none() {
+                return Ok(true);
+            }
+            if self.segs.len() + 4 >= IOV_MAX || (*started >= BATCH_BYTES && o.sent > 0) {
+                return Ok(false);
+            }
+            let cap = f.pdu.map_or(usize::MAX, |p| p.min(MAX_PDU_PAYLOAD));
+            let want = left.min(cap);
+            let piece = match &mut o.body {
+                Body::Empty => return Err(format!("object {} has size {size} and no body", o.hdr.name)),
+                Body::Bytes(bytes) => {
+                    let from = o.sent as usize;
+                    let n = want.min(bytes.len().saturating_sub(from));
+                    if n == 0 && size >= 0 && left > 0 {
+                        return Err(format!("object {}: body of {} bytes, {size} declared", o.hdr.name, bytes.len()));
+                    }
+                    Piece::Shared(bytes.clone(), from, n)
+                }
+                Body::Reader(r) => {
+                    let mut buf = vec![0u8; want.min(STAGE_BYTES)];
+                    let n = read_full(r.as_mut(), &mut buf).map_err(|e| format!("object {}: read: {e}", o.hdr.name))?;
+                    if n < buf.len() && size >= 0 {
+                        return Err(format!(
+                            "object {}: the reader ended after {} of {size} bytes",
+                            o.hdr.name,
+                            o.sent + n as u64
+                        ));
+                    }
+                    buf.truncate(n);
+                    Piece::Owned(buf)
+                }
+            };
+            let n = piece.len();
+            o.sent += n as u64;
+            *started += n;
+            self.object_bytes += n as u64;
+            let last = match f.pdu {
+                // Unsized: the last PDU is the first short (or empty) one.
+                Some(_) if size < 0 => n < want,
+                Some(_) => o.sent == size as u64,
+                None => o.sent == size as u64,
+            };
+            if f.pdu.is_some() {
+                self.push_owned(&frame::pdu_header(n, last));
+            }
+            match piece {
+                Piece::Shared(a, from, n) => {
+                    if n > 0 {
+                        self.segs.push(Seg::Shared(a, from, n));
+                    }
+                }
+                Piece::Owned(v) => self.push_owned(&v),
+            }
+            if last {
+                return Ok(true);
+            }
+        }
+    }
+
+    /// Replaces the segments from `*from` on with their LZ4 blocks.
+    fn compress_since(&mut self, from: &mut usize, f: &Framing<'_>) {
+        let Some(block) = f.compression else { return };
+        let mut plain = Vec::new();
+        for s in self.segs.drain(*from..) {
+            match s {
+                Seg::Owned(at, n) => plain.extend_from_slice(&self.owned[at..at + n]),
+                Seg::Shared(a, at, n) => plain.extend_from_slice(&a[at..at + n]),
+            }
+        }
+        let mut z = Vec::with_capacity(plain.len() / 2 + 64);
+        for piece in plain.chunks(block.bytes()) {
+            lz4::encode_block(piece, &mut z);
+        }
+        if !z.is_empty() {
+            self.push_owned(&z);
+        }
+        *from = self.segs.len();
+    }
+
+    /// The iovecs over the batch's bytes, for one or more sendmsg calls.
+    pub fn iovecs(&mut self) -> &mut IoVecs {
+        if self.iov.is_empty() {
+            let mut iov = IoVecs::with_capacity(self.segs.len());
+            for s in &self.segs {
+                match s {
+                    Seg::Owned(at, n) => iov.push(self.owned[*at..].as_ptr(), *n),
+                    Seg::Shared(a, at, n) => iov.push(a[*at..].as_ptr(), *n),
+                }
+            }
+            self.iov = iov;
+        }
+        &mut self.iov
+    }
+
+    /// Every byte of the batch, in order (for tests and dry runs).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for s in &self.segs {
+            match s {
+                Seg::Owned(at, n) => out.extend_from_slice(&self.owned[*at..*at + *n]),
+                Seg::Shared(a, at, n) => out.extend_from_slice(&a[*at..*at + *n]),
+            }
+        }
+        out
+    }
+
+    pub fn total(&self) -> usize {
+        self.segs.iter().map(Seg::len).sum()
+    }
+}
+
+impl Seg {
+    fn len(&self) -> usize {
+        match self {
+            Seg::Owned(_, n) | Seg::Shared(_, _, n) => *n,
+        }
+    }
+}
+
+enum Piece {
+    Shared(Arc<[u8]>, usize, usize),
+    Owned(Vec<u8>),
+}
+
+impl Piece {
+    fn len(&self) -> usize {
+        match self {
+            Piece::Shared(_, _, n) => *n,
+            Piece::Owned(v) => v.len(),
+        }
+    }
+}
+
+/// Reads until `buf` is full or the reader ends.
+fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}

@@ -1,0 +1,420 @@
+//! The sending side: [`Stream`], one sender-to-receiver flow of objects.
+//!
+//! `send` queues an object (header and body) and returns; the stream's
+//! shard frames queued objects into HTTP chunks of one long PUT and sends
+//! them. Every object gets exactly one completion, in the order sent: when
+//! its last byte was handed to the kernel, or with the error that stopped
+//! it. The PUT opens on the first object (lazy connect), ends after
+//! `idle_teardown` without traffic, and a later object opens a new one with
+//! the same session id. `fin` ends the stream gracefully; `stop` aborts it.
+//!
+//! Back-pressure: at most `burst` objects may be queued or in flight; past
+//! that, `send` blocks until completions make room.
+
+mod batch;
+mod shard;
+
+use std::fmt;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+pub use batch::Body;
+
+use super::stats::{Stats, TxCounters};
+use crate::proto::objstream::header::{MAX_HEADER_BYTES, OPC_FIN};
+use crate::proto::objstream::lz4::BlockSize;
+use crate::proto::objstream::{ObjHdr, frame::MAX_PDU_PAYLOAD};
+use crate::runtime::Runtime;
+
+/// AIStore's default burst (`transport.burst_buffer`, v5.0).
+pub const BURST_DEFAULT: usize = 1024;
+/// The most a burst may be (AIStore's upper bound).
+pub const BURST_MAX: usize = 4096;
+/// AIStore's default idle teardown.
+pub const IDLE_TEARDOWN_DEFAULT: Duration = Duration::from_secs(4);
+
+/// Session ids start above 100, as AIStore's do (the first stream gets 101).
+static NEXT_SESSION: AtomicI64 = AtomicI64::new(101);
+static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
+
+/// Why a stream or an object failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// The stream was stopped (`stop`).
+    Stopped,
+    /// The stream ended with `fin`; nothing more can be sent.
+    Finished,
+    /// Could not connect, or the connection failed.
+    Network(String),
+    /// The receiver answered with an error status.
+    Rejected { status: u16, message: String },
+    /// This object cannot be sent (bad header, body and size disagree, the
+    /// reader failed).
+    Object(String),
+    /// The stream was terminated earlier for this reason.
+    Terminated(Box<StreamError>),
+}
+
+impl fmt::Display for StreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamError::Stopped => f.write_str("stopped"),
+            StreamError::Finished => f.write_str("end-of-stream"),
+            StreamError::Network(e) => write!(f, "network error: {e}"),
+            StreamError::Rejected { status, message } => write!(f, "receiver answered {status}: {message}"),
+            StreamError::Object(e) => write!(f, "object error: {e}"),
+            StreamError::Terminated(e) => write!(f, "stream terminated: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StreamError {}
+
+/// A completion: the object's header and its outcome.
+pub type SentCallback = Arc<dyn Fn(&ObjHdr, Result<(), &StreamError>) + Send + Sync>;
+/// A one-object completion, overriding the stream's.
+pub type ObjCallback = Box<dyn FnOnce(&ObjHdr, Result<(), &StreamError>) + Send>;
+
+/// Stream options (AIStore's `Extra`).
+#[derive(Clone)]
+pub struct StreamOptions {
+    /// Objects that may be queued or in flight before `send` blocks
+    /// (`AIS_STREAM_BURST_NUM`, default 1024).
+    pub burst: usize,
+    /// The PUT ends after this long without objects.
+    pub idle_teardown: Duration,
+    /// LZ4-compress the body, with this block size.
+    pub compression: Option<BlockSize>,
+    /// PDU payload size for PDU streams (needed for unsized objects).
+    pub pdu_size: Option<usize>,
+    /// Largest object header this stream sends (4 KiB, as AIStore).
+    pub max_header: usize,
+    /// `Ais-Caller-Id`.
+    pub caller_id: String,
+    /// The stream-wide completion callback.
+    pub on_sent: Option<SentCallback>,
+    /// Connecting gives up after this long.
+    pub connect_timeout: Duration,
+    /// A send making no progress for this long breaks the stream.
+    pub send_timeout: Duration,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        let burst = std::env::var("AIS_STREAM_BURST_NUM")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&b| b > 0)
+            .unwrap_or(BURST_DEFAULT)
+            .min(BURST_MAX);
+        StreamOptions {
+            burst,
+            idle_teardown: IDLE_TEARDOWN_DEFAULT,
+            compression: None,
+            pdu_size: None,
+            max_header: 4096,
+            caller_id: String::new(),
+            on_sent: None,
+            connect_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+impl fmt::Debug for StreamOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StreamOptions")
+            .field("burst", &self.burst)
+            .field("idle_teardown", &self.idle_teardown)
+            .field("compression", &self.compression)
+            .field("pdu_size", &self.pdu_size)
+            .field("max_header", &self.max_header)
+            .field("caller_id", &self.caller_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An object waiting to be sent, or being sent.
+pub(crate) struct Outgoing {
+    pub hdr: ObjHdr,
+    pub body: Body,
+    pub cb: Option<ObjCallback>,
+    /// The header is on the wire.
+    pub started: bool,
+    /// Body bytes framed so far.
+    pub sent: u64,
+}
+
+/// How the stream ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Termination {
+    /// `fin` completed: every object was sent and the receiver said 200.
+    EndOfStream,
+    Stopped,
+    Error(StreamError),
+}
+
+/// State shared by the handle and the shard.
+pub(crate) struct TxShared {
+    pub id: u64,
+    pub session: i64,
+    pub runtime: Arc<Runtime>,
+    pub shard: usize,
+    pub addr: std::net::SocketAddr,
+    pub host: String,
+    pub path: String,
+    pub options: StreamOptions,
+    /// Objects queued or in flight.
+    outstanding: Mutex<usize>,
+    room: Condvar,
+    pub counters: Mutex<TxCounters>,
+    term: Mutex<Option<Termination>>,
+    termed: Condvar,
+}
+
+impl TxShared {
+    /// Frees one burst slot.
+    pub(crate) fn release(&self, n: usize) {
+        let mut o = self.outstanding.lock().expect("burst lock");
+        *o = o.saturating_sub(n);
+        self.room.notify_all();
+    }
+
+    pub(crate) fn terminate(&self, t: Termination) {
+        let mut term = self.term.lock().expect("term lock");
+        if term.is_none() {
+            *term = Some(t);
+        }
+        self.termed.notify_all();
+        self.room.notify_all();
+    }
+
+    pub(crate) fn termination(&self) -> Option<Termination> {
+        self.term.lock().expect("term lock").clone()
+    }
+}
+
+/// A stream to one receiver endpoint.
+pub struct Stream {
+    shared: Arc<TxShared>,
+}
+
+impl Stream {
+    /// A stream to `url` (`http://host:port`, the receiver's base URL) for
+    /// `trname`, on the process's shard runtime. Nothing connects until
+    /// the first object.
+    pub fn new(url: &str, trname: &str, options: StreamOptions) -> Result<Stream, StreamError> {
+        let rt = crate::engine::shared::shared_runtime().map_err(|e| StreamError::Network(e.to_string()))?;
+        Self::with_runtime(rt, url, trname, options)
+    }
+
+    /// As [`new`](Self::new), on the given runtime.
+    pub fn with_runtime(
+        rt: Arc<Runtime>,
+        url: &str,
+        trname: &str,
+        mut options: StreamOptions,
+    ) -> Result<Stream, StreamError> {
+        let rest =
+            url.strip_prefix("http://").ok_or_else(|| StreamError::Network(format!("{url}: only http:// URLs")))?;
+        let host = rest.trim_end_matches('/').to_string();
+        if host.contains('/') {
+            return Err(StreamError::Network(format!("{url}: give the base URL, without a path")));
+        }
+        use std::net::ToSocketAddrs;
+        let addr = host
+            .to_socket_addrs()
+            .map_err(|e| StreamError::Network(format!("{host}: {e}")))?
+            .next()
+            .ok_or_else(|| StreamError::Network(format!("{host}: no address")))?;
+        if trname.is_empty() || trname.contains('/') {
+            return Err(StreamError::Network(format!("bad trname {trname:?}")));
+        }
+        if let Some(p) = options.pdu_size {
+            if p == 0 || p > MAX_PDU_PAYLOAD {
+                return Err(StreamError::Object(format!("PDU size {p} is outside 1..={MAX_PDU_PAYLOAD}")));
+            }
+        }
+        options.burst = options.burst.clamp(1, BURST_MAX);
+        options.max_header = options.max_header.clamp(512, MAX_HEADER_BYTES);
+        let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
+        let shard = (id as usize) % rt.shard_count();
+        let shared = Arc::new(TxShared {
+            id,
+            session: NEXT_SESSION.fetch_add(1, Ordering::Relaxed),
+            runtime: rt,
+            shard,
+            addr,
+            host,
+            path: format!("/v1/objstream/{trname}"),
+            options,
+            outstanding: Mutex::new(0),
+            room: Condvar::new(),
+            counters: Mutex::new(TxCounters::new(Instant::now())),
+            term: Mutex::new(None),
+            termed: Condvar::new(),
+        });
+        Ok(Stream { shared })
+    }
+
+    /// The session id every PUT of this stream carries.
+    pub fn session_id(&self) -> i64 {
+        self.shared.session
+    }
+
+    /// Queues an object; its completion goes to the stream's callback.
+    pub fn send(&self, hdr: ObjHdr, body: impl Into<Body>) -> Result<(), StreamError> {
+        self.send_obj(hdr, body.into(), None)
+    }
+
+    /// Queues an object with a callback of its own (the stream's is then
+    /// not called for it).
+    pub fn send_with(
+        &self,
+        hdr: ObjHdr,
+        body: impl Into<Body>,
+        cb: impl FnOnce(&ObjHdr, Result<(), &StreamError>) + Send + 'static,
+    ) -> Result<(), StreamError> {
+        self.send_obj(hdr, body.into(), Some(Box::new(cb)))
+    }
+
+    fn send_obj(&self, hdr: ObjHdr, body: Body, cb: Option<ObjCallback>) -> Result<(), StreamError> {
+        let s = &self.shared;
+        let reject = |hdr: ObjHdr, cb: Option<ObjCallback>, e: StreamError| {
+            complete(s, &hdr, cb, Err(&e));
+            Err(e)
+        };
+        if let Some(t) = s.termination() {
+            return reject(hdr, cb, StreamError::Terminated(Box::new(term_error(t))));
+        }
+        if hdr.opcode >= OPC_FIN {
+            let e = StreamError::Object(format!("opcode {} is reserved", hdr.opcode));
+            return reject(hdr, cb, e);
+        }
+        if hdr.is_unsized() && s.options.pdu_size.is_none() {
+            return reject(hdr, cb, StreamError::Object("an unsized object needs a PDU stream".into()));
+        }
+        if hdr.attrs.size < -1 {
+            let e = StreamError::Object(format!("size {}", hdr.attrs.size));
+            return reject(hdr, cb, e);
+        }
+        if let Body::Bytes(b) = &body
+            && hdr.attrs.size >= 0
+            && (b.len() as u64) < hdr.attrs.size as u64
+        {
+            let e = format!("{}: {} bytes given, {} declared", hdr.name, b.len(), hdr.attrs.size);
+            return reject(hdr, cb, StreamError::Object(e));
+        }
+        // Back-pressure: wait for room in the burst.
+        {
+            let mut o = s.outstanding.lock().expect("burst lock");
+            while *o >= s.options.burst {
+                if s.termination().is_some() {
+                    drop(o);
+                    let t = s.termination().expect("checked");
+                    return reject(hdr, cb, StreamError::Terminated(Box::new(term_error(t))));
+                }
+                o = s.room.wait_timeout(o, Duration::from_millis(100)).expect("burst lock").0;
+            }
+            *o += 1;
+        }
+        let obj = Outgoing { hdr, body, cb, started: false, sent: 0 };
+        let shared = s.clone();
+        let r = s.runtime.submit(s.shard, move |ctx| shard::enqueue(ctx, &shared, obj));
+        if let Err(e) = r {
+            // The closure (and the object in it) was dropped without a
+            // completion: the runtime is gone.
+            self.shared.release(1);
+            self.shared.terminate(Termination::Error(StreamError::Network(format!("the runtime is gone: {e}"))));
+            return Err(StreamError::Network(e.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Ends the stream gracefully: queued objects go out, then the
+    /// end-of-stream frame; waits for the receiver's answer. Returns how
+    /// the stream ended.
+    pub fn fin(&self) -> Termination {
+        let s = self.shared.clone();
+        if s.termination().is_none() {
+            let shared = s.clone();
+            if s.runtime.submit(s.shard, move |ctx| shard::fin(ctx, &shared)).is_err() {
+                s.terminate(Termination::Error(StreamError::Network("the runtime is gone".into())));
+            }
+        }
+        self.wait()
+    }
+
+    /// Aborts: what is queued or in flight completes with `Stopped`.
+    pub fn stop(&self) {
+        let s = self.shared.clone();
+        let shared = s.clone();
+        if s.runtime.submit(s.shard, move |ctx| shard::stop(ctx, &shared)).is_err() {
+            s.terminate(Termination::Stopped);
+        }
+    }
+
+    /// Waits until the stream has terminated.
+    pub fn wait(&self) -> Termination {
+        let mut t = self.shared.term.lock().expect("term lock");
+        loop {
+            if let Some(t) = t.clone() {
+                return t;
+            }
+            t = self.shared.termed.wait(t).expect("term lock");
+        }
+    }
+
+    /// How the stream ended, if it has.
+    pub fn term_info(&self) -> Option<Termination> {
+        self.shared.termination()
+    }
+
+    pub fn is_terminated(&self) -> bool {
+        self.shared.termination().is_some()
+    }
+
+    /// The stream's figures; idle and total durations cover the time since
+    /// the previous call.
+    pub fn stats(&self) -> Stats {
+        self.shared.counters.lock().expect("stats lock").read(Instant::now())
+    }
+
+    /// Objects queued or in flight.
+    pub fn outstanding(&self) -> usize {
+        *self.shared.outstanding.lock().expect("burst lock")
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.shared.host, self.shared.path)
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.shared.termination().is_none() {
+            self.stop();
+        }
+    }
+}
+
+fn term_error(t: Termination) -> StreamError {
+    match t {
+        Termination::EndOfStream => StreamError::Finished,
+        Termination::Stopped => StreamError::Stopped,
+        Termination::Error(e) => e,
+    }
+}
+
+/// Runs an object's completion: its own callback, else the stream's.
+pub(crate) fn complete(s: &TxShared, hdr: &ObjHdr, cb: Option<ObjCallback>, result: Result<(), &StreamError>) {
+    match cb {
+        Some(cb) => cb(hdr, result),
+        None => {
+            if let Some(cb) = &s.options.on_sent {
+                cb(hdr, result);
+            }
+        }
+    }
+}

@@ -1,0 +1,576 @@
+//! A stream's life on its shard: connecting, framing batches, sending,
+//! reading the receiver's answers, idle teardown, and termination.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+
+use super::batch::{Batch, Framing};
+use super::{Outgoing, StreamError, Termination, TxShared, complete};
+use crate::runtime::{Completion, ShardCtx, TimerId};
+use crate::transport::tcp::sock::{self, RawSockAddr};
+
+/// Bytes of a receiver's answer we read at most (status, a JSON error).
+const RESPONSE_MAX: usize = 64 << 10;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ConnState {
+    Closed,
+    Connecting,
+    Ready,
+}
+
+struct Tx {
+    shared: Arc<TxShared>,
+    queue: VecDeque<Outgoing>,
+    fd: Option<Rc<OwnedFd>>,
+    /// Bumped per connection, so completions of an old one are ignored.
+    conn_gen: u64,
+    conn: ConnState,
+    /// A PUT is open (its head was sent, its body not ended).
+    in_request: bool,
+    /// A batch is being sent.
+    sending: bool,
+    /// The body was ended; the receiver's status is due.
+    awaiting_response: bool,
+    fin_requested: bool,
+    fin_sent: bool,
+    response: Vec<u8>,
+    recv_op: bool,
+    idle_timer: Option<TimerId>,
+    /// Bumped per batch, for the send timeout.
+    send_gen: u64,
+    ended: bool,
+}
+
+#[derive(Default)]
+struct TxStreams(HashMap<u64, Rc<RefCell<Tx>>>);
+
+fn tx_of(ctx: &mut ShardCtx, shared: &Arc<TxShared>) -> Rc<RefCell<Tx>> {
+    if ctx.local_mut::<TxStreams>().is_none() {
+        ctx.insert_local(TxStreams::default());
+    }
+    let map = ctx.local_mut::<TxStreams>().expect("installed");
+    map.0
+        .entry(shared.id)
+        .or_insert_with(|| {
+            Rc::new(RefCell::new(Tx {
+                shared: shared.clone(),
+                queue: VecDeque::new(),
+                fd: None,
+                conn_gen: 0,
+                conn: ConnState::Closed,
+                in_request: false,
+                sending: false,
+                awaiting_response: false,
+                fin_requested: false,
+                fin_sent: false,
+                response: Vec::new(),
+                recv_op: false,
+                idle_timer: None,
+                send_gen: 0,
+                ended: false,
+            }))
+        })
+        .clone()
+}
+
+/// A new object from `send`.
+pub(super) fn enqueue(ctx: &mut ShardCtx, shared: &Arc<TxShared>, obj: Outgoing) {
+    if let Some(t) = shared.termination() {
+        let e = StreamError::Terminated(Box::new(super::term_error(t)));
+        complete(shared, &obj.hdr, obj.cb, Err(&e));
+        shared.release(1);
+        return;
+    }
+    let tx = tx_of(ctx, shared);
+    tx.borrow_mut().queue.push_back(obj);
+    shared.counters.lock().expect("stats lock").set_idle(false, ctx.now());
+    kick(ctx, &tx);
+}
+
+/// `fin`: send what is queued, then the end-of-stream frame.
+pub(super) fn fin(ctx: &mut ShardCtx, shared: &Arc<TxShared>) {
+    if shared.termination().is_some() {
+        return;
+    }
+    let tx = tx_of(ctx, shared);
+    tx.borrow_mut().fin_requested = true;
+    kick(ctx, &tx);
+}
+
+/// `stop`: abort.
+pub(super) fn stop(ctx: &mut ShardCtx, shared: &Arc<TxShared>) {
+    let tx = tx_of(ctx, shared);
+    end(ctx, &tx, Termination::Stopped);
+}
+
+/// Moves the stream forward: connect, or frame and send the next batch.
+fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let mut t = tx.borrow_mut();
+    if t.ended || t.sending || t.awaiting_response {
+        return;
+    }
+    let work = !t.queue.is_empty() || (t.fin_requested && !t.fin_sent);
+    if !work {
+        drop(t);
+        return arm_idle(ctx, tx);
+    }
+    match t.conn {
+        ConnState::Connecting => return,
+        ConnState::Closed => {
+            drop(t);
+            return connect(ctx, tx);
+        }
+        ConnState::Ready => {}
+    }
+    let head = (!t.in_request).then(|| request_head(&t.shared));
+    let options = &t.shared.options;
+    let fin_now = t.fin_requested;
+    let framing = Framing {
+        head: head.as_deref(),
+        pdu: options.pdu_size,
+        compression: options.compression,
+        max_header: options.max_header,
+        fin: fin_now,
+        end_body: fin_now,
+    };
+    let (batch, failure) = Batch::build(t.queue.make_contiguous(), &framing);
+    if let Some(f) = failure {
+        let e = StreamError::Object(f.error);
+        if f.breaks_stream {
+            drop(t);
+            return end(ctx, tx, Termination::Error(e));
+        }
+        // The object never reached the wire: it fails alone.
+        let o = t.queue.remove(f.index).expect("the failed object is queued");
+        let shared = t.shared.clone();
+        drop(t);
+        complete(&shared, &o.hdr, o.cb, Err(&e));
+        shared.release(1);
+        if batch.completes == 0 && batch.total() == head.as_ref().map_or(0, |h| h.len()) {
+            // Nothing else in this batch: try again from the next object.
+            return kick(ctx, tx);
+        }
+        t = tx.borrow_mut();
+    }
+    let whole = fin_now && batch.completes == t.queue.len();
+    if batch.total() == 0 {
+        return;
+    }
+    t.in_request = !whole;
+    if whole {
+        t.fin_sent = true;
+    }
+    t.sending = true;
+    t.send_gen += 1;
+    let generation = t.send_gen;
+    let timeout = t.shared.options.send_timeout;
+    drop(t);
+    send_batch(ctx, tx, Box::new(batch_with_flag(batch, whole)));
+    let tx2 = tx.clone();
+    let _ = ctx.set_timer(timeout, move |_ctx| {
+        let t = tx2.borrow();
+        if t.sending && t.send_gen == generation && !t.ended {
+            // No progress: break the connection; the send fails with it.
+            if let Some(fd) = &t.fd {
+                sock::shutdown_both(fd.as_ref());
+            }
+        }
+    });
+}
+
+/// A batch and whether it ends the request body.
+struct InFlight {
+    batch: Batch,
+    ends_body: bool,
+}
+
+fn batch_with_flag(batch: Batch, ends_body: bool) -> InFlight {
+    InFlight { batch, ends_body }
+}
+
+fn send_batch(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, mut f: Box<InFlight>) {
+    let (fd, generation) = {
+        let t = tx.borrow();
+        (t.fd.clone(), t.conn_gen)
+    };
+    let Some(fd) = fd else {
+        tx.borrow_mut().sending = false;
+        return end(ctx, tx, Termination::Error(StreamError::Network("the connection is gone".into())));
+    };
+    let entry = opcode::SendMsg::new(types::Fd(fd.as_raw_fd()), f.batch.iovecs().msghdr())
+        .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+        .build();
+    let tx2 = tx.clone();
+    // SAFETY: the msghdr and iovecs live in the boxed batch, which points at
+    // its own buffers and at Arcs it holds; the closure owns the box (and the
+    // descriptor's Rc) until the completion.
+    let r = unsafe {
+        ctx.submit_op(entry, move |ctx, done| {
+            let _fd = fd;
+            on_sent(ctx, &tx2, f, generation, done)
+        })
+    };
+    if let Err(e) = r {
+        tx.borrow_mut().sending = false;
+        end(ctx, tx, Termination::Error(StreamError::Network(format!("cannot send: {e}"))));
+    }
+}
+
+fn on_sent(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, mut f: Box<InFlight>, generation: u64, done: Completion) {
+    if tx.borrow().ended || tx.borrow().conn_gen != generation {
+        tx.borrow_mut().sending = false;
+        return;
+    }
+    match done.io_result() {
+        Ok(n) => {
+            let iov = f.batch.iovecs();
+            iov.advance(n as usize);
+            if !iov.is_complete() {
+                return send_batch(ctx, tx, f);
+            }
+        }
+        Err(e) => {
+            tx.borrow_mut().sending = false;
+            let peer = tx.borrow().shared.addr;
+            return end(ctx, tx, Termination::Error(StreamError::Network(format!("send to {peer}: {e}"))));
+        }
+    }
+    // The whole batch is with the kernel: its objects are complete.
+    let (shared, done_objs) = {
+        let mut t = tx.borrow_mut();
+        t.sending = false;
+        let n = f.batch.completes.min(t.queue.len());
+        let objs: Vec<Outgoing> = t.queue.drain(..n).collect();
+        if f.ends_body {
+            t.in_request = false;
+            t.awaiting_response = true;
+        }
+        (t.shared.clone(), objs)
+    };
+    {
+        let mut c = shared.counters.lock().expect("stats lock");
+        c.offset += f.batch.body_bytes as i64;
+        for o in &done_objs {
+            if !o.hdr.is_control() {
+                c.num += 1;
+                c.size += o.sent as i64;
+            }
+        }
+    }
+    let n = done_objs.len();
+    for o in done_objs {
+        let Outgoing { hdr, body, cb, .. } = o;
+        drop(body); // closed before the callback, as AIStore does
+        complete(&shared, &hdr, cb, Ok(()));
+    }
+    shared.release(n);
+    kick(ctx, tx);
+}
+
+fn request_head(s: &TxShared) -> Vec<u8> {
+    let mut h = format!(
+        "PUT {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: shardwire/{}\r\nTransfer-Encoding: chunked\r\n\
+         Content-Type: application/octet-stream\r\nAis-Session-Id: {}\r\nAis-Caller-Id: {}\r\n",
+        s.path,
+        s.host,
+        env!("CARGO_PKG_VERSION"),
+        s.session,
+        s.options.caller_id
+    );
+    if s.options.compression.is_some() {
+        h.push_str("Ais-Compress: lz4\r\n");
+    }
+    h.push_str("\r\n");
+    h.into_bytes()
+}
+
+fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let addr = tx.borrow().shared.addr;
+    let fd = match sock::client_socket(&addr) {
+        Ok(fd) => Rc::new(fd),
+        Err(e) => return end(ctx, tx, Termination::Error(StreamError::Network(format!("socket: {e}")))),
+    };
+    let raw = RawSockAddr::new(&addr);
+    let entry = opcode::Connect::new(types::Fd(fd.as_raw_fd()), raw.as_ptr(), raw.len).build();
+    let generation = {
+        let mut t = tx.borrow_mut();
+        t.conn_gen += 1;
+        t.conn = ConnState::Connecting;
+        t.fd = Some(fd.clone());
+        t.response.clear();
+        t.conn_gen
+    };
+    let tx2 = tx.clone();
+    // SAFETY: the sockaddr is boxed and owned by the closure, as is an Rc of
+    // the descriptor, until the completion.
+    let r = unsafe {
+        ctx.submit_op(entry, move |ctx, done| {
+            let _keep = (raw, fd);
+            on_connect(ctx, &tx2, generation, done)
+        })
+    };
+    if let Err(e) = r {
+        return end(ctx, tx, Termination::Error(StreamError::Network(format!("connect: {e}"))));
+    }
+    let timeout = tx.borrow().shared.options.connect_timeout;
+    let tx3 = tx.clone();
+    let _ = ctx.set_timer(timeout, move |ctx| {
+        let stuck = {
+            let t = tx3.borrow();
+            t.conn_gen == generation && t.conn == ConnState::Connecting && !t.ended
+        };
+        if stuck {
+            let e = StreamError::Network(format!("connect to {addr}: timed out after {timeout:?}"));
+            end(ctx, &tx3, Termination::Error(e));
+        }
+    });
+}
+
+fn on_connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, generation: u64, done: Completion) {
+    if tx.borrow().ended || tx.borrow().conn_gen != generation {
+        return;
+    }
+    match done.io_result() {
+        Ok(_) => {
+            tx.borrow_mut().conn = ConnState::Ready;
+            post_recv(ctx, tx);
+            kick(ctx, tx);
+        }
+        Err(e) => {
+            let addr = tx.borrow().shared.addr;
+            end(ctx, tx, Termination::Error(StreamError::Network(format!("connect to {addr}: {e}"))));
+        }
+    }
+}
+
+/// Keeps a receive posted while connected: it reads the receiver's
+/// answers, an early error included, and notices when it closes.
+fn post_recv(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let (fd, generation) = {
+        let t = tx.borrow();
+        if t.recv_op || t.ended || t.conn != ConnState::Ready {
+            return;
+        }
+        (t.fd.clone().expect("ready means a descriptor"), t.conn_gen)
+    };
+    let mut buf = vec![0u8; 4096];
+    let entry = opcode::Recv::new(types::Fd(fd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
+    let tx2 = tx.clone();
+    // SAFETY: the closure owns the buffer and an Rc of the descriptor until
+    // the completion.
+    let r = unsafe {
+        ctx.submit_op(entry, move |ctx, done| {
+            let _fd = fd;
+            on_recv(ctx, &tx2, generation, buf, done)
+        })
+    };
+    if r.is_ok() {
+        tx.borrow_mut().recv_op = true;
+    }
+}
+
+fn on_recv(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, generation: u64, buf: Vec<u8>, done: Completion) {
+    if tx.borrow().conn_gen != generation {
+        return;
+    }
+    tx.borrow_mut().recv_op = false;
+    if tx.borrow().ended {
+        return;
+    }
+    let n = match done.io_result() {
+        Ok(n) => n as usize,
+        Err(e) => return end(ctx, tx, Termination::Error(StreamError::Network(format!("receive: {e}")))),
+    };
+    if n == 0 {
+        let (busy, waiting) = {
+            let t = tx.borrow();
+            (t.in_request || t.sending, t.awaiting_response)
+        };
+        if busy || waiting {
+            let e = StreamError::Network("the receiver closed the connection".into());
+            return end(ctx, tx, Termination::Error(e));
+        }
+        // An idle keep-alive connection closed by the receiver: reconnect
+        // when there is something to send.
+        drop_conn(tx);
+        return kick(ctx, tx);
+    }
+    tx.borrow_mut().response.extend_from_slice(&buf[..n]);
+    loop {
+        let parsed = parse_response(&tx.borrow().response);
+        match parsed {
+            Parsed::Partial => {
+                if tx.borrow().response.len() > RESPONSE_MAX {
+                    let e = StreamError::Network("the receiver's answer is too long".into());
+                    return end(ctx, tx, Termination::Error(e));
+                }
+                break;
+            }
+            Parsed::Bad(why) => {
+                let e = StreamError::Network(format!("the receiver's answer is not HTTP: {why}"));
+                return end(ctx, tx, Termination::Error(e));
+            }
+            Parsed::Done { status, body, used, close } => {
+                tx.borrow_mut().response.drain(..used);
+                if status == 100 {
+                    continue;
+                }
+                if status != 200 {
+                    let message = String::from_utf8_lossy(&body).into_owned();
+                    return end(ctx, tx, Termination::Error(StreamError::Rejected { status, message }));
+                }
+                let (was_waiting, fin_sent) = {
+                    let t = tx.borrow();
+                    (t.awaiting_response, t.fin_sent)
+                };
+                if !was_waiting {
+                    let e = StreamError::Network("the receiver answered before the body ended".into());
+                    return end(ctx, tx, Termination::Error(e));
+                }
+                tx.borrow_mut().awaiting_response = false;
+                if fin_sent {
+                    return end(ctx, tx, Termination::EndOfStream);
+                }
+                if close {
+                    drop_conn(tx);
+                }
+            }
+        }
+    }
+    post_recv(ctx, tx);
+    kick(ctx, tx);
+}
+
+enum Parsed {
+    Partial,
+    Bad(String),
+    Done { status: u16, body: Vec<u8>, used: usize, close: bool },
+}
+
+fn parse_response(raw: &[u8]) -> Parsed {
+    let mut fields = [httparse::EMPTY_HEADER; 32];
+    let mut r = httparse::Response::new(&mut fields);
+    let head = match r.parse(raw) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(e) => return Parsed::Bad(e.to_string()),
+    };
+    let status = r.code.unwrap_or(0);
+    let field = |name: &str| {
+        r.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| String::from_utf8_lossy(h.value).trim().to_ascii_lowercase())
+    };
+    let close = field("connection").is_some_and(|c| c.contains("close"));
+    let len = if status == 100 {
+        0
+    } else {
+        match field("content-length").map(|v| v.parse::<usize>()) {
+            Some(Ok(n)) => n,
+            Some(Err(_)) => return Parsed::Bad("bad Content-Length".into()),
+            // Without a length the answer ends with the connection; take
+            // what is there (an error is what we would read).
+            None => raw.len() - head,
+        }
+    };
+    if len > RESPONSE_MAX {
+        return Parsed::Bad(format!("an answer of {len} bytes"));
+    }
+    if raw.len() < head + len {
+        return Parsed::Partial;
+    }
+    Parsed::Done { status, body: raw[head..head + len].to_vec(), used: head + len, close }
+}
+
+fn drop_conn(tx: &Rc<RefCell<Tx>>) {
+    let mut t = tx.borrow_mut();
+    if let Some(fd) = t.fd.take() {
+        sock::shutdown_both(fd.as_ref());
+    }
+    t.conn = ConnState::Closed;
+    t.conn_gen += 1;
+    t.in_request = false;
+    t.awaiting_response = false;
+    t.recv_op = false;
+    t.response.clear();
+}
+
+/// Ends the PUT after `idle_teardown` without objects.
+fn arm_idle(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let (timeout, shared) = {
+        let t = tx.borrow();
+        if !t.in_request || t.idle_timer.is_some() {
+            return;
+        }
+        (t.shared.options.idle_teardown, t.shared.clone())
+    };
+    shared.counters.lock().expect("stats lock").set_idle(true, ctx.now());
+    let tx2 = tx.clone();
+    let id = ctx.set_timer(timeout, move |ctx| {
+        tx2.borrow_mut().idle_timer = None;
+        let idle = {
+            let t = tx2.borrow();
+            !t.ended && t.in_request && !t.sending && t.queue.is_empty() && !t.fin_requested
+        };
+        if idle {
+            end_body(ctx, &tx2);
+        }
+    });
+    tx.borrow_mut().idle_timer = id.ok();
+}
+
+/// Ends the request body (idle teardown): the receiver then answers.
+fn end_body(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let framing = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: true };
+    let (batch, _) = Batch::build(&mut [], &framing);
+    {
+        let mut t = tx.borrow_mut();
+        t.sending = true;
+        t.send_gen += 1;
+    }
+    send_batch(ctx, tx, Box::new(batch_with_flag(batch, true)));
+}
+
+/// Terminates the stream: every object still queued or in flight completes
+/// with the reason, in order.
+fn end(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, how: Termination) {
+    let (shared, objs) = {
+        let mut t = tx.borrow_mut();
+        if t.ended {
+            return;
+        }
+        t.ended = true;
+        if let Some(fd) = t.fd.take() {
+            sock::shutdown_both(fd.as_ref());
+        }
+        if let Some(timer) = t.idle_timer.take() {
+            ctx.cancel_timer(timer);
+        }
+        t.conn = ConnState::Closed;
+        (t.shared.clone(), t.queue.drain(..).collect::<Vec<_>>())
+    };
+    let err = match &how {
+        Termination::EndOfStream => StreamError::Finished,
+        Termination::Stopped => StreamError::Stopped,
+        Termination::Error(e) => e.clone(),
+    };
+    let n = objs.len();
+    for o in objs {
+        let Outgoing { hdr, body, cb, .. } = o;
+        drop(body);
+        complete(&shared, &hdr, cb, Err(&err));
+    }
+    shared.release(n);
+    shared.counters.lock().expect("stats lock").set_idle(true, ctx.now());
+    if let Some(map) = ctx.local_mut::<TxStreams>() {
+        map.0.remove(&shared.id);
+    }
+    shared.terminate(how);
+}
