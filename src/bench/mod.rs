@@ -2,6 +2,7 @@
 //! report ratios. They back `shardwire bench ...` and `cargo bench`.
 
 pub mod runtime;
+pub mod stream;
 pub mod transfer;
 
 use std::time::Duration;

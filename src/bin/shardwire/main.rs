@@ -1,6 +1,7 @@
 //! The `shardwire` command line.
 
 mod logger;
+mod stream_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +25,9 @@ enum Command {
     /// The transfer benchmark (Mooncake transfer_engine_bench's flags), or
     /// another benchmark named by a subcommand.
     Bench(Box<BenchArgs>),
+    /// Object streams (AIStore's transport): listen, send.
+    #[command(subcommand)]
+    Stream(stream_cmd::StreamCommand),
 }
 
 #[derive(clap::Args)]
@@ -99,6 +103,27 @@ struct TopoArgs {
 enum BenchWhat {
     /// The shard runtime: SPSC message rate and foreign-thread round trips.
     Runtime(RuntimeBenchArgs),
+    /// Object streams: a sender and a receiver on loopback.
+    Stream(StreamBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct StreamBenchArgs {
+    /// Object size (4096, 4KiB, 1MiB, ...).
+    #[arg(long, default_value = "1MiB")]
+    size: String,
+    /// Seconds to run.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Streams, each sending from a thread of its own.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// LZ4 block size (64K, 256K, 1M, 4M) to compress with.
+    #[arg(long)]
+    compress: Option<String>,
+    /// End with a JSON line (throughput_gbps, objects_per_s, ...).
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -125,8 +150,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
+        Command::Stream(cmd) => stream_cmd::run(&cmd),
         Command::Bench(args) => match &args.what {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
+            Some(BenchWhat::Stream(s)) => stream_bench(s),
             None => transfer_bench(&args.transfer),
         },
     };
@@ -234,6 +261,36 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
     println!("{}", report.mooncake_line(&options.report_unit, options.report_precision));
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+fn stream_bench(a: &StreamBenchArgs) -> Result<(), String> {
+    use shardwire::bench::stream::{StreamBenchOptions, parse_size, run};
+    let size = parse_size(&a.size).ok_or_else(|| format!("--size {}: not a size", a.size))?;
+    if !(a.duration > 0.0) {
+        return Err("--duration must be positive".into());
+    }
+    let compression = match &a.compress {
+        None => None,
+        Some(b) => Some(
+            shardwire::proto::objstream::lz4::BlockSize::parse(b)
+                .ok_or_else(|| format!("--compress {b}: use 64K, 256K, 1M or 4M"))?,
+        ),
+    };
+    let o = StreamBenchOptions {
+        size,
+        duration: std::time::Duration::from_secs_f64(a.duration),
+        streams: a.streams.max(1),
+        compression,
+    };
+    let r = run(&o)?;
+    println!(
+        "stream bench: {} streams, {} B objects, {:.2} s: {} objects, {:.3} GB/s, {:.0} objects/s",
+        r.streams, r.size, r.seconds, r.objects, r.throughput_gbps, r.objects_per_s
+    );
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     }
     Ok(())
 }

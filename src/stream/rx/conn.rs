@@ -22,8 +22,15 @@ use crate::stream::pipe::Pipe;
 /// The URL path prefix of object streams (AIStore's `/v1/objstream/`).
 pub const PATH_PREFIX: &str = "/v1/objstream/";
 /// Most bytes one receive asks for.
-const RECV_BYTES_MAX: usize = 1 << 20;
+const RECV_BYTES_MAX: usize = 64 << 10;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+
+fn recv_bytes_max() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SHARDWIRE_STREAM_RECV").ok().and_then(|v| v.parse().ok()).unwrap_or(RECV_BYTES_MAX)
+    })
+}
 
 static NEXT_RECEIVER: AtomicU64 = AtomicU64::new(1);
 
@@ -154,7 +161,7 @@ fn on_accept(
         Ok(fd) => {
             // SAFETY: the accept handed us this descriptor; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let target = crate::transport::tcp::choose_shard(&fd, cpus, next);
+            let target = place(crate::transport::tcp::choose_shard(&fd, cpus, next), cpus.len());
             let s = shared.clone();
             if target == ctx.id() {
                 adopt(ctx, rx, fd, s);
@@ -182,6 +189,16 @@ fn on_accept(
                 start_accept(ctx, rx, l, s, c);
             }
         });
+    }
+}
+
+/// The shard for an accepted stream: by default not the one where its
+/// packets are processed (on loopback, the sender's core), so that sending
+/// and receiving copies run on two cores at once.
+fn place(incoming: usize, shards: usize) -> usize {
+    match std::env::var("SHARDWIRE_STREAM_PLACEMENT").as_deref() {
+        Ok("same") => incoming,
+        _ => (incoming + 1) % shards.max(1),
     }
 }
 
@@ -256,7 +273,7 @@ fn post_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
             drop(c);
             return post_recv(ctx, conn);
         }
-        opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), p, free.min(RECV_BYTES_MAX) as u32).build()
+        opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), p, free.min(recv_bytes_max()) as u32).build()
     };
     let c2 = conn.clone();
     let pipe = conn.borrow().pipe.clone();

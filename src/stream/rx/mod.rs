@@ -26,6 +26,9 @@ use super::stats::{RxCounters, RxStats};
 use crate::proto::objstream::{ObjHdr, SbrError};
 use crate::runtime::Runtime;
 
+/// Bytes of a connection's receive pipe by default (small, so received
+/// bytes are still in cache when the handler reads them).
+pub const PIPE_BYTES: usize = 256 << 10;
 /// Unregistered names remembered, so late streams get a precise answer.
 const CLOSED_NAMES_MAX: usize = 32;
 
@@ -123,7 +126,7 @@ impl Default for RxOptions {
         RxOptions {
             dry_run: super::env_bool("AIS_STREAM_DRY_RUN"),
             max_header: crate::proto::objstream::header::MAX_HEADER_BYTES,
-            pipe_bytes: 4 << 20,
+            pipe_bytes: std::env::var("SHARDWIRE_STREAM_PIPE").ok().and_then(|v| v.parse().ok()).unwrap_or(PIPE_BYTES),
             connections_max: 1024,
         }
     }

@@ -16,9 +16,21 @@ use crate::proto::objstream::frame::{self, MAX_PDU_PAYLOAD};
 use crate::proto::objstream::lz4::{self, BlockSize};
 use crate::transport::tcp::iov::{IOV_MAX, IoVecs};
 
-/// Most object bytes one batch starts on (a single larger Bytes object
-/// still goes whole, uncopied).
-pub const BATCH_BYTES: usize = 4 << 20;
+/// Object bytes per send, once [`BATCH_OBJECTS_MIN`] objects are in: large
+/// objects go out in pieces this big. Small sends keep the bytes between
+/// the two copies (into the socket, out of it) in cache: measured on
+/// loopback, 1 MiB objects ran at 3.8 GB/s with 4 MiB sends and 4.6-5.6
+/// with 128 KiB ones.
+pub const BATCH_BYTES: usize = 128 << 10;
+
+/// [`BATCH_BYTES`], or `SHARDWIRE_STREAM_BATCH` when set (for tuning).
+pub fn batch_bytes() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("SHARDWIRE_STREAM_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BATCH_BYTES))
+}
+/// Objects a batch may start on before the byte limit applies: small
+/// objects cost per send, not per byte.
+pub const BATCH_OBJECTS_MIN: usize = 256;
 /// Most bytes read from a reader per piece.
 pub const STAGE_BYTES: usize = 256 << 10;
 
@@ -83,7 +95,8 @@ pub struct Framing<'a> {
     pub max_header: usize,
     /// Append the Fin frame after the objects.
     pub fin: bool,
-    /// End the request body after this batch.
+    /// End the request body after this batch, if the batch takes every
+    /// queued object.
     pub end_body: bool,
 }
 
@@ -124,7 +137,7 @@ impl Batch {
         let mut failure = None;
         let mut started_bytes = 0usize;
         for (i, o) in queue.iter_mut().enumerate() {
-            if b.segs.len() + 8 >= IOV_MAX || (started_bytes >= BATCH_BYTES && i > 0) {
+            if b.segs.len() + 8 >= IOV_MAX || (started_bytes >= batch_bytes() && i >= BATCH_OBJECTS_MIN) {
                 break;
             }
             let mut zstart = b.segs.len();
@@ -142,7 +155,8 @@ impl Batch {
             }
             b.compress_since(&mut zstart, f);
         }
-        if f.fin && failure.is_none() && b.completes == queue.len() {
+        let all = failure.is_none() && b.completes == queue.len();
+        if f.fin && all {
             let mut z = b.segs.len();
             b.push_owned(&frame::fin_frame());
             b.compress_since(&mut z, f);
@@ -157,7 +171,8 @@ impl Batch {
             b.segs[chunk_line_seg] = Seg::Owned(at, line.len());
             b.push_owned(b"\r\n");
         }
-        if f.end_body && failure.as_ref().is_none_or(|x| !x.breaks_stream) {
+        // The body ends only after everything queued (and the Fin frame).
+        if f.end_body && all {
             b.push_owned(b"0\r\n\r\n");
         }
         (b, failure)
@@ -187,7 +202,7 @@ impl Batch {
             if size >= 0 && left == 0 && f.pdu.is_none() {
                 return Ok(true);
             }
-            if self.segs.len() + 4 >= IOV_MAX || (*started >= BATCH_BYTES && o.sent > 0) {
+            if self.segs.len() + 4 >= IOV_MAX || (*started >= batch_bytes() && o.sent > 0) {
                 return Ok(false);
             }
             let cap = f.pdu.map_or(usize::MAX, |p| p.min(MAX_PDU_PAYLOAD));

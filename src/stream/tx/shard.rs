@@ -39,6 +39,9 @@ struct Tx {
     awaiting_response: bool,
     fin_requested: bool,
     fin_sent: bool,
+    /// The receiver's 200 arrived while the last batch's completion was
+    /// still due; it is acted on after that completion.
+    answered: Option<bool>,
     response: Vec<u8>,
     recv_op: bool,
     idle_timer: Option<TimerId>,
@@ -69,6 +72,7 @@ fn tx_of(ctx: &mut ShardCtx, shared: &Arc<TxShared>) -> Rc<RefCell<Tx>> {
                 awaiting_response: false,
                 fin_requested: false,
                 fin_sent: false,
+                answered: None,
                 response: Vec::new(),
                 recv_op: false,
                 idle_timer: None,
@@ -165,6 +169,8 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     t.in_request = !whole;
     if whole {
         t.fin_sent = true;
+        // The answer may be read before this send's completion.
+        t.awaiting_response = true;
     }
     t.sending = true;
     t.send_gen += 1;
@@ -249,7 +255,6 @@ fn on_sent(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, mut f: Box<InFlight>, gener
         let objs: Vec<Outgoing> = t.queue.drain(..n).collect();
         if f.ends_body {
             t.in_request = false;
-            t.awaiting_response = true;
         }
         (t.shared.clone(), objs)
     };
@@ -270,6 +275,27 @@ fn on_sent(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, mut f: Box<InFlight>, gener
         complete(&shared, &hdr, cb, Ok(()));
     }
     shared.release(n);
+    let answered = tx.borrow_mut().answered.take();
+    if let Some(close) = answered {
+        return answer_ok(ctx, tx, close);
+    }
+    kick(ctx, tx);
+}
+
+/// The receiver said 200 to an ended body.
+fn answer_ok(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, close: bool) {
+    let fin_sent = {
+        let mut t = tx.borrow_mut();
+        t.awaiting_response = false;
+        t.fin_sent
+    };
+    if fin_sent {
+        return end(ctx, tx, Termination::EndOfStream);
+    }
+    if close {
+        drop_conn(tx);
+    }
+    post_recv(ctx, tx);
     kick(ctx, tx);
 }
 
@@ -425,26 +451,24 @@ fn on_recv(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, generation: u64, buf: Vec<u
                     let message = String::from_utf8_lossy(&body).into_owned();
                     return end(ctx, tx, Termination::Error(StreamError::Rejected { status, message }));
                 }
-                let (was_waiting, fin_sent) = {
+                let (was_waiting, sending) = {
                     let t = tx.borrow();
-                    (t.awaiting_response, t.fin_sent)
+                    (t.awaiting_response, t.sending)
                 };
                 if !was_waiting {
                     let e = StreamError::Network("the receiver answered before the body ended".into());
                     return end(ctx, tx, Termination::Error(e));
                 }
-                tx.borrow_mut().awaiting_response = false;
-                if fin_sent {
-                    return end(ctx, tx, Termination::EndOfStream);
+                if sending {
+                    // Complete the last batch's objects first.
+                    tx.borrow_mut().answered = Some(close);
+                    return;
                 }
-                if close {
-                    drop_conn(tx);
-                }
+                return answer_ok(ctx, tx, close);
             }
         }
     }
     post_recv(ctx, tx);
-    kick(ctx, tx);
 }
 
 enum Parsed {
@@ -534,6 +558,8 @@ fn end_body(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         let mut t = tx.borrow_mut();
         t.sending = true;
         t.send_gen += 1;
+        t.in_request = false;
+        t.awaiting_response = true;
     }
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, true)));
 }
