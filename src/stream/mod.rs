@@ -9,14 +9,18 @@
 //!   handler registered for the trname once per object.
 //! - [`tx`]: the sender, [`tx::Stream`]: a queue with back-pressure, framed
 //!   into HTTP chunks on its shard, with one completion per object.
+//! - [`bundle`]: streams to many nodes, `multiplier` per node, with one
+//!   completion per object after its last replica.
 //! - [`pipe`]: the byte ring between a shard and that thread.
 //! - [`stats`]: per-stream and per-endpoint figures.
 
+pub mod bundle;
 pub mod pipe;
 pub mod rx;
 pub mod stats;
 pub mod tx;
 
+pub use bundle::{Bundle, BundleBody};
 pub use rx::{EndpointStats, HandlerError, ObjReader, Receiver, RecvError, RecvHandler, RegError, RxOptions, Session};
 pub use stats::{RxStats, Stats};
 pub use tx::{Body, Stream, StreamError, StreamOptions, Termination};

@@ -268,7 +268,7 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
 fn stream_bench(a: &StreamBenchArgs) -> Result<(), String> {
     use shardwire::bench::stream::{StreamBenchOptions, parse_size, run};
     let size = parse_size(&a.size).ok_or_else(|| format!("--size {}: not a size", a.size))?;
-    if !(a.duration > 0.0) {
+    if !a.duration.is_finite() || a.duration <= 0.0 {
         return Err("--duration must be positive".into());
     }
     let compression = match &a.compress {

@@ -83,3 +83,17 @@ pub fn lz4_frame(data: &[u8]) {
     d.finish().expect("ends at a block boundary");
     assert_eq!(back, data);
 }
+
+/// The receiver's request-head parser: never panics, never claims more
+/// bytes than it was given, and refuses heads above the limit.
+pub fn http_request(data: &[u8]) {
+    use crate::http::request::{HEAD_BYTES_MAX, parse_head};
+    match parse_head(data) {
+        Ok(Some((head, used))) => {
+            assert!(used <= data.len() && used <= HEAD_BYTES_MAX);
+            let _ = head.field("ais-session-id");
+        }
+        Ok(None) => assert!(data.len() < HEAD_BYTES_MAX),
+        Err(e) => assert!((400..600).contains(&e.status)),
+    }
+}

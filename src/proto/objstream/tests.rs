@@ -445,6 +445,9 @@ fn fuzz_targets_survive_generated_inputs() {
         s.extend(body);
         seeds.push(s);
     }
+    let mut head = b"PUT /v1/objstream/t HTTP/1.1\r\nTransfer-Encoding: chunked\r\nAis-Session-Id: 1\r\n\r\n".to_vec();
+    head.extend_from_slice(&seeds[0][1..]);
+    seeds.push(head);
     for seed in &seeds {
         fuzzing::objstream_body(seed);
         fuzzing::lz4_frame(seed);
@@ -460,6 +463,7 @@ fn fuzz_targets_survive_generated_inputs() {
                 }
             }
             fuzzing::objstream_body(&m);
+            fuzzing::http_request(&m);
             fuzzing::lz4_frame(&m[..m.len().min(4096)]);
             fuzzing::obj_header(&m[..m.len().min(512)]);
         }

@@ -293,7 +293,8 @@ impl Batch {
         &mut self.iov
     }
 
-    /// Every byte of the batch, in order (for tests and dry runs).
+    /// Every byte of the batch, in order.
+    #[cfg(test)]
     pub fn to_vec(&self) -> Vec<u8> {
         let mut out = Vec::new();
         for s in &self.segs {
@@ -344,4 +345,127 @@ fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing as BodyFraming, ObjHdr, SIZE_UNKNOWN};
+
+    fn out(hdr: ObjHdr, body: Body) -> Outgoing {
+        Outgoing { hdr, body, cb: None, started: false, sent: 0 }
+    }
+
+    /// Frames the queue in batches until empty; returns the request bytes
+    /// after the head.
+    fn frame_all(mut queue: Vec<Outgoing>, pdu: Option<usize>, z: Option<BlockSize>) -> Vec<u8> {
+        let head = b"HEAD".to_vec();
+        let mut wire = Vec::new();
+        let mut first = true;
+        loop {
+            let f = Framing {
+                head: first.then_some(&head[..]),
+                pdu,
+                compression: z,
+                max_header: 4096,
+                fin: true,
+                end_body: true,
+            };
+            let (b, failure) = Batch::build(&mut queue, &f);
+            assert!(failure.is_none());
+            wire.extend(b.to_vec());
+            let done = b.completes == queue.len();
+            queue.drain(..b.completes);
+            first = false;
+            if done {
+                break;
+            }
+        }
+        assert!(wire.starts_with(b"HEAD"));
+        wire.split_off(4)
+    }
+
+    fn decode(wire: &[u8], z: bool) -> Vec<(ObjHdr, Vec<u8>)> {
+        let mut d = BodyDecoder::new(BodyFraming::Chunked, z, 4096);
+        let mut rest = wire;
+        let mut got: Vec<(ObjHdr, Vec<u8>)> = Vec::new();
+        loop {
+            let (n, ev) = d.step(rest).unwrap();
+            let mut end = false;
+            match ev {
+                BodyEvent::Obj(Event::Header(h)) => got.push((*h, Vec::new())),
+                BodyEvent::Obj(Event::Data(b)) => got.last_mut().unwrap().1.extend_from_slice(b),
+                BodyEvent::Obj(_) => {}
+                BodyEvent::NeedMore => panic!("the body is whole"),
+                BodyEvent::End => end = true,
+            }
+            rest = &rest[n..];
+            if end {
+                assert!(rest.is_empty());
+                return got;
+            }
+        }
+    }
+
+    #[test]
+    fn batches_decode_back_to_the_objects() {
+        let sizes = [0usize, 5, 4096, 200_000, 3 << 20, 1];
+        for (pdu, z) in
+            [(None, None), (Some(32 << 10), None), (None, Some(BlockSize::K64)), (Some(1000), Some(BlockSize::M1))]
+        {
+            let queue: Vec<Outgoing> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    let data: Vec<u8> = (0..n).map(|k| (k * 7 + i) as u8).collect();
+                    let body = if i % 2 == 0 && n > 0 {
+                        Body::Reader(Box::new(std::io::Cursor::new(data)))
+                    } else {
+                        Body::from(data)
+                    };
+                    out(ObjHdr::new("b", &i.to_string(), n as i64), body)
+                })
+                .collect();
+            let got = decode(&frame_all(queue, pdu, z), z.is_some());
+            assert_eq!(got.len(), sizes.len());
+            for (i, (h, b)) in got.iter().enumerate() {
+                assert_eq!(h.name, i.to_string());
+                assert_eq!(b.len(), sizes[i], "{pdu:?} {z:?}");
+                assert!(b.iter().enumerate().all(|(k, &x)| x == (k * 7 + i) as u8));
+            }
+        }
+    }
+
+    #[test]
+    fn reads_are_clamped_and_short_bodies_fail() {
+        // A reader longer than the declared size: only `size` bytes go.
+        let q = vec![out(ObjHdr::new("b", "long", 10), Body::Reader(Box::new(std::io::Cursor::new(vec![1u8; 100]))))];
+        let got = decode(&frame_all(q, None, None), false);
+        assert_eq!(got[0].1, vec![1u8; 10]);
+        // Bytes longer than the size, likewise.
+        let q = vec![out(ObjHdr::new("b", "long", 3), Body::from(vec![2u8; 50]))];
+        assert_eq!(decode(&frame_all(q, None, None), false)[0].1, vec![2u8; 3]);
+        // A short reader fails its object, and the stream (bytes are out).
+        let mut q = vec![
+            out(ObjHdr::new("b", "ok", 1), Body::from(vec![1u8])),
+            out(ObjHdr::new("b", "short", 10), Body::Reader(Box::new(std::io::Cursor::new(vec![0u8; 4])))),
+        ];
+        let f = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: false };
+        let (b, failure) = Batch::build(&mut q, &f);
+        let failure = failure.expect("the short reader fails");
+        assert_eq!((failure.index, failure.breaks_stream, b.completes), (1, true, 1));
+        assert!(failure.error.contains("ended after 4 of 10"), "{}", failure.error);
+        // A header that cannot be encoded fails alone, before any byte.
+        let mut big = ObjHdr::new("b", "big", 0);
+        big.opaque = vec![0; 5000];
+        let mut q = vec![out(big, Body::Empty)];
+        let (_, failure) = Batch::build(&mut q, &f);
+        assert!(!failure.unwrap().breaks_stream);
+        // Unsized PDU bodies end with a short (possibly empty) PDU.
+        let q = vec![out(
+            ObjHdr::new("b", "u", SIZE_UNKNOWN),
+            Body::Reader(Box::new(std::io::Cursor::new(vec![5u8; 2000]))),
+        )];
+        assert_eq!(decode(&frame_all(q, Some(1000), None), false)[0].1, vec![5u8; 2000]);
+    }
 }
