@@ -20,7 +20,7 @@ use std::time::Duration;
 /// How many times the consumer looks before parking. Short: on a small
 /// machine the consumer's spinning steals the core the producing shard
 /// needs.
-const SPIN_CHECKS: u32 = 64;
+const SPIN_CHECKS: u32 = 16;
 
 /// The shared ring.
 pub struct Pipe {

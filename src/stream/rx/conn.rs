@@ -423,12 +423,21 @@ fn ensure_worker(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) -> std::io::Resul
             }
         });
     });
-    worker::spawn(link.clone(), conn.borrow().pipe.clone(), done)?;
+    let cpu = if pin_workers() { rt_cpu(&conn.borrow().shared, shard) } else { None };
+    worker::spawn(link.clone(), conn.borrow().pipe.clone(), done, cpu)?;
     conn.borrow_mut().link = Some(link.clone());
     Ok(link)
 }
 
 /// The decoding thread finished a body: answer, then read the next head.
+fn pin_workers() -> bool {
+    !matches!(std::env::var("SHARDWIRE_STREAM_PIN").as_deref(), Ok("0"))
+}
+
+fn rt_cpu(shared: &RxShared, shard: usize) -> Option<u32> {
+    shared.runtime.shard_cpus().get(shard).copied().flatten()
+}
+
 fn body_done(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, result: Result<(), RecvError>) {
     let (shared, key) = {
         let mut c = conn.borrow_mut();

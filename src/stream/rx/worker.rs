@@ -57,9 +57,15 @@ pub(crate) fn spawn(
     link: Arc<Link>,
     pipe: Arc<Pipe>,
     done: Box<dyn Fn(Result<(), RecvError>) + Send>,
+    cpu: Option<u32>,
 ) -> io::Result<()> {
     let l = link.clone();
     let handle = std::thread::Builder::new().name("shardwire-rx".into()).spawn(move || {
+        // Share the receiving shard's core: on a small machine, a decoding
+        // thread scheduled onto the sender's core slows the whole stream.
+        if let Some(cpu) = cpu {
+            crate::bench::pin_current(cpu);
+        }
         pipe.set_consumer(std::thread::current());
         loop {
             let job = l.job.lock().expect("job lock").take();
