@@ -55,6 +55,11 @@
 //! - `README.md` for the commands, the environment variables and the latest
 //!   benchmark figures.
 
+/// The README's Rust examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeExamples;
+
 pub mod bench;
 pub mod engine;
 pub mod http;
