@@ -718,3 +718,132 @@ fn pipe_through(args: &[&str], input: &[u8]) -> Vec<u8> {
     assert!(out.status.success(), "lz4 {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     out.stdout
 }
+
+#[test]
+fn stop_completes_everything_once() {
+    // AIStore's TestCompletionCount: stop part-way; every send completes
+    // exactly once and the stream reports "stopped".
+    let rx = receiver();
+    collect(&rx, "stop");
+    let s = Stream::new(&rx.url(), "stop", StreamOptions::default()).unwrap();
+    let completions = Arc::new(AtomicUsize::new(0));
+    let mut sends = 0;
+    for i in 0..10_000 {
+        if i == 6000 {
+            s.stop();
+        }
+        let c = completions.clone();
+        let size = if i % 7 == 0 { 0 } else { 2000 };
+        let mut h = ObjHdr::new("b", &i.to_string(), size as i64);
+        if i % 7 == 0 {
+            h.opaque = b"header only".to_vec();
+        }
+        let _ = s.send_with(h, vec![0u8; size], move |_, _| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        sends += 1;
+    }
+    assert_eq!(s.wait(), Termination::Stopped);
+    wait_for("every completion", Duration::from_secs(10), || completions.load(Ordering::SeqCst) == sends);
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(completions.load(Ordering::SeqCst), sends, "exactly once");
+}
+
+#[test]
+fn keep_alive_partial_reads_and_dry_run_from_the_environment() {
+    // Two PUTs on one connection; the handler reads only part of each
+    // object and the rest is drained, so the next object is intact.
+    let rx = receiver();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    rx.handle("ka", move |h: &ObjHdr, b: &mut ObjReader<'_>| {
+        let mut first = [0u8; 3];
+        b.read_exact(&mut first)?;
+        s2.lock().unwrap().push((h.name.clone(), first));
+        Ok(())
+    })
+    .unwrap();
+    let mut c = TcpStream::connect(rx.local_addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    for round in 0..2u8 {
+        let mut body = Vec::new();
+        for i in 0..3u8 {
+            let h = ObjHdr::new("b", &format!("{round}-{i}"), 1000);
+            frame::encode_obj_frame(&h, false, &mut body, 4096).unwrap();
+            body.extend((0..1000).map(|k| (k as u8).wrapping_add(i + round)));
+        }
+        body.extend_from_slice(&frame::fin_frame());
+        let mut req = format!("PUT /v1/objstream/ka HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nAis-Session-Id: 5\r\n\r\n{:x}\r\n", body.len()).into_bytes();
+        req.extend_from_slice(&body);
+        req.extend_from_slice(b"\r\n0\r\n\r\n");
+        c.write_all(&req).unwrap();
+        let mut resp = [0u8; 38];
+        c.read_exact(&mut resp).unwrap();
+        assert!(
+            resp.starts_with(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+            "{}",
+            String::from_utf8_lossy(&resp)
+        );
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 6);
+    for (n, first) in seen.iter() {
+        let (round, i): (u8, u8) = (n[..1].parse().unwrap(), n[2..].parse().unwrap());
+        assert_eq!(*first, [round + i, round + i + 1, round + i + 2], "{n}");
+    }
+
+    // AIS_STREAM_DRY_RUN through the CLI: objects are read, not printed.
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+    cmd.args([
+        "stream",
+        "listen",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--trname",
+        "d",
+        "--stats-interval",
+        "0.2",
+    ])
+    .env("AIS_STREAM_DRY_RUN", "true")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
+    let stderr = BufReader::new(child.0.stderr.take().unwrap());
+    wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let out = Command::new(env!("CARGO_BIN_EXE_shardwire"))
+        .args([
+            "stream",
+            "send",
+            "--to",
+            &format!("http://127.0.0.1:{port}"),
+            "--trname",
+            "d",
+            "--count",
+            "25",
+            "--size",
+            "10KiB",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The stats lines on stderr show the objects; stdout stays empty.
+    let mut total = 0;
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
+            && let Some(n) = v["d"]["total_num"].as_i64()
+        {
+            total = n;
+            if n == 25 {
+                assert_eq!(v["d"]["total_size"], 25 * 10240);
+                break;
+            }
+        }
+    }
+    assert_eq!(total, 25);
+    child.0.kill().unwrap();
+    let mut stdout = String::new();
+    child.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
+    assert!(stdout.is_empty(), "a dry run prints no objects: {stdout}");
+}

@@ -102,12 +102,7 @@ pub struct StreamOptions {
 
 impl Default for StreamOptions {
     fn default() -> Self {
-        let burst = std::env::var("AIS_STREAM_BURST_NUM")
-            .ok()
-            .and_then(|v| v.trim().parse::<usize>().ok())
-            .filter(|&b| b > 0)
-            .unwrap_or(BURST_DEFAULT)
-            .min(BURST_MAX);
+        let burst = burst_from(std::env::var("AIS_STREAM_BURST_NUM").ok().as_deref());
         StreamOptions {
             burst,
             idle_teardown: IDLE_TEARDOWN_DEFAULT,
@@ -120,6 +115,12 @@ impl Default for StreamOptions {
             send_timeout: Duration::from_secs(60),
         }
     }
+}
+
+/// The burst `AIS_STREAM_BURST_NUM` asks for: a positive integer, at most
+/// [`BURST_MAX`]; anything else means the default.
+pub fn burst_from(value: Option<&str>) -> usize {
+    value.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&b| b > 0).unwrap_or(BURST_DEFAULT).min(BURST_MAX)
 }
 
 impl fmt::Debug for StreamOptions {
@@ -416,5 +417,40 @@ pub(crate) fn complete(s: &TxShared, hdr: &ObjHdr, cb: Option<ObjCallback>, resu
                 cb(hdr, result);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn burst_from_the_environment() {
+        assert_eq!(burst_from(None), BURST_DEFAULT);
+        assert_eq!(burst_from(Some("32")), 32);
+        assert_eq!(burst_from(Some(" 7 ")), 7);
+        assert_eq!(burst_from(Some("0")), BURST_DEFAULT);
+        assert_eq!(burst_from(Some("many")), BURST_DEFAULT);
+        assert_eq!(burst_from(Some("100000")), BURST_MAX);
+    }
+
+    #[test]
+    fn urls_and_options_are_checked_up_front() {
+        let rt = Arc::new(Runtime::start(crate::runtime::RuntimeConfig::new(1)).unwrap());
+        let bad = |url: &str, tr: &str, o: StreamOptions| Stream::with_runtime(rt.clone(), url, tr, o).err();
+        assert!(bad("https://127.0.0.1:1", "t", StreamOptions::default()).is_some());
+        assert!(bad("http://127.0.0.1:1/v1/objstream", "t", StreamOptions::default()).is_some());
+        assert!(bad("http://127.0.0.1:1", "a/b", StreamOptions::default()).is_some());
+        let pdu = StreamOptions { pdu_size: Some(200 << 10), ..StreamOptions::default() };
+        assert!(bad("http://127.0.0.1:1", "t", pdu).is_some());
+        // Lazy: nothing listens on port 1, yet the stream is made; the
+        // failure comes with the first object, as its completion.
+        let s = Stream::with_runtime(rt.clone(), "http://127.0.0.1:1", "t", StreamOptions::default()).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        s.send_with(ObjHdr::new("b", "o", 1), vec![1u8], move |_, r| tx.send(r.err().cloned()).unwrap()).unwrap();
+        let err = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(matches!(err, Some(StreamError::Network(ref m)) if m.contains("connect")), "{err:?}");
+        assert!(matches!(s.wait(), Termination::Error(StreamError::Network(_))));
+        rt.shutdown();
     }
 }

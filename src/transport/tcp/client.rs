@@ -80,7 +80,7 @@ const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
 /// A quarter of CPU 0's L2 cache, within 128 KiB..=4 MiB (512 KiB if
 /// sysfs does not say).
-fn local_inflight_default() -> u64 {
+pub(crate) fn local_inflight_default() -> u64 {
     static BYTES: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     *BYTES.get_or_init(|| {
         crate::topo::cache::l2_bytes(std::path::Path::new("/sys"), 0)
