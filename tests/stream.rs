@@ -645,22 +645,8 @@ fn cli_listen_prints_one_json_line_per_object() {
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("f1"), vec![3u8; 300_000]).unwrap();
     std::fs::write(dir.join("f2"), b"").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shardwire"))
-        .args([
-            "stream",
-            "send",
-            "--to",
-            &format!("http://127.0.0.1:{port}"),
-            "--trname",
-            "cli",
-            "--compress",
-            "256K",
-            "--json",
-        ])
-        .arg(dir.join("f1"))
-        .arg(dir.join("f2"))
-        .output()
-        .unwrap();
+    let (f1, f2) = (dir.join("f1"), dir.join("f2"));
+    let out = cli_send(port, "cli", &["--compress", "256K", "--json", f1.to_str().unwrap(), f2.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
     assert_eq!(report["stats"]["Num"], 2);
@@ -700,6 +686,16 @@ fn lz4_frames_agree_with_the_lz4_tool() {
         d.finish().unwrap();
         assert!(back == data, "{flags:?}");
     }
+}
+
+/// `shardwire stream send --to http://127.0.0.1:<port> --trname <trname>`
+/// plus `args`, run to its end.
+fn cli_send(port: u16, trname: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shardwire"))
+        .args(["stream", "send", "--to", &format!("http://127.0.0.1:{port}"), "--trname", trname])
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn pipe_through(args: &[&str], input: &[u8]) -> Vec<u8> {
@@ -811,21 +807,7 @@ fn keep_alive_partial_reads_and_dry_run_from_the_environment() {
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
     let stderr = BufReader::new(child.0.stderr.take().unwrap());
     wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
-    let out = Command::new(env!("CARGO_BIN_EXE_shardwire"))
-        .args([
-            "stream",
-            "send",
-            "--to",
-            &format!("http://127.0.0.1:{port}"),
-            "--trname",
-            "d",
-            "--count",
-            "25",
-            "--size",
-            "10KiB",
-        ])
-        .output()
-        .unwrap();
+    let out = cli_send(port, "d", &["--count", "25", "--size", "10KiB"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The stats lines on stderr show the objects; stdout stays empty.
     let mut total = 0;
