@@ -1,9 +1,9 @@
 //! # shardwire: a thread-per-core transfer engine
 //!
 //! shardwire moves bytes between the registered memory of processes, on one
-//! host or many, and (next) streams objects between nodes over HTTP. It
-//! speaks Mooncake's Transfer Engine protocols, so it can replace either peer
-//! without the other side noticing.
+//! host or many, and streams objects between nodes over HTTP. It speaks
+//! Mooncake's Transfer Engine protocols and AIStore's object-stream
+//! framing, so it can replace either peer without the other side noticing.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)          RPC thread (P2P handshake)
@@ -15,9 +15,14 @@
 //!   │ one io_uring, CQ reaped in userspace│      │                         │
 //!   │ TCP client: a pipelined connection  │      │                         │
 //!   │   per peer; TCP server sessions     │      │                         │
+//!   │ object streams: send batches, HTTP  │      │                         │
+//!   │   heads, receives into pipes        │      │                         │
 //!   │ timers, poll hooks, local queue     │      │                         │
 //!   │ parks on an eventfd when idle       │      │                         │
 //!   └─────────────────────────────────────┘      └─────────────────────────┘
+//!        │ pipe (one per received stream)
+//!        ▼
+//!   decoding thread: frames -> handler calls, one object at a time
 //! ```
 //!
 //! - **[`topo`]** reads the machine (CPUs, NUMA nodes, NICs, GPUs) from a
@@ -30,7 +35,8 @@
 //!   parks on an eventfd after an adaptive spin budget. Producers write the
 //!   eventfd only when the shard is parked. A panicking job fails alone.
 //! - **[`proto`]** holds the sans-IO codecs: Mooncake's handshake frames and
-//!   JSON messages, and its TCP v2 header and status frames.
+//!   JSON messages, its TCP v2 header and status frames, and AIStore's
+//!   objstream frames, PDUs and LZ4 framing.
 //! - **[`engine`]** is the Mooncake-shaped API: registered memory (pinned
 //!   while in use), managed buffers (a merging buddy allocator), batches with
 //!   ids that are table keys, segments found through [`meta`].
@@ -39,6 +45,10 @@
 //!   accepts, moving bytes straight between sockets and registered memory.
 //! - **[`meta`]** finds peers: the P2P handshake (a concurrent RPC server
 //!   and client) or etcd, in Mooncake's key layout, with leased keys.
+//! - **[`stream`]** carries AIStore-style object streams: a sender whose
+//!   shard frames queued objects into one long HTTP PUT, a receiver whose
+//!   shards parse HTTP and fill per-connection pipes that a decoding thread
+//!   turns into handler calls, and bundles of streams to many nodes.
 //! - **[`http`]** is our sans-IO HTTP/1.1 layer on `httparse`.
 //! - **[`bench`](mod@bench)** measures against anchors in the same run.
 //!

@@ -472,12 +472,12 @@ fn a_receiver_killed_mid_stream_fails_every_pending_object() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut lines = Lines::of(child.0.stdout.take().unwrap());
     wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let (log, opts) = recorder();
     let s = Stream::new(&format!("http://127.0.0.1:{port}"), "k", opts).unwrap();
     s.send(ObjHdr::new("b", "first", 100), vec![1u8; 100]).unwrap();
-    assert!(lines.next().unwrap().unwrap().contains("\"first\""));
+    assert!(lines.next().contains("\"first\""));
     let big: Arc<[u8]> = vec![7u8; 4 << 20].into();
     let feeder = {
         let big = big.clone();
@@ -617,7 +617,7 @@ fn cli_listen_prints_one_json_line_per_object() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut lines = Lines::of(child.0.stdout.take().unwrap());
     wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let s = Stream::new(&format!("http://127.0.0.1:{port}"), "cli", StreamOptions::default()).unwrap();
     let mut h = ObjHdr::new("bkt", "dir/name", 1000);
@@ -630,7 +630,7 @@ fn cli_listen_prints_one_json_line_per_object() {
     h.attrs.custom = vec![("color".into(), "blue".into())];
     s.send(h, vec![9u8; 1000]).unwrap();
     assert_eq!(s.fin(), Termination::EndOfStream);
-    let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
     assert_eq!(
         v,
         serde_json::json!({
@@ -652,7 +652,7 @@ fn cli_listen_prints_one_json_line_per_object() {
     assert_eq!(report["stats"]["Num"], 2);
     assert_eq!(report["stats"]["Size"], 300_000);
     for (name, size) in [("f1", 300_000), ("f2", 0)] {
-        let v: serde_json::Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
         assert_eq!((v["name"].as_str().unwrap(), v["received"].as_i64().unwrap()), (name, size));
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -696,6 +696,29 @@ fn cli_send(port: u16, trname: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// A child's output, line by line, with a bound on every wait: a test fails
+/// instead of hanging when an expected line never comes.
+struct Lines(std::sync::mpsc::Receiver<String>);
+
+impl Lines {
+    fn of(r: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(r).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    fn next(&mut self) -> String {
+        self.0.recv_timeout(Duration::from_secs(20)).expect("an expected line within 20 s")
+    }
 }
 
 fn pipe_through(args: &[&str], input: &[u8]) -> Vec<u8> {
@@ -805,24 +828,23 @@ fn keep_alive_partial_reads_and_dry_run_from_the_environment() {
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
-    let stderr = BufReader::new(child.0.stderr.take().unwrap());
+    let mut stderr = Lines::of(child.0.stderr.take().unwrap());
     wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let out = cli_send(port, "d", &["--count", "25", "--size", "10KiB"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     // The stats lines on stderr show the objects; stdout stays empty.
-    let mut total = 0;
-    for line in stderr.lines() {
-        let line = line.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let total = loop {
+        let line = stderr.next();
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line)
             && let Some(n) = v["d"]["total_num"].as_i64()
+            && (n == 25 || Instant::now() > deadline)
         {
-            total = n;
-            if n == 25 {
-                assert_eq!(v["d"]["total_size"], 25 * 10240);
-                break;
-            }
+            assert_eq!(v["d"]["total_size"], n * 10240);
+            break n;
         }
-    }
+        assert!(Instant::now() < deadline + Duration::from_secs(5), "no stats line");
+    };
     assert_eq!(total, 25);
     child.0.kill().unwrap();
     let mut stdout = String::new();

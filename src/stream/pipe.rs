@@ -145,6 +145,23 @@ impl Pipe {
         self.wake_consumer();
     }
 
+    /// Publishes `n` bytes without waking the consumer; the producer calls
+    /// [`wake`](Self::wake) when it is worth it (see the receiver).
+    pub fn commit_quiet(&self, n: usize) {
+        let head = self.head.load(Ordering::Relaxed);
+        self.head.store(head + n as u64, Ordering::Release);
+    }
+
+    /// Wakes the consumer if it is waiting.
+    pub fn wake(&self) {
+        self.wake_consumer();
+    }
+
+    /// Bytes published and not yet consumed.
+    pub fn buffered(&self) -> usize {
+        (self.head.load(Ordering::Acquire) - self.tail.load(Ordering::Acquire)) as usize
+    }
+
     /// Marks the end of the data (with an error, or `None` for EOF).
     pub fn close(&self, error: Option<String>) {
         if let Some(e) = error {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use shardwire::bench::stream::parse_size;
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::proto::objstream::lz4::BlockSize;
-use shardwire::stream::{Body, ObjReader, Receiver, RxOptions, Stream, StreamOptions, Termination};
+use shardwire::stream::{
+    Body, HandlerError, ObjReader, Receiver, RecvHandler, RxOptions, Stream, StreamOptions, Termination,
+};
 
 #[derive(clap::Subcommand)]
 pub enum StreamCommand {
@@ -76,11 +78,11 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn listen(a: &ListenArgs) -> Result<(), String> {
-    let rx = Receiver::bind(a.listen, RxOptions::default()).map_err(|e| format!("listen on {}: {e}", a.listen))?;
     let out = Arc::new(Mutex::new(std::io::stdout()));
+    let mut handlers: Vec<(String, Arc<dyn RecvHandler>)> = Vec::new();
     for name in &a.trname {
         let out = out.clone();
-        rx.handle(name, move |h: &ObjHdr, body: &mut ObjReader<'_>| {
+        let handler = move |h: &ObjHdr, body: &mut ObjReader<'_>| -> Result<(), HandlerError> {
             let mut received = 0u64;
             loop {
                 let n = body.fill_buf()?.len();
@@ -109,9 +111,12 @@ fn listen(a: &ListenArgs) -> Result<(), String> {
             writeln!(o, "{line}")?;
             o.flush()?;
             Ok(())
-        })
-        .map_err(|e| e.to_string())?;
+        };
+        handlers.push((name.clone(), Arc::new(handler)));
     }
+    // Handlers are in place before the first connection is taken.
+    let rx = Receiver::bind_with(a.listen, RxOptions::default(), handlers)
+        .map_err(|e| format!("listen on {}: {e}", a.listen))?;
     eprintln!("shardwire: listening on {} for {}", rx.url(), a.trname.join(", "));
     let tick = a.stats_interval.map(Duration::from_secs_f64).unwrap_or(Duration::from_secs(3600));
     loop {

@@ -185,6 +185,13 @@ impl RxShared {
     }
 }
 
+fn check_name(trname: &str) -> Result<(), RegError> {
+    if trname.is_empty() || trname.contains('/') || trname.len() > 256 {
+        return Err(RegError::BadName(trname.into()));
+    }
+    Ok(())
+}
+
 /// Per-endpoint receive statistics (the seed's `GetNetworkStats`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct EndpointStats {
@@ -210,14 +217,38 @@ impl Receiver {
         Self::start(runtime, addr, options)
     }
 
+    /// Listens on `addr` with `handlers` registered before the first
+    /// connection is taken, so no early stream meets an unknown trname.
+    pub fn bind_with(
+        addr: SocketAddr,
+        options: RxOptions,
+        handlers: Vec<(String, Arc<dyn RecvHandler>)>,
+    ) -> std::io::Result<Receiver> {
+        let runtime = crate::engine::shared::shared_runtime().map_err(|e| std::io::Error::other(e.to_string()))?;
+        Self::start_with(runtime, addr, options, handlers)
+    }
+
     /// Listens on `addr` on the given runtime's shards.
     pub fn start(runtime: Arc<Runtime>, addr: SocketAddr, options: RxOptions) -> std::io::Result<Receiver> {
+        Self::start_with(runtime, addr, options, Vec::new())
+    }
+
+    /// [`start`](Self::start), with handlers registered first.
+    pub fn start_with(
+        runtime: Arc<Runtime>,
+        addr: SocketAddr,
+        options: RxOptions,
+        handlers: Vec<(String, Arc<dyn RecvHandler>)>,
+    ) -> std::io::Result<Receiver> {
+        for (name, _) in &handlers {
+            check_name(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        }
         let listener = TcpListener::bind(addr)?;
         let addr = listener.local_addr()?;
         let listener = Arc::new(listener);
         let shared = Arc::new(RxShared {
             id: AtomicU64::new(0),
-            handlers: RwLock::new(HashMap::new()),
+            handlers: RwLock::new(handlers.into_iter().collect()),
             closed_names: Mutex::new(VecDeque::new()),
             sessions: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
@@ -246,9 +277,7 @@ impl Receiver {
     }
 
     pub fn handle_arc(&self, trname: &str, handler: Arc<dyn RecvHandler>) -> Result<(), RegError> {
-        if trname.is_empty() || trname.contains('/') || trname.len() > 256 {
-            return Err(RegError::BadName(trname.into()));
-        }
+        check_name(trname)?;
         let mut map = self.shared.handlers.write().expect("handlers lock");
         if map.contains_key(trname) {
             return Err(RegError::Duplicate(trname.into()));

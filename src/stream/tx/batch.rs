@@ -31,6 +31,15 @@ pub fn batch_bytes() -> usize {
 /// Objects a batch may start on before the byte limit applies: small
 /// objects cost per send, not per byte.
 pub const BATCH_OBJECTS_MIN: usize = 256;
+/// The most object bytes one send carries, whatever the object count, and
+/// the largest piece of one object in a send: a send then completes within
+/// the send timeout on any link that moves.
+pub fn batch_bytes_max() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        std::env::var("SHARDWIRE_STREAM_BATCH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(4 << 20).max(4096)
+    })
+}
 /// Most bytes read from a reader per piece.
 pub const STAGE_BYTES: usize = 256 << 10;
 
@@ -137,7 +146,8 @@ impl Batch {
         let mut failure = None;
         let mut started_bytes = 0usize;
         for (i, o) in queue.iter_mut().enumerate() {
-            if b.segs.len() + 8 >= IOV_MAX || (started_bytes >= batch_bytes() && i >= BATCH_OBJECTS_MIN) {
+            let full = started_bytes >= batch_bytes_max() || (started_bytes >= batch_bytes() && i >= BATCH_OBJECTS_MIN);
+            if b.segs.len() + 8 >= IOV_MAX || full {
                 break;
             }
             let mut zstart = b.segs.len();
@@ -202,11 +212,11 @@ impl Batch {
             if size >= 0 && left == 0 && f.pdu.is_none() {
                 return Ok(true);
             }
-            if self.segs.len() + 4 >= IOV_MAX || (*started >= batch_bytes() && o.sent > 0) {
+            if self.segs.len() + 4 >= IOV_MAX || (*started >= batch_bytes_max() && o.sent > 0) {
                 return Ok(false);
             }
             let cap = f.pdu.map_or(usize::MAX, |p| p.min(MAX_PDU_PAYLOAD));
-            let want = left.min(cap);
+            let want = left.min(cap).min(batch_bytes_max().saturating_sub(*started).max(1));
             let piece = match &mut o.body {
                 Body::Empty => return Err(format!("object {} has size {size} and no body", o.hdr.name)),
                 Body::Bytes(bytes) => {
