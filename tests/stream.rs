@@ -851,3 +851,27 @@ fn keep_alive_partial_reads_and_dry_run_from_the_environment() {
     child.0.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
     assert!(stdout.is_empty(), "a dry run prints no objects: {stdout}");
 }
+
+#[test]
+fn a_receiver_that_never_answers_is_bounded() {
+    // A raw listener that reads everything and answers nothing: fin ends
+    // with an error after the send timeout instead of waiting for ever.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let sink = std::thread::spawn(move || {
+        let (mut c, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 16];
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let (log, opts) = recorder();
+    let opts = StreamOptions { send_timeout: Duration::from_millis(500), ..opts };
+    let s = Stream::new(&format!("http://{addr}"), "silent", opts).unwrap();
+    s.send(ObjHdr::new("b", "x", 10), vec![0u8; 10]).unwrap();
+    let start = Instant::now();
+    let t = s.fin();
+    assert!(matches!(&t, Termination::Error(StreamError::Network(m)) if m.contains("did not answer")), "{t:?}");
+    assert!(start.elapsed() < Duration::from_secs(10));
+    assert_eq!(log.lock().unwrap().len(), 1);
+    drop(s);
+    sink.join().unwrap();
+}

@@ -96,7 +96,8 @@ pub struct StreamOptions {
     pub on_sent: Option<SentCallback>,
     /// Connecting gives up after this long.
     pub connect_timeout: Duration,
-    /// A send making no progress for this long breaks the stream.
+    /// A send that does not complete in this long breaks the stream, and
+    /// so does a receiver that does not answer an ended body in this long.
     pub send_timeout: Duration,
 }
 
@@ -196,7 +197,9 @@ impl TxShared {
     }
 }
 
-/// A stream to one receiver endpoint.
+/// A stream to one receiver endpoint. Dropping a stream that has not
+/// terminated stops it (its queued objects complete with `Stopped`); call
+/// [`fin`](Stream::fin) first to deliver them.
 pub struct Stream {
     shared: Arc<TxShared>,
 }

@@ -178,14 +178,28 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     let timeout = t.shared.options.send_timeout;
     drop(t);
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, whole)));
+    arm_send_timeout(ctx, tx, generation, timeout);
+}
+
+/// Bounds the send of batch `generation`, and the receiver's answer after
+/// a batch that ends the body: past `timeout`, the connection is broken
+/// (the send then fails) or the stream ends with an error.
+fn arm_send_timeout(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, generation: u64, timeout: std::time::Duration) {
     let tx2 = tx.clone();
-    let _ = ctx.set_timer(timeout, move |_ctx| {
-        let t = tx2.borrow();
-        if t.sending && t.send_gen == generation && !t.ended {
+    let _ = ctx.set_timer(timeout, move |ctx| {
+        let (stuck_send, no_answer) = {
+            let t = tx2.borrow();
+            let current = t.send_gen == generation && !t.ended;
+            (current && t.sending, current && !t.sending && t.awaiting_response)
+        };
+        if stuck_send {
             // No progress: break the connection; the send fails with it.
-            if let Some(fd) = &t.fd {
+            if let Some(fd) = &tx2.borrow().fd {
                 sock::shutdown_both(fd.as_ref());
             }
+        } else if no_answer {
+            let e = StreamError::Network(format!("the receiver did not answer within {timeout:?}"));
+            end(ctx, &tx2, Termination::Error(e));
         }
     });
 }
@@ -581,14 +595,16 @@ fn arm_idle(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
 fn end_body(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     let framing = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: true };
     let (batch, _) = Batch::build(&mut [], &framing);
-    {
+    let (generation, timeout) = {
         let mut t = tx.borrow_mut();
         t.sending = true;
         t.send_gen += 1;
         t.in_request = false;
         t.awaiting_response = true;
-    }
+        (t.send_gen, t.shared.options.send_timeout)
+    };
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, true)));
+    arm_send_timeout(ctx, tx, generation, timeout);
 }
 
 /// Terminates the stream: every object still queued or in flight completes
