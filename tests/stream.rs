@@ -875,3 +875,24 @@ fn a_receiver_that_never_answers_is_bounded() {
     drop(s);
     sink.join().unwrap();
 }
+
+#[test]
+fn an_error_answer_survives_a_body_still_coming() {
+    // The receiver refuses at the head while the client is still sending a
+    // large body: it half-closes and drains, so the client reads the 400
+    // and its writes are not reset.
+    let rx = receiver();
+    let mut c = TcpStream::connect(rx.local_addr()).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let body = vec![0u8; 8 << 20];
+    let head = format!("PUT /v1/objstream/nobody HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len());
+    c.write_all(head.as_bytes()).unwrap();
+    let mut w = c.try_clone().unwrap();
+    let writer = std::thread::spawn(move || w.write_all(&body).is_ok());
+    let mut answer = Vec::new();
+    let _ = c.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 400 "), "{text}");
+    assert!(text.contains("unknown trname"), "{text}");
+    assert!(writer.join().unwrap(), "the body was drained, not reset");
+}

@@ -24,6 +24,10 @@ pub const PATH_PREFIX: &str = "/v1/objstream/";
 /// Most bytes one receive asks for.
 const RECV_BYTES_MAX: usize = 64 << 10;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
+/// After an error answer, how long and how much of the client's unread
+/// bytes are drained before the close.
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES_MAX: usize = 64 << 20;
 
 fn recv_bytes_max() -> usize {
     static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -80,6 +84,8 @@ struct Conn {
     close_after_send: bool,
     keep_alive: bool,
     link: Option<Arc<Link>>,
+    /// Half-closed after an error answer, draining before the close.
+    lingering: bool,
     session_key: Option<u64>,
     trname: String,
     caller: String,
@@ -248,6 +254,7 @@ fn adopt(ctx: &mut ShardCtx, rx: u64, fd: OwnedFd, shared: Arc<RxShared>) {
         close_after_send: false,
         keep_alive: true,
         link: None,
+        lingering: false,
         session_key: None,
         trname: String::new(),
         caller: String::new(),
@@ -310,6 +317,13 @@ fn post_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
 
 fn on_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
     conn.borrow_mut().recv_op = false;
+    if conn.borrow().lingering && !conn.borrow().gone {
+        // An answer is out and the connection closes: drop what came.
+        return match done.io_result() {
+            Ok(n) if n > 0 => drain(ctx, conn, n as usize),
+            _ => close(ctx, conn, "response sent"),
+        };
+    }
     let phase = conn.borrow().phase;
     match done.io_result() {
         Ok(0) | Err(_) if conn.borrow().gone => finish_if_idle(ctx, conn),
@@ -550,7 +564,7 @@ fn post_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
         let Some(front) = c.out.front() else {
             drop(c);
             if conn.borrow().close_after_send {
-                close(ctx, conn, "response sent");
+                linger_close(ctx, conn);
             }
             return;
         };
@@ -587,6 +601,58 @@ fn on_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
             post_send(ctx, conn);
         }
         Err(e) => close(ctx, conn, &format!("send failed: {e}")),
+    }
+}
+
+/// After an error answer: half-close, then read and drop what the client
+/// still sends (bounded in bytes and time) before closing. Closing with
+/// unread bytes would make the kernel reset the connection, and a reset can
+/// destroy the answer before the client reads it.
+fn linger_close(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
+    {
+        let mut c = conn.borrow_mut();
+        if c.gone || c.lingering {
+            return;
+        }
+        c.lingering = true;
+        // SAFETY: plain syscall on the connection's own descriptor.
+        unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_WR) };
+    }
+    let c2 = conn.clone();
+    if ctx.set_timer(LINGER_TIME, move |ctx| close(ctx, &c2, "linger time over")).is_err() {
+        return close(ctx, conn, "response sent");
+    }
+    drain(ctx, conn, 0);
+}
+
+fn drain(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, drained: usize) {
+    if conn.borrow().gone || conn.borrow().recv_op {
+        return;
+    }
+    if drained >= LINGER_BYTES_MAX {
+        return close(ctx, conn, "drained enough");
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let entry = opcode::Recv::new(types::Fd(conn.borrow().fd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
+    let c2 = conn.clone();
+    // SAFETY: the closure owns the buffer, and the connection (with its
+    // descriptor), until the completion.
+    let r = unsafe {
+        ctx.submit_op(entry, move |ctx, done| {
+            let _buf = buf;
+            c2.borrow_mut().recv_op = false;
+            if c2.borrow().gone {
+                return finish_if_idle(ctx, &c2);
+            }
+            match done.io_result() {
+                Ok(n) if n > 0 => drain(ctx, &c2, drained + n as usize),
+                _ => close(ctx, &c2, "response sent"),
+            }
+        })
+    };
+    match r {
+        Ok(_) => conn.borrow_mut().recv_op = true,
+        Err(_) => close(ctx, conn, "response sent"),
     }
 }
 
