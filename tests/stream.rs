@@ -896,3 +896,33 @@ fn an_error_answer_survives_a_body_still_coming() {
     assert!(text.contains("unknown trname"), "{text}");
     assert!(writer.join().unwrap(), "the body was drained, not reset");
 }
+
+#[test]
+fn idle_connections_and_stalled_senders_are_closed() {
+    let opts = RxOptions { idle_timeout: Duration::from_millis(300), ..RxOptions::default() };
+    let rx = Receiver::bind("127.0.0.1:0".parse().unwrap(), opts).unwrap();
+    let c = collect(&rx, "idle");
+    // A connection that sends half a head, then nothing.
+    let mut quiet = TcpStream::connect(rx.local_addr()).unwrap();
+    quiet.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    quiet.write_all(b"PUT /v1/objstream/idle HTTP/1.1\r\n").unwrap();
+    // A sender that stops in the middle of an object.
+    let mut stalled = TcpStream::connect(rx.local_addr()).unwrap();
+    stalled.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut body = Vec::new();
+    frame::encode_obj_frame(&ObjHdr::new("b", "half", 1000), false, &mut body, 4096).unwrap();
+    body.extend_from_slice(&[1u8; 500]);
+    let mut req =
+        format!("PUT /v1/objstream/idle HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n", body.len() + 500)
+            .into_bytes();
+    req.extend_from_slice(&body);
+    stalled.write_all(&req).unwrap();
+    let start = Instant::now();
+    let mut rest = Vec::new();
+    assert_eq!(quiet.read_to_end(&mut rest).unwrap_or(0), 0, "closed without an answer");
+    let _ = stalled.read_to_end(&mut rest);
+    assert!(start.elapsed() < Duration::from_secs(5));
+    wait_for("the handler's error", Duration::from_secs(5), || !c.errors.lock().unwrap().is_empty());
+    assert!(matches!(&c.errors.lock().unwrap()[0], RecvError::PeerClosed(m) if m.contains("no bytes moved")));
+    wait_for("the connections to go", Duration::from_secs(5), || rx.connections() == 0);
+}

@@ -157,6 +157,11 @@ impl Pipe {
         self.wake_consumer();
     }
 
+    /// A number that changes whenever bytes are published or consumed.
+    pub fn progress(&self) -> u64 {
+        self.head.load(Ordering::Acquire).wrapping_add(self.tail.load(Ordering::Acquire))
+    }
+
     /// Bytes published and not yet consumed.
     pub fn buffered(&self) -> usize {
         (self.head.load(Ordering::Acquire) - self.tail.load(Ordering::Acquire)) as usize

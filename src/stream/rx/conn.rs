@@ -269,6 +269,7 @@ fn adopt(ctx: &mut ShardCtx, rx: u64, fd: OwnedFd, shared: Arc<RxShared>) {
             }
         });
     }));
+    watch_idle(ctx, &conn, u64::MAX);
     if over {
         let msg = format!("more than {} connections", shared.options.connections_max);
         respond(ctx, &conn, 503, &error_json(503, &msg, "ErrBusy"), false);
@@ -602,6 +603,31 @@ fn on_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
         }
         Err(e) => close(ctx, conn, &format!("send failed: {e}")),
     }
+}
+
+/// Closes the connection once its pipe has seen no progress (bytes in or
+/// out) for a whole `idle_timeout`.
+fn watch_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, last: u64) {
+    let (timeout, now) = {
+        let c = conn.borrow();
+        if c.gone {
+            return;
+        }
+        (c.shared.options.idle_timeout, c.pipe.progress())
+    };
+    if now == last {
+        let why = format!("no bytes moved for {timeout:?}");
+        conn.borrow().pipe.close(Some(why.clone()));
+        return close(ctx, conn, &why);
+    }
+    // A weak reference: a closed connection (and its descriptor) goes at
+    // once, not when the timer fires.
+    let weak = Rc::downgrade(conn);
+    let _ = ctx.set_timer(timeout, move |ctx| {
+        if let Some(c) = weak.upgrade() {
+            watch_idle(ctx, &c, now);
+        }
+    });
 }
 
 /// After an error answer: half-close, then read and drop what the client

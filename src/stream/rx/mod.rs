@@ -119,6 +119,11 @@ pub struct RxOptions {
     pub pipe_bytes: usize,
     /// Most connections at once; more are refused with 503.
     pub connections_max: usize,
+    /// A connection whose bytes neither arrive nor get read for this long
+    /// is closed (an idle keep-alive connection, a sender stalled
+    /// mid-stream, or a handler stuck on one object). Keep it above the
+    /// senders' idle teardown.
+    pub idle_timeout: std::time::Duration,
 }
 
 impl Default for RxOptions {
@@ -128,6 +133,7 @@ impl Default for RxOptions {
             max_header: crate::proto::objstream::header::MAX_HEADER_BYTES,
             pipe_bytes: std::env::var("SHARDWIRE_STREAM_PIPE").ok().and_then(|v| v.parse().ok()).unwrap_or(PIPE_BYTES),
             connections_max: 1024,
+            idle_timeout: std::time::Duration::from_secs(120),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::Arc;
 
 use io_uring::{opcode, types};
@@ -45,8 +45,10 @@ struct Tx {
     response: Vec<u8>,
     recv_op: bool,
     idle_timer: Option<TimerId>,
-    /// Bumped per batch, for the send timeout.
+    /// Bumped per batch, for the watchdog.
     send_gen: u64,
+    /// The watchdog timer is armed.
+    watchdog: bool,
     ended: bool,
 }
 
@@ -77,6 +79,7 @@ fn tx_of(ctx: &mut ShardCtx, shared: &Arc<TxShared>) -> Rc<RefCell<Tx>> {
                 recv_op: false,
                 idle_timer: None,
                 send_gen: 0,
+                watchdog: false,
                 ended: false,
             }))
         })
@@ -174,34 +177,64 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     }
     t.sending = true;
     t.send_gen += 1;
-    let generation = t.send_gen;
-    let timeout = t.shared.options.send_timeout;
     drop(t);
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, whole)));
-    arm_send_timeout(ctx, tx, generation, timeout);
+    ensure_watchdog(ctx, tx);
 }
 
-/// Bounds the send of batch `generation`, and the receiver's answer after
-/// a batch that ends the body: past `timeout`, the connection is broken
-/// (the send then fails) or the stream ends with an error.
-fn arm_send_timeout(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, generation: u64, timeout: std::time::Duration) {
-    let tx2 = tx.clone();
-    let _ = ctx.set_timer(timeout, move |ctx| {
-        let (stuck_send, no_answer) = {
-            let t = tx2.borrow();
-            let current = t.send_gen == generation && !t.ended;
-            (current && t.sending, current && !t.sending && t.awaiting_response)
-        };
-        if stuck_send {
-            // No progress: break the connection; the send fails with it.
-            if let Some(fd) = &tx2.borrow().fd {
-                sock::shutdown_both(fd.as_ref());
-            }
-        } else if no_answer {
-            let e = StreamError::Network(format!("the receiver did not answer within {timeout:?}"));
-            end(ctx, &tx2, Termination::Error(e));
+/// Starts the stream's watchdog if it is not running. One timer per
+/// stream, not per batch: the shard's timer table is bounded and shared.
+fn ensure_watchdog(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    if std::mem::replace(&mut tx.borrow_mut().watchdog, true) {
+        return;
+    }
+    let (timeout, generation) = {
+        let t = tx.borrow();
+        (t.shared.options.send_timeout, t.send_gen)
+    };
+    arm_watchdog(ctx, Rc::downgrade(tx), timeout, generation);
+}
+
+fn arm_watchdog(ctx: &mut ShardCtx, weak: Weak<RefCell<Tx>>, timeout: std::time::Duration, seen: u64) {
+    let w = weak.clone();
+    let r = ctx.set_timer(timeout, move |ctx| {
+        if let Some(tx) = w.upgrade() {
+            watchdog(ctx, &tx, timeout, seen);
         }
     });
+    if r.is_err()
+        && let Some(tx) = weak.upgrade()
+    {
+        tx.borrow_mut().watchdog = false;
+    }
+}
+
+/// Every `timeout`: a send still in flight, or an answer still due, for the
+/// same batch as at the previous look has taken at least `timeout`. The
+/// send is broken (it then fails), or the stream ends for want of an answer.
+fn watchdog(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, timeout: std::time::Duration, seen: u64) {
+    let (ended, current, sending, waiting) = {
+        let t = tx.borrow();
+        (t.ended, t.send_gen, t.sending, t.awaiting_response)
+    };
+    if ended {
+        return;
+    }
+    if current == seen && sending {
+        // No progress: break the connection; the send fails with it.
+        if let Some(fd) = &tx.borrow().fd {
+            sock::shutdown_both(fd.as_ref());
+        }
+    } else if current == seen && waiting {
+        let e = StreamError::Network(format!("the receiver did not answer within {timeout:?}"));
+        return end(ctx, tx, Termination::Error(e));
+    }
+    if !sending && !waiting {
+        // Idle: stop looking until the next send.
+        tx.borrow_mut().watchdog = false;
+        return;
+    }
+    arm_watchdog(ctx, Rc::downgrade(tx), timeout, current);
 }
 
 /// A batch and whether it ends the request body.
@@ -595,16 +628,15 @@ fn arm_idle(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
 fn end_body(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     let framing = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: true };
     let (batch, _) = Batch::build(&mut [], &framing);
-    let (generation, timeout) = {
+    {
         let mut t = tx.borrow_mut();
         t.sending = true;
         t.send_gen += 1;
         t.in_request = false;
         t.awaiting_response = true;
-        (t.send_gen, t.shared.options.send_timeout)
-    };
+    }
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, true)));
-    arm_send_timeout(ctx, tx, generation, timeout);
+    ensure_watchdog(ctx, tx);
 }
 
 /// Terminates the stream: every object still queued or in flight completes
