@@ -172,7 +172,8 @@ fn on_accept(
             // SAFETY: the accept handed us this descriptor; nothing else owns it.
             let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
             let incoming = crate::transport::tcp::choose_shard(&fd, cpus, next);
-            let target = place(incoming, cpus.len());
+            let local = crate::transport::tcp::sock::is_local_ip(peer_of(&fd).ip());
+            let target = place(incoming, cpus.len(), local);
             log::debug!(
                 "stream receiver: accepted on shard {}, packets on shard {incoming}, served on {target}",
                 ctx.id()
@@ -207,14 +208,19 @@ fn on_accept(
     }
 }
 
-/// The shard for an accepted stream: by default not the one where its
-/// packets are processed (on loopback, the sender's core), so that sending
-/// and receiving copies run on two cores at once.
-fn place(incoming: usize, shards: usize) -> usize {
-    match std::env::var("SHARDWIRE_STREAM_PLACEMENT").as_deref() {
-        Ok("same") => incoming,
-        _ => (incoming + 1) % shards.max(1),
-    }
+/// The shard for an accepted stream. From a peer on this host, not the one
+/// where its packets are processed, which is the sender's own core: the
+/// sending and the receiving copies then run on two cores at once (on the
+/// same core, half the rate). From another host, the one where its packets
+/// are processed, so they are read on the core that has them in cache.
+/// `SHARDWIRE_STREAM_PLACEMENT=same|other` forces either.
+fn place(incoming: usize, shards: usize, peer_is_local: bool) -> usize {
+    let other = match std::env::var("SHARDWIRE_STREAM_PLACEMENT").as_deref() {
+        Ok("same") => false,
+        Ok("other") => true,
+        _ => peer_is_local,
+    };
+    if other { (incoming + 1) % shards.max(1) } else { incoming }
 }
 
 fn peer_of(fd: &OwnedFd) -> SocketAddr {
@@ -710,5 +716,21 @@ fn finish_if_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
     };
     if idle && let Some(st) = rx_shard(ctx, rx) {
         st.conns.remove(&id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::place;
+
+    #[test]
+    fn local_streams_go_to_the_other_core_remote_ones_stay() {
+        if std::env::var_os("SHARDWIRE_STREAM_PLACEMENT").is_some() {
+            return; // forced by the environment
+        }
+        assert_eq!(place(1, 2, true), 0);
+        assert_eq!(place(0, 2, true), 1);
+        assert_eq!(place(1, 2, false), 1);
+        assert_eq!(place(0, 1, true), 0, "one shard: nowhere else to go");
     }
 }
