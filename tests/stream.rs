@@ -926,3 +926,26 @@ fn idle_connections_and_stalled_senders_are_closed() {
     assert!(matches!(&c.errors.lock().unwrap()[0], RecvError::PeerClosed(m) if m.contains("no bytes moved")));
     wait_for("the connections to go", Duration::from_secs(5), || rx.connections() == 0);
 }
+
+#[test]
+fn an_object_failing_at_framing_fails_alone() {
+    // A header above the stream's limit fails when its batch is framed,
+    // before any of its bytes go out; the stream, and fin, go on.
+    let rx = receiver();
+    let c = collect(&rx, "alone");
+    let (log, opts) = recorder();
+    let s = Stream::new(&rx.url(), "alone", opts).unwrap();
+    s.send(ObjHdr::new("b", "ok", 3), vec![1, 2, 3]).unwrap();
+    let mut big = ObjHdr::new("b", "too-big-a-header", 3);
+    big.opaque = vec![0; 5000];
+    s.send(big, vec![4, 5, 6]).unwrap();
+    let start = Instant::now();
+    assert_eq!(s.fin(), Termination::EndOfStream);
+    assert!(start.elapsed() < Duration::from_secs(10));
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 2);
+    assert_eq!(log[0], ("ok".into(), None));
+    assert!(log[1].1.as_deref().is_some_and(|e| e.contains("header is")), "{:?}", log[1]);
+    let names: Vec<_> = c.got.lock().unwrap().iter().map(|g| g.0.name.clone()).collect();
+    assert_eq!(names, ["ok"]);
+}

@@ -147,6 +147,8 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         end_body: fin_now,
     };
     let (batch, failure) = Batch::build(t.queue.make_contiguous(), &framing);
+    // A batch cut short by a failed object carries no Fin: that goes next.
+    let cut_short = failure.is_some();
     if let Some(f) = failure {
         let e = StreamError::Object(f.error);
         if f.breaks_stream {
@@ -165,7 +167,7 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         }
         t = tx.borrow_mut();
     }
-    let whole = fin_now && batch.completes == t.queue.len();
+    let whole = fin_now && !cut_short && batch.completes == t.queue.len();
     if batch.total() == 0 {
         return;
     }
