@@ -2,7 +2,7 @@
 //! from it: object headers, PDUs, and the end-of-stream frame.
 //!
 //! `word1` (u64 BE) is `length | flags`, and `check` (u64 BE) is
-//! [`hash`](super::hash::hash)`(word1)`. The flags are the top four bits.
+//! [`super::hash::hash`]`(word1)`. The flags are the top four bits.
 
 use super::hash::hash;
 use super::header::{MAX_HEADER_BYTES, OPC_FIN, ObjHdr};

@@ -5,8 +5,8 @@
 //!   that processes its packets. That shard does all of the connection's
 //!   I/O on its ring: receives go straight into the connection's
 //!   [`Pipe`](super::pipe::Pipe), and it parses request heads, answers bad
-//!   ones with a 4xx, and writes the responses ([`conn`]).
-//! - A body is decoded by the connection's own thread ([`worker`]), which
+//!   ones with a 4xx, and writes the responses (`conn.rs`).
+//! - A body is decoded by the connection's own thread (`worker.rs`), which
 //!   calls the handler once per object with a reader bounded to that
 //!   object. Handlers may block (write a file, say) without stalling the
 //!   shard; a slow handler slows its own sender through TCP, as in AIStore.
