@@ -930,22 +930,33 @@ fn idle_connections_and_stalled_senders_are_closed() {
 #[test]
 fn an_object_failing_at_framing_fails_alone() {
     // A header above the stream's limit fails when its batch is framed,
-    // before any of its bytes go out; the stream, and fin, go on.
+    // before any of its bytes go out; it completes in its turn, after the
+    // objects ahead of it, and the stream, and fin, go on.
     let rx = receiver();
     let c = collect(&rx, "alone");
     let (log, opts) = recorder();
     let s = Stream::new(&rx.url(), "alone", opts).unwrap();
-    s.send(ObjHdr::new("b", "ok", 3), vec![1, 2, 3]).unwrap();
-    let mut big = ObjHdr::new("b", "too-big-a-header", 3);
-    big.opaque = vec![0; 5000];
-    s.send(big, vec![4, 5, 6]).unwrap();
+    let mut want = Vec::new();
+    for i in 0..40 {
+        let name = format!("o{i}");
+        if i % 10 == 7 {
+            let mut big = ObjHdr::new("b", &name, 3);
+            big.opaque = vec![0; 5000];
+            s.send(big, vec![4, 5, 6]).unwrap();
+            want.push((name, true));
+        } else {
+            s.send(ObjHdr::new("b", &name, 3), vec![1, 2, 3]).unwrap();
+            want.push((name, false));
+        }
+    }
     let start = Instant::now();
     assert_eq!(s.fin(), Termination::EndOfStream);
     assert!(start.elapsed() < Duration::from_secs(10));
     let log = log.lock().unwrap();
-    assert_eq!(log.len(), 2);
-    assert_eq!(log[0], ("ok".into(), None));
-    assert!(log[1].1.as_deref().is_some_and(|e| e.contains("header is")), "{:?}", log[1]);
+    let got: Vec<(String, bool)> = log.iter().map(|(n, e)| (n.clone(), e.is_some())).collect();
+    assert_eq!(got, want, "one completion each, in order, the oversized ones failed");
+    assert!(log.iter().filter_map(|(_, e)| e.as_deref()).all(|e| e.contains("header is")));
     let names: Vec<_> = c.got.lock().unwrap().iter().map(|g| g.0.name.clone()).collect();
-    assert_eq!(names, ["ok"]);
+    let sent: Vec<_> = want.iter().filter(|(_, failed)| !failed).map(|(n, _)| n.clone()).collect();
+    assert_eq!(names, sent);
 }

@@ -200,11 +200,15 @@ fn on_accept(
     let still = rx_shard(ctx, rx).map(|st| st.accept = None).is_some();
     if still {
         let (l, s, c) = (listener.clone(), shared.clone(), cpus.clone());
-        let _ = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
+        let timer = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
             if rx_shard(ctx, rx).is_some() {
                 start_accept(ctx, rx, l, s, c);
             }
         });
+        if timer.is_err() {
+            // Without a timer, re-arm at once rather than stop accepting.
+            start_accept(ctx, rx, listener.clone(), shared.clone(), cpus.clone());
+        }
     }
 }
 
@@ -629,6 +633,8 @@ fn watch_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, last: u64) {
     // A weak reference: a closed connection (and its descriptor) goes at
     // once, not when the timer fires.
     let weak = Rc::downgrade(conn);
+    // If the timer table is full, this connection goes unwatched (it still
+    // ends when its peer closes).
     let _ = ctx.set_timer(timeout, move |ctx| {
         if let Some(c) = weak.upgrade() {
             watch_idle(ctx, &c, now);

@@ -147,7 +147,8 @@ impl Batch {
         let mut started_bytes = 0usize;
         for (i, o) in queue.iter_mut().enumerate() {
             let full = started_bytes >= batch_bytes_max() || (started_bytes >= batch_bytes() && i >= BATCH_OBJECTS_MIN);
-            if b.segs.len() + 8 >= IOV_MAX || full {
+            // A failed object waits at the front for its completion.
+            if b.segs.len() + 8 >= IOV_MAX || full || o.failed.is_some() {
                 break;
             }
             let mut zstart = b.segs.len();
@@ -363,7 +364,7 @@ mod tests {
     use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing as BodyFraming, ObjHdr, SIZE_UNKNOWN};
 
     fn out(hdr: ObjHdr, body: Body) -> Outgoing {
-        Outgoing { hdr, body, cb: None, started: false, sent: 0 }
+        Outgoing { hdr, body, cb: None, started: false, sent: 0, failed: None }
     }
 
     /// Frames the queue in batches until empty; returns the request bytes

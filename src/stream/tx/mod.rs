@@ -146,6 +146,9 @@ pub(crate) struct Outgoing {
     pub started: bool,
     /// Body bytes framed so far.
     pub sent: u64,
+    /// Framing failed before any of it went out: it completes with this
+    /// once the objects ahead of it have.
+    pub failed: Option<StreamError>,
 }
 
 /// How the stream ended.
@@ -323,7 +326,7 @@ impl Stream {
             }
             *o += 1;
         }
-        let obj = Outgoing { hdr, body, cb, started: false, sent: 0 };
+        let obj = Outgoing { hdr, body, cb, started: false, sent: 0, failed: None };
         let shared = s.clone();
         let r = s.runtime.submit(s.shard, move |ctx| shard::enqueue(ctx, &shared, obj));
         if let Err(e) = r {

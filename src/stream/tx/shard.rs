@@ -118,10 +118,13 @@ pub(super) fn stop(ctx: &mut ShardCtx, shared: &Arc<TxShared>) {
 
 /// Moves the stream forward: connect, or frame and send the next batch.
 fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
-    let mut t = tx.borrow_mut();
-    if t.ended || t.sending || t.awaiting_response {
+    if tx.borrow().ended || tx.borrow().sending || tx.borrow().awaiting_response {
         return;
     }
+    // Objects that failed framing complete once those ahead of them have,
+    // which is now: nothing is in flight.
+    complete_failed_front(tx);
+    let mut t = tx.borrow_mut();
     let work = !t.queue.is_empty() || (t.fin_requested && !t.fin_sent);
     if !work {
         drop(t);
@@ -155,17 +158,13 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
             drop(t);
             return end(ctx, tx, Termination::Error(e));
         }
-        // The object never reached the wire: it fails alone.
-        let o = t.queue.remove(f.index).expect("the failed object is queued");
-        let shared = t.shared.clone();
-        drop(t);
-        complete(&shared, &o.hdr, o.cb, Err(&e));
-        shared.release(1);
+        // The object never reached the wire: it fails alone, in its turn.
+        t.queue[f.index].failed = Some(e);
         if batch.completes == 0 && batch.total() == head.as_ref().map_or(0, |h| h.len()) {
-            // Nothing else in this batch: try again from the next object.
+            // Nothing else in this batch: go on from the next object.
+            drop(t);
             return kick(ctx, tx);
         }
-        t = tx.borrow_mut();
     }
     let whole = fin_now && !cut_short && batch.completes == t.queue.len();
     if batch.total() == 0 {
@@ -182,6 +181,25 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     drop(t);
     send_batch(ctx, tx, Box::new(batch_with_flag(batch, whole)));
     ensure_watchdog(ctx, tx);
+}
+
+/// Completes the objects at the front of the queue whose framing failed.
+fn complete_failed_front(tx: &Rc<RefCell<Tx>>) {
+    loop {
+        let (shared, o) = {
+            let mut t = tx.borrow_mut();
+            if t.queue.front().is_none_or(|o| o.failed.is_none()) {
+                return;
+            }
+            let o = t.queue.pop_front().expect("checked");
+            (t.shared.clone(), o)
+        };
+        let Outgoing { hdr, body, cb, failed, .. } = o;
+        drop(body);
+        let e = failed.expect("checked");
+        complete(&shared, &hdr, cb, Err(&e));
+        shared.release(1);
+    }
 }
 
 /// Starts the stream's watchdog if it is not running. One timer per
@@ -407,6 +425,7 @@ fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
     }
     let timeout = tx.borrow().shared.options.connect_timeout;
     let tx3 = tx.clone();
+    // If the timer table is full, the kernel's own connect timeout applies.
     let _ = ctx.set_timer(timeout, move |ctx| {
         let stuck = {
             let t = tx3.borrow();
@@ -666,9 +685,9 @@ fn end(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>, how: Termination) {
     };
     let n = objs.len();
     for o in objs {
-        let Outgoing { hdr, body, cb, .. } = o;
+        let Outgoing { hdr, body, cb, failed, .. } = o;
         drop(body);
-        complete(&shared, &hdr, cb, Err(&err));
+        complete(&shared, &hdr, cb, Err(failed.as_ref().unwrap_or(&err)));
     }
     shared.release(n);
     shared.counters.lock().expect("stats lock").set_idle(true, ctx.now());

@@ -238,12 +238,16 @@ fn on_accept(
         None => false,
     };
     if still_open {
-        let (l, cpus) = (listener.clone(), cpus.clone());
-        let _ = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
+        let (l, c) = (listener.clone(), cpus.clone());
+        let timer = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
             if halves(ctx, engine).is_some() {
-                start_accept(ctx, engine, l, cpus);
+                start_accept(ctx, engine, l, c);
             }
         });
+        if timer.is_err() {
+            // Without a timer, re-arm at once rather than stop accepting.
+            start_accept(ctx, engine, listener.clone(), cpus.clone());
+        }
     }
 }
 

@@ -542,7 +542,10 @@ fn start_reject_drain(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
         s.drain = Some(vec![0u8; DRAIN_CHUNK].into_boxed_slice());
     }
     let rc = session.clone();
-    let _ = ctx.set_timer(REJECT_DRAIN_TIME, move |ctx| close(ctx, &rc, "rejection drain time is up"));
+    if ctx.set_timer(REJECT_DRAIN_TIME, move |ctx| close(ctx, &rc, "rejection drain time is up")).is_err() {
+        // No timer to bound the drain: close now rather than maybe never.
+        return close(ctx, session, "no timer for the rejection drain");
+    }
     drain_more(ctx, session);
 }
 
