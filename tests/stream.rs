@@ -960,3 +960,59 @@ fn an_object_failing_at_framing_fails_alone() {
     let sent: Vec<_> = want.iter().filter(|(_, failed)| !failed).map(|(n, _)| n.clone()).collect();
     assert_eq!(names, sent);
 }
+
+#[test]
+fn panicking_user_code_fails_its_object_not_the_stream_machinery() {
+    let rx = receiver();
+    rx.handle("p", |h: &ObjHdr, _b: &mut ObjReader<'_>| {
+        assert!(h.name != "boom", "a handler bug");
+        Ok(())
+    })
+    .unwrap();
+    collect(&rx, "q");
+
+    // A handler that panics: its stream ends with a 400 naming the panic.
+    let s = Stream::new(&rx.url(), "p", StreamOptions::default()).unwrap();
+    s.send(ObjHdr::new("b", "boom", 1), vec![1]).unwrap();
+    let t = s.fin();
+    assert!(
+        matches!(&t, Termination::Error(StreamError::Rejected { message, .. }) if message.contains("panicked")),
+        "{t:?}"
+    );
+
+    // A completion callback that panics: the others still run, fin works.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s2 = seen.clone();
+    let opts = StreamOptions {
+        on_sent: Some(Arc::new(move |h: &ObjHdr, _r| {
+            s2.fetch_add(1, Ordering::SeqCst);
+            assert!(h.name != "cb-boom", "a callback bug");
+        })),
+        ..StreamOptions::default()
+    };
+    let s = Stream::new(&rx.url(), "q", opts).unwrap();
+    for name in ["a", "cb-boom", "b"] {
+        s.send(ObjHdr::new("b", name, 1), vec![1]).unwrap();
+    }
+    assert_eq!(s.fin(), Termination::EndOfStream);
+    assert_eq!(seen.load(Ordering::SeqCst), 3);
+
+    // A reader that panics: its object fails, the stream ends with the
+    // error, every object completes once, and nothing hangs.
+    struct Bomb;
+    impl Read for Bomb {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            panic!("a reader bug")
+        }
+    }
+    let (log, opts) = recorder();
+    let s = Stream::new(&rx.url(), "q", opts).unwrap();
+    s.send(ObjHdr::new("b", "before", 1), vec![1]).unwrap();
+    s.send(ObjHdr::new("b", "bomb", 10), Body::Reader(Box::new(Bomb))).unwrap();
+    let _ = s.send(ObjHdr::new("b", "after", 1), vec![1]);
+    let t = s.fin();
+    assert!(matches!(&t, Termination::Error(StreamError::Object(m)) if m.contains("panicked")), "{t:?}");
+    let log = log.lock().unwrap();
+    assert_eq!(log.len(), 3);
+    assert!(log.iter().any(|(n, e)| n == "bomb" && e.is_some()));
+}

@@ -94,7 +94,10 @@ fn run(pipe: &Arc<Pipe>, job: Job) -> Result<(), RecvError> {
     // Free what the last object's bytes still held.
     body.pipe.consume(std::mem::take(&mut body.owed));
     if let Err(e) = &result {
-        job.handler.error(&job.session, e);
+        let call = std::panic::AssertUnwindSafe(|| job.handler.error(&job.session, e));
+        if std::panic::catch_unwind(call).is_err() {
+            log::error!("stream receiver: the error hook of {} panicked", job.session.trname);
+        }
     }
     result
 }
@@ -104,7 +107,7 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
         match body.step()? {
             Step::Header(hdr) => {
                 let mut reader = ObjReader { body: &mut *body, cur: (std::ptr::null(), 0), done: false, received: 0 };
-                let handled = if job.dry_run { Ok(()) } else { job.handler.object(&job.session, &hdr, &mut reader) };
+                let handled = if job.dry_run { Ok(()) } else { call_handler(job, &hdr, &mut reader) };
                 if reader.body.error.is_none() {
                     reader.drain();
                 }
@@ -128,6 +131,16 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
         }
         job.counters.offset.store(body.offset as i64, Ordering::Relaxed);
     }
+}
+
+/// Calls the handler; a panic in it is that object's error (the stream ends
+/// with a 400), not the end of this thread.
+fn call_handler(job: &Job, hdr: &ObjHdr, reader: &mut ObjReader<'_>) -> Result<(), super::HandlerError> {
+    let call = std::panic::AssertUnwindSafe(|| job.handler.object(&job.session, hdr, reader));
+    std::panic::catch_unwind(call).unwrap_or_else(|p| {
+        let why = crate::runtime::task::panic_message(p.as_ref());
+        Err(super::HandlerError(format!("the handler panicked: {why}")))
+    })
 }
 
 /// What the body yields, with object bytes as a raw slice (valid until the

@@ -344,8 +344,16 @@ impl Piece {
     }
 }
 
-/// Reads until `buf` is full or the reader ends.
+/// Reads until `buf` is full or the reader ends. A reader that panics is
+/// an error of its object, not of the shard.
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| read_full_inner(r, buf))).unwrap_or_else(|p| {
+        let why = crate::runtime::task::panic_message(p.as_ref());
+        Err(std::io::Error::other(format!("the reader panicked: {why}")))
+    })
+}
+
+fn read_full_inner(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {

@@ -415,14 +415,21 @@ fn term_error(t: Termination) -> StreamError {
 }
 
 /// Runs an object's completion: its own callback, else the stream's.
+/// A callback that panics is logged and skipped: the completions after it
+/// still run, and the stream's bookkeeping (burst slots, the queue) stays
+/// whole.
 pub(crate) fn complete(s: &TxShared, hdr: &ObjHdr, cb: Option<ObjCallback>, result: Result<(), &StreamError>) {
-    match cb {
+    let run = std::panic::AssertUnwindSafe(|| match cb {
         Some(cb) => cb(hdr, result),
         None => {
             if let Some(cb) = &s.options.on_sent {
                 cb(hdr, result);
             }
         }
+    });
+    if let Err(p) = std::panic::catch_unwind(run) {
+        let why = crate::runtime::task::panic_message(p.as_ref());
+        log::error!("stream {}: the completion callback of {} panicked: {why}", s.id, hdr.name);
     }
 }
 
