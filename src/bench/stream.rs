@@ -5,7 +5,6 @@
 //! (`BufRead`), as a storage target that hashes or forwards would; the
 //! sender sends one shared buffer, so the figures are the transport's own.
 
-use std::io::BufRead;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -63,15 +62,7 @@ pub fn run(o: &StreamBenchOptions) -> Result<StreamBenchReport, String> {
     let bytes = Arc::new(AtomicU64::new(0));
     let (n, b) = (objects.clone(), bytes.clone());
     rx.handle("bench", move |_h: &ObjHdr, body: &mut ObjReader<'_>| {
-        let mut got = 0u64;
-        loop {
-            let k = body.fill_buf()?.len();
-            if k == 0 {
-                break;
-            }
-            body.consume(k);
-            got += k as u64;
-        }
+        let got = body.discard()?;
         n.fetch_add(1, Ordering::Relaxed);
         b.fetch_add(got, Ordering::Relaxed);
         Ok(())

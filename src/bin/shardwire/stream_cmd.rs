@@ -1,6 +1,6 @@
 //! `shardwire stream listen` and `shardwire stream send`.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -83,15 +83,7 @@ fn listen(a: &ListenArgs) -> Result<(), String> {
     for name in &a.trname {
         let out = out.clone();
         let handler = move |h: &ObjHdr, body: &mut ObjReader<'_>| -> Result<(), HandlerError> {
-            let mut received = 0u64;
-            loop {
-                let n = body.fill_buf()?.len();
-                if n == 0 {
-                    break;
-                }
-                body.consume(n);
-                received += n as u64;
-            }
+            let received = body.discard()?;
             let custom: serde_json::Map<String, serde_json::Value> =
                 h.attrs.custom.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
             let line = serde_json::json!({

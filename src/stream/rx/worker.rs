@@ -109,7 +109,8 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
                 let mut reader = ObjReader { body: &mut *body, cur: (std::ptr::null(), 0), done: false, received: 0 };
                 let handled = if job.dry_run { Ok(()) } else { call_handler(job, &hdr, &mut reader) };
                 if reader.body.error.is_none() {
-                    reader.drain();
+                    // A failure here is recorded in body.error, read below.
+                    let _ = reader.discard();
                 }
                 let received = reader.received;
                 if let Some(e) = body.error.take() {
@@ -219,14 +220,17 @@ impl ObjReader<'_> {
         self.received
     }
 
-    /// Reads and drops the rest of the object.
-    fn drain(&mut self) {
-        while let Ok(b) = self.fill_buf() {
-            let n = b.len();
+    /// Reads and drops the rest of the object, without copying it;
+    /// returns how many bytes that was.
+    pub fn discard(&mut self) -> io::Result<u64> {
+        let mut dropped = 0u64;
+        loop {
+            let n = self.fill_buf()?.len();
             if n == 0 {
-                return;
+                return Ok(dropped);
             }
             self.consume(n);
+            dropped += n as u64;
         }
     }
 }

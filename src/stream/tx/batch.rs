@@ -199,9 +199,11 @@ impl Batch {
     /// complete.
     fn frame_object(&mut self, o: &mut Outgoing, f: &Framing<'_>, started: &mut usize) -> Result<bool, String> {
         if !o.started {
-            let mut hdr = Vec::new();
-            frame::encode_obj_frame(&o.hdr, f.pdu.is_some(), &mut hdr, f.max_header).map_err(|e| e.to_string())?;
-            self.push_owned(&hdr);
+            // Straight into the batch's buffer (it leaves nothing on error).
+            let at = self.owned.len();
+            let n = frame::encode_obj_frame(&o.hdr, f.pdu.is_some(), &mut self.owned, f.max_header)
+                .map_err(|e| e.to_string())?;
+            self.segs.push(Seg::Owned(at, n));
             o.started = true;
         }
         let size = o.hdr.attrs.size;
