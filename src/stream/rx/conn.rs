@@ -23,7 +23,6 @@ use crate::stream::pipe::Pipe;
 pub const PATH_PREFIX: &str = "/v1/objstream/";
 /// Most bytes one receive asks for.
 const RECV_BYTES_MAX: usize = 64 << 10;
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// After an error answer, how long and how much of the client's unread
 /// bytes are drained before the close.
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -108,7 +107,8 @@ pub(super) fn install(shared: &Arc<RxShared>, listener: &Arc<TcpListener>) -> st
     }
     let (l, s) = (listener.clone(), shared.clone());
     let cpus: Arc<[Option<u32>]> = rt.shard_cpus().into();
-    rt.call(0, move |ctx| start_accept(ctx, rx, l, s, cpus)).map_err(|e| std::io::Error::other(e.to_string()))?;
+    rt.call(0, move |ctx| crate::transport::accept::start(ctx, l, cpus, Streams { rx, shared: s }))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     Ok(())
 }
 
@@ -135,80 +135,42 @@ pub(super) fn uninstall(shared: &Arc<RxShared>, _listener: &Arc<TcpListener>) {
     }
 }
 
-fn start_accept(
-    ctx: &mut ShardCtx,
+/// The receiver's side of the shared accept loop.
+#[derive(Clone)]
+struct Streams {
     rx: u64,
-    listener: Arc<TcpListener>,
     shared: Arc<RxShared>,
-    cpus: Arc<[Option<u32>]>,
-) {
-    let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).flags(libc::SOCK_CLOEXEC).build();
-    let next = Rc::new(std::cell::Cell::new(0usize));
-    let (l, s) = (listener.clone(), shared.clone());
-    // SAFETY: the entry points at no memory; the listener stays open while
-    // the callback (which owns an Arc of it) lives.
-    let op = unsafe { ctx.submit_multishot(entry, move |ctx, done| on_accept(ctx, rx, &l, &s, &cpus, &next, done)) };
-    match op {
-        Ok(op) => {
-            if let Some(st) = rx_shard(ctx, rx) {
-                st.accept = Some(op);
-            }
-        }
-        Err(e) => log::error!("stream receiver cannot accept: {e}"),
-    }
 }
 
-fn on_accept(
-    ctx: &mut ShardCtx,
-    rx: u64,
-    listener: &Arc<TcpListener>,
-    shared: &Arc<RxShared>,
-    cpus: &Arc<[Option<u32>]>,
-    next: &Rc<std::cell::Cell<usize>>,
-    done: Completion,
-) {
-    match done.io_result() {
-        Ok(fd) => {
-            // SAFETY: the accept handed us this descriptor; nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let incoming = crate::transport::tcp::choose_shard(&fd, cpus, next);
-            let local = crate::transport::tcp::sock::is_local_ip(peer_of(&fd).ip());
-            let target = place(incoming, cpus.len(), local);
-            log::debug!(
-                "stream receiver: accepted on shard {}, packets on shard {incoming}, served on {target}",
-                ctx.id()
-            );
-            let s = shared.clone();
-            if target == ctx.id() {
-                adopt(ctx, rx, fd, s);
-            } else {
-                // A failed hand-over drops the descriptor: the peer sees a close.
-                let _ = ctx.send_to(target, move |ctx| adopt(ctx, rx, fd, s));
-            }
-        }
-        Err(e) => {
-            let code = e.raw_os_error().unwrap_or(0);
-            if code == libc::ECANCELED || code == libc::EBADF || code == libc::EINVAL || ctx.is_stopping() {
-                return;
-            }
-            log::warn!("stream receiver: accept failed: {e}");
+impl crate::transport::accept::Owner for Streams {
+    fn live(&self, ctx: &mut ShardCtx) -> bool {
+        rx_shard(ctx, self.rx).is_some()
+    }
+
+    fn set_op(&self, ctx: &mut ShardCtx, op: Option<OpId>) {
+        if let Some(st) = rx_shard(ctx, self.rx) {
+            st.accept = op;
         }
     }
-    if done.has_more() || ctx.is_stopping() {
-        return;
+
+    fn place(&self, fd: &OwnedFd, incoming: usize, shards: usize) -> usize {
+        let local = crate::transport::tcp::sock::is_local_ip(peer_of(fd).ip());
+        let target = place(incoming, shards, local);
+        log::debug!("stream receiver: packets on shard {incoming}, served on {target}");
+        target
     }
-    let still = rx_shard(ctx, rx).map(|st| st.accept = None).is_some();
-    if still {
-        let (l, s, c) = (listener.clone(), shared.clone(), cpus.clone());
-        let timer = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
-            if rx_shard(ctx, rx).is_some() {
-                start_accept(ctx, rx, l, s, c);
-            }
-        });
-        if timer.is_err() {
-            // Without a timer, re-arm at once rather than stop accepting.
-            start_accept(ctx, rx, listener.clone(), shared.clone(), cpus.clone());
+
+    fn hand_over(&self, ctx: &mut ShardCtx, target: usize, fd: OwnedFd) {
+        let (rx, s) = (self.rx, self.shared.clone());
+        if target == ctx.id() {
+            adopt(ctx, rx, fd, s);
+        } else {
+            let _ = ctx.send_to(target, move |ctx| adopt(ctx, rx, fd, s));
         }
+    }
+
+    fn name(&self) -> &'static str {
+        "the stream receiver"
     }
 }
 

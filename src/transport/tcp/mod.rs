@@ -16,13 +16,10 @@ pub mod sock;
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::{IpAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
-
-use io_uring::{opcode, types};
 
 pub use client::{ClientLimits, ClientShard};
 pub use server::ServerShard;
@@ -30,13 +27,10 @@ pub use slice::{Peer, Slice};
 
 use crate::engine::error::{TeError, TeResult, code};
 use crate::engine::registry::Registry;
-use crate::runtime::{Completion, OpId, Runtime, ShardCtx};
+use crate::runtime::{OpId, Runtime, ShardCtx};
 
 /// Most server sessions per shard.
 pub const SESSIONS_PER_SHARD_MAX: usize = 4096;
-/// How long the accept loop waits before re-arming after running out of
-/// descriptors.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// One engine's TCP halves on one shard.
 struct EngineTcp {
@@ -99,7 +93,7 @@ impl TcpTransport {
         let l = transport.listener.clone();
         let cpus: Arc<[Option<u32>]> = runtime.shard_cpus().into();
         runtime
-            .call(0, move |ctx| start_accept(ctx, engine, l, cpus))
+            .call(0, move |ctx| crate::transport::accept::start(ctx, l, cpus, DataPort(engine)))
             .map_err(|e| TeError::new(code::CONTEXT, format!("shard 0: {e}")))?;
         Ok(transport)
     }
@@ -178,103 +172,33 @@ impl Drop for TcpTransport {
     }
 }
 
-fn start_accept(ctx: &mut ShardCtx, engine: u64, listener: Arc<TcpListener>, cpus: Arc<[Option<u32>]>) {
-    let entry = opcode::AcceptMulti::new(types::Fd(listener.as_raw_fd())).flags(libc::SOCK_CLOEXEC).build();
-    let next = Rc::new(std::cell::Cell::new(0usize));
-    let l = listener.clone();
-    // SAFETY: the entry points at no memory; the listener it accepts on is
-    // kept open by the Arc the callback holds until the op ends.
-    let submitted =
-        unsafe { ctx.submit_multishot(entry, move |ctx, done| on_accept(ctx, engine, &l, &cpus, &next, done)) };
-    match submitted {
-        Ok(op) => {
-            if let Some(e) = ctx.local_mut::<TcpShards>().and_then(|s| s.0.get_mut(&engine)) {
-                e.accept = Some(op);
-            }
-        }
-        Err(e) => log::error!("cannot start accepting on the data port: {e}"),
-    }
-}
+/// The data port's side of the shared accept loop.
+#[derive(Clone, Copy)]
+struct DataPort(u64);
 
-fn on_accept(
-    ctx: &mut ShardCtx,
-    engine: u64,
-    listener: &Arc<TcpListener>,
-    cpus: &Arc<[Option<u32>]>,
-    next: &Rc<std::cell::Cell<usize>>,
-    done: Completion,
-) {
-    match done.io_result() {
-        Ok(fd) => {
-            // SAFETY: the accept handed us this descriptor; nothing else owns it.
-            let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-            let target = choose_shard(&fd, cpus, next);
-            if target == ctx.id() {
-                adopt(ctx, engine, fd);
-            } else {
-                // If the hand-over fails, the closure (and the descriptor in
-                // it) is dropped, which closes the connection.
-                let _ = ctx.send_to(target, move |ctx| adopt(ctx, engine, fd));
-            }
-        }
-        Err(e) => {
-            let code = e.raw_os_error().unwrap_or(0);
-            if code == libc::ECANCELED || code == libc::EBADF || code == libc::EINVAL || ctx.is_stopping() {
-                return; // the engine closed the listener
-            }
-            log::warn!("accept on the data port failed: {e}");
-        }
+impl crate::transport::accept::Owner for DataPort {
+    fn live(&self, ctx: &mut ShardCtx) -> bool {
+        halves(ctx, self.0).is_some()
     }
-    if done.has_more() || ctx.is_stopping() {
-        return;
-    }
-    // The kernel ended the multishot accept (error, or out of descriptors):
-    // start it again shortly, unless the engine has gone.
-    let still_open = match ctx.local_mut::<TcpShards>().and_then(|s| s.0.get_mut(&engine)) {
-        Some(e) => {
-            e.accept = None;
-            true
-        }
-        None => false,
-    };
-    if still_open {
-        let (l, c) = (listener.clone(), cpus.clone());
-        let timer = ctx.set_timer(ACCEPT_BACKOFF, move |ctx| {
-            if halves(ctx, engine).is_some() {
-                start_accept(ctx, engine, l, c);
-            }
-        });
-        if timer.is_err() {
-            // Without a timer, re-arm at once rather than stop accepting.
-            start_accept(ctx, engine, listener.clone(), cpus.clone());
-        }
-    }
-}
 
-/// The shard for an accepted connection: the one pinned to the CPU where
-/// the kernel processes the connection's incoming packets
-/// (`SO_INCOMING_CPU`), so wake-ups and data stay on one core; round-robin
-/// when no shard is on that CPU. On loopback with two cores this placement
-/// is steadily about twice as fast for reads as the opposite one (64 KiB:
-/// 3.0 against 1.45 GB/s; 4 KiB: 1.37 against 0.80), and round-robin picked
-/// either by chance.
-pub(crate) fn choose_shard(fd: &OwnedFd, cpus: &[Option<u32>], next: &Rc<std::cell::Cell<usize>>) -> usize {
-    let rr = next.get();
-    next.set(rr + 1);
-    let mut cpu: libc::c_int = -1;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into the live c_int.
-    let ok = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_INCOMING_CPU,
-            (&mut cpu as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    } == 0;
-    let local: Vec<usize> = (0..cpus.len()).filter(|&i| ok && cpu >= 0 && cpus[i] == Some(cpu as u32)).collect();
-    if local.is_empty() { rr % cpus.len() } else { local[rr % local.len()] }
+    fn set_op(&self, ctx: &mut ShardCtx, op: Option<OpId>) {
+        if let Some(e) = ctx.local_mut::<TcpShards>().and_then(|s| s.0.get_mut(&self.0)) {
+            e.accept = op;
+        }
+    }
+
+    fn hand_over(&self, ctx: &mut ShardCtx, target: usize, fd: OwnedFd) {
+        let engine = self.0;
+        if target == ctx.id() {
+            adopt(ctx, engine, fd);
+        } else {
+            let _ = ctx.send_to(target, move |ctx| adopt(ctx, engine, fd));
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        "the data port"
+    }
 }
 
 fn adopt(ctx: &mut ShardCtx, engine: u64, fd: OwnedFd) {
