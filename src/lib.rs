@@ -72,7 +72,9 @@ struct ReadmeExamples;
 
 pub mod bench;
 pub mod engine;
+pub mod error;
 pub mod http;
+pub mod mem;
 pub mod meta;
 pub mod proto;
 #[cfg(feature = "python")]

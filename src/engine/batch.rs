@@ -11,35 +11,10 @@ use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::error::{TeError, TeResult, code};
+use crate::error::{TeError, TeResult, code};
 use crate::runtime::latch::Latch;
-
-/// Mooncake's `TransferStatusEnum`, in its order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum TransferStatus {
-    Waiting = 0,
-    Pending = 1,
-    Invalid = 2,
-    Canceled = 3,
-    Completed = 4,
-    Timeout = 5,
-    Failed = 6,
-}
-
-impl TransferStatus {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => Self::Waiting,
-            1 => Self::Pending,
-            2 => Self::Invalid,
-            3 => Self::Canceled,
-            4 => Self::Completed,
-            5 => Self::Timeout,
-            _ => Self::Failed,
-        }
-    }
-}
+use crate::transport::request::Sink;
+pub use crate::transport::request::TransferStatus;
 
 /// The settled state of a batch, as `transfer_check_status` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -246,6 +221,15 @@ impl Batch {
             BatchState::TimedOut => Err(TeError::invalid(
                 self.first_error().unwrap_or_else(|| "transfer timed out (MC_TRANSFER_TIMEOUT)".into()),
             )),
+        }
+    }
+}
+
+impl Sink for Batch {
+    fn settle(&self, task: usize, outcome: Result<u64, (TransferStatus, &str)>) {
+        match outcome {
+            Ok(bytes) => self.slice_done(task, bytes),
+            Err((status, why)) => self.slice_failed(task, status, why),
         }
     }
 }

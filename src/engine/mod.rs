@@ -31,33 +31,30 @@
 //! shards, whose TCP clients carry them out. The caller waits on the batch.
 
 pub mod batch;
-pub mod buddy;
 pub mod config;
-pub mod error;
-pub mod managed;
-pub mod registry;
 pub mod rpc;
 pub mod segment;
-pub mod shared;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+pub use crate::error::{TeError, TeResult, code};
 pub use batch::{Batch, BatchState, TransferStatus};
 pub use config::EngineConfig;
-pub use error::{TeError, TeResult, code};
 pub use rpc::TransferNotify;
 
+use crate::mem::Registry;
+use crate::mem::managed::ManagedPool;
 use crate::meta::etcd::{EtcdClient, EtcdRegistration, RpcMeta};
 use crate::meta::p2p::{self, CallOptions, RpcServer};
 use crate::proto::mooncake::message::{self, NotifyDesc};
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
-use crate::transport::tcp::{Slice, TcpTransport, direct, sock};
-use managed::ManagedPool;
-use registry::Registry;
+use crate::transport::request::{self as req, Sink, Ticket};
+use crate::transport::tcp::{TcpTransport, sock};
+use crate::transport::{InlineRequest, PeerSegment, Route, Transport};
 use rpc::{EngineRpc, NotifyQueue};
 use segment::{Segment, SegmentCache};
 
@@ -74,6 +71,8 @@ pub struct TransferRequest {
     pub length: u64,
 }
 
+/// Slices handed to a transport at once.
+const SUBMIT_RUN_MAX: usize = 4096;
 /// How long unregister waits for transfers in flight on a region.
 const UNREGISTER_DRAIN: Duration = Duration::from_secs(5);
 /// How long a waiter spins before sleeping.
@@ -107,12 +106,16 @@ pub struct TransferEngine {
 
 /// An initialized engine.
 struct Engine {
-    id: u64,
     name: String,
     rpc_port: u16,
     runtime: Arc<Runtime>,
     registry: Arc<Registry>,
-    tcp: TcpTransport,
+    /// The TCP transport (also in `transports`): its data port is in the
+    /// descriptor.
+    tcp: Arc<TcpTransport>,
+    /// Every transport, in order of preference; a segment takes the first
+    /// that reaches it.
+    transports: Vec<Arc<dyn Transport>>,
     rpc: Mutex<Option<RpcServer>>,
     handler: Arc<EngineRpc>,
     segments: SegmentCache,
@@ -216,18 +219,19 @@ impl TransferEngine {
         let rpc_port = rpc_listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
         let runtime = match &self.config.runtime {
             Some(rt) => rt.clone(),
-            None => shared::shared_runtime()?,
+            None => crate::runtime::shared::shared_runtime().map_err(|e| TeError::new(code::CONTEXT, e.to_string()))?,
         };
         let registry = Arc::new(Registry::new());
         let engine_id = NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed);
-        let tcp = TcpTransport::start(
+        let tcp = Arc::new(TcpTransport::start(
             engine_id,
             runtime.clone(),
             registry.clone(),
             bind_ip,
             self.config.port_range,
             self.config.client_limits,
-        )?;
+        )?);
+        let transports: Vec<Arc<dyn Transport>> = vec![tcp.clone()];
         let name = match metadata {
             Metadata::P2p => HostPort::with_port(&advertised, rpc_port),
             Metadata::Etcd(_) => local_hostname.trim().to_string(),
@@ -259,12 +263,12 @@ impl TransferEngine {
         };
         log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
         *slot = Some(Arc::new(Engine {
-            id: engine_id,
             name,
             rpc_port,
             runtime,
             registry: registry.clone(),
             tcp,
+            transports,
             rpc: Mutex::new(Some(rpc)),
             handler,
             segments: SegmentCache::default(),
@@ -417,7 +421,9 @@ impl TransferEngine {
     ) -> TeResult<()> {
         let engine = self.engine()?;
         match requests {
-            [one] if one.length > 0 && one.length <= direct::DIRECT_BYTES_MAX => engine.transfer_direct(target, one)?,
+            [one] if one.length > 0 && one.length <= crate::transport::tcp::INLINE_BYTES_MAX => {
+                engine.transfer_inline(target, one)?
+            }
             _ => {
                 let batch = engine.submit(target, requests)?;
                 engine.wait_settled(&batch)?;
@@ -606,11 +612,6 @@ impl TransferEngine {
         Ok(filtered.to_json())
     }
 
-    /// Connections and server sessions per shard (diagnostics).
-    pub fn connection_counts(&self) -> TeResult<Vec<(usize, usize)>> {
-        Ok(self.engine()?.tcp.counts())
-    }
-
     /// Stops the engine: no new transfers; connections close; memory the
     /// engine manages is released. Also done on drop.
     pub fn shutdown(&self) {
@@ -703,9 +704,29 @@ impl Engine {
             return Ok(seg);
         }
         let (desc, rpc_host) = self.fetch_descriptor(name).inspect_err(|_| self.segments.forget(name))?;
-        let seg = Arc::new(Segment::from_desc(name, &desc, rpc_host.as_deref())?);
+        let peer = PeerSegment { name, desc: &desc, rpc_host: rpc_host.as_deref() };
+        let (transport, route) = self.route(&peer)?;
+        let buffers = desc.buffers.iter().map(|b| (b.addr, b.length)).collect();
+        let seg = Arc::new(Segment { name: name.to_string(), transport, route, buffers });
         self.segments.put(seg.clone());
         Ok(seg)
+    }
+
+    /// The transport for a peer segment: the first, in order of
+    /// preference, that reaches it. The one place a transport is chosen.
+    fn route(&self, peer: &PeerSegment<'_>) -> TeResult<(usize, Route)> {
+        for (i, t) in self.transports.iter().enumerate() {
+            if let Some(route) = t.route(peer)? {
+                return Ok((i, route));
+            }
+        }
+        let names: Vec<&str> = self.transports.iter().map(|t| t.name()).collect();
+        Err(TeError::invalid(format!(
+            "segment {} uses the {:?} transport; this engine speaks {} (set MC_FORCE_TCP=1 on the peer)",
+            peer.name,
+            peer.desc.protocol,
+            names.join(", ")
+        )))
     }
 
     /// A peer's descriptor, and the host of its RPC port when the metadata
@@ -755,17 +776,13 @@ impl Engine {
         }
     }
 
-    /// One small synchronous request, carried out by the calling thread
-    /// (see [`direct`]); v1 peers go through the shards.
-    fn transfer_direct(&self, target: &str, r: &TransferRequest) -> TeResult<()> {
+    /// One small synchronous request, carried out on the calling thread
+    /// if its segment's transport can (TCP v2: the direct path); otherwise
+    /// submitted and waited for.
+    fn transfer_inline(&self, target: &str, r: &TransferRequest) -> TeResult<()> {
         let mut seg = self.open_segment(target, false)?;
         if !seg.contains(r.target_offset, r.length) {
             seg = self.open_segment(target, true)?;
-        }
-        if !seg.peer.v2 {
-            let batch = self.submit(target, std::slice::from_ref(r))?;
-            self.wait_settled(&batch)?;
-            return self.settle(&batch);
         }
         let _pin = self.registry.pin(r.source, r.length).ok_or_else(|| not_registered(r.source, r.length))?;
         if !seg.contains(r.target_offset, r.length) {
@@ -774,12 +791,21 @@ impl Engine {
                 r.target_offset, r.length
             )));
         }
-        let deadline = Instant::now() + self.timeout + Duration::from_nanos(r.length);
-        direct::transfer(self.id, seg.peer, r.opcode, r.source, r.target_offset, r.length, deadline).map_err(|e| {
-            self.segments.forget(target);
-            let code = if e.rejected || e.timed_out { code::INVALID_ARGUMENT } else { code::SOCKET };
-            TeError::new(code, e.message)
-        })
+        let inline = InlineRequest {
+            op: r.opcode,
+            local: r.source,
+            remote: r.target_offset,
+            len: r.length,
+            deadline: Instant::now() + self.timeout + Duration::from_nanos(r.length),
+        };
+        match self.transports[seg.transport].run_inline(&seg.route, &inline) {
+            Some(result) => result.inspect_err(|_| self.segments.forget(target)),
+            None => {
+                let batch = self.submit(target, std::slice::from_ref(r))?;
+                self.wait_settled(&batch)?;
+                self.settle(&batch)
+            }
+        }
     }
 
     /// Validates requests, splits them into slices and hands them out.
@@ -815,15 +841,12 @@ impl Engine {
         let deadline = Instant::now() + self.timeout + Duration::from_nanos(total);
         let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
         let batch = Batch::new(target, &lens, &slice_counts, deadline);
-        let shards = self.tcp.shard_count();
-        let mut per_shard: Vec<Vec<Slice>> = (0..shards).map(|_| Vec::new()).collect();
-        // A batch that fits one slice goes to the calling thread's own shard
-        // (picked in turn at its first transfer), so a thread issuing small
-        // transfers one after another keeps one shard busy, not all of them
-        // half-busy: on few cores the idle ones' spinning costs latency.
-        let total_slices: usize = slice_counts.iter().map(|&n| n as usize).sum();
-        let small = total_slices <= 1 && total <= direct::DIRECT_BYTES_MAX;
-        let mut next = if small { self.home_shard() } else { self.tcp.next_shard() };
+        let sink: Arc<dyn Sink> = batch.clone();
+        let transport = &self.transports[seg.transport];
+        // Slices go out in bounded runs: the transport waits for room, so
+        // however large the batch, only a bounded number of slices exists
+        // at once.
+        let mut run = Vec::with_capacity(SUBMIT_RUN_MAX.min(slice_counts.iter().map(|&n| n as usize).sum()));
         for (task, r) in requests.iter().enumerate() {
             let mut offset = 0;
             while offset < r.length {
@@ -834,24 +857,16 @@ impl Engine {
                     offset += len;
                     continue;
                 };
-                per_shard[next % shards].push(Slice::new(
-                    r.opcode,
-                    r.source + offset,
-                    r.target_offset + offset,
-                    len,
-                    batch.clone(),
-                    task,
-                    deadline,
-                    pin,
-                ));
-                next += 1;
+                let ticket = Ticket::new(sink.clone(), task, pin);
+                run.push(req::request(r.opcode, r.source + offset, r.target_offset + offset, len, deadline, ticket));
+                if run.len() == SUBMIT_RUN_MAX {
+                    transport.submit(&seg.route, std::mem::replace(&mut run, Vec::with_capacity(SUBMIT_RUN_MAX)));
+                }
                 offset += len;
             }
         }
-        for (shard, slices) in per_shard.into_iter().enumerate() {
-            if !slices.is_empty() {
-                self.tcp.submit(shard, seg.peer, slices);
-            }
+        if !run.is_empty() {
+            transport.submit(&seg.route, run);
         }
         Ok(batch)
     }
@@ -865,21 +880,6 @@ impl Engine {
             self.segments.forget(&batch.target);
         }
         result
-    }
-
-    /// The calling thread's shard for small transfers.
-    fn home_shard(&self) -> usize {
-        thread_local! {
-            static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
-        }
-        HOME.with(|h| match h.get() {
-            Some(s) if s < self.tcp.shard_count() => s,
-            _ => {
-                let s = self.tcp.next_shard();
-                h.set(Some(s));
-                s
-            }
-        })
     }
 
     /// Waits until every slice of `batch` has finished.
@@ -903,8 +903,9 @@ impl Engine {
         if let Some(mut rpc) = rpc {
             rpc.stop();
         }
-        self.tcp.close();
-        direct::forget(self.id);
+        for t in &self.transports {
+            t.close();
+        }
         if let Meta::Etcd(reg) = &self.meta {
             reg.lock().unwrap_or_else(|e| e.into_inner()).withdraw();
         }

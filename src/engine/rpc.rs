@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::registry::Registry;
+use crate::mem::Registry;
 use crate::meta::p2p::RpcHandler;
 use crate::proto::mooncake::message::{BufferDesc, HandshakeDesc, NotifyDesc, SegmentDesc};
 

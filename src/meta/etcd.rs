@@ -26,7 +26,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::{Deserialize, Serialize};
 
-use crate::engine::error::{TeError, TeResult, code};
+use crate::error::{TeError, TeResult, code};
 use crate::proto::mooncake::message::{SegmentDesc, to_wire};
 
 /// Most bytes of an etcd response read.

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::engine::error::{TeError, TeResult, code};
+use crate::error::{TeError, TeResult, code};
 use crate::proto::mooncake::frame::{self, FrameType};
 use crate::proto::mooncake::message::{self, HandshakeDesc, NotifyDesc, ProbeReply, SegmentDesc};
 use crate::proto::mooncake::name;

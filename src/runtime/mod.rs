@@ -23,6 +23,7 @@ pub mod hook;
 pub mod latch;
 pub mod park;
 pub mod shard;
+pub mod shared;
 pub mod spin;
 pub mod spsc;
 pub mod stats;
@@ -385,13 +386,13 @@ impl Runtime {
         Ok(rx)
     }
 
-    /// Pushes onto this thread's ring to `shard`, creating it on first use.
-    /// On failure the task comes back when it was not consumed.
     /// Whether this process is a fork of the one that started the shards.
     pub fn is_forked_copy(&self) -> bool {
         fork_generation() != self.generation
     }
 
+    /// Pushes onto this thread's ring to `shard`, creating it on first use.
+    /// On failure the task comes back when it was not consumed.
     fn push_foreign(&self, shard: usize, task: Task) -> Result<(), (SubmitError, Option<Task>)> {
         if self.is_forked_copy() {
             return Err((SubmitError::ShutDown, None));

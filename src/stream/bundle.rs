@@ -100,7 +100,7 @@ impl Bundle {
         multiplier: usize,
         options: StreamOptions,
     ) -> Result<Bundle, StreamError> {
-        let rt = crate::engine::shared::shared_runtime().map_err(|e| StreamError::Network(e.to_string()))?;
+        let rt = crate::runtime::shared::shared_runtime().map_err(|e| StreamError::Network(e.to_string()))?;
         Self::with_runtime(rt, cluster, local_id, trname, multiplier, options)
     }
 

@@ -7,10 +7,14 @@
 //! - [`tcp`]: the TCP data port's 24-byte request header, the v2 "MCTV"
 //!   status frames, and the server's address validation.
 //! - [`name`]: `host:port` segment names, IPv6 included.
+//! - [`client`] and [`server`]: the TCP v2 connection state machines
+//!   (pipelining, answers, rejections, closes, drains), free of I/O.
 
+pub mod client;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod message;
 pub mod name;
+pub mod server;
 pub mod tcp;

@@ -219,7 +219,7 @@ impl Receiver {
     /// Listens on `addr` (port 0 picks one) with the process's shard
     /// runtime.
     pub fn bind(addr: SocketAddr, options: RxOptions) -> std::io::Result<Receiver> {
-        let runtime = crate::engine::shared::shared_runtime().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let runtime = crate::runtime::shared::shared_runtime().map_err(|e| std::io::Error::other(e.to_string()))?;
         Self::start(runtime, addr, options)
     }
 
@@ -230,7 +230,7 @@ impl Receiver {
         options: RxOptions,
         handlers: Vec<(String, Arc<dyn RecvHandler>)>,
     ) -> std::io::Result<Receiver> {
-        let runtime = crate::engine::shared::shared_runtime().map_err(|e| std::io::Error::other(e.to_string()))?;
+        let runtime = crate::runtime::shared::shared_runtime().map_err(|e| std::io::Error::other(e.to_string()))?;
         Self::start_with(runtime, addr, options, handlers)
     }
 

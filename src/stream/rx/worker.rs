@@ -64,7 +64,7 @@ pub(crate) fn spawn(
         // Share the receiving shard's core: on a small machine, a decoding
         // thread scheduled onto the sender's core slows the whole stream.
         if let Some(cpu) = cpu {
-            crate::bench::pin_current(cpu);
+            let _ = crate::runtime::shard::pin_current_thread(cpu);
         }
         pipe.set_consumer(std::thread::current());
         loop {

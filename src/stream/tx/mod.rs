@@ -212,7 +212,7 @@ impl Stream {
     /// `trname`, on the process's shard runtime. Nothing connects until
     /// the first object.
     pub fn new(url: &str, trname: &str, options: StreamOptions) -> Result<Stream, StreamError> {
-        let rt = crate::engine::shared::shared_runtime().map_err(|e| StreamError::Network(e.to_string()))?;
+        let rt = crate::runtime::shared::shared_runtime().map_err(|e| StreamError::Network(e.to_string()))?;
         Self::with_runtime(rt, url, trname, options)
     }
 

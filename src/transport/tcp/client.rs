@@ -1,46 +1,41 @@
-//! The initiator side of the TCP data protocol, on one shard.
+//! The initiator side of the TCP data protocol on one shard: a thin
+//! io_uring driver over [`ClientConn`], the sans-IO connection core.
 //!
-//! Each shard keeps one persistent connection per peer, opened lazily with an
-//! io_uring connect, so the caller never blocks on it. A connection carries
-//! many requests at once:
-//!
-//! - the **send side** takes up to 256 queued slices and writes all their
-//!   headers (and WRITE payloads, straight from registered memory) in one
-//!   `sendmsg`;
-//! - the **receive side** reads the answers of the oldest slices sent in one
-//!   `recvmsg`: for each, its 8-byte status and, for a READ, its bytes,
-//!   straight into registered memory.
-//!
-//! The two run concurrently, so requests are pipelined: the server (ours or
-//! Mooncake's) handles them in order. A non-zero status fails its slice; the
-//! server closes after one, so the slices behind it are re-sent on a fresh
-//! connection. A connection that breaks (peer died, reset) re-sends what it
-//! can once, if time remains; one that goes silent past a slice's deadline is
-//! torn down and that slice fails with `Timeout`.
+//! Each shard keeps one persistent connection per peer, opened lazily with
+//! an io_uring connect, so the caller never blocks on it. The driver keeps
+//! at most one send and one receive out per connection, each over the
+//! scatter list the core hands it: the send carries request headers and
+//! WRITE payloads straight from registered memory, the receive fills status
+//! frames and READ destinations straight in registered memory. Both run at
+//! once, so requests are pipelined. Every protocol decision (what goes in a
+//! group, what an answer means, what a close means for each request) is the
+//! core's; the driver only moves bytes, arms the timer the core asks for,
+//! and re-sends on a fresh connection what the core says may be re-sent.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types};
 
-use super::iov::{IOV_MAX, IoVecs};
-use super::slice::{Peer, Slice};
+use super::iov::IoVecs;
 use super::sock::{self, RawSockAddr};
-use crate::engine::batch::TransferStatus;
-use crate::proto::mooncake::tcp::{self, Opcode, RequestHeader};
+use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
+use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
 use crate::runtime::{Completion, ShardCtx, TimerId};
+use crate::transport::request::{Request, Sink, TransferStatus};
 
 /// Bounds on what one connection takes on at once.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
-    /// Slices per sendmsg/recvmsg (each takes two iovecs).
+    /// Requests per sendmsg/recvmsg (each takes two iovecs).
     pub group_slices_max: usize,
     /// Payload bytes per sendmsg/recvmsg.
     pub group_bytes_max: u64,
-    /// Slices sent and not yet answered.
+    /// Requests sent and not yet answered.
     pub awaiting_max: usize,
     /// Payload bytes sent (or to be received) and not yet answered, to a
     /// peer on another host: enough for the bandwidth-delay product.
@@ -70,6 +65,20 @@ impl Default for ClientLimits {
     }
 }
 
+impl ClientLimits {
+    /// The core's limits for a connection to `peer`.
+    pub fn for_peer(&self, peer: &Peer) -> Limits {
+        let local = sock::is_local_ip(peer.addr.ip());
+        Limits {
+            group_reqs_max: self.group_slices_max,
+            group_bytes_max: self.group_bytes_max,
+            awaiting_max: self.awaiting_max,
+            inflight_bytes_max: if local { self.awaiting_bytes_local_max } else { self.awaiting_bytes_max },
+            queued_max: QUEUED_PER_SHARD_MAX,
+        }
+    }
+}
+
 /// Answers at least this large are waited for with SO_RCVLOWAT.
 const RCVLOWAT_MIN: usize = 64 << 10;
 /// The largest SO_RCVLOWAT set (the kernel caps it at half the largest
@@ -93,135 +102,153 @@ pub struct ClientShard {
     conns: HashMap<Peer, Rc<RefCell<Conn>>>,
     next_id: u64,
     limits: ClientLimits,
+    credits: Arc<Credits>,
+    shard: usize,
     closed: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Connecting,
-    Ready,
-    Broken,
 }
 
 struct Conn {
     id: u64,
     peer: Peer,
     shard: Weak<RefCell<ClientShard>>,
-    limits: ClientLimits,
+    core: ClientConn<crate::transport::request::Ticket>,
     fd: Option<OwnedFd>,
-    phase: Phase,
+    /// The connect is out (its address lives here until it completes).
     connect_addr: Option<Box<RawSockAddr>>,
-    connect_deadline: Instant,
-    /// Payload bytes this connection may have awaiting answers.
-    inflight_max: u64,
+    /// The send out, and the receive out, with their scatter lists.
+    send: Option<Box<IoVecs>>,
+    recv: Option<Box<IoVecs>>,
     /// The socket's SO_RCVLOWAT as last set (1, the kernel's default).
     rcvlowat: usize,
-    /// Slices not yet sent.
-    queue: VecDeque<Slice>,
-    /// Slices sent (or being sent), oldest first, awaiting their answers.
-    awaiting: VecDeque<Slice>,
-    awaiting_bytes: u64,
-    send: Option<Box<SendGroup>>,
-    recv: Option<Box<RecvGroup>>,
-    ops: u32,
     timer: Option<(TimerId, Instant)>,
-    /// Why the connection broke, and whether its slices may be re-sent.
-    broken: Option<(TransferStatus, String, bool)>,
+    /// The socket was shut down (the core is closing).
+    shut: bool,
+    /// The shard's back-pressure count, released as requests settle.
+    credits: Arc<Credits>,
+    shard_id: usize,
 }
 
-struct SendGroup {
-    _headers: Vec<[u8; tcp::HEADER_BYTES]>,
-    iov: IoVecs,
+impl Conn {
+    fn ops_out(&self) -> usize {
+        usize::from(self.connect_addr.is_some()) + usize::from(self.send.is_some()) + usize::from(self.recv.is_some())
+    }
+
+    fn fd(&self) -> i32 {
+        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
+    }
 }
 
-struct RecvGroup {
-    statuses: Vec<[u8; tcp::STATUS_BYTES]>,
-    iov: IoVecs,
-    /// Slices (from the front of `awaiting`) this group answers.
-    slices: usize,
+/// Which operation a completion belongs to.
+#[derive(Clone, Copy)]
+enum Op {
+    Connect,
+    Send,
+    Recv,
 }
 
 impl ClientShard {
-    pub fn new(limits: ClientLimits) -> Rc<RefCell<Self>> {
-        Rc::new(RefCell::new(Self { conns: HashMap::new(), next_id: 0, limits, closed: false }))
+    pub fn new(limits: ClientLimits, credits: Arc<Credits>, shard: usize) -> Rc<RefCell<Self>> {
+        Rc::new(RefCell::new(Self { conns: HashMap::new(), next_id: 0, limits, credits, shard, closed: false }))
     }
 
-    /// Connections currently open or opening.
-    pub fn connections(&self) -> usize {
-        self.conns.len()
-    }
-
-    /// Queues slices for `peer`, opening a connection if there is none.
-    pub fn submit(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx, peer: Peer, slices: Vec<Slice>) {
-        if slices.is_empty() {
+    /// Queues requests for `peer`, opening a connection if there is none.
+    pub fn submit(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx, peer: Peer, requests: Vec<Request>) {
+        if requests.is_empty() {
             return;
         }
-        let conn = {
-            let mut shard = this.borrow_mut();
-            if shard.closed {
-                drop(shard);
-                for s in slices {
-                    s.fail(TransferStatus::Failed, "the engine is shutting down");
+        let (conn, credits, shard) = {
+            let mut s = this.borrow_mut();
+            let (credits, shard) = (s.credits.clone(), s.shard);
+            if s.closed {
+                drop(s);
+                credits.release(shard, requests.len());
+                for r in requests {
+                    r.ticket.fail(TransferStatus::Failed, "the engine is shutting down");
                 }
                 return;
             }
-            match shard.conns.get(&peer) {
+            let conn = match s.conns.get(&peer) {
                 Some(c) => c.clone(),
                 None => {
-                    shard.next_id += 1;
+                    s.next_id += 1;
+                    let deadline = Instant::now() + s.limits.connect_timeout;
+                    let core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
                     let conn = Rc::new(RefCell::new(Conn {
-                        id: shard.next_id,
+                        id: s.next_id,
                         peer,
                         shard: Rc::downgrade(this),
-                        limits: shard.limits,
+                        core,
                         fd: None,
-                        phase: Phase::Connecting,
                         connect_addr: None,
-                        connect_deadline: Instant::now() + shard.limits.connect_timeout,
-                        inflight_max: if sock::is_local_ip(peer.addr.ip()) {
-                            shard.limits.awaiting_bytes_local_max
-                        } else {
-                            shard.limits.awaiting_bytes_max
-                        },
-                        rcvlowat: 1,
-                        queue: VecDeque::new(),
-                        awaiting: VecDeque::new(),
-                        awaiting_bytes: 0,
                         send: None,
                         recv: None,
-                        ops: 0,
+                        rcvlowat: 1,
                         timer: None,
-                        broken: None,
+                        shut: false,
+                        credits: s.credits.clone(),
+                        shard_id: s.shard,
                     }));
-                    shard.conns.insert(peer, conn.clone());
-                    drop(shard);
+                    s.conns.insert(peer, conn.clone());
+                    drop(s);
                     start_connect(ctx, &conn);
                     conn
                 }
-            }
+            };
+            (conn, credits, shard)
         };
-        conn.borrow_mut().queue.extend(slices);
-        arm_timer(ctx, &conn);
+        let mut refused = Vec::new();
+        {
+            let mut c = conn.borrow_mut();
+            for r in requests {
+                if let Err(r) = c.core.push(r) {
+                    refused.push(r);
+                }
+            }
+        }
         pump(ctx, &conn);
+        if !refused.is_empty() {
+            // The connection began closing under us: a fresh one takes
+            // them (the core refuses only while closing; the credits keep
+            // its queue below its bound).
+            if this.borrow().conns.get(&peer).is_some_and(|c| Rc::ptr_eq(c, &conn)) {
+                credits.release(shard, refused.len());
+                for r in refused {
+                    r.ticket.fail(TransferStatus::Failed, "the connection refused more requests");
+                }
+            } else {
+                Self::submit(this, ctx, peer, refused);
+            }
+        }
     }
 
-    /// Aborts every connection; their slices fail. New submissions fail.
+    /// Cancels every queued request of `sink`, on every connection.
+    pub fn cancel(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx, sink: &Arc<dyn Sink>) {
+        let conns: Vec<_> = this.borrow().conns.values().cloned().collect();
+        for c in conns {
+            c.borrow_mut().core.cancel(|r| r.ticket.is_for(sink));
+            pump(ctx, &c);
+        }
+    }
+
+    /// Aborts every connection; their requests fail. New submissions fail.
     pub fn close(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx) {
         let conns: Vec<_> = {
-            let mut shard = this.borrow_mut();
-            shard.closed = true;
-            shard.conns.drain().map(|(_, c)| c).collect()
+            let mut s = this.borrow_mut();
+            s.closed = true;
+            s.conns.drain().map(|(_, c)| c).collect()
         };
         for conn in conns {
-            break_conn(ctx, &conn, TransferStatus::Failed, "the engine is shutting down".into(), false);
+            conn.borrow_mut().core.close("the engine is shutting down");
+            pump(ctx, &conn);
         }
     }
 }
 
-/// Wraps a completion handler so that a bug in it breaks its connection
-/// (settling its slices) instead of leaving them to wait for the timeout.
+/// Wraps a completion handler so that a bug in it ends its connection
+/// (settling its requests) instead of leaving them to wait for the timeout.
 fn guarded(
     conn_rc: &Rc<RefCell<Conn>>,
+    op: Op,
     handler: fn(&mut ShardCtx, &Rc<RefCell<Conn>>, Completion),
 ) -> impl FnOnce(&mut ShardCtx, Completion) + 'static {
     let rc = conn_rc.clone();
@@ -229,9 +256,14 @@ fn guarded(
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler(ctx, &rc, done)));
         if let Err(payload) = outcome {
             if let Ok(mut c) = rc.try_borrow_mut() {
-                c.ops = c.ops.saturating_sub(1);
+                match op {
+                    Op::Connect => c.connect_addr = None,
+                    Op::Send => c.send = None,
+                    Op::Recv => c.recv = None,
+                }
+                c.core.close("internal error in the TCP client");
             }
-            break_conn(ctx, &rc, TransferStatus::Failed, "internal error in the TCP client".into(), false);
+            pump(ctx, &rc);
             std::panic::resume_unwind(payload);
         }
     }
@@ -242,358 +274,217 @@ fn start_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
     let peer = c.peer.addr;
     let fd = match sock::client_socket(&peer) {
         Ok(fd) => fd,
-        Err(e) => {
-            drop(c);
-            return break_conn(ctx, conn_rc, TransferStatus::Failed, format!("socket for {peer}: {e}"), false);
-        }
+        Err(e) => return c.core.on_connect_failed(format!("socket: {e}")),
     };
     let addr = RawSockAddr::new(&peer);
     let entry = opcode::Connect::new(types::Fd(fd.as_raw_fd()), addr.as_ptr(), addr.len).build();
     c.fd = Some(fd);
-    c.connect_addr = Some(addr);
     // SAFETY: the sockaddr lives in the connection (boxed), which the
-    // callback keeps alive until the connect completes.
-    let submitted = unsafe { ctx.submit_op(entry, guarded(conn_rc, on_connect)) };
-    match submitted {
-        Ok(_) => c.ops += 1,
-        Err(e) => {
-            drop(c);
-            break_conn(ctx, conn_rc, TransferStatus::Failed, format!("connect to {peer}: {e}"), false);
-        }
+    // callback keeps alive, until the connect completes.
+    match unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Connect, on_connect)) } {
+        Ok(_) => c.connect_addr = Some(addr),
+        Err(e) => c.core.on_connect_failed(e.to_string()),
     }
 }
 
 fn on_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
-    let mut c = conn_rc.borrow_mut();
-    c.ops -= 1;
-    c.connect_addr = None;
-    if c.phase == Phase::Broken {
-        drop(c);
-        return finish_if_idle(ctx, conn_rc);
+    {
+        let mut c = conn_rc.borrow_mut();
+        c.connect_addr = None;
+        match done.io_result() {
+            Ok(_) => c.core.on_connected(),
+            Err(e) => c.core.on_connect_failed(e.to_string()),
+        }
     }
-    if let Err(e) = done.io_result() {
-        let peer = c.peer.addr;
-        drop(c);
-        return break_conn(ctx, conn_rc, TransferStatus::Failed, format!("connect to {peer}: {e}"), false);
-    }
-    c.phase = Phase::Ready;
-    drop(c);
-    arm_timer(ctx, conn_rc);
     pump(ctx, conn_rc);
 }
 
-/// Starts a send and a receive if there is work for them.
-fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
-    let failure = {
-        let mut c = conn_rc.borrow_mut();
-        if c.phase != Phase::Ready {
-            return;
-        }
-        let mut failure = None;
-        if c.send.is_none() && !c.queue.is_empty() && c.has_room() {
-            failure = c.start_send(ctx, conn_rc).err();
-        }
-        if failure.is_none() && c.recv.is_none() && !c.awaiting.is_empty() {
-            failure = c.start_recv(ctx, conn_rc).err();
-        }
-        failure
-    };
-    if let Some(why) = failure {
-        break_conn(ctx, conn_rc, TransferStatus::Failed, why, true);
-    }
-}
-
-impl Conn {
-    fn has_room(&self) -> bool {
-        let depth_max = if self.peer.v2 { self.limits.awaiting_max } else { 1 };
-        self.awaiting.len() < depth_max && self.awaiting_bytes < self.inflight_max
-    }
-
-    /// Moves slices from the queue into one sendmsg.
-    fn start_send(&mut self, ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) -> Result<(), String> {
-        let depth_max = if self.peer.v2 { self.limits.awaiting_max } else { 1 };
-        let group_max = if self.peer.v2 { self.limits.group_slices_max.min(IOV_MAX / 2) } else { 1 };
-        let mut count = 0;
-        let mut bytes = 0u64;
-        for s in &self.queue {
-            if count == group_max || self.awaiting.len() + count == depth_max {
-                break;
-            }
-            if count > 0 && bytes + s.len > self.limits.group_bytes_max {
-                break;
-            }
-            // At least one slice goes, however large; beyond it, the cap.
-            if count + self.awaiting.len() > 0 && self.awaiting_bytes + bytes + s.len > self.inflight_max {
-                break;
-            }
-            count += 1;
-            bytes += s.len;
-        }
-        if count == 0 {
-            return Ok(());
-        }
-        let mut headers = Vec::with_capacity(count);
-        for s in self.queue.iter().take(count) {
-            let op = s.op;
-            headers.push(RequestHeader { size: s.len, addr: s.remote, opcode: op, v2: self.peer.v2 }.encode());
-        }
-        let mut iov = IoVecs::with_capacity(2 * count);
-        for (s, h) in self.queue.iter().take(count).zip(&headers) {
-            iov.push(h.as_ptr(), h.len());
-            if s.op == Opcode::Write {
-                iov.push(s.local as *const u8, s.len as usize);
-            }
-        }
-        let mut group = Box::new(SendGroup { _headers: headers, iov });
-        let entry = send_entry(self.fd(), &mut group.iov);
-        // SAFETY: the headers and iovecs live in the boxed group, held by the
-        // connection until this op completes; the payload is registered
-        // memory pinned by the slices, which stay in `awaiting` at least as
-        // long (a slice is answered only after the server read all of it).
-        unsafe { ctx.submit_op(entry, guarded(conn_rc, on_send)) }.map_err(|e| e.to_string())?;
-        self.ops += 1;
-        self.send = Some(group);
-        for _ in 0..count {
-            let s = self.queue.pop_front().expect("counted above");
-            self.awaiting_bytes += s.len;
-            self.awaiting.push_back(s);
-        }
-        Ok(())
-    }
-
-    /// Reads the answers of the oldest slices in one recvmsg.
-    fn start_recv(&mut self, ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) -> Result<(), String> {
-        let v2 = self.peer.v2;
-        let mut count = 0;
-        let mut bytes = 0u64;
-        for s in &self.awaiting {
-            if count == self.limits.group_slices_max.min(IOV_MAX / 2) {
-                break;
-            }
-            let payload = if s.op == Opcode::Read { s.len } else { 0 };
-            if count > 0 && bytes + payload > self.limits.group_bytes_max {
-                break;
-            }
-            // A v1 WRITE has no answer; it completes when sent.
-            if !v2 && s.op == Opcode::Write {
-                break;
-            }
-            count += 1;
-            bytes += payload;
-        }
-        if count == 0 {
-            return Ok(());
-        }
-        let statuses = vec![[0u8; tcp::STATUS_BYTES]; if v2 { count } else { 0 }];
-        let mut iov = IoVecs::with_capacity(2 * count);
-        for (i, s) in self.awaiting.iter().take(count).enumerate() {
-            if v2 {
-                iov.push(statuses[i].as_ptr(), tcp::STATUS_BYTES);
-            }
-            if s.op == Opcode::Read {
-                iov.push(s.local as *const u8, s.len as usize);
-            }
-        }
-        let mut group = Box::new(RecvGroup { statuses, iov, slices: count });
-        let entry = self.recv_entry(&mut group.iov);
-        // SAFETY: as for the send: the group is boxed in the connection until
-        // completion, and READ targets are pinned registered memory held by
-        // slices in `awaiting`, which this op answers.
-        unsafe { ctx.submit_op(entry, guarded(conn_rc, on_recv)) }.map_err(|e| e.to_string())?;
-        self.ops += 1;
-        self.recv = Some(group);
-        Ok(())
-    }
-
-    fn fd(&self) -> i32 {
-        self.fd.as_ref().map_or(-1, |f| f.as_raw_fd())
-    }
-
-    /// The receive of what `iov` still expects. A large answer is waited
-    /// for whole: SO_RCVLOWAT set to exactly the bytes still to come (all
-    /// of which the server sends, or it closes), and the poll armed first,
-    /// so the kernel wakes this shard once instead of once per segment
-    /// that lands. On loopback that took reads from a mode of about 4.5
-    /// GB/s (receiver woken per 64 KiB, the sender preempted each time) to
-    /// a steady 11+. Smaller answers use MSG_WAITALL with the default
-    /// low-water mark.
-    fn recv_entry(&mut self, iov: &mut IoVecs) -> io_uring::squeue::Entry {
-        let remaining = iov.total() - iov.done();
-        let want = if remaining >= RCVLOWAT_MIN { remaining.min(RCVLOWAT_MAX) } else { 1 };
-        if want != self.rcvlowat {
-            self.rcvlowat = match sock::set_rcvlowat(self.fd(), want) {
-                Ok(()) => want,
-                Err(e) => {
-                    // Unknown now: make sure it is 1, or waits could stall.
-                    log::warn!("SO_RCVLOWAT {want}: {e}");
-                    let _ = sock::set_rcvlowat(self.fd(), 1);
-                    1
-                }
-            };
-        }
-        let entry = opcode::RecvMsg::new(types::Fd(self.fd()), iov.msghdr() as *mut libc::msghdr);
-        if self.rcvlowat > 1 {
-            entry.ioprio(IORING_RECVSEND_POLL_FIRST).build()
-        } else {
-            entry.flags(libc::MSG_WAITALL as u32).build()
-        }
-    }
-
-    fn pop_awaiting(&mut self) -> Slice {
-        let s = self.awaiting.pop_front().expect("an answer for a slice that was sent");
-        self.awaiting_bytes -= s.len;
-        s
-    }
-}
-
-fn send_entry(fd: i32, iov: &mut IoVecs) -> io_uring::squeue::Entry {
-    opcode::SendMsg::new(types::Fd(fd), iov.msghdr()).flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32).build()
-}
-
 fn on_send(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
-    let mut c = conn_rc.borrow_mut();
-    c.ops -= 1;
-    if c.phase == Phase::Broken {
-        c.send = None;
-        drop(c);
-        return finish_if_idle(ctx, conn_rc);
-    }
-    let peer = c.peer.addr;
-    match done.io_result() {
-        Ok(0) | Err(_) => {
-            c.send = None;
-            let why = match done.io_result() {
-                Err(e) => format!("send to {peer}: {e}"),
-                _ => format!("send to {peer}: connection closed"),
-            };
-            drop(c);
-            return break_conn(ctx, conn_rc, TransferStatus::Failed, why, true);
-        }
-        Ok(n) => {
-            let fd = c.fd();
-            let group = c.send.as_mut().expect("a send in flight");
-            group.iov.advance(n as usize);
-            if !group.iov.is_complete() {
-                // A short send: carry on with the rest.
-                let entry = send_entry(fd, &mut group.iov);
-                // SAFETY: as in start_send; the same group stays boxed.
-                match unsafe { ctx.submit_op(entry, guarded(conn_rc, on_send)) } {
-                    Ok(_) => c.ops += 1,
-                    Err(e) => {
+    {
+        let mut c = conn_rc.borrow_mut();
+        let mut iov = c.send.take().expect("a send out");
+        match done.io_result() {
+            Ok(n) if n > 0 => {
+                c.core.on_sent(n as usize);
+                iov.advance(n as usize);
+                if !iov.is_complete() && !c.core.is_closing() {
+                    // A short send: carry on with the rest.
+                    let entry = send_entry(c.fd(), &mut iov);
+                    c.send = Some(iov);
+                    // SAFETY: as in `pump`: the list is boxed in the
+                    // connection again, over the same group.
+                    if let Err(e) = unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Send, on_send)) } {
                         c.send = None;
-                        drop(c);
-                        return break_conn(ctx, conn_rc, TransferStatus::Failed, e.to_string(), true);
+                        c.core.on_error(format!("send: {e}"));
                     }
                 }
-                return;
             }
-            c.send = None;
+            Ok(_) => c.core.on_error("send: the connection is closed"),
+            Err(e) => c.core.on_error(format!("send: {e}")),
         }
     }
-    if !c.peer.v2 {
-        // v1: a WRITE is "complete" once it is in the socket.
-        while c.awaiting.front().is_some_and(|s| s.op == Opcode::Write) {
-            c.pop_awaiting().complete();
-        }
-    }
-    drop(c);
-    arm_timer(ctx, conn_rc);
     pump(ctx, conn_rc);
 }
 
 fn on_recv(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
-    let mut c = conn_rc.borrow_mut();
-    c.ops -= 1;
-    let peer = c.peer.addr;
-    let mut group = c.recv.take().expect("a receive in flight");
-    if c.phase == Phase::Broken {
-        drop(c);
-        return finish_if_idle(ctx, conn_rc);
-    }
-    let ended = match done.io_result() {
-        Err(e) => Some(format!("receive from {peer}: {e}")),
-        Ok(0) => Some(format!("{peer} closed the connection")),
-        Ok(n) => {
-            group.iov.advance(n as usize);
-            if !group.iov.is_complete() {
-                let entry = c.recv_entry(&mut group.iov);
-                let slices = group.slices;
-                c.recv = Some(group);
-                // SAFETY: as in start_recv; the group is boxed in the
-                // connection again before the op can complete.
-                match unsafe { ctx.submit_op(entry, guarded(conn_rc, on_recv)) } {
-                    Ok(_) => {
-                        c.ops += 1;
-                        return;
-                    }
-                    Err(e) => {
-                        group = c.recv.take().expect("just stored");
-                        debug_assert_eq!(group.slices, slices);
-                        Some(e.to_string())
+    {
+        let mut c = conn_rc.borrow_mut();
+        let mut iov = c.recv.take().expect("a receive out");
+        match done.io_result() {
+            Ok(0) => c.core.on_eof(),
+            Ok(n) => {
+                c.core.on_received(n as usize);
+                iov.advance(n as usize);
+                if !iov.is_complete() && !c.core.is_closing() {
+                    let entry = recv_entry(&mut c, &mut iov);
+                    c.recv = Some(iov);
+                    // SAFETY: as in `pump`: the list is boxed in the
+                    // connection again, over the same group.
+                    if let Err(e) = unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Recv, on_recv)) } {
+                        c.recv = None;
+                        c.core.on_error(format!("receive: {e}"));
                     }
                 }
-            } else {
-                None
             }
+            Err(e) => c.core.on_error(format!("receive: {e}")),
         }
-    };
-    // Settle every slice whose answer arrived in full.
-    let v2 = c.peer.v2;
-    let mut offset = 0usize;
-    let received = group.iov.done();
-    let mut rejected = None;
-    for i in 0..group.slices {
-        let front = c.awaiting.front().expect("the group answers slices in awaiting");
-        let status_len = if v2 { tcp::STATUS_BYTES } else { 0 };
-        let data_len = if front.op == Opcode::Read { front.len as usize } else { 0 };
-        if v2 && received >= offset + tcp::STATUS_BYTES {
-            match tcp::decode_status(&group.statuses[i]) {
-                Ok(tcp::STATUS_OK) => {}
-                Ok(code) => {
-                    let s = c.pop_awaiting();
-                    rejected = Some(format!(
-                        "{peer} rejected a {:?} of {} bytes at {:#x} (status {code}): not inside a buffer it has registered",
-                        s.op, s.len, s.remote
-                    ));
-                    s.fail(TransferStatus::Failed, rejected.as_deref().unwrap_or_default());
-                    break;
-                }
-                Err(raw) => {
-                    rejected = Some(format!("{peer} sent {raw:#018x} where a status frame belongs"));
-                    break;
-                }
-            }
-        }
-        if received < offset + status_len + data_len {
-            break; // The answer did not arrive in full.
-        }
-        offset += status_len + data_len;
-        c.pop_awaiting().complete();
     }
-    drop(c);
-    if let Some(why) = rejected {
-        // The server closes after a rejection; what follows was not run.
-        return break_conn(ctx, conn_rc, TransferStatus::Failed, why, true);
-    }
-    if let Some(why) = ended {
-        return break_conn(ctx, conn_rc, TransferStatus::Failed, why, true);
-    }
-    arm_timer(ctx, conn_rc);
     pump(ctx, conn_rc);
 }
 
-/// Keeps one timer per connection at its earliest deadline.
-fn arm_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
-    let mut c = conn_rc.borrow_mut();
-    if c.phase == Phase::Broken {
+fn on_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
+    {
+        let mut c = conn_rc.borrow_mut();
+        c.timer = None;
+        let now = ctx.now();
+        c.core.on_timer(now);
+    }
+    pump(ctx, conn_rc);
+}
+
+/// Carries out what the core asks for: the next send and receive, the
+/// shutdown and finish of a closing connection, the timer; then settles
+/// what the core settled.
+fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
+    let mut settled = Vec::new();
+    {
+        let mut c = conn_rc.borrow_mut();
+        // A failure to queue an operation ends the connection, which the
+        // second round then closes.
+        for _ in 0..2 {
+            if c.core.is_closing() {
+                close_if_idle(ctx, &mut c, conn_rc);
+                break;
+            }
+            if c.send.is_none()
+                && let Some(g) = c.core.poll_send()
+            {
+                let mut iov = Box::new(IoVecs::with_capacity(2 * g.pieces().count()));
+                for (p, n) in g.pieces() {
+                    iov.push(p, n);
+                }
+                let entry = send_entry(c.fd(), &mut iov);
+                c.send = Some(iov);
+                // SAFETY: the headers live in the core's group, which it
+                // keeps until the group is reported sent or the connection
+                // finishes (after this op is back); the payloads are
+                // registered memory pinned by the requests' tickets, which
+                // the core holds at least as long.
+                if let Err(e) = unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Send, on_send)) } {
+                    c.send = None;
+                    c.core.on_error(format!("send: {e}"));
+                    continue;
+                }
+            }
+            if c.recv.is_none()
+                && let Some(g) = c.core.poll_recv()
+            {
+                let pieces = g.pieces();
+                let mut iov = Box::new(IoVecs::with_capacity(pieces.len()));
+                for (p, n) in pieces {
+                    iov.push(p.cast_const(), n);
+                }
+                let entry = recv_entry(&mut c, &mut iov);
+                c.recv = Some(iov);
+                // SAFETY: the status frames live in the core's group and the
+                // READ destinations are pinned registered memory, both held
+                // until this op is back (see the core's `finish`).
+                if let Err(e) = unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Recv, on_recv)) } {
+                    c.recv = None;
+                    c.core.on_error(format!("receive: {e}"));
+                    continue;
+                }
+            }
+            break;
+        }
+        while let Some(s) = c.core.poll_settled() {
+            settled.push(s);
+        }
+        if !c.core.is_closing() {
+            arm_timer(ctx, &mut c, conn_rc);
+        }
+    }
+    if settled.is_empty() {
         return;
     }
-    let earliest = c.queue.iter().chain(c.awaiting.iter()).map(|s| s.deadline).min();
-    let want = match (c.phase, earliest) {
-        (Phase::Connecting, Some(d)) => Some(d.min(c.connect_deadline)),
-        (Phase::Connecting, None) => Some(c.connect_deadline),
-        (_, d) => d,
+    let (peer, shard, credits, shard_id) = {
+        let c = conn_rc.borrow();
+        (c.peer, c.shard.upgrade(), c.credits.clone(), c.shard_id)
     };
+    let mut retry = Vec::new();
+    let mut finished = 0;
+    for (r, how) in settled {
+        match how {
+            Settle::Retry => retry.push(r),
+            Settle::Done => r.ticket.done(r.len),
+            Settle::Rejected { message, .. } => r.ticket.fail(TransferStatus::Failed, &message),
+            Settle::Failed(why) => r.ticket.fail(TransferStatus::Failed, &why),
+            Settle::TimedOut(why) => r.ticket.fail(TransferStatus::Timeout, &why),
+            Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
+        }
+        finished += 1;
+    }
+    finished -= retry.len();
+    credits.release(shard_id, finished);
+    if !retry.is_empty() {
+        match shard {
+            Some(shard) => ClientShard::submit(&shard, ctx, peer, retry),
+            None => drop(retry), // each fails in Drop
+        }
+    }
+}
+
+/// A closing connection: shut the socket (so the operations out come
+/// back), leave the shard's table, and finish once none is out.
+fn close_if_idle(ctx: &mut ShardCtx, c: &mut Conn, conn_rc: &Rc<RefCell<Conn>>) {
+    if c.core.is_closed() {
+        return;
+    }
+    if !c.shut {
+        c.shut = true;
+        log::debug!("connection {} to {} closing: {}", c.id, c.peer.addr, c.core.ending().unwrap_or("?"));
+        if let Some((id, _)) = c.timer.take() {
+            ctx.cancel_timer(id);
+        }
+        if let Some(fd) = &c.fd {
+            sock::shutdown_both(fd);
+        }
+        if let Some(shard) = c.shard.upgrade()
+            && let Ok(mut shard) = shard.try_borrow_mut()
+            && shard.conns.get(&c.peer).is_some_and(|live| Rc::ptr_eq(live, conn_rc))
+        {
+            shard.conns.remove(&c.peer);
+        }
+    }
+    if c.ops_out() == 0 {
+        c.core.finish(Instant::now());
+        c.fd = None;
+    }
+}
+
+/// Keeps one timer per connection at the core's next deadline.
+fn arm_timer(ctx: &mut ShardCtx, c: &mut Conn, conn_rc: &Rc<RefCell<Conn>>) {
+    let want = c.core.next_deadline();
     match (want, c.timer) {
         (None, Some((id, _))) => {
             ctx.cancel_timer(id);
@@ -610,8 +501,7 @@ fn arm_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
                 Err(e) => {
                     // Without a timer nothing bounds the wait: give up now.
                     c.timer = None;
-                    drop(c);
-                    break_conn(ctx, conn_rc, TransferStatus::Failed, format!("cannot set a timeout: {e}"), false);
+                    c.core.close(format!("cannot set a timeout: {e}"));
                 }
             }
         }
@@ -619,92 +509,35 @@ fn arm_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
     }
 }
 
-fn on_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
-    let now = ctx.now();
-    let expired = {
-        let mut c = conn_rc.borrow_mut();
-        c.timer = None;
-        if c.phase == Phase::Broken {
-            return;
-        }
-        if c.phase == Phase::Connecting && now >= c.connect_deadline {
-            Some((TransferStatus::Failed, format!("connect to {} timed out", c.peer.addr)))
-        } else if c.queue.iter().chain(c.awaiting.iter()).any(|s| s.deadline <= now) {
-            Some((TransferStatus::Timeout, format!("no answer from {} within the transfer timeout", c.peer.addr)))
-        } else {
-            None
-        }
-    };
-    match expired {
-        Some((status, why)) => break_conn(ctx, conn_rc, status, why, true),
-        None => arm_timer(ctx, conn_rc),
-    }
+fn send_entry(fd: i32, iov: &mut IoVecs) -> io_uring::squeue::Entry {
+    opcode::SendMsg::new(types::Fd(fd), iov.msghdr()).flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32).build()
 }
 
-/// Marks a connection broken and aborts its ops; its slices are settled
-/// once no op is in flight.
-fn break_conn(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, status: TransferStatus, why: String, retry: bool) {
-    {
-        let mut c = conn_rc.borrow_mut();
-        if c.phase == Phase::Broken {
-            return;
-        }
-        log::debug!("connection {} to {} broken: {why}", c.id, c.peer.addr);
-        c.phase = Phase::Broken;
-        c.broken = Some((status, why, retry));
-        if let Some((id, _)) = c.timer.take() {
-            ctx.cancel_timer(id);
-        }
-        if let Some(shard) = c.shard.upgrade() {
-            let mut shard = shard.borrow_mut();
-            if shard.conns.get(&c.peer).is_some_and(|live| Rc::ptr_eq(live, conn_rc)) {
-                shard.conns.remove(&c.peer);
+/// The receive of what `iov` still expects. A large answer is waited for
+/// whole: SO_RCVLOWAT set to exactly the bytes still to come (all of which
+/// the server sends, or it closes), and the poll armed first, so the kernel
+/// wakes this shard once instead of once per segment that lands. On
+/// loopback that took reads from a mode of about 4.5 GB/s (receiver woken
+/// per 64 KiB, the sender preempted each time) to a steady 11+. Smaller
+/// answers use MSG_WAITALL with the default low-water mark.
+fn recv_entry(c: &mut Conn, iov: &mut IoVecs) -> io_uring::squeue::Entry {
+    let remaining = iov.total() - iov.done();
+    let want = if remaining >= RCVLOWAT_MIN { remaining.min(RCVLOWAT_MAX) } else { 1 };
+    if want != c.rcvlowat {
+        c.rcvlowat = match sock::set_rcvlowat(c.fd(), want) {
+            Ok(()) => want,
+            Err(e) => {
+                // Unknown now: make sure it is 1, or waits could stall.
+                log::warn!("SO_RCVLOWAT {want}: {e}");
+                let _ = sock::set_rcvlowat(c.fd(), 1);
+                1
             }
-        }
-        if let Some(fd) = &c.fd {
-            sock::shutdown_both(fd);
-        }
+        };
     }
-    finish_if_idle(ctx, conn_rc);
-}
-
-/// Once a broken connection has no op in flight: close it, re-send what may
-/// be re-sent, fail the rest.
-fn finish_if_idle(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
-    let (peer, shard, retry, failed) = {
-        let mut c = conn_rc.borrow_mut();
-        if c.phase != Phase::Broken || c.ops > 0 {
-            return;
-        }
-        c.fd = None;
-        let (status, why, may_retry) =
-            c.broken.take().unwrap_or((TransferStatus::Failed, "connection lost".into(), false));
-        let now = Instant::now();
-        let mut retry = Vec::new();
-        let mut failed = Vec::new();
-        let mut slices: Vec<Slice> = c.awaiting.drain(..).collect();
-        slices.extend(c.queue.drain(..));
-        c.awaiting_bytes = 0;
-        for mut s in slices {
-            if now >= s.deadline {
-                failed.push((s, TransferStatus::Timeout));
-            } else if may_retry && s.retries > 0 {
-                s.retries -= 1;
-                retry.push(s);
-            } else {
-                failed.push((s, status));
-            }
-        }
-        let failed: Vec<_> = failed.into_iter().map(|(s, st)| (s, st, why.clone())).collect();
-        (c.peer, c.shard.upgrade(), retry, failed)
-    };
-    for (s, status, why) in failed {
-        s.fail(status, &why);
-    }
-    if !retry.is_empty() {
-        match shard {
-            Some(shard) => ClientShard::submit(&shard, ctx, peer, retry),
-            None => drop(retry), // each fails in Drop
-        }
+    let entry = opcode::RecvMsg::new(types::Fd(c.fd()), iov.msghdr() as *mut libc::msghdr);
+    if c.rcvlowat > 1 {
+        entry.ioprio(IORING_RECVSEND_POLL_FIRST).build()
+    } else {
+        entry.flags(libc::MSG_WAITALL as u32).build()
     }
 }

@@ -1,4 +1,4 @@
-//! The direct path: a small synchronous transfer carried out by the calling
+//! The direct path: a small synchronous request carried out by the calling
 //! thread itself, on a persistent connection of its own.
 //!
 //! Handing a 4 KiB write to a shard costs a thread hop each way, and on a
@@ -7,17 +7,22 @@
 //! the request and read the answer itself, as Mooncake's client does: it
 //! spins on a non-blocking receive for a few microseconds (the answer often
 //! arrives by then) and then blocks with the transfer's deadline as the
-//! socket timeout. The protocol is the same TCP v2 the shards speak, to the
-//! same server; only large or batched transfers go through the shards.
+//! socket timeout.
+//!
+//! This is a second driver of the same client core the shards drive
+//! ([`ClientConn`]), with blocking sockets instead of io_uring: the
+//! protocol has one implementation.
 
 use std::cell::RefCell;
-use std::io::{self, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use super::slice::Peer;
-use crate::proto::mooncake::tcp::{self, Opcode, RequestHeader};
+use super::Peer;
+use super::iov::IoVecs;
+use crate::proto::mooncake::client::{ClientConn, Limits, Req, Settle};
+use crate::transport::InlineRequest;
 
 /// Requests up to this size may take the direct path.
 pub const DIRECT_BYTES_MAX: u64 = 64 << 10;
@@ -42,73 +47,68 @@ thread_local! {
 pub struct DirectError {
     pub rejected: bool,
     pub timed_out: bool,
-    /// The connection was dead before the peer answered anything.
-    pub stale: bool,
     pub message: String,
 }
 
-/// Moves `len` bytes between local `local` and the peer's `remote`, on this
-/// thread. The caller has checked both ranges and pinned the local one.
-pub fn transfer(
-    engine: u64,
-    peer: Peer,
-    op: Opcode,
-    local: u64,
-    remote: u64,
-    len: u64,
-    deadline: Instant,
-) -> Result<(), DirectError> {
-    debug_assert!(peer.v2 && len > 0 && len <= DIRECT_BYTES_MAX);
-    let (mut stream, cached) = take(engine, peer.addr, deadline)?;
-    let mut result = exchange(&mut stream, op, local, remote, len, deadline);
-    if cached && result.as_ref().is_err_and(|e| e.stale) {
-        // A kept connection the peer had closed (it restarted, or idled us
-        // out): requests are idempotent, so try once on a fresh one.
-        let (fresh, _) = connect(peer.addr, deadline)?;
-        stream = fresh;
-        result = exchange(&mut stream, op, local, remote, len, deadline);
+/// Carries out `r` on this thread. The caller has checked both ranges and
+/// pinned the local one for the length of the call.
+pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, connect_timeout: Duration) -> Result<(), DirectError> {
+    debug_assert!(peer.v2 && r.len > 0 && r.len <= DIRECT_BYTES_MAX);
+    let (mut stream, mut cached) = match take(engine, peer.addr) {
+        Some(s) => (s, true),
+        None => (connect(peer.addr, r.deadline, connect_timeout)?, false),
+    };
+    loop {
+        // A kept connection may be dead (the peer restarted, or idled us
+        // out): a request on it may go once more, on a fresh one.
+        // Requests are idempotent: the same bytes to the same addresses.
+        let retries = u8::from(cached);
+        match exchange(&mut stream, peer, r, retries) {
+            Settle::Done => {
+                put_back(engine, peer.addr, stream);
+                return Ok(());
+            }
+            Settle::Retry => {
+                stream = connect(peer.addr, r.deadline, connect_timeout)?;
+                cached = false;
+            }
+            Settle::Rejected { message, .. } => return Err(DirectError { rejected: true, timed_out: false, message }),
+            Settle::TimedOut(message) => return Err(DirectError { rejected: false, timed_out: true, message }),
+            Settle::Failed(message) => return Err(DirectError { rejected: false, timed_out: false, message }),
+            Settle::Canceled => unreachable!("nothing cancels a direct request"),
+        }
+        // On any failure the connection's state is unknown: it is dropped.
     }
-    if result.is_ok() {
-        put_back(engine, peer.addr, stream);
-    }
-    // On any failure the connection's state is unknown: it is dropped.
-    result
 }
 
 /// Forgets this thread's connections to an engine's peers (when it shuts
-/// down, or a peer restarts).
+/// down).
 pub fn forget(engine: u64) {
     let _ = CONNECTIONS.try_with(|c| c.borrow_mut().retain(|k| k.engine != engine));
 }
 
-/// This thread's connection to `peer`, and whether it was kept from before.
-fn take(engine: u64, peer: SocketAddr, deadline: Instant) -> Result<(TcpStream, bool), DirectError> {
-    let cached = CONNECTIONS
+fn take(engine: u64, peer: SocketAddr) -> Option<TcpStream> {
+    CONNECTIONS
         .try_with(|c| {
             let mut c = c.borrow_mut();
             c.iter().position(|k| k.engine == engine && k.peer == peer).map(|i| c.swap_remove(i).stream)
         })
         .ok()
-        .flatten();
-    match cached {
-        Some(s) => Ok((s, true)),
-        None => connect(peer, deadline),
-    }
+        .flatten()
 }
 
-fn connect(peer: SocketAddr, deadline: Instant) -> Result<(TcpStream, bool), DirectError> {
-    let timeout = deadline.saturating_duration_since(Instant::now()).min(Duration::from_secs(5));
+fn connect(peer: SocketAddr, deadline: Instant, connect_timeout: Duration) -> Result<TcpStream, DirectError> {
+    let timeout = deadline.saturating_duration_since(Instant::now()).min(connect_timeout);
     if timeout.is_zero() {
-        return Err(error(true, "transfer timed out before connecting".into()));
+        return Err(DirectError { rejected: false, timed_out: true, message: "timed out before connecting".into() });
     }
-    let stream = TcpStream::connect_timeout(&peer, timeout)
-        .map_err(|e| error(e.kind() == io::ErrorKind::TimedOut, format!("connect to {peer}: {e}")))?;
+    let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|e| DirectError {
+        rejected: false,
+        timed_out: e.kind() == io::ErrorKind::TimedOut,
+        message: format!("connect to {peer}: {e}"),
+    })?;
     let _ = stream.set_nodelay(true);
-    Ok((stream, false))
-}
-
-fn error(timed_out: bool, message: String) -> DirectError {
-    DirectError { rejected: false, timed_out, stale: false, message }
+    Ok(stream)
 }
 
 fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
@@ -121,105 +121,107 @@ fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
     });
 }
 
-fn exchange(
-    stream: &mut TcpStream,
-    op: Opcode,
-    local: u64,
-    remote: u64,
-    len: u64,
-    deadline: Instant,
-) -> Result<(), DirectError> {
-    // Before the first byte of the answer, a reset, a broken pipe or an
-    // end of stream means the connection was dead already.
-    let mut answered = false;
-    let io = |e: io::Error, answered: bool| DirectError {
-        rejected: false,
-        timed_out: matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut),
-        stale: !answered
-            && matches!(
-                e.kind(),
-                io::ErrorKind::UnexpectedEof | io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
-            ),
-        message: format!("direct transfer: {e}"),
-    };
-    let header = RequestHeader { size: len, addr: remote, opcode: op, v2: true }.encode();
-    // SAFETY: the caller pinned [local, local + len) inside registered
-    // memory for the length of this call.
-    let payload = unsafe { std::slice::from_raw_parts(local as *const u8, len as usize) };
-    stream.set_write_timeout(Some(remaining(deadline)?)).map_err(|e| io(e, answered))?;
-    if op == Opcode::Write {
-        write_all_vectored(stream, &header, payload).map_err(|e| io(e, answered))?;
-    } else {
-        stream.write_all(&header).map_err(|e| io(e, answered))?;
+/// Drives a one-request core over a blocking stream until it settles.
+fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8) -> Settle {
+    let limits = Limits { group_reqs_max: 1, awaiting_max: 1, queued_max: 1, ..Limits::default() };
+    let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline);
+    core.on_connected();
+    let req = Req { op: r.op, local: r.local, remote: r.remote, len: r.len, deadline: r.deadline, retries, ticket: () };
+    if core.push(req).is_err() {
+        return Settle::Failed("the direct path refused the request".into());
     }
-    let mut status = [0u8; tcp::STATUS_BYTES];
-    receive(stream, &mut status, deadline).map_err(|e| io(e, answered))?;
-    answered = true;
-    match tcp::decode_status(&status) {
-        Ok(tcp::STATUS_OK) => {}
-        Ok(code) => {
-            return Err(DirectError {
-                rejected: true,
-                timed_out: false,
-                stale: false,
-                message: format!(
-                    "{} rejected a {op:?} of {len} bytes at {remote:#x} (status {code}): not inside a buffer it has registered",
-                    stream.peer_addr().map_or_else(|_| "the peer".into(), |a| a.to_string())
-                ),
-            });
+    // Each step either moves bytes, or ends the connection; a request has
+    // a header, a payload, a status and READ bytes: a handful of steps, a
+    // few more for short transfers. The bound catches a core bug.
+    for _ in 0..(1 << 20) {
+        if let Some((_, how)) = core.poll_settled() {
+            return how;
         }
-        Err(raw) => return Err(error(false, format!("the peer sent {raw:#018x} where a status frame belongs"))),
+        if core.is_closing() {
+            core.finish(Instant::now());
+            continue;
+        }
+        if let Some(g) = core.poll_send() {
+            let mut iov = IoVecs::with_capacity(2);
+            for (p, n) in g.pieces() {
+                iov.push(p, n);
+            }
+            if let Err(e) = send_all(stream, &mut iov, r.deadline, |n| core.on_sent(n)) {
+                core.on_error(format!("send: {e}"));
+            }
+            continue;
+        }
+        if let Some(g) = core.poll_recv() {
+            let pieces = g.pieces();
+            let mut iov = IoVecs::with_capacity(pieces.len());
+            for (p, n) in pieces {
+                iov.push(p.cast_const(), n);
+            }
+            match receive(stream, &mut iov, r.deadline, |n| core.on_received(n)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => core.on_eof(),
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => core.on_timer(r.deadline.max(Instant::now())),
+                Err(e) => core.on_error(format!("receive: {e}")),
+            }
+            continue;
+        }
+        core.on_error("nothing left to send or receive, and no answer");
     }
-    if op == Opcode::Read {
-        // SAFETY: as above; a READ's destination is the pinned local range.
-        let dest = unsafe { std::slice::from_raw_parts_mut(local as *mut u8, len as usize) };
-        receive(stream, dest, deadline).map_err(|e| io(e, answered))?;
-    }
-    Ok(())
+    Settle::Failed("the direct path made no progress".into())
 }
 
-fn remaining(deadline: Instant) -> Result<Duration, DirectError> {
+fn remaining(deadline: Instant) -> io::Result<Duration> {
     let left = deadline.saturating_duration_since(Instant::now());
-    if left.is_zero() {
-        return Err(error(true, "no answer within the transfer timeout".into()));
-    }
-    Ok(left)
+    if left.is_zero() { Err(io::ErrorKind::TimedOut.into()) } else { Ok(left) }
 }
 
-fn write_all_vectored(stream: &mut TcpStream, header: &[u8], payload: &[u8]) -> io::Result<()> {
-    let mut bufs = [io::IoSlice::new(header), io::IoSlice::new(payload)];
-    let mut bufs: &mut [io::IoSlice<'_>] = &mut bufs;
-    while !bufs.is_empty() {
-        match stream.write_vectored(bufs) {
-            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-            Ok(n) => io::IoSlice::advance_slices(&mut bufs, n),
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
+/// Sends the whole list, reporting each piece that went out.
+fn send_all(
+    stream: &mut TcpStream,
+    iov: &mut IoVecs,
+    deadline: Instant,
+    mut sent: impl FnMut(usize),
+) -> io::Result<()> {
+    stream.set_write_timeout(Some(remaining(deadline)?))?;
+    while !iov.is_complete() {
+        // SAFETY: the list points at the core's header and the caller's
+        // pinned local memory, both alive for this call.
+        let n = unsafe { libc::sendmsg(stream.as_raw_fd(), iov.msghdr(), libc::MSG_NOSIGNAL) };
+        if n > 0 {
+            iov.advance(n as usize);
+            sent(n as usize);
+        } else if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        } else {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::Interrupted => {}
+                io::ErrorKind::WouldBlock => return Err(io::ErrorKind::TimedOut.into()),
+                _ => return Err(e),
+            }
         }
     }
     Ok(())
 }
 
-/// Fills `buf`: polls without blocking for a few microseconds, then blocks
-/// with the deadline as the receive timeout.
-fn receive(stream: &mut TcpStream, buf: &mut [u8], deadline: Instant) -> io::Result<()> {
+/// Fills the list: polls without blocking for a few microseconds, then
+/// blocks with the deadline as the receive timeout. Reports each piece
+/// that arrived.
+fn receive(stream: &mut TcpStream, iov: &mut IoVecs, deadline: Instant, mut got: impl FnMut(usize)) -> io::Result<()> {
     let fd = stream.as_raw_fd();
-    let mut got = 0;
     let spin_until = Instant::now() + SPIN;
-    while got < buf.len() {
+    while !iov.is_complete() {
         let spinning = Instant::now() < spin_until;
         if !spinning {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(io::ErrorKind::TimedOut.into());
-            }
-            stream.set_read_timeout(Some(left))?;
+            stream.set_read_timeout(Some(remaining(deadline)?))?;
         }
         let flags = if spinning { libc::MSG_DONTWAIT } else { 0 };
-        // SAFETY: receives into the unfilled tail of `buf`, which we own.
-        let n = unsafe { libc::recv(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got, flags) };
+        // SAFETY: receives into the list's unfilled part: the core's status
+        // frame and the caller's pinned local memory.
+        let n = unsafe { libc::recvmsg(fd, iov.msghdr() as *mut libc::msghdr, flags) };
         if n > 0 {
-            got += n as usize;
+            iov.advance(n as usize);
+            got(n as usize);
         } else if n == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection"));
         } else {

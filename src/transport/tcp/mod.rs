@@ -1,36 +1,98 @@
 //! Mooncake's TCP v2 data protocol, carried out by the shards.
 //!
-//! [`TcpTransport`] is the engine's handle: it binds the data port, installs
-//! a client and a server half on every shard, runs the accept loop on shard
-//! 0, and hands slices to shards. Everything after that happens on the
-//! shards' io_uring rings ([`client`], [`server`]): bytes move between the
-//! sockets and registered memory with no copy in between.
+//! [`TcpTransport`] binds the data port, installs a client and a server
+//! half on every shard, runs the accept loop on shard 0, and deals requests
+//! out to the shards. After that everything happens on the shards' io_uring
+//! rings ([`client`], [`server`]), which drive the sans-IO connection cores
+//! of [`crate::proto::mooncake`]: bytes move between the sockets and
+//! registered memory with no copy in between (small WRITE payloads on the
+//! server excepted, which are copied out of a staging buffer so that a run
+//! of them takes one receive). [`direct`] drives the same client core on
+//! the caller's thread for one small synchronous request.
+//!
+//! Submission is bounded: each shard takes at most
+//! [`QUEUED_PER_SHARD_MAX`] requests of an engine that have not settled;
+//! past that, `submit` waits (up to the requests' deadline) for room.
 
 pub mod client;
 pub mod direct;
 pub mod iov;
 pub mod server;
-pub mod slice;
 pub mod sock;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::net::{IpAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub use client::{ClientLimits, ClientShard};
 pub use server::ServerShard;
-pub use slice::{Peer, Slice};
 
-use crate::engine::error::{TeError, TeResult, code};
-use crate::engine::registry::Registry;
+use super::request::{Request, Sink, TransferStatus};
+use super::{InlineRequest, PeerSegment, Route, Transport};
+use crate::error::{TeError, TeResult, code};
+use crate::mem::Registry;
+use crate::proto::mooncake::name;
 use crate::runtime::{OpId, Runtime, ShardCtx};
 
 /// Most server sessions per shard.
 pub const SESSIONS_PER_SHARD_MAX: usize = 4096;
+/// Requests of one engine handed to one shard and not yet settled. A
+/// caller past it waits: memory stays bounded however large a batch is.
+pub const QUEUED_PER_SHARD_MAX: usize = 1 << 14;
+/// Requests handed to a shard at once.
+const HANDOFF_MAX: usize = 256;
+/// Requests up to this size may be carried out on the caller's thread.
+pub const INLINE_BYTES_MAX: u64 = direct::DIRECT_BYTES_MAX;
+
+/// A peer's data port and the protocol version it speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Peer {
+    pub addr: SocketAddr,
+    /// Whether the peer sends v2 status frames (`tcp_proto_version >= 2`).
+    pub v2: bool,
+}
+
+/// Requests handed to each shard and not yet settled (the back-pressure).
+#[derive(Debug)]
+pub struct Credits {
+    queued: Box<[AtomicUsize]>,
+}
+
+impl Credits {
+    fn new(shards: usize) -> Self {
+        Self { queued: (0..shards).map(|_| AtomicUsize::new(0)).collect() }
+    }
+
+    /// Takes `n` slots on `shard` if they are free.
+    fn try_take(&self, shard: usize, n: usize) -> bool {
+        let q = &self.queued[shard];
+        let mut now = q.load(Ordering::Acquire);
+        loop {
+            if now + n > QUEUED_PER_SHARD_MAX && now > 0 {
+                return false;
+            }
+            match q.compare_exchange_weak(now, now + n, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return true,
+                Err(v) => now = v,
+            }
+        }
+    }
+
+    /// `n` requests of `shard` settled.
+    pub fn release(&self, shard: usize, n: usize) {
+        let before = self.queued[shard].fetch_sub(n, Ordering::AcqRel);
+        debug_assert!(before >= n, "released more than was taken");
+    }
+
+    pub fn queued(&self, shard: usize) -> usize {
+        self.queued[shard].load(Ordering::Acquire)
+    }
+}
 
 /// One engine's TCP halves on one shard.
 struct EngineTcp {
@@ -57,6 +119,9 @@ pub struct TcpTransport {
     listener: Arc<TcpListener>,
     data_port: u16,
     rr: AtomicUsize,
+    credits: Arc<Credits>,
+    limits: ClientLimits,
+    closed: Mutex<bool>,
 }
 
 impl TcpTransport {
@@ -73,14 +138,23 @@ impl TcpTransport {
         let listener = sock::bind_listener(bind_ip, None, ports)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot bind the TCP data port on {bind_ip}: {e}")))?;
         let data_port = listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
-        let listener = Arc::new(listener);
-        let transport = Self { engine, runtime: runtime.clone(), listener, data_port, rr: AtomicUsize::new(0) };
+        let credits = Arc::new(Credits::new(runtime.shard_count()));
+        let transport = Self {
+            engine,
+            runtime: runtime.clone(),
+            listener: Arc::new(listener),
+            data_port,
+            rr: AtomicUsize::new(0),
+            credits: credits.clone(),
+            limits,
+            closed: Mutex::new(false),
+        };
         for shard in 0..runtime.shard_count() {
-            let registry = registry.clone();
+            let (registry, credits) = (registry.clone(), credits.clone());
             runtime
                 .call(shard, move |ctx| {
                     let state = EngineTcp {
-                        client: ClientShard::new(limits),
+                        client: ClientShard::new(limits, credits, ctx.id()),
                         server: ServerShard::new(registry, SESSIONS_PER_SHARD_MAX),
                         accept: None,
                     };
@@ -103,51 +177,163 @@ impl TcpTransport {
     }
 
     /// The address the data listener is bound to.
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
     }
 
-    pub fn shard_count(&self) -> usize {
-        self.runtime.shard_count()
+    /// Requests handed to each shard and not yet settled.
+    pub fn queued(&self) -> Vec<usize> {
+        (0..self.runtime.shard_count()).map(|s| self.credits.queued(s)).collect()
     }
 
-    /// The next shard in turn.
-    pub fn next_shard(&self) -> usize {
-        self.rr.fetch_add(1, Ordering::Relaxed) % self.runtime.shard_count()
+    /// The calling thread's shard for lone small requests: a thread
+    /// issuing small transfers one after another keeps one shard busy,
+    /// not all of them half-busy (on few cores the idle ones' spinning
+    /// costs latency).
+    fn home_shard(&self) -> usize {
+        thread_local! {
+            static HOME: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+        }
+        let shards = self.runtime.shard_count();
+        HOME.with(|h| match h.get() {
+            Some(s) if s < shards => s,
+            _ => {
+                let s = self.rr.fetch_add(1, Ordering::Relaxed) % shards;
+                h.set(Some(s));
+                s
+            }
+        })
     }
 
-    /// Hands slices for `peer` to `shard`. If the shard cannot take them
-    /// (shut down), they fail.
-    pub fn submit(&self, shard: usize, peer: Peer, slices: Vec<Slice>) {
-        let engine = self.engine;
-        // Slices that cannot be delivered are dropped, which fails them.
-        let result = self.runtime.submit(shard, move |ctx| {
-            if let Some((client, _)) = halves(ctx, engine) {
-                ClientShard::submit(&client, ctx, peer, slices);
+    /// Hands `requests` to `shard`, waiting for room first. Whatever cannot
+    /// be handed over fails.
+    fn hand_off(&self, shard: usize, peer: Peer, requests: Vec<Request>) {
+        let n = requests.len();
+        debug_assert!(n > 0 && n <= HANDOFF_MAX);
+        let deadline = requests.iter().map(|r| r.deadline).min().expect("not empty");
+        let mut waited = 0u32;
+        while !self.credits.try_take(shard, n) {
+            if Instant::now() >= deadline || *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+                let why = format!("shard {shard} stayed full ({QUEUED_PER_SHARD_MAX} requests) until the deadline");
+                for r in requests {
+                    r.ticket.fail(TransferStatus::Timeout, &why);
+                }
+                return;
+            }
+            waited = waited.saturating_add(1);
+            if waited < 64 {
+                std::hint::spin_loop();
+            } else if waited < 128 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+        let (engine, credits) = (self.engine, self.credits.clone());
+        let result = self.runtime.submit(shard, move |ctx| match halves(ctx, engine) {
+            Some((client, _)) => ClientShard::submit(&client, ctx, peer, requests),
+            None => {
+                credits.release(shard, requests.len());
+                for r in requests {
+                    r.ticket.fail(TransferStatus::Failed, "the engine is shutting down");
+                }
             }
         });
         if let Err(e) = result {
+            // The closure, and the requests in it, were dropped: each
+            // ticket failed as it went.
+            self.credits.release(shard, n);
             log::warn!("shard {shard} refused transfer work: {e}");
         }
     }
+}
 
-    /// Per-shard connection and session counts (for tests and stats).
-    pub fn counts(&self) -> Vec<(usize, usize)> {
+impl Transport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    fn route(&self, peer: &PeerSegment<'_>) -> TeResult<Option<Route>> {
+        let desc = peer.desc;
+        if desc.protocol != "tcp" {
+            return Ok(None);
+        }
+        if desc.tcp_data_port == 0 {
+            return Err(TeError::new(code::METADATA, format!("segment {} publishes no TCP data port", peer.name)));
+        }
+        let host = match (desc.tcp_data_host.as_deref().map(str::trim), peer.rpc_host) {
+            (Some(h), _) if !h.is_empty() && h != "0.0.0.0" && h != "::" => h.to_string(),
+            (_, Some(h)) => h.to_string(),
+            _ => name::parse(peer.name).map_err(TeError::invalid)?.host,
+        };
+        let target = name::HostPort::with_port(&host, desc.tcp_data_port);
+        let addr = crate::meta::p2p::resolve(&target, desc.tcp_data_port)?[0];
+        Ok(Some(Route::Tcp(Peer { addr, v2: desc.tcp_proto_version >= 2 })))
+    }
+
+    fn submit(&self, route: &Route, requests: Vec<Request>) {
+        let Route::Tcp(peer) = *route;
+        if requests.is_empty() {
+            return;
+        }
+        let shards = self.runtime.shard_count();
+        // A lone small request goes to the caller's own shard; everything
+        // else is dealt out in turn, so stripes of a large one run at once.
+        let lone = requests.len() == 1 && requests[0].len <= INLINE_BYTES_MAX;
+        let mut next = if lone { self.home_shard() } else { self.rr.fetch_add(1, Ordering::Relaxed) };
+        let mut per_shard: Vec<Vec<Request>> = (0..shards).map(|_| Vec::new()).collect();
+        for r in requests {
+            let s = next % shards;
+            next += 1;
+            per_shard[s].push(r);
+            if per_shard[s].len() == HANDOFF_MAX {
+                self.hand_off(s, peer, std::mem::take(&mut per_shard[s]));
+            }
+        }
+        for (s, batch) in per_shard.into_iter().enumerate() {
+            if !batch.is_empty() {
+                self.hand_off(s, peer, batch);
+            }
+        }
+        if !lone {
+            // Start the next submission where this one stopped.
+            self.rr.store(next, Ordering::Relaxed);
+        }
+    }
+
+    fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
+        let Route::Tcp(peer) = *route;
+        if !peer.v2 || r.len == 0 || r.len > INLINE_BYTES_MAX {
+            return None;
+        }
+        Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout).map_err(|e| {
+            let code = if e.rejected || e.timed_out { code::INVALID_ARGUMENT } else { code::SOCKET };
+            TeError::new(code, e.message)
+        }))
+    }
+
+    fn cancel(&self, sink: &Arc<dyn Sink>) {
         let engine = self.engine;
-        (0..self.runtime.shard_count())
-            .map(|s| {
-                self.runtime
-                    .call(s, move |ctx| {
-                        halves(ctx, engine).map_or((0, 0), |(c, s)| (c.borrow().connections(), s.borrow().sessions()))
-                    })
-                    .unwrap_or((0, 0))
-            })
-            .collect()
+        for shard in 0..self.runtime.shard_count() {
+            let sink = sink.clone();
+            let _ = self.runtime.submit(shard, move |ctx| {
+                if let Some((client, _)) = halves(ctx, engine) {
+                    ClientShard::cancel(&client, ctx, &sink);
+                }
+            });
+        }
     }
 
     /// Closes every connection and session of this engine and stops
     /// accepting. Transfers still running fail.
-    pub fn close(&self) {
+    fn close(&self) {
+        {
+            let mut closed = self.closed.lock().unwrap_or_else(|e| e.into_inner());
+            if *closed {
+                return;
+            }
+            *closed = true;
+        }
         let engine = self.engine;
         for shard in 0..self.runtime.shard_count() {
             let _ = self.runtime.call(shard, move |ctx| {
@@ -163,6 +349,7 @@ impl TcpTransport {
                 }
             });
         }
+        direct::forget(engine);
     }
 }
 

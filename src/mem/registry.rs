@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
-use super::error::{TeError, TeResult, code};
+use crate::error::{TeError, TeResult, code};
 
 /// Most regions one engine registers.
 pub const REGIONS_MAX: usize = 1 << 20;

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::buddy::{Buddy, FreeError};
-use super::error::{TeError, TeResult, code};
 use super::registry::Registry;
+use crate::error::{TeError, TeResult, code};
 
 /// Slabs are 2^31 bytes.
 pub const SLAB_ORDER: u32 = 31;

@@ -1,0 +1,622 @@
+//! The TCP v2 client connection as a state machine: events in, actions out,
+//! no I/O.
+//!
+//! One [`ClientConn`] is one connection to a peer's data port. The driver
+//! (the shards' io_uring client, or the caller-thread direct path) feeds it
+//! events and carries out what it asks for:
+//!
+//! ```text
+//!   push(req)                 ─┐
+//!   on_connected / on_sent(n)  │          ┌─ poll_send()  -> a SendGroup: headers
+//!   on_received(n) / on_eof    ├─ core ───┤     and WRITE payloads to send, in order
+//!   on_error / on_timer(now)   │          ├─ poll_recv()  -> a RecvGroup: status frames
+//!   close(why) / finish(now)  ─┘          │     and READ destinations to fill, in order
+//!                                         ├─ is_closing() -> shut the socket, then
+//!                                         │     finish() once no operation is out
+//!                                         ├─ next_deadline() -> when to call on_timer
+//!                                         └─ poll_settled() -> (request, how it ended)
+//! ```
+//!
+//! The rules it keeps:
+//!
+//! - **Pipelining.** Requests go out in groups (one scatter list each),
+//!   while earlier ones await their answers; the server answers in order,
+//!   so answers are matched to requests by position. At most
+//!   `awaiting_max` requests and `inflight_bytes_max` payload bytes await
+//!   answers at once (at least one request always goes, however large).
+//! - **Answers.** Every v2 request gets an 8-byte status frame, a READ then
+//!   its bytes. A request settles as soon as its whole answer is in.
+//!   A v1 peer sends no status: a WRITE is done once sent, and only one
+//!   request is outstanding at a time.
+//! - **Rejections.** A non-zero status settles its request as
+//!   [`Settle::Rejected`]; the server closes after one, so the connection
+//!   closes and the requests behind it (not run) may be re-sent.
+//! - **Closes.** However the connection ends (peer gone, error, garbage
+//!   where a status belongs, a request past its deadline), nothing settles
+//!   until the driver reports every operation back ([`ClientConn::finish`]):
+//!   the kernel may still be writing READ destinations until then. Each
+//!   request left then settles once: past its deadline as
+//!   [`Settle::TimedOut`]; else [`Settle::Retry`] if the close allows a
+//!   re-send and the request has a retry left (requests are idempotent:
+//!   the same bytes to the same addresses); else [`Settle::Failed`].
+//! - **Timeouts.** A request still queued past its deadline settles as
+//!   timed out on its own; one already sent means the peer went silent,
+//!   and the connection is torn down.
+//!
+//! Every request pushed leaves through [`ClientConn::poll_settled`] exactly
+//! once. The tests below drive the core with scripted bytes, split at every
+//! boundary; `fuzzing::tcp_client` feeds it arbitrary peer bytes.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::tcp::{self, Opcode, RequestHeader};
+
+/// One request: `len` bytes between local memory at `local` and the
+/// peer's `remote`. `T` is the driver's handle (its pin and sink).
+#[derive(Debug)]
+pub struct Req<T> {
+    pub op: Opcode,
+    pub local: u64,
+    pub remote: u64,
+    pub len: u64,
+    pub deadline: Instant,
+    /// Times the request may still be re-sent on a fresh connection.
+    pub retries: u8,
+    pub ticket: T,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Its whole answer arrived (or, to a v1 peer, a WRITE was sent).
+    Done,
+    /// The peer refused it with this status; the reason is the message.
+    Rejected { status: u32, message: String },
+    /// The connection ended before its answer; re-send it on a fresh one.
+    Retry,
+    /// The connection ended and it may not be re-sent.
+    Failed(String),
+    /// Its deadline passed.
+    TimedOut(String),
+    /// Cancelled before it was sent.
+    Canceled,
+}
+
+/// Bounds on what one connection takes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests per send or receive group (each takes two scatter entries).
+    pub group_reqs_max: usize,
+    /// Payload bytes per group (at least one request goes, however large).
+    pub group_bytes_max: u64,
+    /// Requests sent and not yet answered.
+    pub awaiting_max: usize,
+    /// Payload bytes sent (or to be received) and not yet answered.
+    pub inflight_bytes_max: u64,
+    /// Requests queued and not yet sent.
+    pub queued_max: usize,
+}
+
+/// The scatter lists' limit (the kernel's IOV_MAX is 1024).
+pub const PIECES_MAX: usize = 1024;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            group_reqs_max: 256,
+            group_bytes_max: 64 << 20,
+            awaiting_max: 1024,
+            inflight_bytes_max: 64 << 20,
+            queued_max: 1 << 16,
+        }
+    }
+}
+
+impl Limits {
+    fn check(&self) {
+        assert!(self.group_reqs_max >= 1 && self.group_reqs_max <= PIECES_MAX / 2);
+        assert!(self.awaiting_max >= 1 && self.queued_max >= 1);
+        assert!(self.group_bytes_max >= 1 && self.inflight_bytes_max >= 1);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting {
+        deadline: Instant,
+    },
+    Ready,
+    /// Ending: no new groups; settles once the driver calls `finish`.
+    Closing,
+    Closed,
+}
+
+/// Why the connection is ending, and what that means for what is left.
+#[derive(Debug, Clone)]
+struct Ending {
+    why: String,
+    /// The requests left may be re-sent on a fresh connection.
+    retry: bool,
+}
+
+/// `(address, length)` of local memory a request moves.
+type Span = (u64, usize);
+
+/// What one send carries: request headers and WRITE payloads, in order.
+#[derive(Debug)]
+pub struct SendGroup {
+    headers: Vec<[u8; tcp::HEADER_BYTES]>,
+    /// `(header index, payload)` per request: the payload is the local
+    /// memory of a WRITE.
+    entries: Vec<(usize, Option<Span>)>,
+    total: usize,
+    done: usize,
+}
+
+impl SendGroup {
+    /// The bytes to send, as `(pointer, length)` pieces in order. The
+    /// pointers stay valid until the group completes: the headers live in
+    /// the group (on the heap), the payloads in the requests' pinned memory.
+    pub fn pieces(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
+        self.entries.iter().flat_map(move |&(h, payload)| {
+            let header = (self.headers[h].as_ptr(), tcp::HEADER_BYTES);
+            std::iter::once(header).chain(payload.map(|(addr, len)| (addr as *const u8, len)))
+        })
+    }
+
+    /// Bytes in the whole group.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes of it already sent.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+}
+
+/// Where one request's answer lands inside a receive group.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    /// Offset just past its status frame (its start, to a v1 peer).
+    status_end: usize,
+    /// Offset just past its whole answer.
+    end: usize,
+    status_checked: bool,
+}
+
+/// What one receive fills: status frames and READ destinations, in order.
+#[derive(Debug)]
+pub struct RecvGroup {
+    statuses: Vec<[u8; tcp::STATUS_BYTES]>,
+    /// `(status index, READ destination)` per request.
+    entries: Vec<(Option<usize>, Option<Span>)>,
+    answers: Vec<Answer>,
+    /// Answers settled so far (from the front).
+    settled: usize,
+    total: usize,
+    done: usize,
+}
+
+impl RecvGroup {
+    /// Where to receive, as `(pointer, length)` pieces in order: status
+    /// frames in the group (on the heap) and READ destinations in the
+    /// requests' pinned memory. Valid until the group completes.
+    pub fn pieces(&mut self) -> Vec<(*mut u8, usize)> {
+        let mut out = Vec::with_capacity(2 * self.entries.len());
+        for i in 0..self.entries.len() {
+            let (status, dest) = self.entries[i];
+            if let Some(s) = status {
+                out.push((self.statuses[s].as_mut_ptr(), tcp::STATUS_BYTES));
+            }
+            if let Some((addr, len)) = dest {
+                out.push((addr as *mut u8, len));
+            }
+        }
+        out
+    }
+
+    /// Bytes the whole group expects.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Bytes of it received so far.
+    pub fn done(&self) -> usize {
+        self.done
+    }
+}
+
+/// One connection's protocol state. See the module documentation.
+pub struct ClientConn<T> {
+    /// The peer, for messages.
+    peer: String,
+    v2: bool,
+    limits: Limits,
+    phase: Phase,
+    /// Requests not yet sent.
+    queue: VecDeque<Req<T>>,
+    /// Requests sent (or being sent), oldest first, awaiting their answers.
+    awaiting: VecDeque<Req<T>>,
+    awaiting_bytes: u64,
+    send: Option<SendGroup>,
+    recv: Option<RecvGroup>,
+    ending: Option<Ending>,
+    settled: VecDeque<(Req<T>, Settle)>,
+    /// No request deadline is earlier than this (it may be stale: the
+    /// request it came from may be gone; `on_timer` recomputes it).
+    earliest: Option<Instant>,
+}
+
+impl<T> ClientConn<T> {
+    /// A connection being opened to `peer` (a v2 peer if `v2`), which must
+    /// be up by `connect_deadline`.
+    pub fn new(peer: impl Into<String>, v2: bool, limits: Limits, connect_deadline: Instant) -> Self {
+        limits.check();
+        Self {
+            peer: peer.into(),
+            v2,
+            limits,
+            phase: Phase::Connecting { deadline: connect_deadline },
+            queue: VecDeque::new(),
+            awaiting: VecDeque::new(),
+            awaiting_bytes: 0,
+            send: None,
+            recv: None,
+            ending: None,
+            settled: VecDeque::new(),
+            earliest: None,
+        }
+    }
+
+    /// Whether the peer speaks v2.
+    pub fn is_v2(&self) -> bool {
+        self.v2
+    }
+
+    /// Requests queued or awaiting answers.
+    pub fn outstanding(&self) -> usize {
+        self.queue.len() + self.awaiting.len()
+    }
+
+    /// Whether another request may be queued now.
+    pub fn has_room(&self) -> bool {
+        self.queue.len() < self.limits.queued_max && !self.is_closing()
+    }
+
+    /// Queues a request. A closing connection, or a full queue, hands it
+    /// back: the driver sends it elsewhere or fails it.
+    pub fn push(&mut self, req: Req<T>) -> Result<(), Req<T>> {
+        if !self.has_room() {
+            return Err(req);
+        }
+        debug_assert!(req.len > 0, "zero-length requests never reach a connection");
+        self.earliest = Some(self.earliest.map_or(req.deadline, |e| e.min(req.deadline)));
+        self.queue.push_back(req);
+        Ok(())
+    }
+
+    /// The connect completed.
+    pub fn on_connected(&mut self) {
+        if matches!(self.phase, Phase::Connecting { .. }) {
+            self.phase = Phase::Ready;
+        }
+    }
+
+    /// The connect failed: nothing was sent, and a re-send would meet the
+    /// same refusal, so what is queued fails.
+    pub fn on_connect_failed(&mut self, why: impl Into<String>) {
+        self.end(format!("connect to {}: {}", self.peer, why.into()), false);
+    }
+
+    /// The next send, if none is out and there is room: take it, send its
+    /// pieces, and report with [`on_sent`](Self::on_sent).
+    pub fn poll_send(&mut self) -> Option<&SendGroup> {
+        if self.phase != Phase::Ready || self.send.is_some() || self.queue.is_empty() {
+            return None;
+        }
+        let depth_max = if self.v2 { self.limits.awaiting_max } else { 1 };
+        let group_max = if self.v2 { self.limits.group_reqs_max } else { 1 };
+        let mut count = 0;
+        let mut bytes = 0u64;
+        for r in &self.queue {
+            if count == group_max || self.awaiting.len() + count >= depth_max {
+                break;
+            }
+            if count > 0 && bytes + r.len > self.limits.group_bytes_max {
+                break;
+            }
+            // At least one request goes, however large; beyond it, the cap.
+            if count + self.awaiting.len() > 0 && self.awaiting_bytes + bytes + r.len > self.limits.inflight_bytes_max {
+                break;
+            }
+            count += 1;
+            bytes += r.len;
+        }
+        if count == 0 {
+            return None;
+        }
+        let mut group =
+            SendGroup { headers: Vec::with_capacity(count), entries: Vec::with_capacity(count), total: 0, done: 0 };
+        for _ in 0..count {
+            let r = self.queue.pop_front().expect("counted above");
+            group.headers.push(RequestHeader { size: r.len, addr: r.remote, opcode: r.op, v2: self.v2 }.encode());
+            group.total += tcp::HEADER_BYTES;
+            let payload = (r.op == Opcode::Write).then_some((r.local, r.len as usize));
+            group.total += payload.map_or(0, |p| p.1);
+            group.entries.push((group.headers.len() - 1, payload));
+            self.awaiting_bytes += r.len;
+            // Awaiting from now: its answer may be read before the send
+            // is reported complete.
+            self.awaiting.push_back(r);
+        }
+        debug_assert!(self.awaiting.len() <= depth_max.max(1));
+        self.send = Some(group);
+        self.send.as_ref()
+    }
+
+    /// `n` more bytes of the send went out (`n > 0`).
+    pub fn on_sent(&mut self, n: usize) {
+        let Some(group) = self.send.as_mut() else {
+            debug_assert!(false, "on_sent without a send");
+            return;
+        };
+        assert!(n > 0 && group.done + n <= group.total, "sent {n} bytes past the group's {}", group.total);
+        group.done += n;
+        if group.done < group.total {
+            return;
+        }
+        self.send = None;
+        if self.is_closing() {
+            return;
+        }
+        if !self.v2 {
+            // v1: a WRITE has no answer; it is done once in the socket.
+            while self.awaiting.front().is_some_and(|r| r.op == Opcode::Write) {
+                let r = self.pop_awaiting();
+                self.settled.push_back((r, Settle::Done));
+            }
+        }
+    }
+
+    /// The next receive, if none is out and answers are due: fill its
+    /// pieces, and report with [`on_received`](Self::on_received).
+    pub fn poll_recv(&mut self) -> Option<&mut RecvGroup> {
+        if self.phase != Phase::Ready || self.recv.is_some() {
+            return None;
+        }
+        let mut count = 0;
+        let mut bytes = 0u64;
+        for r in &self.awaiting {
+            if count == self.limits.group_reqs_max {
+                break;
+            }
+            let payload = if r.op == Opcode::Read { r.len } else { 0 };
+            if count > 0 && bytes + payload > self.limits.group_bytes_max {
+                break;
+            }
+            // A v1 WRITE has no answer.
+            if !self.v2 && r.op == Opcode::Write {
+                break;
+            }
+            count += 1;
+            bytes += payload;
+        }
+        if count == 0 {
+            return None;
+        }
+        let mut group = RecvGroup {
+            statuses: vec![[0u8; tcp::STATUS_BYTES]; if self.v2 { count } else { 0 }],
+            entries: Vec::with_capacity(count),
+            answers: Vec::with_capacity(count),
+            settled: 0,
+            total: 0,
+            done: 0,
+        };
+        for (i, r) in self.awaiting.iter().take(count).enumerate() {
+            let status = self.v2.then_some(i);
+            let dest = (r.op == Opcode::Read).then_some((r.local, r.len as usize));
+            group.total += if self.v2 { tcp::STATUS_BYTES } else { 0 };
+            let status_end = group.total;
+            group.total += dest.map_or(0, |d| d.1);
+            group.entries.push((status, dest));
+            group.answers.push(Answer { status_end, end: group.total, status_checked: !self.v2 });
+        }
+        self.recv = Some(group);
+        self.recv.as_mut()
+    }
+
+    /// `n` more bytes of the receive arrived (`n > 0`; an end of stream is
+    /// [`on_eof`](Self::on_eof)). Settles every request answered in full.
+    pub fn on_received(&mut self, n: usize) {
+        let Some(mut group) = self.recv.take() else {
+            debug_assert!(false, "on_received without a receive");
+            return;
+        };
+        assert!(n > 0 && group.done + n <= group.total, "received {n} bytes past the group's {}", group.total);
+        group.done += n;
+        if self.is_closing() {
+            // The connection is ending: the bytes are moot, and the group
+            // is held until the driver calls finish.
+            self.recv = Some(group);
+            return;
+        }
+        while group.settled < group.answers.len() {
+            let a = group.answers[group.settled];
+            if !a.status_checked && group.done >= a.status_end {
+                let raw = &group.statuses[group.settled];
+                match tcp::decode_status(raw) {
+                    Ok(tcp::STATUS_OK) => group.answers[group.settled].status_checked = true,
+                    Ok(status) => {
+                        let r = self.pop_awaiting();
+                        let message = format!(
+                            "{} rejected a {:?} of {} bytes at {:#x} (status {status}): not inside a buffer it has registered",
+                            self.peer, r.op, r.len, r.remote
+                        );
+                        self.settled.push_back((r, Settle::Rejected { status, message: message.clone() }));
+                        group.settled += 1;
+                        // The server closes after a rejection; what follows
+                        // was not run, and may go again elsewhere.
+                        self.recv = Some(group);
+                        self.end(message, true);
+                        return;
+                    }
+                    Err(raw) => {
+                        self.recv = Some(group);
+                        self.end(format!("{} sent {raw:#018x} where a status frame belongs", self.peer), true);
+                        return;
+                    }
+                }
+            }
+            if group.done < a.end {
+                break;
+            }
+            let r = self.pop_awaiting();
+            self.settled.push_back((r, Settle::Done));
+            group.settled += 1;
+        }
+        if group.done < group.total {
+            self.recv = Some(group);
+        } else {
+            debug_assert_eq!(group.settled, group.answers.len());
+        }
+    }
+
+    /// The peer closed its side.
+    pub fn on_eof(&mut self) {
+        self.end(format!("{} closed the connection", self.peer), true);
+    }
+
+    /// An operation failed (a send or a receive).
+    pub fn on_error(&mut self, why: impl Into<String>) {
+        self.end(format!("{}: {}", self.peer, why.into()), true);
+    }
+
+    /// Closes the connection on the driver's behalf (the engine shutting
+    /// down): what is left fails, without re-sends.
+    pub fn close(&mut self, why: impl Into<String>) {
+        self.end(why.into(), false);
+    }
+
+    /// Cancels the queued (not yet sent) requests `which` selects.
+    pub fn cancel(&mut self, mut which: impl FnMut(&Req<T>) -> bool) -> usize {
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        let mut n = 0;
+        for r in self.queue.drain(..) {
+            if which(&r) {
+                self.settled.push_back((r, Settle::Canceled));
+                n += 1;
+            } else {
+                kept.push_back(r);
+            }
+        }
+        self.queue = kept;
+        n
+    }
+
+    /// When [`on_timer`](Self::on_timer) is next due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Connecting { deadline } => Some(self.earliest.map_or(deadline, |e| e.min(deadline))),
+            Phase::Ready => self.earliest,
+            Phase::Closing | Phase::Closed => None,
+        }
+    }
+
+    /// Time passed: a connect past its deadline fails; queued requests past
+    /// theirs time out alone; a sent one past its deadline means the peer
+    /// is silent, and the connection is torn down.
+    pub fn on_timer(&mut self, now: Instant) {
+        if self.is_closing() {
+            return;
+        }
+        if let Phase::Connecting { deadline } = self.phase
+            && now >= deadline
+        {
+            return self.end(format!("connect to {} timed out", self.peer), false);
+        }
+        if self.earliest.is_none_or(|e| now < e) {
+            return;
+        }
+        if self.awaiting.iter().any(|r| r.deadline <= now) {
+            return self.end(format!("no answer from {} within the transfer timeout", self.peer), true);
+        }
+        let mut kept = VecDeque::with_capacity(self.queue.len());
+        for r in self.queue.drain(..) {
+            if r.deadline <= now {
+                let why = format!("timed out in the queue to {}", self.peer);
+                self.settled.push_back((r, Settle::TimedOut(why)));
+            } else {
+                kept.push_back(r);
+            }
+        }
+        self.queue = kept;
+        self.earliest = self.queue.iter().chain(self.awaiting.iter()).map(|r| r.deadline).min();
+    }
+
+    /// Whether the connection is ending: the driver shuts its socket (so
+    /// operations out come back) and then calls [`finish`](Self::finish).
+    pub fn is_closing(&self) -> bool {
+        matches!(self.phase, Phase::Closing | Phase::Closed)
+    }
+
+    /// Whether `finish` has run.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed
+    }
+
+    /// Why the connection is ending, once it is.
+    pub fn ending(&self) -> Option<&str> {
+        self.ending.as_ref().map(|e| e.why.as_str())
+    }
+
+    /// Every operation of a closing connection is back: settle what is
+    /// left (see the module documentation).
+    pub fn finish(&mut self, now: Instant) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        assert!(self.is_closing(), "finish before the connection ended");
+        self.phase = Phase::Closed;
+        self.send = None;
+        self.recv = None;
+        let ending = self.ending.clone().unwrap_or(Ending { why: "connection lost".into(), retry: false });
+        let left: Vec<Req<T>> = self.awaiting.drain(..).chain(self.queue.drain(..)).collect();
+        self.awaiting_bytes = 0;
+        for mut r in left {
+            let how = if now >= r.deadline {
+                Settle::TimedOut(format!("{} (the transfer timeout passed)", ending.why))
+            } else if ending.retry && r.retries > 0 {
+                r.retries -= 1;
+                Settle::Retry
+            } else {
+                Settle::Failed(ending.why.clone())
+            };
+            self.settled.push_back((r, how));
+        }
+        self.earliest = None;
+    }
+
+    /// The next settled request.
+    pub fn poll_settled(&mut self) -> Option<(Req<T>, Settle)> {
+        self.settled.pop_front()
+    }
+
+    fn end(&mut self, why: String, retry: bool) {
+        if self.is_closing() {
+            return;
+        }
+        self.phase = Phase::Closing;
+        self.ending = Some(Ending { why, retry });
+    }
+
+    fn pop_awaiting(&mut self) -> Req<T> {
+        let r = self.awaiting.pop_front().expect("an answer for a request that was sent");
+        self.awaiting_bytes -= r.len;
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,413 @@
+//! The client core driven by scripted peers: no sockets, real memory.
+
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::mooncake::tcp::{STATUS_OK, STATUS_REJECTED, encode_status};
+
+/// A receive being filled: its pieces, its size, and the bytes in so far.
+type Filling = (Vec<(*mut u8, usize)>, usize, usize);
+
+/// A driver without I/O: "sends" copy the group's pieces into `wire`, and
+/// "receives" copy scripted peer bytes into the group's pieces.
+pub(crate) struct Harness {
+    pub conn: ClientConn<usize>,
+    pub local: Vec<u8>,
+    pub wire: Vec<u8>,
+    pub settled: Vec<(usize, Settle)>,
+    pub now: Instant,
+    pushed: usize,
+    /// The receive out: its pieces, size, and bytes filled.
+    recv: Option<Filling>,
+}
+
+impl Harness {
+    pub fn new(v2: bool, limits: Limits) -> Self {
+        let now = Instant::now();
+        let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5));
+        conn.on_connected();
+        Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
+    }
+
+    /// Queues request `id`: `len` bytes at `offset` of the local buffer.
+    pub fn push(&mut self, op: Opcode, offset: usize, len: usize, remote: u64) -> usize {
+        let id = self.pushed;
+        self.pushed += 1;
+        let req = Req {
+            op,
+            local: self.local.as_ptr() as u64 + offset as u64,
+            remote,
+            len: len as u64,
+            deadline: self.now + Duration::from_secs(30),
+            retries: 1,
+            ticket: id,
+        };
+        assert!(self.conn.push(req).is_ok());
+        id
+    }
+
+    /// Sends every group the core offers, `step` bytes at a time.
+    pub fn send_all(&mut self, step: usize) {
+        while let Some(g) = self.conn.poll_send() {
+            let mut bytes = Vec::new();
+            for (p, n) in g.pieces() {
+                // SAFETY: pieces point at the group's headers or at the
+                // harness's local buffer, both alive here.
+                bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n) });
+            }
+            assert_eq!(bytes.len(), g.total());
+            self.wire.extend_from_slice(&bytes);
+            for chunk in bytes.chunks(step.max(1)) {
+                self.conn.on_sent(chunk.len());
+            }
+            self.collect();
+        }
+    }
+
+    /// Delivers peer bytes into the receive groups; returns how many the
+    /// core took (it takes none it has no place for).
+    pub fn feed(&mut self, mut bytes: &[u8]) -> usize {
+        let mut taken = 0;
+        while !bytes.is_empty() && !self.conn.is_closing() {
+            if self.recv.is_none() {
+                let Some(g) = self.conn.poll_recv() else { break };
+                self.recv = Some((g.pieces(), g.total(), 0));
+            }
+            let (pieces, total, done) = self.recv.as_mut().expect("set above");
+            let n = (*total - *done).min(bytes.len());
+            scatter(pieces, *done, &bytes[..n]);
+            *done += n;
+            if *done == *total {
+                self.recv = None;
+            }
+            self.conn.on_received(n);
+            bytes = &bytes[n..];
+            taken += n;
+            self.collect();
+        }
+        taken
+    }
+
+    /// Runs `finish` as a driver would once its operations are back.
+    pub fn finish(&mut self) {
+        assert!(self.conn.is_closing());
+        self.conn.finish(self.now);
+        self.collect();
+    }
+
+    pub fn collect(&mut self) {
+        while let Some((r, how)) = self.conn.poll_settled() {
+            self.settled.push((r.ticket, how));
+        }
+    }
+
+    /// Every request pushed settled exactly once.
+    pub fn assert_each_settled_once(&self) {
+        let mut ids: Vec<usize> = self.settled.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, (0..self.pushed).collect::<Vec<_>>(), "settled: {:?}", self.settled);
+    }
+
+    pub fn how(&self, id: usize) -> &Settle {
+        &self.settled.iter().find(|(i, _)| *i == id).expect("settled").1
+    }
+}
+
+/// Copies `bytes` into the pieces, starting `skip` bytes in.
+fn scatter(pieces: &[(*mut u8, usize)], mut skip: usize, mut bytes: &[u8]) {
+    for &(p, n) in pieces {
+        if bytes.is_empty() {
+            return;
+        }
+        if skip >= n {
+            skip -= n;
+            continue;
+        }
+        let k = (n - skip).min(bytes.len());
+        // SAFETY: the piece is a status frame of the group or a window of
+        // the harness's local buffer; `skip + k <= n` keeps it inside.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p.add(skip), k) };
+        bytes = &bytes[k..];
+        skip = 0;
+    }
+    assert!(bytes.is_empty(), "more bytes than the pieces hold");
+}
+
+fn ok() -> [u8; 8] {
+    encode_status(STATUS_OK)
+}
+
+/// Three writes and two reads, pipelined: their headers, and the answer a
+/// v2 server gives.
+fn pipeline(h: &mut Harness) -> Vec<u8> {
+    for i in 0..4096 {
+        h.local[i] = i as u8;
+    }
+    h.push(Opcode::Write, 0, 100, 0x1000);
+    h.push(Opcode::Read, 1000, 7, 0x2000);
+    h.push(Opcode::Write, 200, 1, 0x3000);
+    h.push(Opcode::Read, 2000, 300, 0x4000);
+    h.push(Opcode::Write, 3000, 33, 0x5000);
+    let mut answer = Vec::new();
+    answer.extend(ok());
+    answer.extend(ok());
+    answer.extend([7u8; 7]);
+    answer.extend(ok());
+    answer.extend(ok());
+    answer.extend((0..300).map(|i| (i * 3) as u8));
+    answer.extend(ok());
+    answer
+}
+
+#[test]
+fn pipelined_requests_go_out_in_one_group_with_their_payloads() {
+    let mut h = Harness::new(true, Limits::default());
+    let _ = pipeline(&mut h);
+    h.send_all(usize::MAX);
+    let mut expect = Vec::new();
+    for (op, local, len, remote) in
+        [(Opcode::Write, 0, 100, 0x1000), (Opcode::Read, 1000, 7, 0x2000), (Opcode::Write, 200, 1, 0x3000)]
+    {
+        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true }.encode());
+        if op == Opcode::Write {
+            expect.extend(&h.local[local..local + len]);
+        }
+    }
+    assert_eq!(&h.wire[..expect.len()], &expect[..]);
+    assert!(h.settled.is_empty(), "nothing settles before its answer");
+}
+
+#[test]
+fn answers_split_at_every_byte_boundary_settle_the_same() {
+    let mut whole = Harness::new(true, Limits::default());
+    let answer = pipeline(&mut whole);
+    whole.send_all(usize::MAX);
+    assert_eq!(whole.feed(&answer), answer.len());
+    whole.assert_each_settled_once();
+    assert!(whole.settled.iter().all(|(_, s)| *s == Settle::Done));
+    for cut in 0..=answer.len() {
+        for step in [1, 3, usize::MAX] {
+            let mut h = Harness::new(true, Limits::default());
+            let _ = pipeline(&mut h);
+            h.send_all(step);
+            let mut fed = h.feed(&answer[..cut]);
+            // What was answered in full is settled, in order, and no more.
+            let done = h.settled.len();
+            assert!(h.settled.iter().enumerate().all(|(i, (id, s))| *id == i && *s == Settle::Done));
+            for piece in answer[cut..].chunks(step) {
+                fed += h.feed(piece);
+            }
+            assert_eq!(fed, answer.len());
+            assert!(h.settled.len() >= done);
+            assert_eq!(h.settled, whole.settled, "cut at {cut}, step {step}");
+            assert_eq!(&h.local[1000..1007], &[7u8; 7]);
+            assert!(h.local[2000..2300].iter().enumerate().all(|(i, &b)| b == (i * 3) as u8));
+        }
+    }
+}
+
+#[test]
+fn a_rejection_mid_pipeline_fails_it_and_resends_what_follows() {
+    let mut h = Harness::new(true, Limits::default());
+    let answer = pipeline(&mut h);
+    h.send_all(usize::MAX);
+    // Requests 0 and 1 answered; 2 rejected; the server then closes.
+    let mut script = answer[..8 + 8 + 7].to_vec();
+    script.extend(encode_status(STATUS_REJECTED));
+    h.feed(&script);
+    assert!(h.conn.is_closing(), "a rejection ends the connection");
+    assert!(
+        matches!(h.how(2), Settle::Rejected { status: 1, message } if message.contains("Write of 1 bytes at 0x3000"))
+    );
+    assert!(h.settled.len() == 3, "the rest waits for finish: {:?}", h.settled);
+    h.finish();
+    h.assert_each_settled_once();
+    assert_eq!((h.how(0), h.how(1)), (&Settle::Done, &Settle::Done));
+    assert_eq!((h.how(3), h.how(4)), (&Settle::Retry, &Settle::Retry));
+}
+
+#[test]
+fn the_peer_closing_at_every_point_settles_each_request_once() {
+    let mut reference = Harness::new(true, Limits::default());
+    let answer = pipeline(&mut reference);
+    for cut in 0..=answer.len() {
+        for retries in [0u8, 1] {
+            let mut h = Harness::new(true, Limits::default());
+            let _ = pipeline(&mut h);
+            if retries == 0 {
+                // Re-push with no retries left: a second failure is final.
+                let mut conn = ClientConn::new("peer", true, Limits::default(), h.now + Duration::from_secs(5));
+                conn.on_connected();
+                let old = std::mem::replace(&mut h.conn, conn);
+                let mut queue: Vec<_> = old.queue.into_iter().collect();
+                for r in &mut queue {
+                    r.retries = 0;
+                }
+                for r in queue {
+                    assert!(h.conn.push(r).is_ok());
+                }
+            }
+            h.send_all(usize::MAX);
+            h.feed(&answer[..cut]);
+            h.conn.on_eof();
+            h.finish();
+            h.assert_each_settled_once();
+            for (id, how) in &h.settled {
+                let answered = h.settled.iter().position(|(i, _)| i == id).expect("listed");
+                match how {
+                    Settle::Done => {}
+                    Settle::Retry => assert_eq!(retries, 1, "request {id} (settled #{answered})"),
+                    Settle::Failed(why) => {
+                        assert_eq!(retries, 0);
+                        assert!(why.contains("closed the connection"), "{why}");
+                    }
+                    other => panic!("request {id}: {other:?} after a close at byte {cut}"),
+                }
+            }
+            if cut == answer.len() {
+                assert!(h.settled.iter().all(|(_, s)| *s == Settle::Done));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_close_with_a_receive_out_settles_nothing_until_finish() {
+    let mut h = Harness::new(true, Limits::default());
+    h.push(Opcode::Read, 0, 64, 0x1000);
+    h.send_all(usize::MAX);
+    assert!(h.conn.poll_recv().is_some(), "a receive is out, into local memory");
+    h.conn.close("engine shutting down");
+    h.collect();
+    assert!(h.settled.is_empty(), "the kernel may still write the READ's destination");
+    h.finish();
+    assert!(matches!(h.how(0), Settle::Failed(w) if w == "engine shutting down"), "a close by the engine is final");
+}
+
+#[test]
+fn garbage_where_a_status_belongs_ends_the_connection() {
+    let mut h = Harness::new(true, Limits::default());
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.send_all(usize::MAX);
+    h.feed(b"HTTP/1.1");
+    assert!(h.conn.is_closing());
+    assert!(h.conn.ending().unwrap().contains("where a status frame belongs"));
+    h.finish();
+    h.assert_each_settled_once();
+    assert!(h.settled.iter().all(|(_, s)| *s == Settle::Retry));
+}
+
+#[test]
+fn queued_requests_time_out_alone_sent_ones_end_the_connection() {
+    let mut h = Harness::new(true, Limits { awaiting_max: 1, ..Limits::default() });
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    // The second is queued behind the first (depth 1), with a short deadline.
+    h.conn.queue[1].deadline = h.now + Duration::from_secs(1);
+    h.conn.earliest = Some(h.now + Duration::from_secs(1));
+    h.send_all(usize::MAX);
+    assert_eq!(h.conn.next_deadline(), Some(h.now + Duration::from_secs(1)));
+    h.conn.on_timer(h.now + Duration::from_secs(2));
+    h.collect();
+    assert!(matches!(h.how(1), Settle::TimedOut(_)));
+    assert!(!h.conn.is_closing(), "a queued request's timeout does not touch the connection");
+    assert_eq!(h.conn.next_deadline(), Some(h.now + Duration::from_secs(30)));
+    // The sent one goes silent past its deadline.
+    h.conn.on_timer(h.now + Duration::from_secs(31));
+    assert!(h.conn.is_closing());
+    h.now += Duration::from_secs(31);
+    h.finish();
+    h.assert_each_settled_once();
+    assert!(matches!(h.how(0), Settle::TimedOut(_)));
+}
+
+#[test]
+fn a_stale_earliest_deadline_is_recomputed() {
+    let mut h = Harness::new(true, Limits::default());
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.conn.queue[0].deadline = h.now + Duration::from_secs(1);
+    h.conn.earliest = Some(h.now + Duration::from_secs(1));
+    h.send_all(usize::MAX);
+    h.feed(&ok());
+    assert_eq!(h.how(0), &Settle::Done);
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.conn.on_timer(h.now + Duration::from_secs(2));
+    assert!(!h.conn.is_closing(), "nothing was late");
+    assert_eq!(h.conn.next_deadline(), Some(h.now + Duration::from_secs(30)));
+}
+
+#[test]
+fn connect_failures_and_timeouts_are_final() {
+    let now = Instant::now();
+    let mut c: ClientConn<u32> = ClientConn::new("10.0.0.1:1", true, Limits::default(), now + Duration::from_secs(5));
+    let req = |t| Req {
+        op: Opcode::Write,
+        local: 0x1000,
+        remote: 0x1000,
+        len: 1,
+        deadline: now + Duration::from_secs(30),
+        retries: 1,
+        ticket: t,
+    };
+    assert!(c.push(req(1)).is_ok());
+    assert!(c.poll_send().is_none(), "nothing goes before the connect");
+    assert_eq!(c.next_deadline(), Some(now + Duration::from_secs(5)));
+    c.on_timer(now + Duration::from_secs(6));
+    assert!(c.is_closing());
+    assert!(c.push(req(2)).is_err(), "a closing connection hands requests back");
+    c.finish(now + Duration::from_secs(6));
+    let (r, how) = c.poll_settled().unwrap();
+    assert_eq!(r.ticket, 1);
+    assert!(matches!(how, Settle::Failed(w) if w.contains("connect to 10.0.0.1:1 timed out")));
+    let mut c: ClientConn<u32> = ClientConn::new("p", true, Limits::default(), now + Duration::from_secs(5));
+    assert!(c.push(req(3)).is_ok());
+    c.on_connect_failed("Connection refused");
+    c.finish(now);
+    assert!(matches!(c.poll_settled().unwrap().1, Settle::Failed(w) if w.contains("refused")));
+}
+
+#[test]
+fn v1_writes_complete_when_sent_and_go_one_at_a_time() {
+    let mut h = Harness::new(false, Limits::default());
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.push(Opcode::Read, 100, 4, 0x2000);
+    h.send_all(usize::MAX);
+    assert_eq!(h.how(0), &Settle::Done, "v1: no status, done once sent");
+    assert_eq!(h.wire.len(), 2 * tcp::HEADER_BYTES + 10, "then the read goes, alone");
+    assert_eq!(h.wire[16], 1, "no v2 bit in the opcode");
+    h.feed(b"abcd");
+    assert_eq!(h.how(1), &Settle::Done);
+    assert_eq!(&h.local[100..104], b"abcd");
+    h.assert_each_settled_once();
+}
+
+#[test]
+fn the_inflight_cap_holds_back_sends_but_one_always_goes() {
+    let limits = Limits { inflight_bytes_max: 8192, ..Limits::default() };
+    let mut h = Harness::new(true, limits);
+    for i in 0..4 {
+        h.push(Opcode::Write, i * 4096, 4096, 0x1000);
+    }
+    let first = h.conn.poll_send().map(|g| g.total()).unwrap();
+    assert_eq!(first, 2 * (24 + 4096), "two requests fit under the cap");
+    h.conn.on_sent(first);
+    assert!(h.conn.poll_send().is_none(), "the cap is full until answers come");
+    h.feed(&ok());
+    assert_eq!(h.conn.poll_send().map(|g| g.total()), Some(24 + 4096));
+    let mut big = Harness::new(true, Limits { inflight_bytes_max: 10, ..Limits::default() });
+    big.push(Opcode::Write, 0, 60_000, 0x1000);
+    assert!(big.conn.poll_send().is_some(), "one request goes, however large");
+}
+
+#[test]
+fn queue_bound_and_cancel() {
+    let mut h = Harness::new(true, Limits { queued_max: 2, ..Limits::default() });
+    h.push(Opcode::Write, 0, 1, 1);
+    h.push(Opcode::Write, 0, 1, 2);
+    let extra = Req { op: Opcode::Read, local: 0, remote: 3, len: 1, deadline: h.now, retries: 0, ticket: 99 };
+    assert!(h.conn.push(extra).is_err(), "a full queue hands the request back");
+    assert_eq!(h.conn.cancel(|r| r.remote == 2), 1);
+    h.collect();
+    assert_eq!(h.how(1), &Settle::Canceled);
+}

@@ -1,0 +1,397 @@
+//! The server core driven by scripted clients: no sockets, real memory.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::proto::mooncake::tcp::{STATUS_OK, STATUS_REJECTED, encode_status};
+
+/// One registered region of real memory, with a count of live pins.
+pub(crate) struct Region {
+    pub bytes: Vec<u8>,
+    pub pins: Rc<Cell<usize>>,
+}
+
+pub(crate) struct PinGuard(Rc<Cell<usize>>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
+impl Region {
+    pub fn new(len: usize) -> Self {
+        Self { bytes: vec![0u8; len], pins: Rc::new(Cell::new(0)) }
+    }
+
+    pub fn base(&self) -> u64 {
+        self.bytes.as_ptr() as u64
+    }
+}
+
+impl Memory for Region {
+    type Pin = PinGuard;
+
+    fn pin(&self, addr: u64, len: u64) -> Option<PinGuard> {
+        let inside = addr >= self.base() && addr.checked_add(len)? <= self.base() + self.bytes.len() as u64;
+        inside.then(|| {
+            self.pins.set(self.pins.get() + 1);
+            PinGuard(self.pins.clone())
+        })
+    }
+
+    fn write(&self, _pin: &PinGuard, addr: u64, bytes: &[u8]) {
+        assert!(addr >= self.base() && addr + bytes.len() as u64 <= self.base() + self.bytes.len() as u64);
+        // SAFETY: inside the region's buffer (checked above), which the
+        // harness owns and nothing else borrows during the call.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+    }
+}
+
+/// A driver without I/O: client bytes wait in `pending` until a receive
+/// plan takes them; replies are gathered into `wire`.
+pub(crate) struct Harness {
+    pub s: ServerSession<PinGuard>,
+    pub mem: Region,
+    pending: Vec<u8>,
+    plan: Option<RecvPlan>,
+    pub wire: Vec<u8>,
+    pub receives: usize,
+    pub now: Instant,
+    /// Bytes per send completion.
+    pub send_step: usize,
+    /// Whether replies are sent at once (false: they pile up).
+    pub sending: bool,
+    /// The client has closed its side.
+    eof: bool,
+}
+
+impl Harness {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            s: ServerSession::new(limits),
+            mem: Region::new(4 << 20),
+            pending: Vec::new(),
+            plan: None,
+            wire: Vec::new(),
+            receives: 0,
+            now: Instant::now(),
+            send_step: usize::MAX,
+            sending: true,
+            eof: false,
+        }
+    }
+
+    pub fn addr(&self, offset: usize) -> u64 {
+        self.mem.base() + offset as u64
+    }
+
+    /// Client bytes arrive; the session takes what its plans ask for.
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        self.run();
+    }
+
+    pub fn run(&mut self) {
+        loop {
+            let mut progress = false;
+            if self.plan.is_none() && !self.s.is_closing() {
+                self.plan = self.s.poll_recv();
+            }
+            if let Some(plan) = &self.plan {
+                let total: usize = plan.pieces.iter().map(|p| p.1).sum();
+                let n = total.min(self.pending.len());
+                let ready = if plan.wait_all { n == total || (self.eof && n > 0) } else { n > 0 };
+                if !ready && self.eof && n == 0 {
+                    self.plan = None;
+                    self.s.on_eof();
+                    progress = true;
+                } else if ready {
+                    scatter(&plan.pieces, &self.pending[..n]);
+                    self.pending.drain(..n);
+                    self.plan = None;
+                    self.receives += 1;
+                    self.s.on_received(n, &self.mem);
+                    progress = true;
+                }
+            }
+            if self.sending {
+                progress |= self.send_all();
+            }
+            let _ = self.s.poll_half_close();
+            if !progress {
+                return;
+            }
+        }
+    }
+
+    pub fn send_all(&mut self) -> bool {
+        let mut any = false;
+        while let Some(pieces) = self.s.poll_send() {
+            let mut bytes = Vec::new();
+            for &(p, n) in pieces {
+                // SAFETY: status frames in the session or READ sources in
+                // the harness's region, both alive here.
+                bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(p, n) });
+            }
+            self.wire.extend_from_slice(&bytes);
+            for chunk in bytes.chunks(self.send_step.max(1)) {
+                self.s.on_sent(chunk.len(), self.now, &self.mem);
+            }
+            any = true;
+        }
+        any
+    }
+
+    /// The client closes its side: the session sees the end of stream
+    /// once a receive is out and every byte before it has been taken.
+    pub fn eof(&mut self) {
+        self.eof = true;
+        self.run();
+    }
+}
+
+fn scatter(pieces: &[(*mut u8, usize)], mut bytes: &[u8]) {
+    for &(p, n) in pieces {
+        let k = n.min(bytes.len());
+        // SAFETY: a piece is staging in the session or a window of the
+        // harness's region; `k <= n` keeps the copy inside it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), p, k) };
+        bytes = &bytes[k..];
+    }
+    assert!(bytes.is_empty());
+}
+
+fn header(op: Opcode, addr: u64, size: u64, v2: bool) -> Vec<u8> {
+    RequestHeader { size, addr, opcode: op, v2 }.encode().to_vec()
+}
+
+fn ok() -> Vec<u8> {
+    encode_status(STATUS_OK).to_vec()
+}
+
+/// A pipeline of small and large writes and reads, and the replies and
+/// memory a correct server ends with.
+fn pipeline(h: &Harness) -> (Vec<u8>, Vec<u8>) {
+    let mut client = Vec::new();
+    let mut replies = Vec::new();
+    client.extend(header(Opcode::Write, h.addr(0), 100, true));
+    client.extend([0xa1u8; 100]);
+    replies.extend(ok());
+    client.extend(header(Opcode::Read, h.addr(1 << 20), 50, true));
+    replies.extend(ok());
+    replies.extend([0x5au8; 50]);
+    client.extend(header(Opcode::Write, h.addr(4096), 4096, true));
+    client.extend((0..4096).map(|i| i as u8));
+    replies.extend(ok());
+    // A large write: received in place, not staged.
+    client.extend(header(Opcode::Write, h.addr(2 << 20), 300_000, true));
+    client.extend((0..300_000).map(|i| (i % 251) as u8));
+    replies.extend(ok());
+    client.extend(header(Opcode::Read, h.addr(4096), 10, true));
+    replies.extend(ok());
+    replies.extend(0..10u8);
+    (client, replies)
+}
+
+fn check_memory(h: &Harness) {
+    assert!(h.mem.bytes[..100].iter().all(|&b| b == 0xa1));
+    assert!(h.mem.bytes[4096..8192].iter().enumerate().all(|(i, &b)| b == i as u8));
+    assert!(h.mem.bytes[2 << 20..(2 << 20) + 300_000].iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+}
+
+#[test]
+fn a_pipeline_split_at_every_byte_boundary_gets_the_same_replies() {
+    let mut reference = Harness::new(Limits::default());
+    reference.mem.bytes[1 << 20..(1 << 20) + 50].fill(0x5a);
+    let (client, replies) = pipeline(&reference);
+    reference.feed(&client);
+    assert_eq!(reference.wire, replies);
+    check_memory(&reference);
+    // Cuts near the small requests at every byte; through the large
+    // payload at a stride (each cut is a fresh session).
+    let small_end = 24 + 100 + 24 + 24 + 4096 + 24 + 64;
+    let cuts = (0..=small_end).chain((small_end..client.len()).step_by(7919)).chain([client.len()]);
+    for cut in cuts {
+        let mut h = Harness::new(Limits::default());
+        h.mem.bytes[1 << 20..(1 << 20) + 50].fill(0x5a);
+        h.send_step = 1 + cut % 13;
+        // Addresses are this harness's own memory.
+        let (client, replies) = pipeline(&h);
+        h.feed(&client[..cut]);
+        h.feed(&client[cut..]);
+        assert_eq!(h.wire, replies, "cut at {cut}");
+        check_memory(&h);
+    }
+    // Byte by byte.
+    let mut h = Harness::new(Limits::default());
+    h.mem.bytes[1 << 20..(1 << 20) + 50].fill(0x5a);
+    let (client, replies) = pipeline(&h);
+    for b in &client[..small_end] {
+        h.feed(std::slice::from_ref(b));
+    }
+    h.feed(&client[small_end..]);
+    assert_eq!(h.wire, replies);
+}
+
+#[test]
+fn a_run_of_small_writes_is_taken_in_by_one_receive() {
+    let mut h = Harness::new(Limits::default());
+    let mut client = Vec::new();
+    for i in 0..12 {
+        client.extend(header(Opcode::Write, h.addr(i * 4096), 4096, true));
+        client.extend(vec![i as u8 + 1; 4096]);
+    }
+    h.feed(&client);
+    assert_eq!(h.receives, 1, "twelve 4 KiB writes fit one staging receive");
+    assert_eq!(h.wire, ok().repeat(12), "and are answered in one send");
+    for i in 0..12 {
+        assert!(h.mem.bytes[i * 4096..(i + 1) * 4096].iter().all(|&b| b == i as u8 + 1));
+    }
+    assert_eq!(h.mem.pins.get(), 0, "landed writes are unpinned");
+}
+
+#[test]
+fn large_payloads_are_received_in_place() {
+    let mut h = Harness::new(Limits::default());
+    let mut client = header(Opcode::Write, h.addr(0), 1 << 20, true);
+    h.feed(&client);
+    let plan = h.plan.as_ref().expect("a receive for the payload");
+    assert!(plan.wait_all, "a payload larger than 256 KiB is awaited whole");
+    assert_eq!(plan.pieces, vec![(h.addr(0) as *mut u8, 1 << 20)], "straight into the region");
+    client = vec![7u8; 1 << 20];
+    client.extend(header(Opcode::Write, h.addr(2 << 20), 100_000, true));
+    h.feed(&client);
+    let plan = h.plan.as_ref().expect("the next payload, then the next header");
+    assert_eq!(plan.pieces[0], (h.addr(2 << 20) as *mut u8, 100_000), "in place, not staged");
+    assert_eq!(plan.pieces[1].1, 24, "after a large write, only a header is staged");
+    h.feed(&[9u8; 100_000]);
+    let plan = h.plan.as_ref().unwrap();
+    assert_eq!(plan.pieces.len(), 1);
+    assert_eq!(h.wire, ok().repeat(2));
+}
+
+#[test]
+fn a_rejection_mid_pipeline_answers_1_runs_nothing_after_and_drains() {
+    let mut h = Harness::new(Limits::default());
+    let mut client = header(Opcode::Write, h.addr(0), 8, true);
+    client.extend([1u8; 8]);
+    client.extend(header(Opcode::Read, 0x10, 8, true)); // not registered
+    client.extend(header(Opcode::Write, h.addr(100), 8, true));
+    client.extend([2u8; 8]);
+    h.feed(&client);
+    let mut expect = ok();
+    expect.extend(encode_status(STATUS_REJECTED));
+    assert_eq!(h.wire, expect);
+    assert_eq!(&h.mem.bytes[100..108], &[0u8; 8], "nothing after the rejection runs");
+    assert!(!h.s.is_closing(), "it drains before it closes");
+    assert_eq!(h.s.next_deadline(), Some(h.now + Duration::from_secs(1)));
+    h.feed(&[0u8; 5000]);
+    assert!(!h.s.is_closing());
+    h.eof();
+    assert!(h.s.is_closing());
+    h.s.finish();
+    assert_eq!(h.mem.pins.get(), 0);
+}
+
+#[test]
+fn the_drain_is_bounded_in_bytes_and_time() {
+    let limits = Limits { drain_bytes_max: 10_000, ..Limits::default() };
+    let mut h = Harness::new(limits);
+    h.feed(&header(Opcode::Read, 0x10, 8, true));
+    assert!(h.s.poll_half_close() || h.s.next_deadline().is_some());
+    h.feed(&vec![0u8; 20_000]);
+    assert!(h.s.is_closing() && h.s.why().unwrap().contains("drained enough"));
+    let mut h = Harness::new(Limits::default());
+    h.feed(&header(Opcode::Write, 0x10, 8, true));
+    h.s.on_timer(h.now + Duration::from_millis(500));
+    assert!(!h.s.is_closing());
+    h.s.on_timer(h.now + Duration::from_secs(1));
+    assert!(h.s.is_closing() && h.s.why().unwrap().contains("timed out"));
+}
+
+#[test]
+fn bad_headers_are_rejected_with_the_version_they_asked_for() {
+    for (op_byte, v2) in [(0x87u8, true), (0x07, false)] {
+        let mut h = Harness::new(Limits::default());
+        let mut bad = header(Opcode::Read, h.addr(0), 8, true);
+        bad[16] = op_byte;
+        h.feed(&bad);
+        if v2 {
+            assert_eq!(h.wire, encode_status(STATUS_REJECTED).to_vec());
+        } else {
+            assert!(h.wire.is_empty() && h.s.is_closing(), "v1: no status, the session ends");
+        }
+    }
+    let mut h = Harness::new(Limits::default());
+    h.feed(&header(Opcode::Write, h.addr(0), 0, true));
+    assert_eq!(h.wire, encode_status(STATUS_REJECTED).to_vec(), "zero-length");
+    let mut h = Harness::new(Limits::default());
+    h.feed(&header(Opcode::Write, u64::MAX - 4, 8, true));
+    assert_eq!(h.wire, encode_status(STATUS_REJECTED).to_vec(), "wrapping range");
+}
+
+#[test]
+fn v1_clients_get_bytes_without_statuses() {
+    let mut h = Harness::new(Limits::default());
+    h.mem.bytes[..4].copy_from_slice(b"abcd");
+    let mut client = header(Opcode::Write, h.addr(100), 3, false);
+    client.extend(b"xyz");
+    client.extend(header(Opcode::Read, h.addr(0), 4, false));
+    h.feed(&client);
+    assert_eq!(h.wire, b"abcd");
+    assert_eq!(&h.mem.bytes[100..103], b"xyz");
+}
+
+#[test]
+fn replies_back_up_intake_pauses_and_resumes() {
+    let limits = Limits { replies_queued_max: 4, ..Limits::default() };
+    let mut h = Harness::new(limits);
+    h.sending = false;
+    let mut client = Vec::new();
+    for i in 0..10u64 {
+        client.extend(header(Opcode::Read, h.addr(i as usize), 1, true));
+    }
+    h.feed(&client);
+    assert_eq!(h.s.replies_pending(), 4, "intake stops at the bound");
+    assert!(h.s.poll_recv().is_none(), "and so do receives");
+    h.sending = true;
+    h.run();
+    assert_eq!(h.wire.len(), 10 * 9, "all ten answered once replies drain");
+}
+
+#[test]
+fn requests_staged_before_the_client_closes_are_still_answered() {
+    let limits = Limits { replies_queued_max: 2, ..Limits::default() };
+    let mut h = Harness::new(limits);
+    h.sending = false;
+    let mut client = Vec::new();
+    for i in 0..6u64 {
+        client.extend(header(Opcode::Read, h.addr(i as usize), 1, true));
+    }
+    h.feed(&client);
+    h.eof();
+    assert!(!h.s.is_closing(), "four requests still wait in staging");
+    h.sending = true;
+    h.run();
+    assert_eq!(h.wire.len(), 6 * 9);
+    assert!(h.s.is_closing(), "then the session ends");
+    h.s.finish();
+    assert_eq!(h.mem.pins.get(), 0);
+}
+
+#[test]
+fn closing_with_operations_out_keeps_pins_until_finish() {
+    let mut h = Harness::new(Limits::default());
+    h.sending = false;
+    h.feed(&header(Opcode::Read, h.addr(0), 64, true));
+    h.feed(&header(Opcode::Write, h.addr(0), 1 << 20, true));
+    assert_eq!(h.mem.pins.get(), 2, "a READ reply and a WRITE payload");
+    h.s.on_error("receive failed");
+    assert!(h.s.is_closing());
+    assert_eq!(h.mem.pins.get(), 2, "the kernel may still use them");
+    h.s.finish();
+    assert_eq!(h.mem.pins.get(), 0);
+}
