@@ -14,6 +14,8 @@ pub mod client;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod harness;
 pub mod message;
 pub mod name;
 pub mod server;
