@@ -71,6 +71,7 @@
 struct ReadmeExamples;
 
 pub mod bench;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod http;

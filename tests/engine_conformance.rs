@@ -189,7 +189,8 @@ fn a_given_port_is_honoured_and_bind_address_restricts_the_listeners() {
     let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = probe.local_addr().unwrap().port();
     drop(probe);
-    let config = EngineConfig { bind_address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), ..EngineConfig::from_env() };
+    let config =
+        EngineConfig { bind_address: Some(IpAddr::V4(Ipv4Addr::LOCALHOST)), ..EngineConfig::from_env().unwrap() };
     let e = TransferEngine::with_config(config);
     e.initialize(&format!("127.0.0.1:{port}"), "P2PHANDSHAKE", "tcp", "").unwrap();
     assert_eq!(e.get_rpc_port().unwrap(), port);
@@ -276,7 +277,7 @@ fn a_rejected_large_read_fails_with_the_rejection() {
     let stale: &'static mut [u8] = Box::leak(vec![0u8; 4 << 20].into_boxed_slice());
     let stale_addr = stale.as_ptr() as u64;
     target.register_memory(stale_addr, 4 << 20, "cpu:0").unwrap();
-    let config = EngineConfig { transfer_timeout: Duration::from_secs(120), ..EngineConfig::from_env() };
+    let config = EngineConfig { transfer_timeout: Duration::from_secs(120), ..EngineConfig::from_env().unwrap() };
     let initiator = TransferEngine::with_config(config);
     initiator.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
     let local = initiator.allocate_managed_buffer(4 << 20).unwrap();

@@ -19,7 +19,8 @@ use shardwire::proto::mooncake::frame;
 use shardwire::proto::mooncake::message::{BufferDesc, HandshakeDesc, NotifyDesc, SegmentDesc};
 
 fn engine_with_timeout(timeout: Duration) -> TransferEngine {
-    let e = TransferEngine::with_config(EngineConfig { transfer_timeout: timeout, ..EngineConfig::from_env() });
+    let e =
+        TransferEngine::with_config(EngineConfig { transfer_timeout: timeout, ..EngineConfig::from_env().unwrap() });
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
     e
 }

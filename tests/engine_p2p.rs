@@ -79,7 +79,7 @@ fn errors_are_codes_not_crashes() {
 #[test]
 fn tiny_inflight_cap_still_moves_every_byte() {
     use shardwire::engine::{EngineConfig, TransferOpcode, TransferRequest};
-    let mut config = EngineConfig::from_env();
+    let mut config = EngineConfig::from_env().unwrap();
     config.client_limits.awaiting_bytes_local_max = 4096;
     config.client_limits.awaiting_bytes_max = 4096;
     let initiator = TransferEngine::with_config(config);

@@ -1,12 +1,15 @@
-//! Engine settings, with the `MC_*` environment variables Mooncake reads.
+//! Engine settings: the `MC_*` variables Mooncake reads, and shardwire's
+//! own, taken from [`crate::config::Settings`] (which checks them).
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::config::Settings;
+use crate::error::{TeError, TeResult};
 use crate::proto::mooncake::frame;
 use crate::runtime::Runtime;
-use crate::transport::tcp::{ClientLimits, sock};
+use crate::transport::tcp::ClientLimits;
 
 /// Default `MC_TRANSFER_TIMEOUT`.
 pub const TRANSFER_TIMEOUT_DEFAULT: Duration = Duration::from_secs(30);
@@ -31,6 +34,10 @@ pub struct EngineConfig {
     pub handshake_max_len: u64,
     /// `MC_FORCE_TCP`: use TCP even where RDMA devices exist.
     pub force_tcp: bool,
+    /// `MC_METADATA_CLUSTER_ID`: etcd keys under `mooncake/<id>/`.
+    pub metadata_cluster_id: Option<String>,
+    /// `SHARDWIRE_ETCD_TTL`: the lease the etcd keys hang off.
+    pub etcd_ttl: Duration,
     /// Requests above this many bytes are striped over the shards, in
     /// pieces of this size (`SHARDWIRE_STRIPE_BYTES`).
     pub stripe_bytes: u64,
@@ -41,65 +48,39 @@ pub struct EngineConfig {
 }
 
 impl Default for EngineConfig {
+    /// Every variable unset.
     fn default() -> Self {
-        Self {
-            transfer_timeout: TRANSFER_TIMEOUT_DEFAULT,
-            default_metadata_server: None,
-            bind_address: None,
-            legacy_rpc_port_binding: false,
-            port_range: sock::PORT_RANGE_DEFAULT,
-            handshake_max_len: frame::MAX_LEN_DEFAULT,
-            force_tcp: false,
-            stripe_bytes: 512 << 10,
-            client_limits: ClientLimits::default(),
-            runtime: None,
-        }
+        Self::from_settings(&Settings::default())
     }
 }
 
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
-}
-
 impl EngineConfig {
-    /// The defaults with the environment applied. Malformed values keep the
-    /// default and are logged, as Mooncake's config parser does.
-    pub fn from_env() -> Self {
-        let mut c = Self::default();
-        if let Ok(v) = std::env::var("MC_TRANSFER_TIMEOUT") {
-            match v.trim().parse::<u64>() {
-                Ok(s) if (1..=86_400).contains(&s) => c.transfer_timeout = Duration::from_secs(s),
-                _ => log::warn!("MC_TRANSFER_TIMEOUT={v:?} is not 1..=86400 seconds; using 30"),
-            }
+    /// The settings of the environment; a bad value is an error that names
+    /// the variable and what it accepts.
+    pub fn from_env() -> TeResult<Self> {
+        Settings::from_env().map(|s| Self::from_settings(&s)).map_err(|e| TeError::invalid(e.to_string()))
+    }
+
+    pub fn from_settings(s: &Settings) -> Self {
+        let mut client_limits = ClientLimits::default();
+        if let Some(b) = s.inflight_bytes {
+            client_limits.awaiting_bytes_max = b;
+            client_limits.awaiting_bytes_local_max = b;
         }
-        c.default_metadata_server = std::env::var("MC_METADATA_SERVER").ok().filter(|s| !s.trim().is_empty());
-        if let Ok(v) = std::env::var("MC_TCP_BIND_ADDRESS")
-            && !v.trim().is_empty()
-        {
-            match v.trim().trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
-                Ok(ip) => c.bind_address = Some(ip),
-                Err(_) => log::warn!("MC_TCP_BIND_ADDRESS={v:?} is not an IP address; ignoring it"),
-            }
+        debug_assert!(s.handshake_max_len <= frame::MAX_LEN_CEILING);
+        Self {
+            transfer_timeout: s.transfer_timeout,
+            default_metadata_server: s.metadata_server.clone(),
+            bind_address: s.tcp_bind_address,
+            legacy_rpc_port_binding: s.legacy_rpc_port_binding,
+            port_range: s.rpc_port_range,
+            handshake_max_len: s.handshake_max_len,
+            force_tcp: s.force_tcp,
+            metadata_cluster_id: s.metadata_cluster_id.clone(),
+            etcd_ttl: s.etcd_ttl,
+            stripe_bytes: s.stripe_bytes,
+            client_limits,
+            runtime: None,
         }
-        c.legacy_rpc_port_binding = env_flag("MC_LEGACY_RPC_PORT_BINDING");
-        c.port_range = sock::port_range_from_env();
-        c.handshake_max_len = frame::max_len_from_env();
-        c.force_tcp = env_flag("MC_FORCE_TCP");
-        if let Ok(v) = std::env::var("SHARDWIRE_INFLIGHT_BYTES") {
-            match v.trim().parse::<u64>() {
-                Ok(b) if (4096..=(1 << 34)).contains(&b) => {
-                    c.client_limits.awaiting_bytes_max = b;
-                    c.client_limits.awaiting_bytes_local_max = b;
-                }
-                _ => log::warn!("SHARDWIRE_INFLIGHT_BYTES={v:?} is not 4096..=17179869184; using the default"),
-            }
-        }
-        if let Ok(v) = std::env::var("SHARDWIRE_STRIPE_BYTES") {
-            match v.trim().parse::<u64>() {
-                Ok(b) if (4096..=(1 << 30)).contains(&b) => c.stripe_bytes = b,
-                _ => log::warn!("SHARDWIRE_STRIPE_BYTES={v:?} is not 4096..=1073741824; using 512 KiB"),
-            }
-        }
-        c
     }
 }

@@ -101,6 +101,8 @@ enum Meta {
 /// transfer. It is `Sync`: share it between threads.
 pub struct TransferEngine {
     config: EngineConfig,
+    /// A bad environment value, reported by `initialize`.
+    config_error: Option<TeError>,
     inner: RwLock<Option<Arc<Engine>>>,
 }
 
@@ -135,13 +137,18 @@ impl Default for TransferEngine {
 }
 
 impl TransferEngine {
-    /// An engine configured from the environment (`MC_*`).
+    /// An engine configured from the environment (`MC_*`, `SHARDWIRE_*`).
+    /// A value a variable does not accept makes `initialize` fail, naming
+    /// the variable and what it accepts.
     pub fn new() -> Self {
-        Self::with_config(EngineConfig::from_env())
+        match EngineConfig::from_env() {
+            Ok(config) => Self::with_config(config),
+            Err(e) => Self { config: EngineConfig::default(), config_error: Some(e), inner: RwLock::new(None) },
+        }
     }
 
     pub fn with_config(config: EngineConfig) -> Self {
-        Self { config, inner: RwLock::new(None) }
+        Self { config, config_error: None, inner: RwLock::new(None) }
     }
 
     fn engine(&self) -> TeResult<Arc<Engine>> {
@@ -181,6 +188,9 @@ impl TransferEngine {
         device_name: &str,
         metadata_type: &str,
     ) -> TeResult<()> {
+        if let Some(e) = &self.config_error {
+            return Err(e.clone());
+        }
         let mut slot = self.inner.write().unwrap_or_else(|e| e.into_inner());
         if slot.is_some() {
             return Err(TeError::invalid("the engine is already initialized"));
@@ -254,7 +264,12 @@ impl TransferEngine {
         let meta = match &metadata {
             Metadata::P2p => Meta::P2p,
             Metadata::Etcd(endpoints) => {
-                let mut registration = EtcdRegistration::start(EtcdClient::new(endpoints)?, &name)?;
+                let mut registration = EtcdRegistration::start(
+                    EtcdClient::new(endpoints)?,
+                    &name,
+                    self.config.etcd_ttl,
+                    self.config.metadata_cluster_id.as_deref(),
+                )?;
                 refuse_live_name(&registration, &name)?;
                 let rpc = RpcMeta { ip_or_host_name: advertised.clone(), rpc_port };
                 registration.publish(&rpc, &handler.descriptor())?;

@@ -33,8 +33,6 @@ use crate::proto::mooncake::message::{SegmentDesc, to_wire};
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// How long one etcd call may take (Mooncake's client allows about 5 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// Default lease TTL (`SHARDWIRE_ETCD_TTL` seconds overrides).
-pub const LEASE_TTL_DEFAULT: Duration = Duration::from_secs(30);
 
 /// What `rpc_meta/<name>` holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -160,26 +158,17 @@ pub struct EtcdRegistration {
 }
 
 /// Mooncake's key prefix: `mooncake/`, or `mooncake/<cluster id>/`.
-pub fn key_prefix() -> String {
-    match std::env::var("MC_METADATA_CLUSTER_ID") {
-        Ok(id) if !id.trim().is_empty() => format!("mooncake/{}/", id.trim()),
+pub fn key_prefix(cluster_id: Option<&str>) -> String {
+    match cluster_id.map(str::trim) {
+        Some(id) if !id.is_empty() => format!("mooncake/{id}/"),
         _ => "mooncake/".into(),
     }
 }
 
-/// The lease TTL: `SHARDWIRE_ETCD_TTL` seconds, else 30.
-pub fn lease_ttl() -> Duration {
-    std::env::var("SHARDWIRE_ETCD_TTL")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|&s| (1..=86_400).contains(&s))
-        .map_or(LEASE_TTL_DEFAULT, Duration::from_secs)
-}
-
 impl EtcdRegistration {
-    /// Grants a lease and starts keeping it alive.
-    pub fn start(client: EtcdClient, name: &str) -> TeResult<Self> {
-        let ttl = lease_ttl();
+    /// Grants a lease of `ttl` and starts keeping it alive; keys go under
+    /// the cluster's prefix (`MC_METADATA_CLUSTER_ID`).
+    pub fn start(client: EtcdClient, name: &str, ttl: Duration, cluster_id: Option<&str>) -> TeResult<Self> {
         let lease = client.grant(ttl)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (client.clone(), stop.clone());
@@ -189,7 +178,7 @@ impl EtcdRegistration {
             .map_err(|e| TeError::new(code::CONTEXT, e.to_string()))?;
         Ok(Self {
             client,
-            prefix: key_prefix(),
+            prefix: key_prefix(cluster_id),
             name: name.to_string(),
             lease: Some(lease),
             published: None,

@@ -55,11 +55,6 @@ pub type HookFactory = Arc<dyn Fn(usize) -> Vec<Box<dyn PollHook>> + Send + Sync
 /// Most shards in one runtime.
 pub const SHARDS_MAX: usize = crate::topo::plan::SHARDS_MAX;
 
-/// Environment variables read by [`RuntimeConfig::apply_env`].
-pub const ENV_SPIN_US: &str = "SHARDWIRE_SPIN_US";
-pub const ENV_SPIN_ADAPTIVE: &str = "SHARDWIRE_SPIN_ADAPTIVE";
-pub const ENV_URING_SETUP: &str = "SHARDWIRE_URING_SETUP";
-
 /// How to build a runtime.
 #[derive(Clone)]
 pub struct RuntimeConfig {
@@ -118,28 +113,25 @@ impl RuntimeConfig {
         Self::pinned(&plan.cpus())
     }
 
-    /// Applies `SHARDWIRE_SPIN_US`, `SHARDWIRE_SPIN_ADAPTIVE` (0/1) and
-    /// `SHARDWIRE_URING_SETUP` (auto/plain).
-    pub fn apply_env(mut self) -> Result<Self, StartError> {
-        if let Ok(text) = std::env::var(ENV_SPIN_US) {
-            let us: u64 = text
-                .trim()
-                .parse()
-                .map_err(|_| StartError::Config(format!("{ENV_SPIN_US}={text:?} is not a whole number of µs")))?;
-            self.spin.budget = Duration::from_micros(us);
+    /// Applies `SHARDWIRE_SPIN_US`, `SHARDWIRE_SPIN_ADAPTIVE` and
+    /// `SHARDWIRE_URING_SETUP` from the environment.
+    pub fn apply_env(self) -> Result<Self, StartError> {
+        let settings = crate::config::Settings::from_env().map_err(|e| StartError::Config(e.to_string()))?;
+        Ok(self.apply_settings(&settings))
+    }
+
+    /// Applies the shard settings of `s`.
+    pub fn apply_settings(mut self, s: &crate::config::Settings) -> Self {
+        if let Some(spin) = s.spin {
+            self.spin.budget = spin;
         }
-        if let Ok(text) = std::env::var(ENV_SPIN_ADAPTIVE) {
-            self.spin.adaptive = match text.trim() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => return Err(StartError::Config(format!("{ENV_SPIN_ADAPTIVE}={text:?} is not 0 or 1"))),
-            };
+        if let Some(adaptive) = s.spin_adaptive {
+            self.spin.adaptive = adaptive;
         }
-        if let Ok(text) = std::env::var(ENV_URING_SETUP) {
-            self.uring_setup = UringSetup::parse(&text)
-                .ok_or_else(|| StartError::Config(format!("{ENV_URING_SETUP}={text:?} is not auto or plain")))?;
+        if s.uring_plain {
+            self.uring_setup = UringSetup::Plain;
         }
-        Ok(self)
+        self
     }
 
     fn validate(&self) -> Result<(), StartError> {

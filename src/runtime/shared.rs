@@ -5,20 +5,21 @@
 use std::sync::{Arc, Mutex, Weak};
 
 use super::{Runtime, RuntimeConfig, StartError};
+use crate::config::Settings;
 use crate::topo::{self, Plan, PlanOptions, PriorityMatrix};
 
 static SHARED: Mutex<Option<(u32, Weak<Runtime>)>> = Mutex::new(None);
 
 /// The placement plan for this machine: sysfs topology, `MC_CUSTOM_TOPO_JSON`
 /// and `SHARDWIRE_CORES`.
-pub fn machine_plan() -> Result<Plan, StartError> {
+pub fn machine_plan(settings: &Settings) -> Result<Plan, StartError> {
     let config = |e: String| StartError::Config(e);
     let topology = topo::discover(std::path::Path::new("/sys")).map_err(|e| config(e.to_string()))?;
-    let (matrix, from) = match PriorityMatrix::from_env().map_err(|e| config(e.to_string()))? {
+    let (matrix, from) = match PriorityMatrix::from_settings(settings).map_err(|e| config(e.to_string()))? {
         Some((path, m)) => (m, path.display().to_string()),
         None => (PriorityMatrix::discover(&topology), "discovered".to_string()),
     };
-    let options = PlanOptions::from_env().map_err(|e| config(e.to_string()))?;
+    let options = PlanOptions::from_settings(settings);
     Plan::derive(&topology, &matrix, &from, &options).map_err(|e| config(e.to_string()))
 }
 
@@ -33,8 +34,9 @@ pub fn shared_runtime() -> Result<Arc<Runtime>, StartError> {
     {
         return Ok(rt);
     }
-    let plan = machine_plan()?;
-    let config = RuntimeConfig::from_plan(&plan).apply_env()?;
+    let settings = Settings::from_env().map_err(|e| StartError::Config(e.to_string()))?;
+    let plan = machine_plan(&settings)?;
+    let config = RuntimeConfig::from_plan(&plan).apply_settings(&settings);
     let rt = Arc::new(Runtime::start(config)?);
     *shared = Some((pid, Arc::downgrade(&rt)));
     Ok(rt)

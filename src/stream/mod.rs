@@ -24,18 +24,3 @@ pub use bundle::{Bundle, BundleBody};
 pub use rx::{EndpointStats, HandlerError, ObjReader, Receiver, RecvError, RecvHandler, RegError, RxOptions, Session};
 pub use stats::{RxStats, Stats};
 pub use tx::{Body, Stream, StreamError, StreamOptions, Termination};
-
-/// An environment variable read as a boolean the way Go's `ParseBool` does
-/// ("1", "t", "true", ... are true); unset or unparsable is false.
-pub fn env_bool(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| parse_bool(&v).unwrap_or(false))
-}
-
-/// Go's `strconv.ParseBool`.
-pub fn parse_bool(v: &str) -> Option<bool> {
-    match v {
-        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
-        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
-        _ => None,
-    }
-}

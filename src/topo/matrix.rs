@@ -23,7 +23,7 @@ use super::sysfs::natural_cmp;
 use super::{TopoError, Topology};
 
 /// The environment variable that names a custom matrix file.
-pub const ENV_CUSTOM_TOPO_JSON: &str = "MC_CUSTOM_TOPO_JSON";
+pub const ENV_CUSTOM_TOPO_JSON: &str = crate::config::CUSTOM_TOPO_JSON.name;
 /// Largest matrix file we read. A full DGX matrix is about 2 KiB.
 pub const FILE_BYTES_MAX: u64 = 16 << 20;
 /// Most location keys in one matrix.
@@ -207,13 +207,15 @@ impl PriorityMatrix {
     /// Loads the file `MC_CUSTOM_TOPO_JSON` names, if the variable is set and
     /// not empty (Mooncake's topology dump sets it empty to force discovery).
     pub fn from_env() -> Result<Option<(PathBuf, Self)>, TopoError> {
-        match std::env::var_os(ENV_CUSTOM_TOPO_JSON) {
-            Some(path) if !path.is_empty() => {
-                let path = PathBuf::from(path);
-                let matrix = Self::load(&path)?;
-                Ok(Some((path, matrix)))
-            }
-            _ => Ok(None),
+        let s = crate::config::Settings::from_env().map_err(|e| TopoError::Plan(e.to_string()))?;
+        Self::from_settings(&s)
+    }
+
+    /// Loads the file `s.custom_topo_json` names, if any.
+    pub fn from_settings(s: &crate::config::Settings) -> Result<Option<(PathBuf, Self)>, TopoError> {
+        match &s.custom_topo_json {
+            Some(path) => Ok(Some((path.clone(), Self::load(path)?))),
+            None => Ok(None),
         }
     }
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use super::{NicKind, PriorityMatrix, TopoError, Topology, cpulist};
 
 /// The environment variable that names the shard CPUs.
-pub const ENV_CORES: &str = "SHARDWIRE_CORES";
+pub const ENV_CORES: &str = crate::config::CORES.name;
 /// Most shards in one process.
 pub const SHARDS_MAX: usize = 1024;
 
@@ -34,11 +34,14 @@ pub struct PlanOptions {
 impl PlanOptions {
     /// `SHARDWIRE_CORES` and the calling thread's affinity mask.
     pub fn from_env() -> Result<Self, TopoError> {
-        let cores = match std::env::var(ENV_CORES) {
-            Ok(text) if !text.trim().is_empty() => Some(parse_cores(&text)?),
-            _ => None,
-        };
-        Ok(Self { cores, allowed: current_affinity() })
+        let s = crate::config::Settings::from_env().map_err(|e| TopoError::Plan(e.to_string()))?;
+        Ok(Self::from_settings(&s))
+    }
+
+    /// `SHARDWIRE_CORES` as `s` has it, and the calling thread's affinity
+    /// mask.
+    pub fn from_settings(s: &crate::config::Settings) -> Self {
+        Self { cores: s.cores.clone(), allowed: current_affinity() }
     }
 }
 

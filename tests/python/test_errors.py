@@ -51,3 +51,21 @@ def test_raising_variant(engine):
     with pytest.raises(TransferError) as info:
         engine.check(engine.unregister_memory(0x4000), "unregister_memory")
     assert info.value.code == -3
+
+
+@pytest.mark.parametrize(
+    "name,value,accepted",
+    [
+        ("MC_TRANSFER_TIMEOUT", "abc", "a whole number of seconds in 1..=86400"),
+        ("SHARDWIRE_STREAM_RECV", "0", "a whole number of bytes in 4096..=67108864"),
+        ("MC_TCP_BIND_ADDRESS", "not-an-address", "an IP address"),
+        ("MC_LEGACY_RPC_PORT_BINDING", "perhaps", "a boolean"),
+    ],
+)
+def test_bad_environment_values_fail_initialize(monkeypatch, name, value, accepted):
+    monkeypatch.setenv(name, value)
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == -1
+    code, message = e.last_error()
+    assert code == -1
+    assert f"{name}={value!r}".replace("'", '"') in message and accepted in message, message

@@ -28,13 +28,15 @@ impl Log for StderrLogger {
 
 static LOGGER: StderrLogger = StderrLogger;
 
-pub fn init() {
-    let level = match std::env::var("SHARDWIRE_LOG").as_deref().map(str::trim) {
-        Ok("error") => LevelFilter::Error,
-        Ok("info") => LevelFilter::Info,
-        Ok("debug") => LevelFilter::Debug,
-        Ok("trace") => LevelFilter::Trace,
-        Ok("off") => LevelFilter::Off,
+/// Installs the logger at `level` (`SHARDWIRE_LOG`, checked by
+/// `shardwire::config`; warn when unset).
+pub fn init(level: Option<&str>) {
+    let level = match level {
+        Some("error") => LevelFilter::Error,
+        Some("info") => LevelFilter::Info,
+        Some("debug") => LevelFilter::Debug,
+        Some("trace") => LevelFilter::Trace,
+        Some("off") => LevelFilter::Off,
         _ => LevelFilter::Warn,
     };
     if log::set_logger(&LOGGER).is_ok() {

@@ -146,8 +146,17 @@ struct RuntimeBenchArgs {
 }
 
 fn main() -> ExitCode {
-    logger::init();
     let cli = Cli::parse();
+    // Every variable is checked before anything starts: a bad value stops
+    // the command with the message initialize() would give.
+    let settings = match shardwire::config::Settings::from_env() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("shardwire: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    logger::init(settings.log.as_deref());
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
         Command::Stream(cmd) => stream_cmd::run(&cmd),

@@ -68,16 +68,6 @@ pub enum FrameError {
     TlsProbe,
 }
 
-/// Reads the limit from `MC_HANDSHAKE_MAX_LENGTH`: a byte count within
-/// 1..=128 MiB; anything else falls back to the default, as in Mooncake.
-pub fn max_len_from_env() -> u64 {
-    std::env::var("MC_HANDSHAKE_MAX_LENGTH")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .filter(|n| (1..=MAX_LEN_CEILING).contains(n))
-        .unwrap_or(MAX_LEN_DEFAULT)
-}
-
 /// Encodes a frame.
 pub fn encode(kind: FrameType, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(LEN_BYTES + 1 + body.len());

@@ -14,6 +14,7 @@ use io_uring::{opcode, types};
 
 use super::worker::{self, Job, Link};
 use super::{RecvError, RxShared, Session};
+use crate::config::Placement;
 use crate::http::request::{self, BodyFraming, RequestHead};
 use crate::proto::objstream::Framing;
 use crate::runtime::{Completion, OpId, ShardCtx};
@@ -21,19 +22,10 @@ use crate::stream::pipe::Pipe;
 
 /// The URL path prefix of object streams (AIStore's `/v1/objstream/`).
 pub const PATH_PREFIX: &str = "/v1/objstream/";
-/// Most bytes one receive asks for.
-const RECV_BYTES_MAX: usize = 64 << 10;
 /// After an error answer, how long and how much of the client's unread
 /// bytes are drained before the close.
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES_MAX: usize = 64 << 20;
-
-fn recv_bytes_max() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("SHARDWIRE_STREAM_RECV").ok().and_then(|v| v.parse().ok()).unwrap_or(RECV_BYTES_MAX)
-    })
-}
 
 static NEXT_RECEIVER: AtomicU64 = AtomicU64::new(1);
 
@@ -155,7 +147,7 @@ impl crate::transport::accept::Owner for Streams {
 
     fn place(&self, fd: &OwnedFd, incoming: usize, shards: usize) -> usize {
         let local = crate::transport::tcp::sock::is_local_ip(peer_of(fd).ip());
-        let target = place(incoming, shards, local);
+        let target = place(incoming, shards, local, self.shared.options.placement);
         log::debug!("stream receiver: packets on shard {incoming}, served on {target}");
         target
     }
@@ -180,11 +172,11 @@ impl crate::transport::accept::Owner for Streams {
 /// same core, half the rate). From another host, the one where its packets
 /// are processed, so they are read on the core that has them in cache.
 /// `SHARDWIRE_STREAM_PLACEMENT=same|other` forces either.
-fn place(incoming: usize, shards: usize, peer_is_local: bool) -> usize {
-    let other = match std::env::var("SHARDWIRE_STREAM_PLACEMENT").as_deref() {
-        Ok("same") => false,
-        Ok("other") => true,
-        _ => peer_is_local,
+fn place(incoming: usize, shards: usize, peer_is_local: bool, placement: Placement) -> usize {
+    let other = match placement {
+        Placement::Same => false,
+        Placement::Other => true,
+        Placement::Auto => peer_is_local,
     };
     if other { (incoming + 1) % shards.max(1) } else { incoming }
 }
@@ -264,7 +256,7 @@ fn post_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
             drop(c);
             return post_recv(ctx, conn);
         }
-        let len = free.min(recv_bytes_max());
+        let len = free.min(c.shared.options.recv_bytes);
         drop(c);
         conn.borrow_mut().recv_len = len;
         let c = conn.borrow();
@@ -463,21 +455,17 @@ fn ensure_worker(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) -> std::io::Resul
             }
         });
     });
-    let cpu = if pin_workers() { rt_cpu(&conn.borrow().shared, shard) } else { None };
+    let cpu = if conn.borrow().shared.options.pin_workers { rt_cpu(&conn.borrow().shared, shard) } else { None };
     worker::spawn(link.clone(), conn.borrow().pipe.clone(), done, cpu)?;
     conn.borrow_mut().link = Some(link.clone());
     Ok(link)
-}
-
-/// The decoding thread finished a body: answer, then read the next head.
-fn pin_workers() -> bool {
-    !matches!(std::env::var("SHARDWIRE_STREAM_PIN").as_deref(), Ok("0"))
 }
 
 fn rt_cpu(shared: &RxShared, shard: usize) -> Option<u32> {
     shared.runtime.shard_cpus().get(shard).copied().flatten()
 }
 
+/// The decoding thread finished a body: answer, then read the next head.
 fn body_done(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, result: Result<(), RecvError>) {
     let (shared, key) = {
         let mut c = conn.borrow_mut();
@@ -690,15 +678,15 @@ fn finish_if_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
 #[cfg(test)]
 mod tests {
     use super::place;
+    use crate::config::Placement;
 
     #[test]
     fn local_streams_go_to_the_other_core_remote_ones_stay() {
-        if std::env::var_os("SHARDWIRE_STREAM_PLACEMENT").is_some() {
-            return; // forced by the environment
-        }
-        assert_eq!(place(1, 2, true), 0);
-        assert_eq!(place(0, 2, true), 1);
-        assert_eq!(place(1, 2, false), 1);
-        assert_eq!(place(0, 1, true), 0, "one shard: nowhere else to go");
+        assert_eq!(place(1, 2, true, Placement::Auto), 0);
+        assert_eq!(place(0, 2, true, Placement::Auto), 1);
+        assert_eq!(place(1, 2, false, Placement::Auto), 1);
+        assert_eq!(place(0, 1, true, Placement::Auto), 0, "one shard: nowhere else to go");
+        assert_eq!(place(1, 2, true, Placement::Same), 1, "forced");
+        assert_eq!(place(1, 2, false, Placement::Other), 0, "forced");
     }
 }

@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex, RwLock};
 pub use worker::ObjReader;
 
 use super::stats::{RxCounters, RxStats};
+use crate::config::{Placement, Settings};
 use crate::proto::objstream::{ObjHdr, SbrError};
 use crate::runtime::Runtime;
 
@@ -124,16 +125,33 @@ pub struct RxOptions {
     /// mid-stream, or a handler stuck on one object). Keep it above the
     /// senders' idle teardown.
     pub idle_timeout: std::time::Duration,
+    /// The most one receive asks for (`SHARDWIRE_STREAM_RECV`).
+    pub recv_bytes: usize,
+    /// Which shard serves an accepted stream (`SHARDWIRE_STREAM_PLACEMENT`).
+    pub placement: Placement,
+    /// Pin each decoding thread to its shard's core (`SHARDWIRE_STREAM_PIN`).
+    pub pin_workers: bool,
 }
 
 impl Default for RxOptions {
+    /// The built-in defaults with the environment applied (a bad value
+    /// there fails `Receiver::bind`, not this).
     fn default() -> Self {
+        Self::from_settings(&Settings::from_env().unwrap_or_default())
+    }
+}
+
+impl RxOptions {
+    pub fn from_settings(s: &Settings) -> Self {
         RxOptions {
-            dry_run: super::env_bool("AIS_STREAM_DRY_RUN"),
+            dry_run: s.stream_dry_run,
             max_header: crate::proto::objstream::header::MAX_HEADER_BYTES,
-            pipe_bytes: std::env::var("SHARDWIRE_STREAM_PIPE").ok().and_then(|v| v.parse().ok()).unwrap_or(PIPE_BYTES),
+            pipe_bytes: s.stream_pipe_bytes,
             connections_max: 1024,
             idle_timeout: std::time::Duration::from_secs(120),
+            recv_bytes: s.stream_recv_bytes,
+            placement: s.stream_placement,
+            pin_workers: s.stream_pin,
         }
     }
 }
@@ -246,6 +264,8 @@ impl Receiver {
         options: RxOptions,
         handlers: Vec<(String, Arc<dyn RecvHandler>)>,
     ) -> std::io::Result<Receiver> {
+        // A bad environment value stops the receiver here, named.
+        Settings::from_env().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
         for (name, _) in &handlers {
             check_name(name).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         }

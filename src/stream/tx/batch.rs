@@ -23,23 +23,13 @@ use crate::transport::tcp::iov::{IOV_MAX, IoVecs};
 /// with 128 KiB ones.
 pub const BATCH_BYTES: usize = 128 << 10;
 
-/// [`BATCH_BYTES`], or `SHARDWIRE_STREAM_BATCH` when set (for tuning).
-pub fn batch_bytes() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| std::env::var("SHARDWIRE_STREAM_BATCH").ok().and_then(|v| v.parse().ok()).unwrap_or(BATCH_BYTES))
-}
 /// Objects a batch may start on before the byte limit applies: small
 /// objects cost per send, not per byte.
 pub const BATCH_OBJECTS_MIN: usize = 256;
-/// The most object bytes one send carries, whatever the object count, and
-/// the largest piece of one object in a send: a send then completes within
-/// the send timeout on any link that moves.
-pub fn batch_bytes_max() -> usize {
-    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *V.get_or_init(|| {
-        std::env::var("SHARDWIRE_STREAM_BATCH_MAX").ok().and_then(|v| v.parse().ok()).unwrap_or(4 << 20).max(4096)
-    })
-}
+/// The most object bytes one send carries by default, whatever the object
+/// count, and the largest piece of one object in a send: a send then
+/// completes within the send timeout on any link that moves.
+pub const BATCH_BYTES_MAX: usize = 4 << 20;
 /// Most bytes read from a reader per piece.
 pub const STAGE_BYTES: usize = 256 << 10;
 
@@ -107,6 +97,10 @@ pub struct Framing<'a> {
     /// End the request body after this batch, if the batch takes every
     /// queued object.
     pub end_body: bool,
+    /// Object bytes after which a batch of [`BATCH_OBJECTS_MIN`] objects
+    /// or more ends, and after which any batch ends.
+    pub batch_bytes: usize,
+    pub batch_bytes_max: usize,
 }
 
 /// Why an object cannot go on: it is completed with this error, and, if
@@ -146,7 +140,7 @@ impl Batch {
         let mut failure = None;
         let mut started_bytes = 0usize;
         for (i, o) in queue.iter_mut().enumerate() {
-            let full = started_bytes >= batch_bytes_max() || (started_bytes >= batch_bytes() && i >= BATCH_OBJECTS_MIN);
+            let full = started_bytes >= f.batch_bytes_max || (started_bytes >= f.batch_bytes && i >= BATCH_OBJECTS_MIN);
             // A failed object waits at the front for its completion.
             if b.segs.len() + 8 >= IOV_MAX || full || o.failed.is_some() {
                 break;
@@ -215,11 +209,11 @@ impl Batch {
             if size >= 0 && left == 0 && f.pdu.is_none() {
                 return Ok(true);
             }
-            if self.segs.len() + 4 >= IOV_MAX || (*started >= batch_bytes_max() && o.sent > 0) {
+            if self.segs.len() + 4 >= IOV_MAX || (*started >= f.batch_bytes_max && o.sent > 0) {
                 return Ok(false);
             }
             let cap = f.pdu.map_or(usize::MAX, |p| p.min(MAX_PDU_PAYLOAD));
-            let want = left.min(cap).min(batch_bytes_max().saturating_sub(*started).max(1));
+            let want = left.min(cap).min(f.batch_bytes_max.saturating_sub(*started).max(1));
             let piece = match &mut o.body {
                 Body::Empty => return Err(format!("object {} has size {size} and no body", o.hdr.name)),
                 Body::Bytes(bytes) => {
@@ -391,6 +385,8 @@ mod tests {
                 max_header: 4096,
                 fin: true,
                 end_body: true,
+                batch_bytes: BATCH_BYTES,
+                batch_bytes_max: BATCH_BYTES_MAX,
             };
             let (b, failure) = Batch::build(&mut queue, &f);
             assert!(failure.is_none());
@@ -471,7 +467,16 @@ mod tests {
             out(ObjHdr::new("b", "ok", 1), Body::from(vec![1u8])),
             out(ObjHdr::new("b", "short", 10), Body::Reader(Box::new(std::io::Cursor::new(vec![0u8; 4])))),
         ];
-        let f = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: false };
+        let f = Framing {
+            head: None,
+            pdu: None,
+            compression: None,
+            max_header: 4096,
+            fin: false,
+            end_body: false,
+            batch_bytes: BATCH_BYTES,
+            batch_bytes_max: BATCH_BYTES_MAX,
+        };
         let (b, failure) = Batch::build(&mut q, &f);
         let failure = failure.expect("the short reader fails");
         assert_eq!((failure.index, failure.breaks_stream, b.completes), (1, true, 1));

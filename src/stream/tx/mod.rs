@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 pub use batch::Body;
 
 use super::stats::{Stats, TxCounters};
+use crate::config::Settings;
 use crate::proto::objstream::header::{MAX_HEADER_BYTES, OPC_FIN};
 use crate::proto::objstream::lz4::BlockSize;
 use crate::proto::objstream::{ObjHdr, frame::MAX_PDU_PAYLOAD};
@@ -54,6 +55,8 @@ pub enum StreamError {
     Object(String),
     /// The stream was terminated earlier for this reason.
     Terminated(Box<StreamError>),
+    /// An environment variable has a value it does not accept.
+    Config(String),
 }
 
 impl fmt::Display for StreamError {
@@ -65,6 +68,7 @@ impl fmt::Display for StreamError {
             StreamError::Rejected { status, message } => write!(f, "receiver answered {status}: {message}"),
             StreamError::Object(e) => write!(f, "object error: {e}"),
             StreamError::Terminated(e) => write!(f, "stream terminated: {e}"),
+            StreamError::Config(e) => write!(f, "configuration: {e}"),
         }
     }
 }
@@ -99,13 +103,29 @@ pub struct StreamOptions {
     /// A send that does not complete in this long breaks the stream, and
     /// so does a receiver that does not answer an ended body in this long.
     pub send_timeout: Duration,
+    /// Object bytes per send once enough objects are in
+    /// (`SHARDWIRE_STREAM_BATCH`), and the most one send carries
+    /// (`SHARDWIRE_STREAM_BATCH_MAX`).
+    pub batch_bytes: usize,
+    pub batch_bytes_max: usize,
+    /// The socket's send buffer (`SHARDWIRE_STREAM_SNDBUF`; 0 leaves it to
+    /// the kernel); `None`: half the in-flight cap to a peer on this host,
+    /// the kernel's choice to others.
+    pub sndbuf: Option<usize>,
 }
 
 impl Default for StreamOptions {
+    /// The built-in defaults with the environment applied (a bad value
+    /// there fails `Stream::new`, not this).
     fn default() -> Self {
-        let burst = burst_from(std::env::var("AIS_STREAM_BURST_NUM").ok().as_deref());
+        Self::from_settings(&Settings::from_env().unwrap_or_default())
+    }
+}
+
+impl StreamOptions {
+    pub fn from_settings(s: &Settings) -> Self {
         StreamOptions {
-            burst,
+            burst: s.stream_burst.clamp(1, BURST_MAX),
             idle_teardown: IDLE_TEARDOWN_DEFAULT,
             compression: None,
             pdu_size: None,
@@ -114,14 +134,11 @@ impl Default for StreamOptions {
             on_sent: None,
             connect_timeout: Duration::from_secs(10),
             send_timeout: Duration::from_secs(60),
+            batch_bytes: s.stream_batch_bytes,
+            batch_bytes_max: s.stream_batch_bytes_max,
+            sndbuf: s.stream_sndbuf,
         }
     }
-}
-
-/// The burst `AIS_STREAM_BURST_NUM` asks for: a positive integer, at most
-/// [`BURST_MAX`]; anything else means the default.
-pub fn burst_from(value: Option<&str>) -> usize {
-    value.and_then(|v| v.trim().parse::<usize>().ok()).filter(|&b| b > 0).unwrap_or(BURST_DEFAULT).min(BURST_MAX)
 }
 
 impl fmt::Debug for StreamOptions {
@@ -223,6 +240,8 @@ impl Stream {
         trname: &str,
         mut options: StreamOptions,
     ) -> Result<Stream, StreamError> {
+        // A bad environment value stops the stream here, named.
+        Settings::from_env().map_err(|e| StreamError::Config(e.to_string()))?;
         let rest =
             url.strip_prefix("http://").ok_or_else(|| StreamError::Network(format!("{url}: only http:// URLs")))?;
         let host = rest.trim_end_matches('/').to_string();
@@ -436,16 +455,6 @@ pub(crate) fn complete(s: &TxShared, hdr: &ObjHdr, cb: Option<ObjCallback>, resu
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn burst_from_the_environment() {
-        assert_eq!(burst_from(None), BURST_DEFAULT);
-        assert_eq!(burst_from(Some("32")), 32);
-        assert_eq!(burst_from(Some(" 7 ")), 7);
-        assert_eq!(burst_from(Some("0")), BURST_DEFAULT);
-        assert_eq!(burst_from(Some("many")), BURST_DEFAULT);
-        assert_eq!(burst_from(Some("100000")), BURST_MAX);
-    }
 
     #[test]
     fn urls_and_options_are_checked_up_front() {

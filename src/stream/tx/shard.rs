@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
-use super::batch::{Batch, Framing};
+use super::batch::{BATCH_BYTES, BATCH_BYTES_MAX, Batch, Framing};
 use super::{Outgoing, StreamError, Termination, TxShared, complete};
 use crate::runtime::{Completion, ShardCtx, TimerId};
 use crate::transport::tcp::sock::{self, RawSockAddr};
@@ -148,6 +148,8 @@ fn kick(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         max_header: options.max_header,
         fin: fin_now,
         end_body: fin_now,
+        batch_bytes: options.batch_bytes,
+        batch_bytes_max: options.batch_bytes_max,
     };
     let (batch, failure) = Batch::build(t.queue.make_contiguous(), &framing);
     // A batch cut short by a failed object carries no Fin: that goes next.
@@ -389,7 +391,7 @@ fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         Ok(fd) => Rc::new(fd),
         Err(e) => return end(ctx, tx, Termination::Error(StreamError::Network(format!("socket: {e}")))),
     };
-    if let Some(bytes) = sndbuf_for(&addr) {
+    if let Some(bytes) = sndbuf_for(&addr, tx.borrow().shared.options.sndbuf) {
         // SAFETY: setsockopt reads one c_int from a live local.
         unsafe {
             libc::setsockopt(
@@ -444,9 +446,9 @@ fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
 /// (1 MiB objects on loopback: 4.3 GB/s autotuned, 5.2-6.0 capped).
 /// Other hosts keep the kernel's autotuning, which sizes for the path.
 /// `SHARDWIRE_STREAM_SNDBUF` overrides (0: autotune).
-fn sndbuf_for(addr: &std::net::SocketAddr) -> Option<libc::c_int> {
-    if let Some(v) = std::env::var("SHARDWIRE_STREAM_SNDBUF").ok().and_then(|v| v.trim().parse::<libc::c_int>().ok()) {
-        return (v > 0).then_some(v);
+fn sndbuf_for(addr: &std::net::SocketAddr, configured: Option<usize>) -> Option<libc::c_int> {
+    if let Some(v) = configured {
+        return (v > 0).then(|| v.min(libc::c_int::MAX as usize) as libc::c_int);
     }
     sock::is_local_ip(addr.ip()).then(|| {
         (crate::transport::tcp::client::local_inflight_default() / 2).min(libc::c_int::MAX as u64) as libc::c_int
@@ -647,7 +649,16 @@ fn arm_idle(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
 
 /// Ends the request body (idle teardown): the receiver then answers.
 fn end_body(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
-    let framing = Framing { head: None, pdu: None, compression: None, max_header: 4096, fin: false, end_body: true };
+    let framing = Framing {
+        head: None,
+        pdu: None,
+        compression: None,
+        max_header: 4096,
+        fin: false,
+        end_body: true,
+        batch_bytes: BATCH_BYTES,
+        batch_bytes_max: BATCH_BYTES_MAX,
+    };
     let (batch, _) = Batch::build(&mut [], &framing);
     {
         let mut t = tx.borrow_mut();

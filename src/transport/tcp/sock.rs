@@ -11,24 +11,6 @@ pub const PORT_RANGE_DEFAULT: (u16, u16) = (15000, 17000);
 /// How many random ports to try before giving up (Mooncake tries 500).
 pub const PORT_ATTEMPTS_MAX: usize = 500;
 
-/// Reads `MC_MIN_RPC_PORT` / `MC_MAX_RPC_PORT` (or Mooncake's misspelt
-/// `MC_MIN_PRC_PORT` / `MC_MAX_PRC_PORT`). As in Mooncake, a bound outside
-/// 1024..=65535 or inside the usual ephemeral range 32768..=60999 falls back
-/// to the default, and so does a range whose minimum exceeds its maximum.
-pub fn port_range_from_env() -> (u16, u16) {
-    let read = |names: [&str; 2], default: u16| -> u16 {
-        names
-            .iter()
-            .find_map(|n| std::env::var(n).ok())
-            .and_then(|v| v.trim().parse::<u16>().ok())
-            .filter(|&p| p >= 1024 && !(32768..=60999).contains(&p))
-            .unwrap_or(default)
-    };
-    let min = read(["MC_MIN_RPC_PORT", "MC_MIN_PRC_PORT"], PORT_RANGE_DEFAULT.0);
-    let max = read(["MC_MAX_RPC_PORT", "MC_MAX_PRC_PORT"], PORT_RANGE_DEFAULT.1);
-    if min <= max { (min, max) } else { PORT_RANGE_DEFAULT }
-}
-
 /// The address to bind when none is configured: every interface, IPv6 and
 /// IPv4 (a dual-stack socket), as Mooncake listens.
 pub fn any_address() -> IpAddr {

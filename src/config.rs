@@ -1,0 +1,600 @@
+//! Every environment variable shardwire reads, read and checked in one
+//! place.
+//!
+//! [`VARS`] lists each `MC_*`, `SHARDWIRE_*` and `AIS_*` variable with what
+//! it accepts; [`Settings::from_env`] reads them all and fails on the first
+//! value outside its range, with an error that names the variable, the
+//! value and what is accepted. The engine's `initialize`, the stream and
+//! receiver constructors, the shared runtime and the CLI all start from
+//! [`Settings`], so a bad value stops them with that message instead of
+//! being replaced by a default in silence.
+//!
+//! Conventions, the same for every variable:
+//! - unset and empty (or only spaces) are the same: the default;
+//! - booleans are `1`/`0`, `true`/`false`, `t`/`f`, `yes`/`no`, `on`/`off`,
+//!   in any case (Go's `ParseBool` spellings and Mooncake's both work);
+//! - numbers are whole decimal numbers, with spaces around them allowed.
+//!
+//! Variables are read when a component starts (each `TransferEngine::new`,
+//! `Stream::new`, `Receiver::bind`), not cached for the process.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// What a variable accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A whole number in `min..=max`, in `unit`.
+    Int {
+        min: u64,
+        max: u64,
+        unit: &'static str,
+    },
+    /// A port for the random range: 1024..=65535, outside the usual
+    /// ephemeral range 32768..=60999 (as Mooncake requires).
+    Port,
+    Bool,
+    /// One of these words.
+    Choice(&'static [&'static str]),
+    /// An IPv4 or IPv6 address (brackets allowed).
+    Ip,
+    /// A CPU list: `0-3,8`.
+    CpuList,
+    /// Any text (a path, a name, an address list).
+    Text,
+}
+
+/// One environment variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Var {
+    pub name: &'static str,
+    /// Other spellings read when `name` is unset (Mooncake's typos).
+    pub aliases: &'static [&'static str],
+    pub kind: Kind,
+    /// The default, as the README states it.
+    pub default: &'static str,
+    pub meaning: &'static str,
+}
+
+impl Var {
+    /// What the variable accepts, in words.
+    pub fn accepted(&self) -> String {
+        match self.kind {
+            Kind::Int { min, max, unit } => format!("a whole number of {unit} in {min}..={max}"),
+            Kind::Port => "a port in 1024..=65535 outside 32768..=60999".into(),
+            Kind::Bool => "a boolean: 1/0, true/false, t/f, yes/no or on/off".into(),
+            Kind::Choice(words) => format!("one of {}", words.join(", ")),
+            Kind::Ip => "an IP address".into(),
+            Kind::CpuList => "a CPU list such as 0-3,8".into(),
+            Kind::Text => "any text".into(),
+        }
+    }
+}
+
+const fn int(
+    name: &'static str,
+    min: u64,
+    max: u64,
+    unit: &'static str,
+    default: &'static str,
+    meaning: &'static str,
+) -> Var {
+    Var { name, aliases: &[], kind: Kind::Int { min, max, unit }, default, meaning }
+}
+
+const fn var(name: &'static str, kind: Kind, default: &'static str, meaning: &'static str) -> Var {
+    Var { name, aliases: &[], kind, default, meaning }
+}
+
+pub const TRANSFER_TIMEOUT: Var = int(
+    "MC_TRANSFER_TIMEOUT",
+    1,
+    86_400,
+    "seconds",
+    "30",
+    "seconds that bound every transfer (plus 1 ns per byte, as Mooncake); also how long a caller waits for room in a full queue",
+);
+pub const METADATA_SERVER: Var = var(
+    "MC_METADATA_SERVER",
+    Kind::Text,
+    "unset",
+    "`metadata_server` when `initialize` gets an empty one (then `P2PHANDSHAKE`)",
+);
+pub const TCP_BIND_ADDRESS: Var =
+    var("MC_TCP_BIND_ADDRESS", Kind::Ip, "unset", "the address the RPC and data ports bind, and the one advertised");
+pub const LEGACY_RPC_PORT_BINDING: Var = var(
+    "MC_LEGACY_RPC_PORT_BINDING",
+    Kind::Bool,
+    "false",
+    "with etcd, bind the port of `local_hostname` (12001 if it has none); in P2P mode shardwire always binds a port given",
+);
+pub const MIN_RPC_PORT: Var = Var {
+    name: "MC_MIN_RPC_PORT",
+    aliases: &["MC_MIN_PRC_PORT"],
+    kind: Kind::Port,
+    default: "15000",
+    meaning: "the low end of the random port range (not above `MC_MAX_RPC_PORT`)",
+};
+pub const MAX_RPC_PORT: Var = Var {
+    name: "MC_MAX_RPC_PORT",
+    aliases: &["MC_MAX_PRC_PORT"],
+    kind: Kind::Port,
+    default: "17000",
+    meaning: "the high end of the random port range",
+};
+pub const HANDSHAKE_MAX_LENGTH: Var =
+    int("MC_HANDSHAKE_MAX_LENGTH", 1, 128 << 20, "bytes", "1048576", "the largest RPC frame");
+pub const FORCE_TCP: Var =
+    var("MC_FORCE_TCP", Kind::Bool, "false", "use TCP even where RDMA devices exist (always the case in this build)");
+pub const CUSTOM_TOPO_JSON: Var = var(
+    "MC_CUSTOM_TOPO_JSON",
+    Kind::Text,
+    "unset",
+    "path of a NIC priority matrix in Mooncake's format; empty means discover",
+);
+pub const METADATA_CLUSTER_ID: Var =
+    var("MC_METADATA_CLUSTER_ID", Kind::Text, "unset", "etcd keys go under `mooncake/<id>/` instead of `mooncake/`");
+pub const ETCD_TTL: Var =
+    int("SHARDWIRE_ETCD_TTL", 1, 86_400, "seconds", "30", "seconds of the lease the etcd keys hang off");
+pub const CORES: Var =
+    var("SHARDWIRE_CORES", Kind::CpuList, "one per physical core", "CPU list for the shards, e.g. `0-3,8`");
+pub const SPIN_US: Var =
+    int("SHARDWIRE_SPIN_US", 0, 1_000_000, "microseconds", "20", "µs an idle shard spins before parking");
+pub const SPIN_ADAPTIVE: Var =
+    var("SHARDWIRE_SPIN_ADAPTIVE", Kind::Bool, "true", "shrink the spin budget while the core is contended");
+pub const URING_SETUP: Var = var(
+    "SHARDWIRE_URING_SETUP",
+    Kind::Choice(&["auto", "plain"]),
+    "auto",
+    "`plain` forces the io_uring set-up without SINGLE_ISSUER/DEFER_TASKRUN/COOP_TASKRUN",
+);
+pub const INFLIGHT_BYTES: Var = int(
+    "SHARDWIRE_INFLIGHT_BYTES",
+    4096,
+    1 << 34,
+    "bytes",
+    "a quarter of L2 to peers on this host, 64 MiB to others",
+    "payload bytes one connection may have awaiting answers",
+);
+pub const STRIPE_BYTES: Var = int(
+    "SHARDWIRE_STRIPE_BYTES",
+    4096,
+    1 << 30,
+    "bytes",
+    "524288",
+    "requests larger than this are striped over the shards in pieces of this size",
+);
+pub const STREAM_BATCH: Var = int(
+    "SHARDWIRE_STREAM_BATCH",
+    4096,
+    64 << 20,
+    "bytes",
+    "131072",
+    "object bytes per stream send once 256 objects are in (tuning)",
+);
+pub const STREAM_BATCH_MAX: Var = int(
+    "SHARDWIRE_STREAM_BATCH_MAX",
+    4096,
+    64 << 20,
+    "bytes",
+    "4194304",
+    "the most object bytes one stream send carries (tuning)",
+);
+pub const STREAM_SNDBUF: Var = int(
+    "SHARDWIRE_STREAM_SNDBUF",
+    0,
+    1 << 30,
+    "bytes",
+    "half the in-flight cap to peers on this host; autotuned to others",
+    "a stream socket's send buffer; 0 leaves it to the kernel's autotuning",
+);
+pub const STREAM_PIPE: Var =
+    int("SHARDWIRE_STREAM_PIPE", 4096, 1 << 30, "bytes", "262144", "bytes of each received stream's pipe");
+pub const STREAM_RECV: Var = int(
+    "SHARDWIRE_STREAM_RECV",
+    4096,
+    64 << 20,
+    "bytes",
+    "65536",
+    "the most one receive of a stream receiver asks for",
+);
+pub const STREAM_PLACEMENT: Var = var(
+    "SHARDWIRE_STREAM_PLACEMENT",
+    Kind::Choice(&["auto", "same", "other"]),
+    "auto",
+    "the shard serving an accepted stream: the one its packets arrive on (`same`), the next (`other`), or `auto`: the next for a peer on this host, the same for others",
+);
+pub const STREAM_PIN: Var =
+    var("SHARDWIRE_STREAM_PIN", Kind::Bool, "true", "pin each decoding thread to its shard's core");
+pub const LOG: Var = var(
+    "SHARDWIRE_LOG",
+    Kind::Choice(&["error", "warn", "info", "debug", "trace", "off"]),
+    "warn",
+    "the CLI's log level",
+);
+pub const STREAM_BURST_NUM: Var = int(
+    "AIS_STREAM_BURST_NUM",
+    1,
+    4096,
+    "objects",
+    "1024",
+    "objects a stream may hold queued or in flight before `send` blocks",
+);
+pub const STREAM_DRY_RUN: Var = var(
+    "AIS_STREAM_DRY_RUN",
+    Kind::Bool,
+    "false",
+    "a receiver reads and discards every object without calling handlers",
+);
+
+/// Every variable, in the README's order.
+pub const VARS: &[Var] = &[
+    TRANSFER_TIMEOUT,
+    METADATA_SERVER,
+    TCP_BIND_ADDRESS,
+    LEGACY_RPC_PORT_BINDING,
+    METADATA_CLUSTER_ID,
+    ETCD_TTL,
+    MIN_RPC_PORT,
+    MAX_RPC_PORT,
+    HANDSHAKE_MAX_LENGTH,
+    FORCE_TCP,
+    CUSTOM_TOPO_JSON,
+    CORES,
+    SPIN_US,
+    SPIN_ADAPTIVE,
+    URING_SETUP,
+    INFLIGHT_BYTES,
+    STRIPE_BYTES,
+    STREAM_BURST_NUM,
+    STREAM_DRY_RUN,
+    STREAM_BATCH,
+    STREAM_BATCH_MAX,
+    STREAM_SNDBUF,
+    STREAM_PIPE,
+    STREAM_RECV,
+    STREAM_PLACEMENT,
+    STREAM_PIN,
+    LOG,
+];
+
+/// The README's table of variables, from [`VARS`].
+pub fn markdown_table() -> String {
+    let mut out = String::from("| variable | default | accepts | meaning |\n|---|---|---|---|\n");
+    for v in VARS {
+        let names: Vec<String> =
+            std::iter::once(v.name).chain(v.aliases.iter().copied()).map(|n| format!("`{n}`")).collect();
+        out.push_str(&format!("| {} | {} | {} | {} |\n", names.join(" (or "), v.default, v.accepted(), v.meaning));
+    }
+    out.replace(" (or `MC_MIN_PRC_PORT`", " (or `MC_MIN_PRC_PORT`)")
+        .replace(" (or `MC_MAX_PRC_PORT`", " (or `MC_MAX_PRC_PORT`)")
+}
+
+/// A value a variable does not accept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The variable, as it was spelt in the environment.
+    pub var: String,
+    pub value: String,
+    /// What it accepts.
+    pub accepted: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={:?} is not valid: expected {}", self.var, self.value, self.accepted)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a received stream is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// By where the peer is (another core for a peer on this host).
+    Auto,
+    /// On the shard its packets arrive on.
+    Same,
+    /// On the next shard.
+    Other,
+}
+
+/// Every variable's value, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub transfer_timeout: Duration,
+    pub metadata_server: Option<String>,
+    pub tcp_bind_address: Option<IpAddr>,
+    pub legacy_rpc_port_binding: bool,
+    pub metadata_cluster_id: Option<String>,
+    pub etcd_ttl: Duration,
+    pub rpc_port_range: (u16, u16),
+    pub handshake_max_len: u64,
+    pub force_tcp: bool,
+    pub custom_topo_json: Option<PathBuf>,
+    /// `SHARDWIRE_CORES`, parsed.
+    pub cores: Option<Vec<u32>>,
+    /// `SHARDWIRE_SPIN_US`, if set.
+    pub spin: Option<Duration>,
+    pub spin_adaptive: Option<bool>,
+    /// `SHARDWIRE_URING_SETUP=plain`.
+    pub uring_plain: bool,
+    pub inflight_bytes: Option<u64>,
+    pub stripe_bytes: u64,
+    pub stream_burst: usize,
+    pub stream_dry_run: bool,
+    pub stream_batch_bytes: usize,
+    pub stream_batch_bytes_max: usize,
+    /// `SHARDWIRE_STREAM_SNDBUF`, if set (0: autotune).
+    pub stream_sndbuf: Option<usize>,
+    pub stream_pipe_bytes: usize,
+    pub stream_recv_bytes: usize,
+    pub stream_placement: Placement,
+    pub stream_pin: bool,
+    pub log: Option<String>,
+}
+
+impl Default for Settings {
+    /// Every variable unset.
+    fn default() -> Self {
+        Self::from_lookup(|_| None).expect("the defaults are valid")
+    }
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the variables through `get` (for tests, and for a CLI that
+    /// takes them from elsewhere).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let r = Reader { get: &get };
+        let min_port = r.port(&MIN_RPC_PORT)?.unwrap_or(15000);
+        let max_port = r.port(&MAX_RPC_PORT)?.unwrap_or(17000);
+        if min_port > max_port {
+            let (name, value) = r.raw(&MIN_RPC_PORT).unwrap_or((MIN_RPC_PORT.name.into(), min_port.to_string()));
+            return Err(ConfigError {
+                var: name,
+                value,
+                accepted: format!("a port not above MC_MAX_RPC_PORT ({max_port})"),
+            });
+        }
+        let placement = match r.choice(&STREAM_PLACEMENT)?.as_deref() {
+            Some("same") => Placement::Same,
+            Some("other") => Placement::Other,
+            _ => Placement::Auto,
+        };
+        Ok(Self {
+            transfer_timeout: Duration::from_secs(r.int(&TRANSFER_TIMEOUT)?.unwrap_or(30)),
+            metadata_server: r.text(&METADATA_SERVER),
+            tcp_bind_address: r.ip(&TCP_BIND_ADDRESS)?,
+            legacy_rpc_port_binding: r.boolean(&LEGACY_RPC_PORT_BINDING)?.unwrap_or(false),
+            metadata_cluster_id: r.text(&METADATA_CLUSTER_ID),
+            etcd_ttl: Duration::from_secs(r.int(&ETCD_TTL)?.unwrap_or(30)),
+            rpc_port_range: (min_port, max_port),
+            handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
+            force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
+            custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
+            cores: r.cpu_list(&CORES)?,
+            spin: r.int(&SPIN_US)?.map(Duration::from_micros),
+            spin_adaptive: r.boolean(&SPIN_ADAPTIVE)?,
+            uring_plain: r.choice(&URING_SETUP)?.as_deref() == Some("plain"),
+            inflight_bytes: r.int(&INFLIGHT_BYTES)?,
+            stripe_bytes: r.int(&STRIPE_BYTES)?.unwrap_or(512 << 10),
+            stream_burst: r.int(&STREAM_BURST_NUM)?.unwrap_or(1024) as usize,
+            stream_dry_run: r.boolean(&STREAM_DRY_RUN)?.unwrap_or(false),
+            stream_batch_bytes: r.int(&STREAM_BATCH)?.unwrap_or(128 << 10) as usize,
+            stream_batch_bytes_max: r.int(&STREAM_BATCH_MAX)?.unwrap_or(4 << 20) as usize,
+            stream_sndbuf: r.int(&STREAM_SNDBUF)?.map(|b| b as usize),
+            stream_pipe_bytes: r.int(&STREAM_PIPE)?.unwrap_or(256 << 10) as usize,
+            stream_recv_bytes: r.int(&STREAM_RECV)?.unwrap_or(64 << 10) as usize,
+            stream_placement: placement,
+            stream_pin: r.boolean(&STREAM_PIN)?.unwrap_or(true),
+            log: r.choice(&LOG)?,
+        })
+    }
+}
+
+/// The one boolean convention.
+pub fn parse_bool(text: &str) -> Option<bool> {
+    match text.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "t" | "yes" | "on" => Some(true),
+        "0" | "false" | "f" | "no" | "off" => Some(false),
+        _ => None,
+    }
+}
+
+struct Reader<'a> {
+    get: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Reader<'_> {
+    /// The variable's name as found and its value, if set and not empty.
+    fn raw(&self, v: &Var) -> Option<(String, String)> {
+        std::iter::once(v.name)
+            .chain(v.aliases.iter().copied())
+            .find_map(|n| (self.get)(n).filter(|t| !t.trim().is_empty()).map(|t| (n.to_string(), t)))
+    }
+
+    fn bad(&self, v: &Var, name: String, value: String) -> ConfigError {
+        ConfigError { var: name, value, accepted: v.accepted() }
+    }
+
+    fn int(&self, v: &Var) -> Result<Option<u64>, ConfigError> {
+        let Kind::Int { min, max, .. } = v.kind else { unreachable!("{} is not a number", v.name) };
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        match text.trim().parse::<u64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(self.bad(v, name, text)),
+        }
+    }
+
+    fn port(&self, v: &Var) -> Result<Option<u16>, ConfigError> {
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        match text.trim().parse::<u16>() {
+            Ok(p) if p >= 1024 && !(32768..=60999).contains(&p) => Ok(Some(p)),
+            _ => Err(self.bad(v, name, text)),
+        }
+    }
+
+    fn boolean(&self, v: &Var) -> Result<Option<bool>, ConfigError> {
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        parse_bool(&text).map(Some).ok_or_else(|| self.bad(v, name, text))
+    }
+
+    fn choice(&self, v: &Var) -> Result<Option<String>, ConfigError> {
+        let Kind::Choice(words) = v.kind else { unreachable!("{} is not a choice", v.name) };
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        let word = text.trim().to_ascii_lowercase();
+        if words.contains(&word.as_str()) { Ok(Some(word)) } else { Err(self.bad(v, name, text)) }
+    }
+
+    fn ip(&self, v: &Var) -> Result<Option<IpAddr>, ConfigError> {
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        match text.trim().trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+            Ok(ip) => Ok(Some(ip)),
+            Err(_) => Err(self.bad(v, name, text)),
+        }
+    }
+
+    fn cpu_list(&self, v: &Var) -> Result<Option<Vec<u32>>, ConfigError> {
+        let Some((name, text)) = self.raw(v) else { return Ok(None) };
+        match crate::topo::cpulist::parse(text.trim()) {
+            Ok(cpus) if !cpus.is_empty() => Ok(Some(cpus)),
+            _ => Err(self.bad(v, name, text)),
+        }
+    }
+
+    fn text(&self, v: &Var) -> Option<String> {
+        self.raw(v).map(|(_, t)| t.trim().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(name: &str, value: &str) -> Result<Settings, ConfigError> {
+        let (name, value) = (name.to_string(), value.to_string());
+        Settings::from_lookup(move |n| (n == name).then(|| value.clone()))
+    }
+
+    fn refused(v: &Var, value: &str) {
+        let e = with(v.name, value).expect_err(&format!("{}={value:?} must be refused", v.name));
+        assert_eq!(e.var, v.name);
+        let text = e.to_string();
+        assert!(text.contains(v.name) && text.contains(&v.accepted()), "{text}");
+    }
+
+    /// Every variable: its bounds, one past them, and garbage.
+    #[test]
+    fn each_variable_takes_its_range_and_refuses_the_rest() {
+        for v in VARS {
+            assert!(with(v.name, "").is_ok(), "{}: empty is unset", v.name);
+            assert!(with(v.name, "   ").is_ok(), "{}: blank is unset", v.name);
+            match v.kind {
+                Kind::Int { min, max, .. } => {
+                    assert!(with(v.name, &min.to_string()).is_ok(), "{} min", v.name);
+                    assert!(with(v.name, &format!(" {max} ")).is_ok(), "{} max", v.name);
+                    if min > 0 {
+                        refused(v, &(min - 1).to_string());
+                    }
+                    refused(v, &(max + 1).to_string());
+                    refused(v, "abc");
+                    refused(v, "-1");
+                    refused(v, "1.5");
+                }
+                Kind::Port => {
+                    // The other end of the range out of the way, so only
+                    // this value is judged.
+                    let other = |n: &str| match n {
+                        "MC_MIN_RPC_PORT" => Some("1024".to_string()),
+                        "MC_MAX_RPC_PORT" => Some("65535".to_string()),
+                        _ => None,
+                    };
+                    for ok in ["1024", "32767", "61000", "65535"] {
+                        let got = Settings::from_lookup(|n| if n == v.name { Some(ok.to_string()) } else { other(n) });
+                        assert!(got.is_ok(), "{}={ok}: {got:?}", v.name);
+                    }
+                    for bad in ["1023", "32768", "60999", "65536", "port"] {
+                        refused(v, bad);
+                    }
+                }
+                Kind::Bool => {
+                    for ok in ["1", "0", "true", "FALSE", "t", "F", "yes", "No", "on", "off"] {
+                        assert!(with(v.name, ok).is_ok(), "{}={ok}", v.name);
+                    }
+                    refused(v, "maybe");
+                    refused(v, "2");
+                }
+                Kind::Choice(words) => {
+                    for w in words {
+                        assert!(with(v.name, w).is_ok(), "{}={w}", v.name);
+                        assert!(with(v.name, &w.to_ascii_uppercase()).is_ok());
+                    }
+                    refused(v, "bogus");
+                }
+                Kind::Ip => {
+                    assert!(with(v.name, "10.1.2.3").is_ok());
+                    assert!(with(v.name, "[::1]").is_ok());
+                    refused(v, "not-an-ip");
+                    refused(v, "10.1.2.256");
+                }
+                Kind::CpuList => {
+                    assert!(with(v.name, "0-1,3").is_ok());
+                    refused(v, "one");
+                    refused(v, "3-1");
+                }
+                Kind::Text => assert!(with(v.name, "anything at all").is_ok()),
+            }
+        }
+    }
+
+    #[test]
+    fn the_issue_examples_name_the_variable_and_the_range() {
+        let e = with("MC_TRANSFER_TIMEOUT", "abc").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "MC_TRANSFER_TIMEOUT=\"abc\" is not valid: expected a whole number of seconds in 1..=86400"
+        );
+        let e = with("SHARDWIRE_STREAM_RECV", "0").unwrap_err();
+        assert!(e.to_string().contains("SHARDWIRE_STREAM_RECV=\"0\"") && e.to_string().contains("4096..=67108864"));
+    }
+
+    #[test]
+    fn values_land_in_their_fields() {
+        let s = with("MC_TRANSFER_TIMEOUT", " 7 ").unwrap();
+        assert_eq!(s.transfer_timeout, Duration::from_secs(7));
+        assert!(with("AIS_STREAM_DRY_RUN", "T").unwrap().stream_dry_run);
+        assert_eq!(with("MC_TCP_BIND_ADDRESS", "[::1]").unwrap().tcp_bind_address, Some("::1".parse().unwrap()));
+        assert_eq!(with("SHARDWIRE_CORES", "0-2").unwrap().cores, Some(vec![0, 1, 2]));
+        assert_eq!(with("SHARDWIRE_STREAM_PLACEMENT", "other").unwrap().stream_placement, Placement::Other);
+        let d = Settings::default();
+        assert_eq!((d.rpc_port_range, d.stream_burst, d.stripe_bytes), ((15000, 17000), 1024, 512 << 10));
+    }
+
+    #[test]
+    fn the_readme_lists_every_variable_as_this_module_checks_it() {
+        let readme = include_str!("../README.md");
+        let table = markdown_table();
+        assert!(readme.contains(&table), "README.md's environment table is out of date; it should read:\n{table}");
+    }
+
+    #[test]
+    fn mooncakes_misspelt_port_names_and_the_ordering_rule() {
+        assert_eq!(with("MC_MIN_PRC_PORT", "16000").unwrap().rpc_port_range, (16000, 17000));
+        let e = with("MC_MAX_PRC_PORT", "40000").unwrap_err();
+        assert_eq!(e.var, "MC_MAX_PRC_PORT", "the error names the spelling that was set");
+        let both = |n: &str| match n {
+            "MC_MIN_RPC_PORT" => Some("16500".to_string()),
+            "MC_MAX_RPC_PORT" => Some("16000".to_string()),
+            _ => None,
+        };
+        let e = Settings::from_lookup(both).unwrap_err();
+        assert!(e.to_string().contains("not above MC_MAX_RPC_PORT (16000)"), "{e}");
+    }
+}
