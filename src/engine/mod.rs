@@ -332,6 +332,7 @@ impl TransferEngine {
     /// `cuda:N` or `*`.
     pub fn register_memory(&self, addr: u64, len: u64, location: &str) -> TeResult<()> {
         let engine = self.engine()?;
+        check_mapped(addr, len)?;
         engine.registry.register(addr, len, location)?;
         // Memory peers cannot find is no use: undo, so a retry starts clean.
         engine.publish().inspect_err(|_| {
@@ -355,6 +356,9 @@ impl TransferEngine {
         }
         let items: Vec<(u64, u64)> = addrs.iter().copied().zip(lens.iter().copied()).collect();
         let engine = self.engine()?;
+        for &(addr, len) in &items {
+            check_mapped(addr, len)?;
+        }
         engine.registry.register_batch(&items, location)?;
         engine.publish().inspect_err(|_| {
             for &(addr, _) in &items {
@@ -573,31 +577,32 @@ impl TransferEngine {
         Ok(self.engine()?.registry.contains(addr, len))
     }
 
-    /// Copies `bytes` to `addr`, which must lie in registered memory.
+    /// Copies `bytes` to `addr`, which must lie in registered memory (and,
+    /// in managed memory, inside one managed buffer). Memory that is no
+    /// longer mapped is an error, not a crash.
     pub fn write_bytes_to_buffer(&self, addr: u64, bytes: &[u8]) -> TeResult<()> {
         let engine = self.engine()?;
         if bytes.is_empty() {
             return Ok(());
         }
-        let _pin =
-            engine.registry.pin(addr, bytes.len() as u64).ok_or_else(|| not_registered(addr, bytes.len() as u64))?;
-        // SAFETY: the destination lies inside one registered region, which
-        // the pin keeps registered; registration promised the memory is ours
-        // to write.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
-        Ok(())
+        let len = bytes.len() as u64;
+        let _pin = engine.helper_pin(addr, len)?;
+        crate::mem::probe::write(addr, bytes)
+            .map_err(|e| TeError::new(code::MEMORY, format!("cannot write [{addr:#x}, +{len}): {e}")))
     }
 
-    /// Copies `len` bytes from `addr`, which must lie in registered memory.
+    /// Copies `len` bytes from `addr`, which must lie in registered memory
+    /// (and, in managed memory, inside one managed buffer). Memory that is
+    /// no longer mapped is an error, not a crash.
     pub fn read_bytes_from_buffer(&self, addr: u64, len: u64) -> TeResult<Vec<u8>> {
         let engine = self.engine()?;
         if len == 0 {
             return Ok(Vec::new());
         }
-        let _pin = engine.registry.pin(addr, len).ok_or_else(|| not_registered(addr, len))?;
+        let _pin = engine.helper_pin(addr, len)?;
         let mut out = vec![0u8; len as usize];
-        // SAFETY: as in write_bytes_to_buffer, for reading.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, out.as_mut_ptr(), len as usize) };
+        crate::mem::probe::read(addr, &mut out)
+            .map_err(|e| TeError::new(code::MEMORY, format!("cannot read [{addr:#x}, +{len}): {e}")))?;
         Ok(out)
     }
 
@@ -641,6 +646,16 @@ impl Drop for TransferEngine {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Refuses memory that is not mapped readable and writable in this
+/// process: registering it would fault the first transfer that touched it.
+fn check_mapped(addr: u64, len: u64) -> TeResult<()> {
+    if len == 0 || addr == 0 {
+        return Ok(()); // the registry names these
+    }
+    crate::mem::probe::check_mapped(addr, len)
+        .map_err(|why| TeError::invalid(format!("cannot register [{addr:#x}, +{len}): {why}")))
 }
 
 fn not_registered(addr: u64, len: u64) -> TeError {
@@ -788,6 +803,25 @@ impl Engine {
     fn publish_after_release(&self) {
         if let Err(e) = self.publish() {
             log::warn!("engine {}: the metadata server still lists released memory: {e}", self.name);
+        }
+    }
+
+    /// Pins `[addr, addr + len)` for a byte helper: inside one registered
+    /// region, and, in managed memory, inside the one buffer that holds
+    /// `addr` (the slab around it is registered whole).
+    fn helper_pin(&self, addr: u64, len: u64) -> TeResult<crate::mem::Pin> {
+        let pin = self.registry.pin(addr, len).ok_or_else(|| not_registered(addr, len))?;
+        match self.managed.lock().unwrap_or_else(|e| e.into_inner()).buffer_at(addr) {
+            None => Ok(pin),
+            Some(Some((start, size))) if addr + len <= start + size => Ok(pin),
+            Some(Some((start, size))) => Err(TeError::new(
+                code::ADDRESS_NOT_REGISTERED,
+                format!("[{addr:#x}, +{len}) runs past the managed buffer [{start:#x}, +{size})"),
+            )),
+            Some(None) => Err(TeError::new(
+                code::ADDRESS_NOT_REGISTERED,
+                format!("{addr:#x} is managed memory that no allocated buffer holds"),
+            )),
         }
     }
 

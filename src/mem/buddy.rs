@@ -103,6 +103,17 @@ impl Buddy {
         Ok(())
     }
 
+    /// The allocated block holding `offset`: `(start, requested length)`.
+    pub fn block_at(&self, offset: u64) -> Option<(u64, u64)> {
+        (MIN_ORDER..=self.max_order).find_map(|order| {
+            let start = offset & !((1u64 << order) - 1);
+            match self.used.get(&start) {
+                Some(&(o, len)) if o == order && offset < start + len => Some((start, len)),
+                _ => None,
+            }
+        })
+    }
+
     /// The largest block that could be allocated now.
     pub fn largest_free(&self) -> u64 {
         (MIN_ORDER..=self.max_order)
@@ -140,6 +151,19 @@ mod tests {
         assert!(b.is_empty());
         assert_eq!(b.largest_free(), 1 << 20, "every buddy merged");
         assert_eq!(b.alloc(1 << 20), Some(0));
+    }
+
+    #[test]
+    fn the_block_holding_an_offset() {
+        let mut b = Buddy::new(20);
+        let a = b.alloc(10_000).unwrap();
+        let c = b.alloc(100_000).unwrap();
+        assert_eq!(b.block_at(a), Some((a, 10_000)));
+        assert_eq!(b.block_at(a + 9_999), Some((a, 10_000)));
+        assert_eq!(b.block_at(a + 10_000), None, "past the length asked for");
+        assert_eq!(b.block_at(c + 50_000), Some((c, 100_000)));
+        b.free(c, 100_000).unwrap();
+        assert_eq!(b.block_at(c + 50_000), None, "freed");
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! are mapped with MAP_NORESERVE, so only the pages written are backed, and a
 //! slab that empties is returned to the system (all but one).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ pub struct ManagedPool {
     registry: Arc<Registry>,
     slabs: Vec<Slab>,
     /// Dedicated mappings: address -> (requested length, mapped length).
-    large: HashMap<u64, (u64, u64)>,
+    large: BTreeMap<u64, (u64, u64)>,
     drain: Duration,
 }
 
@@ -63,7 +63,7 @@ fn unmap(addr: u64, len: u64) {
 
 impl ManagedPool {
     pub fn new(registry: Arc<Registry>, drain: Duration) -> Self {
-        Self { registry, slabs: Vec::new(), large: HashMap::new(), drain }
+        Self { registry, slabs: Vec::new(), large: BTreeMap::new(), drain }
     }
 
     /// Allocates `len` bytes of registered memory.
@@ -132,6 +132,20 @@ impl ManagedPool {
         Ok(())
     }
 
+    /// Whether `addr` lies in managed memory, and if so the buffer holding
+    /// it: `Some(Some((start, length)))`, or `Some(None)` for managed memory
+    /// no buffer holds (free, or past the length a buffer was asked with).
+    pub fn buffer_at(&self, addr: u64) -> Option<Option<(u64, u64)>> {
+        if let Some((&start, &(len, mapped))) = self.large.range(..=addr).next_back()
+            && addr < start + mapped
+        {
+            return Some((addr < start + len).then_some((start, len)));
+        }
+        let size = 1u64 << SLAB_ORDER;
+        let slab = self.slabs.iter().find(|s| addr >= s.base && addr < s.base + size)?;
+        Some(slab.buddy.block_at(addr - slab.base).map(|(off, len)| (slab.base + off, len)))
+    }
+
     /// Bytes handed out (in block sizes) and slabs mapped.
     pub fn usage(&self) -> (u64, usize) {
         let small: u64 = self.slabs.iter().map(|s| s.buddy.used_bytes()).sum();
@@ -183,6 +197,19 @@ mod tests {
         // Everything merged back: the slab's first 256 MiB block is whole.
         let base = registry.ranges()[0].0;
         assert_eq!(pool.allocate(SMALL_MAX).unwrap(), base);
+    }
+
+    #[test]
+    fn buffer_at_names_the_block_not_the_slab() {
+        let registry = Arc::new(Registry::new());
+        let mut pool = ManagedPool::new(registry, Duration::ZERO);
+        let a = pool.allocate(1 << 20).unwrap();
+        let big = pool.allocate(SMALL_MAX + 5).unwrap();
+        assert_eq!(pool.buffer_at(a + 10), Some(Some((a, 1 << 20))));
+        assert_eq!(pool.buffer_at(a + (1 << 20)), Some(None), "in the slab, in no buffer");
+        assert_eq!(pool.buffer_at(big + SMALL_MAX), Some(Some((big, SMALL_MAX + 5))));
+        assert_eq!(pool.buffer_at(big + SMALL_MAX + 5), Some(None), "the mapping's rounding");
+        assert_eq!(pool.buffer_at(0x1000), None, "not managed memory");
     }
 
     #[test]

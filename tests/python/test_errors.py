@@ -69,3 +69,37 @@ def test_bad_environment_values_fail_initialize(monkeypatch, name, value, accept
     code, message = e.last_error()
     assert code == -1
     assert f"{name}={value!r}".replace("'", '"') in message and accepted in message, message
+
+
+def test_misuse_never_kills_the_process():
+    import ctypes
+    import mmap
+
+    e = TransferEngine()
+    assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    # Not memory of this process: refused, and the helpers fail cleanly.
+    assert e.register_memory(0xDEADBEEF000, 4096) == -1
+    assert "not mapped" in e.last_error()[1]
+    with pytest.raises(ValueError):
+        e.read_bytes_from_buffer(0xDEADBEEF000, 4096)
+    # Registered, then unmapped behind the engine's back: an error, not SIGSEGV.
+    m = mmap.mmap(-1, 8192)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert e.register_memory(addr, 8192) == 0
+    assert e.write_bytes_to_buffer(addr, b"hello", 5) == 0
+    assert e.read_bytes_from_buffer(addr, 5) == b"hello"
+    ctypes.CDLL(None).munmap(ctypes.c_void_p(addr), ctypes.c_size_t(8192))
+    with pytest.raises(ValueError, match="cannot read"):
+        e.read_bytes_from_buffer(addr, 5)
+    assert e.write_bytes_to_buffer(addr, b"x", 1) == -302
+    assert e.unregister_memory(addr) == 0
+    # A managed block is checked as itself, not as the slab around it.
+    block = e.allocate_managed_buffer(1 << 20)
+    assert len(e.read_bytes_from_buffer(block, 1 << 20)) == 1 << 20
+    with pytest.raises(ValueError, match="runs past the managed buffer"):
+        e.read_bytes_from_buffer(block, 2 << 20)
+    assert e.write_bytes_to_buffer(block + (1 << 20) - 1, b"ab", 2) == -3
+    assert e.free_managed_buffer(block, 1 << 20) == 0
+    with pytest.raises(ValueError, match="no allocated buffer"):
+        e.read_bytes_from_buffer(block, 16)
+    e.shutdown()
