@@ -388,6 +388,24 @@ fn poll_hooks_run_every_iteration_and_can_keep_the_shard_awake() {
         rt.call(0, |_| ()).unwrap();
     }
     assert_eq!(polls.load(Ordering::Relaxed), after, "the panicked hook is no longer polled");
+
+    // A hook removed by id is no longer polled.
+    let polls = Arc::new(AtomicUsize::new(0));
+    let p = polls.clone();
+    let id = rt
+        .call(0, move |ctx| ctx.add_poll_hook(Box::new(CountingHook { polls: p, allow_park: true, panic_after: None })))
+        .unwrap();
+    while polls.load(Ordering::Relaxed) == 0 {
+        assert!(Instant::now() < deadline);
+        rt.call(0, |_| ()).unwrap();
+    }
+    rt.call(0, move |ctx| ctx.remove_poll_hook(id)).unwrap();
+    rt.call(0, |_| ()).unwrap();
+    let after = polls.load(Ordering::Relaxed);
+    for _ in 0..50 {
+        rt.call(0, |_| ()).unwrap();
+    }
+    assert_eq!(polls.load(Ordering::Relaxed), after, "the removed hook is no longer polled");
 }
 
 #[test]

@@ -132,18 +132,24 @@ impl Report {
 const SHARDWIRE_SPSC: &str = "shardwire spsc ring";
 const SHARDWIRE_MESH: &str = "shardwire shard->shard tasks";
 const RTRB: &str = "rtrb 0.4 (anchor)";
+#[cfg(feature = "bench-anchors")]
 const ARRAY_QUEUE: &str = "crossbeam ArrayQueue (anchor)";
 const SPINNING: &str = "shard spinning";
 const PARKED_AT_ONCE: &str = "shard parked, woken at once";
 const PARKED: &str = "shard parked for 1 ms";
 const MPSC_HANDOFF: &str = "std mpsc thread hand-off (anchor)";
+#[cfg(feature = "bench-anchors")]
 const RTRB_SPIN_PAIR: &str = "rtrb spinning pair (anchor)";
 const KERNEL_WAKE: &str = "thread blocked in eventfd read (kernel wake floor)";
 
 /// Runs every measurement.
 pub fn run(opts: &Options) -> Report {
     // Interleave the runs so drift on a shared machine hits all alike.
-    let pairs: [(&'static str, PairFn); 3] = [(SHARDWIRE_SPSC, ours), (RTRB, rtrb_pair), (ARRAY_QUEUE, array_queue)];
+    #[cfg(feature = "bench-anchors")]
+    let pairs: Vec<(&'static str, PairFn)> =
+        vec![(SHARDWIRE_SPSC, ours), (RTRB, rtrb_pair), (ARRAY_QUEUE, array_queue)];
+    #[cfg(not(feature = "bench-anchors"))]
+    let pairs: Vec<(&'static str, PairFn)> = vec![(SHARDWIRE_SPSC, ours)];
     let mut runs: Vec<Vec<Duration>> = vec![Vec::new(); pairs.len()];
     for _ in 0..opts.repeats.max(1) {
         for (i, (_, f)) in pairs.iter().enumerate() {
@@ -160,14 +166,15 @@ pub fn run(opts: &Options) -> Report {
         features = f;
     }
     rates.push(rate(SHARDWIRE_MESH, opts.messages, median(&mut mesh_runs)));
-    let round_trips = vec![
+    let mut round_trips = vec![
         RoundTrip { name: SPINNING, latency: shard_round_trip(opts, None) },
         RoundTrip { name: PARKED_AT_ONCE, latency: shard_round_trip(opts, Some(Duration::ZERO)) },
         RoundTrip { name: PARKED, latency: shard_round_trip(opts, Some(Duration::from_millis(1))) },
         RoundTrip { name: MPSC_HANDOFF, latency: mpsc_round_trip(opts) },
-        RoundTrip { name: RTRB_SPIN_PAIR, latency: rtrb_round_trip(opts) },
-        RoundTrip { name: KERNEL_WAKE, latency: eventfd_wake(opts) },
     ];
+    #[cfg(feature = "bench-anchors")]
+    round_trips.push(RoundTrip { name: RTRB_SPIN_PAIR, latency: rtrb_round_trip(opts) });
+    round_trips.push(RoundTrip { name: KERNEL_WAKE, latency: eventfd_wake(opts) });
     Report { cpu_a: opts.cpu_a, cpu_b: opts.cpu_b, ring_features: features, rates, round_trips }
 }
 
@@ -231,11 +238,13 @@ fn ours(opts: &Options) -> Duration {
     pair(opts, move |v| p.push_unchecked(v).is_ok(), move || c.pop())
 }
 
+#[cfg(feature = "bench-anchors")]
 fn rtrb_pair(opts: &Options) -> Duration {
     let (mut p, mut c) = rtrb::RingBuffer::<u64>::new(PAIR_CAPACITY);
     pair(opts, move |v| p.push(v).is_ok(), move || c.pop().ok())
 }
 
+#[cfg(feature = "bench-anchors")]
 fn array_queue(opts: &Options) -> Duration {
     let q = Arc::new(crossbeam_queue::ArrayQueue::<u64>::new(PAIR_CAPACITY));
     let q2 = q.clone();
@@ -381,6 +390,7 @@ fn mpsc_round_trip(opts: &Options) -> Percentiles {
     latency
 }
 
+#[cfg(feature = "bench-anchors")]
 fn rtrb_round_trip(opts: &Options) -> Percentiles {
     let (mut to_worker, mut worker_rx) = rtrb::RingBuffer::<u64>::new(64);
     let (mut to_caller, mut caller_rx) = rtrb::RingBuffer::<u64>::new(64);

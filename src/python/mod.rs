@@ -123,16 +123,19 @@ impl PyEngine {
         }
     }
 
+    /// The value, or, on an error, `fallback` after recording the error
+    /// for `last_error()`: how every method reports a failure.
+    fn value_or<T>(&self, r: TeResult<T>, fallback: T) -> T {
+        r.unwrap_or_else(|e| {
+            self.fail(&e);
+            fallback
+        })
+    }
+
     /// The sync transfer calls collapse every failure to -1, as Mooncake's
     /// Python binding does.
     fn sync_code(&self, r: TeResult<()>) -> i32 {
-        match r {
-            Ok(()) => 0,
-            Err(e) => {
-                self.fail(&e);
-                -1
-            }
-        }
+        self.value_or(r.map(|()| 0), -1)
     }
 
     /// Registers an object's memory for the duration of a call if it is not
@@ -244,13 +247,7 @@ impl PyEngine {
         let raw: Vec<u64> = addrs.iter().map(|a| a.addr).collect();
         let engine = self.inner.clone();
         let result = py.detach(|| engine.batch_transfer_async_lists(target, &raw, &peers, &lengths, opcode));
-        Ok(match result {
-            Ok(id) => id,
-            Err(e) => {
-                self.fail(&e);
-                0
-            }
-        })
+        Ok(self.value_or(result, 0))
     }
 }
 
@@ -321,13 +318,7 @@ impl PyEngine {
     }
 
     fn allocate_managed_buffer(&self, length: u64) -> u64 {
-        match self.inner.allocate_managed_buffer(length) {
-            Ok(a) => a,
-            Err(e) => {
-                self.fail(&e);
-                0
-            }
-        }
+        self.value_or(self.inner.allocate_managed_buffer(length), 0)
     }
 
     fn free_managed_buffer(&self, buffer_addr: u64, length: u64) -> i32 {
@@ -336,13 +327,7 @@ impl PyEngine {
 
     fn get_first_buffer_address(&self, py: Python<'_>, segment_name: &str) -> u64 {
         let e = self.inner.clone();
-        match py.detach(|| e.get_first_buffer_address(segment_name)) {
-            Ok(a) => a,
-            Err(err) => {
-                self.fail(&err);
-                0
-            }
-        }
+        self.value_or(py.detach(|| e.get_first_buffer_address(segment_name)), 0)
     }
 
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
@@ -516,13 +501,7 @@ impl PyEngine {
     /// 1 done, 0 pending, -1 failed (or a bogus id), -2 timed out. A finished
     /// batch's id is freed.
     fn transfer_check_status(&self, batch_id: u64) -> i32 {
-        match self.inner.transfer_check_status(batch_id) {
-            Ok(s) => s.code(),
-            Err(e) => {
-                self.fail(&e);
-                -1
-            }
-        }
+        self.value_or(self.inner.transfer_check_status(batch_id).map(BatchState::code), -1)
     }
 
     /// Blocks until every batch completes (0), or one fails or times out
@@ -537,13 +516,8 @@ impl PyEngine {
     /// waiting and without freeing any id (beyond Mooncake, whose
     /// `get_batch_transfer_status` blocks).
     fn get_batch_transfer_status_nowait(&self, batch_ids: Vec<u64>) -> Vec<i32> {
-        match self.inner.batch_states(&batch_ids) {
-            Ok(states) => states.into_iter().map(state_code).collect(),
-            Err(e) => {
-                self.fail(&e);
-                vec![-1; batch_ids.len()]
-            }
-        }
+        let states = self.inner.batch_states(&batch_ids).map(|s| s.into_iter().map(state_code).collect());
+        self.value_or(states, vec![-1; batch_ids.len()])
     }
 
     /// Frees the ids of batches that have finished (after `_nowait`).
@@ -590,13 +564,9 @@ impl PyEngine {
     }
 
     fn get_notifies(&self) -> Vec<PyNotify> {
-        match self.inner.get_notifies() {
-            Ok(n) => n.into_iter().map(|n| PyNotify { name: n.name, msg: n.msg }).collect(),
-            Err(e) => {
-                self.fail(&e);
-                Vec::new()
-            }
-        }
+        let notes =
+            self.inner.get_notifies().map(|n| n.into_iter().map(|n| PyNotify { name: n.name, msg: n.msg }).collect());
+        self.value_or(notes, Vec::new())
     }
 
     fn send_probe(&self, py: Python<'_>, peer: &str) -> i32 {
@@ -657,12 +627,8 @@ impl PyEngine {
         let op = opcode_of(opcode)?;
         let raw: Vec<u64> = addresses(buffers, op == Opcode::Read)?.iter().map(|a| a.addr).collect();
         let fd = self.completion_fd()?;
-        let requests: Vec<TransferRequest> = match zip(&raw, &peer_buffer_addresses, &lengths, op) {
-            Ok(r) => r,
-            Err(e) => {
-                self.fail(&e);
-                return Ok(0);
-            }
+        let Some(requests) = self.value_or(zip(&raw, &peer_buffer_addresses, &lengths, op).map(Some), None) else {
+            return Ok(0);
         };
         let e = self.inner.clone();
         let hook: engine::batch::SettleHook = Box::new(move || {
@@ -671,13 +637,7 @@ impl PyEngine {
             // keeps open.
             unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         });
-        Ok(match py.detach(|| e.batch_transfer_async_hooked(target_hostname, &requests, Some(hook))) {
-            Ok(id) => id,
-            Err(err) => {
-                self.fail(&err);
-                0
-            }
-        })
+        Ok(self.value_or(py.detach(|| e.batch_transfer_async_hooked(target_hostname, &requests, Some(hook))), 0))
     }
 
     /// The eventfd that becomes readable when a `_submit_notified` batch

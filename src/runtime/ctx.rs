@@ -18,7 +18,7 @@ use super::spsc::{Producer, PushError};
 use super::stats::ShardStats;
 use super::task::Task;
 use super::timer::{TimerId, Timers};
-use super::uring::{self, Completion, INTERNAL_USER_DATA, OpId, OpTable, RingFeatures};
+use super::uring::{self, Completion, INTERNAL_USER_DATA, OpId, OpTable};
 
 /// The context of a running shard, passed to every job and callback.
 pub struct ShardCtx {
@@ -33,7 +33,6 @@ pub struct ShardCtx {
     pub(crate) timers: Timers,
     pub(crate) ops: OpTable,
     pub(crate) ring: IoUring,
-    pub(crate) features: RingFeatures,
     pub(crate) hook_changes: Vec<HookChange>,
     pub(crate) next_hook_id: u64,
     pub(crate) locals: HashMap<TypeId, Box<dyn Any>>,
@@ -48,11 +47,6 @@ impl ShardCtx {
         self.id
     }
 
-    /// How many shards the runtime has.
-    pub fn shard_count(&self) -> usize {
-        self.peers.len()
-    }
-
     /// The loop's clock, read once per iteration.
     pub fn now(&self) -> Instant {
         self.now
@@ -62,11 +56,6 @@ impl ShardCtx {
     /// drain see true).
     pub fn is_stopping(&self) -> bool {
         self.stopping
-    }
-
-    /// The io_uring set-up this shard got.
-    pub fn ring_features(&self) -> RingFeatures {
-        self.features
     }
 
     /// The counters so far.
@@ -222,12 +211,6 @@ impl ShardCtx {
     /// Operations in flight.
     pub fn ops_in_flight(&self) -> usize {
         self.ops.in_flight()
-    }
-
-    /// The ring itself, for registrations (buffers, files). Submitting on it
-    /// directly would bypass the operation table; use `submit_op`.
-    pub fn uring(&self) -> &IoUring {
-        &self.ring
     }
 
     /// Adds a poll hook; it is polled from the next loop iteration on.

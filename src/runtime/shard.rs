@@ -147,7 +147,6 @@ pub(crate) fn run(seed: ShardSeed) -> ShardReport {
         timers: Timers::new(seed.config.timers_max),
         ops: OpTable::new(seed.config.ops_max),
         ring,
-        features,
         hook_changes: Vec::new(),
         next_hook_id: 0,
         locals: Default::default(),
