@@ -1016,3 +1016,59 @@ fn panicking_user_code_fails_its_object_not_the_stream_machinery() {
     assert_eq!(log.len(), 3);
     assert!(log.iter().any(|(n, e)| n == "bomb" && e.is_some()));
 }
+
+/// Readers are read on the sending thread, never on the shard: a reader
+/// that blocks holds up its own object, while another stream on the same
+/// (single) shard runs to its end.
+#[test]
+fn a_blocked_reader_does_not_stall_the_shard() {
+    use shardwire::runtime::{Runtime, RuntimeConfig};
+    let rx = receiver();
+    let c = collect(&rx, "slow");
+    let fast = collect(&rx, "fast");
+    let rt = Arc::new(Runtime::start(RuntimeConfig::new(1)).unwrap());
+
+    /// Gives 100 KiB, then blocks until told to go on, then gives the rest.
+    /// Not told within 30 s (the shard stalled, so the other stream never
+    /// finished and nobody told it), it fails, and so does this test.
+    struct Gate {
+        given: usize,
+        go: std::sync::mpsc::Receiver<()>,
+    }
+    impl Read for Gate {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            if self.given == 100 << 10 && self.go.recv_timeout(Duration::from_secs(30)).is_err() {
+                return Err(std::io::Error::other("nobody opened the gate"));
+            }
+            let n = buf.len().min((300 << 10) - self.given).min((100 << 10) - self.given % (100 << 10));
+            buf[..n].fill(7);
+            self.given += n;
+            Ok(n)
+        }
+    }
+    let (go, gate) = std::sync::mpsc::channel();
+    let slow = Arc::new(Stream::with_runtime(rt.clone(), &rx.url(), "slow", StreamOptions::default()).unwrap());
+    let s = slow.clone();
+    let sender = std::thread::spawn(move || {
+        s.send(ObjHdr::new("b", "gated", 300 << 10), Body::Reader(Box::new(Gate { given: 0, go: gate }))).unwrap();
+    });
+    wait_for("the gated reader to block", Duration::from_secs(10), || slow.stats().offset > 0);
+
+    let other = Stream::with_runtime(rt.clone(), &rx.url(), "fast", StreamOptions::default()).unwrap();
+    for i in 0..50 {
+        other.send(ObjHdr::new("b", &format!("f{i}"), 1000), vec![i as u8; 1000]).unwrap();
+    }
+    assert_eq!(other.fin(), Termination::EndOfStream, "the other stream on the shard completes");
+    assert_eq!(fast.got.lock().unwrap().len(), 50);
+    assert!(c.got.lock().unwrap().is_empty(), "the gated object is still being read");
+
+    go.send(()).unwrap();
+    sender.join().unwrap();
+    assert_eq!(slow.fin(), Termination::EndOfStream);
+    let got = c.got.lock().unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, vec![7u8; 300 << 10]);
+    drop(got);
+    drop(slow);
+    rt.shutdown();
+}

@@ -1,6 +1,7 @@
-//! A whole HTTP/1.1 response, as read to EOF from a `Connection: close`
-//! request: status, headers (through `httparse`) and the body, framed by
-//! `Content-Length`, chunked encoding, or the end of the bytes.
+//! HTTP/1.1 responses as a client reads them: the head (through
+//! `httparse`), and the body framed by `Content-Length`, chunked encoding,
+//! or the end of the connection. [`take`] reads one response from bytes
+//! that keep arriving (keep-alive), [`parse`] a whole one read to EOF.
 
 use super::{HttpError, chunked};
 
@@ -14,50 +15,157 @@ pub struct Response {
     pub body: Vec<u8>,
 }
 
-/// Parses a complete response. `body_max` bounds the decoded body.
-pub fn parse(raw: &[u8], body_max: usize) -> Result<Response, HttpError> {
+/// How a response's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// None at all (1xx, 204, 304).
+    Empty,
+    Length(usize),
+    Chunked,
+    /// To the end of the connection.
+    ToEof,
+}
+
+/// A response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    pub status: u16,
+    pub framing: Framing,
+    /// `Connection: close`: the server closes after this response.
+    pub close: bool,
+    /// Bytes of the head.
+    pub len: usize,
+}
+
+/// The head at the start of `raw`, once it is complete.
+pub fn parse_head(raw: &[u8]) -> Result<Option<Head>, HttpError> {
     let mut headers = [httparse::EMPTY_HEADER; HEADERS_MAX];
     let mut head = httparse::Response::new(&mut headers);
-    let head_len = match head.parse(raw) {
+    let len = match head.parse(raw) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(HttpError::IncompleteHead),
+        Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(HttpError::Head(e.to_string())),
     };
     let status = head.code.ok_or_else(|| HttpError::Head("no status code".into()))?;
-    let mut chunked_body = false;
+    let mut chunked = false;
     let mut length: Option<usize> = None;
+    let mut close = head.version == Some(0);
     for h in head.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Head(format!("{} is not text", h.name)))?;
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            chunked_body = std::str::from_utf8(h.value)
-                .map(|v| v.rsplit(',').next().unwrap_or("").trim().eq_ignore_ascii_case("chunked"))
-                .unwrap_or(false);
+            chunked = value.rsplit(',').next().unwrap_or("").trim().eq_ignore_ascii_case("chunked");
         } else if h.name.eq_ignore_ascii_case("content-length") {
-            let n = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .ok_or_else(|| HttpError::Head("bad Content-Length".into()))?;
+            let n = value.trim().parse::<usize>().map_err(|_| HttpError::Head("bad Content-Length".into()))?;
             if length.is_some_and(|m| m != n) {
                 return Err(HttpError::Head("conflicting Content-Length fields".into()));
             }
             length = Some(n);
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let v = value.to_ascii_lowercase();
+            close = v.contains("close") || (close && !v.contains("keep-alive"));
         }
     }
-    let rest = &raw[head_len..];
-    let body = if chunked_body {
-        chunked::decode_all(rest, body_max)?
+    let framing = if (100..200).contains(&status) || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
     } else {
-        let n = length.unwrap_or(rest.len());
-        if n > body_max {
-            return Err(HttpError::TooLarge(body_max));
-        }
-        rest.get(..n).ok_or(HttpError::Truncated("body shorter than its Content-Length"))?.to_vec()
+        length.map_or(Framing::ToEof, Framing::Length)
     };
-    Ok(Response { status, body })
+    Ok(Some(Head { status, framing, close, len }))
+}
+
+/// Parses a complete response (as read to EOF). `body_max` bounds the
+/// decoded body.
+pub fn parse(raw: &[u8], body_max: usize) -> Result<Response, HttpError> {
+    match take(raw, true, body_max)? {
+        Some((head, body, _)) => Ok(Response { status: head.status, body }),
+        None => Err(HttpError::IncompleteHead),
+    }
+}
+
+/// Takes one response from the front of `raw`, if it is all there: its
+/// head, its decoded body, and the bytes it used. `at_eof` says the
+/// connection has ended (a body framed by the end is then complete).
+pub fn take(raw: &[u8], at_eof: bool, body_max: usize) -> Result<Option<(Head, Vec<u8>, usize)>, HttpError> {
+    let Some(head) = parse_head(raw)? else {
+        return if at_eof && !raw.is_empty() { Err(HttpError::IncompleteHead) } else { Ok(None) };
+    };
+    let rest = &raw[head.len..];
+    match head.framing {
+        Framing::Empty => Ok(Some((head, Vec::new(), head.len))),
+        Framing::Length(n) => {
+            if n > body_max {
+                return Err(HttpError::TooLarge(body_max));
+            }
+            match rest.get(..n) {
+                Some(body) => Ok(Some((head, body.to_vec(), head.len + n))),
+                None if at_eof => Err(HttpError::Truncated("body shorter than its Content-Length")),
+                None => Ok(None),
+            }
+        }
+        Framing::ToEof if at_eof => {
+            if rest.len() > body_max {
+                return Err(HttpError::TooLarge(body_max));
+            }
+            Ok(Some((head, rest.to_vec(), raw.len())))
+        }
+        Framing::ToEof => {
+            if rest.len() > body_max {
+                return Err(HttpError::TooLarge(body_max));
+            }
+            Ok(None)
+        }
+        Framing::Chunked => {
+            let mut decoder = chunked::Decoder::new();
+            let (mut used, mut body) = (0, Vec::new());
+            loop {
+                let (n, step) = decoder.step(&rest[used..])?;
+                used += n;
+                match step {
+                    chunked::Step::Data(d) => {
+                        if body.len() + d.len() > body_max {
+                            return Err(HttpError::TooLarge(body_max));
+                        }
+                        body.extend_from_slice(d);
+                    }
+                    chunked::Step::Done => return Ok(Some((head, body, head.len + used))),
+                    chunked::Step::NeedMore if at_eof => return Err(HttpError::Truncated("chunked body")),
+                    chunked::Step::NeedMore => return Ok(None),
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_are_taken_one_at_a_time_as_bytes_arrive() {
+        let two =
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nokNEXT";
+        for cut in 0..two.len() {
+            let r = take(&two[..cut], false, 64).unwrap();
+            if cut < 25 {
+                assert!(r.is_none(), "cut {cut}");
+            }
+        }
+        let (h, body, used) = take(two, false, 64).unwrap().unwrap();
+        assert_eq!((h.status, h.framing, body.len(), used), (100, Framing::Empty, 0, 25));
+        let (h, body, used) = take(&two[25..], false, 64).unwrap().unwrap();
+        assert_eq!((h.status, h.close, body.as_slice()), (200, true, &b"ok"[..]));
+        assert_eq!(&two[25 + used..], b"NEXT");
+        // Framed by the end: complete only at EOF.
+        let to_eof = b"HTTP/1.1 400 Bad\r\n\r\n{\"m\":1}";
+        assert_eq!(take(to_eof, false, 64).unwrap(), None);
+        assert_eq!(take(to_eof, true, 64).unwrap().unwrap().1, b"{\"m\":1}");
+        assert!(take(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nab", true, 64).is_err());
+        assert!(take(b"HTTP/1.1 200", true, 64).is_err(), "a head cut by the end");
+        assert_eq!(take(b"", true, 64).unwrap(), None);
+        assert!(parse_head(b"HTTP/1.0 200 OK\r\n\r\n").unwrap().unwrap().close, "1.0 closes by default");
+    }
 
     #[test]
     fn frames_bodies() {

@@ -15,6 +15,8 @@
 //! - [`stats`]: per-stream and per-endpoint figures.
 
 pub mod bundle;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod pipe;
 pub mod rx;
 pub mod stats;

@@ -2,42 +2,93 @@
 //! one HTTP chunk holding the frames of as many queued objects as fit, and
 //! the body's end when the request ends.
 //!
-//! Object bytes given as [`Body::Bytes`] are not copied: the batch points at
-//! them (and holds their `Arc` until the send completes). Readers are read
-//! into a staging buffer, a piece at a time, and reads never go past the
-//! declared size. With LZ4, everything in the chunk is compressed, and a
-//! block ends at every object's end.
+//! Object bytes are not copied: the batch points at them (and holds their
+//! `Arc` until the send completes), whether they came as
+//! [`Body::Bytes`] or as the chunks the sending thread read from a
+//! [`Body::Reader`] (readers are never read on the shard). With LZ4,
+//! everything in the chunk is compressed, and a block ends at every
+//! object's end. Nothing here does I/O: the driver sends [`Batch::pieces`].
 
+use std::collections::VecDeque;
 use std::io::Read;
 use std::sync::Arc;
 
 use super::Outgoing;
 use crate::proto::objstream::frame::{self, MAX_PDU_PAYLOAD};
 use crate::proto::objstream::lz4::{self, BlockSize};
-use crate::transport::tcp::iov::{IOV_MAX, IoVecs};
 
-/// Object bytes per send, once [`BATCH_OBJECTS_MIN`] objects are in: large
-/// objects go out in pieces this big. Small sends keep the bytes between
-/// the two copies (into the socket, out of it) in cache: measured on
-/// loopback, 1 MiB objects ran at 3.8 GB/s with 4 MiB sends and 4.6-5.6
-/// with 128 KiB ones.
-pub const BATCH_BYTES: usize = 128 << 10;
+/// The most pieces one send takes (the kernel's IOV_MAX).
+pub const IOV_MAX: usize = 1024;
 
 /// Objects a batch may start on before the byte limit applies: small
 /// objects cost per send, not per byte.
 pub const BATCH_OBJECTS_MIN: usize = 256;
-/// The most object bytes one send carries by default, whatever the object
-/// count, and the largest piece of one object in a send: a send then
-/// completes within the send timeout on any link that moves.
-pub const BATCH_BYTES_MAX: usize = 4 << 20;
-/// Most bytes read from a reader per piece.
+/// Most bytes the sending thread reads from a reader per chunk.
 pub const STAGE_BYTES: usize = 256 << 10;
 
-/// An object's bytes: none, bytes in memory, or a reader.
+/// An object's bytes: none, bytes in memory, or a reader (read on the
+/// thread that sends the object, never on the shard).
 pub enum Body {
     Empty,
     Bytes(Arc<[u8]>),
     Reader(Box<dyn Read + Send>),
+}
+
+/// An object's bytes as the shard holds them.
+pub enum Payload {
+    Empty,
+    Bytes(Arc<[u8]>),
+    /// Chunks read by the sending thread, arriving as it reads them.
+    Streamed(Streamed),
+}
+
+/// The chunks of a reader's bytes that have arrived.
+#[derive(Debug, Default)]
+pub struct Streamed {
+    /// The object's number in its stream, which chunks are addressed by.
+    pub seq: u64,
+    chunks: VecDeque<Arc<[u8]>>,
+    /// Bytes of the front chunk already framed.
+    at: usize,
+    /// The reader reached its end.
+    pub ended: bool,
+    /// The reader failed.
+    pub error: Option<String>,
+}
+
+/// What the sending thread reports of a reader.
+#[derive(Debug)]
+pub enum Chunk {
+    Data(Arc<[u8]>),
+    End,
+    Failed(String),
+}
+
+impl Streamed {
+    pub fn new(seq: u64) -> Self {
+        Self { seq, ..Self::default() }
+    }
+
+    /// Takes what the sending thread reported.
+    pub fn give(&mut self, chunk: Chunk) {
+        match chunk {
+            Chunk::Data(d) if !d.is_empty() => self.chunks.push_back(d),
+            Chunk::Data(_) => {}
+            Chunk::End => self.ended = true,
+            Chunk::Failed(e) => self.error = Some(e),
+        }
+    }
+
+    /// Bytes arrived and not yet framed.
+    fn available(&self) -> usize {
+        self.chunks.iter().map(|c| c.len()).sum::<usize>() - self.at
+    }
+
+    /// Bytes still held (for the sending thread's budget, when the object
+    /// goes).
+    pub fn held(&self) -> usize {
+        self.chunks.iter().map(|c| c.len()).sum()
+    }
 }
 
 impl std::fmt::Debug for Body {
@@ -80,8 +131,9 @@ pub struct Batch {
     pub object_bytes: u64,
     /// Bytes of request body carried (the stream offset).
     pub body_bytes: u64,
-    /// The iovecs, built by [`Batch::iovecs`].
-    iov: IoVecs,
+    /// Bytes of streamed chunks framed whole (they leave the sending
+    /// thread's budget once this batch is sent).
+    pub chunk_bytes: usize,
 }
 
 /// What the stream needs to frame a batch.
@@ -98,8 +150,15 @@ pub struct Framing<'a> {
     /// queued object.
     pub end_body: bool,
     /// Object bytes after which a batch of [`BATCH_OBJECTS_MIN`] objects
-    /// or more ends, and after which any batch ends.
+    /// or more ends (`SHARDWIRE_STREAM_BATCH`): large objects go out in
+    /// pieces this big. Small sends keep the bytes between the two copies
+    /// (into the socket, out of it) in cache: measured on loopback, 1 MiB
+    /// objects ran at 3.8 GB/s with 4 MiB sends and 4.6-5.6 with 128 KiB.
     pub batch_bytes: usize,
+    /// Object bytes after which any batch ends, whatever the object count
+    /// (`SHARDWIRE_STREAM_BATCH_MAX`), and the largest piece of one object
+    /// in a send: a send then completes within the send timeout on any
+    /// link that moves.
     pub batch_bytes_max: usize,
 }
 
@@ -116,14 +175,8 @@ impl Batch {
     /// Frames the front of `queue`. Returns the batch and, if an object
     /// failed (a reader error or short read), which one.
     pub fn build(queue: &mut [Outgoing], f: &Framing<'_>) -> (Batch, Option<ObjFailure>) {
-        let mut b = Batch {
-            owned: Vec::new(),
-            segs: Vec::new(),
-            completes: 0,
-            object_bytes: 0,
-            body_bytes: 0,
-            iov: IoVecs::new(),
-        };
+        let mut b =
+            Batch { owned: Vec::new(), segs: Vec::new(), completes: 0, object_bytes: 0, body_bytes: 0, chunk_bytes: 0 };
         if let Some(head) = f.head {
             b.push_owned(head);
         }
@@ -215,8 +268,8 @@ impl Batch {
             let cap = f.pdu.map_or(usize::MAX, |p| p.min(MAX_PDU_PAYLOAD));
             let want = left.min(cap).min(f.batch_bytes_max.saturating_sub(*started).max(1));
             let piece = match &mut o.body {
-                Body::Empty => return Err(format!("object {} has size {size} and no body", o.hdr.name)),
-                Body::Bytes(bytes) => {
+                Payload::Empty => return Err(format!("object {} has size {size} and no body", o.hdr.name)),
+                Payload::Bytes(bytes) => {
                     let from = o.sent as usize;
                     let n = want.min(bytes.len().saturating_sub(from));
                     if n == 0 && size >= 0 && left > 0 {
@@ -224,29 +277,46 @@ impl Batch {
                     }
                     Piece::Shared(bytes.clone(), from, n)
                 }
-                Body::Reader(r) => {
-                    let mut buf = vec![0u8; want.min(STAGE_BYTES)];
-                    let n = read_full(r.as_mut(), &mut buf).map_err(|e| format!("object {}: read: {e}", o.hdr.name))?;
-                    if n < buf.len() && size >= 0 {
+                Payload::Streamed(st) => {
+                    if let Some(e) = &st.error {
+                        return Err(format!("object {}: read: {e}", o.hdr.name));
+                    }
+                    let available = st.available();
+                    if available == 0 && !st.ended {
+                        return Ok(false); // the sending thread has not read more yet
+                    }
+                    if available == 0 && size >= 0 && left > 0 {
                         return Err(format!(
                             "object {}: the reader ended after {} of {size} bytes",
-                            o.hdr.name,
-                            o.sent + n as u64
+                            o.hdr.name, o.sent
                         ));
                     }
-                    buf.truncate(n);
-                    Piece::Owned(buf)
+                    match st.chunks.front().cloned() {
+                        None => Piece::Owned(Vec::new()),
+                        Some(front) => {
+                            let n = want.min(front.len() - st.at);
+                            let piece = Piece::Shared(front.clone(), st.at, n);
+                            st.at += n;
+                            if st.at == front.len() {
+                                st.chunks.pop_front();
+                                st.at = 0;
+                                self.chunk_bytes += front.len();
+                            }
+                            piece
+                        }
+                    }
                 }
             };
             let n = piece.len();
             o.sent += n as u64;
             *started += n;
             self.object_bytes += n as u64;
-            let last = match f.pdu {
-                // Unsized: the last PDU is the first short (or empty) one.
-                Some(_) if size < 0 => n < want,
-                Some(_) => o.sent == size as u64,
-                None => o.sent == size as u64,
+            let last = match (&o.body, f.pdu) {
+                // Unsized: the last PDU is the one after which the reader
+                // has ended and nothing is left.
+                (Payload::Streamed(st), Some(_)) if size < 0 => st.ended && st.available() == 0,
+                (_, Some(_)) if size < 0 => n < want,
+                _ => o.sent == size as u64,
             };
             if f.pdu.is_some() {
                 self.push_owned(&frame::pdu_header(n, last));
@@ -285,19 +355,17 @@ impl Batch {
         *from = self.segs.len();
     }
 
-    /// The iovecs over the batch's bytes, for one or more sendmsg calls.
-    pub fn iovecs(&mut self) -> &mut IoVecs {
-        if self.iov.is_empty() {
-            let mut iov = IoVecs::with_capacity(self.segs.len());
-            for s in &self.segs {
-                match s {
-                    Seg::Owned(at, n) => iov.push(self.owned[*at..].as_ptr(), *n),
-                    Seg::Shared(a, at, n) => iov.push(a[*at..].as_ptr(), *n),
-                }
-            }
-            self.iov = iov;
-        }
-        &mut self.iov
+    /// The batch's bytes as `(pointer, length)` pieces, in order. They stay
+    /// valid while the batch lives: its own buffer, and the `Arc`s it holds.
+    pub fn pieces(&self) -> Vec<(*const u8, usize)> {
+        self.segs
+            .iter()
+            .filter(|s| s.len() > 0)
+            .map(|s| match s {
+                Seg::Owned(at, n) => (self.owned[*at..].as_ptr(), *n),
+                Seg::Shared(a, at, n) => (a[*at..].as_ptr(), *n),
+            })
+            .collect()
     }
 
     /// Every byte of the batch, in order.
@@ -340,6 +408,42 @@ impl Piece {
     }
 }
 
+/// Reads `r` as the sending thread does: at most `size` bytes (until its
+/// end, when `size` is -1, unsized), [`STAGE_BYTES`] a chunk, each handed
+/// to `give`; then `End`, or `Failed` if the reader failed or ended short.
+/// Stops early when `give` returns false (the stream ended).
+pub fn read_chunks(r: &mut dyn Read, size: i64, mut give: impl FnMut(Chunk) -> bool) {
+    let mut sent = 0u64;
+    loop {
+        let want = if size < 0 { STAGE_BYTES } else { (size as u64 - sent).min(STAGE_BYTES as u64) as usize };
+        if want == 0 {
+            give(Chunk::End);
+            return;
+        }
+        let mut buf = vec![0u8; want];
+        let n = match read_full(r, &mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                give(Chunk::Failed(e.to_string()));
+                return;
+            }
+        };
+        buf.truncate(n);
+        sent += n as u64;
+        if n > 0 && !give(Chunk::Data(buf.into())) {
+            return;
+        }
+        if n < want {
+            give(if size < 0 {
+                Chunk::End
+            } else {
+                Chunk::Failed(format!("the reader ended after {sent} of {size} bytes"))
+            });
+            return;
+        }
+    }
+}
+
 /// Reads until `buf` is full or the reader ends. A reader that panics is
 /// an error of its object, not of the shard.
 fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -365,10 +469,28 @@ fn read_full_inner(r: &mut dyn Read, buf: &mut [u8]) -> std::io::Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Settings;
     use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing as BodyFraming, ObjHdr, SIZE_UNKNOWN};
 
+    /// What the shard holds for `body` once the sending thread read it all.
+    fn payload(body: Body, size: i64) -> Payload {
+        match body {
+            Body::Empty => Payload::Empty,
+            Body::Bytes(b) => Payload::Bytes(b),
+            Body::Reader(mut r) => {
+                let mut st = Streamed::new(1);
+                read_chunks(r.as_mut(), size, |c| {
+                    st.give(c);
+                    true
+                });
+                Payload::Streamed(st)
+            }
+        }
+    }
+
     fn out(hdr: ObjHdr, body: Body) -> Outgoing {
-        Outgoing { hdr, body, cb: None, started: false, sent: 0, failed: None }
+        let size = hdr.attrs.size;
+        Outgoing { hdr, body: payload(body, size), cb: None, started: false, sent: 0, failed: None }
     }
 
     /// Frames the queue in batches until empty; returns the request bytes
@@ -385,8 +507,8 @@ mod tests {
                 max_header: 4096,
                 fin: true,
                 end_body: true,
-                batch_bytes: BATCH_BYTES,
-                batch_bytes_max: BATCH_BYTES_MAX,
+                batch_bytes: Settings::default().stream_batch_bytes,
+                batch_bytes_max: Settings::default().stream_batch_bytes_max,
             };
             let (b, failure) = Batch::build(&mut queue, &f);
             assert!(failure.is_none());
@@ -474,8 +596,8 @@ mod tests {
             max_header: 4096,
             fin: false,
             end_body: false,
-            batch_bytes: BATCH_BYTES,
-            batch_bytes_max: BATCH_BYTES_MAX,
+            batch_bytes: Settings::default().stream_batch_bytes,
+            batch_bytes_max: Settings::default().stream_batch_bytes_max,
         };
         let (b, failure) = Batch::build(&mut q, &f);
         let failure = failure.expect("the short reader fails");

@@ -11,7 +11,8 @@
 //! Back-pressure: at most `burst` objects may be queued or in flight; past
 //! that, `send` blocks until completions make room.
 
-mod batch;
+pub(crate) mod batch;
+pub(crate) mod conn;
 mod shard;
 
 use std::fmt;
@@ -20,6 +21,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 pub use batch::Body;
+use batch::{Chunk, Payload, Streamed};
 
 use super::stats::{Stats, TxCounters};
 use crate::config::Settings;
@@ -157,7 +159,7 @@ impl fmt::Debug for StreamOptions {
 /// An object waiting to be sent, or being sent.
 pub(crate) struct Outgoing {
     pub hdr: ObjHdr,
-    pub body: Body,
+    pub body: Payload,
     pub cb: Option<ObjCallback>,
     /// The header is on the wire.
     pub started: bool,
@@ -190,12 +192,51 @@ pub(crate) struct TxShared {
     /// Objects queued or in flight.
     outstanding: Mutex<usize>,
     room: Condvar,
+    /// Bytes read from readers and not yet sent (the sending threads wait
+    /// while this is at [`STREAMED_BYTES_MAX`]).
+    streamed: Mutex<usize>,
+    streamed_room: Condvar,
+    /// Numbers streamed objects, so their chunks find them.
+    next_seq: AtomicU64,
     pub counters: Mutex<TxCounters>,
     term: Mutex<Option<Termination>>,
     termed: Condvar,
 }
 
+/// Bytes of one stream read from readers and waiting to be sent, at most.
+pub const STREAMED_BYTES_MAX: usize = 4 << 20;
+
 impl TxShared {
+    /// Waits (up to the send timeout) until `n` more streamed bytes fit.
+    fn take_streamed(&self, n: usize) -> Result<(), StreamError> {
+        let deadline = Instant::now() + self.options.send_timeout;
+        let mut held = self.streamed.lock().expect("streamed lock");
+        while *held > 0 && *held + n > STREAMED_BYTES_MAX {
+            if let Some(t) = self.termination() {
+                return Err(StreamError::Terminated(Box::new(term_error(t))));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let e = format!("the stream took no bytes for {:?}", self.options.send_timeout);
+                return Err(StreamError::Network(e));
+            }
+            held = self
+                .streamed_room
+                .wait_timeout(held, (deadline - now).min(Duration::from_millis(100)))
+                .expect("streamed lock")
+                .0;
+        }
+        *held += n;
+        Ok(())
+    }
+
+    /// `n` streamed bytes left the shard.
+    pub(crate) fn release_streamed(&self, n: usize) {
+        let mut held = self.streamed.lock().expect("streamed lock");
+        *held = held.saturating_sub(n);
+        self.streamed_room.notify_all();
+    }
+
     /// Frees one burst slot.
     pub(crate) fn release(&self, n: usize) {
         let mut o = self.outstanding.lock().expect("burst lock");
@@ -210,6 +251,7 @@ impl TxShared {
         }
         self.termed.notify_all();
         self.room.notify_all();
+        self.streamed_room.notify_all();
     }
 
     pub(crate) fn termination(&self) -> Option<Termination> {
@@ -277,6 +319,9 @@ impl Stream {
             options,
             outstanding: Mutex::new(0),
             room: Condvar::new(),
+            streamed: Mutex::new(0),
+            streamed_room: Condvar::new(),
+            next_seq: AtomicU64::new(1),
             counters: Mutex::new(TxCounters::new(Instant::now())),
             term: Mutex::new(None),
             termed: Condvar::new(),
@@ -345,17 +390,62 @@ impl Stream {
             }
             *o += 1;
         }
-        let obj = Outgoing { hdr, body, cb, started: false, sent: 0, failed: None };
+        let size = hdr.attrs.size;
+        let (payload, reader) = match body {
+            Body::Empty => (Payload::Empty, None),
+            Body::Bytes(b) => (Payload::Bytes(b), None),
+            Body::Reader(r) => {
+                let seq = s.next_seq.fetch_add(1, Ordering::Relaxed);
+                (Payload::Streamed(Streamed::new(seq)), Some((seq, r)))
+            }
+        };
+        let obj = Outgoing { hdr, body: payload, cb, started: false, sent: 0, failed: None };
         let shared = s.clone();
-        let r = s.runtime.submit(s.shard, move |ctx| shard::enqueue(ctx, &shared, obj));
-        if let Err(e) = r {
-            // The closure (and the object in it) was dropped without a
-            // completion: the runtime is gone.
-            self.shared.release(1);
-            self.shared.terminate(Termination::Error(StreamError::Network(format!("the runtime is gone: {e}"))));
-            return Err(StreamError::Network(e.to_string()));
+        if let Err(e) = s.runtime.submit(s.shard, move |ctx| shard::enqueue(ctx, &shared, obj)) {
+            return Err(self.runtime_gone(e, true));
+        }
+        // A reader is read here, on the sending thread, into bounded
+        // chunks: a slow or blocked reader holds up this thread and this
+        // object (and those behind it on this stream), never the shard.
+        if let Some((seq, mut reader)) = reader {
+            let mut failed = None;
+            batch::read_chunks(reader.as_mut(), size, |chunk| {
+                if let Chunk::Data(d) = &chunk
+                    && let Err(e) = s.take_streamed(d.len())
+                {
+                    failed = Some(e);
+                    return false;
+                }
+                let shared = s.clone();
+                match s.runtime.submit(s.shard, move |ctx| shard::chunk(ctx, &shared, seq, chunk)) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(self.runtime_gone(e, false));
+                        false
+                    }
+                }
+            });
+            if let Some(e) = failed {
+                // The object is failed on the shard with the stream.
+                let shared = s.clone();
+                let why = e.to_string();
+                let _ = s.runtime.submit(s.shard, move |ctx| shard::chunk(ctx, &shared, seq, Chunk::Failed(why)));
+                return Err(e);
+            }
         }
         Ok(())
+    }
+
+    /// The runtime refused work: the stream cannot go on. `object`: what
+    /// was refused held an object, whose burst slot is freed here (it was
+    /// dropped without a completion).
+    fn runtime_gone(&self, e: crate::runtime::SubmitError, object: bool) -> StreamError {
+        if object {
+            self.shared.release(1);
+        }
+        let err = StreamError::Network(format!("the runtime is gone: {e}"));
+        self.shared.terminate(Termination::Error(err.clone()));
+        err
     }
 
     /// Ends the stream gracefully: queued objects go out, then the
