@@ -4,8 +4,11 @@
 //!
 //! - [`mooncake`]: Mooncake Transfer Engine's P2P handshake frames, its JSON
 //!   messages, and the TCP v2 data protocol.
+//! - [`linger`]: half-close-then-drain, how both servers end a connection
+//!   after an error answer.
 //! - [`objstream`]: AIStore's object-stream frames, headers, PDUs and LZ4
 //!   framing.
 
+pub mod linger;
 pub mod mooncake;
 pub mod objstream;

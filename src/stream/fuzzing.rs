@@ -4,8 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::rx::RecvError;
+use super::rx::conn::RxConn;
 use super::tx::conn::{Action, TxConn, TxFraming};
 use super::tx::{Outgoing, batch::Payload};
+use crate::proto::linger::LingerLimits;
 use crate::proto::objstream::ObjHdr;
 
 /// The sender core fed arbitrary receiver bytes, with the other events
@@ -81,6 +84,47 @@ pub fn objstream_sender(data: &[u8]) {
     assert_eq!(terminated, 1, "the stream terminates once");
 }
 
+/// The receiver's connection core fed arbitrary client bytes as request
+/// heads, with bodies ending well or not and the client draining, as the
+/// input says. Nothing panics; at most a handful of responses are ever
+/// queued, each a well-formed HTTP response; a refused connection ends.
+pub fn objstream_receiver(data: &[u8]) {
+    let limits = LingerLimits { bytes_max: 512, time: Duration::from_secs(1) };
+    let mut c = RxConn::new(limits);
+    let now = std::time::Instant::now();
+    let mut buf: Vec<u8> = Vec::new();
+    for (i, &b) in data.iter().enumerate() {
+        if c.closed().is_some() {
+            break;
+        }
+        if c.lingering() {
+            c.on_drained(usize::from(b));
+            continue;
+        }
+        if c.reading_heads() {
+            buf.push(b);
+            if let Some((body, handler, used)) =
+                c.on_head(&buf, |t| if t.len() % 2 == 0 { Ok(t.len()) } else { Err("no".to_string()) })
+            {
+                assert!(used <= buf.len() && handler % 2 == 0 && body.trname.len() == handler);
+                buf.drain(..used);
+            }
+        } else if b % 3 == 0 {
+            let result = if b & 4 == 0 { Ok(()) } else { Err(RecvError::Handler("bad".into())) };
+            c.on_body_done(result, b & 8 != 0, "fuzz");
+        }
+        if i % 4 == 0 {
+            while let Some(out) = c.poll_send().map(<[u8]>::to_vec) {
+                assert!(crate::http::request::status_of(&out).is_ok_and(|s| s.is_some()), "a whole response head");
+                c.on_sent(out.len(), now);
+            }
+        }
+        let _ = c.poll_half_close();
+    }
+    c.on_timer(now + Duration::from_secs(2));
+    assert!(c.next_deadline().is_none() || c.closed().is_some(), "a drain ends by its deadline");
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -100,6 +144,10 @@ mod tests {
                 input.extend_from_slice(ok);
             }
             super::objstream_sender(&input);
+            let mut heads = b"PUT /v1/objstream/tt HTTP/1.1\r\nContent-Length: 0\r\n\r\n".to_vec();
+            heads.extend_from_slice(&input);
+            super::objstream_receiver(&heads);
+            super::objstream_receiver(&input);
         }
     }
 }

@@ -176,7 +176,7 @@ pub fn tcp_server(data: &[u8]) {
         payload_with_next_max: 64,
         replies_queued_max: 1 + usize::from(mode >> 3 & 3),
         replies_per_send_max: 2,
-        drain_bytes_max: 256,
+        linger: crate::proto::linger::LingerLimits { bytes_max: 256, ..Default::default() },
         ..server::Limits::default()
     };
     let mut h = server_harness::Harness::with_memory(limits, 4096);

@@ -44,9 +44,10 @@
 //! boundary; `fuzzing::tcp_server` feeds it arbitrary bytes.
 
 use std::collections::VecDeque;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::tcp::{self, Opcode, RequestHeader};
+use crate::proto::linger::{Linger, LingerLimits};
 
 /// Registered memory as the session sees it: the driver's lookup.
 pub trait Memory {
@@ -80,8 +81,7 @@ pub struct Limits {
     pub replies_per_send_max: usize,
     /// After a rejection: how much of the client's unread bytes to drain,
     /// and for how long.
-    pub drain_bytes_max: u64,
-    pub drain_time: Duration,
+    pub linger: LingerLimits,
 }
 
 impl Default for Limits {
@@ -94,8 +94,7 @@ impl Default for Limits {
             replies_queued_max: 1024,
             read_bytes_queued_max: 256 << 20,
             replies_per_send_max: 512,
-            drain_bytes_max: 64 << 20,
-            drain_time: Duration::from_secs(1),
+            linger: LingerLimits::default(),
         }
     }
 }
@@ -162,11 +161,8 @@ struct Incoming<P> {
 enum Phase {
     Running,
     /// The rejection is out; the write side is (to be) shut, and the
-    /// client's bytes are read and dropped until `deadline`.
-    Draining {
-        deadline: Instant,
-        half_closed: bool,
-    },
+    /// client's bytes are read and dropped, for a while.
+    Draining(Linger),
     /// Ending: no new operations; the driver calls `finish` once none is out.
     Closing,
     Closed,
@@ -192,7 +188,6 @@ pub struct ServerSession<P> {
     rejected: Option<bool>,
     /// The client closed its side.
     peer_eof: bool,
-    drained: u64,
     why: Option<String>,
 }
 
@@ -213,7 +208,6 @@ impl<P> ServerSession<P> {
             recv: None,
             rejected: None,
             peer_eof: false,
-            drained: 0,
             why: None,
         }
     }
@@ -224,7 +218,7 @@ impl<P> ServerSession<P> {
             return None;
         }
         match self.phase {
-            Phase::Draining { .. } => {
+            Phase::Draining(_) => {
                 self.recv = Some(RecvKind::Drain);
                 let pieces = vec![(self.staging.as_mut_ptr(), self.staging.len())];
                 return Some(RecvPlan { pieces, wait_all: false });
@@ -270,9 +264,11 @@ impl<P> ServerSession<P> {
         assert!(n > 0, "an empty receive is on_eof");
         match kind {
             RecvKind::Drain => {
-                self.drained += n as u64;
-                if self.drained >= self.limits.drain_bytes_max {
-                    self.end_session("drained enough after a rejection");
+                if let Phase::Draining(linger) = &mut self.phase {
+                    linger.on_drained(n);
+                    if let Some(why) = linger.done() {
+                        self.end_session(format!("after a rejection: {why}"));
+                    }
                 }
                 return;
             }
@@ -298,7 +294,7 @@ impl<P> ServerSession<P> {
     pub fn on_eof(&mut self) {
         self.recv = None;
         match self.phase {
-            Phase::Draining { .. } => self.end_session("the client closed after a rejection"),
+            Phase::Draining(_) => self.end_session("after a rejection: the client closed"),
             Phase::Running => {
                 self.peer_eof = true;
                 self.end_if_done();
@@ -378,7 +374,7 @@ impl<P> ServerSession<P> {
             if self.peer_eof {
                 return self.end_session("request rejected; the client has closed");
             }
-            self.phase = Phase::Draining { deadline: now + self.limits.drain_time, half_closed: false };
+            self.phase = Phase::Draining(Linger::new(self.limits.linger, now));
             return;
         }
         // Room again for what waits in staging.
@@ -389,27 +385,25 @@ impl<P> ServerSession<P> {
     /// Once, when the rejection is out: the driver shuts the write side.
     pub fn poll_half_close(&mut self) -> bool {
         match &mut self.phase {
-            Phase::Draining { half_closed, .. } if !*half_closed => {
-                *half_closed = true;
-                true
-            }
+            Phase::Draining(linger) => linger.poll_half_close(),
             _ => false,
         }
     }
 
     /// When [`on_timer`](Self::on_timer) is due.
     pub fn next_deadline(&self) -> Option<Instant> {
-        match self.phase {
-            Phase::Draining { deadline, .. } => Some(deadline),
+        match &self.phase {
+            Phase::Draining(linger) => Some(linger.deadline()),
             _ => None,
         }
     }
 
     pub fn on_timer(&mut self, now: Instant) {
-        if let Phase::Draining { deadline, .. } = self.phase
-            && now >= deadline
-        {
-            self.end_session("the drain after a rejection timed out");
+        if let Phase::Draining(linger) = &mut self.phase {
+            linger.on_timer(now);
+            if let Some(why) = linger.done() {
+                self.end_session(format!("after a rejection: {why}"));
+            }
         }
     }
 

@@ -1,49 +1,29 @@
-//! The shard side of a receiver: accepting, receiving into each
-//! connection's pipe, request heads, and responses.
+//! A receiver connection as a state machine: events in, actions out, no
+//! I/O.
+//!
+//! [`RxConn`] holds the rules of one accepted connection between bodies:
+//! it reads request heads (through [`crate::http::request`]), checks them
+//! (a PUT under `/v1/objstream/`, a handled trname, a session id, a known
+//! compression), answers what it refuses with a 4xx and a JSON error as
+//! AIStore does, queues `100 Continue`, the 200 after a body, or the 400
+//! that ends a broken one, and decides when the connection ends: after an
+//! error answer it half-closes and drains ([`Linger`]) before closing.
+//! Bodies themselves are decoded by the connection's decoding thread; the
+//! driver (`shard.rs`) moves bytes between the socket, the pipe and this
+//! core.
 
-use std::cell::RefCell;
-use std::collections::{HashMap, VecDeque};
-use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::Instant;
 
-use io_uring::{opcode, types};
-
-use super::worker::{self, Job, Link};
-use super::{RecvError, RxShared, Session};
-use crate::config::Placement;
-use crate::http::request::{self, BodyFraming, RequestHead};
+use super::RecvError;
+use crate::http::request::{self, BodyFraming};
+use crate::proto::linger::{Linger, LingerLimits};
 use crate::proto::objstream::Framing;
-use crate::runtime::{Completion, OpId, ShardCtx};
-use crate::stream::pipe::Pipe;
 
 /// The URL path prefix of object streams (AIStore's `/v1/objstream/`).
 pub const PATH_PREFIX: &str = "/v1/objstream/";
-/// After an error answer, how long and how much of the client's unread
-/// bytes are drained before the close.
-const LINGER_TIME: Duration = Duration::from_secs(1);
-const LINGER_BYTES_MAX: usize = 64 << 20;
-
-static NEXT_RECEIVER: AtomicU64 = AtomicU64::new(1);
-
-/// A receiver's state on one shard.
-#[derive(Default)]
-struct RxShard {
-    conns: HashMap<u64, Rc<RefCell<Conn>>>,
-    accept: Option<OpId>,
-    next_conn: u64,
-}
-
-/// Every receiver's state on a shard.
-#[derive(Default)]
-struct RxShards(HashMap<u64, RxShard>);
-
-fn rx_shard(ctx: &mut ShardCtx, rx: u64) -> Option<&mut RxShard> {
-    ctx.local_mut::<RxShards>()?.0.get_mut(&rx)
-}
+/// Responses queued at most (a 100, a 200 or an error, and a spare).
+const RESPONSES_MAX: usize = 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -51,642 +31,323 @@ enum Phase {
     Head,
     /// The body belongs to the decoding thread.
     Body,
-    /// Going away: no more requests.
-    Closing,
+    /// Answering an error: no more requests.
+    Refused,
 }
 
-struct Conn {
-    rx: u64,
-    id: u64,
-    fd: OwnedFd,
-    peer: SocketAddr,
-    pipe: Arc<Pipe>,
-    shared: Arc<RxShared>,
+/// A body to hand to the decoding thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BodyStart {
+    pub trname: String,
+    pub caller: String,
+    pub session_id: i64,
+    pub compressed: bool,
+    pub framing: Framing,
+}
+
+/// One connection's protocol state. See the module documentation.
+pub struct RxConn {
     phase: Phase,
-    recv_op: bool,
-    /// Bytes the receive in flight asked for.
-    recv_len: usize,
-    /// A deferred wake of the decoding thread is armed.
-    wake_armed: bool,
+    keep_alive: bool,
     out: VecDeque<Vec<u8>>,
     /// Bytes of the front response already sent.
     out_sent: usize,
-    send_op: bool,
     close_after_send: bool,
-    keep_alive: bool,
-    link: Option<Arc<Link>>,
-    /// Half-closed after an error answer, draining before the close.
-    lingering: bool,
-    session_key: Option<u64>,
-    trname: String,
-    caller: String,
-    gone: bool,
+    linger_limits: LingerLimits,
+    linger: Option<Linger>,
+    /// Why the connection ends now, once it does.
+    closed: Option<String>,
 }
 
-/// Installs the receiver on every shard and starts accepting on shard 0.
-/// Returns the receiver's id.
-pub(super) fn install(shared: &Arc<RxShared>, listener: &Arc<TcpListener>) -> std::io::Result<()> {
-    let rx = NEXT_RECEIVER.fetch_add(1, Ordering::Relaxed);
-    shared.id.store(rx, Ordering::Relaxed);
-    let rt = shared.runtime.clone();
-    for shard in 0..rt.shard_count() {
-        rt.call(shard, move |ctx| {
-            let mut all = ctx.take_local::<RxShards>().unwrap_or_default();
-            all.0.insert(rx, RxShard::default());
-            ctx.insert_local(all);
-        })
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    }
-    let (l, s) = (listener.clone(), shared.clone());
-    let cpus: Arc<[Option<u32>]> = rt.shard_cpus().into();
-    rt.call(0, move |ctx| crate::transport::accept::start(ctx, l, cpus, Streams { rx, shared: s }))
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(())
-}
-
-/// Stops accepting and closes every connection, on every shard.
-pub(super) fn uninstall(shared: &Arc<RxShared>, _listener: &Arc<TcpListener>) {
-    let rx = shared.id.load(Ordering::Relaxed);
-    let rt = shared.runtime.clone();
-    for shard in 0..rt.shard_count() {
-        let _ = rt.call(shard, move |ctx| {
-            let Some(state) = rx_shard(ctx, rx) else { return };
-            let accept = state.accept.take();
-            let conns: Vec<_> = state.conns.values().cloned().collect();
-            if let Some(op) = accept {
-                let _ = ctx.cancel_op(op);
-            }
-            for c in conns {
-                close(ctx, &c, "the receiver closed");
-            }
-            if let Some(all) = ctx.local_mut::<RxShards>() {
-                // Connections still finishing operations keep their Rc.
-                all.0.remove(&rx);
-            }
-        });
-    }
-}
-
-/// The receiver's side of the shared accept loop.
-#[derive(Clone)]
-struct Streams {
-    rx: u64,
-    shared: Arc<RxShared>,
-}
-
-impl crate::transport::accept::Owner for Streams {
-    fn live(&self, ctx: &mut ShardCtx) -> bool {
-        rx_shard(ctx, self.rx).is_some()
-    }
-
-    fn set_op(&self, ctx: &mut ShardCtx, op: Option<OpId>) {
-        if let Some(st) = rx_shard(ctx, self.rx) {
-            st.accept = op;
+impl RxConn {
+    pub fn new(linger_limits: LingerLimits) -> Self {
+        Self {
+            phase: Phase::Head,
+            keep_alive: true,
+            out: VecDeque::new(),
+            out_sent: 0,
+            close_after_send: false,
+            linger_limits,
+            linger: None,
+            closed: None,
         }
     }
 
-    fn place(&self, fd: &OwnedFd, incoming: usize, shards: usize) -> usize {
-        let local = crate::transport::tcp::sock::is_local_ip(peer_of(fd).ip());
-        let target = place(incoming, shards, local, self.shared.options.placement);
-        log::debug!("stream receiver: packets on shard {incoming}, served on {target}");
-        target
+    /// Whether request heads are read now (between bodies).
+    pub fn reading_heads(&self) -> bool {
+        self.phase == Phase::Head && self.linger.is_none() && self.closed.is_none()
     }
 
-    fn hand_over(&self, ctx: &mut ShardCtx, target: usize, fd: OwnedFd) {
-        let (rx, s) = (self.rx, self.shared.clone());
-        if target == ctx.id() {
-            adopt(ctx, rx, fd, s);
-        } else {
-            let _ = ctx.send_to(target, move |ctx| adopt(ctx, rx, fd, s));
+    /// Whether the connection's bytes are being drained (and dropped).
+    pub fn lingering(&self) -> bool {
+        self.linger.is_some() && self.closed.is_none()
+    }
+
+    /// Refuses the connection at once (too many): 503, then the close.
+    pub fn refuse(&mut self, status: u16, message: &str, kind: &str) {
+        self.respond(status, &error_json(status, message, kind), false);
+    }
+
+    /// Takes a request head from `buf`, if it is complete. `lookup` finds
+    /// the handler of a trname. Returns the body to hand over, its handler,
+    /// and the bytes of the head; `None` if the head is not complete or
+    /// was refused (an answer is then queued).
+    pub fn on_head<H>(
+        &mut self,
+        buf: &[u8],
+        lookup: impl FnOnce(&str) -> Result<H, String>,
+    ) -> Option<(BodyStart, H, usize)> {
+        if !self.reading_heads() {
+            return None;
         }
-    }
-
-    fn name(&self) -> &'static str {
-        "the stream receiver"
-    }
-}
-
-/// The shard for an accepted stream. From a peer on this host, not the one
-/// where its packets are processed, which is the sender's own core: the
-/// sending and the receiving copies then run on two cores at once (on the
-/// same core, half the rate). From another host, the one where its packets
-/// are processed, so they are read on the core that has them in cache.
-/// `SHARDWIRE_STREAM_PLACEMENT=same|other` forces either.
-fn place(incoming: usize, shards: usize, peer_is_local: bool, placement: Placement) -> usize {
-    let other = match placement {
-        Placement::Same => false,
-        Placement::Other => true,
-        Placement::Auto => peer_is_local,
-    };
-    if other { (incoming + 1) % shards.max(1) } else { incoming }
-}
-
-fn peer_of(fd: &OwnedFd) -> SocketAddr {
-    // SAFETY: borrowing the descriptor as a TcpStream without taking it:
-    // ManuallyDrop keeps it from being closed here.
-    let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd.as_raw_fd()) });
-    s.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
-}
-
-fn adopt(ctx: &mut ShardCtx, rx: u64, fd: OwnedFd, shared: Arc<RxShared>) {
-    let Some(st) = rx_shard(ctx, rx) else { return };
-    st.next_conn += 1;
-    let id = st.next_conn;
-    let _ = crate::transport::tcp::sock::set_nodelay(&fd);
-    let pipe = match Pipe::new(shared.options.pipe_bytes) {
-        Ok(p) => p,
-        Err(e) => {
-            log::warn!("stream receiver: no pipe for a connection: {e}");
-            return;
-        }
-    };
-    let over = shared.connections.fetch_add(1, Ordering::Relaxed) >= shared.options.connections_max as u64;
-    let conn = Rc::new(RefCell::new(Conn {
-        rx,
-        id,
-        peer: peer_of(&fd),
-        fd,
-        pipe: pipe.clone(),
-        shared: shared.clone(),
-        phase: Phase::Head,
-        recv_op: false,
-        recv_len: 0,
-        wake_armed: false,
-        out: VecDeque::new(),
-        out_sent: 0,
-        send_op: false,
-        close_after_send: false,
-        keep_alive: true,
-        link: None,
-        lingering: false,
-        session_key: None,
-        trname: String::new(),
-        caller: String::new(),
-        gone: false,
-    }));
-    st.conns.insert(id, conn.clone());
-    let (rt, shard) = (shared.runtime.clone(), ctx.id());
-    pipe.set_producer_wake(Box::new(move || {
-        let _ = rt.submit(shard, move |ctx| {
-            if let Some(c) = rx_shard(ctx, rx).and_then(|st| st.conns.get(&id).cloned()) {
-                post_recv(ctx, &c);
+        let (head, len) = match request::parse_head(buf) {
+            Ok(None) => return None,
+            Err(e) => {
+                self.respond(e.status, &error_json(e.status, &e.message, "ErrHTTP"), false);
+                return None;
             }
-        });
-    }));
-    watch_idle(ctx, &conn, u64::MAX);
-    if over {
-        let msg = format!("more than {} connections", shared.options.connections_max);
-        respond(ctx, &conn, 503, &error_json(503, &msg, "ErrBusy"), false);
-        return;
-    }
-    post_recv(ctx, &conn);
-}
-
-fn post_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
-    let entry = {
-        let c = conn.borrow();
-        if c.recv_op || c.gone || c.phase == Phase::Closing {
-            return;
-        }
-        let (p, free) = c.pipe.writable();
-        if free == 0 {
-            if c.pipe.producer_stall() {
-                return; // woken when the decoding thread frees space
-            }
-            drop(c);
-            return post_recv(ctx, conn);
-        }
-        let len = free.min(c.shared.options.recv_bytes);
-        drop(c);
-        conn.borrow_mut().recv_len = len;
-        let c = conn.borrow();
-        opcode::Recv::new(types::Fd(c.fd.as_raw_fd()), p, len as u32).build()
-    };
-    let c2 = conn.clone();
-    let pipe = conn.borrow().pipe.clone();
-    // SAFETY: the buffer is the pipe's free span, which only this shard
-    // writes and the consumer does not read until commit; the closure owns
-    // an Arc of the pipe (so the mapping outlives the operation) and of the
-    // connection (so the descriptor does).
-    let r = unsafe {
-        ctx.submit_op(entry, move |ctx, done| {
-            let _keep = pipe;
-            on_recv(ctx, &c2, done)
-        })
-    };
-    match r {
-        Ok(_) => conn.borrow_mut().recv_op = true,
-        Err(e) => close(ctx, conn, &format!("cannot receive: {e}")),
-    }
-}
-
-fn on_recv(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
-    conn.borrow_mut().recv_op = false;
-    if conn.borrow().lingering && !conn.borrow().gone {
-        // An answer is out and the connection closes: drop what came.
-        return match done.io_result() {
-            Ok(n) if n > 0 => drain(ctx, conn, n as usize),
-            _ => close(ctx, conn, "response sent"),
+            Ok(Some(parsed)) => parsed,
         };
-    }
-    let phase = conn.borrow().phase;
-    match done.io_result() {
-        Ok(0) | Err(_) if conn.borrow().gone => finish_if_idle(ctx, conn),
-        Ok(0) => {
-            conn.borrow().pipe.close(None);
-            match phase {
-                // The decoding thread sees the end and reports.
-                Phase::Body => {}
-                _ => close(ctx, conn, "peer closed"),
-            }
-        }
-        Ok(n) => {
-            let n = n as usize;
-            conn.borrow().pipe.commit_quiet(n);
-            wake_decoder(ctx, conn, n);
-            if phase == Phase::Head {
-                parse_heads(ctx, conn);
-            }
-            post_recv(ctx, conn);
-        }
-        Err(e) => {
-            conn.borrow().pipe.close(Some(e.to_string()));
-            if phase != Phase::Body {
-                close(ctx, conn, &e.to_string());
-            }
-        }
-    }
-}
-
-/// How long a wake of the decoding thread may be put off while receives
-/// keep coming back full.
-const WAKE_DEFER: Duration = Duration::from_micros(100);
-
-/// Wakes the decoding thread for `n` new bytes, or puts it off: a receive
-/// that came back full means more is coming at once, and waking the thread
-/// per receive cost two context switches each (about 35,000 per GB). It is
-/// woken when a receive comes back short, when the pipe is half full, or
-/// after [`WAKE_DEFER`] at the latest.
-fn wake_decoder(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, n: usize) {
-    let (now, armed) = {
-        let c = conn.borrow();
-        let now = n < c.recv_len || c.pipe.buffered() >= c.pipe.capacity() / 2 || c.phase != Phase::Body;
-        (now, c.wake_armed)
-    };
-    if now {
-        conn.borrow().pipe.wake();
-        return;
-    }
-    if armed {
-        return;
-    }
-    let c2 = conn.clone();
-    if ctx
-        .set_timer(WAKE_DEFER, move |_ctx| {
-            c2.borrow_mut().wake_armed = false;
-            c2.borrow().pipe.wake();
-        })
-        .is_ok()
-    {
-        conn.borrow_mut().wake_armed = true;
-    } else {
-        conn.borrow().pipe.wake();
-    }
-}
-
-/// Takes complete request heads from the pipe while the connection is
-/// between bodies.
-fn parse_heads(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
-    if conn.borrow().phase != Phase::Head {
-        return;
-    }
-    let parsed = request::parse_head(conn.borrow().pipe.readable());
-    match parsed {
-        Ok(None) => {}
-        Err(e) => {
-            let body = error_json(e.status, &e.message, "ErrHTTP");
-            respond(ctx, conn, e.status, &body, false);
-        }
-        Ok(Some((head, len))) => {
-            conn.borrow().pipe.consume(len);
-            start_body(ctx, conn, head);
-        }
-    }
-}
-
-/// Checks a head and hands its body to the decoding thread.
-fn start_body(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, head: RequestHead) {
-    let shared = conn.borrow().shared.clone();
-    let refuse = |ctx: &mut ShardCtx, status: u16, msg: String| {
-        respond(ctx, conn, status, &error_json(status, &msg, "ErrHTTP"), false);
-    };
-    if head.method != "PUT" {
-        return refuse(ctx, 405, format!("{} {}: object streams are PUT", head.method, head.path));
-    }
-    let Some(trname) = head.path.strip_prefix(PATH_PREFIX).map(|t| t.split('?').next().unwrap_or(t)) else {
-        return refuse(ctx, 404, format!("{}: not under {PATH_PREFIX}", head.path));
-    };
-    let trname = trname.trim_end_matches('/').to_string();
-    let handler = match shared.handler(&trname) {
-        Ok(h) => h,
-        Err(msg) => return refuse(ctx, 400, msg),
-    };
-    let id = match head.field("ais-session-id") {
-        None => 0,
-        Some(v) => match v.parse::<i64>() {
-            Ok(id) => id,
-            Err(_) => return refuse(ctx, 400, format!("bad Ais-Session-Id {v:?}")),
-        },
-    };
-    let compressed = match head.field("ais-compress") {
-        None | Some("") => false,
-        Some(v) if v.eq_ignore_ascii_case("lz4") => true,
-        Some(v) => return refuse(ctx, 400, format!("unsupported Ais-Compress {v:?}")),
-    };
-    let framing = match head.framing {
-        BodyFraming::Chunked => Framing::Chunked,
-        BodyFraming::Length(n) => Framing::Length(n),
-        BodyFraming::None => Framing::Length(0),
-    };
-    let caller = head.field("ais-caller-id").unwrap_or_default().to_string();
-    let (key, counters) = shared.open_session(&trname, &caller, id);
-    let session = Session { trname: trname.clone(), caller: caller.clone(), id, peer: conn.borrow().peer };
-    let job = Job {
-        handler,
-        session,
-        framing,
-        compressed,
-        counters,
-        dry_run: shared.options.dry_run,
-        max_header: shared.options.max_header,
-    };
-    {
-        let mut c = conn.borrow_mut();
-        c.phase = Phase::Body;
-        c.keep_alive = head.keep_alive;
-        c.session_key = Some(key);
-        c.trname = trname;
-        c.caller = caller;
-    }
-    if head.expect_continue {
-        queue_send(ctx, conn, b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
-    }
-    let link = match ensure_worker(ctx, conn) {
-        Ok(l) => l,
-        Err(e) => {
-            shared.close_session(key);
-            return respond(ctx, conn, 503, &error_json(503, &format!("no decoding thread: {e}"), "ErrBusy"), false);
-        }
-    };
-    link.give(job);
-}
-
-fn ensure_worker(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) -> std::io::Result<Arc<Link>> {
-    if let Some(l) = conn.borrow().link.clone() {
-        return Ok(l);
-    }
-    let link = Link::new();
-    let (rx, id, shard) = (conn.borrow().rx, conn.borrow().id, ctx.id());
-    let rt = conn.borrow().shared.runtime.clone();
-    let done = Box::new(move |result: Result<(), RecvError>| {
-        let _ = rt.submit(shard, move |ctx| {
-            if let Some(c) = rx_shard(ctx, rx).and_then(|st| st.conns.get(&id).cloned()) {
-                body_done(ctx, &c, result);
-            }
-        });
-    });
-    let cpu = if conn.borrow().shared.options.pin_workers { rt_cpu(&conn.borrow().shared, shard) } else { None };
-    worker::spawn(link.clone(), conn.borrow().pipe.clone(), done, cpu)?;
-    conn.borrow_mut().link = Some(link.clone());
-    Ok(link)
-}
-
-fn rt_cpu(shared: &RxShared, shard: usize) -> Option<u32> {
-    shared.runtime.shard_cpus().get(shard).copied().flatten()
-}
-
-/// The decoding thread finished a body: answer, then read the next head.
-fn body_done(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, result: Result<(), RecvError>) {
-    let (shared, key) = {
-        let mut c = conn.borrow_mut();
-        (c.shared.clone(), c.session_key.take())
-    };
-    if let Some(key) = key {
-        shared.close_session(key);
-    }
-    if conn.borrow().gone {
-        return finish_if_idle(ctx, conn);
-    }
-    match result {
-        Ok(()) => {
-            let keep = conn.borrow().keep_alive && !conn.borrow().pipe.is_closed();
-            respond(ctx, conn, 200, "", keep);
-            if keep {
-                conn.borrow_mut().phase = Phase::Head;
-                parse_heads(ctx, conn);
-                post_recv(ctx, conn);
-            }
-        }
-        Err(e) => {
-            let (trname, caller) = (conn.borrow().trname.clone(), conn.borrow().caller.clone());
-            let msg = format!("{trname}[{caller}] {e}");
-            log::warn!("stream receiver: {msg}");
-            let kind = if matches!(e, RecvError::Handler(_)) { "ErrHandler" } else { "ErrSBR" };
-            respond(ctx, conn, 400, &error_json(400, &msg, kind), false);
-        }
-    }
-}
-
-fn error_json(status: u16, message: &str, type_code: &str) -> String {
-    serde_json::json!({ "message": message, "status": status, "type_code": type_code }).to_string()
-}
-
-/// Queues a response; unless `keep`, the connection closes once it is sent.
-fn respond(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, status: u16, body: &str, keep: bool) {
-    if !keep {
-        let mut c = conn.borrow_mut();
-        c.phase = Phase::Closing;
-        c.close_after_send = true;
-    }
-    queue_send(ctx, conn, request::response(status, body, keep));
-}
-
-fn queue_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, bytes: Vec<u8>) {
-    conn.borrow_mut().out.push_back(bytes);
-    post_send(ctx, conn);
-}
-
-fn post_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
-    let entry = {
-        let c = conn.borrow();
-        if c.send_op || c.gone {
-            return;
-        }
-        let Some(front) = c.out.front() else {
-            drop(c);
-            if conn.borrow().close_after_send {
-                linger_close(ctx, conn);
-            }
-            return;
+        let mut refuse = |status: u16, msg: String| {
+            self.respond(status, &error_json(status, &msg, "ErrHTTP"), false);
+            None
         };
-        let rest = &front[c.out_sent..];
-        opcode::Send::new(types::Fd(c.fd.as_raw_fd()), rest.as_ptr(), rest.len() as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-    };
-    let c2 = conn.clone();
-    // SAFETY: the bytes are the front of `out`, which is not touched while
-    // `send_op` is set; the closure keeps the connection (and so `out` and
-    // the descriptor) alive until the completion.
-    match unsafe { ctx.submit_op(entry, move |ctx, done| on_send(ctx, &c2, done)) } {
-        Ok(_) => conn.borrow_mut().send_op = true,
-        Err(e) => close(ctx, conn, &format!("cannot send: {e}")),
+        if head.method != "PUT" {
+            return refuse(405, format!("{} {}: object streams are PUT", head.method, head.path));
+        }
+        let Some(trname) = head.path.strip_prefix(PATH_PREFIX).map(|t| t.split('?').next().unwrap_or(t)) else {
+            return refuse(404, format!("{}: not under {PATH_PREFIX}", head.path));
+        };
+        let trname = trname.trim_end_matches('/').to_string();
+        let handler = match lookup(&trname) {
+            Ok(h) => h,
+            Err(msg) => return refuse(400, msg),
+        };
+        let session_id = match head.field("ais-session-id") {
+            None => 0,
+            Some(v) => match v.parse::<i64>() {
+                Ok(id) => id,
+                Err(_) => return refuse(400, format!("bad Ais-Session-Id {v:?}")),
+            },
+        };
+        let compressed = match head.field("ais-compress") {
+            None | Some("") => false,
+            Some(v) if v.eq_ignore_ascii_case("lz4") => true,
+            Some(v) => return refuse(400, format!("unsupported Ais-Compress {v:?}")),
+        };
+        let framing = match head.framing {
+            BodyFraming::Chunked => Framing::Chunked,
+            BodyFraming::Length(n) => Framing::Length(n),
+            BodyFraming::None => Framing::Length(0),
+        };
+        let caller = head.field("ais-caller-id").unwrap_or_default().to_string();
+        self.phase = Phase::Body;
+        self.keep_alive = head.keep_alive;
+        if head.expect_continue {
+            self.queue(b"HTTP/1.1 100 Continue\r\n\r\n".to_vec());
+        }
+        Some((BodyStart { trname, caller, session_id, compressed, framing }, handler, len))
     }
-}
 
-fn on_send(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, done: Completion) {
-    conn.borrow_mut().send_op = false;
-    if conn.borrow().gone {
-        return finish_if_idle(ctx, conn);
+    /// The decoding thread could not be started: 503, then the close.
+    pub fn on_no_decoder(&mut self, why: &str) {
+        self.respond(503, &error_json(503, &format!("no decoding thread: {why}"), "ErrBusy"), false);
     }
-    match done.io_result() {
-        Ok(n) => {
-            {
-                let mut c = conn.borrow_mut();
-                c.out_sent += n as usize;
-                if c.out.front().is_some_and(|f| c.out_sent >= f.len()) {
-                    c.out.pop_front();
-                    c.out_sent = 0;
+
+    /// The decoding thread finished a body; `ended` if the connection's
+    /// bytes have ended too. A good body gets 200 and, on a keep-alive
+    /// connection, the next head is read; a broken one gets 400 naming
+    /// the session and what went wrong (AIStore's `ErrSBR`, or the
+    /// handler's error).
+    pub fn on_body_done(&mut self, result: Result<(), RecvError>, ended: bool, who: &str) {
+        if self.phase != Phase::Body {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                let keep = self.keep_alive && !ended;
+                self.respond(200, "", keep);
+                if keep {
+                    self.phase = Phase::Head;
                 }
             }
-            post_send(ctx, conn);
-        }
-        Err(e) => close(ctx, conn, &format!("send failed: {e}")),
-    }
-}
-
-/// Closes the connection once its pipe has seen no progress (bytes in or
-/// out) for a whole `idle_timeout`.
-fn watch_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, last: u64) {
-    let (timeout, now) = {
-        let c = conn.borrow();
-        if c.gone {
-            return;
-        }
-        (c.shared.options.idle_timeout, c.pipe.progress())
-    };
-    if now == last {
-        let why = format!("no bytes moved for {timeout:?}");
-        conn.borrow().pipe.close(Some(why.clone()));
-        return close(ctx, conn, &why);
-    }
-    // A weak reference: a closed connection (and its descriptor) goes at
-    // once, not when the timer fires.
-    let weak = Rc::downgrade(conn);
-    // If the timer table is full, this connection goes unwatched (it still
-    // ends when its peer closes).
-    let _ = ctx.set_timer(timeout, move |ctx| {
-        if let Some(c) = weak.upgrade() {
-            watch_idle(ctx, &c, now);
-        }
-    });
-}
-
-/// After an error answer: half-close, then read and drop what the client
-/// still sends (bounded in bytes and time) before closing. Closing with
-/// unread bytes would make the kernel reset the connection, and a reset can
-/// destroy the answer before the client reads it.
-fn linger_close(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
-    {
-        let mut c = conn.borrow_mut();
-        if c.gone || c.lingering {
-            return;
-        }
-        c.lingering = true;
-        // SAFETY: plain syscall on the connection's own descriptor.
-        unsafe { libc::shutdown(c.fd.as_raw_fd(), libc::SHUT_WR) };
-    }
-    let c2 = conn.clone();
-    if ctx.set_timer(LINGER_TIME, move |ctx| close(ctx, &c2, "linger time over")).is_err() {
-        return close(ctx, conn, "response sent");
-    }
-    drain(ctx, conn, 0);
-}
-
-fn drain(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, drained: usize) {
-    if conn.borrow().gone || conn.borrow().recv_op {
-        return;
-    }
-    if drained >= LINGER_BYTES_MAX {
-        return close(ctx, conn, "drained enough");
-    }
-    let mut buf = vec![0u8; 64 << 10];
-    let entry = opcode::Recv::new(types::Fd(conn.borrow().fd.as_raw_fd()), buf.as_mut_ptr(), buf.len() as u32).build();
-    let c2 = conn.clone();
-    // SAFETY: the closure owns the buffer, and the connection (with its
-    // descriptor), until the completion.
-    let r = unsafe {
-        ctx.submit_op(entry, move |ctx, done| {
-            let _buf = buf;
-            c2.borrow_mut().recv_op = false;
-            if c2.borrow().gone {
-                return finish_if_idle(ctx, &c2);
+            Err(e) => {
+                let msg = format!("{who} {e}");
+                log::warn!("stream receiver: {msg}");
+                let kind = if matches!(e, RecvError::Handler(_)) { "ErrHandler" } else { "ErrSBR" };
+                self.respond(400, &error_json(400, &msg, kind), false);
             }
-            match done.io_result() {
-                Ok(n) if n > 0 => drain(ctx, &c2, drained + n as usize),
-                _ => close(ctx, &c2, "response sent"),
-            }
-        })
-    };
-    match r {
-        Ok(_) => conn.borrow_mut().recv_op = true,
-        Err(_) => close(ctx, conn, "response sent"),
+        }
     }
-}
 
-/// Ends a connection: no more I/O, the decoding thread stops, and the
-/// state goes once its operations are back.
-fn close(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, why: &str) {
-    {
-        let mut c = conn.borrow_mut();
-        if c.gone {
+    /// What to send next: the unsent part of the front response.
+    pub fn poll_send(&self) -> Option<&[u8]> {
+        self.out.front().map(|r| &r[self.out_sent..])
+    }
+
+    /// `n` more bytes went out.
+    pub fn on_sent(&mut self, n: usize, now: Instant) {
+        let Some(front) = self.out.front() else {
+            debug_assert!(false, "on_sent without a response");
             return;
+        };
+        assert!(self.out_sent + n <= front.len(), "sent past the response");
+        self.out_sent += n;
+        if self.out_sent == front.len() {
+            self.out.pop_front();
+            self.out_sent = 0;
         }
-        log::debug!("stream receiver: connection {} from {} closes: {why}", c.id, c.peer);
-        c.gone = true;
-        c.phase = Phase::Closing;
-        crate::transport::tcp::sock::shutdown_both(&c.fd);
-        c.pipe.close(Some(format!("connection closed: {why}")));
-        if let Some(l) = &c.link {
-            l.quit();
+        if self.out.is_empty() && self.close_after_send && self.linger.is_none() {
+            // The answer is out: half-close and drain, so the client reads
+            // it rather than a reset.
+            self.linger = Some(Linger::new(self.linger_limits, now));
         }
-        c.shared.connections.fetch_sub(1, Ordering::Relaxed);
     }
-    finish_if_idle(ctx, conn);
+
+    /// Once, when the drain starts: the driver shuts the write side.
+    pub fn poll_half_close(&mut self) -> bool {
+        self.linger.as_mut().is_some_and(Linger::poll_half_close)
+    }
+
+    /// `n` drained bytes were dropped (0: the client closed).
+    pub fn on_drained(&mut self, n: usize) {
+        if let Some(l) = &mut self.linger {
+            l.on_drained(n);
+            if let Some(why) = l.done() {
+                self.close(why);
+            }
+        }
+    }
+
+    /// When [`on_timer`](Self::on_timer) is due.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.linger.as_ref().map(Linger::deadline)
+    }
+
+    pub fn on_timer(&mut self, now: Instant) {
+        if let Some(l) = &mut self.linger {
+            l.on_timer(now);
+            if let Some(why) = l.done() {
+                self.close(why);
+            }
+        }
+    }
+
+    /// Ends the connection now.
+    pub fn close(&mut self, why: &str) {
+        self.closed.get_or_insert_with(|| why.to_string());
+    }
+
+    /// Why the connection ends, once it does: the driver closes it.
+    pub fn closed(&self) -> Option<&str> {
+        self.closed.as_deref()
+    }
+
+    /// Queues a response; unless `keep`, the connection ends once it is
+    /// sent (after the drain).
+    fn respond(&mut self, status: u16, body: &str, keep: bool) {
+        if !keep {
+            self.phase = Phase::Refused;
+            self.close_after_send = true;
+        }
+        self.queue(request::response(status, body, keep));
+    }
+
+    fn queue(&mut self, bytes: Vec<u8>) {
+        if self.out.len() >= RESPONSES_MAX {
+            // Only a bug queues this many; end rather than grow.
+            return self.close("too many responses queued");
+        }
+        self.out.push_back(bytes);
+    }
 }
 
-fn finish_if_idle(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
-    let (rx, id, idle) = {
-        let c = conn.borrow();
-        (c.rx, c.id, c.gone && !c.recv_op && !c.send_op && c.session_key.is_none())
-    };
-    if idle && let Some(st) = rx_shard(ctx, rx) {
-        st.conns.remove(&id);
-    }
+/// AIStore's JSON error body.
+pub fn error_json(status: u16, message: &str, type_code: &str) -> String {
+    serde_json::json!({ "message": message, "status": status, "type_code": type_code }).to_string()
 }
 
 #[cfg(test)]
 mod tests {
-    use super::place;
-    use crate::config::Placement;
+    use std::time::Duration;
+
+    use super::*;
+
+    const HEAD: &[u8] = b"PUT /v1/objstream/t HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nAis-Session-Id: 101\r\nAis-Caller-Id: c\r\n\r\n";
+
+    fn known(name: &str) -> Result<u32, String> {
+        if name == "t" { Ok(7) } else { Err(format!("unknown trname {name:?}")) }
+    }
+
+    fn sent_all(c: &mut RxConn) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(b) = c.poll_send().map(<[u8]>::to_vec) {
+            out.extend_from_slice(&b);
+            c.on_sent(b.len(), Instant::now());
+        }
+        out
+    }
 
     #[test]
-    fn local_streams_go_to_the_other_core_remote_ones_stay() {
-        assert_eq!(place(1, 2, true, Placement::Auto), 0);
-        assert_eq!(place(0, 2, true, Placement::Auto), 1);
-        assert_eq!(place(1, 2, false, Placement::Auto), 1);
-        assert_eq!(place(0, 1, true, Placement::Auto), 0, "one shard: nowhere else to go");
-        assert_eq!(place(1, 2, true, Placement::Same), 1, "forced");
-        assert_eq!(place(1, 2, false, Placement::Other), 0, "forced");
+    fn a_head_split_at_every_byte_boundary_starts_the_same_body() {
+        for cut in 0..HEAD.len() {
+            let mut c = RxConn::new(LingerLimits::default());
+            assert!(c.on_head(&HEAD[..cut], known).is_none(), "cut {cut}: not complete yet");
+            assert!(c.poll_send().is_none());
+            let (body, handler, used) = c.on_head(HEAD, known).expect("complete");
+            assert_eq!((handler, used), (7, HEAD.len()));
+            assert_eq!(body.trname, "t");
+            assert_eq!((body.session_id, body.caller.as_str(), body.framing), (101, "c", Framing::Chunked));
+            assert!(!c.reading_heads(), "the body is the decoder's now");
+        }
+    }
+
+    #[test]
+    fn refusals_answer_4xx_then_drain_then_close() {
+        let cases: [(&[u8], u16, &str); 6] = [
+            (b"GET /v1/objstream/t HTTP/1.1\r\n\r\n", 405, "are PUT"),
+            (b"PUT /elsewhere HTTP/1.1\r\n\r\n", 404, "not under"),
+            (b"PUT /v1/objstream/nope HTTP/1.1\r\n\r\n", 400, "unknown trname"),
+            (b"PUT /v1/objstream/t HTTP/1.1\r\nAis-Session-Id: x\r\n\r\n", 400, "Ais-Session-Id"),
+            (b"PUT /v1/objstream/t HTTP/1.1\r\nAis-Compress: zstd\r\n\r\n", 400, "Ais-Compress"),
+            (b"PUT /\x01 HTTP/1.1\r\n\r\n", 400, "HTTP"),
+        ];
+        for (raw, status, says) in cases {
+            let mut c = RxConn::new(LingerLimits { bytes_max: 100, time: Duration::from_secs(1) });
+            assert!(c.on_head(raw, known).is_none());
+            let answer = String::from_utf8(sent_all(&mut c)).unwrap();
+            assert!(answer.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+            assert!(answer.contains(says) && answer.contains("Connection: close"), "{answer}");
+            assert!(c.poll_half_close(), "the write side shuts once the answer is out");
+            assert!(c.lingering() && c.closed().is_none());
+            c.on_drained(60);
+            assert!(c.closed().is_none());
+            c.on_drained(60);
+            assert_eq!(c.closed(), Some("drained enough"));
+        }
+    }
+
+    #[test]
+    fn bodies_end_with_200_keep_alive_or_400_close() {
+        let mut c = RxConn::new(LingerLimits::default());
+        let expect = b"PUT /v1/objstream/t HTTP/1.1\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n";
+        let (body, _, _) = c.on_head(expect, known).unwrap();
+        assert_eq!(body.framing, Framing::Length(5));
+        assert_eq!(sent_all(&mut c), b"HTTP/1.1 100 Continue\r\n\r\n");
+        c.on_body_done(Ok(()), false, "t[c]");
+        assert!(String::from_utf8(sent_all(&mut c)).unwrap().starts_with("HTTP/1.1 200 OK"));
+        assert!(c.reading_heads(), "keep-alive: the next head");
+        c.on_head(HEAD, known).unwrap();
+        c.on_body_done(Err(RecvError::Handler("disk full".into())), false, "t[c]");
+        let answer = String::from_utf8(sent_all(&mut c)).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 400") && answer.contains("ErrHandler") && answer.contains("disk full"));
+        assert!(c.lingering());
+        c.on_timer(Instant::now() + Duration::from_secs(2));
+        assert_eq!(c.closed(), Some("the drain timed out"));
+        // A body whose connection ended: 200 without keep-alive.
+        let mut c = RxConn::new(LingerLimits::default());
+        c.on_head(HEAD, known).unwrap();
+        c.on_body_done(Ok(()), true, "t[c]");
+        assert!(String::from_utf8(sent_all(&mut c)).unwrap().contains("Connection: close"));
     }
 }

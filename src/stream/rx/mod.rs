@@ -4,14 +4,16 @@
 //! - The listener accepts on shard 0 and deals each connection to the shard
 //!   that processes its packets. That shard does all of the connection's
 //!   I/O on its ring: receives go straight into the connection's
-//!   [`Pipe`](super::pipe::Pipe), and it parses request heads, answers bad
-//!   ones with a 4xx, and writes the responses (`conn.rs`).
+//!   [`Pipe`](super::pipe::Pipe) and writes the responses (`shard.rs`, a
+//!   thin driver). What a head means, which ones are refused with a 4xx,
+//!   and how a connection ends are the sans-IO core's (`conn.rs`).
 //! - A body is decoded by the connection's own thread (`worker.rs`), which
 //!   calls the handler once per object with a reader bounded to that
 //!   object. Handlers may block (write a file, say) without stalling the
 //!   shard; a slow handler slows its own sender through TCP, as in AIStore.
 
-mod conn;
+pub(crate) mod conn;
+mod shard;
 mod worker;
 
 use std::collections::{HashMap, VecDeque};
@@ -284,7 +286,7 @@ impl Receiver {
             closed: AtomicBool::new(false),
             totals: Mutex::new(HashMap::new()),
         });
-        conn::install(&shared, &listener)?;
+        shard::install(&shared, &listener)?;
         Ok(Receiver { shared, listener, addr })
     }
 
@@ -355,7 +357,7 @@ impl Receiver {
         if self.shared.closed.swap(true, Ordering::SeqCst) {
             return;
         }
-        conn::uninstall(&self.shared, &self.listener);
+        shard::uninstall(&self.shared, &self.listener);
     }
 }
 

@@ -9,7 +9,12 @@
 //! the same session id. `fin` ends the stream gracefully; `stop` aborts it.
 //!
 //! Back-pressure: at most `burst` objects may be queued or in flight; past
-//! that, `send` blocks until completions make room.
+//! that, `send` blocks until completions make room. A [`Body::Reader`] is
+//! read by the thread that calls `send`, into chunks of 256 KiB, at most
+//! 4 MiB of them waiting per stream: `send` returns once the reader is
+//! read, and a reader that blocks holds up only its own thread and stream.
+//!
+//! The rules live in a sans-IO core (`conn.rs`); `shard.rs` drives it.
 
 pub(crate) mod batch;
 pub(crate) mod conn;

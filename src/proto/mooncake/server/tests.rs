@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::proto::linger::LingerLimits;
 use crate::proto::mooncake::harness::server::Harness;
 use crate::proto::mooncake::tcp::{STATUS_OK, STATUS_REJECTED, encode_status};
 
@@ -140,7 +141,7 @@ fn a_rejection_mid_pipeline_answers_1_runs_nothing_after_and_drains() {
 
 #[test]
 fn the_drain_is_bounded_in_bytes_and_time() {
-    let limits = Limits { drain_bytes_max: 10_000, ..Limits::default() };
+    let limits = Limits { linger: LingerLimits { bytes_max: 10_000, ..LingerLimits::default() }, ..Limits::default() };
     let mut h = Harness::new(limits);
     h.feed(&header(Opcode::Read, 0x10, 8, true));
     assert!(h.s.poll_half_close() || h.s.next_deadline().is_some());
