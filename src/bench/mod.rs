@@ -1,6 +1,7 @@
 //! Benchmarks that measure shardwire against its anchors in the same run and
 //! report ratios. They back `shardwire bench ...` and `cargo bench`.
 
+pub mod batches;
 pub mod runtime;
 pub mod stream;
 pub mod transfer;

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::{TeError, TeResult, code};
@@ -242,6 +242,9 @@ pub const BATCHES_MAX: usize = 1 << 20;
 pub struct BatchTable {
     next: AtomicU64,
     live: Mutex<HashMap<u64, Arc<Batch>>>,
+    /// Signalled when a batch is forgotten (room for a waiting insert).
+    room: Condvar,
+    limit: usize,
 }
 
 impl Default for BatchTable {
@@ -257,18 +260,32 @@ impl BatchTable {
         let seed =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
         let start = (seed ^ (u64::from(std::process::id()) << 40)) & 0x0000_ffff_ffff_ff00 | 0x0001_0000_0000_0000;
-        Self { next: AtomicU64::new(start), live: Mutex::new(HashMap::new()) }
+        Self { next: AtomicU64::new(start), live: Mutex::new(HashMap::new()), room: Condvar::new(), limit: BATCHES_MAX }
+    }
+
+    /// A table of at most `limit` batches.
+    pub fn with_limit(limit: usize) -> Self {
+        Self { limit: limit.max(1), ..Self::new() }
     }
 
     /// Files a batch and returns its id (never 0: 0 is Mooncake's failure
-    /// sentinel for the async APIs).
-    pub fn insert(&self, batch: Arc<Batch>) -> TeResult<u64> {
+    /// sentinel for the async APIs). With the table full, waits for room
+    /// until `deadline` (another thread checking or waiting on a batch
+    /// makes room), then fails with `TOO_MANY_REQUESTS`.
+    pub fn insert(&self, batch: Arc<Batch>, deadline: Instant) -> TeResult<u64> {
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-        if live.len() >= BATCHES_MAX {
-            return Err(TeError::new(
-                code::TOO_MANY_REQUESTS,
-                format!("{BATCHES_MAX} batches are outstanding; check or wait on some first"),
-            ));
+        while live.len() >= self.limit {
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(TeError::new(
+                    code::TOO_MANY_REQUESTS,
+                    format!(
+                        "{} batches stayed outstanding until the transfer timeout; check or wait on some",
+                        self.limit
+                    ),
+                ));
+            }
+            live = self.room.wait_timeout(live, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         live.insert(id, batch);
@@ -286,7 +303,9 @@ impl BatchTable {
 
     /// Forgets a batch; its slices, if any still run, finish on their own.
     pub fn remove(&self, id: u64) {
-        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+        if self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&id).is_some() {
+            self.room.notify_all();
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -372,12 +391,31 @@ mod tests {
     #[test]
     fn table_ids_are_nonzero_and_bogus_ids_are_errors() {
         let t = BatchTable::new();
-        let id = t.insert(Batch::new("peer:1", &[0], &[0], later())).unwrap();
+        let id = t.insert(Batch::new("peer:1", &[0], &[0], later()), later()).unwrap();
         assert_ne!(id, 0);
         assert!(t.get(id).is_ok());
         assert_eq!(t.get(id ^ 0xdead).unwrap_err().code(), code::INVALID_ARGUMENT);
         assert_eq!(t.get(0).unwrap_err().code(), code::INVALID_ARGUMENT);
         t.remove(id);
         assert!(t.get(id).is_err());
+    }
+
+    #[test]
+    fn a_full_table_makes_the_caller_wait_then_fail() {
+        let t = Arc::new(BatchTable::with_limit(2));
+        let a = t.insert(Batch::new("p", &[0], &[0], later()), later()).unwrap();
+        t.insert(Batch::new("p", &[0], &[0], later()), later()).unwrap();
+        let soon = Instant::now() + Duration::from_millis(50);
+        let e = t.insert(Batch::new("p", &[0], &[0], later()), soon).unwrap_err();
+        assert_eq!(e.code(), code::TOO_MANY_REQUESTS);
+        // Room made by another thread lets a waiting insert through.
+        let t2 = t.clone();
+        let waiter = std::thread::spawn(move || t2.insert(Batch::new("p", &[0], &[0], later()), later()));
+        while !waiter.is_finished() && t.len() == 2 {
+            t.remove(a);
+            std::thread::yield_now();
+        }
+        assert!(waiter.join().unwrap().is_ok());
+        assert_eq!(t.len(), 2);
     }
 }

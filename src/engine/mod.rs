@@ -489,7 +489,7 @@ impl TransferEngine {
         if let Some(hook) = on_settle {
             batch.set_on_settle(hook);
         }
-        engine.batches.insert(batch)
+        engine.batches.insert(batch, Instant::now() + engine.timeout)
     }
 
     /// [`TransferEngine::batch_transfer_async`] from parallel lists.

@@ -105,6 +105,30 @@ enum BenchWhat {
     Runtime(RuntimeBenchArgs),
     /// Object streams: a sender and a receiver on loopback.
     Stream(StreamBenchArgs),
+    /// One huge batch against many batches of 1,000, the same bytes.
+    Batches(BatchesBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BatchesBenchArgs {
+    /// Requests in all.
+    #[arg(long, default_value_t = 1_000_000)]
+    requests: usize,
+    /// Requests per batch in the many-batches run.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Bytes per request.
+    #[arg(long = "block_size", default_value_t = 4096)]
+    block_size: u64,
+    /// read or write.
+    #[arg(long, default_value = "write", value_parser = ["read", "write"])]
+    operation: String,
+    /// Runs of each shape (interleaved; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Print the report as JSON too.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -163,6 +187,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => match &args.what {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
             Some(BenchWhat::Stream(s)) => stream_bench(s),
+            Some(BenchWhat::Batches(b)) => batches_bench(b),
             None => transfer_bench(&args.transfer),
         },
     };
@@ -270,6 +295,29 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
     println!("{}", report.mooncake_line(&options.report_unit, options.report_precision));
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+fn batches_bench(a: &BatchesBenchArgs) -> Result<(), String> {
+    use shardwire::bench::batches::{Options, run};
+    let operation = if a.operation == "read" {
+        shardwire::proto::mooncake::tcp::Opcode::Read
+    } else {
+        shardwire::proto::mooncake::tcp::Opcode::Write
+    };
+    let o = Options {
+        requests: a.requests,
+        batch: a.batch,
+        block_size: a.block_size,
+        operation,
+        repeats: a.repeats,
+        ..Options::default()
+    };
+    let r = run(&o)?;
+    print!("{}", r.render());
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     }
     Ok(())
 }

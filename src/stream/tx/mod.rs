@@ -382,8 +382,10 @@ impl Stream {
             let e = format!("{}: {} bytes given, {} declared", hdr.name, b.len(), hdr.attrs.size);
             return reject(hdr, cb, StreamError::Object(e));
         }
-        // Back-pressure: wait for room in the burst.
+        // Back-pressure: wait for room in the burst, as long as a send may
+        // take (a stream that moves nothing for that long is broken).
         {
+            let deadline = Instant::now() + s.options.send_timeout;
             let mut o = s.outstanding.lock().expect("burst lock");
             while *o >= s.options.burst {
                 if s.termination().is_some() {
@@ -391,7 +393,13 @@ impl Stream {
                     let t = s.termination().expect("checked");
                     return reject(hdr, cb, StreamError::Terminated(Box::new(term_error(t))));
                 }
-                o = s.room.wait_timeout(o, Duration::from_millis(100)).expect("burst lock").0;
+                let now = Instant::now();
+                if now >= deadline {
+                    drop(o);
+                    let e = format!("{} objects stayed in flight for {:?}", s.options.burst, s.options.send_timeout);
+                    return reject(hdr, cb, StreamError::Network(e));
+                }
+                o = s.room.wait_timeout(o, (deadline - now).min(Duration::from_millis(100))).expect("burst lock").0;
             }
             *o += 1;
         }
