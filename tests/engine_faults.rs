@@ -216,3 +216,35 @@ fn shutdown_with_transfers_in_flight_settles_them_and_returns() {
     assert!(e.transfer_check_status(ids[0]).is_err(), "the engine is gone");
     assert!(e.get_rpc_port().is_err());
 }
+
+/// `cancel_transfer` takes back what has not gone out: against a peer that
+/// never answers, the queued requests settle as canceled at once (the batch
+/// fails, it does not wait for the transfer timeout); shutdown ends the rest.
+#[test]
+fn cancel_takes_back_what_is_still_queued() {
+    use shardwire::engine::{TransferOpcode, TransferRequest};
+    let peer = SilentPeer::start();
+    let e = engine_with_timeout(Duration::from_secs(60));
+    let local = e.allocate_managed_buffer(4 << 20).unwrap();
+    // 1,000 writes of 4 KiB: far more than the in-flight cap lets out.
+    let requests: Vec<TransferRequest> = (0..1000u64)
+        .map(|i| TransferRequest {
+            opcode: TransferOpcode::Write,
+            source: local + i * 4096,
+            target_offset: (1 << 32) + i * 4096,
+            length: 4096,
+        })
+        .collect();
+    let id = e.batch_transfer_async(&peer.name, &requests).unwrap();
+    assert_eq!(e.batch_states(&[id]).unwrap()[0], Ok(BatchState::Pending));
+    e.cancel_transfer(id).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while e.batch_states(&[id]).unwrap()[0] == Ok(BatchState::Pending) {
+        assert!(Instant::now() < deadline, "the cancel never landed");
+        thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(e.batch_states(&[id]).unwrap()[0], Ok(BatchState::Failed), "canceled, not timed out");
+    assert!(e.cancel_transfer(0xdead).is_err(), "a bogus id is an error");
+    e.shutdown();
+    peer.stop.store(true, Ordering::Relaxed);
+}

@@ -117,3 +117,46 @@ fn tiny_inflight_cap_still_moves_every_byte() {
     initiator.batch_transfer_sync(&name, &reads, None).unwrap();
     assert!(initiator.read_bytes_from_buffer(local + size, at).unwrap() == data);
 }
+
+/// One batch far larger than what a shard may hold: the caller waits for
+/// room as requests settle, the queues never pass their bound, and every
+/// byte lands.
+#[test]
+fn a_huge_batch_is_submitted_within_the_queue_bound() {
+    use shardwire::engine::{TransferOpcode, TransferRequest};
+    use shardwire::transport::tcp::QUEUED_PER_SHARD_MAX;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let (target, initiator) = (engine(), Arc::new(engine()));
+    let block = 64u64;
+    let requests = 4 * QUEUED_PER_SHARD_MAX as u64;
+    let remote = target.allocate_managed_buffer(requests * block).unwrap();
+    let local = initiator.allocate_managed_buffer(requests * block).unwrap();
+    let data: Vec<u8> = (0..requests * block).map(|i| (i % 253) as u8).collect();
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    let batch: Vec<TransferRequest> = (0..requests)
+        .map(|i| TransferRequest {
+            opcode: TransferOpcode::Write,
+            source: local + i * block,
+            target_offset: remote + i * block,
+            length: block,
+        })
+        .collect();
+    let (done, most) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)));
+    let (d, m, i) = (done.clone(), most.clone(), initiator.clone());
+    let sampler = std::thread::spawn(move || {
+        while !d.load(Ordering::Relaxed) {
+            for q in i.queued_requests().unwrap() {
+                m.fetch_max(q, Ordering::Relaxed);
+            }
+            std::thread::yield_now();
+        }
+    });
+    initiator.batch_transfer_sync(&target.segment_name().unwrap(), &batch, None).unwrap();
+    done.store(true, Ordering::Relaxed);
+    sampler.join().unwrap();
+    assert!(target.read_bytes_from_buffer(remote, requests * block).unwrap() == data);
+    let most = most.load(Ordering::Relaxed);
+    assert!(most > 0 && most <= QUEUED_PER_SHARD_MAX, "at most {most} queued per shard");
+    assert!(initiator.queued_requests().unwrap().iter().all(|&q| q == 0), "every credit returned");
+}

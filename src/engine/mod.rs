@@ -632,6 +632,27 @@ impl TransferEngine {
         Ok(filtered.to_json())
     }
 
+    /// Cancels what has not gone out of an async batch: those requests
+    /// settle as canceled (the batch then reports failed); what is on the
+    /// wire finishes, or times out, on its own. Beyond Mooncake, which has
+    /// no way to take a submitted transfer back.
+    pub fn cancel_transfer(&self, batch_id: u64) -> TeResult<()> {
+        let engine = self.engine()?;
+        let batch = engine.batches.get(batch_id)?;
+        let sink: Arc<dyn Sink> = batch;
+        for t in &engine.transports {
+            t.cancel(&sink);
+        }
+        Ok(())
+    }
+
+    /// Requests handed to each shard's TCP client and not yet settled
+    /// (diagnostics: submission keeps each at most
+    /// [`QUEUED_PER_SHARD_MAX`](crate::transport::tcp::QUEUED_PER_SHARD_MAX)).
+    pub fn queued_requests(&self) -> TeResult<Vec<usize>> {
+        Ok(self.engine()?.tcp.queued())
+    }
+
     /// Stops the engine: no new transfers; connections close; memory the
     /// engine manages is released. Also done on drop.
     pub fn shutdown(&self) {

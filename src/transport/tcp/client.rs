@@ -431,8 +431,11 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
         let c = conn_rc.borrow();
         (c.peer, c.shard.upgrade(), c.credits.clone(), c.shard_id)
     };
-    let mut retry = Vec::new();
-    let mut finished = 0;
+    // Credits go back before the tickets settle: whoever a settlement
+    // wakes finds the room already there.
+    let retries = settled.iter().filter(|(_, how)| *how == Settle::Retry).count();
+    credits.release(shard_id, settled.len() - retries);
+    let mut retry = Vec::with_capacity(retries);
     for (r, how) in settled {
         match how {
             Settle::Retry => retry.push(r),
@@ -442,14 +445,14 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
             Settle::TimedOut(why) => r.ticket.fail(TransferStatus::Timeout, &why),
             Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
         }
-        finished += 1;
     }
-    finished -= retry.len();
-    credits.release(shard_id, finished);
     if !retry.is_empty() {
         match shard {
             Some(shard) => ClientShard::submit(&shard, ctx, peer, retry),
-            None => drop(retry), // each fails in Drop
+            None => {
+                credits.release(shard_id, retry.len());
+                drop(retry); // each fails in Drop
+            }
         }
     }
 }
