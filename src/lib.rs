@@ -5,61 +5,77 @@
 //! Mooncake's Transfer Engine protocols and AIStore's object-stream
 //! framing, so it can replace either peer without the other side noticing.
 //!
+//! ## Layers (each looks only down)
+//!
 //! ```text
-//!   caller threads (Rust, Python, CLI)          RPC thread (P2P handshake)
-//!        │ TransferEngine: check, slice, stripe        │ Metadata/Notify/Probe
-//!        │ per-thread SPSC ring, made on first use     │
-//!        ▼                                             ▼
-//!   ┌────────────── shard 0 ──────────────┐ SPSC ┌──────── shard 1 ────────┐
-//!   │ pinned to its planned CPU           │◀────▶│ ...                     │
-//!   │ one io_uring, CQ reaped in userspace│      │                         │
-//!   │ TCP client: a pipelined connection  │      │                         │
-//!   │   per peer; TCP server sessions     │      │                         │
-//!   │ object streams: send batches, HTTP  │      │                         │
-//!   │   heads, receives into pipes        │      │                         │
-//!   │ timers, poll hooks, local queue     │      │                         │
-//!   │ parks on an eventfd when idle       │      │                         │
-//!   └─────────────────────────────────────┘      └─────────────────────────┘
-//!        │ pipe (one per received stream)
-//!        ▼
-//!   decoding thread: frames -> handler calls, one object at a time
+//!   python/, bin/        the PyO3 module, the CLI; bench/ (anchored measurements)
+//!   engine/              Mooncake's API: batches, status, segments; picks a transport per segment
+//!   stream/              object streams: tx and rx (a sans-IO core + a shard driver each), bundles
+//!   transport/           the Transport trait; requests, tickets, the Sink the engine implements;
+//!                        tcp/: io_uring client and server drivers, and the caller-thread driver
+//!   meta/                P2P handshake, etcd
+//!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
+//!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
+//!   config, error        every environment variable, checked; the error type and Mooncake's codes
 //! ```
 //!
-//! - **[`topo`]** reads the machine (CPUs, NUMA nodes, NICs, GPUs) from a
-//!   sysfs root, or the NIC matrix from `MC_CUSTOM_TOPO_JSON`, and derives a
-//!   placement plan: one shard per physical core (or `SHARDWIRE_CORES`).
-//! - **[`runtime`]** starts one shard per planned CPU: a pinned thread owning
-//!   one io_uring (SINGLE_ISSUER + DEFER_TASKRUN where the kernel has them).
-//!   Its loop reaps completions in userspace, drains its inbound SPSC rings,
-//!   runs timers and poll hooks, enters the kernel only when it must, and
-//!   parks on an eventfd after an adaptive spin budget. Producers write the
-//!   eventfd only when the shard is parked. A panicking job fails alone.
-//! - **[`proto`]** holds the sans-IO codecs: Mooncake's handshake frames and
-//!   JSON messages, its TCP v2 header and status frames, and AIStore's
-//!   objstream frames, PDUs and LZ4 framing.
-//! - **[`engine`]** is the Mooncake-shaped API: registered memory (pinned
-//!   while in use), managed buffers (a merging buddy allocator), batches with
-//!   ids that are table keys, segments found through [`meta`].
-//! - **[`transport`]** carries transfers on the shards: each shard keeps one
-//!   pipelined TCP connection per peer and serves the sessions the data port
-//!   accepts, moving bytes straight between sockets and registered memory.
-//! - **[`meta`]** finds peers: the P2P handshake (a concurrent RPC server
-//!   and client) or etcd, in Mooncake's key layout, with leased keys.
-//! - **[`stream`]** carries AIStore-style object streams: a sender whose
-//!   shard frames queued objects into one long HTTP PUT, a receiver whose
-//!   shards parse HTTP and fill per-connection pipes that a decoding thread
-//!   turns into handler calls, and bundles of streams to many nodes.
-//! - **[`http`]** is our sans-IO HTTP/1.1 layer on `httparse`.
-//! - **[`bench`](mod@bench)** measures against anchors in the same run.
+//! A transfer: the engine checks both ends, slices and stripes the
+//! requests, and hands each (with a [`transport::request::Ticket`]: its pin
+//! and the batch to settle into) to the segment's transport. TCP deals them
+//! to the shards, at most a bounded number per shard (the caller waits for
+//! room), where a driver feeds one [`proto::mooncake::client::ClientConn`]
+//! per peer; the peer's shard drives one
+//! [`proto::mooncake::server::ServerSession`] per connection. One small
+//! synchronous request skips the shards: the calling thread drives the same
+//! client core over a blocking socket (the direct path). Either way every
+//! request settles exactly once.
 //!
-//! Protocol logic is free of I/O, so codecs are tested and fuzzed without
-//! sockets. Every queue, frame and retry has a limit, and every transfer
-//! settles exactly once: done, failed, or timed out.
+//! ```text
+//!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)
+//!     │ TransferEngine: check, slice, stripe, route     │ Metadata/Notify/Probe
+//!     │──── one small sync request ─────┐               │
+//!     ▼ bounded hand-off (SPSC ring)    ▼ direct path: ClientConn over a blocking socket
+//!   ┌────────────── shard 0 ──────────────┐ SPSC ┌──────── shard 1 ────────┐
+//!   │ pinned; one io_uring, CQ in userspace│◀────▶│ ...                     │
+//!   │ TCP: ClientConn per peer,            │      │                         │
+//!   │      ServerSession per connection    │      │                         │
+//!   │ streams: TxConn per stream,          │      │                         │
+//!   │      RxConn per connection (+ pipe)  │      │                         │
+//!   │ timers, poll hooks; parks when idle  │      │                         │
+//!   └──────────────────────────────────────┘      └─────────────────────────┘
+//!        │ pipe (one per received stream)      ▲ chunks read by the sending thread
+//!        ▼                                     │ (readers never run on a shard)
+//!   decoding thread: frames -> handler calls
+//! ```
+//!
+//! - **[`config`]** reads and range-checks every `MC_*`, `SHARDWIRE_*` and
+//!   `AIS_*` variable; a bad value stops `initialize`, a stream, a receiver
+//!   or the CLI with a message naming it.
+//! - **[`topo`]** reads the machine from a sysfs root (or the NIC matrix
+//!   from `MC_CUSTOM_TOPO_JSON`) and derives a placement plan.
+//! - **[`runtime`]** runs one pinned shard per planned CPU, each owning one
+//!   io_uring; its loop reaps completions in userspace, drains its SPSC
+//!   rings, runs timers and poll hooks, and parks on an eventfd after an
+//!   adaptive spin.
+//! - **[`mem`]** keeps registered regions and their pins (unregistering
+//!   waits for pins to drain), managed buffers, and fault-safe probes.
+//! - **[`proto`]** and **[`http`]** hold every protocol rule without I/O:
+//!   Mooncake's handshake and TCP v2 codecs and connection cores, AIStore's
+//!   objstream frames, half-close-and-drain, HTTP heads and bodies.
+//! - **[`transport`]** carries requests: [`transport::Transport`] is the
+//!   seam every data plane implements (TCP today).
+//! - **[`meta`]** finds peers: the P2P handshake or etcd.
+//! - **[`stream`]** carries AIStore-style object streams.
+//! - **[`engine`]** is the Mooncake-shaped API on top.
+//!
+//! Every queue, frame and retry has a limit, and every transfer and object
+//! settles exactly once: done, failed, canceled or timed out.
 //!
 //! ## Where to read next
 //!
-//! - [`engine`] for the API, [`transport::tcp::client`] and
-//!   [`transport::tcp::server`] for the data plane.
+//! - [`engine`] for the API; [`transport`] for the seam;
+//!   [`proto::mooncake::client`] and [`proto::mooncake::server`] for the
+//!   data protocol's rules, [`transport::tcp`] for their drivers.
 //! - [`runtime::shard`] for the loop, [`runtime::park`] for the wake
 //!   protocol, [`runtime::spsc`] for the ring.
 //! - `README.md` for the commands, the environment variables and the latest

@@ -5,7 +5,7 @@
 //! Registration asks [`check_mapped`] first, so an address that is not
 //! memory of this process (`register_memory(0xdeadbeef000, 4096)`) is
 //! refused instead of faulting the first transfer that touches it. The
-//! engine's byte helpers copy with [`read`] and [`write`], which go through
+//! engine's byte helpers copy with [`read()`] and [`write()`], which go through
 //! `process_vm_readv`/`process_vm_writev` on this process: the kernel does
 //! the copy and reports `EFAULT` for memory that went away.
 
