@@ -138,6 +138,28 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
+/// A request head as a client writes it: the request line, the fields in
+/// order, and the blank line. Names and values must not hold CR or LF
+/// (they would end the head early); those are refused.
+pub fn write_head(method: &str, path: &str, fields: &[(&str, &str)]) -> Result<Vec<u8>, HttpError> {
+    let bad = |t: &str| t.contains(['\r', '\n']);
+    if bad(method) || bad(path) || path.contains(' ') || method.is_empty() {
+        return Err(HttpError::Head(format!("cannot write {method:?} {path:?} as a request line")));
+    }
+    let mut out = format!("{method} {path} HTTP/1.1\r\n");
+    for (name, value) in fields {
+        if bad(name) || bad(value) || name.is_empty() || name.contains(':') {
+            return Err(HttpError::Head(format!("cannot write the field {name:?}: {value:?}")));
+        }
+        out.push_str(name);
+        out.push_str(": ");
+        out.push_str(value);
+        out.push_str("\r\n");
+    }
+    out.push_str("\r\n");
+    Ok(out.into_bytes())
+}
+
 /// A whole response with a JSON or empty body.
 pub fn response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} {}\r\nContent-Length: {}\r\n", reason(status), body.len());
@@ -199,6 +221,17 @@ mod tests {
         assert_eq!(status(format!("PUT / HTTP/1.1\r\n{many}\r\n").as_bytes()), 431);
         let long = format!("PUT / HTTP/1.1\r\nX: {}\r\n", "v".repeat(HEAD_BYTES_MAX));
         assert_eq!(status(long.as_bytes()), 431);
+    }
+
+    #[test]
+    fn written_heads_parse_back_and_injection_is_refused() {
+        let head = write_head("PUT", "/v1/objstream/t", &[("Host", "h:1"), ("Transfer-Encoding", "chunked")]).unwrap();
+        let (h, n) = parse_head(&head).unwrap().unwrap();
+        assert_eq!((n, h.method.as_str(), h.framing), (head.len(), "PUT", BodyFraming::Chunked));
+        assert_eq!(h.field("host"), Some("h:1"));
+        assert!(write_head("PUT", "/a b", &[]).is_err());
+        assert!(write_head("PUT", "/", &[("X", "1\r\nEvil: 2")]).is_err());
+        assert!(write_head("PUT", "/", &[("X:Y", "1")]).is_err());
     }
 
     #[test]

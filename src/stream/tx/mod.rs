@@ -301,8 +301,11 @@ impl Stream {
             .map_err(|e| StreamError::Network(format!("{host}: {e}")))?
             .next()
             .ok_or_else(|| StreamError::Network(format!("{host}: no address")))?;
-        if trname.is_empty() || trname.contains('/') {
+        if trname.is_empty() || trname.contains(['/', ' ', '\r', '\n']) {
             return Err(StreamError::Network(format!("bad trname {trname:?}")));
+        }
+        if options.caller_id.contains(['\r', '\n']) || host.contains(['\r', '\n', ' ']) {
+            return Err(StreamError::Network("the caller id and the host must not hold spaces or line breaks".into()));
         }
         if let Some(p) = options.pdu_size {
             if p == 0 || p > MAX_PDU_PAYLOAD {

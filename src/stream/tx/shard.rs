@@ -181,21 +181,24 @@ fn with(ctx: &mut ShardCtx, weak: &Weak<RefCell<Tx>>, f: impl FnOnce(&mut TxConn
     }
 }
 
+/// The head every PUT of the stream opens with.
 fn request_head(s: &TxShared) -> Vec<u8> {
-    let mut h = format!(
-        "PUT {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: shardwire/{}\r\nTransfer-Encoding: chunked\r\n\
-         Content-Type: application/octet-stream\r\nAis-Session-Id: {}\r\nAis-Caller-Id: {}\r\n",
-        s.path,
-        s.host,
-        env!("CARGO_PKG_VERSION"),
-        s.session,
-        s.options.caller_id
-    );
+    let session = s.session.to_string();
+    let agent = concat!("shardwire/", env!("CARGO_PKG_VERSION"));
+    let mut fields = vec![
+        ("Host", s.host.as_str()),
+        ("User-Agent", agent),
+        ("Transfer-Encoding", "chunked"),
+        ("Content-Type", "application/octet-stream"),
+        ("Ais-Session-Id", session.as_str()),
+        ("Ais-Caller-Id", s.options.caller_id.as_str()),
+    ];
     if s.options.compression.is_some() {
-        h.push_str("Ais-Compress: lz4\r\n");
+        fields.push(("Ais-Compress", "lz4"));
     }
-    h.push_str("\r\n");
-    h.into_bytes()
+    // The path and host were checked when the stream was made, and the
+    // caller id is checked there too: writing cannot fail.
+    crate::http::request::write_head("PUT", &s.path, &fields).expect("a checked head")
 }
 
 fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
