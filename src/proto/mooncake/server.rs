@@ -87,7 +87,12 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            staging_bytes: 64 << 10,
+            // 256 KiB: a run of about sixty 4 KiB writes per receive (4 KiB
+            // writes went from 2.3 to 2.5 GB/s on loopback against 64 KiB).
+            // Its pages are touched only as far as receives fill it, so a
+            // session moving large payloads (received in place) or reads
+            // keeps little of it resident.
+            staging_bytes: 256 << 10,
             staged_payload_max: 16 << 10,
             payload_with_next_max: 256 << 10,
             piece_bytes_max: 1 << 30,

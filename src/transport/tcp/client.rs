@@ -156,7 +156,7 @@ impl ClientShard {
         if requests.is_empty() {
             return;
         }
-        let (conn, credits, shard) = {
+        let (conn, fresh, credits, shard) = {
             let mut s = this.borrow_mut();
             let (credits, shard) = (s.credits.clone(), s.shard);
             if s.closed {
@@ -167,8 +167,8 @@ impl ClientShard {
                 }
                 return;
             }
-            let conn = match s.conns.get(&peer) {
-                Some(c) => c.clone(),
+            match s.conns.get(&peer) {
+                Some(c) => (c.clone(), false, credits, shard),
                 None => {
                     s.next_id += 1;
                     let deadline = Instant::now() + s.limits.connect_timeout;
@@ -185,16 +185,13 @@ impl ClientShard {
                         rcvlowat: 1,
                         timer: None,
                         shut: false,
-                        credits: s.credits.clone(),
-                        shard_id: s.shard,
+                        credits: credits.clone(),
+                        shard_id: shard,
                     }));
                     s.conns.insert(peer, conn.clone());
-                    drop(s);
-                    start_connect(ctx, &conn);
-                    conn
+                    (conn, true, credits, shard)
                 }
-            };
-            (conn, credits, shard)
+            }
         };
         let mut refused = Vec::new();
         {
@@ -205,20 +202,31 @@ impl ClientShard {
                 }
             }
         }
-        pump(ctx, &conn);
         if !refused.is_empty() {
-            // The connection began closing under us: a fresh one takes
-            // them (the core refuses only while closing; the credits keep
-            // its queue below its bound).
-            if this.borrow().conns.get(&peer).is_some_and(|c| Rc::ptr_eq(c, &conn)) {
+            if !fresh && conn.borrow().core.is_closing() {
+                // A closing connection still in the table: take it out, and
+                // a fresh one (which takes everything) gets the requests.
+                let mut s = this.borrow_mut();
+                if s.conns.get(&peer).is_some_and(|c| Rc::ptr_eq(c, &conn)) {
+                    s.conns.remove(&peer);
+                }
+                drop(s);
+                Self::submit(this, ctx, peer, refused);
+            } else {
+                // The credits keep a live queue below its bound: a bug.
+                debug_assert!(false, "a live connection refused {} requests", refused.len());
                 credits.release(shard, refused.len());
                 for r in refused {
-                    r.ticket.fail(TransferStatus::Failed, "the connection refused more requests");
+                    r.ticket.fail(TransferStatus::Failed, "the connection refused the request");
                 }
-            } else {
-                Self::submit(this, ctx, peer, refused);
             }
         }
+        // Connect after queueing: a connect that fails at once then fails
+        // what was queued, through the core.
+        if fresh {
+            start_connect(ctx, &conn);
+        }
+        pump(ctx, &conn);
     }
 
     /// Cancels every queued request of `sink`, on every connection.
