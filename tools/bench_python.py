@@ -23,12 +23,13 @@ KIB, MIB = 1024, 1024 * 1024
 
 def measure(impl, samples, duration, sizes):
     """Runs in a child process per engine, so the two never share a process."""
-    if impl == "shardwire":
+    if impl in ("shardwire", "baseline"):
         from shardwire import TransferEngine
     else:
         from mooncake.engine import TransferEngine
     buffer_size = 64 * MIB
-    env = dict(os.environ, PEER_IMPL=impl, MC_FORCE_TCP="1", GLOG_minloglevel="2")
+    env = dict(os.environ, PEER_IMPL="shardwire" if impl == "baseline" else impl, MC_FORCE_TCP="1",
+               GLOG_minloglevel="2")
     peer = subprocess.Popen([sys.executable, PEER, "target", str(buffer_size)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True, env=env)
     ready = peer.stdout.readline().split()
@@ -81,18 +82,24 @@ def main():
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3, help="runs per engine; the median of each figure is kept")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--baseline", help="a directory holding another shardwire package (an earlier commit's build), "
+                                       "measured alongside: an A/B in one run")
     args = ap.parse_args()
     sizes = [64 * KIB, 1 * MIB, 16 * MIB]
     if args.child:
         print(json.dumps(measure(args.child, args.samples, args.duration, sizes)))
         return
-    runs = {"mooncake": [], "shardwire": []}
+    impls = ["mooncake", "shardwire"] + (["baseline"] if args.baseline else [])
+    runs = {impl: [] for impl in impls}
     for rep in range(args.repeats):
-        # Alternate the engines so drift hits both alike.
-        for impl in ("mooncake", "shardwire"):
+        # Alternate the engines so drift hits all alike.
+        for impl in impls:
             print(f"bench: {impl} (run {rep + 1})", file=sys.stderr, flush=True)
+            env = dict(os.environ)
+            if impl == "baseline":
+                env["PYTHONPATH"] = os.path.abspath(args.baseline) + os.pathsep + env.get("PYTHONPATH", "")
             out = subprocess.run([sys.executable, __file__, "--child", impl, "--duration", str(args.duration),
-                                  "--samples", str(args.samples)], capture_output=True, text=True, check=True)
+                                  "--samples", str(args.samples)], capture_output=True, text=True, check=True, env=env)
             runs[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     results = {}
     for impl, rs in runs.items():
@@ -100,17 +107,25 @@ def main():
     m, s = results["mooncake"], results["shardwire"]
     print(f"Python, loopback, a target process each; {args.samples} timed 4 KiB writes; {args.duration:g} s per "
           f"throughput figure; median of {args.repeats} runs each; GB/s = 1e9 bytes/s.\n")
-    print("| measure | Mooncake wheel | shardwire | ratio |")
-    print("|---|---:|---:|---:|")
-    print(f"| 4 KiB transfer_sync_write p50 | {m['lat4k_p50_us']:.1f} µs | {s['lat4k_p50_us']:.1f} µs | "
-          f"{m['lat4k_p50_us'] / s['lat4k_p50_us']:.1f}x faster |")
-    print(f"| 4 KiB transfer_sync_write p99 | {m['lat4k_p99_us']:.1f} µs | {s['lat4k_p99_us']:.1f} µs | "
-          f"{m['lat4k_p99_us'] / s['lat4k_p99_us']:.1f}x faster |")
+    base = results.get("baseline")
+    extra = " baseline | vs baseline |" if base else ""
+    print("| measure | Mooncake wheel | shardwire | ratio |" + extra)
+    print("|---|---:|---:|---:|" + ("---:|---:|" if base else ""))
+    for q in ("p50", "p99"):
+        k = f"lat4k_{q}_us"
+        line = f"| 4 KiB transfer_sync_write {q} | {m[k]:.1f} µs | {s[k]:.1f} µs | {m[k] / s[k]:.1f}x faster |"
+        if base:
+            line += f" {base[k]:.1f} µs | {base[k] / s[k]:.2f}x faster |"
+        print(line)
     for size in sizes:
         label = f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
         for kind, what in (("sync", "transfer_sync_write"), ("batch", "batch of 16")):
-            a, b = m[f"{kind}_{size}_gbps"], s[f"{kind}_{size}_gbps"]
-            print(f"| {label} {what} | {a:.2f} GB/s | {b:.2f} GB/s | {b / a:.1f}x |")
+            k = f"{kind}_{size}_gbps"
+            a, b = m[k], s[k]
+            line = f"| {label} {what} | {a:.2f} GB/s | {b:.2f} GB/s | {b / a:.1f}x |"
+            if base:
+                line += f" {base[k]:.2f} GB/s | {b / base[k]:.2f}x |"
+            print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
