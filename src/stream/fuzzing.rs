@@ -44,7 +44,8 @@ pub fn objstream_sender(data: &[u8]) {
             match a {
                 Action::Connect => core.on_connected(),
                 Action::Send => *sent_out = core.batch().map_or(0, |b| b.total()),
-                Action::Complete(o, _) => {
+                Action::Complete => {
+                    let (o, _) = core.take_completed().expect("one per Complete");
                     let i: usize = o.hdr.name.parse().expect("named by index");
                     completed[i] += 1;
                 }

@@ -41,8 +41,8 @@ pub enum Action {
     IdleTimer(Duration),
     /// Call `on_watchdog(seen)` after this long.
     Watchdog(Duration, u64),
-    /// The object is done with.
-    Complete(Box<Outgoing>, Result<(), StreamError>),
+    /// The next object of [`TxConn::take_completed`] is done with.
+    Complete,
     /// A batch of this many body bytes went out.
     Sent { body_bytes: u64 },
     /// The stream went idle (true) or busy.
@@ -96,11 +96,15 @@ pub struct TxConn {
     answered: Option<bool>,
     response: Vec<u8>,
     idle_armed: bool,
+    /// What the stats were last told: idle (true) or busy.
+    stats_idle: bool,
     /// Bumped per batch, for the watchdog.
     send_gen: u64,
     watchdog: bool,
     ended: bool,
     actions: VecDeque<Action>,
+    /// Objects done with, in order; one [`Action::Complete`] each.
+    completed: VecDeque<(Outgoing, Result<(), StreamError>)>,
 }
 
 impl TxConn {
@@ -120,10 +124,12 @@ impl TxConn {
             answered: None,
             response: Vec::new(),
             idle_armed: false,
+            stats_idle: true,
             send_gen: 0,
             watchdog: false,
             ended: false,
             actions: VecDeque::new(),
+            completed: VecDeque::new(),
         }
     }
 
@@ -147,6 +153,11 @@ impl TxConn {
         self.actions.pop_front()
     }
 
+    /// The object an [`Action::Complete`] stands for.
+    pub fn take_completed(&mut self) -> Option<(Outgoing, Result<(), StreamError>)> {
+        self.completed.pop_front()
+    }
+
     /// A new object from `send`.
     pub fn enqueue(&mut self, obj: Outgoing) {
         if self.ended {
@@ -156,7 +167,10 @@ impl TxConn {
             return self.complete(obj, Err(e));
         }
         self.queue.push_back(obj);
-        self.actions.push_back(Action::Idle(false));
+        if self.stats_idle {
+            self.stats_idle = false;
+            self.actions.push_back(Action::Idle(false));
+        }
         self.kick();
     }
 
@@ -474,7 +488,10 @@ impl TxConn {
             return;
         }
         self.idle_armed = true;
-        self.actions.push_back(Action::Idle(true));
+        if !self.stats_idle {
+            self.stats_idle = true;
+            self.actions.push_back(Action::Idle(true));
+        }
         self.actions.push_back(Action::IdleTimer(self.framing.idle_teardown));
     }
 
@@ -525,7 +542,8 @@ impl TxConn {
                 self.actions.push_back(Action::ChunkBytes(held));
             }
         }
-        self.actions.push_back(Action::Complete(Box::new(o), result));
+        self.completed.push_back((o, result));
+        self.actions.push_back(Action::Complete);
     }
 }
 

@@ -388,9 +388,10 @@ impl Stream {
         // Back-pressure: wait for room in the burst, as long as a send may
         // take (a stream that moves nothing for that long is broken).
         {
-            let deadline = Instant::now() + s.options.send_timeout;
+            let mut deadline = None;
             let mut o = s.outstanding.lock().expect("burst lock");
             while *o >= s.options.burst {
+                let deadline = *deadline.get_or_insert_with(|| Instant::now() + s.options.send_timeout);
                 if s.termination().is_some() {
                     drop(o);
                     let t = s.termination().expect("checked");

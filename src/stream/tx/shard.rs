@@ -110,8 +110,12 @@ pub(super) fn stop(ctx: &mut ShardCtx, shared: &Arc<TxShared>) {
     run(ctx, &tx);
 }
 
-/// Carries out the core's actions, then keeps a receive posted.
+/// Carries out the core's actions, then keeps a receive posted. Burst
+/// slots and object counts go back once per round, not per object: a
+/// release wakes the threads waiting to send.
 fn run(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
+    let shared = tx.borrow().shared.clone();
+    let mut done = Done::default();
     loop {
         let action = tx.borrow_mut().core.poll();
         let Some(action) = action else { break };
@@ -140,17 +144,16 @@ fn run(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
                     tx.borrow_mut().core.watchdog_failed();
                 }
             }
-            Action::Complete(o, result) => {
-                let shared = tx.borrow().shared.clone();
+            Action::Complete => {
+                let (o, result) = tx.borrow_mut().core.take_completed().expect("one object per Complete");
                 if result.is_ok() && !o.hdr.is_control() {
-                    let mut c = shared.counters.lock().expect("stats lock");
-                    c.num += 1;
-                    c.size += o.sent as i64;
+                    done.objects += 1;
+                    done.bytes += o.sent as i64;
                 }
-                let Outgoing { hdr, body, cb, .. } = *o;
+                let Outgoing { hdr, body, cb, .. } = o;
                 drop(body); // closed before the callback, as AIStore does
                 complete(&shared, &hdr, cb, result.as_ref().map(|_| ()));
-                shared.release(1);
+                done.slots += 1;
             }
             Action::Sent { body_bytes } => {
                 tx.borrow().shared.counters.lock().expect("stats lock").offset += body_bytes as i64;
@@ -161,7 +164,7 @@ fn run(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
             }
             Action::ChunkBytes(n) => tx.borrow().shared.release_streamed(n),
             Action::Terminate(how) => {
-                let shared = tx.borrow().shared.clone();
+                done.flush(&shared);
                 tx.borrow_mut().gone = true;
                 if let Some(map) = ctx.local_mut::<TxStreams>() {
                     map.0.remove(&shared.id);
@@ -170,7 +173,30 @@ fn run(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
             }
         }
     }
+    done.flush(&shared);
     post_recv(ctx, tx);
+}
+
+/// Completions of one round, reported together.
+#[derive(Default)]
+struct Done {
+    slots: usize,
+    objects: i64,
+    bytes: i64,
+}
+
+impl Done {
+    fn flush(&mut self, shared: &TxShared) {
+        if self.objects > 0 {
+            let mut c = shared.counters.lock().expect("stats lock");
+            c.num += self.objects;
+            c.size += self.bytes;
+        }
+        if self.slots > 0 {
+            shared.release(self.slots);
+        }
+        *self = Done::default();
+    }
 }
 
 /// Delivers a timer to the core, if the stream is still there.

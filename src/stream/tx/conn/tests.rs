@@ -93,7 +93,10 @@ impl Harness {
                 Action::Abort => self.seen.push(Seen::Abort),
                 Action::IdleTimer(_) => self.seen.push(Seen::IdleTimer),
                 Action::Watchdog(_, g) => self.seen.push(Seen::Watchdog(g)),
-                Action::Complete(o, r) => self.seen.push(Seen::Done(o.hdr.name.clone(), r)),
+                Action::Complete => {
+                    let (o, r) = self.core.take_completed().expect("one per Complete");
+                    self.seen.push(Seen::Done(o.hdr.name.clone(), r));
+                }
                 Action::Sent { .. } | Action::Idle(_) => {}
                 Action::ChunkBytes(n) => self.chunk_bytes += n,
                 Action::Terminate(t) => self.seen.push(Seen::End(t)),
