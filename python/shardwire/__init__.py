@@ -15,7 +15,9 @@ Beyond Mooncake:
 * ``get_batch_transfer_status_nowait(ids)``: many batches' states without
   blocking;
 * ``await engine.transfer_async(...)``: an asyncio-friendly transfer;
-* ``with engine.registered(buf) as addr:``: registered memory as a context.
+* ``with engine.registered(buf) as addr:``: registered memory as a context;
+* ``cancel_transfer(batch_id)``: takes back what of an async batch has not
+  gone out yet.
 """
 
 import asyncio

@@ -520,6 +520,13 @@ impl PyEngine {
         self.value_or(states, vec![-1; batch_ids.len()])
     }
 
+    /// Takes back what of an async batch has not gone out yet: those
+    /// requests settle as canceled, and the batch then reports failed
+    /// (beyond Mooncake). 0, or -1 for an unknown id.
+    fn cancel_transfer(&self, batch_id: u64) -> i32 {
+        self.code(self.inner.cancel_transfer(batch_id))
+    }
+
     /// Frees the ids of batches that have finished (after `_nowait`).
     fn release_batches(&self, batch_ids: Vec<u64>) {
         for id in batch_ids {

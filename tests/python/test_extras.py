@@ -164,3 +164,21 @@ def test_engine_created_in_a_child_after_fork_works(shardwire_target):
     assert shardwire_target.cmd("check 0 64 77") == "ok"
     # And the parent's engine still works.
     assert parent.transfer_sync_write(shardwire_target.name, local, shardwire_target.buffer, 64) == 0
+
+
+def test_cancel_transfer(engine, shardwire_target):
+    import time
+
+    local = engine.allocate_managed_buffer(1 << 20)
+    bid = engine.batch_transfer_async_write(shardwire_target.name, [local], [shardwire_target.buffer], [4096])
+    assert bid != 0
+    deadline = time.monotonic() + 30
+    while engine.get_batch_transfer_status_nowait([bid]) == [0]:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    # Finished: nothing left to take back, and the outcome stands.
+    assert engine.cancel_transfer(bid) == 0
+    assert engine.get_batch_transfer_status_nowait([bid]) == [1]
+    engine.release_batches([bid])
+    assert engine.cancel_transfer(bid) == -1, "a released id is unknown"
+    assert "no batch" in engine.last_error()[1]
