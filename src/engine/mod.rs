@@ -25,10 +25,14 @@
 //! # }
 //! ```
 //!
-//! A transfer resolves the target segment (a P2P Metadata RPC, cached),
-//! checks both ends against registered memory, splits each request into
-//! slices (striping large ones over the shards), and hands the slices to the
-//! shards, whose TCP clients carry them out. The caller waits on the batch.
+//! A transfer resolves the target segment (a P2P Metadata RPC, cached) and
+//! the transport that reaches it (`Engine::route`, the one place a
+//! transport is chosen), checks both ends against registered memory,
+//! splits each request into slices of at most `SHARDWIRE_STRIPE_BYTES`, and
+//! hands them, in bounded runs, to the transport, which settles each into
+//! the batch (the batch is the requests' [`Sink`]). The caller waits on the
+//! batch. One small synchronous request may instead be carried out on the
+//! caller's thread, when the transport can (`Transport::run_inline`).
 
 pub mod batch;
 pub mod config;
