@@ -226,11 +226,12 @@ fn cancel_takes_back_what_is_still_queued() {
     let peer = SilentPeer::start();
     let e = engine_with_timeout(Duration::from_secs(60));
     let local = e.allocate_managed_buffer(4 << 20).unwrap();
-    // 1,000 writes of 4 KiB: far more than the in-flight cap lets out.
-    let requests: Vec<TransferRequest> = (0..1000u64)
+    // 8,192 writes of 4 KiB (32 MiB): far more than the in-flight caps let
+    // out (at most 1,024 requests and 4 MiB per connection, on any machine).
+    let requests: Vec<TransferRequest> = (0..8192u64)
         .map(|i| TransferRequest {
             opcode: TransferOpcode::Write,
-            source: local + i * 4096,
+            source: local + (i % 1024) * 4096,
             target_offset: (1 << 32) + i * 4096,
             length: 4096,
         })
