@@ -2,7 +2,7 @@
 //! no I/O.
 //!
 //! One [`ClientConn`] is one connection to a peer's data port. The driver
-//! (the shards' io_uring client, or the caller-thread direct path) feeds it
+//! (the shards' client, or the caller-thread direct path) feeds it
 //! events and carries out what it asks for:
 //!
 //! ```text

@@ -213,7 +213,13 @@ impl TcpTransport {
         let deadline = requests.iter().map(|r| r.deadline).min().expect("not empty");
         let mut waited = 0u32;
         while !self.credits.try_take(shard, n) {
-            if Instant::now() >= deadline || *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+            if *self.closed.lock().unwrap_or_else(|e| e.into_inner()) {
+                for r in requests {
+                    r.ticket.fail(TransferStatus::Failed, "the engine is shutting down");
+                }
+                return;
+            }
+            if Instant::now() >= deadline {
                 let why = format!("shard {shard} stayed full ({QUEUED_PER_SHARD_MAX} requests) until the deadline");
                 for r in requests {
                     r.ticket.fail(TransferStatus::Timeout, &why);
