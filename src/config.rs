@@ -138,6 +138,12 @@ pub const METADATA_CLUSTER_ID: Var =
     var("MC_METADATA_CLUSTER_ID", Kind::Text, "unset", "etcd keys go under `mooncake/<id>/` instead of `mooncake/`");
 pub const ETCD_TTL: Var =
     int("SHARDWIRE_ETCD_TTL", 1, 86_400, "seconds", "30", "seconds of the lease the etcd keys hang off");
+pub const LOCAL: Var = var(
+    "SHARDWIRE_LOCAL",
+    Kind::Bool,
+    "true",
+    "carry transfers to engines on this host through shared memory or cross-memory attach; false keeps them on TCP (so does `MC_FORCE_TCP`)",
+);
 pub const CORES: Var =
     var("SHARDWIRE_CORES", Kind::CpuList, "one per physical core", "CPU list for the shards, e.g. `0-3,8`");
 pub const SPIN_US: Var =
@@ -242,6 +248,7 @@ pub const VARS: &[Var] = &[
     HANDSHAKE_MAX_LENGTH,
     FORCE_TCP,
     CUSTOM_TOPO_JSON,
+    LOCAL,
     CORES,
     SPIN_US,
     SPIN_ADAPTIVE,
@@ -314,6 +321,8 @@ pub struct Settings {
     pub handshake_max_len: u64,
     pub force_tcp: bool,
     pub custom_topo_json: Option<PathBuf>,
+    /// `SHARDWIRE_LOCAL`.
+    pub local: bool,
     /// `SHARDWIRE_CORES`, parsed.
     pub cores: Option<Vec<u32>>,
     /// `SHARDWIRE_SPIN_US`, if set.
@@ -379,6 +388,7 @@ impl Settings {
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
+            local: r.boolean(&LOCAL)?.unwrap_or(true),
             cores: r.cpu_list(&CORES)?,
             spin: r.int(&SPIN_US)?.map(Duration::from_micros),
             spin_adaptive: r.boolean(&SPIN_ADAPTIVE)?,

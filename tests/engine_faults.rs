@@ -45,6 +45,7 @@ impl RpcHandler for SilentHandler {
             name: self.name.clone(),
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
+            shardwire: None,
             tcp_data_host: Some("127.0.0.1".into()),
             tcp_data_port: self.data_port,
             tcp_proto_version: 2,

@@ -257,6 +257,7 @@ impl TransferEngine {
             data_port: tcp.data_port(),
             registry: registry.clone(),
             notifies: notifies.clone(),
+            local: None,
         });
         let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;

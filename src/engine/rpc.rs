@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::mem::Registry;
 use crate::meta::p2p::RpcHandler;
-use crate::proto::mooncake::message::{BufferDesc, HandshakeDesc, NotifyDesc, SegmentDesc};
+use crate::proto::mooncake::message::{BufferDesc, HandshakeDesc, LocalDesc, NotifyDesc, SegmentDesc};
 
 /// Most notifications kept until `get_notifies`; past it the oldest go.
 pub const NOTIFIES_MAX: usize = 65_536;
@@ -50,6 +50,8 @@ pub struct EngineRpc {
     pub data_port: u16,
     pub registry: Arc<Registry>,
     pub notifies: Arc<NotifyQueue>,
+    /// How peers on this host reach the local transport, if it is on.
+    pub local: Option<LocalDesc>,
 }
 
 impl EngineRpc {
@@ -64,6 +66,7 @@ impl EngineRpc {
             name: self.name.clone(),
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
+            shardwire: self.local.clone(),
             tcp_data_host: Some(self.data_host.clone()),
             tcp_data_port: self.data_port,
             tcp_proto_version: 2,

@@ -32,6 +32,11 @@ pub struct SegmentDesc {
     pub protocol: String,
     #[serde(default)]
     pub rdma_server_name: String,
+    /// shardwire's own field: how a peer on the same host reaches this
+    /// engine's local transport. Mooncake ignores keys it does not know
+    /// (jsoncpp reads fields by name), and never writes this one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shardwire: Option<LocalDesc>,
     /// The host to reach the data port at (0.3.13 and later); older peers
     /// leave it out, and the segment name's host applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -43,6 +48,21 @@ pub struct SegmentDesc {
     pub tcp_proto_version: u32,
     #[serde(default)]
     pub timestamp: String,
+}
+
+/// Where and how a peer on this host reaches an engine's local transport.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalDesc {
+    /// `/proc/sys/kernel/random/boot_id` of the engine's host: the same
+    /// boot id means the same kernel, so memory can be shared.
+    pub boot_id: String,
+    /// The engine's process.
+    pub pid: u32,
+    /// The Unix socket (abstract namespace, so it is tied to the network
+    /// namespace) that hands out the engine's shared memory.
+    pub socket: String,
+    /// A random per-engine token, which the socket checks.
+    pub token: u64,
 }
 
 fn proto_v1() -> u32 {
@@ -148,6 +168,18 @@ mod tests {
         .unwrap();
         assert_eq!(rdma.protocol, "rdma");
         assert_eq!(rdma.buffers[0].addr, 4096);
+    }
+
+    #[test]
+    fn the_local_field_round_trips_and_stays_out_when_absent() {
+        let mut desc: SegmentDesc = from_wire(WHEEL_REPLY.as_bytes()).unwrap();
+        assert!(desc.shardwire.is_none());
+        desc.shardwire = Some(LocalDesc { boot_id: "b-1".into(), pid: 42, socket: "@shardwire-7".into(), token: 7 });
+        let wire = to_wire(&desc);
+        let text = String::from_utf8(wire.clone()).unwrap();
+        // Alphabetical, as jsoncpp writes: after rdma_server_name.
+        assert!(text.contains(r#""rdma_server_name":"","shardwire":{"boot_id":"b-1","pid":42,"socket":"@shardwire-7","token":7},"tcp_data_host""#), "{text}");
+        assert_eq!(from_wire::<SegmentDesc>(&wire).unwrap(), desc);
     }
 
     #[test]
