@@ -223,6 +223,8 @@ fn shutdown_requested_from_a_shard_does_not_deadlock() {
     eventually("stop seen", || rt.is_shut_down());
     assert_eq!(rt.shutdown().len(), 2, "joined from outside");
     drop(rt);
-    assert_eq!(fds(), fds_before);
+    // Shard 0 asked for the stop itself: its thread (and its ring) may
+    // still be on the way out.
+    eventually("fds closed", || fds() == fds_before);
     eventually("threads exit", || threads() == threads_before);
 }

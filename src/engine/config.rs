@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub handshake_max_len: u64,
     /// `MC_FORCE_TCP`: use TCP even where RDMA devices exist.
     pub force_tcp: bool,
+    /// `SHARDWIRE_LOCAL`: peers on this host copy through shared memory
+    /// and cross-memory attach (off with `MC_FORCE_TCP` too).
+    pub local: bool,
     /// `MC_METADATA_CLUSTER_ID`: etcd keys under `mooncake/<id>/`.
     pub metadata_cluster_id: Option<String>,
     /// `SHARDWIRE_ETCD_TTL`: the lease the etcd keys hang off.
@@ -76,6 +79,7 @@ impl EngineConfig {
             port_range: s.rpc_port_range,
             handshake_max_len: s.handshake_max_len,
             force_tcp: s.force_tcp,
+            local: s.local,
             metadata_cluster_id: s.metadata_cluster_id.clone(),
             etcd_ttl: s.etcd_ttl,
             stripe_bytes: s.stripe_bytes,

@@ -56,6 +56,7 @@ use crate::proto::mooncake::message::{self, NotifyDesc};
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
+use crate::transport::local::LocalTransport;
 use crate::transport::request::{self as req, Sink, Ticket};
 use crate::transport::tcp::{TcpTransport, sock};
 use crate::transport::{InlineRequest, PeerSegment, Route, Transport};
@@ -119,6 +120,9 @@ struct Engine {
     /// The TCP transport (also in `transports`): its data port is in the
     /// descriptor.
     tcp: Arc<TcpTransport>,
+    /// The local transport (also in `transports`), unless it is off: what
+    /// peers on this host may copy into, published and revoked here.
+    local: Option<Arc<LocalTransport>>,
     /// Every transport, in order of preference; a segment takes the first
     /// that reaches it.
     transports: Vec<Arc<dyn Transport>>,
@@ -245,7 +249,23 @@ impl TransferEngine {
             self.config.port_range,
             self.config.client_limits,
         )?);
-        let transports: Vec<Arc<dyn Transport>> = vec![tcp.clone()];
+        let managed = ManagedPool::new(registry.clone(), UNREGISTER_DRAIN);
+        let local = if self.config.local && !self.config.force_tcp {
+            match LocalTransport::start(managed.files(), tcp.clone(), self.config.transfer_timeout) {
+                Ok(l) => Some(Arc::new(l)),
+                Err(e) => {
+                    log::warn!("the local transport cannot start ({e}); peers on this host use TCP");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::with_capacity(2);
+        if let Some(l) = &local {
+            transports.push(l.clone());
+        }
+        transports.push(tcp.clone());
         let name = match metadata {
             Metadata::P2p => HostPort::with_port(&advertised, rpc_port),
             Metadata::Etcd(_) => local_hostname.trim().to_string(),
@@ -257,7 +277,7 @@ impl TransferEngine {
             data_port: tcp.data_port(),
             registry: registry.clone(),
             notifies: notifies.clone(),
-            local: None,
+            local: local.as_ref().map(|l| l.descriptor()),
         });
         let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
@@ -288,13 +308,14 @@ impl TransferEngine {
             runtime,
             registry: registry.clone(),
             tcp,
+            local,
             transports,
             rpc: Mutex::new(Some(rpc)),
             handler,
             segments: SegmentCache::default(),
             batches: batch::BatchTable::new(),
             notifies,
-            managed: Mutex::new(ManagedPool::new(registry, UNREGISTER_DRAIN)),
+            managed: Mutex::new(managed),
             timeout: self.config.transfer_timeout,
             stripe_bytes: self.config.stripe_bytes,
             call_options,
@@ -339,9 +360,10 @@ impl TransferEngine {
         let engine = self.engine()?;
         check_mapped(addr, len)?;
         engine.registry.register(addr, len, location)?;
+        engine.share(addr, len, None);
         // Memory peers cannot find is no use: undo, so a retry starts clean.
         engine.publish().inspect_err(|_| {
-            let _ = engine.registry.unregister(addr, UNREGISTER_DRAIN);
+            let _ = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN));
         })
     }
 
@@ -349,6 +371,8 @@ impl TransferEngine {
     /// on it finish.
     pub fn unregister_memory(&self, addr: u64) -> TeResult<()> {
         let engine = self.engine()?;
+        // Peers on this host stop first (see `free_managed_buffer`).
+        engine.unshare(addr)?;
         engine.registry.unregister(addr, UNREGISTER_DRAIN)?;
         engine.publish_after_release();
         Ok(())
@@ -365,9 +389,12 @@ impl TransferEngine {
             check_mapped(addr, len)?;
         }
         engine.registry.register_batch(&items, location)?;
+        for &(addr, len) in &items {
+            engine.share(addr, len, None);
+        }
         engine.publish().inspect_err(|_| {
             for &(addr, _) in &items {
-                let _ = engine.registry.unregister(addr, UNREGISTER_DRAIN);
+                let _ = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN));
             }
         })
     }
@@ -377,7 +404,7 @@ impl TransferEngine {
         let engine = self.engine()?;
         let mut first = Ok(());
         for &addr in addrs {
-            if let Err(e) = engine.registry.unregister(addr, UNREGISTER_DRAIN)
+            if let Err(e) = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN))
                 && first.is_ok()
             {
                 first = Err(e);
@@ -390,9 +417,17 @@ impl TransferEngine {
     /// Allocates `len` bytes of registered memory.
     pub fn allocate_managed_buffer(&self, len: u64) -> TeResult<u64> {
         let engine = self.engine()?;
-        let addr = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).allocate(len)?;
+        let place = {
+            let mut managed = engine.managed.lock().unwrap_or_else(|e| e.into_inner());
+            let addr = managed.allocate(len)?;
+            (addr, managed.place_of(addr))
+        };
+        let addr = place.0;
+        engine.share(addr, len, place.1);
         engine.publish().inspect_err(|_| {
-            let _ = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len);
+            if engine.unshare(addr).is_ok() {
+                let _ = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len);
+            }
         })?;
         Ok(addr)
     }
@@ -400,6 +435,10 @@ impl TransferEngine {
     /// Frees a managed buffer; `len` must be its allocated length.
     pub fn free_managed_buffer(&self, addr: u64, len: u64) -> TeResult<()> {
         let engine = self.engine()?;
+        engine.managed.lock().unwrap_or_else(|e| e.into_inner()).check_free(addr, len)?;
+        // Peers on this host stop first: once this returns, no byte of
+        // theirs lands in the block, whoever gets it next.
+        engine.unshare(addr)?;
         engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len)?;
         engine.publish_after_release();
         Ok(())
@@ -651,6 +690,20 @@ impl TransferEngine {
         Ok(())
     }
 
+    /// The transport that carries transfers to `segment` (`local`, `tcp`),
+    /// looking the segment up if it is not cached (diagnostics).
+    pub fn transport_for(&self, segment: &str) -> TeResult<&'static str> {
+        let engine = self.engine()?;
+        let seg = engine.open_segment(segment, false)?;
+        Ok(engine.transports[seg.transport].name())
+    }
+
+    /// Copies by peers on this host running into or out of this engine's
+    /// memory right now (diagnostics; 0 with the local transport off).
+    pub fn local_copies_running(&self) -> TeResult<usize> {
+        Ok(self.engine()?.local.as_ref().map_or(0, |l| l.copies_running()))
+    }
+
     /// Requests handed to each shard's TCP client and not yet settled
     /// (diagnostics: submission keeps each at most
     /// [`QUEUED_PER_SHARD_MAX`](crate::transport::tcp::QUEUED_PER_SHARD_MAX)).
@@ -812,6 +865,20 @@ impl Engine {
                 None => Err(TeError::new(code::METADATA, format!("{name} is not known to the metadata server"))),
             },
         }
+    }
+
+    /// Lets peers on this host copy into and out of `[addr, +len)`
+    /// (managed memory at `place`, or other registered memory).
+    fn share(&self, addr: u64, len: u64, place: Option<crate::mem::managed::ShmPlace>) {
+        if let Some(l) = &self.local {
+            l.publish(addr, len, place);
+        }
+    }
+
+    /// Takes `[addr, ...)` back from peers on this host: when this returns
+    /// `Ok`, no copy of theirs touches it again.
+    fn unshare(&self, addr: u64) -> TeResult<()> {
+        self.local.as_ref().map_or(Ok(()), |l| l.revoke(addr))
     }
 
     /// Republishes this engine's descriptor if registrations changed since

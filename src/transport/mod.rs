@@ -15,9 +15,12 @@
 //!   io_uring rings and, for one small synchronous request, on the
 //!   caller's thread; both drive the same sans-IO connection cores
 //!   ([`crate::proto::mooncake::client`], [`crate::proto::mooncake::server`]).
+//! - [`local`]: same-host transfers by memory copies in the caller's
+//!   thread (shared memfds, cross-memory attach), safe against late writes.
 //! - `accept`: the accept loop the listeners share.
 
 pub(crate) mod accept;
+pub mod local;
 pub mod request;
 pub mod tcp;
 
@@ -44,6 +47,9 @@ pub struct PeerSegment<'a> {
 pub enum Route {
     /// A TCP v2 (or v1) data port.
     Tcp(tcp::Peer),
+    /// A target on this host, by its local transport's token; `tcp` is
+    /// where what the local path cannot carry goes.
+    Local { token: u64, tcp: tcp::Peer },
 }
 
 /// One small request the caller waits for.

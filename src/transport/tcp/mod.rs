@@ -278,7 +278,12 @@ impl Transport for TcpTransport {
     }
 
     fn submit(&self, route: &Route, requests: Vec<Request>) {
-        let Route::Tcp(peer) = *route;
+        let Route::Tcp(peer) = *route else {
+            for r in requests {
+                r.ticket.fail(TransferStatus::Failed, "a request for another transport reached the TCP one");
+            }
+            return;
+        };
         if requests.is_empty() {
             return;
         }
@@ -308,7 +313,7 @@ impl Transport for TcpTransport {
     }
 
     fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
-        let Route::Tcp(peer) = *route;
+        let Route::Tcp(peer) = *route else { return None };
         if !peer.v2 || r.len == 0 || r.len > INLINE_BYTES_MAX {
             return None;
         }

@@ -1,0 +1,631 @@
+//! The local transport: transfers between engines on one host, by memory
+//! copies in the caller's thread instead of TCP.
+//!
+//! An engine with the local transport on publishes, in its segment
+//! descriptor, its host's boot id, its pid, a random token and the Unix
+//! socket of its [`service::Service`]. A peer whose boot id is the same
+//! connects there (once), and gets the target's [`control::Table`]; from
+//! then on it copies:
+//!
+//! - into and out of **managed memory** (the target's memfds, which the
+//!   peer maps once each): a plain `memcpy`, no syscall;
+//! - into and out of **other registered memory**: cross-memory attach
+//!   (`process_vm_writev` / `process_vm_readv`), one syscall per request.
+//!
+//! Every copy runs inside the control table's lane protocol, so once the
+//! target's `unregister_memory`, `free_managed_buffer` or shutdown returns,
+//! no byte from a peer lands in that memory. A request the local path
+//! cannot carry (the socket is in another network namespace, the kernel
+//! refuses cross-memory attach, the target's table is full, no lane is
+//! free) goes over TCP instead; the first refusal of a kind is logged once,
+//! with why. Mooncake peers carry no such descriptor field and stay on TCP.
+//!
+//! - [`control`]: the control table shared with peers (what may be
+//!   written, and who writes it now): no late writes.
+//! - [`service`]: the Unix socket that hands a peer the table and the
+//!   memfds of managed memory.
+
+pub mod control;
+pub mod service;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use super::request::{Opcode, Request, Sink, TransferStatus};
+use super::tcp::TcpTransport;
+use super::{InlineRequest, PeerSegment, Route, Transport};
+use crate::error::{TeError, TeResult, code};
+use crate::mem::managed::ShmFiles;
+use crate::proto::mooncake::message::LocalDesc;
+use control::{Kind, SlotView, Table};
+use service::{Link, Service};
+
+/// Peers (targets this engine copies to) kept at once.
+const PEERS_MAX: usize = 4096;
+/// How often a peer's liveness is looked at (a syscall), at most.
+const LIVENESS_EVERY: Duration = Duration::from_millis(20);
+
+/// This host's boot id.
+pub fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id").map(|s| s.trim().to_string()).unwrap_or_default()
+}
+
+fn random_token() -> u64 {
+    let mut t = [0u8; 8];
+    // SAFETY: getrandom fills the 8 bytes of a live array.
+    let n = unsafe { libc::getrandom(t.as_mut_ptr().cast(), t.len(), 0) };
+    let t = u64::from_le_bytes(t);
+    if n == 8 && t != 0 {
+        return t;
+    }
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 40) | 1
+}
+
+/// The slots this target has open, by buffer address.
+#[derive(Default)]
+struct SlotBook {
+    by_addr: BTreeMap<u64, u32>,
+    free: Vec<u32>,
+    next: u32,
+}
+
+/// A mapping of one of a target's memfds in this process.
+struct Mapped {
+    base: *mut u8,
+    len: u64,
+}
+
+// SAFETY: a shared mapping; copies into it are ordered by the control
+// table's protocol, not by Rust ownership.
+unsafe impl Send for Mapped {}
+// SAFETY: as above.
+unsafe impl Sync for Mapped {}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `Peer::mapping`.
+        unsafe { libc::munmap(self.base.cast(), self.len as usize) };
+    }
+}
+
+/// A target this engine copies to.
+struct Peer {
+    token: u64,
+    name: String,
+    table: Table,
+    link: Link,
+    views: RwLock<Vec<SlotView>>,
+    maps: Mutex<HashMap<u32, Arc<Mapped>>>,
+    /// The lanes this process's threads hold in the target's table, as
+    /// `(lane, owner)`: given back when their thread ends or this goes.
+    lanes: Mutex<Vec<(u32, u64)>>,
+    /// The kernel refused cross-memory attach to it: those requests go over TCP.
+    cma_refused: AtomicBool,
+    /// Nanoseconds (since the transport started) of the last liveness look.
+    looked: AtomicU64,
+    dead: AtomicBool,
+}
+
+/// Why the local path did not carry a request.
+enum Miss {
+    /// TCP carries it instead.
+    Fallback,
+    /// It fails, as it would over TCP.
+    Fail(TransferStatus, String),
+}
+
+thread_local! {
+    /// This thread's lanes in the tables of the targets it copies to.
+    static LANES: RefCell<Lanes> = RefCell::new(Lanes::default());
+}
+
+/// A thread's lanes; given back when the thread ends.
+#[derive(Default)]
+struct Lanes {
+    held: Vec<(u64, u32, u64, Weak<Peer>)>,
+}
+
+impl Drop for Lanes {
+    fn drop(&mut self) {
+        for (_, lane, owner, peer) in self.held.drain(..) {
+            if let Some(p) = peer.upgrade() {
+                p.lanes.lock().unwrap_or_else(|e| e.into_inner()).retain(|&(l, _)| l != lane);
+                p.table.release_lane(lane, owner);
+            }
+        }
+    }
+}
+
+impl Drop for Peer {
+    /// No copy runs (each holds the `Arc`): the lanes go back to the
+    /// target, whose table would otherwise fill with lanes of the living.
+    fn drop(&mut self) {
+        for (lane, owner) in self.lanes.get_mut().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            self.table.release_lane(lane, owner);
+        }
+    }
+}
+
+static NEXT_THREAD: AtomicU32 = AtomicU32::new(1);
+
+thread_local! {
+    static THREAD_SERIAL: u32 = NEXT_THREAD.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The lane owner word of the calling thread.
+fn owner_word() -> u64 {
+    (u64::from(std::process::id()) << 32) | u64::from(THREAD_SERIAL.with(|s| *s))
+}
+
+/// One engine's local transport: its own table and service (as a target),
+/// and the targets it copies to (as an initiator).
+pub struct LocalTransport {
+    desc: LocalDesc,
+    table: Arc<Table>,
+    book: Mutex<SlotBook>,
+    service: Service,
+    drain: Duration,
+    tcp: Arc<TcpTransport>,
+    peers: Mutex<HashMap<u64, Arc<Peer>>>,
+    /// Targets whose local path failed, and why (logged once each).
+    refused: Mutex<HashMap<u64, String>>,
+    started: Instant,
+    closed: AtomicBool,
+    /// The process that started it: a forked child shares the table's
+    /// mapping and must not shut its parent's sharing down.
+    owner_pid: u32,
+}
+
+impl LocalTransport {
+    /// Starts the table and the service. `files` are the engine's managed
+    /// memfds; `tcp` carries what this transport cannot; `drain` bounds
+    /// how long a revoke waits for copies to end.
+    pub fn start(files: Arc<ShmFiles>, tcp: Arc<TcpTransport>, drain: Duration) -> std::io::Result<LocalTransport> {
+        let pid = std::process::id();
+        let token = random_token();
+        let table = Arc::new(Table::create(pid)?);
+        let name = format!("shardwire-local-{pid}-{token:016x}");
+        let service = Service::start(&name, token, table.fd().clone(), files)?;
+        let desc = LocalDesc { boot_id: boot_id(), pid, socket: service.address(), token };
+        Ok(LocalTransport {
+            desc,
+            table,
+            book: Mutex::new(SlotBook::default()),
+            service,
+            drain,
+            tcp,
+            peers: Mutex::new(HashMap::new()),
+            refused: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+            closed: AtomicBool::new(false),
+            owner_pid: pid,
+        })
+    }
+
+    /// What the descriptor says of this engine.
+    pub fn descriptor(&self) -> LocalDesc {
+        self.desc.clone()
+    }
+
+    // --- As a target -------------------------------------------------------
+
+    /// Lets peers copy into and out of `[addr, addr + len)`: managed memory
+    /// at `place`, or (`None`) other registered memory. A full table is not
+    /// an error: peers then reach the buffer over TCP.
+    pub fn publish(&self, addr: u64, len: u64, place: Option<crate::mem::managed::ShmPlace>) {
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        if book.by_addr.contains_key(&addr) {
+            return;
+        }
+        let slot = match book.free.pop() {
+            Some(s) => s,
+            None if book.next < control::SLOTS_MAX => {
+                book.next += 1;
+                book.next - 1
+            }
+            None => {
+                log::warn!(
+                    "local transport: {} buffers shared; [{addr:#x}, +{len}) is reached over TCP",
+                    control::SLOTS_MAX
+                );
+                return;
+            }
+        };
+        let kind = place.map_or(Kind::Cma, |p| Kind::Shm { file: p.file, offset: p.offset });
+        self.table.open(slot, addr, len, kind);
+        book.by_addr.insert(addr, slot);
+    }
+
+    /// Takes `[addr, ...)` back from peers: when this returns `Ok`, no peer
+    /// copy touches it again. Copies still running after the drain time:
+    /// `BATCH_BUSY` (no new one starts; call again).
+    pub fn revoke(&self, addr: u64) -> TeResult<()> {
+        let slot = match self.book.lock().unwrap_or_else(|e| e.into_inner()).by_addr.get(&addr) {
+            Some(&s) => s,
+            None => return Ok(()), // never shared (or already taken back)
+        };
+        match self.table.revoke(slot, Instant::now() + self.drain) {
+            Ok(()) => {
+                let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+                if book.by_addr.remove(&addr) == Some(slot) {
+                    book.free.push(slot);
+                }
+                Ok(())
+            }
+            Err(n) => Err(TeError::new(
+                code::BATCH_BUSY,
+                format!("region {addr:#x} still has {n} copies from peers on this host in flight"),
+            )),
+        }
+    }
+
+    /// Copies by peers running in this target's memory now.
+    pub fn copies_running(&self) -> usize {
+        self.table.busy_lanes()
+    }
+
+    // --- As an initiator ---------------------------------------------------
+
+    /// Logs, once per target, why its local path is not used.
+    fn refuse(&self, token: u64, name: &str, why: String) {
+        let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+        if refused.len() < PEERS_MAX && !refused.contains_key(&token) {
+            log::info!("local transport to {name}: {why}; using TCP");
+            refused.insert(token, why);
+        }
+    }
+
+    fn peer(&self, token: u64) -> Option<Arc<Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned()
+    }
+
+    /// The target `ld` describes, connected once.
+    fn connect(&self, name: &str, ld: &LocalDesc) -> Option<Arc<Peer>> {
+        if let Some(p) = self.peer(ld.token)
+            && !p.dead.load(Ordering::Acquire)
+        {
+            return Some(p);
+        }
+        if self.refused.lock().unwrap_or_else(|e| e.into_inner()).contains_key(&ld.token) {
+            return None;
+        }
+        let (link, fd) = match Link::connect(&ld.socket, ld.token) {
+            Ok(x) => x,
+            Err(e) => {
+                self.refuse(ld.token, name, format!("cannot reach {} ({e}; another network namespace?)", ld.socket));
+                return None;
+            }
+        };
+        let table = match Table::attach(fd) {
+            Ok(t) => t,
+            Err(e) => {
+                self.refuse(ld.token, name, format!("its control table: {e}"));
+                return None;
+            }
+        };
+        let peer = Arc::new(Peer {
+            token: ld.token,
+            name: name.to_string(),
+            views: RwLock::new(table.open_slots()),
+            table,
+            link,
+            maps: Mutex::new(HashMap::new()),
+            lanes: Mutex::new(Vec::new()),
+            cma_refused: AtomicBool::new(false),
+            looked: AtomicU64::new(0),
+            dead: AtomicBool::new(false),
+        });
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if peers.len() >= PEERS_MAX {
+            peers.retain(|_, p| !p.dead.load(Ordering::Acquire));
+            if peers.len() >= PEERS_MAX {
+                return None;
+            }
+        }
+        peers.insert(ld.token, peer.clone());
+        Some(peer)
+    }
+
+    /// Carries out one request locally, or says why not.
+    fn copy(&self, peer: &Arc<Peer>, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
+        if !self.alive(peer) {
+            return Err(Miss::Fail(TransferStatus::Failed, format!("{} has shut down or exited", peer.name)));
+        }
+        let Some(lane) = lane_for(peer) else { return Err(Miss::Fallback) };
+        let mut view = peer.find(remote, len);
+        for attempt in 0..2 {
+            let Some(v) = view else {
+                if attempt == 0 {
+                    view = peer.refresh_find(remote, len);
+                    continue;
+                }
+                return Err(Miss::Fail(
+                    TransferStatus::Failed,
+                    format!(
+                        "{} rejected a {op:?} of {len} bytes at {remote:#x}: not inside a buffer it has registered",
+                        peer.name
+                    ),
+                ));
+            };
+            if let Kind::Cma = v.kind
+                && peer.cma_refused.load(Ordering::Relaxed)
+            {
+                return Err(Miss::Fallback);
+            }
+            if !peer.table.enter(lane, &v) {
+                // Revoked, or reopened for another buffer: look once more.
+                view = if attempt == 0 { peer.refresh_find(remote, len) } else { None };
+                continue;
+            }
+            let result = self.copy_entered(peer, &v, op, local, remote, len);
+            peer.table.exit(lane);
+            return result;
+        }
+        Err(Miss::Fail(
+            TransferStatus::Failed,
+            format!("{} rejected a {op:?} at {remote:#x}: the buffer there was unregistered", peer.name),
+        ))
+    }
+
+    /// The copy itself, inside the lane protocol.
+    fn copy_entered(
+        &self,
+        peer: &Peer,
+        v: &SlotView,
+        op: Opcode,
+        local: u64,
+        remote: u64,
+        len: u64,
+    ) -> Result<(), Miss> {
+        match v.kind {
+            Kind::Shm { file, offset } => {
+                let map = peer.mapping(file).map_err(|e| Miss::Fail(TransferStatus::Failed, e))?;
+                let at = offset + (remote - v.addr);
+                if at.checked_add(len).is_none_or(|end| end > map.len) {
+                    return Err(Miss::Fail(TransferStatus::Failed, format!("{}: a buffer past its memfd", peer.name)));
+                }
+                // SAFETY: `at..at+len` lies inside the mapping (checked
+                // above), which the Arc keeps mapped; the local side is
+                // registered memory the caller pinned; the slot is open and
+                // our lane names it, so the target does not give the memory
+                // away before `exit`.
+                unsafe {
+                    let there = map.base.add(at as usize);
+                    match op {
+                        Opcode::Write => std::ptr::copy_nonoverlapping(local as *const u8, there, len as usize),
+                        Opcode::Read => {
+                            std::ptr::copy_nonoverlapping(there as *const u8, local as *mut u8, len as usize)
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Kind::Cma => self.cma(peer, op, local, remote, len),
+        }
+    }
+
+    /// Cross-memory attach into the target's registered memory.
+    fn cma(&self, peer: &Peer, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
+        let pid = peer.table.target_pid() as libc::pid_t;
+        let mut done = 0u64;
+        while done < len {
+            let l = libc::iovec { iov_base: (local + done) as *mut libc::c_void, iov_len: (len - done) as usize };
+            let r = libc::iovec { iov_base: (remote + done) as *mut libc::c_void, iov_len: (len - done) as usize };
+            // SAFETY: the local iovec is pinned registered memory of this
+            // process; the kernel reads or writes the target's side through
+            // its page tables and reports EFAULT for what is not mapped.
+            let n = unsafe {
+                match op {
+                    Opcode::Write => libc::process_vm_writev(pid, &l, 1, &r, 1, 0),
+                    Opcode::Read => libc::process_vm_readv(pid, &l, 1, &r, 1, 0),
+                }
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) if done == 0 => {
+                    if !peer.cma_refused.swap(true, Ordering::Relaxed) {
+                        log::info!(
+                            "local transport to {}: cross-memory attach refused ({e}); its registered memory is reached over TCP",
+                            peer.name
+                        );
+                    }
+                    Miss::Fallback
+                }
+                Some(libc::ESRCH) => {
+                    peer.dead.store(true, Ordering::Release);
+                    Miss::Fail(TransferStatus::Failed, format!("{} exited", peer.name))
+                }
+                _ => Miss::Fail(
+                    TransferStatus::Failed,
+                    format!("{}: cross-memory attach at {:#x}: {e}", peer.name, remote + done),
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the target is up (looked at with a syscall at most every
+    /// [`LIVENESS_EVERY`]).
+    fn alive(&self, peer: &Peer) -> bool {
+        if peer.dead.load(Ordering::Acquire) || !peer.table.target_live() {
+            return false;
+        }
+        let now = self.started.elapsed().as_nanos() as u64;
+        let last = peer.looked.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= LIVENESS_EVERY.as_nanos() as u64
+            && peer.looked.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && (control::is_dead(peer.table.target_pid()) || peer.link.is_closed())
+        {
+            peer.dead.store(true, Ordering::Release);
+            return false;
+        }
+        true
+    }
+}
+
+impl Peer {
+    fn find(&self, addr: u64, len: u64) -> Option<SlotView> {
+        let views = self.views.read().unwrap_or_else(|e| e.into_inner());
+        let i = views.partition_point(|v| v.addr <= addr);
+        views[..i].last().filter(|v| v.contains(addr, len)).copied()
+    }
+
+    /// Reads the table again; mappings of memfds no open slot uses any
+    /// more are let go (the target freed them; a copy running in one
+    /// keeps it mapped until it ends).
+    fn refresh_find(&self, addr: u64, len: u64) -> Option<SlotView> {
+        let views = self.table.open_slots();
+        let used: std::collections::HashSet<u32> = views
+            .iter()
+            .filter_map(|v| match v.kind {
+                Kind::Shm { file, .. } => Some(file),
+                Kind::Cma => None,
+            })
+            .collect();
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).retain(|file, _| used.contains(file));
+        *self.views.write().unwrap_or_else(|e| e.into_inner()) = views;
+        self.find(addr, len)
+    }
+
+    /// This process's mapping of the target's memfd `file`, made once.
+    fn mapping(&self, file: u32) -> Result<Arc<Mapped>, String> {
+        if let Some(m) = self.maps.lock().unwrap_or_else(|e| e.into_inner()).get(&file) {
+            return Ok(m.clone());
+        }
+        let (fd, len): (OwnedFd, u64) =
+            self.link.memfd(file).map_err(|e| format!("{}: memfd {file}: {e}", self.name))?;
+        // SAFETY: maps the target's memfd, shared; no memory of ours is
+        // touched.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(format!("{}: mapping memfd {file}: {}", self.name, std::io::Error::last_os_error()));
+        }
+        let m = Arc::new(Mapped { base: ptr.cast(), len });
+        self.maps.lock().unwrap_or_else(|e| e.into_inner()).insert(file, m.clone());
+        Ok(m)
+    }
+}
+
+/// The calling thread's lane in `peer`'s table, claimed on first use.
+fn lane_for(peer: &Arc<Peer>) -> Option<u32> {
+    LANES
+        .try_with(|lanes| {
+            let mut lanes = lanes.borrow_mut();
+            lanes.held.retain(|(_, _, _, p)| p.strong_count() > 0);
+            if let Some(&(_, lane, _, _)) =
+                lanes.held.iter().find(|(t, _, _, p)| *t == peer.token && p.strong_count() > 0)
+            {
+                return Some(lane);
+            }
+            let owner = owner_word();
+            let lane = peer.table.claim_lane(owner)?;
+            peer.lanes.lock().unwrap_or_else(|e| e.into_inner()).push((lane, owner));
+            lanes.held.push((peer.token, lane, owner, Arc::downgrade(peer)));
+            Some(lane)
+        })
+        .ok()
+        .flatten()
+}
+
+impl Transport for LocalTransport {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn route(&self, peer: &PeerSegment<'_>) -> TeResult<Option<Route>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        let Some(ld) = &peer.desc.shardwire else { return Ok(None) };
+        if ld.boot_id.is_empty() || ld.boot_id != self.desc.boot_id {
+            return Ok(None);
+        }
+        let Some(Route::Tcp(tcp)) = self.tcp.route(peer)? else { return Ok(None) };
+        if self.connect(peer.name, ld).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Route::Local { token: ld.token, tcp }))
+    }
+
+    fn submit(&self, route: &Route, requests: Vec<Request>) {
+        let Route::Local { token, tcp } = *route else {
+            for r in requests {
+                r.ticket.fail(TransferStatus::Failed, "a request for another transport reached the local one");
+            }
+            return;
+        };
+        let Some(peer) = self.peer(token) else {
+            return self.tcp.submit(&Route::Tcp(tcp), requests);
+        };
+        let mut over_tcp = Vec::new();
+        for r in requests {
+            match self.copy(&peer, r.op, r.local, r.remote, r.len) {
+                Ok(()) => r.ticket.done(r.len),
+                Err(Miss::Fail(status, why)) => r.ticket.fail(status, &why),
+                Err(Miss::Fallback) => over_tcp.push(r),
+            }
+        }
+        if !over_tcp.is_empty() {
+            self.tcp.submit(&Route::Tcp(tcp), over_tcp);
+        }
+    }
+
+    fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
+        let Route::Local { token, tcp } = *route else { return None };
+        let Some(peer) = self.peer(token) else { return self.tcp.run_inline(&Route::Tcp(tcp), r) };
+        match self.copy(&peer, r.op, r.local, r.remote, r.len) {
+            Ok(()) => Some(Ok(())),
+            Err(Miss::Fail(_, why)) => Some(Err(TeError::invalid(why))),
+            Err(Miss::Fallback) => self.tcp.run_inline(&Route::Tcp(tcp), r),
+        }
+    }
+
+    fn cancel(&self, _sink: &Arc<dyn Sink>) {
+        // Local requests complete in `submit`; nothing waits here. Those
+        // handed to TCP are cancelled by the TCP transport.
+    }
+
+    /// Stops sharing: no peer copy starts from now on, and the ones running
+    /// end before this returns (bounded by the drain time); the service
+    /// stops; targets this engine copied to are let go.
+    fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) || std::process::id() != self.owner_pid {
+            return;
+        }
+        self.table.shut_down();
+        let slots: Vec<(u64, u32)> =
+            self.book.lock().unwrap_or_else(|e| e.into_inner()).by_addr.iter().map(|(&a, &s)| (a, s)).collect();
+        let deadline = Instant::now() + self.drain;
+        for (addr, slot) in slots {
+            if let Err(n) = self.table.revoke(slot, deadline) {
+                log::warn!("local transport: {n} peer copies into {addr:#x} still running at shutdown");
+            }
+        }
+        self.service.stop();
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+}
+
+impl Drop for LocalTransport {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

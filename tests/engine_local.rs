@@ -1,0 +1,336 @@
+//! The local transport between engines on this host: which transport a
+//! peer gets, both tiers (shared memfds for managed memory, cross-memory
+//! attach for other registered memory), and the promise of no late writes,
+//! against real peer processes (this test binary, run again as a peer).
+
+mod interop;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use interop::{KillOnDrop, die_with_parent, pattern};
+use shardwire::engine::{EngineConfig, TransferEngine, TransferOpcode, TransferRequest, code};
+
+fn engine_with(local: bool, force_tcp: bool) -> TransferEngine {
+    let config = EngineConfig { local, force_tcp, ..EngineConfig::from_env().unwrap() };
+    let e = TransferEngine::with_config(config);
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
+    e
+}
+
+fn engine() -> TransferEngine {
+    engine_with(true, false)
+}
+
+/// Memory of our own, page-aligned, that the test can unmap.
+struct Region {
+    addr: u64,
+    len: u64,
+}
+
+impl Region {
+    fn new(len: u64) -> Region {
+        // SAFETY: a fresh anonymous mapping; no memory of ours is touched.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        Region { addr: p as u64, len }
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping made in `new`, alive until drop; the tests
+        // read it only while no transfer into it runs (or after revoking).
+        unsafe { std::slice::from_raw_parts_mut(self.addr as *mut u8, self.len as usize) }
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new` (unmapping twice is harmless).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+#[test]
+fn a_peer_on_this_host_goes_local_unless_turned_off() {
+    let target = engine();
+    let remote = target.allocate_managed_buffer(1 << 20).unwrap();
+    let name = target.segment_name().unwrap();
+    for (local, force_tcp, expected) in [(true, false, "local"), (false, false, "tcp"), (true, true, "tcp")] {
+        let initiator = engine_with(local, force_tcp);
+        assert_eq!(initiator.transport_for(&name).unwrap(), expected, "local={local} force_tcp={force_tcp}");
+        let buf = initiator.allocate_managed_buffer(1 << 20).unwrap();
+        let data = pattern(1 << 20, u64::from(local) + 2 * u64::from(force_tcp));
+        initiator.write_bytes_to_buffer(buf, &data).unwrap();
+        initiator.transfer_sync_write(&name, buf, remote, 1 << 20).unwrap();
+        assert!(target.read_bytes_from_buffer(remote, 1 << 20).unwrap() == data);
+    }
+    // A target with the local transport off publishes nothing for it: its
+    // peers reach it over TCP, whatever they have on.
+    let tcp_target = engine_with(false, false);
+    tcp_target.allocate_managed_buffer(4096).unwrap();
+    assert_eq!(engine().transport_for(&tcp_target.segment_name().unwrap()).unwrap(), "tcp");
+}
+
+/// Every size, both directions, into managed memory (a plain copy through
+/// the shared memfd) and into other registered memory (cross-memory
+/// attach), through the sync, batch and async calls.
+#[test]
+fn both_tiers_carry_every_size_both_ways() {
+    let target = engine();
+    let managed = target.allocate_managed_buffer(8 << 20).unwrap();
+    let registered = Region::new(8 << 20);
+    target.register_memory(registered.addr, registered.len, "cpu:0").unwrap();
+    let initiator = engine();
+    let name = target.segment_name().unwrap();
+    assert_eq!(initiator.transport_for(&name).unwrap(), "local");
+    let local = initiator.allocate_managed_buffer(8 << 20).unwrap();
+    let back = initiator.allocate_managed_buffer(8 << 20).unwrap();
+    for (i, remote) in [managed, registered.addr].into_iter().enumerate() {
+        for (round, len) in [1u64, 7, 4096, 65_537, 1 << 20, 8 << 20].into_iter().enumerate() {
+            let data = pattern(len as usize, (i * 10 + round) as u64);
+            initiator.write_bytes_to_buffer(local, &data).unwrap();
+            initiator.transfer_sync_write(&name, local, remote, len).unwrap();
+            assert!(target.read_bytes_from_buffer(remote, len).unwrap() == data, "tier {i}, {len} bytes");
+            initiator.transfer_sync_read(&name, back, remote, len).unwrap();
+            assert!(initiator.read_bytes_from_buffer(back, len).unwrap() == data, "tier {i}, read {len}");
+        }
+        // A batch of scattered 4 KiB pieces, asynchronously.
+        let data = pattern(1 << 20, 77 + i as u64);
+        initiator.write_bytes_to_buffer(local, &data).unwrap();
+        let requests: Vec<TransferRequest> = (0..256u64)
+            .map(|k| TransferRequest {
+                opcode: TransferOpcode::Write,
+                source: local + k * 4096,
+                target_offset: remote + (255 - k) * 4096,
+                length: 4096,
+            })
+            .collect();
+        let batch = initiator.batch_transfer_async(&name, &requests).unwrap();
+        // Waits (bounded by the transfer timeout) and says how it went.
+        initiator.get_batch_transfer_status(&[batch]).unwrap();
+        let landed = target.read_bytes_from_buffer(remote, 1 << 20).unwrap();
+        for k in 0..256usize {
+            let at = (255 - k) * 4096;
+            assert!(landed[at..at + 4096] == data[k * 4096..(k + 1) * 4096], "tier {i}, piece {k}");
+        }
+    }
+}
+
+/// Bounds: the initiator refuses what the target does not publish; memory
+/// the target registered and then (wrongly) unmapped is a clean error from
+/// the kernel (EFAULT), not a crash of either side.
+#[test]
+fn out_of_bounds_and_unmapped_memory_are_errors() {
+    let target = engine();
+    let remote = target.allocate_managed_buffer(1 << 16).unwrap();
+    let gone = Region::new(1 << 20);
+    target.register_memory(gone.addr, gone.len, "cpu:0").unwrap();
+    let initiator = engine();
+    let name = target.segment_name().unwrap();
+    let local = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    initiator.transfer_sync_write(&name, local, gone.addr, 4096).unwrap();
+    let err = initiator.transfer_sync_write(&name, local, remote + (1 << 16) - 8, 64).unwrap_err();
+    assert!(err.message().contains("not inside"), "{err}");
+    // SAFETY: unmaps the test's own region, still registered on purpose.
+    unsafe { libc::munmap(gone.addr as *mut libc::c_void, gone.len as usize) };
+    for len in [4096u64, 1 << 20] {
+        let err = initiator.transfer_sync_write(&name, local, gone.addr, len).unwrap_err();
+        assert!(err.message().contains("Bad address"), "{len}: {err}");
+        let err = initiator.transfer_sync_read(&name, local, gone.addr, len).unwrap_err();
+        assert!(err.message().contains("Bad address"), "{len}: {err}");
+    }
+    // The engines go on.
+    initiator.transfer_sync_write(&name, local, remote, 4096).unwrap();
+}
+
+// --- Peer processes --------------------------------------------------------
+
+/// The peer: when `SHARDWIRE_TEST_PEER` is set (`segment addr len block`),
+/// writes `block` bytes round the target's `[addr, +len)` until its
+/// standard input closes or 60 s pass, saying on standard output when it
+/// first succeeded and first failed, and the counts at the end.
+/// Not a test: ignored, and run only by [`Peer::start`].
+#[test]
+#[ignore = "the peer process of the other tests"]
+fn peer_process() {
+    let args = std::env::var("SHARDWIRE_TEST_PEER").expect("run by Peer::start, with SHARDWIRE_TEST_PEER");
+    let a: Vec<&str> = args.split_whitespace().collect();
+    let (segment, addr, len, block): (&str, u64, u64, u64) =
+        (a[0], a[1].parse().unwrap(), a[2].parse().unwrap(), a[3].parse().unwrap());
+    let e = engine();
+    assert_eq!(e.transport_for(segment).unwrap(), "local");
+    let buf = e.allocate_managed_buffer(block).unwrap();
+    e.write_bytes_to_buffer(buf, &vec![0xee; block as usize]).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+        s.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let (mut ok, mut failed, mut ok_after_failure) = (0u64, 0u64, 0u64);
+    let mut out = std::io::stdout();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut at = 0;
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+        match e.transfer_sync_write(segment, buf, addr + at, block) {
+            Ok(()) => {
+                ok += 1;
+                if failed > 0 {
+                    ok_after_failure += 1;
+                }
+                if ok == 1 {
+                    writeln!(out, "\npeer: ok").unwrap();
+                }
+            }
+            Err(err) => {
+                failed += 1;
+                if failed == 1 {
+                    writeln!(out, "\npeer: failed {} {}", err.code(), err.message()).unwrap();
+                }
+                if failed == 1000 {
+                    writeln!(out, "\npeer: failed 1000").unwrap();
+                }
+            }
+        }
+        at = (at + block) % (len - block + 1);
+    }
+    writeln!(out, "\npeer: done {ok} {failed} {ok_after_failure}").unwrap();
+}
+
+struct Peer {
+    child: KillOnDrop,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl Peer {
+    fn start(segment: &str, addr: u64, len: u64, block: u64) -> Peer {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--exact", "peer_process", "--ignored", "--nocapture", "--test-threads=1"])
+            .env("SHARDWIRE_TEST_PEER", format!("{segment} {addr} {len} {block}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = die_with_parent(&mut cmd).spawn().unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        Peer { child: KillOnDrop(child), lines }
+    }
+
+    /// The next thing the peer says (`peer: ...`), skipping the harness's lines.
+    fn expect(&mut self, prefix: &str) -> String {
+        for line in self.lines.by_ref() {
+            let line = line.unwrap();
+            let Some(said) = line.strip_prefix("peer: ") else { continue };
+            if said.starts_with(prefix) {
+                return said.to_string();
+            }
+            assert!(!said.starts_with("failed") && !said.starts_with("done"), "wanted {prefix:?}, got {said:?}");
+        }
+        panic!("the peer ended before saying {prefix:?}");
+    }
+
+    /// Closes its input; returns (ok, failed, ok after a failure).
+    fn finish(mut self) -> (u64, u64, u64) {
+        drop(self.child.0.stdin.take());
+        let done = self.expect("done ");
+        let n: Vec<u64> = done.split_whitespace().skip(1).map(|x| x.parse().unwrap()).collect();
+        (n[0], n[1], n[2])
+    }
+}
+
+/// A peer hammers registered memory (cross-memory attach) while the
+/// target unregisters it: once `unregister_memory` returns, not one byte
+/// lands, and every later write fails with the code TCP gives.
+#[test]
+fn no_byte_lands_after_unregister_returns() {
+    let target = engine();
+    let mut region = Region::new(4 << 20);
+    target.register_memory(region.addr, region.len, "cpu:0").unwrap();
+    let mut peer = Peer::start(&target.segment_name().unwrap(), region.addr, region.len, 64 << 10);
+    peer.expect("ok");
+    target.unregister_memory(region.addr).unwrap();
+    region.bytes().fill(0x5a);
+    let first = peer.expect("failed ");
+    assert!(first.starts_with(&format!("failed {} ", code::INVALID_ARGUMENT)), "{first}");
+    assert!(first.contains("rejected"), "{first}");
+    peer.expect("failed 1000");
+    assert!(region.bytes().iter().all(|&b| b == 0x5a), "a peer wrote after unregister returned");
+    let (ok, failed, ok_after_failure) = peer.finish();
+    assert!(ok > 0 && failed >= 1000 && ok_after_failure == 0, "{ok} {failed} {ok_after_failure}");
+}
+
+/// A peer hammers a managed buffer (plain copies into the shared memfd)
+/// while the target frees it: nothing lands in the block once
+/// `free_managed_buffer` returns. The block is then allocated again (the
+/// same address): the peer's view is stale (an old generation), and its
+/// writes land only through a fresh look at the table, into the new block.
+#[test]
+fn a_freed_managed_block_takes_no_late_write_and_is_reused_cleanly() {
+    let target = engine();
+    let _keep = target.allocate_managed_buffer(4096).unwrap(); // keeps the slab
+    let len = 1u64 << 20;
+    let block = target.allocate_managed_buffer(len).unwrap();
+    let mut peer = Peer::start(&target.segment_name().unwrap(), block, len, 16 << 10);
+    peer.expect("ok");
+    target.free_managed_buffer(block, len).unwrap();
+    // The slab is still mapped: look at the freed bytes directly.
+    // SAFETY: the block's memory stays mapped in the slab `_keep` holds.
+    let freed = unsafe { std::slice::from_raw_parts_mut(block as *mut u8, len as usize) };
+    freed.fill(0x5a);
+    peer.expect("failed ");
+    peer.expect("failed 1000");
+    assert!(freed.iter().all(|&b| b == 0x5a), "a peer wrote after free returned");
+    let again = target.allocate_managed_buffer(len).unwrap();
+    assert_eq!(again, block, "the buddy allocator hands the same block out again");
+    target.write_bytes_to_buffer(again, &vec![0; len as usize]).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !target.read_bytes_from_buffer(again, len).unwrap().contains(&0xee) {
+        assert!(Instant::now() < deadline, "the peer's writes never reached the new block");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (ok, failed, ok_after_failure) = peer.finish();
+    assert!(ok > 0 && failed >= 1000 && ok_after_failure > 0, "{ok} {failed} {ok_after_failure}");
+}
+
+/// A peer killed in the middle of a copy holds nothing: the target's
+/// unregister and free see its lane's owner dead (a zombie, not reaped
+/// yet) and return at once.
+#[test]
+fn a_peer_killed_mid_copy_does_not_hold_the_target() {
+    let config = EngineConfig { transfer_timeout: Duration::from_secs(20), ..EngineConfig::from_env().unwrap() };
+    let target = TransferEngine::with_config(config);
+    target.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
+    let len = 64u64 << 20;
+    let managed = target.allocate_managed_buffer(len).unwrap();
+    let region = Region::new(len);
+    target.register_memory(region.addr, region.len, "cpu:0").unwrap();
+    for (addr, managed_tier) in [(managed, true), (region.addr, false)] {
+        let mut peer = Peer::start(&target.segment_name().unwrap(), addr, len, len);
+        peer.expect("ok");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while target.local_copies_running().unwrap() == 0 {
+            assert!(Instant::now() < deadline, "the peer never copied");
+            std::hint::spin_loop();
+        }
+        // SAFETY: signals our own child.
+        unsafe { libc::kill(peer.child.0.id() as libc::pid_t, libc::SIGKILL) };
+        // Were the dead lane not reclaimed, these would wait out the drain
+        // (the transfer timeout) and fail as busy.
+        if managed_tier {
+            target.free_managed_buffer(managed, len).unwrap();
+        } else {
+            target.unregister_memory(region.addr).unwrap();
+        }
+        assert_eq!(target.local_copies_running().unwrap(), 0);
+        let _ = peer.child.0.wait();
+    }
+}
