@@ -37,6 +37,9 @@ pub struct Options {
     pub threads: usize,
     pub duration: Duration,
     pub buffer_size: u64,
+    /// The target registers memory of its own instead of allocating a
+    /// managed buffer.
+    pub target_registered: bool,
     pub report_unit: String,
     pub report_precision: usize,
 }
@@ -60,6 +63,8 @@ pub struct Report {
     pub throughput_gbps: f64,
     pub failed_batches: u64,
     pub batch_latency: Percentiles,
+    /// The anchor: a cache-hot `memcpy` of one block, in this process.
+    pub memcpy_gbps: f64,
 }
 
 impl Report {
@@ -72,6 +77,15 @@ impl Report {
             self.batches,
             precision,
             self.bytes as f64 / self.duration_s.max(1e-9) / scale,
+        )
+    }
+
+    pub fn memcpy_line(&self) -> String {
+        format!(
+            "Anchor: memcpy of one {}-byte block, cache-hot: {:.2} GB/s; this run: {:.2} of it",
+            self.block_size,
+            self.memcpy_gbps,
+            self.throughput_gbps / self.memcpy_gbps.max(1e-9)
         )
     }
 
@@ -109,7 +123,23 @@ fn init_engine(opts: &Options) -> Result<TransferEngine, String> {
 /// `segment_id=<name>` on a line of its own.
 fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), String> {
     let engine = init_engine(opts)?;
-    let buffer = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
+    let buffer = if opts.target_registered {
+        // Page-aligned, as tensors' storage usually is (cross-memory
+        // attach copies several times slower when the two sides' addresses
+        // differ modulo 64). Lives as long as the process: a target serves
+        // until it exits.
+        let layout = std::alloc::Layout::from_size_align(opts.buffer_size.max(1) as usize, 4096)
+            .map_err(|e| format!("buffer_size {}: {e}", opts.buffer_size))?;
+        // SAFETY: a non-zero size (max(1) above); the memory is never freed.
+        let addr = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
+        if addr == 0 {
+            return Err(format!("cannot allocate {} bytes", opts.buffer_size));
+        }
+        engine.register_memory(addr, opts.buffer_size, "cpu:0").map_err(|e| e.to_string())?;
+        addr
+    } else {
+        engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?
+    };
     let name = engine.segment_name().map_err(|e| e.to_string())?;
     println!("segment_id={name}");
     use std::io::Write;
@@ -148,6 +178,7 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
     // SAFETY: the engine just allocated these bytes; fill them so a write
     // carries something recognisable.
     unsafe { std::ptr::write_bytes(local as *mut u8, 0x5a, opts.buffer_size as usize) };
+    let memcpy_gbps = memcpy_rate(local, opts.buffer_size, opts.block_size, Duration::from_millis(500));
     let stop = Arc::new(AtomicBool::new(false));
     let batches = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -208,6 +239,7 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
         throughput_gbps: bytes as f64 / elapsed / 1e9,
         failed_batches: failed.load(Ordering::Relaxed),
         batch_latency: Percentiles::of(&mut samples),
+        memcpy_gbps,
     })
 }
 
@@ -216,6 +248,29 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
 pub fn run_loopback(opts: &Options) -> Result<Report, String> {
     let (target, buffer, name) = serve(opts)?;
     let report = run_initiator(opts, &name);
-    let _ = target.free_managed_buffer(buffer, opts.buffer_size);
+    if !opts.target_registered {
+        let _ = target.free_managed_buffer(buffer, opts.buffer_size);
+    }
     report
+}
+
+/// Bytes per second of a cache-hot `memcpy` of `block` bytes within
+/// `[base, base + len)` (between its first two blocks), for about `time`.
+fn memcpy_rate(base: u64, len: u64, block: u64, time: Duration) -> f64 {
+    if block == 0 || 2 * block > len {
+        return 0.0;
+    }
+    let (src, dst) = (base as *const u8, (base + block) as *mut u8);
+    let start = Instant::now();
+    let mut copies = 0u64;
+    while start.elapsed() < time || copies == 0 {
+        for _ in 0..16 {
+            // SAFETY: both blocks lie inside the engine's managed buffer
+            // (checked above) and do not overlap; nothing else uses it yet.
+            unsafe { std::ptr::copy_nonoverlapping(src, dst, block as usize) };
+            std::hint::black_box(dst);
+        }
+        copies += 16;
+    }
+    (copies * block) as f64 / start.elapsed().as_secs_f64() / 1e9
 }

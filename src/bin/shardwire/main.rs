@@ -76,6 +76,10 @@ struct TransferBenchArgs {
     /// Bytes of buffer on each side.
     #[arg(long = "buffer_size", default_value_t = 1 << 30)]
     buffer_size: u64,
+    /// What the target serves: a managed buffer, or memory of its own it
+    /// registers (peers on this host then copy by cross-memory attach).
+    #[arg(long = "target_memory", default_value = "managed", value_parser = ["managed", "registered"])]
+    target_memory: String,
     /// GB, GiB, Gb, MB, MiB, Mb or KB.
     #[arg(long = "report_unit", default_value = "GB")]
     report_unit: String,
@@ -272,6 +276,7 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
         threads: args.threads,
         duration: std::time::Duration::from_secs(args.duration),
         buffer_size: args.buffer_size,
+        target_registered: args.target_memory == "registered",
         report_unit: args.report_unit.clone(),
         report_precision: args.report_precision,
     };
@@ -293,6 +298,7 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
     };
     println!("{}", report.latency_line());
     println!("{}", report.mooncake_line(&options.report_unit, options.report_precision));
+    println!("{}", report.memcpy_line());
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     }
