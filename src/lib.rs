@@ -12,7 +12,8 @@
 //!   engine/              Mooncake's API: batches, status, segments; picks a transport per segment
 //!   stream/              object streams: tx and rx (a sans-IO core + a shard driver each), bundles
 //!   transport/           the Transport trait; requests, tickets, the Sink the engine implements;
-//!                        tcp/: io_uring client and server drivers, and the caller-thread driver
+//!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
+//!                        local/: same-host copies (shared memfds, cross-memory attach), a control table
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
@@ -27,8 +28,12 @@
 //! per peer; the peer's shard drives one
 //! [`proto::mooncake::server::ServerSession`] per connection. One small
 //! synchronous request skips the shards: the calling thread drives the same
-//! client core over a blocking socket (the direct path). Either way every
-//! request settles exactly once.
+//! client core over a blocking socket (the direct path). A peer on this
+//! host takes the local transport instead: the calling thread copies into
+//! the target's shared memfd (managed memory) or through cross-memory
+//! attach (other registered memory), inside the lane protocol of the
+//! target's control table, so nothing lands after the target withdraws the
+//! memory. Either way every request settles exactly once.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)

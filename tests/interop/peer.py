@@ -6,7 +6,8 @@ mooncake-transfer-engine-non-cuda wheel (PEER_IMPL=mooncake, the default),
 or shardwire's drop-in (PEER_IMPL=shardwire), over loopback, and talks to the
 test over stdin/stdout, one command per line. Metadata is P2P, or the server
 in PEER_METADATA (e.g. "etcd://127.0.0.1:2379"); PEER_HOSTNAME sets the
-local_hostname (default "127.0.0.1").
+local_hostname (default "127.0.0.1"). A target serves a managed buffer, or,
+with PEER_MEMORY=registered, memory of its own that it registers.
 
   target mode:    python peer.py target BYTES
       prints      ready <segment name> <buffer address>
@@ -65,7 +66,17 @@ def target(size):
     if engine.initialize(HOSTNAME, METADATA, "tcp", "") != 0:
         reply("fail initialize")
         return
-    buf = engine.allocate_managed_buffer(size)
+    if os.environ.get("PEER_MEMORY") == "registered":
+        # Memory of its own (page-aligned, as tensors' storage is), registered.
+        import ctypes
+        import mmap
+        own = mmap.mmap(-1, size)
+        buf = ctypes.addressof(ctypes.c_char.from_buffer(own))
+        if engine.register_memory(buf, size, "cpu:0") != 0:
+            reply("fail register_memory")
+            return
+    else:
+        buf = engine.allocate_managed_buffer(size)
     reply(f"ready {segment_name(engine)} {buf}")
     for line in sys.stdin:
         cmd = line.split()
