@@ -18,6 +18,8 @@ Beyond Mooncake:
 * ``with engine.registered(buf) as addr:``: registered memory as a context;
 * ``cancel_transfer(batch_id)``: takes back what of an async batch has not
   gone out yet.
+* ``transport_for(target_hostname)``: ``"local"`` for a shardwire engine on
+  this host (shared memory, cross-memory attach), ``"tcp"`` otherwise.
 """
 
 import asyncio

@@ -330,6 +330,14 @@ impl PyEngine {
         self.value_or(py.detach(|| e.get_first_buffer_address(segment_name)), 0)
     }
 
+    /// The transport that carries transfers to `target_hostname`: "local"
+    /// (a shardwire engine on this host) or "tcp"; "" on an error (beyond
+    /// Mooncake).
+    fn transport_for(&self, py: Python<'_>, target_hostname: &str) -> String {
+        let e = self.inner.clone();
+        self.value_or(py.detach(|| e.transport_for(target_hostname).map(str::to_string)), String::new())
+    }
+
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
     fn transfer_sync_write(
         &self,

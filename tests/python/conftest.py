@@ -33,7 +33,9 @@ class Peer:
     """A peer process driven over stdin/stdout (see tests/interop/peer.py)."""
 
     def __init__(self, impl, *args, hostname=None, metadata=None):
-        env = dict(os.environ, PEER_IMPL=impl, MC_FORCE_TCP="1", GLOG_minloglevel="2")
+        env = dict(os.environ, PEER_IMPL=impl, GLOG_minloglevel="2")
+        if impl == "mooncake":
+            env["MC_FORCE_TCP"] = "1"  # the wheel has no RDMA here; a shardwire peer keeps its local path
         if hostname:
             env["PEER_HOSTNAME"] = hostname
         if metadata:

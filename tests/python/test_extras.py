@@ -182,3 +182,27 @@ def test_cancel_transfer(engine, shardwire_target):
     engine.release_batches([bid])
     assert engine.cancel_transfer(bid) == -1, "a released id is unknown"
     assert "no batch" in engine.last_error()[1]
+
+
+def test_a_shardwire_peer_on_this_host_is_reached_locally(engine, shardwire_target, mooncake_target):
+    """The local transport from Python: a shardwire target on this host is
+    reached by memory copies (and the bytes land), a Mooncake one over TCP;
+    SHARDWIRE_LOCAL=0 keeps a shardwire one on TCP too."""
+    assert engine.transport_for(shardwire_target.name) == "local"
+    assert engine.transport_for(mooncake_target.name) == "tcp"
+    array = np.frombuffer(pattern(1 << 20, 6), dtype=np.uint8).copy()
+    assert engine.register(array) == 0
+    assert engine.transfer_sync_write(shardwire_target.name, array, shardwire_target.buffer, 1 << 20) == 0
+    assert shardwire_target.cmd(f"check 0 {1 << 20} 6") == "ok"
+    assert engine.transfer_sync_write(mooncake_target.name, array, mooncake_target.buffer, 1 << 20) == 0
+    assert mooncake_target.cmd(f"check 0 {1 << 20} 6") == "ok"
+    assert engine.deregister(array) == 0
+    assert engine.transport_for("127.0.0.1:1") == ""
+    os.environ["SHARDWIRE_LOCAL"] = "0"
+    try:
+        tcp_only = TransferEngine()
+    finally:
+        del os.environ["SHARDWIRE_LOCAL"]
+    assert tcp_only.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
+    assert tcp_only.transport_for(shardwire_target.name) == "tcp"
+    tcp_only.shutdown()
