@@ -363,7 +363,7 @@ impl TransferEngine {
         engine.share(addr, len, None);
         // Memory peers cannot find is no use: undo, so a retry starts clean.
         engine.publish().inspect_err(|_| {
-            let _ = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN));
+            let _ = engine.unregister_region(addr);
         })
     }
 
@@ -371,9 +371,7 @@ impl TransferEngine {
     /// on it finish.
     pub fn unregister_memory(&self, addr: u64) -> TeResult<()> {
         let engine = self.engine()?;
-        // Peers on this host stop first (see `free_managed_buffer`).
-        engine.unshare(addr)?;
-        engine.registry.unregister(addr, UNREGISTER_DRAIN)?;
+        engine.unregister_region(addr)?;
         engine.publish_after_release();
         Ok(())
     }
@@ -394,7 +392,7 @@ impl TransferEngine {
         }
         engine.publish().inspect_err(|_| {
             for &(addr, _) in &items {
-                let _ = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN));
+                let _ = engine.unregister_region(addr);
             }
         })
     }
@@ -404,7 +402,7 @@ impl TransferEngine {
         let engine = self.engine()?;
         let mut first = Ok(());
         for &addr in addrs {
-            if let Err(e) = engine.unshare(addr).and_then(|()| engine.registry.unregister(addr, UNREGISTER_DRAIN))
+            if let Err(e) = engine.unregister_region(addr)
                 && first.is_ok()
             {
                 first = Err(e);
@@ -873,6 +871,16 @@ impl Engine {
         if let Some(l) = &self.local {
             l.publish(addr, len, place);
         }
+    }
+
+    /// Unregisters the region at `addr`: peers on this host stop first (see
+    /// `free_managed_buffer`). Managed memory is left to the pool: a call
+    /// naming it fails in the registry without taking a buffer from peers.
+    fn unregister_region(&self, addr: u64) -> TeResult<()> {
+        if self.managed.lock().unwrap_or_else(|e| e.into_inner()).buffer_at(addr).is_none() {
+            self.unshare(addr)?;
+        }
+        self.registry.unregister(addr, UNREGISTER_DRAIN)
     }
 
     /// Takes `[addr, ...)` back from peers on this host: when this returns

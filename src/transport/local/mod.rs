@@ -529,12 +529,14 @@ fn lane_for(peer: &Arc<Peer>) -> Option<u32> {
     LANES
         .try_with(|lanes| {
             let mut lanes = lanes.borrow_mut();
-            lanes.held.retain(|(_, _, _, p)| p.strong_count() > 0);
             if let Some(&(_, lane, _, _)) =
                 lanes.held.iter().find(|(t, _, _, p)| *t == peer.token && p.strong_count() > 0)
             {
                 return Some(lane);
             }
+            // A first copy to this target from this thread: forget the
+            // lanes of targets let go since (their `Peer` gave them back).
+            lanes.held.retain(|(_, _, _, p)| p.strong_count() > 0);
             let owner = owner_word();
             let lane = peer.table.claim_lane(owner)?;
             peer.lanes.lock().unwrap_or_else(|e| e.into_inner()).push((lane, owner));
