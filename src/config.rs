@@ -144,6 +144,14 @@ pub const LOCAL: Var = var(
     "true",
     "carry transfers to engines on this host through shared memory or cross-memory attach; false keeps them on TCP (so does `MC_FORCE_TCP`)",
 );
+pub const LOCAL_THREADS: Var = int(
+    "SHARDWIRE_LOCAL_THREADS",
+    1,
+    64,
+    "threads",
+    "the cores this process may run on, at most 4",
+    "threads (the calling one among them) that share one large copy to an engine on this host; 1 copies in the calling thread alone",
+);
 pub const CORES: Var =
     var("SHARDWIRE_CORES", Kind::CpuList, "one per physical core", "CPU list for the shards, e.g. `0-3,8`");
 pub const SPIN_US: Var =
@@ -249,6 +257,7 @@ pub const VARS: &[Var] = &[
     FORCE_TCP,
     CUSTOM_TOPO_JSON,
     LOCAL,
+    LOCAL_THREADS,
     CORES,
     SPIN_US,
     SPIN_ADAPTIVE,
@@ -323,6 +332,8 @@ pub struct Settings {
     pub custom_topo_json: Option<PathBuf>,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
+    /// `SHARDWIRE_LOCAL_THREADS`, or its default.
+    pub local_threads: usize,
     /// `SHARDWIRE_CORES`, parsed.
     pub cores: Option<Vec<u32>>,
     /// `SHARDWIRE_SPIN_US`, if set.
@@ -389,6 +400,7 @@ impl Settings {
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
             local: r.boolean(&LOCAL)?.unwrap_or(true),
+            local_threads: r.int(&LOCAL_THREADS)?.map_or_else(default_local_threads, |n| n as usize),
             cores: r.cpu_list(&CORES)?,
             spin: r.int(&SPIN_US)?.map(Duration::from_micros),
             spin_adaptive: r.boolean(&SPIN_ADAPTIVE)?,
@@ -407,6 +419,13 @@ impl Settings {
             log: r.choice(&LOG)?,
         })
     }
+}
+
+/// Same-host copy threads when `SHARDWIRE_LOCAL_THREADS` is unset: as many
+/// as the cores this process may run on, up to 4 (past that, memory
+/// bandwidth is the limit and the cores are better left to the caller).
+fn default_local_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
 
 /// The one boolean convention.
@@ -583,7 +602,10 @@ mod tests {
         assert_eq!(with("MC_TCP_BIND_ADDRESS", "[::1]").unwrap().tcp_bind_address, Some("::1".parse().unwrap()));
         assert_eq!(with("SHARDWIRE_CORES", "0-2").unwrap().cores, Some(vec![0, 1, 2]));
         assert_eq!(with("SHARDWIRE_STREAM_PLACEMENT", "other").unwrap().stream_placement, Placement::Other);
+        assert_eq!(with("SHARDWIRE_LOCAL_THREADS", "3").unwrap().local_threads, 3);
+        assert!(with("SHARDWIRE_LOCAL_THREADS", "0").unwrap_err().to_string().contains("1..=64"));
         let d = Settings::default();
+        assert!((1..=4).contains(&d.local_threads), "{}", d.local_threads);
         assert_eq!((d.rpc_port_range, d.stream_burst, d.stripe_bytes), ((15000, 17000), 1024, 512 << 10));
     }
 

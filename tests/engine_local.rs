@@ -218,6 +218,9 @@ impl Peer {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
         cmd.args(["--exact", "peer_process", "--ignored", "--nocapture", "--test-threads=1"])
             .env("SHARDWIRE_TEST_PEER", format!("{segment} {addr} {len} {block}"))
+            // Copies of 2 MiB and more are shared with a helper thread,
+            // under the caller's lane, however many cores the host has.
+            .env("SHARDWIRE_LOCAL_THREADS", "2")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = die_with_parent(&mut cmd).spawn().unwrap();
@@ -249,13 +252,19 @@ impl Peer {
 
 /// A peer hammers registered memory (cross-memory attach) while the
 /// target unregisters it: once `unregister_memory` returns, not one byte
-/// lands, and every later write fails with the code TCP gives.
+/// lands, and every later write fails with the code TCP gives. Blocks of
+/// 64 KiB (one copy each) and of 2 MiB (shared with a helper thread).
 #[test]
 fn no_byte_lands_after_unregister_returns() {
+    no_byte_lands_after_unregister(64 << 10);
+    no_byte_lands_after_unregister(2 << 20);
+}
+
+fn no_byte_lands_after_unregister(block: u64) {
     let target = engine();
     let mut region = Region::new(4 << 20);
     target.register_memory(region.addr, region.len, "cpu:0").unwrap();
-    let mut peer = Peer::start(&target.segment_name().unwrap(), region.addr, region.len, 64 << 10);
+    let mut peer = Peer::start(&target.segment_name().unwrap(), region.addr, region.len, block);
     peer.expect("ok");
     target.unregister_memory(region.addr).unwrap();
     region.bytes().fill(0x5a);
@@ -273,13 +282,18 @@ fn no_byte_lands_after_unregister_returns() {
 /// `free_managed_buffer` returns. The block is then allocated again (the
 /// same address): the peer's view is stale (an old generation), and its
 /// writes land only through a fresh look at the table, into the new block.
+/// Writes of 16 KiB, and of 2 MiB (shared with a helper thread).
 #[test]
 fn a_freed_managed_block_takes_no_late_write_and_is_reused_cleanly() {
+    a_freed_managed_block_is_safe(1 << 20, 16 << 10);
+    a_freed_managed_block_is_safe(4 << 20, 2 << 20);
+}
+
+fn a_freed_managed_block_is_safe(len: u64, write: u64) {
     let target = engine();
     let _keep = target.allocate_managed_buffer(4096).unwrap(); // keeps the slab
-    let len = 1u64 << 20;
     let block = target.allocate_managed_buffer(len).unwrap();
-    let mut peer = Peer::start(&target.segment_name().unwrap(), block, len, 16 << 10);
+    let mut peer = Peer::start(&target.segment_name().unwrap(), block, len, write);
     peer.expect("ok");
     target.free_managed_buffer(block, len).unwrap();
     // The slab is still mapped: look at the freed bytes directly.

@@ -37,6 +37,9 @@ pub struct EngineConfig {
     /// `SHARDWIRE_LOCAL`: peers on this host copy through shared memory
     /// and cross-memory attach (off with `MC_FORCE_TCP` too).
     pub local: bool,
+    /// `SHARDWIRE_LOCAL_THREADS`: threads (the caller among them) that
+    /// share one large same-host copy.
+    pub local_threads: usize,
     /// `MC_METADATA_CLUSTER_ID`: etcd keys under `mooncake/<id>/`.
     pub metadata_cluster_id: Option<String>,
     /// `SHARDWIRE_ETCD_TTL`: the lease the etcd keys hang off.
@@ -80,6 +83,7 @@ impl EngineConfig {
             handshake_max_len: s.handshake_max_len,
             force_tcp: s.force_tcp,
             local: s.local,
+            local_threads: s.local_threads,
             metadata_cluster_id: s.metadata_cluster_id.clone(),
             etcd_ttl: s.etcd_ttl,
             stripe_bytes: s.stripe_bytes,

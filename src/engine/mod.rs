@@ -251,7 +251,12 @@ impl TransferEngine {
         )?);
         let managed = ManagedPool::new(registry.clone(), UNREGISTER_DRAIN);
         let local = if self.config.local && !self.config.force_tcp {
-            match LocalTransport::start(managed.files(), tcp.clone(), self.config.transfer_timeout) {
+            match LocalTransport::start(
+                managed.files(),
+                tcp.clone(),
+                self.config.transfer_timeout,
+                self.config.local_threads,
+            ) {
                 Ok(l) => Some(Arc::new(l)),
                 Err(e) => {
                     log::warn!("the local transport cannot start ({e}); peers on this host use TCP");
@@ -968,7 +973,8 @@ impl Engine {
                 break;
             }
         }
-        let stripe = self.stripe_bytes.max(1);
+        let transport = &self.transports[seg.transport];
+        let stripe = if transport.stripes() { self.stripe_bytes.max(1) } else { u64::MAX };
         let mut slice_counts = Vec::with_capacity(requests.len());
         let mut total = 0u64;
         for r in requests {
@@ -992,7 +998,6 @@ impl Engine {
         let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
         let batch = Batch::new(target, &lens, &slice_counts, deadline);
         let sink: Arc<dyn Sink> = batch.clone();
-        let transport = &self.transports[seg.transport];
         // Slices go out in bounded runs: the transport waits for room, so
         // however large the batch, only a bounded number of slices exists
         // at once.

@@ -86,6 +86,14 @@ pub trait Transport: Send + Sync {
         None
     }
 
+    /// Whether `submit` wants requests cut into stripes of
+    /// `SHARDWIRE_STRIPE_BYTES` (TCP spreads the stripes over its shards);
+    /// a transport that shares one request among threads itself takes
+    /// them whole.
+    fn stripes(&self) -> bool {
+        true
+    }
+
     /// Fails with `Canceled` every request of `sink` that has not gone out.
     fn cancel(&self, sink: &Arc<dyn Sink>);
 

@@ -24,8 +24,11 @@
 //!   written, and who writes it now): no late writes.
 //! - [`service`]: the Unix socket that hands a peer the table and the
 //!   memfds of managed memory.
+//! - `crew`: helper threads that share the pieces of a large copy with
+//!   the caller (`SHARDWIRE_LOCAL_THREADS`).
 
 pub mod control;
+mod crew;
 pub mod service;
 
 use std::cell::RefCell;
@@ -46,6 +49,11 @@ use service::{Link, Service};
 
 /// Peers (targets this engine copies to) kept at once.
 const PEERS_MAX: usize = 4096;
+/// The smallest piece of a copy shared with the crew. Waking a helper
+/// costs tens of µs here (a parked thread on a VM), as much as copying a
+/// MiB: smaller pieces made 1 MiB copies slower, larger ones gained
+/// nothing at 16 MiB (`tools/bench-local`, 2026-12-02).
+pub const PIECE_MIN_BYTES: u64 = 1 << 20;
 /// How often a peer's liveness is looked at (a syscall), at most.
 const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 
@@ -171,6 +179,8 @@ pub struct LocalTransport {
     service: Service,
     drain: Duration,
     tcp: Arc<TcpTransport>,
+    /// The threads that share large copies with their caller.
+    crew: crew::Crew,
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     /// Targets whose local path failed, and why (logged once each).
     refused: Mutex<HashMap<u64, String>>,
@@ -184,8 +194,15 @@ pub struct LocalTransport {
 impl LocalTransport {
     /// Starts the table and the service. `files` are the engine's managed
     /// memfds; `tcp` carries what this transport cannot; `drain` bounds
-    /// how long a revoke waits for copies to end.
-    pub fn start(files: Arc<ShmFiles>, tcp: Arc<TcpTransport>, drain: Duration) -> std::io::Result<LocalTransport> {
+    /// how long a revoke waits for copies to end; `copy_threads` (the
+    /// caller among them) share each copy of two [`PIECE_MIN_BYTES`] or
+    /// more.
+    pub fn start(
+        files: Arc<ShmFiles>,
+        tcp: Arc<TcpTransport>,
+        drain: Duration,
+        copy_threads: usize,
+    ) -> std::io::Result<LocalTransport> {
         let pid = std::process::id();
         let token = random_token();
         let table = Arc::new(Table::create(pid)?);
@@ -199,6 +216,7 @@ impl LocalTransport {
             service,
             drain,
             tcp,
+            crew: crew::Crew::new(copy_threads, PIECE_MIN_BYTES),
             peers: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
             started: Instant::now(),
@@ -372,10 +390,11 @@ impl LocalTransport {
         ))
     }
 
-    /// The copy itself, inside the lane protocol.
+    /// The copy itself, inside the lane protocol: in pieces shared with
+    /// the crew when it is large, all done when this returns.
     fn copy_entered(
         &self,
-        peer: &Peer,
+        peer: &Arc<Peer>,
         v: &SlotView,
         op: Opcode,
         local: u64,
@@ -389,68 +408,30 @@ impl LocalTransport {
                 if at.checked_add(len).is_none_or(|end| end > map.len) {
                     return Err(Miss::Fail(TransferStatus::Failed, format!("{}: a buffer past its memfd", peer.name)));
                 }
-                // SAFETY: `at..at+len` lies inside the mapping (checked
-                // above), which the Arc keeps mapped; the local side is
-                // registered memory the caller pinned; the slot is open and
-                // our lane names it, so the target does not give the memory
-                // away before `exit`.
-                unsafe {
-                    let there = map.base.add(at as usize);
-                    match op {
-                        Opcode::Write => std::ptr::copy_nonoverlapping(local as *const u8, there, len as usize),
-                        Opcode::Read => {
-                            std::ptr::copy_nonoverlapping(there as *const u8, local as *mut u8, len as usize)
+                self.crew.copy(len, move |from, n| {
+                    debug_assert!(from + n <= len);
+                    // SAFETY: `at+from..at+from+n` lies inside the mapping
+                    // (checked above), which the Arc keeps mapped; the
+                    // local side is registered memory the caller pinned;
+                    // the slot is open and the caller's lane names it until
+                    // every piece has ended, so the target does not give
+                    // the memory away under a piece.
+                    unsafe {
+                        let there = map.base.add((at + from) as usize);
+                        let here = (local + from) as *mut u8;
+                        match op {
+                            Opcode::Write => std::ptr::copy_nonoverlapping(here as *const u8, there, n as usize),
+                            Opcode::Read => std::ptr::copy_nonoverlapping(there as *const u8, here, n as usize),
                         }
                     }
-                }
-                Ok(())
+                    Ok(())
+                })
             }
-            Kind::Cma => self.cma(peer, op, local, remote, len),
-        }
-    }
-
-    /// Cross-memory attach into the target's registered memory.
-    fn cma(&self, peer: &Peer, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
-        let pid = peer.table.target_pid() as libc::pid_t;
-        let mut done = 0u64;
-        while done < len {
-            let l = libc::iovec { iov_base: (local + done) as *mut libc::c_void, iov_len: (len - done) as usize };
-            let r = libc::iovec { iov_base: (remote + done) as *mut libc::c_void, iov_len: (len - done) as usize };
-            // SAFETY: the local iovec is pinned registered memory of this
-            // process; the kernel reads or writes the target's side through
-            // its page tables and reports EFAULT for what is not mapped.
-            let n = unsafe {
-                match op {
-                    Opcode::Write => libc::process_vm_writev(pid, &l, 1, &r, 1, 0),
-                    Opcode::Read => libc::process_vm_readv(pid, &l, 1, &r, 1, 0),
-                }
-            };
-            if n > 0 {
-                done += n as u64;
-                continue;
+            Kind::Cma => {
+                let peer = peer.clone();
+                self.crew.copy(len, move |from, n| peer.cma(op, local + from, remote + from, n))
             }
-            let e = std::io::Error::last_os_error();
-            return Err(match e.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) if done == 0 => {
-                    if !peer.cma_refused.swap(true, Ordering::Relaxed) {
-                        log::info!(
-                            "local transport to {}: cross-memory attach refused ({e}); its registered memory is reached over TCP",
-                            peer.name
-                        );
-                    }
-                    Miss::Fallback
-                }
-                Some(libc::ESRCH) => {
-                    peer.dead.store(true, Ordering::Release);
-                    Miss::Fail(TransferStatus::Failed, format!("{} exited", peer.name))
-                }
-                _ => Miss::Fail(
-                    TransferStatus::Failed,
-                    format!("{}: cross-memory attach at {:#x}: {e}", peer.name, remote + done),
-                ),
-            });
         }
-        Ok(())
     }
 
     /// Whether the target is up (looked at with a syscall at most every
@@ -473,6 +454,50 @@ impl LocalTransport {
 }
 
 impl Peer {
+    /// Cross-memory attach into the target's registered memory.
+    fn cma(&self, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
+        let pid = self.table.target_pid() as libc::pid_t;
+        let mut done = 0u64;
+        while done < len {
+            let l = libc::iovec { iov_base: (local + done) as *mut libc::c_void, iov_len: (len - done) as usize };
+            let r = libc::iovec { iov_base: (remote + done) as *mut libc::c_void, iov_len: (len - done) as usize };
+            // SAFETY: the local iovec is pinned registered memory of this
+            // process; the kernel reads or writes the target's side through
+            // its page tables and reports EFAULT for what is not mapped.
+            let n = unsafe {
+                match op {
+                    Opcode::Write => libc::process_vm_writev(pid, &l, 1, &r, 1, 0),
+                    Opcode::Read => libc::process_vm_readv(pid, &l, 1, &r, 1, 0),
+                }
+            };
+            if n > 0 {
+                done += n as u64;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            return Err(match e.raw_os_error() {
+                Some(libc::EPERM) | Some(libc::ENOSYS) | Some(libc::EACCES) if done == 0 => {
+                    if !self.cma_refused.swap(true, Ordering::Relaxed) {
+                        log::info!(
+                            "local transport to {}: cross-memory attach refused ({e}); its registered memory is reached over TCP",
+                            self.name
+                        );
+                    }
+                    Miss::Fallback
+                }
+                Some(libc::ESRCH) => {
+                    self.dead.store(true, Ordering::Release);
+                    Miss::Fail(TransferStatus::Failed, format!("{} exited", self.name))
+                }
+                _ => Miss::Fail(
+                    TransferStatus::Failed,
+                    format!("{}: cross-memory attach at {:#x}: {e}", self.name, remote + done),
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn find(&self, addr: u64, len: u64) -> Option<SlotView> {
         let views = self.views.read().unwrap_or_else(|e| e.into_inner());
         let i = views.partition_point(|v| v.addr <= addr);
@@ -598,6 +623,13 @@ impl Transport for LocalTransport {
             Err(Miss::Fail(_, why)) => Some(Err(TeError::invalid(why))),
             Err(Miss::Fallback) => self.tcp.run_inline(&Route::Tcp(tcp), r),
         }
+    }
+
+    /// Whole requests: large ones are cut into pieces for the crew here,
+    /// all under the caller's lane. (One the local path hands to TCP goes
+    /// whole too, over one connection.)
+    fn stripes(&self) -> bool {
+        false
     }
 
     fn cancel(&self, _sink: &Arc<dyn Sink>) {
