@@ -13,7 +13,9 @@ use interop::{KillOnDrop, die_with_parent, pattern};
 use shardwire::engine::{EngineConfig, TransferEngine, TransferOpcode, TransferRequest, code};
 
 fn engine_with(local: bool, force_tcp: bool) -> TransferEngine {
-    let config = EngineConfig { local, force_tcp, ..EngineConfig::from_env().unwrap() };
+    // Two copy threads, so that large copies and batches are shared with a
+    // helper whatever the host's cores.
+    let config = EngineConfig { local, force_tcp, local_threads: 2, ..EngineConfig::from_env().unwrap() };
     let e = TransferEngine::with_config(config);
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
     e
@@ -104,25 +106,43 @@ fn both_tiers_carry_every_size_both_ways() {
             initiator.transfer_sync_read(&name, back, remote, len).unwrap();
             assert!(initiator.read_bytes_from_buffer(back, len).unwrap() == data, "tier {i}, read {len}");
         }
-        // A batch of scattered 4 KiB pieces, asynchronously.
-        let data = pattern(1 << 20, 77 + i as u64);
-        initiator.write_bytes_to_buffer(local, &data).unwrap();
-        let requests: Vec<TransferRequest> = (0..256u64)
-            .map(|k| TransferRequest {
-                opcode: TransferOpcode::Write,
-                source: local + k * 4096,
-                target_offset: remote + (255 - k) * 4096,
-                length: 4096,
-            })
-            .collect();
-        let batch = initiator.batch_transfer_async(&name, &requests).unwrap();
-        // Waits (bounded by the transfer timeout) and says how it went.
-        initiator.get_batch_transfer_status(&[batch]).unwrap();
-        let landed = target.read_bytes_from_buffer(remote, 1 << 20).unwrap();
-        for k in 0..256usize {
-            let at = (255 - k) * 4096;
-            assert!(landed[at..at + 4096] == data[k * 4096..(k + 1) * 4096], "tier {i}, piece {k}");
+        // Batches of scattered 4 KiB pieces, asynchronously: 1 MiB (one
+        // thread copies it all) and 4 MiB (groups shared with the helper).
+        for pieces in [256u64, 1024] {
+            batch_lands_scattered(&initiator, &name, &target, local, remote, pieces, 77 + i as u64);
         }
+    }
+}
+
+/// Writes `pieces` 4 KiB pieces in one asynchronous batch, each to the
+/// mirrored place, and checks where each landed.
+fn batch_lands_scattered(
+    initiator: &TransferEngine,
+    name: &str,
+    target: &TransferEngine,
+    local: u64,
+    remote: u64,
+    pieces: u64,
+    seed: u64,
+) {
+    let len = pieces * 4096;
+    let data = pattern(len as usize, seed);
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    let requests: Vec<TransferRequest> = (0..pieces)
+        .map(|k| TransferRequest {
+            opcode: TransferOpcode::Write,
+            source: local + k * 4096,
+            target_offset: remote + (pieces - 1 - k) * 4096,
+            length: 4096,
+        })
+        .collect();
+    let batch = initiator.batch_transfer_async(name, &requests).unwrap();
+    // Waits (bounded by the transfer timeout) and says how it went.
+    initiator.get_batch_transfer_status(&[batch]).unwrap();
+    let landed = target.read_bytes_from_buffer(remote, len).unwrap();
+    for k in 0..pieces as usize {
+        let at = (pieces as usize - 1 - k) * 4096;
+        assert!(landed[at..at + 4096] == data[k * 4096..(k + 1) * 4096], "{remote:#x}, {pieces} pieces: piece {k}");
     }
 }
 

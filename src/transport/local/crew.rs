@@ -11,7 +11,7 @@
 //! given back only after the last byte has landed.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -20,21 +20,33 @@ use super::Miss;
 
 /// Jobs waiting for a helper at once; past this, callers copy alone.
 const QUEUE_MAX: usize = 256;
-/// The most pieces one copy is cut into (the piece grows past that).
-const PIECES_MAX: u64 = 1024;
+/// The most pieces one job has (a copy's piece grows past that).
+pub(super) const PIECES_MAX: u64 = 1024;
 /// How long a caller waits on a helper's piece before saying so in the
 /// log (and waiting on: the piece is one bounded memcpy or syscall, and
 /// the caller may not leave while it runs).
 const SLOW_PIECE: Duration = Duration::from_secs(5);
 
-/// Copies `len` bytes at offset `at` of the whole copy.
-pub(super) type Piece = dyn Fn(u64, u64) -> Result<(), Miss> + Send + Sync;
+/// How a copy is cut for the crew.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Split {
+    /// The smallest piece: a copy shorter than two is not shared.
+    pub min_bytes: u64,
+    /// Pieces meet where the address is a multiple of this (a power of two).
+    pub align: u64,
+}
 
-/// One copy in pieces.
+/// How long a helper looks for more work before it parks: waking a parked
+/// thread costs tens of µs here (a VM), as much as copying a MiB, and
+/// large copies tend to come in runs.
+const SPIN: Duration = Duration::from_micros(50);
+
+/// Carries out piece `i` of a job.
+type Piece = dyn Fn(u32) -> Result<(), Miss> + Send + Sync;
+
+/// One job in pieces.
 struct Job {
     piece: Box<Piece>,
-    len: u64,
-    piece_bytes: u64,
     pieces: u32,
     /// The next piece to claim.
     next: AtomicU32,
@@ -53,13 +65,7 @@ impl Job {
             if i >= self.pieces {
                 return;
             }
-            let at = u64::from(i) * self.piece_bytes;
-            debug_assert!(at < self.len, "piece {i} starts past the copy");
-            let result = if self.failed.load(Ordering::Relaxed) {
-                Ok(())
-            } else {
-                (self.piece)(at, self.piece_bytes.min(self.len - at))
-            };
+            let result = if self.failed.load(Ordering::Relaxed) { Ok(()) } else { (self.piece)(i) };
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             if let Err(miss) = result {
                 self.failed.store(true, Ordering::Relaxed);
@@ -80,6 +86,8 @@ impl Job {
 /// What the helpers share with callers.
 struct Shared {
     queue: Mutex<VecDeque<Weak<Job>>>,
+    /// The queue's length, for helpers spinning without the lock.
+    queued: AtomicUsize,
     wake: Condvar,
     stop: AtomicBool,
 }
@@ -89,8 +97,6 @@ pub(super) struct Crew {
     shared: Arc<Shared>,
     /// Threads besides the caller.
     helpers: usize,
-    /// The smallest piece: copies shorter than two run in the caller alone.
-    piece_min_bytes: u64,
     /// Started on the first large copy.
     threads: Mutex<Option<Vec<JoinHandle<()>>>>,
     /// The process that made it: a forked child has no helpers.
@@ -98,43 +104,80 @@ pub(super) struct Crew {
 }
 
 impl Crew {
-    /// A crew where `threads` (the caller among them) share each copy of
-    /// two `piece_min_bytes` or more; one thread means no helpers.
-    pub(super) fn new(threads: usize, piece_min_bytes: u64) -> Crew {
+    /// A crew where `threads` (the caller among them) share each large
+    /// copy; one thread means no helpers.
+    pub(super) fn new(threads: usize) -> Crew {
         assert!(threads >= 1, "a copy needs the caller's thread at least");
-        assert!(piece_min_bytes >= 4096, "pieces smaller than a page cost more than they share");
         Crew {
             shared: Arc::new(Shared {
                 queue: Mutex::new(VecDeque::new()),
+                queued: AtomicUsize::new(0),
                 wake: Condvar::new(),
                 stop: AtomicBool::new(false),
             }),
             helpers: threads - 1,
-            piece_min_bytes,
             threads: Mutex::new(None),
             owner_pid: std::process::id(),
         }
     }
 
     /// Copies `len` bytes with `piece`, in pieces shared with the helpers
-    /// when it is large enough; returns once every piece has ended.
-    pub(super) fn copy<F>(&self, len: u64, piece: F) -> Result<(), Miss>
+    /// when it is at least two minimum pieces long; returns once every
+    /// piece has ended. Pieces meet where `base + at` is a multiple of
+    /// `split.align`.
+    pub(super) fn copy<F>(&self, len: u64, base: u64, split: Split, piece: F) -> Result<(), Miss>
     where
         F: Fn(u64, u64) -> Result<(), Miss> + Send + Sync + 'static,
     {
-        let pieces = (len / self.piece_min_bytes).min(PIECES_MAX);
-        if self.helpers == 0 || pieces < 2 || std::process::id() != self.owner_pid || !self.started() {
+        let Split { min_bytes, align } = split;
+        assert!(
+            align.is_power_of_two() && min_bytes >= 4096,
+            "{split:?}: pieces under a page cost more than they share"
+        );
+        if len < 2 * min_bytes || !self.shares(2) {
             return piece(0, len);
         }
-        let piece: Box<Piece> = Box::new(piece);
-        let piece_bytes = len.div_ceil(pieces);
-        let pieces = len.div_ceil(piece_bytes);
-        debug_assert!(pieces >= 2 && (pieces - 1) * piece_bytes < len && piece_bytes >= self.piece_min_bytes);
+        let step = min_bytes.max(len.div_ceil(PIECES_MAX - 1)).next_multiple_of(align);
+        // The first piece runs up to the first multiple of `step`.
+        let head = (step - base % step) % step;
+        let pieces = u64::from(head > 0) + (len - head.min(len)).div_ceil(step);
+        debug_assert!(pieces <= PIECES_MAX, "{pieces} pieces of {step} bytes for {len}");
+        if pieces < 2 {
+            return piece(0, len);
+        }
+        self.run(pieces as u32, move |i| {
+            let i = u64::from(i);
+            let at = match (head, i) {
+                (0, i) => i * step,
+                (_, 0) => 0,
+                (h, i) => h + (i - 1) * step,
+            };
+            let end = if head > 0 && i == 0 { head } else { (at + step).min(len) };
+            debug_assert!(at < end && end <= len, "piece {i} is [{at}, {end}) of {len}");
+            piece(at, end - at)
+        })
+    }
+
+    /// Whether a job of `pieces` is shared (else the caller does it alone).
+    fn shares(&self, pieces: u64) -> bool {
+        self.helpers > 0 && pieces >= 2 && std::process::id() == self.owner_pid && self.started()
+    }
+
+    /// Carries out pieces `0..pieces` with `piece`, shared with the
+    /// helpers when there are two or more; returns once every piece has
+    /// ended. The first miss is returned, and pieces not started by then
+    /// are skipped.
+    pub(super) fn run<F>(&self, pieces: u32, piece: F) -> Result<(), Miss>
+    where
+        F: Fn(u32) -> Result<(), Miss> + Send + Sync + 'static,
+    {
+        assert!(u64::from(pieces) <= PIECES_MAX, "{pieces} pieces: more than a job may have");
+        if !self.shares(u64::from(pieces)) {
+            return (0..pieces).try_for_each(piece);
+        }
         let job = Arc::new(Job {
-            piece,
-            len,
-            piece_bytes,
-            pieces: pieces as u32,
+            piece: Box::new(piece),
+            pieces,
             next: AtomicU32::new(0),
             failed: AtomicBool::new(false),
             state: Mutex::new((0, None)),
@@ -148,6 +191,7 @@ impl Crew {
             for _ in 0..wanted {
                 queue.push_back(Arc::downgrade(&job));
             }
+            self.shared.queued.store(queue.len(), Ordering::Release);
             drop(queue);
             for _ in 0..wanted {
                 self.shared.wake.notify_one();
@@ -161,7 +205,7 @@ impl Crew {
             state = s;
             if timeout.timed_out() {
                 waited += SLOW_PIECE;
-                log::warn!("local transport: a copy of {len} bytes has waited {waited:?} on a helper's piece");
+                log::warn!("local transport: a copy has waited {waited:?} on a helper's piece");
             }
         }
         state.1.take().map_or(Ok(()), Err)
@@ -193,6 +237,10 @@ impl Crew {
 /// A helper's life: take a job, share its pieces, wait for the next.
 fn help(shared: &Shared) {
     loop {
+        let looking = std::time::Instant::now();
+        while shared.queued.load(Ordering::Acquire) == 0 && looking.elapsed() < SPIN {
+            std::hint::spin_loop();
+        }
         let job = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             loop {
@@ -200,6 +248,7 @@ fn help(shared: &Shared) {
                     return;
                 }
                 if let Some(job) = queue.pop_front() {
+                    shared.queued.store(queue.len(), Ordering::Release);
                     break job;
                 }
                 queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
@@ -236,10 +285,13 @@ mod tests {
     use super::*;
     use crate::transport::request::TransferStatus;
 
-    fn pieces_of(crew: &Crew, len: u64) -> (Result<(), Miss>, Vec<(u64, u64)>) {
+    /// Pieces of a page or more, anywhere.
+    const PAGES: Split = Split { min_bytes: 4096, align: 1 };
+
+    fn pieces_of(crew: &Crew, len: u64, base: u64, align: u64) -> (Result<(), Miss>, Vec<(u64, u64)>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let r = crew.copy(len, move |at, n| {
+        let r = crew.copy(len, base, Split { min_bytes: 4096, align }, move |at, n| {
             s.lock().unwrap().push((at, n));
             Ok(())
         });
@@ -249,10 +301,14 @@ mod tests {
     }
 
     #[test]
-    fn pieces_cover_the_copy_once() {
-        let crew = Crew::new(3, 4096);
-        for len in [1, 4096, 8191, 8192, 8193, 1 << 20, (1 << 20) + 1, 4096 * PIECES_MAX * 3 + 7] {
-            let (r, v) = pieces_of(&crew, len);
+    fn pieces_cover_the_copy_once_and_meet_at_aligned_addresses() {
+        let crew = Crew::new(3);
+        let lens = [1, 4096, 8191, 8192, 8193, 1 << 20, (1 << 20) + 1, 4096 * PIECES_MAX * 3 + 7];
+        for (len, base, align) in lens.iter().flat_map(|&l| {
+            [(0, 1), (0x7f00_0000_0000, 4096), (0x7f00_0000_1234, 4096), (0x7f00_0010_0800, 2 << 20)]
+                .map(|(b, a)| (l, b, a))
+        }) {
+            let (r, v) = pieces_of(&crew, len, base, align);
             assert!(r.is_ok());
             let mut end = 0;
             for (at, n) in &v {
@@ -262,23 +318,29 @@ mod tests {
             }
             assert_eq!(end, len, "len {len}: pieces end short");
             assert!(v.len() as u64 <= PIECES_MAX);
-            assert_eq!(v.len() == 1, len < 8192, "len {len}: {} pieces", v.len());
-            // Every piece but the last is at least the minimum.
-            assert!(v[..v.len() - 1].iter().all(|&(_, n)| n >= 4096), "len {len}: a piece under the minimum");
+            // One piece: too short to share, or inside one aligned window.
+            let one_window = base / align == (base + len - 1) / align;
+            assert!((v.len() == 1) == (len < 8192 || one_window), "len {len}, base {base:#x}: {} pieces", v.len());
+            // Pieces meet at multiples of the alignment, and all but the
+            // first and the last are at least the minimum.
+            for (i, &(at, n)) in v.iter().enumerate() {
+                assert!(i == 0 || (base + at) % align == 0, "len {len}: piece {i} at {:#x}", base + at);
+                assert!(i == 0 || i == v.len() - 1 || n >= 4096, "len {len}: piece {i} of {n} bytes");
+            }
         }
     }
 
     #[test]
     fn one_thread_copies_in_one_piece() {
-        let crew = Crew::new(1, 4096);
-        let (r, v) = pieces_of(&crew, 1 << 20);
+        let crew = Crew::new(1);
+        let (r, v) = pieces_of(&crew, 1 << 20, 0, 1);
         assert!(r.is_ok());
         assert_eq!(v, vec![(0, 1 << 20)]);
     }
 
     #[test]
     fn helpers_take_pieces_and_the_caller_waits_for_them() {
-        let crew = Crew::new(2, 4096);
+        let crew = Crew::new(2);
         let caller = std::thread::current().id();
         let threads = Arc::new(Mutex::new(std::collections::HashSet::new()));
         let done = Arc::new(AtomicU32::new(0));
@@ -288,7 +350,7 @@ mod tests {
             assert!(std::time::Instant::now() < deadline, "no helper ever took a piece");
             let (t, d) = (threads.clone(), done.clone());
             done.store(0, Ordering::Relaxed);
-            let r = crew.copy(64 * 4096, move |_, _| {
+            let r = crew.copy(64 * 4096, 0, PAGES, move |_, _| {
                 std::thread::sleep(Duration::from_millis(1));
                 t.lock().unwrap().insert(std::thread::current().id());
                 d.fetch_add(1, Ordering::Relaxed);
@@ -303,16 +365,16 @@ mod tests {
 
     #[test]
     fn a_miss_is_reported_and_stops_the_pieces_not_started() {
-        let crew = Crew::new(2, 4096);
-        let r = crew.copy(64 * 4096, |_, _| Err(Miss::Fallback));
+        let crew = Crew::new(2);
+        let r = crew.copy(64 * 4096, 0, PAGES, |_, _| Err(Miss::Fallback));
         assert!(matches!(r, Err(Miss::Fallback)));
-        let r = crew.copy(64 * 4096, |_, _| Err(Miss::Fail(TransferStatus::Failed, "all".into())));
+        let r = crew.copy(64 * 4096, 0, PAGES, |_, _| Err(Miss::Fail(TransferStatus::Failed, "all".into())));
         assert!(matches!(r, Err(Miss::Fail(_, ref w)) if w == "all"));
         // The first piece fails at once; the others take a millisecond
         // each, so the skip shows long before they could all have run.
         let ran = Arc::new(AtomicU32::new(0));
         let r2 = ran.clone();
-        let r = crew.copy(1000 * 4096, move |at, _| {
+        let r = crew.copy(1000 * 4096, 0, PAGES, move |at, _| {
             if at == 0 {
                 return Err(Miss::Fail(TransferStatus::Failed, "first".into()));
             }
@@ -326,8 +388,8 @@ mod tests {
 
     #[test]
     fn dropping_the_crew_ends_its_helpers() {
-        let crew = Crew::new(3, 4096);
-        assert!(pieces_of(&crew, 1 << 20).0.is_ok());
+        let crew = Crew::new(3);
+        assert!(pieces_of(&crew, 1 << 20, 0, 1).0.is_ok());
         let shared = Arc::downgrade(&crew.shared);
         drop(crew);
         assert!(shared.upgrade().is_none(), "a helper outlived its crew");

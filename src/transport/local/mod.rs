@@ -45,15 +45,22 @@ use crate::error::{TeError, TeResult, code};
 use crate::mem::managed::ShmFiles;
 use crate::proto::mooncake::message::LocalDesc;
 use control::{Kind, SlotView, Table};
+use crew::Split;
 use service::{Link, Service};
 
 /// Peers (targets this engine copies to) kept at once.
 const PEERS_MAX: usize = 4096;
-/// The smallest piece of a copy shared with the crew. Waking a helper
-/// costs tens of µs here (a parked thread on a VM), as much as copying a
-/// MiB: smaller pieces made 1 MiB copies slower, larger ones gained
-/// nothing at 16 MiB (`tools/bench-local`, 2026-12-02).
-pub const PIECE_MIN_BYTES: u64 = 1 << 20;
+/// How copies into memfds are shared with the crew: from 1 MiB on, in
+/// pieces of 512 KiB or more (`tools/bench-local`, 2026-12-02: 1 MiB
+/// copies 1.3-1.7x faster on two threads; smaller pieces gained nothing).
+const SHM_SPLIT: Split = Split { min_bytes: 512 << 10, align: 64 };
+/// How cross-memory attach is shared: from 2 MiB on, in pieces that meet
+/// at 2 MiB boundaries of the target's memory (one page table each). Two
+/// threads in one 1 MiB copy ran at half the speed of one alone; aligned
+/// pieces of a 16 MiB copy gain 1.7x.
+const CMA_SPLIT: Split = Split { min_bytes: 1 << 20, align: 2 << 20 };
+/// Batches of smaller requests are shared in groups of this many bytes.
+const BATCH_GROUP_BYTES: u64 = 1 << 20;
 /// How often a peer's liveness is looked at (a syscall), at most.
 const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 
@@ -114,10 +121,15 @@ struct Peer {
     lanes: Mutex<Vec<(u32, u64)>>,
     /// The kernel refused cross-memory attach to it: those requests go over TCP.
     cma_refused: AtomicBool,
-    /// Nanoseconds (since the transport started) of the last liveness look.
+    /// When it was connected.
+    epoch: Instant,
+    /// Nanoseconds (since `epoch`) of the last liveness look.
     looked: AtomicU64,
     dead: AtomicBool,
 }
+
+/// A request's result, filled in by whichever thread carried it out.
+type Outcome = Mutex<Option<Result<(), Miss>>>;
 
 /// Why the local path did not carry a request.
 enum Miss {
@@ -184,7 +196,6 @@ pub struct LocalTransport {
     peers: Mutex<HashMap<u64, Arc<Peer>>>,
     /// Targets whose local path failed, and why (logged once each).
     refused: Mutex<HashMap<u64, String>>,
-    started: Instant,
     closed: AtomicBool,
     /// The process that started it: a forked child shares the table's
     /// mapping and must not shut its parent's sharing down.
@@ -195,8 +206,7 @@ impl LocalTransport {
     /// Starts the table and the service. `files` are the engine's managed
     /// memfds; `tcp` carries what this transport cannot; `drain` bounds
     /// how long a revoke waits for copies to end; `copy_threads` (the
-    /// caller among them) share each copy of two [`PIECE_MIN_BYTES`] or
-    /// more.
+    /// caller among them) share each large copy.
     pub fn start(
         files: Arc<ShmFiles>,
         tcp: Arc<TcpTransport>,
@@ -216,10 +226,9 @@ impl LocalTransport {
             service,
             drain,
             tcp,
-            crew: crew::Crew::new(copy_threads, PIECE_MIN_BYTES),
+            crew: crew::Crew::new(copy_threads),
             peers: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashMap::new()),
-            started: Instant::now(),
             closed: AtomicBool::new(false),
             owner_pid: pid,
         })
@@ -289,6 +298,54 @@ impl LocalTransport {
 
     // --- As an initiator ---------------------------------------------------
 
+    /// Carries out `requests` to `peer`, each with its result: one after
+    /// another (a large one in pieces shared with the crew), or, when many
+    /// smaller ones add up to several pieces' worth, in groups shared among
+    /// the crew's threads (each copy inside its own thread's lane).
+    fn copy_all(&self, peer: &Arc<Peer>, requests: &[Request]) -> Vec<Result<(), Miss>> {
+        let piece_bytes = BATCH_GROUP_BYTES;
+        let total: u64 = requests.iter().map(|r| r.len).sum();
+        let largest = requests.iter().map(|r| r.len).max().unwrap_or(0);
+        if requests.len() < 2 || largest >= 2 * piece_bytes || total < 2 * piece_bytes {
+            return requests.iter().map(|r| peer.copy(Some(&self.crew), r.op, r.local, r.remote, r.len)).collect();
+        }
+        // Groups of consecutive requests of a piece's worth each (more,
+        // past the crew's limit on pieces).
+        let group_bytes = piece_bytes.max(total.div_ceil(crew::PIECES_MAX));
+        let mut starts = vec![0usize];
+        let mut bytes = 0;
+        for (i, r) in requests.iter().enumerate().take(requests.len() - 1) {
+            bytes += r.len;
+            if bytes >= group_bytes {
+                starts.push(i + 1);
+                bytes = 0;
+            }
+        }
+        starts.push(requests.len());
+        assert!(starts.len() >= 2 && starts.len() as u64 <= crew::PIECES_MAX + 1);
+        let work: Arc<Vec<(Opcode, u64, u64, u64)>> =
+            Arc::new(requests.iter().map(|r| (r.op, r.local, r.remote, r.len)).collect());
+        let results: Arc<Vec<Outcome>> = Arc::new(requests.iter().map(|_| Mutex::new(None)).collect());
+        let (p, w, out) = (peer.clone(), work.clone(), results.clone());
+        let groups = starts.len() as u32 - 1;
+        let shared = self.crew.run(groups, move |g| {
+            for i in starts[g as usize]..starts[g as usize + 1] {
+                let (op, local, remote, len) = w[i];
+                *out[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(p.copy(None, op, local, remote, len));
+            }
+            Ok(())
+        });
+        debug_assert!(shared.is_ok(), "a group reports through its requests' results");
+        results
+            .iter()
+            .map(|r| {
+                r.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_else(|| {
+                    Err(Miss::Fail(TransferStatus::Failed, "a request of a shared batch was not carried out".into()))
+                })
+            })
+            .collect()
+    }
+
     /// Logs, once per target, why its local path is not used.
     fn refuse(&self, token: u64, name: &str, why: String) {
         let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
@@ -335,6 +392,7 @@ impl LocalTransport {
             maps: Mutex::new(HashMap::new()),
             lanes: Mutex::new(Vec::new()),
             cma_refused: AtomicBool::new(false),
+            epoch: Instant::now(),
             looked: AtomicU64::new(0),
             dead: AtomicBool::new(false),
         });
@@ -348,53 +406,63 @@ impl LocalTransport {
         peers.insert(ld.token, peer.clone());
         Some(peer)
     }
+}
 
-    /// Carries out one request locally, or says why not.
-    fn copy(&self, peer: &Arc<Peer>, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
-        if !self.alive(peer) {
-            return Err(Miss::Fail(TransferStatus::Failed, format!("{} has shut down or exited", peer.name)));
+impl Peer {
+    /// Carries out one request locally, or says why not; a large one in
+    /// pieces shared with `crew`, if given.
+    fn copy(
+        self: &Arc<Self>,
+        crew: Option<&crew::Crew>,
+        op: Opcode,
+        local: u64,
+        remote: u64,
+        len: u64,
+    ) -> Result<(), Miss> {
+        if !self.alive() {
+            return Err(Miss::Fail(TransferStatus::Failed, format!("{} has shut down or exited", self.name)));
         }
-        let Some(lane) = lane_for(peer) else { return Err(Miss::Fallback) };
-        let mut view = peer.find(remote, len);
+        let Some(lane) = lane_for(self) else { return Err(Miss::Fallback) };
+        let mut view = self.find(remote, len);
         for attempt in 0..2 {
             let Some(v) = view else {
                 if attempt == 0 {
-                    view = peer.refresh_find(remote, len);
+                    view = self.refresh_find(remote, len);
                     continue;
                 }
                 return Err(Miss::Fail(
                     TransferStatus::Failed,
                     format!(
                         "{} rejected a {op:?} of {len} bytes at {remote:#x}: not inside a buffer it has registered",
-                        peer.name
+                        self.name
                     ),
                 ));
             };
             if let Kind::Cma = v.kind
-                && peer.cma_refused.load(Ordering::Relaxed)
+                && self.cma_refused.load(Ordering::Relaxed)
             {
                 return Err(Miss::Fallback);
             }
-            if !peer.table.enter(lane, &v) {
+            if !self.table.enter(lane, &v) {
                 // Revoked, or reopened for another buffer: look once more.
-                view = if attempt == 0 { peer.refresh_find(remote, len) } else { None };
+                view = if attempt == 0 { self.refresh_find(remote, len) } else { None };
                 continue;
             }
-            let result = self.copy_entered(peer, &v, op, local, remote, len);
-            peer.table.exit(lane);
+            let result = self.copy_entered(crew, &v, op, local, remote, len);
+            self.table.exit(lane);
             return result;
         }
         Err(Miss::Fail(
             TransferStatus::Failed,
-            format!("{} rejected a {op:?} at {remote:#x}: the buffer there was unregistered", peer.name),
+            format!("{} rejected a {op:?} at {remote:#x}: the buffer there was unregistered", self.name),
         ))
     }
 
     /// The copy itself, inside the lane protocol: in pieces shared with
     /// the crew when it is large, all done when this returns.
     fn copy_entered(
-        &self,
-        peer: &Arc<Peer>,
+        self: &Arc<Self>,
+        crew: Option<&crew::Crew>,
         v: &SlotView,
         op: Opcode,
         local: u64,
@@ -403,12 +471,12 @@ impl LocalTransport {
     ) -> Result<(), Miss> {
         match v.kind {
             Kind::Shm { file, offset } => {
-                let map = peer.mapping(file).map_err(|e| Miss::Fail(TransferStatus::Failed, e))?;
+                let map = self.mapping(file).map_err(|e| Miss::Fail(TransferStatus::Failed, e))?;
                 let at = offset + (remote - v.addr);
                 if at.checked_add(len).is_none_or(|end| end > map.len) {
-                    return Err(Miss::Fail(TransferStatus::Failed, format!("{}: a buffer past its memfd", peer.name)));
+                    return Err(Miss::Fail(TransferStatus::Failed, format!("{}: a buffer past its memfd", self.name)));
                 }
-                self.crew.copy(len, move |from, n| {
+                let piece = move |from: u64, n: u64| {
                     debug_assert!(from + n <= len);
                     // SAFETY: `at+from..at+from+n` lies inside the mapping
                     // (checked above), which the Arc keeps mapped; the
@@ -425,35 +493,40 @@ impl LocalTransport {
                         }
                     }
                     Ok(())
-                })
+                };
+                match crew {
+                    Some(crew) => crew.copy(len, at, SHM_SPLIT, piece),
+                    None => piece(0, len),
+                }
             }
-            Kind::Cma => {
-                let peer = peer.clone();
-                self.crew.copy(len, move |from, n| peer.cma(op, local + from, remote + from, n))
-            }
+            Kind::Cma => match crew {
+                Some(crew) => {
+                    let peer = self.clone();
+                    crew.copy(len, remote, CMA_SPLIT, move |from, n| peer.cma(op, local + from, remote + from, n))
+                }
+                None => self.cma(op, local, remote, len),
+            },
         }
     }
 
     /// Whether the target is up (looked at with a syscall at most every
     /// [`LIVENESS_EVERY`]).
-    fn alive(&self, peer: &Peer) -> bool {
-        if peer.dead.load(Ordering::Acquire) || !peer.table.target_live() {
+    fn alive(&self) -> bool {
+        if self.dead.load(Ordering::Acquire) || !self.table.target_live() {
             return false;
         }
-        let now = self.started.elapsed().as_nanos() as u64;
-        let last = peer.looked.load(Ordering::Relaxed);
+        let now = self.epoch.elapsed().as_nanos() as u64;
+        let last = self.looked.load(Ordering::Relaxed);
         if now.saturating_sub(last) >= LIVENESS_EVERY.as_nanos() as u64
-            && peer.looked.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            && (control::is_dead(peer.table.target_pid()) || peer.link.is_closed())
+            && self.looked.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+            && (control::is_dead(self.table.target_pid()) || self.link.is_closed())
         {
-            peer.dead.store(true, Ordering::Release);
+            self.dead.store(true, Ordering::Release);
             return false;
         }
         true
     }
-}
 
-impl Peer {
     /// Cross-memory attach into the target's registered memory.
     fn cma(&self, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
         let pid = self.table.target_pid() as libc::pid_t;
@@ -602,9 +675,11 @@ impl Transport for LocalTransport {
         let Some(peer) = self.peer(token) else {
             return self.tcp.submit(&Route::Tcp(tcp), requests);
         };
+        let results = self.copy_all(&peer, &requests);
+        debug_assert_eq!(results.len(), requests.len());
         let mut over_tcp = Vec::new();
-        for r in requests {
-            match self.copy(&peer, r.op, r.local, r.remote, r.len) {
+        for (r, result) in requests.into_iter().zip(results) {
+            match result {
                 Ok(()) => r.ticket.done(r.len),
                 Err(Miss::Fail(status, why)) => r.ticket.fail(status, &why),
                 Err(Miss::Fallback) => over_tcp.push(r),
@@ -618,7 +693,7 @@ impl Transport for LocalTransport {
     fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
         let Route::Local { token, tcp } = *route else { return None };
         let Some(peer) = self.peer(token) else { return self.tcp.run_inline(&Route::Tcp(tcp), r) };
-        match self.copy(&peer, r.op, r.local, r.remote, r.len) {
+        match peer.copy(Some(&self.crew), r.op, r.local, r.remote, r.len) {
             Ok(()) => Some(Ok(())),
             Err(Miss::Fail(_, why)) => Some(Err(TeError::invalid(why))),
             Err(Miss::Fallback) => self.tcp.run_inline(&Route::Tcp(tcp), r),
