@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use interop::netns::Link;
 use interop::{KillOnDrop, die_with_parent, pattern};
 use shardwire::engine::{EngineConfig, TransferEngine, TransferOpcode, TransferRequest, code};
 
@@ -236,11 +237,17 @@ struct Peer {
 impl Peer {
     fn start(segment: &str, addr: u64, len: u64, block: u64) -> Peer {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args(["--exact", "peer_process", "--ignored", "--nocapture", "--test-threads=1"])
-            .env("SHARDWIRE_TEST_PEER", format!("{segment} {addr} {len} {block}"))
+        cmd.env("SHARDWIRE_TEST_PEER", format!("{segment} {addr} {len} {block}"))
             // Copies of 2 MiB and more are shared with a helper thread,
             // under the caller's lane, however many cores the host has.
-            .env("SHARDWIRE_LOCAL_THREADS", "2")
+            .env("SHARDWIRE_LOCAL_THREADS", "2");
+        Peer::spawn(cmd, "peer_process")
+    }
+
+    /// Runs `cmd` (this test binary, or a wrapper of it) as the ignored
+    /// test `role`.
+    fn spawn(mut cmd: Command, role: &str) -> Peer {
+        cmd.args(["--exact", role, "--ignored", "--nocapture", "--test-threads=1"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped());
         let mut child = die_with_parent(&mut cmd).spawn().unwrap();
@@ -367,4 +374,168 @@ fn a_peer_killed_mid_copy_does_not_hold_the_target() {
         assert_eq!(target.local_copies_running().unwrap(), 0);
         let _ = peer.child.0.wait();
     }
+}
+
+/// A target in another process, run by [`Target::start`]: its engine on
+/// the address `SHARDWIRE_TEST_TARGET` names, with 1 MiB of registered
+/// memory and 1 MiB of managed memory; with `undumpable`, it makes itself
+/// non-dumpable first (cross-memory attach then needs CAP_SYS_PTRACE).
+/// Says `target <segment> <registered> <managed>` and lives until its
+/// standard input closes. Not a test: ignored, and run only by `start`.
+#[test]
+#[ignore = "the target process of the other tests"]
+fn target_process() {
+    let args = std::env::var("SHARDWIRE_TEST_TARGET").expect("run by Target::start, with SHARDWIRE_TEST_TARGET");
+    let (ip, undumpable) = args.split_once(' ').expect("an address and a flag");
+    if undumpable == "1" {
+        // SAFETY: changes a flag of this process; no memory is touched.
+        assert_eq!(unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) }, 0);
+    }
+    let e = TransferEngine::with_config(EngineConfig::from_env().unwrap());
+    e.initialize(ip, "P2PHANDSHAKE", "tcp", "").expect("initialize");
+    let region = Region::new(1 << 20);
+    e.register_memory(region.addr, region.len, "cpu:0").unwrap();
+    let managed = e.allocate_managed_buffer(1 << 20).unwrap();
+    println!("\npeer: target {} {} {managed}", e.segment_name().unwrap(), region.addr);
+    let mut sink = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+}
+
+/// A target process, and what it says of itself.
+struct Target {
+    peer: Peer,
+    segment: String,
+    registered: u64,
+    managed: u64,
+}
+
+impl Target {
+    /// `wrap` runs the test binary (for example inside a namespace).
+    fn start(wrap: Command, ip: &str, undumpable: bool) -> Target {
+        let mut cmd = wrap;
+        cmd.env("SHARDWIRE_TEST_TARGET", format!("{ip} {}", u8::from(undumpable)));
+        let mut peer = Peer::spawn(cmd, "target_process");
+        let said = peer.expect("target ");
+        let w: Vec<&str> = said.split_whitespace().collect();
+        Target { segment: w[1].to_string(), registered: w[2].parse().unwrap(), managed: w[3].parse().unwrap(), peer }
+    }
+}
+
+/// Messages the engine logs in this process, kept for tests to look at.
+static LOGGED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+struct KeepLogs;
+
+impl log::Log for KeepLogs {
+    fn enabled(&self, m: &log::Metadata) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record) {
+        if self.enabled(r.metadata()) {
+            let mut logged = LOGGED.lock().unwrap_or_else(|e| e.into_inner());
+            if logged.len() < 10_000 {
+                logged.push(r.args().to_string());
+            }
+        }
+    }
+    fn flush(&self) {}
+}
+
+/// Keeps what the engine logs from now on, in [`LOGGED`].
+fn keep_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        log::set_logger(&KeepLogs).expect("no other logger in this test binary");
+        log::set_max_level(log::LevelFilter::Info);
+    });
+}
+
+/// How many logged messages contain both `a` and `b`.
+fn logged_with(a: &str, b: &str) -> usize {
+    LOGGED.lock().unwrap_or_else(|e| e.into_inner()).iter().filter(|m| m.contains(a) && m.contains(b)).count()
+}
+
+/// Writes a pattern into the registered, then the managed memory of `t`
+/// and reads it back, `rounds` times, checking every byte.
+fn round_trips(initiator: &TransferEngine, t: &Target, rounds: u64) {
+    let out = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    let back = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    for round in 0..rounds {
+        for remote in [t.registered, t.managed] {
+            let data = pattern(1 << 20, round * 2 + u64::from(remote == t.managed));
+            initiator.write_bytes_to_buffer(out, &data).unwrap();
+            initiator.transfer_sync_write(&t.segment, out, remote, 1 << 20).unwrap();
+            initiator.transfer_sync_read(&t.segment, back, remote, 1 << 20).unwrap();
+            assert!(initiator.read_bytes_from_buffer(back, 1 << 20).unwrap() == data, "round {round} at {remote:#x}");
+        }
+    }
+    initiator.free_managed_buffer(out, 1 << 20).unwrap();
+    initiator.free_managed_buffer(back, 1 << 20).unwrap();
+}
+
+/// This thread (and the threads it starts) without CAP_SYS_PTRACE; the
+/// rest of the test binary keeps it (capabilities are per thread).
+fn drop_ptrace_capability() {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Default, Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    const CAP_SYS_PTRACE: u32 = 19;
+    let mut header = Header { version: VERSION_3, pid: 0 };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget fills the two capability words of a live array.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_capget, &mut header as *mut Header, data.as_mut_ptr()) }, 0);
+    let keep = !(1u32 << CAP_SYS_PTRACE);
+    data[0].effective &= keep;
+    data[0].permitted &= keep;
+    data[0].inheritable &= keep;
+    // SAFETY: capset reads the header and two words; it changes only
+    // this thread's credentials.
+    assert_eq!(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) }, 0, "capset");
+}
+
+/// A target the kernel will not let this process attach to (it is not
+/// dumpable, and the initiator lacks CAP_SYS_PTRACE): its registered
+/// memory is reached over TCP, with one log line saying why, and its
+/// managed memory (a memfd, which needs no ptrace rights) through the
+/// same route. Every byte arrives.
+#[test]
+fn a_refused_cross_memory_attach_falls_back_to_tcp_once() {
+    keep_logs();
+    let t = Target::start(Command::new(std::env::current_exe().unwrap()), "127.0.0.1", true);
+    let handle = std::thread::spawn(move || {
+        drop_ptrace_capability();
+        let initiator = engine();
+        assert_eq!(initiator.transport_for(&t.segment).unwrap(), "local");
+        round_trips(&initiator, &t, 3);
+        assert_eq!(logged_with(&t.segment, "cross-memory attach refused"), 1, "{:?}", LOGGED.lock().unwrap());
+        drop(t.peer);
+    });
+    handle.join().unwrap();
+}
+
+/// A target in another network namespace has this host's boot id but not
+/// its abstract Unix sockets: the initiator cannot reach its local
+/// service, says so once in the log, and uses TCP for all of it.
+#[test]
+fn a_peer_in_another_network_namespace_is_reached_over_tcp() {
+    keep_logs();
+    let tag = std::process::id() % 10_000;
+    let link = Link::new(tag, None);
+    let t = Target::start(link.exec(std::env::current_exe().unwrap().to_str().unwrap()), &link.peer(), false);
+    let initiator = engine();
+    assert_eq!(initiator.transport_for(&t.segment).unwrap(), "tcp");
+    round_trips(&initiator, &t, 2);
+    assert_eq!(logged_with(&t.segment, "another network namespace?"), 1, "{:?}", LOGGED.lock().unwrap());
+    drop(t);
+    drop(link);
 }

@@ -10,63 +10,22 @@
 mod interop;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use interop::netns::Link;
 use interop::{KillOnDrop, Rng, die_with_parent};
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::{Stream, StreamOptions, Termination};
 
-fn ip(args: &[&str]) -> bool {
-    Command::new("ip").args(args).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
-}
-
-/// A namespace and a veth pair, removed on drop.
-struct Link {
-    ns: String,
-    host_if: String,
-}
-
-impl Link {
-    fn new(tag: u32, qdisc: &str) -> Link {
-        let ns = format!("swt{tag}");
-        let (a, b) = (format!("swa{tag}"), format!("swb{tag}"));
-        let l = Link { ns: ns.clone(), host_if: a.clone() };
-        let sub = 100 + tag % 100;
-        assert!(ip(&["netns", "add", &ns]), "ip netns add (the test needs root)");
-        assert!(ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]));
-        assert!(ip(&["link", "set", &b, "netns", &ns]));
-        assert!(ip(&["addr", "add", &format!("10.211.{sub}.1/24"), "dev", &a]));
-        assert!(ip(&["link", "set", &a, "up"]));
-        assert!(ip(&["-n", &ns, "addr", "add", &format!("10.211.{sub}.2/24"), "dev", &b]));
-        assert!(ip(&["-n", &ns, "link", "set", &b, "up"]));
-        assert!(ip(&["-n", &ns, "link", "set", "lo", "up"]));
-        let mut tc = vec!["qdisc", "add", "dev", &a, "root"];
-        tc.extend(qdisc.split(' '));
-        assert!(Command::new("tc").args(&tc).status().unwrap().success(), "tc {tc:?}");
-        l
-    }
-
-    fn peer(&self, tag: u32) -> String {
-        format!("10.211.{}.2", 100 + tag % 100)
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        ip(&["link", "del", &self.host_if]);
-        ip(&["netns", "del", &self.ns]);
-    }
-}
-
 #[test]
 fn a_stream_over_a_rate_limited_link() {
     let tag = std::process::id() % 10_000;
-    let link = Link::new(tag, "tbf rate 2gbit burst 256kb latency 20ms");
-    let addr = format!("{}:9555", link.peer(tag));
-    let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", &link.ns, env!("CARGO_BIN_EXE_shardwire"), "stream", "listen", "--listen", &addr])
+    let link = Link::new(tag, Some("tbf rate 2gbit burst 256kb latency 20ms"));
+    let addr = format!("{}:9555", link.peer());
+    let mut cmd = link.exec(env!("CARGO_BIN_EXE_shardwire"));
+    cmd.args(["stream", "listen", "--listen", &addr])
         .args(["--trname", "far"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
