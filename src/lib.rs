@@ -13,15 +13,16 @@
 //!   stream/              object streams: tx and rx (a sans-IO core + a shard driver each), bundles
 //!   transport/           the Transport trait; requests, tickets, the Sink the engine implements;
 //!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
-//!                        local/: same-host copies (shared memfds, cross-memory attach), a control table
+//!                        local/: same-host copies (shared memfds, cross-memory attach), a control table,
+//!                        the helper crew for large copies
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
 //!   config, error        every environment variable, checked; the error type and Mooncake's codes
 //! ```
 //!
-//! A transfer: the engine checks both ends, slices and stripes the
-//! requests, and hands each (with a [`transport::request::Ticket`]: its pin
+//! A transfer: the engine checks both ends, slices the requests (and
+//! stripes them, for a transport that wants stripes), and hands each (with a [`transport::request::Ticket`]: its pin
 //! and the batch to settle into) to the segment's transport. TCP deals them
 //! to the shards, at most a bounded number per shard (the caller waits for
 //! room), where a driver feeds one [`proto::mooncake::client::ClientConn`]
@@ -33,7 +34,9 @@
 //! the target's shared memfd (managed memory) or through cross-memory
 //! attach (other registered memory), inside the lane protocol of the
 //! target's control table, so nothing lands after the target withdraws the
-//! memory. Either way every request settles exactly once.
+//! memory; a large copy or batch it shares with a few helper threads, and
+//! returns when they are done. Either way every request settles exactly
+//! once.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)
