@@ -41,8 +41,16 @@ struct SilentHandler {
 impl RpcHandler for SilentHandler {
     fn metadata(&self) -> SegmentDesc {
         SegmentDesc {
-            buffers: vec![BufferDesc { addr: 1 << 32, length: 1 << 30, name: self.name.clone() }],
+            buffers: vec![BufferDesc {
+                addr: 1 << 32,
+                length: 1 << 30,
+                lkey: vec![],
+                name: self.name.clone(),
+                rkey: vec![],
+            }],
+            devices: vec![],
             name: self.name.clone(),
+            priority_matrix: None,
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
             shardwire: None,

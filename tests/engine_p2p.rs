@@ -170,3 +170,36 @@ fn a_huge_batch_is_submitted_within_the_queue_bound() {
     assert!(most > 0 && most <= QUEUED_PER_SHARD_MAX, "at most {most} queued per shard");
     assert!(initiator.queued_requests().unwrap().iter().all(|&q| q == 0), "every credit returned");
 }
+
+/// An RDMA Connection request, as a Mooncake engine sends it to open a
+/// queue pair, gets a well-formed rejection that says why: the paths
+/// swapped, no queue pairs, and `reply_msg` naming the device asked for;
+/// a malformed request is told what is wrong with it.
+#[test]
+fn an_rdma_connection_request_is_rejected_clearly() {
+    use shardwire::meta::p2p::{CallOptions, call};
+    use shardwire::proto::mooncake::frame::FrameType;
+    use shardwire::proto::mooncake::message::{HandshakeDesc, from_wire};
+    use shardwire::proto::mooncake::rdma::{Connection, RdmaFault};
+    let target = engine();
+    let name = target.segment_name().unwrap();
+    let request = format!(
+        r#"{{"local_gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","local_lid":0,"local_nic_path":"10.0.0.9:16049@mlx5_0","payload":"","peer_nic_path":"{name}@mlx5_1","qp_num":[297,298],"ready_ack":true,"reply_msg":""}}"#
+    );
+    let body = call(&name, FrameType::Connection, request.as_bytes(), &CallOptions::default()).unwrap();
+    let reply: HandshakeDesc = from_wire(&body).unwrap();
+    assert_eq!(
+        (reply.local_nic_path.as_str(), reply.peer_nic_path.as_str()),
+        (&*format!("{name}@mlx5_1"), "10.0.0.9:16049@mlx5_0")
+    );
+    assert!(reply.qp_num.is_empty());
+    assert!(reply.reply_msg.contains("no RDMA device \"mlx5_1\""), "{}", reply.reply_msg);
+    let ours = Connection::from_desc(&from_wire(request.as_bytes()).unwrap()).unwrap();
+    assert!(matches!(ours.check_reply(&reply), Err(RdmaFault::Rejected(_))));
+    let bad = request.replace("@mlx5_1", "");
+    let body = call(&name, FrameType::Connection, bad.as_bytes(), &CallOptions::default()).unwrap();
+    let reply: HandshakeDesc = from_wire(&body).unwrap();
+    assert!(reply.reply_msg.contains("malformed") && reply.reply_msg.contains("no '@'"), "{}", reply.reply_msg);
+    // The RPC port still answers afterwards.
+    shardwire::meta::p2p::probe(&name, &CallOptions::default()).unwrap();
+}

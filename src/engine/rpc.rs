@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use crate::mem::Registry;
 use crate::meta::p2p::RpcHandler;
 use crate::proto::mooncake::message::{BufferDesc, HandshakeDesc, LocalDesc, NotifyDesc, SegmentDesc};
+use crate::proto::mooncake::rdma;
 
 /// Most notifications kept until `get_notifies`; past it the oldest go.
 pub const NOTIFIES_MAX: usize = 65_536;
@@ -61,9 +62,17 @@ impl EngineRpc {
                 .registry
                 .ranges()
                 .into_iter()
-                .map(|(addr, length)| BufferDesc { addr, length, name: self.name.clone() })
+                .map(|(addr, length)| BufferDesc {
+                    addr,
+                    length,
+                    name: self.name.clone(),
+                    lkey: Vec::new(),
+                    rkey: Vec::new(),
+                })
                 .collect(),
+            devices: Vec::new(),
             name: self.name.clone(),
+            priority_matrix: None,
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
             shardwire: self.local.clone(),
@@ -85,13 +94,15 @@ impl RpcHandler for EngineRpc {
     }
 
     fn connection(&self, request: HandshakeDesc) -> HandshakeDesc {
-        log::warn!("rejecting an RDMA connection request from {:?}: this engine speaks TCP", request.local_nic_path);
-        HandshakeDesc {
-            local_nic_path: request.peer_nic_path,
-            peer_nic_path: request.local_nic_path,
-            reply_msg: "rejected: shardwire serves this segment over TCP only".into(),
-            ..HandshakeDesc::default()
-        }
+        let why = match rdma::Connection::from_desc(&request) {
+            Err(e) => format!("rejected: a malformed Connection request ({e})"),
+            Ok(c) => format!(
+                "rejected: {} has no RDMA device {:?}; shardwire serves this segment over TCP only",
+                self.name, c.peer.device
+            ),
+        };
+        log::warn!("answering an RDMA connection request from {:?}: {why}", request.local_nic_path);
+        rdma::rejection(&request, &why)
     }
 }
 

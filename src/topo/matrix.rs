@@ -165,17 +165,25 @@ impl PriorityMatrix {
             return Err(MatrixFault::Empty);
         }
         let value: Value = serde_json::from_str(text).map_err(|e| MatrixFault::Json(e.to_string()))?;
+        if value.is_object() {
+            // serde_json keeps the last of two equal keys; look for them first.
+            let keys: KeyList = serde_json::from_str(text).map_err(|e| MatrixFault::Json(e.to_string()))?;
+            let mut seen = BTreeSet::new();
+            for key in &keys.0 {
+                if !seen.insert(key.as_str()) {
+                    return Err(MatrixFault::DuplicateKey(key.clone()));
+                }
+            }
+        }
+        Self::from_value(value)
+    }
+
+    /// Checks a matrix already parsed as JSON (a segment descriptor's
+    /// `priority_matrix`), with the rules of [`PriorityMatrix::parse`].
+    pub fn from_value(value: Value) -> Result<Self, MatrixFault> {
         let Value::Object(object) = value else {
             return Err(MatrixFault::NotAnObject(kind_of(&value)));
         };
-        // serde_json keeps the last of two equal keys; look for them first.
-        let keys: KeyList = serde_json::from_str(text).map_err(|e| MatrixFault::Json(e.to_string()))?;
-        let mut seen = BTreeSet::new();
-        for key in &keys.0 {
-            if !seen.insert(key.as_str()) {
-                return Err(MatrixFault::DuplicateKey(key.clone()));
-            }
-        }
         if object.len() > KEYS_MAX {
             return Err(MatrixFault::TooManyKeys(object.len()));
         }
@@ -217,6 +225,18 @@ impl PriorityMatrix {
             Some(path) => Ok(Some((path.clone(), Self::load(path)?))),
             None => Ok(None),
         }
+    }
+
+    /// The matrix as a JSON value (keys in byte order, as jsoncpp writes a
+    /// `std::map`).
+    pub fn to_value(&self) -> Value {
+        let list = |names: &[String]| Value::Array(names.iter().cloned().map(Value::String).collect());
+        Value::Object(
+            self.entries
+                .iter()
+                .map(|(k, e)| (k.clone(), Value::Array(vec![list(&e.preferred), list(&e.available)])))
+                .collect(),
+        )
     }
 
     /// Writes the matrix as JSON, one location per line, in natural key

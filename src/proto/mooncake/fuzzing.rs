@@ -5,7 +5,7 @@
 //! decodes also re-encodes consistently.
 
 use super::harness::{client as client_harness, server as server_harness};
-use super::{client, frame, message, name, server, tcp};
+use super::{client, frame, message, name, rdma, server, tcp};
 
 /// The RPC port's frame decoder, with the JSON bodies behind it.
 pub fn handshake_frame(data: &[u8]) {
@@ -18,12 +18,43 @@ pub fn handshake_frame(data: &[u8]) {
                 let again = frame::encode(f.kind, &f.body);
                 assert_eq!(&again[..], &data[..used]);
             }
-            let _ = message::from_wire::<message::SegmentDesc>(&f.body);
-            let _ = message::from_wire::<message::HandshakeDesc>(&f.body);
+            rdma_desc(&f.body);
             let _ = message::from_wire::<message::NotifyDesc>(&f.body);
         }
         Ok(None) => assert!(data.len() < frame::LEN_BYTES || data.len() < frame::LEN_BYTES + max as usize + 1),
         Err(_) => {}
+    }
+}
+
+/// A segment descriptor's RDMA fields and a Connection message, checked:
+/// whatever passes the checks writes out and checks again to the same.
+pub fn rdma_desc(data: &[u8]) {
+    if let Ok(desc) = message::from_wire::<message::SegmentDesc>(data)
+        && let Ok(seg) = rdma::RdmaSegment::from_desc(&desc)
+    {
+        assert!(!seg.devices.is_empty() && seg.devices.len() <= rdma::DEVICES_MAX);
+        assert!(seg.buffers.iter().all(|b| b.lkey.len() == seg.devices.len() && b.rkey.len() == seg.devices.len()));
+        let mut again = desc.clone();
+        seg.write_into(&mut again);
+        let wire = message::to_wire(&again);
+        let back: message::SegmentDesc = message::from_wire(&wire).expect("what we write parses");
+        assert_eq!(rdma::RdmaSegment::from_desc(&back).as_ref(), Ok(&seg));
+    }
+    if let Ok(h) = message::from_wire::<message::HandshakeDesc>(data)
+        && let Ok(c) = rdma::Connection::from_desc(&h)
+    {
+        assert!(!c.qps.is_empty() && c.qps.len() <= rdma::QPS_PER_ENDPOINT_MAX);
+        assert_eq!(rdma::Connection::from_desc(&c.to_desc()).as_ref(), Ok(&c));
+        let no = rdma::rejection(&h, "fuzz");
+        assert!(matches!(c.check_reply(&no), Err(rdma::RdmaFault::Rejected(_))));
+    }
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(p) = rdma::NicPath::parse(text) {
+            assert_eq!(p.to_string(), text);
+        }
+        if let Ok(g) = rdma::Gid::parse(text, "") {
+            assert_eq!(g.to_string(), text.to_ascii_lowercase());
+        }
     }
 }
 
@@ -251,6 +282,9 @@ mod tests {
             tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
             b"[::1]:15000".to_vec(),
+            br#"{"buffers":[{"addr":4096,"length":8192,"lkey":[1],"name":"cpu:0","rkey":[2]}],"devices":[{"gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","lid":0,"name":"rxe0"}],"name":"h:1","priority_matrix":{"cpu:0":[["rxe0"],[]]},"protocol":"rdma"}"#.to_vec(),
+            br#"{"local_gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","local_lid":0,"local_nic_path":"h:1@rxe0","peer_nic_path":"h:2@rxe1","qp_num":[17,18],"ready_ack":true}"#.to_vec(),
+            b"h:1@mlx5_0".to_vec(),
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n".to_vec(),
         ];
         for round in 0..60_000u32 {
@@ -268,6 +302,7 @@ mod tests {
             handshake_frame(&input);
             tcp_header(&input);
             segment_name(&input);
+            rdma_desc(&input);
             http_response(&input);
             tcp_client(&input);
             tcp_server(&input);

@@ -4,19 +4,36 @@
 //! (a `std::map`), no spaces, a trailing newline. The structs below declare
 //! their fields alphabetically so serde writes the same bytes, and
 //! [`to_wire`] adds the newline. Decoding is tolerant the way jsoncpp is:
-//! unknown fields (an RDMA descriptor's `devices`, `priority_matrix`, keys)
-//! are ignored, and absent ones take Mooncake's defaults.
+//! unknown fields are ignored, and absent ones take Mooncake's defaults.
+//! The RDMA fields (devices, keys, the priority matrix) are carried as
+//! they come; [`super::rdma`] checks them.
 
 use serde::{Deserialize, Deserializer, Serialize};
 
-/// One registered buffer of a segment, as a TCP segment publishes it. RDMA
-/// descriptors add key arrays, which are ignored here.
+/// One registered buffer of a segment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BufferDesc {
     pub addr: u64,
     pub length: u64,
+    /// RDMA: the local key of each device, by the index of `devices`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lkey: Vec<u32>,
     /// The segment name for TCP; the location (`cpu:0`) for RDMA.
     #[serde(default)]
+    pub name: String,
+    /// RDMA: the remote key of each device, by the index of `devices`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rkey: Vec<u32>,
+}
+
+/// One RDMA device of a segment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceDesc {
+    /// 16 bytes in colon-separated hex (`fe:80:00:...`).
+    #[serde(default)]
+    pub gid: String,
+    #[serde(default)]
+    pub lid: u16,
     pub name: String,
 }
 
@@ -25,7 +42,13 @@ pub struct BufferDesc {
 pub struct SegmentDesc {
     #[serde(default)]
     pub buffers: Vec<BufferDesc>,
+    /// RDMA: the segment's devices; their order indexes the key arrays.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<DeviceDesc>,
     pub name: String,
+    /// RDMA: `{location: [[preferred...], [available...]]}`, as it came.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_matrix: Option<serde_json::Value>,
     /// `tcp`, `rdma`, ... (a JSON array in multi-protocol builds; the first
     /// entry is kept).
     #[serde(deserialize_with = "string_or_first")]
@@ -98,6 +121,10 @@ pub struct HandshakeDesc {
     pub peer_nic_path: String,
     #[serde(default)]
     pub qp_num: Vec<u32>,
+    /// Present when the sender supports the ready acknowledgement; `true`
+    /// in the second Connection request, the acknowledgement itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_ack: Option<bool>,
     #[serde(default)]
     pub reply_msg: String,
 }
@@ -147,7 +174,13 @@ mod tests {
         let desc: SegmentDesc = from_wire(WHEEL_REPLY.as_bytes()).unwrap();
         assert_eq!(
             desc.buffers,
-            vec![BufferDesc { addr: 140623738826768, length: 2 << 30, name: "127.0.0.1:16830".into() }]
+            vec![BufferDesc {
+                addr: 140623738826768,
+                length: 2 << 30,
+                lkey: vec![],
+                name: "127.0.0.1:16830".into(),
+                rkey: vec![]
+            }]
         );
         assert_eq!((desc.tcp_data_port, desc.tcp_proto_version), (16824, 2));
         assert_eq!(desc.tcp_data_host.as_deref(), Some("127.0.0.1"));

@@ -7,6 +7,8 @@
 //! - [`tcp`]: the TCP data port's 24-byte request header, the v2 "MCTV"
 //!   status frames, and the server's address validation.
 //! - [`name`]: `host:port` segment names, IPv6 included.
+//! - [`rdma`]: the RDMA control plane checked: devices, keys, the priority
+//!   matrix, NIC paths, GIDs, the Connection exchange.
 //! - [`client`] and [`server`]: the TCP v2 connection state machines
 //!   (pipelining, answers, rejections, closes, drains), free of I/O.
 
@@ -18,5 +20,6 @@ pub mod fuzzing;
 pub mod harness;
 pub mod message;
 pub mod name;
+pub mod rdma;
 pub mod server;
 pub mod tcp;
