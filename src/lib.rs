@@ -14,7 +14,8 @@
 //!   transport/           the Transport trait; requests, tickets, the Sink the engine implements;
 //!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
 //!                        local/: same-host copies (shared memfds, cross-memory attach), a control table,
-//!                        the helper crew for large copies
+//!                        the helper crew for large copies;
+//!                        rdma/: slicing and rail choice (the rest of the transport is being built)
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory

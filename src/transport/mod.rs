@@ -17,10 +17,13 @@
 //!   ([`crate::proto::mooncake::client`], [`crate::proto::mooncake::server`]).
 //! - [`local`]: same-host transfers by memory copies in the caller's
 //!   thread (shared memfds, cross-memory attach), safe against late writes.
+//! - [`rdma`]: being built; so far the rules that cut a request into
+//!   slices and choose each slice's rail.
 //! - `accept`: the accept loop the listeners share.
 
 pub(crate) mod accept;
 pub mod local;
+pub mod rdma;
 pub mod request;
 pub mod tcp;
 
