@@ -783,6 +783,22 @@ mod tests {
     }
 
     #[test]
+    fn a_failing_peer_rail_rests_and_the_others_take_its_share() {
+        let plan = FaultPlan { faults: vec![Fault::Down { device: "t1".into(), at_ns: 0 }] };
+        let mut w = world(2, 2, plan, 5, 8 << 20);
+        w.net.advance(1);
+        w.write(1, 0, 8 << 20);
+        assert_eq!(w.run("a rail down from the start")[0].result, Ok(()));
+        assert!(w.target.mem == w.local);
+        let peer = &w.engine.peers["target"];
+        assert!(peer.paused_until.get(&1).is_some_and(|&t| t > w.net.now_ns()), "t1 rests");
+        assert!(!peer.paused_until.contains_key(&0), "t0 never failed");
+        // 128 slices, half of them first sent to t1: once it rests, the
+        // rest go straight to t0, so far fewer retries than slices.
+        assert!(w.engine.retries() < 64, "{} retries", w.engine.retries());
+    }
+
+    #[test]
     fn with_every_rail_gone_the_request_fails_and_says_why() {
         let plan = FaultPlan {
             faults: vec![Fault::Down { device: "t0".into(), at_ns: 0 }, Fault::Down { device: "t1".into(), at_ns: 0 }],
