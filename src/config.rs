@@ -62,6 +62,7 @@ impl Var {
     /// What the variable accepts, in words.
     pub fn accepted(&self) -> String {
         match self.kind {
+            Kind::Int { min, max, unit: "" } => format!("a whole number in {min}..={max}"),
             Kind::Int { min, max, unit } => format!("a whole number of {unit} in {min}..={max}"),
             Kind::Port => "a port in 1024..=65535 outside 32768..=60999".into(),
             Kind::Bool => "a boolean: 1/0, true/false, t/f, yes/no or on/off".into(),
@@ -134,6 +135,24 @@ pub const CUSTOM_TOPO_JSON: Var = var(
     "unset",
     "path of a NIC priority matrix in Mooncake's format; empty means discover",
 );
+pub const SLICE_SIZE: Var =
+    int("MC_SLICE_SIZE", 4096, 64 << 20, "bytes", "65536", "RDMA slice size (the RDMA transport is not wired yet)");
+pub const FRAGMENT_RATIO: Var = int(
+    "MC_FRAGMENT_RATIO",
+    1,
+    1024,
+    "",
+    "4",
+    "an RDMA request's tail of up to slice/ratio bytes rides in its last slice",
+);
+pub const RETRY_CNT: Var = int("MC_RETRY_CNT", 0, 100, "tries", "9", "retries of one RDMA slice, each on another rail");
+pub const NUM_QP_PER_EP: Var = int("MC_NUM_QP_PER_EP", 1, 64, "queue pairs", "2", "queue pairs per RDMA endpoint");
+pub const MAX_WR: Var =
+    int("MC_MAX_WR", 1, 16_384, "work requests", "256", "outstanding RDMA work requests per queue pair");
+pub const MAX_CQE_PER_CTX: Var =
+    int("MC_MAX_CQE_PER_CTX", 64, 1 << 22, "entries", "4096", "entries of each RDMA completion queue");
+pub const RDMA_RAIL_PAUSE_SECONDS: Var =
+    int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
 pub const METADATA_CLUSTER_ID: Var =
     var("MC_METADATA_CLUSTER_ID", Kind::Text, "unset", "etcd keys go under `mooncake/<id>/` instead of `mooncake/`");
 pub const ETCD_TTL: Var =
@@ -256,6 +275,13 @@ pub const VARS: &[Var] = &[
     HANDSHAKE_MAX_LENGTH,
     FORCE_TCP,
     CUSTOM_TOPO_JSON,
+    SLICE_SIZE,
+    FRAGMENT_RATIO,
+    RETRY_CNT,
+    NUM_QP_PER_EP,
+    MAX_WR,
+    MAX_CQE_PER_CTX,
+    RDMA_RAIL_PAUSE_SECONDS,
     LOCAL,
     LOCAL_THREADS,
     CORES,
@@ -317,6 +343,18 @@ pub enum Placement {
     Other,
 }
 
+/// The RDMA variables, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaSettings {
+    pub slice_bytes: u64,
+    pub fragment_ratio: u64,
+    pub retry_cnt: u32,
+    pub qps_per_endpoint: usize,
+    pub max_wr: u32,
+    pub cqe: u32,
+    pub rail_pause_s: u64,
+}
+
 /// Every variable's value, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -330,6 +368,10 @@ pub struct Settings {
     pub handshake_max_len: u64,
     pub force_tcp: bool,
     pub custom_topo_json: Option<PathBuf>,
+    /// `MC_SLICE_SIZE`, `MC_FRAGMENT_RATIO`, `MC_RETRY_CNT`,
+    /// `MC_NUM_QP_PER_EP`, `MC_MAX_WR`, `MC_MAX_CQE_PER_CTX`, and
+    /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds.
+    pub rdma: RdmaSettings,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
     /// `SHARDWIRE_LOCAL_THREADS`, or its default.
@@ -399,6 +441,15 @@ impl Settings {
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
+            rdma: RdmaSettings {
+                slice_bytes: r.int(&SLICE_SIZE)?.unwrap_or(65_536),
+                fragment_ratio: r.int(&FRAGMENT_RATIO)?.unwrap_or(4),
+                retry_cnt: r.int(&RETRY_CNT)?.unwrap_or(9) as u32,
+                qps_per_endpoint: r.int(&NUM_QP_PER_EP)?.unwrap_or(2) as usize,
+                max_wr: r.int(&MAX_WR)?.unwrap_or(256) as u32,
+                cqe: r.int(&MAX_CQE_PER_CTX)?.unwrap_or(4096) as u32,
+                rail_pause_s: r.int(&RDMA_RAIL_PAUSE_SECONDS)?.unwrap_or(30),
+            },
             local: r.boolean(&LOCAL)?.unwrap_or(true),
             local_threads: r.int(&LOCAL_THREADS)?.map_or_else(default_local_threads, |n| n as usize),
             cores: r.cpu_list(&CORES)?,
@@ -603,6 +654,9 @@ mod tests {
         assert_eq!(with("SHARDWIRE_CORES", "0-2").unwrap().cores, Some(vec![0, 1, 2]));
         assert_eq!(with("SHARDWIRE_STREAM_PLACEMENT", "other").unwrap().stream_placement, Placement::Other);
         assert_eq!(with("SHARDWIRE_LOCAL_THREADS", "3").unwrap().local_threads, 3);
+        assert_eq!(with("MC_SLICE_SIZE", "131072").unwrap().rdma.slice_bytes, 131_072);
+        assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
+        assert_eq!(Settings::default().rdma.retry_cnt, 9);
         assert!(with("SHARDWIRE_LOCAL_THREADS", "0").unwrap_err().to_string().contains("1..=64"));
         let d = Settings::default();
         assert!((1..=4).contains(&d.local_threads), "{}", d.local_threads);

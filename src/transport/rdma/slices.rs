@@ -54,6 +54,21 @@ pub struct RdmaConfig {
     pub pause_ns: u64,
 }
 
+impl RdmaConfig {
+    /// The `MC_*` RDMA variables' values.
+    pub fn from_settings(s: &crate::config::RdmaSettings) -> RdmaConfig {
+        RdmaConfig {
+            slice: SliceRule { slice_bytes: s.slice_bytes, fragment_ratio: s.fragment_ratio },
+            retry_cnt: s.retry_cnt,
+            qps_per_endpoint: s.qps_per_endpoint,
+            max_wr: s.max_wr,
+            cqe: s.cqe,
+            pause_ns: s.rail_pause_s.saturating_mul(1_000_000_000),
+            ..RdmaConfig::default()
+        }
+    }
+}
+
 impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
@@ -740,6 +755,14 @@ mod tests {
             }
             panic!("{what}: {} requests never settled", self.engine.in_flight());
         }
+    }
+
+    #[test]
+    fn the_defaults_are_mooncakes_and_the_variables_set_them() {
+        let d = crate::config::Settings::default();
+        assert_eq!(RdmaConfig::from_settings(&d.rdma), RdmaConfig::default());
+        let s = crate::config::Settings::from_lookup(|n| (n == "MC_NUM_QP_PER_EP").then(|| "4".to_string())).unwrap();
+        assert_eq!(RdmaConfig::from_settings(&s.rdma).qps_per_endpoint, 4);
     }
 
     #[test]
