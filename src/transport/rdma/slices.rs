@@ -24,9 +24,11 @@ use super::fabric::{
     QpState, Sge, Transition, Verb, WcStatus, WorkRequest,
 };
 use super::plan::{Rails, Slice, SliceRule};
-use crate::proto::mooncake::rdma::{Gid, RdmaSegment};
-use crate::topo::PriorityMatrix;
+use crate::proto::mooncake::rdma::{Buffer, Connection, Device, Gid, QPS_PER_ENDPOINT_MAX, RdmaSegment};
+use crate::topo::{MatrixEntry, PriorityMatrix};
 
+/// Queue pairs sets kept for peers not known yet.
+pub const PASSIVE_MAX: usize = 1024;
 /// Requests in flight at once.
 pub const REQUESTS_MAX: usize = 1 << 16;
 /// Slices in flight at once (queued or posted).
@@ -86,9 +88,10 @@ impl Default for RdmaConfig {
 
 /// Gets the peer's side of an endpoint.
 pub trait Connector {
-    /// Our queue pairs `qps` on `local` (device `local_dev` of ours) want
-    /// the peer's device `peer_dev`: returns its GID, LID and as many
-    /// queue pair numbers, already in RTR (or why not).
+    /// Our queue pairs `qps` on our device `local` (whose GID is `gid`)
+    /// want device `peer_dev` of `peer`'s segment: returns that device's
+    /// GID and LID and as many queue pair numbers, already in RTR (or why
+    /// not).
     fn connect(
         &mut self,
         peer: &str,
@@ -120,7 +123,16 @@ pub struct Settled {
     pub result: Result<(), String>,
 }
 
-struct Device {
+/// Local memory registered on every device.
+struct Region {
+    addr: u64,
+    len: u64,
+    /// Its memory location (`cpu:0`).
+    location: String,
+    mrs: Vec<Mr>,
+}
+
+struct Nic {
     ctx: Box<dyn Context>,
     cq: CqId,
     info: DeviceInfo,
@@ -171,10 +183,13 @@ struct Peer {
 /// One shard's RDMA work.
 pub struct SliceEngine {
     config: RdmaConfig,
-    devices: Vec<Device>,
+    devices: Vec<Nic>,
     matrix: PriorityMatrix,
-    /// Registered local memory: (addr, len, lkey per device).
-    regions: Vec<(u64, u64, Vec<u32>)>,
+    /// Registered local memory.
+    regions: Vec<Region>,
+    /// Queue pairs made for peers this engine does not know (yet): kept
+    /// so they are not lost, at most `PASSIVE_MAX`.
+    passive: VecDeque<(usize, Vec<QpNum>)>,
     peers: HashMap<String, Peer>,
     requests: HashMap<u64, RequestRec>,
     slices: HashMap<u64, SliceRec>,
@@ -199,13 +214,14 @@ impl SliceEngine {
             let info = ctx.info();
             let cq = ctx.create_cq(config.cqe)?;
             let gid = info.gids.first().copied().unwrap_or_default();
-            devices.push(Device { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0 });
+            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0 });
         }
         Ok(SliceEngine {
             config,
             devices,
             matrix,
             regions: Vec::new(),
+            passive: VecDeque::new(),
             peers: HashMap::new(),
             requests: HashMap::new(),
             slices: HashMap::new(),
@@ -216,11 +232,12 @@ impl SliceEngine {
         })
     }
 
-    /// Registers `[addr, addr + len)` on every device.
+    /// Registers `[addr, addr + len)`, at memory `location`, on every
+    /// device.
     ///
     /// # Safety
     /// The memory must stay mapped until the engine is dropped.
-    pub unsafe fn register(&mut self, addr: u64, len: u64) -> Result<Vec<Mr>, FabricError> {
+    pub unsafe fn register(&mut self, addr: u64, len: u64, location: &str) -> Result<Vec<Mr>, FabricError> {
         let mut mrs = Vec::with_capacity(self.devices.len());
         for d in &mut self.devices {
             // SAFETY: the caller keeps the memory mapped (this function's
@@ -235,7 +252,7 @@ impl SliceEngine {
                 }
             }
         }
-        self.regions.push((addr, len, mrs.iter().map(|m| m.lkey).collect()));
+        self.regions.push(Region { addr, len, location: location.to_string(), mrs: mrs.clone() });
         Ok(mrs)
     }
 
@@ -252,6 +269,110 @@ impl SliceEngine {
         });
         peer.segment = segment;
         Ok(())
+    }
+
+    /// What this engine publishes of itself: its devices, its registered
+    /// memory with every device's keys, and its priority matrix (every
+    /// device preferred for every location, when it has none).
+    pub fn describe(&self) -> RdmaSegment {
+        let devices: Vec<Device> =
+            self.devices.iter().map(|d| Device { name: d.info.name.clone(), lid: d.info.lid, gid: d.gid }).collect();
+        let buffers = self
+            .regions
+            .iter()
+            .map(|r| Buffer {
+                location: r.location.clone(),
+                addr: r.addr,
+                length: r.len,
+                lkey: r.mrs.iter().map(|m| m.lkey).collect(),
+                rkey: r.mrs.iter().map(|m| m.rkey).collect(),
+            })
+            .collect();
+        let matrix = if self.matrix.is_empty() {
+            let mut m = PriorityMatrix::new();
+            let all: Vec<String> = devices.iter().map(|d| d.name.clone()).collect();
+            m.insert("*", MatrixEntry { preferred: all, available: vec![] });
+            m
+        } else {
+            self.matrix.clone()
+        };
+        RdmaSegment { devices, buffers, matrix }
+    }
+
+    /// The passive side of a Connection: `req`'s queue pairs want our
+    /// device `req.peer.device`. Makes as many queue pairs there, in RTR
+    /// and RTS against theirs, and answers with them. They serve this
+    /// engine's own sends to that peer too, once it knows the peer.
+    pub fn accept(&mut self, req: &Connection) -> Result<Connection, String> {
+        let ld = self
+            .devices
+            .iter()
+            .position(|d| d.info.name == req.peer.device)
+            .ok_or_else(|| format!("no RDMA device {:?} here", req.peer.device))?;
+        if !self.devices[ld].up {
+            return Err(format!("device {:?} is down", req.peer.device));
+        }
+        if req.qps.len() > QPS_PER_ENDPOINT_MAX {
+            return Err(format!("{} queue pairs asked for", req.qps.len()));
+        }
+        let d = &mut self.devices[ld];
+        let caps = QpCaps { max_send_wr: self.config.max_wr, max_sge: 1, max_inline: 0 };
+        let mut mine = Vec::with_capacity(req.qps.len());
+        let mut made = || -> Result<(), String> {
+            for &theirs in &req.qps {
+                let q = d.ctx.create_qp(d.cq, caps).map_err(|e| e.to_string())?;
+                mine.push(q);
+                d.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
+                let peer = PeerAddr { gid: req.gid, lid: req.lid, qp: QpNum(theirs), mtu: d.info.active_mtu };
+                d.ctx.modify_qp(q, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
+                d.ctx
+                    .modify_qp(q, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 })
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = made() {
+            for &q in &mine {
+                let _ = self.devices[ld].ctx.destroy_qp(q);
+            }
+            return Err(e);
+        }
+        let (gid, lid) = (self.devices[ld].gid, self.devices[ld].info.lid);
+        let known = self.peers.get(&req.local.server).and_then(|p| p.segment.device_index(&req.local.device));
+        match known {
+            Some(pd) => {
+                let n = mine.len();
+                let peer = self.peers.get_mut(&req.local.server).expect("looked up above");
+                let old = peer
+                    .endpoints
+                    .insert((ld, pd), Endpoint { qps: mine.clone(), outstanding: vec![0; n], next: 0, broken: false });
+                if let Some(old) = old {
+                    // The peer made the endpoint again (it restarted, or
+                    // saw an error): the old queue pairs go.
+                    for q in old.qps {
+                        let _ = self.devices[ld].ctx.destroy_qp(q);
+                    }
+                }
+            }
+            None => {
+                if self.passive.len() >= PASSIVE_MAX
+                    && let Some((dev, qps)) = self.passive.pop_front()
+                {
+                    for q in qps {
+                        let _ = self.devices[dev].ctx.destroy_qp(q);
+                    }
+                }
+                self.passive.push_back((ld, mine.clone()));
+            }
+        }
+        Ok(Connection {
+            local: req.peer.clone(),
+            peer: req.local.clone(),
+            lid,
+            gid,
+            qps: mine.iter().map(|q| q.0).collect(),
+            ready_ack: req.ready_ack,
+        })
     }
 
     /// Bytes moved through each local device so far.
@@ -287,7 +408,7 @@ impl SliceEngine {
             return;
         };
         let regions = &self.regions;
-        let local_end = |a: u64| regions.iter().find(|(s, l, _)| a >= *s && a < s + l).map(|(s, l, _)| s + l);
+        let local_end = |a: u64| regions.iter().find(|r| a >= r.addr && a < r.addr + r.len).map(|r| r.addr + r.len);
         let remote_end = |a: u64| peer.segment.buffer(a, 1).map(|b| b.addr + b.length);
         let cut = self.config.slice.cut(req.local, req.remote, req.len, local_end, remote_end);
         let slices = match cut {
@@ -459,7 +580,7 @@ impl SliceEngine {
     }
 
     fn lkey(&self, addr: u64, device: usize) -> Option<u32> {
-        self.regions.iter().find(|(s, l, _)| addr >= *s && addr < s + l).map(|(_, _, keys)| keys[device])
+        self.regions.iter().find(|r| addr >= r.addr && addr < r.addr + r.len).map(|r| r.mrs[device].lkey)
     }
 
     /// A queue pair of the endpoint `ld -> pd` of `peer` with room, the
@@ -573,7 +694,7 @@ impl SliceEngine {
 
 /// Makes an endpoint: queue pairs on `device`, connected to the peer's.
 fn connect(
-    device: &mut Device,
+    device: &mut Nic,
     config: &RdmaConfig,
     connector: &mut dyn Connector,
     peer: &str,
@@ -581,7 +702,7 @@ fn connect(
 ) -> Result<Endpoint, String> {
     let caps = QpCaps { max_send_wr: config.max_wr, max_sge: 1, max_inline: 0 };
     let mut qps = Vec::with_capacity(config.qps_per_endpoint);
-    let undo = |device: &mut Device, qps: &[QpNum]| {
+    let undo = |device: &mut Nic, qps: &[QpNum]| {
         for &q in qps {
             let _ = device.ctx.destroy_qp(q);
         }
@@ -595,7 +716,7 @@ fn connect(
             }
         }
     }
-    let mut step = |device: &mut Device| -> Result<(), String> {
+    let mut step = |device: &mut Nic| -> Result<(), String> {
         for &q in &qps {
             device.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
         }
@@ -723,7 +844,7 @@ mod tests {
         }
         let mut local: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
         // SAFETY: the local memory lives as long as the world.
-        unsafe { engine.register(local.as_mut_ptr() as u64, bytes as u64) }.unwrap();
+        unsafe { engine.register(local.as_mut_ptr() as u64, bytes as u64, "cpu:0") }.unwrap();
         engine.add_peer("target", target.segment()).unwrap();
         World { net, engine, target, local }
     }
@@ -912,5 +1033,142 @@ mod tests {
             retried > 300 && failed > 0 && ok > 3000,
             "{retried} runs retried; {ok} requests done, {failed} failed"
         );
+    }
+}
+
+/// Two slice engines joined the way two hosts are: endpoints made through
+/// Mooncake's Connection exchange, each message written as the wire JSON
+/// and checked on arrival.
+#[cfg(test)]
+mod handshake_tests {
+    use super::super::sim::{FaultPlan, SimDevice, SimNetwork};
+    use super::*;
+    use crate::proto::mooncake::message::{HandshakeDesc, from_wire, to_wire};
+    use crate::proto::mooncake::rdma::{NicPath, RdmaFault, rejection};
+    use crate::transport::rdma::fabric::Fabric;
+
+    /// Carries the Connection exchange to another engine in this process.
+    struct Handshake<'a> {
+        me: &'a str,
+        them: &'a mut SliceEngine,
+        rounds: usize,
+    }
+
+    impl Connector for Handshake<'_> {
+        fn connect(
+            &mut self,
+            peer: &str,
+            peer_dev: usize,
+            local: &DeviceInfo,
+            gid: Gid,
+            qps: &[QpNum],
+        ) -> Result<(Gid, u16, Vec<QpNum>), String> {
+            let their_device = self.them.describe().devices[peer_dev].name.clone();
+            let request = Connection {
+                local: NicPath { server: self.me.to_string(), device: local.name.clone() },
+                peer: NicPath { server: peer.to_string(), device: their_device },
+                lid: local.lid,
+                gid,
+                qps: qps.iter().map(|q| q.0).collect(),
+                ready_ack: Some(true),
+            };
+            // The passive side, as its RPC handler will: decode, check,
+            // accept or refuse with a reason.
+            let arrived: HandshakeDesc = from_wire(&to_wire(&request.to_desc())).map_err(|e| e.to_string())?;
+            let reply =
+                match Connection::from_desc(&arrived).map_err(|e| e.to_string()).and_then(|c| self.them.accept(&c)) {
+                    Ok(c) => c.to_desc(),
+                    Err(why) => rejection(&arrived, &why),
+                };
+            let back: HandshakeDesc = from_wire(&to_wire(&reply)).map_err(|e| e.to_string())?;
+            let theirs = request.check_reply(&back).map_err(|e| e.to_string())?;
+            assert_eq!(theirs.ready_ack, Some(true), "the passive side echoes ready_ack");
+            self.rounds += 1;
+            Ok((theirs.gid, theirs.lid, theirs.qps.into_iter().map(QpNum).collect()))
+        }
+    }
+
+    fn engine(net: &SimNetwork, names: [&str; 2], mem: &mut [u8]) -> SliceEngine {
+        let contexts = names.iter().map(|n| net.open(n).unwrap()).collect();
+        let mut e = SliceEngine::new(RdmaConfig::default(), contexts, PriorityMatrix::new()).unwrap();
+        // SAFETY: the test's memory outlives the engine.
+        unsafe { e.register(mem.as_mut_ptr() as u64, mem.len() as u64, "cpu:0") }.unwrap();
+        e
+    }
+
+    fn drive(e: &mut SliceEngine, c: &mut dyn Connector, net: &SimNetwork) -> Vec<Settled> {
+        let mut settled = Vec::new();
+        for _ in 0..100_000 {
+            settled.extend(e.take_settled());
+            if e.in_flight() == 0 {
+                return settled;
+            }
+            e.progress(c, net.now_ns());
+        }
+        panic!("{} requests never settled", e.in_flight());
+    }
+
+    #[test]
+    fn two_engines_connect_through_the_handshake_and_write_both_ways() {
+        let devices =
+            ["a0", "a1", "b0", "b1"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        let net = SimNetwork::new(devices, FaultPlan::default(), 9);
+        let mut mem_a: Vec<u8> = (0..1 << 20).map(|i| (i % 253) as u8).collect();
+        let mut mem_b: Vec<u8> = (0..1 << 20).map(|i| (i % 239) as u8).collect();
+        let (want_a, want_b) = (mem_a.clone(), mem_b.clone());
+        let mut a = engine(&net, ["a0", "a1"], &mut mem_a);
+        let mut b = engine(&net, ["b0", "b1"], &mut mem_b);
+        a.add_peer("B", b.describe()).unwrap();
+        b.add_peer("A", a.describe()).unwrap();
+        let (pa, pb) = (mem_a.as_ptr() as u64, mem_b.as_ptr() as u64);
+        let write = |id, from: u64, to: u64, peer: &str| RdmaRequest {
+            id,
+            verb: Verb::Write,
+            peer: peer.into(),
+            local: from,
+            remote: to + (512 << 10),
+            len: 512 << 10,
+            location: "cpu:0".into(),
+        };
+        a.submit(write(1, pa, pb, "B"));
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0 };
+        assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()) }]);
+        let made_by_a = h.rounds;
+        assert!(made_by_a >= 2, "both of A's rails were connected ({made_by_a})");
+        // B writes back over the endpoints A's handshakes made, and makes
+        // the ones it still lacks the same way.
+        b.submit(write(2, pb, pa, "A"));
+        let mut h = Handshake { me: "B", them: &mut a, rounds: 0 };
+        assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()) }]);
+        assert!(mem_b[512 << 10..] == want_a[..512 << 10], "A's bytes landed in B");
+        assert!(mem_a[512 << 10..] == want_b[..512 << 10], "B's bytes landed in A");
+        assert!(mem_a[..512 << 10] == want_a[..512 << 10] && mem_b[..512 << 10] == want_b[..512 << 10]);
+    }
+
+    #[test]
+    fn a_request_for_a_device_that_is_not_there_is_refused_with_the_reason() {
+        let net = SimNetwork::new(vec![SimDevice::new("b0", 1)], FaultPlan::default(), 1);
+        let mut mem = vec![0u8; 4096];
+        let mut b =
+            SliceEngine::new(RdmaConfig::default(), vec![net.open("b0").unwrap()], PriorityMatrix::new()).unwrap();
+        // SAFETY: the memory outlives the engine.
+        unsafe { b.register(mem.as_mut_ptr() as u64, 4096, "cpu:0") }.unwrap();
+        let req = Connection {
+            local: NicPath { server: "A".into(), device: "a0".into() },
+            peer: NicPath { server: "B".into(), device: "mlx5_7".into() },
+            lid: 0,
+            gid: Gid::default(),
+            qps: vec![17, 18],
+            ready_ack: None,
+        };
+        let why = b.accept(&req).unwrap_err();
+        assert_eq!(why, "no RDMA device \"mlx5_7\" here");
+        let reply = rejection(&req.to_desc(), &why);
+        assert_eq!(req.check_reply(&reply), Err(RdmaFault::Rejected(why)));
+        // Accepted from a peer it does not know yet: kept, and answered.
+        let ok =
+            b.accept(&Connection { peer: NicPath { server: "B".into(), device: "b0".into() }, ..req.clone() }).unwrap();
+        assert_eq!((ok.local.device.as_str(), ok.peer.device.as_str(), ok.qps.len()), ("b0", "a0", 2));
+        assert_eq!(b.passive.len(), 1);
     }
 }
