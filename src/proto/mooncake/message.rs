@@ -127,6 +127,11 @@ pub struct HandshakeDesc {
     pub ready_ack: Option<bool>,
     #[serde(default)]
     pub reply_msg: String,
+    /// shardwire's own field: the sender's active path MTU, so the two
+    /// sides agree on the smaller (Mooncake peers leave it out, and ignore
+    /// it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shardwire_mtu: Option<u32>,
 }
 
 /// A notification: who sent it and what it says.

@@ -54,6 +54,8 @@ pub enum RdmaFault {
     QpCount(usize),
     #[error("queue pair number {0:#x} does not fit in 24 bits")]
     QpNumber(u32),
+    #[error("an MTU of {0} bytes, not in 256..=4096")]
+    BadMtu(u32),
     #[error("the peer rejected the connection: {0}")]
     Rejected(String),
     #[error("the reply is for {got}, not for {wanted}")]
@@ -299,6 +301,8 @@ pub struct Connection {
     pub qps: Vec<u32>,
     /// Whether it takes part in the ready acknowledgement.
     pub ready_ack: Option<bool>,
+    /// The sender's active MTU, when it is a shardwire engine.
+    pub mtu: Option<u32>,
 }
 
 impl Connection {
@@ -313,7 +317,20 @@ impl Connection {
             return Err(RdmaFault::QpNumber(q));
         }
         let gid = Gid::parse(&h.local_gid, &local.device)?;
-        Ok(Connection { local, peer, lid: h.local_lid, gid, qps: h.qp_num.clone(), ready_ack: h.ready_ack })
+        if let Some(m) = h.shardwire_mtu
+            && !(256..=4096).contains(&m)
+        {
+            return Err(RdmaFault::BadMtu(m));
+        }
+        Ok(Connection {
+            local,
+            peer,
+            lid: h.local_lid,
+            gid,
+            qps: h.qp_num.clone(),
+            ready_ack: h.ready_ack,
+            mtu: h.shardwire_mtu,
+        })
     }
 
     /// The message for the wire.
@@ -327,6 +344,7 @@ impl Connection {
             qp_num: self.qps.clone(),
             ready_ack: self.ready_ack,
             reply_msg: String::new(),
+            shardwire_mtu: self.mtu,
         }
     }
 

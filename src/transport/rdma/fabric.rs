@@ -45,8 +45,8 @@ pub struct DeviceInfo {
     pub port: u8,
     pub state: PortState,
     pub lid: u16,
-    /// The GID table; index `MC_GID_INDEX` (or a chosen one) is used.
-    pub gids: Vec<Gid>,
+    /// The GID table; index `MC_GID_INDEX` (or [`choose_gid`]'s) is used.
+    pub gids: Vec<GidEntry>,
     /// The active path MTU, in bytes (256 to 4096).
     pub active_mtu: u32,
     pub max_mr_size: u64,
@@ -54,6 +54,63 @@ pub struct DeviceInfo {
     pub max_cqe: u32,
     /// The device's NUMA node, if known.
     pub numa_node: Option<u32>,
+}
+
+/// What a GID table entry is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GidKind {
+    /// InfiniBand.
+    Ib,
+    /// RoCE v1 (Ethernet, not routable).
+    RoceV1,
+    /// RoCE v2 (UDP/IP, routable).
+    RoceV2,
+}
+
+/// One entry of a port's GID table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GidEntry {
+    pub gid: Gid,
+    pub kind: GidKind,
+}
+
+/// The GID index to use: `forced` (`MC_GID_INDEX`) if given and usable,
+/// or else the best entry: RoCE v2 on an IPv4 address first, then other
+/// routable RoCE v2, then RoCE v1 or InfiniBand; link-local (`fe80::`)
+/// addresses after all routable ones; empty entries never.
+pub fn choose_gid(gids: &[GidEntry], forced: Option<usize>) -> Result<usize, String> {
+    if let Some(i) = forced {
+        return match gids.get(i) {
+            None => Err(format!("GID index {i} is past the table's {} entries", gids.len())),
+            Some(e) if e.gid.is_zero() => Err(format!("GID index {i} is empty")),
+            Some(_) => Ok(i),
+        };
+    }
+    let rank = |e: &GidEntry| {
+        let v4 = e.gid.0[..10] == [0; 10] && e.gid.0[10..12] == [0xff, 0xff];
+        let link_local = e.gid.0[0] == 0xfe && e.gid.0[1] & 0xc0 == 0x80;
+        match (e.kind, v4, link_local) {
+            (GidKind::RoceV2, true, _) => 0,
+            (GidKind::RoceV2, false, false) => 1,
+            (GidKind::RoceV1, _, false) | (GidKind::Ib, _, false) => 2,
+            (_, _, true) => 3,
+        }
+    };
+    gids.iter()
+        .enumerate()
+        .filter(|(_, e)| !e.gid.is_zero())
+        .min_by_key(|(i, e)| (rank(e), *i))
+        .map(|(i, _)| i)
+        .ok_or_else(|| "the port's GID table is empty".to_string())
+}
+
+/// The path MTU of a queue pair: the smaller of the two sides' active
+/// MTUs and the `MC_MTU` cap, rounded down to a size verbs knows (256 to
+/// 4096, powers of two). Mooncake uses its own side's only, so a 1024-byte
+/// peer is sent 4096-byte packets it drops (its issue #3868).
+pub fn path_mtu(local: u32, peer: Option<u32>, cap: u32) -> u32 {
+    let m = local.min(peer.unwrap_or(local)).min(cap).clamp(256, 4096);
+    1 << (31 - m.leading_zeros())
 }
 
 /// A registered memory region.
@@ -222,6 +279,8 @@ pub enum PortEvent {
 pub enum FabricError {
     #[error("no RDMA device {0:?}")]
     NoDevice(String),
+    #[error("device {0:?}: {1}")]
+    NoGid(String, String),
     #[error("{0}: the port is down")]
     PortDown(String),
     #[error("registering [{addr:#x}, +{len}): {why}")]
@@ -294,4 +353,49 @@ pub trait Context: Send {
 
     /// Moves the port events since the last call into `out`.
     fn events(&mut self, out: &mut Vec<PortEvent>) -> usize;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(bytes: [u8; 16], kind: GidKind) -> GidEntry {
+        GidEntry { gid: Gid(bytes), kind }
+    }
+
+    #[test]
+    fn the_gid_is_routable_roce_v2_on_ipv4_first() {
+        let mut v4 = [0u8; 16];
+        v4[10] = 0xff;
+        v4[11] = 0xff;
+        v4[12..].copy_from_slice(&[10, 0, 0, 2]);
+        let link_local = [0xfe, 0x80, 0, 0, 0, 0, 0, 0, 2, 0x42, 0xac, 0xff, 0xfe, 0x11, 0, 2];
+        let v6 = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+        let table = [
+            entry(link_local, GidKind::RoceV1),
+            entry(link_local, GidKind::RoceV2),
+            entry([0; 16], GidKind::RoceV2),
+            entry(v4, GidKind::RoceV1),
+            entry(v6, GidKind::RoceV2),
+            entry(v4, GidKind::RoceV2),
+        ];
+        assert_eq!(choose_gid(&table, None), Ok(5));
+        assert_eq!(choose_gid(&table[..5], None), Ok(4), "then routable RoCE v2");
+        assert_eq!(choose_gid(&table[..4], None), Ok(3), "then RoCE v1 on a routable address");
+        assert_eq!(choose_gid(&table[..2], None), Ok(0), "link-local last, the first of them");
+        assert_eq!(choose_gid(&table, Some(1)), Ok(1), "MC_GID_INDEX wins");
+        assert!(choose_gid(&table, Some(2)).unwrap_err().contains("empty"));
+        assert!(choose_gid(&table, Some(9)).unwrap_err().contains("past the table's 6 entries"));
+        assert!(choose_gid(&[], None).is_err());
+    }
+
+    #[test]
+    fn the_path_mtu_is_the_smaller_side_and_a_size_verbs_knows() {
+        assert_eq!(path_mtu(4096, Some(1024), 4096), 1024);
+        assert_eq!(path_mtu(1024, Some(4096), 4096), 1024);
+        assert_eq!(path_mtu(4096, None, 4096), 4096, "a peer that does not say: our own, as Mooncake");
+        assert_eq!(path_mtu(4096, Some(4096), 2048), 2048, "MC_MTU caps it");
+        assert_eq!(path_mtu(4096, Some(1500), 4096), 1024, "rounded down to a power of two");
+        assert_eq!(path_mtu(100, None, 4096), 256);
+    }
 }

@@ -18,8 +18,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fabric::{
-    Access, Completion, Context, CqId, DeviceInfo, Fabric, FabricError, Mr, PeerAddr, PortEvent, PortState, QpCaps,
-    QpNum, QpState, SGES_MAX, Transition, Verb, WcStatus, WorkRequest,
+    Access, Completion, Context, CqId, DeviceInfo, Fabric, FabricError, GidEntry, GidKind, Mr, PeerAddr, PortEvent,
+    PortState, QpCaps, QpNum, QpState, SGES_MAX, Transition, Verb, WcStatus, WorkRequest,
 };
 use crate::proto::mooncake::rdma::Gid;
 
@@ -54,7 +54,8 @@ pub struct SimDevice {
 }
 
 impl SimDevice {
-    /// A 200 Gb/s RoCE device named `name`, with GID `::ffff:10.0.0.<n>`.
+    /// A 200 Gb/s RoCE v2 device named `name`, with a link-local GID at
+    /// index 0 and `::ffff:10.0.0.<n>` at index 1.
     pub fn new(name: &str, n: u8) -> SimDevice {
         let mut gid = [0u8; 16];
         gid[10] = 0xff;
@@ -66,7 +67,13 @@ impl SimDevice {
                 port: 1,
                 state: PortState::Active,
                 lid: 0,
-                gids: vec![Gid(gid)],
+                gids: vec![
+                    GidEntry {
+                        gid: Gid([0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, n]),
+                        kind: GidKind::RoceV2,
+                    },
+                    GidEntry { gid: Gid(gid), kind: GidKind::RoceV2 },
+                ],
                 active_mtu: 4096,
                 max_mr_size: 1 << 40,
                 max_qp_wr: 16_384,
@@ -310,7 +317,7 @@ impl Net {
     fn find_peer(&self, peer: &PeerAddr) -> Option<(usize, u32)> {
         self.contexts.iter().enumerate().find_map(|(i, c)| {
             let c = c.as_ref()?;
-            let gid_ok = self.devices[c.device].sim.info.gids.contains(&peer.gid);
+            let gid_ok = self.devices[c.device].sim.info.gids.iter().any(|e| e.gid == peer.gid);
             (gid_ok && c.qps.contains_key(&peer.qp.0)).then_some((i, peer.qp.0))
         })
     }
@@ -391,6 +398,12 @@ impl Net {
         }
         let tq = &theirs.qps[&their_qp];
         if !matches!(tq.state, QpState::Rtr | QpState::Rts) {
+            return WcStatus::RetryExcErr;
+        }
+        // Packets larger than either port takes are dropped on the way:
+        // the requester retries, then gives up.
+        let mtus = (self.devices[my_device].sim.info.active_mtu, self.devices[theirs.device].sim.info.active_mtu);
+        if peer.mtu > mtus.0.min(mtus.1) {
             return WcStatus::RetryExcErr;
         }
         let len = wr.len();
@@ -742,7 +755,7 @@ mod tests {
         let (cq_a, cq_b) = (a.create_cq(cqe).unwrap(), b.create_cq(cqe).unwrap());
         let (qp_a, qp_b) = (a.create_qp(cq_a, CAPS).unwrap(), b.create_qp(cq_b, CAPS).unwrap());
         for (ctx, me, them, other) in [(&mut a, qp_a, qp_b, 2u8), (&mut b, qp_b, qp_a, 1)] {
-            let gid = SimDevice::new("x", other).info.gids[0];
+            let gid = SimDevice::new("x", other).info.gids[1].gid;
             ctx.modify_qp(me, Transition::Init { access: Access::ALL }).unwrap();
             ctx.modify_qp(me, Transition::Rtr { peer: PeerAddr { gid, lid: 0, qp: them, mtu: 4096 } }).unwrap();
             ctx.modify_qp(me, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 }).unwrap();
@@ -975,7 +988,7 @@ mod tests {
             if p.a.qp_state(p.qp_a).unwrap() == QpState::Err {
                 p.a.modify_qp(p.qp_a, Transition::Reset).unwrap();
                 p.a.modify_qp(p.qp_a, Transition::Init { access: Access::ALL }).unwrap();
-                let gid = SimDevice::new("x", 2).info.gids[0];
+                let gid = SimDevice::new("x", 2).info.gids[1].gid;
                 p.a.modify_qp(p.qp_a, Transition::Rtr { peer: PeerAddr { gid, lid: 0, qp: p.qp_b, mtu: 4096 } })
                     .unwrap();
                 p.a.modify_qp(p.qp_a, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 }).unwrap();

@@ -54,6 +54,10 @@ pub struct RdmaConfig {
     pub pause_window_ns: u64,
     /// How long a failing peer rail rests (`MC_RDMA_RAIL_PAUSE_SECONDS`).
     pub pause_ns: u64,
+    /// The largest path MTU (`MC_MTU`).
+    pub mtu: u32,
+    /// The GID index to use (`MC_GID_INDEX`), or `None` to choose.
+    pub gid_index: Option<usize>,
 }
 
 impl RdmaConfig {
@@ -82,24 +86,38 @@ impl Default for RdmaConfig {
             pause_errors: 5,
             pause_window_ns: 5_000_000_000,
             pause_ns: 30_000_000_000,
+            mtu: 4096,
+            gid_index: None,
         }
     }
 }
 
+/// The peer's side of a new endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSide {
+    pub gid: Gid,
+    pub lid: u16,
+    /// As many as ours, already in RTR.
+    pub qps: Vec<QpNum>,
+    /// Its active MTU, if it said (a shardwire peer does).
+    pub mtu: Option<u32>,
+}
+
+/// Our side of a new endpoint, as the peer is told of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OurSide<'a> {
+    pub device: &'a DeviceInfo,
+    pub gid: Gid,
+    pub qps: &'a [QpNum],
+    /// The MTU we can take (our active one, capped by `MC_MTU`).
+    pub mtu: u32,
+}
+
 /// Gets the peer's side of an endpoint.
 pub trait Connector {
-    /// Our queue pairs `qps` on our device `local` (whose GID is `gid`)
-    /// want device `peer_dev` of `peer`'s segment: returns that device's
-    /// GID and LID and as many queue pair numbers, already in RTR (or why
-    /// not).
-    fn connect(
-        &mut self,
-        peer: &str,
-        peer_dev: usize,
-        local: &DeviceInfo,
-        gid: Gid,
-        qps: &[QpNum],
-    ) -> Result<(Gid, u16, Vec<QpNum>), String>;
+    /// `ours` wants device `peer_dev` of `peer`'s segment: returns that
+    /// side, or why not.
+    fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String>;
 }
 
 /// One request.
@@ -212,8 +230,10 @@ impl SliceEngine {
         let mut devices = Vec::with_capacity(contexts.len());
         for mut ctx in contexts {
             let info = ctx.info();
+            let gid = super::fabric::choose_gid(&info.gids, config.gid_index)
+                .map(|i| info.gids[i].gid)
+                .map_err(|why| FabricError::NoGid(info.name.clone(), why))?;
             let cq = ctx.create_cq(config.cqe)?;
-            let gid = info.gids.first().copied().unwrap_or_default();
             devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0 });
         }
         Ok(SliceEngine {
@@ -317,13 +337,15 @@ impl SliceEngine {
         }
         let d = &mut self.devices[ld];
         let caps = QpCaps { max_send_wr: self.config.max_wr, max_sge: 1, max_inline: 0 };
+        let cap = self.config.mtu;
         let mut mine = Vec::with_capacity(req.qps.len());
         let mut made = || -> Result<(), String> {
             for &theirs in &req.qps {
                 let q = d.ctx.create_qp(d.cq, caps).map_err(|e| e.to_string())?;
                 mine.push(q);
                 d.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
-                let peer = PeerAddr { gid: req.gid, lid: req.lid, qp: QpNum(theirs), mtu: d.info.active_mtu };
+                let mtu = super::fabric::path_mtu(d.info.active_mtu, req.mtu, cap);
+                let peer = PeerAddr { gid: req.gid, lid: req.lid, qp: QpNum(theirs), mtu };
                 d.ctx.modify_qp(q, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
                 d.ctx
                     .modify_qp(q, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 })
@@ -372,6 +394,7 @@ impl SliceEngine {
             gid,
             qps: mine.iter().map(|q| q.0).collect(),
             ready_ack: req.ready_ack,
+            mtu: Some(self.devices[ld].info.active_mtu.min(cap)),
         })
     }
 
@@ -720,12 +743,15 @@ fn connect(
         for &q in &qps {
             device.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
         }
-        let (gid, lid, theirs) = connector.connect(peer, peer_dev, &device.info, device.gid, &qps)?;
-        if theirs.len() != qps.len() {
-            return Err(format!("{peer} answered with {} queue pairs for our {}", theirs.len(), qps.len()));
+        let mtu = device.info.active_mtu.min(config.mtu);
+        let ours = OurSide { device: &device.info, gid: device.gid, qps: &qps, mtu };
+        let side = connector.connect(peer, peer_dev, ours)?;
+        if side.qps.len() != qps.len() {
+            return Err(format!("{peer} answered with {} queue pairs for our {}", side.qps.len(), qps.len()));
         }
-        for (&q, &t) in qps.iter().zip(&theirs) {
-            let peer = PeerAddr { gid, lid, qp: t, mtu: device.info.active_mtu };
+        let mtu = super::fabric::path_mtu(device.info.active_mtu, side.mtu, config.mtu);
+        for (&q, &t) in qps.iter().zip(&side.qps) {
+            let peer = PeerAddr { gid: side.gid, lid: side.lid, qp: t, mtu };
             device.ctx.modify_qp(q, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
             device
                 .ctx
@@ -760,26 +786,19 @@ mod tests {
     }
 
     impl Connector for Target {
-        fn connect(
-            &mut self,
-            _peer: &str,
-            peer_dev: usize,
-            local: &DeviceInfo,
-            gid: Gid,
-            qps: &[QpNum],
-        ) -> Result<(Gid, u16, Vec<QpNum>), String> {
+        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
             let (ctx, cq) = self.ctxs.get_mut(peer_dev).ok_or("no such device")?;
-            let my_gid = ctx.info().gids[0];
+            let my_gid = ctx.info().gids[1].gid;
             let caps = QpCaps { max_send_wr: 16, max_sge: 1, max_inline: 0 };
             let mut mine = Vec::new();
-            for &q in qps {
+            for &q in ours.qps {
                 let m = ctx.create_qp(*cq, caps).map_err(|e| e.to_string())?;
                 ctx.modify_qp(m, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
-                let peer = PeerAddr { gid, lid: 0, qp: q, mtu: local.active_mtu };
+                let peer = PeerAddr { gid: ours.gid, lid: 0, qp: q, mtu: ours.mtu };
                 ctx.modify_qp(m, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
                 mine.push(m);
             }
-            Ok((my_gid, 0, mine))
+            Ok(PeerSide { gid: my_gid, lid: 0, qps: mine, mtu: Some(ctx.info().active_mtu) })
         }
     }
 
@@ -797,7 +816,7 @@ mod tests {
                     .ctxs
                     .iter()
                     .zip(&self.names)
-                    .map(|((c, _), n)| DeviceDesc { gid: c.info().gids[0].to_string(), lid: 0, name: n.clone() })
+                    .map(|((c, _), n)| DeviceDesc { gid: c.info().gids[1].gid.to_string(), lid: 0, name: n.clone() })
                     .collect(),
                 name: "target".into(),
                 priority_matrix: Some(serde_json::json!({ "cpu:0": [self.names, []] })),
@@ -1052,25 +1071,21 @@ mod handshake_tests {
         me: &'a str,
         them: &'a mut SliceEngine,
         rounds: usize,
+        /// Whether the MTU goes along (false: as with a Mooncake peer).
+        send_mtu: bool,
     }
 
     impl Connector for Handshake<'_> {
-        fn connect(
-            &mut self,
-            peer: &str,
-            peer_dev: usize,
-            local: &DeviceInfo,
-            gid: Gid,
-            qps: &[QpNum],
-        ) -> Result<(Gid, u16, Vec<QpNum>), String> {
+        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
             let their_device = self.them.describe().devices[peer_dev].name.clone();
             let request = Connection {
-                local: NicPath { server: self.me.to_string(), device: local.name.clone() },
+                local: NicPath { server: self.me.to_string(), device: ours.device.name.clone() },
                 peer: NicPath { server: peer.to_string(), device: their_device },
-                lid: local.lid,
-                gid,
-                qps: qps.iter().map(|q| q.0).collect(),
+                lid: ours.device.lid,
+                gid: ours.gid,
+                qps: ours.qps.iter().map(|q| q.0).collect(),
                 ready_ack: Some(true),
+                mtu: self.send_mtu.then_some(ours.mtu),
             };
             // The passive side, as its RPC handler will: decode, check,
             // accept or refuse with a reason.
@@ -1084,7 +1099,8 @@ mod handshake_tests {
             let theirs = request.check_reply(&back).map_err(|e| e.to_string())?;
             assert_eq!(theirs.ready_ack, Some(true), "the passive side echoes ready_ack");
             self.rounds += 1;
-            Ok((theirs.gid, theirs.lid, theirs.qps.into_iter().map(QpNum).collect()))
+            let qps = theirs.qps.into_iter().map(QpNum).collect();
+            Ok(PeerSide { gid: theirs.gid, lid: theirs.lid, qps, mtu: theirs.mtu.filter(|_| self.send_mtu) })
         }
     }
 
@@ -1131,18 +1147,62 @@ mod handshake_tests {
             location: "cpu:0".into(),
         };
         a.submit(write(1, pa, pb, "B"));
-        let mut h = Handshake { me: "A", them: &mut b, rounds: 0 };
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
         assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()) }]);
         let made_by_a = h.rounds;
         assert!(made_by_a >= 2, "both of A's rails were connected ({made_by_a})");
         // B writes back over the endpoints A's handshakes made, and makes
         // the ones it still lacks the same way.
         b.submit(write(2, pb, pa, "A"));
-        let mut h = Handshake { me: "B", them: &mut a, rounds: 0 };
+        let mut h = Handshake { me: "B", them: &mut a, rounds: 0, send_mtu: true };
         assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()) }]);
         assert!(mem_b[512 << 10..] == want_a[..512 << 10], "A's bytes landed in B");
         assert!(mem_a[512 << 10..] == want_b[..512 << 10], "B's bytes landed in A");
         assert!(mem_a[..512 << 10] == want_a[..512 << 10] && mem_b[..512 << 10] == want_b[..512 << 10]);
+    }
+
+    /// B's ports take 1024-byte packets, A's 4096. With the MTU in the
+    /// handshake, both sides use 1024 and the write goes through; without
+    /// it (as between Mooncake engines, its issue #3868), A sends 4096-byte
+    /// packets that B's port drops, and the request fails.
+    #[test]
+    fn the_path_mtu_is_agreed_in_the_handshake() {
+        for send_mtu in [true, false] {
+            let mut devices: Vec<SimDevice> =
+                ["a0", "b0"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+            devices[1].info.active_mtu = 1024;
+            let net = SimNetwork::new(devices, FaultPlan::default(), 11);
+            let mut mem_a = vec![7u8; 256 << 10];
+            let mut mem_b = vec![0u8; 256 << 10];
+            let contexts = |n: &str| vec![net.open(n).unwrap()];
+            let config = RdmaConfig { retry_cnt: 2, ..RdmaConfig::default() };
+            let mut a = SliceEngine::new(config, contexts("a0"), PriorityMatrix::new()).unwrap();
+            let mut b = SliceEngine::new(config, contexts("b0"), PriorityMatrix::new()).unwrap();
+            // SAFETY: the memory outlives the engines.
+            unsafe {
+                a.register(mem_a.as_mut_ptr() as u64, mem_a.len() as u64, "cpu:0").unwrap();
+                b.register(mem_b.as_mut_ptr() as u64, mem_b.len() as u64, "cpu:0").unwrap();
+            }
+            a.add_peer("B", b.describe()).unwrap();
+            a.submit(RdmaRequest {
+                id: 1,
+                verb: Verb::Write,
+                peer: "B".into(),
+                local: mem_a.as_ptr() as u64,
+                remote: mem_b.as_ptr() as u64,
+                len: 256 << 10,
+                location: "cpu:0".into(),
+            });
+            let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu };
+            let settled = drive(&mut a, &mut h, &net);
+            if send_mtu {
+                assert_eq!(settled[0].result, Ok(()));
+                assert!(mem_b.iter().all(|&x| x == 7));
+            } else {
+                let why = settled[0].result.clone().unwrap_err();
+                assert!(why.contains("retry counter exceeded"), "{why}");
+            }
+        }
     }
 
     #[test]
@@ -1160,6 +1220,7 @@ mod handshake_tests {
             gid: Gid::default(),
             qps: vec![17, 18],
             ready_ack: None,
+            mtu: None,
         };
         let why = b.accept(&req).unwrap_err();
         assert_eq!(why, "no RDMA device \"mlx5_7\" here");
