@@ -58,6 +58,8 @@ pub struct RdmaConfig {
     pub mtu: u32,
     /// The GID index to use (`MC_GID_INDEX`), or `None` to choose.
     pub gid_index: Option<usize>,
+    /// Endpoints per local device at most (`MC_MAX_EP_PER_CTX`).
+    pub max_endpoints: usize,
 }
 
 impl RdmaConfig {
@@ -88,6 +90,7 @@ impl Default for RdmaConfig {
             pause_ns: 30_000_000_000,
             mtu: 4096,
             gid_index: None,
+            max_endpoints: 65_536,
         }
     }
 }
@@ -158,6 +161,8 @@ struct Nic {
     gid: Gid,
     /// Bytes moved through it.
     bytes: u64,
+    /// Endpoints on it now.
+    endpoints: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,6 +193,8 @@ struct Endpoint {
     outstanding: Vec<u32>,
     next: usize,
     broken: bool,
+    /// When it was last chosen (a count of choices).
+    last_use: u64,
 }
 
 struct Peer {
@@ -216,6 +223,8 @@ pub struct SliceEngine {
     settled: Vec<Settled>,
     /// Tries of slices after their first.
     retries: u64,
+    /// Endpoint choices so far (the clock of `Endpoint::last_use`).
+    uses: u64,
 }
 
 impl SliceEngine {
@@ -234,7 +243,7 @@ impl SliceEngine {
                 .map(|i| info.gids[i].gid)
                 .map_err(|why| FabricError::NoGid(info.name.clone(), why))?;
             let cq = ctx.create_cq(config.cqe)?;
-            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0 });
+            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0, endpoints: 0 });
         }
         Ok(SliceEngine {
             config,
@@ -249,31 +258,83 @@ impl SliceEngine {
             next_slice: 0,
             settled: Vec::new(),
             retries: 0,
+            uses: 0,
         })
     }
 
     /// Registers `[addr, addr + len)`, at memory `location`, on every
-    /// device.
+    /// device: as one region, or as several when it is larger than a
+    /// device's `max_mr_size` (each its own buffer in [`Self::describe`]).
+    /// Returns how many regions it made.
     ///
     /// # Safety
-    /// The memory must stay mapped until the engine is dropped.
-    pub unsafe fn register(&mut self, addr: u64, len: u64, location: &str) -> Result<Vec<Mr>, FabricError> {
-        let mut mrs = Vec::with_capacity(self.devices.len());
-        for d in &mut self.devices {
-            // SAFETY: the caller keeps the memory mapped (this function's
-            // contract).
-            match unsafe { d.ctx.register(addr, len, Access::ALL) } {
-                Ok(mr) => mrs.push(mr),
-                Err(e) => {
-                    for (d, mr) in self.devices.iter_mut().zip(&mrs) {
-                        let _ = d.ctx.deregister(mr.lkey);
+    /// The memory must stay mapped until [`Self::unregister`] returns `Ok`
+    /// for it, or the engine is dropped.
+    pub unsafe fn register(&mut self, addr: u64, len: u64, location: &str) -> Result<usize, FabricError> {
+        let max = self.devices.iter().map(|d| d.info.max_mr_size).min().unwrap_or(u64::MAX).max(4096);
+        if addr.checked_add(len).is_none() || len == 0 {
+            return Err(FabricError::Register { addr, len, why: "an empty or wrapping range".into() });
+        }
+        if self.regions.iter().any(|r| addr < r.addr + r.len && r.addr < addr + len) {
+            return Err(FabricError::Register { addr, len, why: "it overlaps memory registered already".into() });
+        }
+        let mut made: Vec<Region> = Vec::new();
+        let mut at = addr;
+        while at < addr + len {
+            let n = max.min(addr + len - at);
+            let mut mrs = Vec::with_capacity(self.devices.len());
+            for d in &mut self.devices {
+                // SAFETY: the caller keeps the memory mapped (this
+                // function's contract).
+                match unsafe { d.ctx.register(at, n, Access::ALL) } {
+                    Ok(mr) => mrs.push(mr),
+                    Err(e) => {
+                        made.push(Region { addr: at, len: n, location: String::new(), mrs });
+                        for r in made {
+                            for (d, mr) in self.devices.iter_mut().zip(&r.mrs) {
+                                let _ = d.ctx.deregister(mr.lkey);
+                            }
+                        }
+                        return Err(e);
                     }
-                    return Err(e);
+                }
+            }
+            made.push(Region { addr: at, len: n, location: location.to_string(), mrs });
+            at += n;
+        }
+        let count = made.len();
+        self.regions.extend(made);
+        self.regions.sort_by_key(|r| r.addr);
+        Ok(count)
+    }
+
+    /// Takes back the memory registered at `addr` (every region it was
+    /// split into). Refused, with the count, while slices of requests in
+    /// flight use it; the caller waits and asks again.
+    pub fn unregister(&mut self, addr: u64) -> Result<(), String> {
+        let Some(first) = self.regions.iter().position(|r| r.addr == addr) else {
+            return Err(format!("no memory registered at {addr:#x}"));
+        };
+        // The regions one register call made are adjacent, in order.
+        let mut last = first;
+        while last + 1 < self.regions.len()
+            && self.regions[last + 1].addr == self.regions[last].addr + self.regions[last].len
+        {
+            last += 1;
+        }
+        let (start, end) = (addr, self.regions[last].addr + self.regions[last].len);
+        let busy = self.slices.values().filter(|s| s.slice.local < end && start < s.slice.local + s.slice.len).count();
+        if busy > 0 {
+            return Err(format!("{busy} slices in flight use the memory at {addr:#x}"));
+        }
+        for r in self.regions.drain(first..=last) {
+            for (d, mr) in self.devices.iter_mut().zip(&r.mrs) {
+                if let Err(e) = d.ctx.deregister(mr.lkey) {
+                    log::warn!("RDMA: deregistering {:#x} on {}: {e}", r.addr, d.info.name);
                 }
             }
         }
-        self.regions.push(Region { addr, len, location: location.to_string(), mrs: mrs.clone() });
-        Ok(mrs)
+        Ok(())
     }
 
     /// Learns (or learns again) a peer's segment.
@@ -332,6 +393,9 @@ impl SliceEngine {
         if !self.devices[ld].up {
             return Err(format!("device {:?} is down", req.peer.device));
         }
+        if !self.make_room(ld) {
+            return Err(format!("every endpoint of {:?} is busy", req.peer.device));
+        }
         if req.qps.len() > QPS_PER_ENDPOINT_MAX {
             return Err(format!("{} queue pairs asked for", req.qps.len()));
         }
@@ -365,15 +429,17 @@ impl SliceEngine {
             Some(pd) => {
                 let n = mine.len();
                 let peer = self.peers.get_mut(&req.local.server).expect("looked up above");
-                let old = peer
-                    .endpoints
-                    .insert((ld, pd), Endpoint { qps: mine.clone(), outstanding: vec![0; n], next: 0, broken: false });
-                if let Some(old) = old {
+                let fresh =
+                    Endpoint { qps: mine.clone(), outstanding: vec![0; n], next: 0, broken: false, last_use: 0 };
+                match peer.endpoints.insert((ld, pd), fresh) {
                     // The peer made the endpoint again (it restarted, or
                     // saw an error): the old queue pairs go.
-                    for q in old.qps {
-                        let _ = self.devices[ld].ctx.destroy_qp(q);
+                    Some(old) => {
+                        for q in old.qps {
+                            let _ = self.devices[ld].ctx.destroy_qp(q);
+                        }
                     }
+                    None => self.devices[ld].endpoints += 1,
                 }
             }
             None => {
@@ -619,15 +685,23 @@ impl SliceEngine {
         let stale = peer.endpoints.get(&(ld, pd)).is_some_and(|ep| ep.broken && ep.outstanding.iter().all(|&n| n == 0));
         if stale {
             let ep = peer.endpoints.remove(&(ld, pd)).expect("looked up above");
+            self.devices[ld].endpoints -= 1;
             for qp in ep.qps {
                 let _ = self.devices[ld].ctx.destroy_qp(qp);
             }
         }
         if !peer.endpoints.contains_key(&(ld, pd)) {
+            if !self.make_room(ld) {
+                return Ok(None); // every endpoint of the device is busy: wait
+            }
             let ep = connect(&mut self.devices[ld], &self.config, connector, peer_name, pd)?;
+            self.devices[ld].endpoints += 1;
             self.peers.get_mut(peer_name).expect("chosen above").endpoints.insert((ld, pd), ep);
         }
+        self.uses += 1;
+        let uses = self.uses;
         let ep = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.get_mut(&(ld, pd))).expect("made above");
+        ep.last_use = uses;
         if ep.broken {
             return Ok(None); // drains before it is made again
         }
@@ -640,6 +714,28 @@ impl SliceEngine {
             }
         }
         Ok(None)
+    }
+
+    /// Below the endpoint bound on device `ld`, after closing the idle
+    /// endpoint used longest ago if need be; false if all are busy.
+    fn make_room(&mut self, ld: usize) -> bool {
+        if self.devices[ld].endpoints < self.config.max_endpoints {
+            return true;
+        }
+        let victim = self
+            .peers
+            .iter()
+            .flat_map(|(name, p)| p.endpoints.iter().map(move |(&k, ep)| (name, k, ep)))
+            .filter(|(_, (l, _), ep)| *l == ld && ep.outstanding.iter().all(|&n| n == 0))
+            .min_by_key(|(_, _, ep)| ep.last_use)
+            .map(|(name, k, _)| (name.clone(), k));
+        let Some((name, key)) = victim else { return false };
+        let ep = self.peers.get_mut(&name).and_then(|p| p.endpoints.remove(&key)).expect("found above");
+        self.devices[ld].endpoints -= 1;
+        for qp in ep.qps {
+            let _ = self.devices[ld].ctx.destroy_qp(qp);
+        }
+        true
     }
 
     /// A try of slice `id` failed on rails `ld -> pd`: count it against
@@ -766,7 +862,7 @@ fn connect(
         return Err(e);
     }
     let n = qps.len();
-    Ok(Endpoint { qps, outstanding: vec![0; n], next: 0, broken: false })
+    Ok(Endpoint { qps, outstanding: vec![0; n], next: 0, broken: false, last_use: 0 })
 }
 
 #[cfg(test)]
@@ -1203,6 +1299,125 @@ mod handshake_tests {
                 assert!(why.contains("retry counter exceeded"), "{why}");
             }
         }
+    }
+
+    /// Two engines on `devices` (names starting `a` are A's), each with
+    /// `bytes` of memory (a pattern in A's, zeros in B's), knowing each
+    /// other.
+    fn two(
+        devices: Vec<SimDevice>,
+        config: RdmaConfig,
+        bytes: usize,
+    ) -> (SimNetwork, SliceEngine, SliceEngine, Vec<u8>, Vec<u8>) {
+        let names: Vec<String> = devices.iter().map(|d| d.info.name.clone()).collect();
+        let net = SimNetwork::new(devices, FaultPlan::default(), 13);
+        let open = |first: char| names.iter().filter(|n| n.starts_with(first)).map(|n| net.open(n).unwrap()).collect();
+        let mut a = SliceEngine::new(config, open('a'), PriorityMatrix::new()).unwrap();
+        let mut b = SliceEngine::new(config, open('b'), PriorityMatrix::new()).unwrap();
+        let mut mem_a: Vec<u8> = (0..bytes).map(|i| (i % 241) as u8).collect();
+        let mut mem_b = vec![0u8; bytes];
+        // SAFETY: the memory is returned with the engines and outlives them
+        // in every test.
+        unsafe {
+            a.register(mem_a.as_mut_ptr() as u64, bytes as u64, "cpu:0").unwrap();
+            b.register(mem_b.as_mut_ptr() as u64, bytes as u64, "cpu:0").unwrap();
+        }
+        a.add_peer("B", b.describe()).unwrap();
+        b.add_peer("A", a.describe()).unwrap();
+        (net, a, b, mem_a, mem_b)
+    }
+
+    fn write_all(id: u64, from: &[u8], to: &[u8]) -> RdmaRequest {
+        RdmaRequest {
+            id,
+            verb: Verb::Write,
+            peer: "B".into(),
+            local: from.as_ptr() as u64,
+            remote: to.as_ptr() as u64,
+            len: from.len() as u64,
+            location: "cpu:0".into(),
+        }
+    }
+
+    #[test]
+    fn memory_above_max_mr_size_is_several_regions_and_slices_stay_inside_each() {
+        let mut devices: Vec<SimDevice> =
+            ["a0", "b0"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        for d in &mut devices {
+            d.info.max_mr_size = 1 << 20;
+        }
+        let (net, mut a, mut b, mem_a, mem_b) = two(devices, RdmaConfig::default(), (4 << 20) + 5000);
+        assert_eq!(a.describe().buffers.len(), 5, "four full regions and a tail");
+        assert!(a.describe().buffers.iter().all(|b| b.length <= 1 << 20));
+        a.submit(write_all(1, &mem_a, &mem_b));
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
+        assert_eq!(drive(&mut a, &mut h, &net)[0].result, Ok(()));
+        assert!(mem_b == mem_a);
+    }
+
+    #[test]
+    fn unregister_waits_for_the_slices_that_use_the_memory() {
+        let devices = ["a0", "b0"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        let (net, mut a, mut b, mem_a, mem_b) = two(devices, RdmaConfig::default(), 1 << 20);
+        let addr = mem_a.as_ptr() as u64;
+        a.submit(write_all(1, &mem_a, &mem_b));
+        let e = a.unregister(addr).unwrap_err();
+        assert!(e.contains("slices in flight use the memory"), "{e}");
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
+        assert_eq!(drive(&mut a, &mut h, &net)[0].result, Ok(()));
+        a.unregister(addr).unwrap();
+        assert!(a.unregister(addr).unwrap_err().contains("no memory registered"));
+        a.submit(write_all(2, &mem_a, &mem_b));
+        let why = a.take_settled()[0].result.clone().unwrap_err();
+        assert!(why.contains("local address") && why.contains("not inside a registered memory region"), "{why}");
+    }
+
+    /// The target takes its memory back in the middle of a write: from
+    /// then on its devices refuse the keys, the write fails, and not one
+    /// byte lands after `unregister` returned.
+    #[test]
+    fn no_byte_lands_after_the_target_unregisters() {
+        let devices =
+            ["a0", "a1", "b0", "b1"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        let (net, mut a, mut b, mem_a, mem_b) =
+            two(devices, RdmaConfig { max_wr: 4, ..RdmaConfig::default() }, 8 << 20);
+        a.submit(write_all(1, &mem_a, &mem_b));
+        for _ in 0..3 {
+            let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
+            a.progress(&mut h, net.now_ns());
+        }
+        b.unregister(mem_b.as_ptr() as u64).unwrap();
+        let snapshot = mem_b.clone();
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
+        let settled = drive(&mut a, &mut h, &net);
+        let why = settled[0].result.clone().unwrap_err();
+        assert!(why.contains("remote access error") || why.contains("paused"), "{why}");
+        assert!(mem_b == snapshot, "a byte landed after unregister returned");
+        assert!(mem_b.iter().any(|&x| x != 0), "some slices landed before it");
+    }
+
+    #[test]
+    fn endpoints_stay_within_their_bound() {
+        let devices =
+            ["a0", "b0", "b1", "b2"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        let (net, mut a, mut b, mem_a, mem_b) =
+            two(devices, RdmaConfig { max_endpoints: 1, ..RdmaConfig::default() }, 2 << 20);
+        a.submit(write_all(1, &mem_a, &mem_b));
+        let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
+        let mut most = 0;
+        let mut settled = Vec::new();
+        for _ in 0..100_000 {
+            settled.extend(a.take_settled());
+            if a.in_flight() == 0 {
+                break;
+            }
+            a.progress(&mut h, net.now_ns());
+            most = most.max(a.devices[0].endpoints);
+        }
+        assert_eq!(settled[0].result, Ok(()));
+        assert_eq!(most, 1, "never more than the bound");
+        assert!(h.rounds >= 3, "endpoints were closed and made again ({})", h.rounds);
+        assert!(mem_b == mem_a);
     }
 
     #[test]
