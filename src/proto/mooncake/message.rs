@@ -73,6 +73,25 @@ pub struct SegmentDesc {
     pub timestamp: String,
 }
 
+impl SegmentDesc {
+    /// A descriptor of `name` with nothing in it yet (Mooncake's defaults).
+    pub fn new(name: &str, protocol: &str) -> SegmentDesc {
+        SegmentDesc {
+            buffers: Vec::new(),
+            devices: Vec::new(),
+            name: name.to_string(),
+            priority_matrix: None,
+            protocol: protocol.to_string(),
+            rdma_server_name: String::new(),
+            shardwire: None,
+            tcp_data_host: None,
+            tcp_data_port: 0,
+            tcp_proto_version: 1,
+            timestamp: String::new(),
+        }
+    }
+}
+
 /// Where and how a peer on this host reaches an engine's local transport.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalDesc {

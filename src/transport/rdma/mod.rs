@@ -7,12 +7,15 @@
 //! - [`slices`]: one shard's RDMA work on any fabric: endpoints, chains,
 //!   completions, retries on other rails, rail pauses; every slice settles
 //!   once (tested under a thousand seeded fault plans on `sim`).
+//! - [`shard`]: a slice engine installed on a shard, polled by the shard's
+//!   loop beside its io_uring ring (no parking while work is in flight),
+//!   fed from any thread over the runtime's rings.
 //!
 //! The control plane it speaks is in [`crate::proto::mooncake::rdma`].
-//! Until the shard driver and the engine wiring land, `protocol = "rdma"`
-//! is served over TCP.
+//! Until the engine wiring lands, `protocol = "rdma"` is served over TCP.
 
 pub mod fabric;
 pub mod plan;
+pub mod shard;
 pub mod sim;
 pub mod slices;

@@ -884,17 +884,7 @@ mod tests {
     impl Connector for Target {
         fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
             let (ctx, cq) = self.ctxs.get_mut(peer_dev).ok_or("no such device")?;
-            let my_gid = ctx.info().gids[1].gid;
-            let caps = QpCaps { max_send_wr: 16, max_sge: 1, max_inline: 0 };
-            let mut mine = Vec::new();
-            for &q in ours.qps {
-                let m = ctx.create_qp(*cq, caps).map_err(|e| e.to_string())?;
-                ctx.modify_qp(m, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
-                let peer = PeerAddr { gid: ours.gid, lid: 0, qp: q, mtu: ours.mtu };
-                ctx.modify_qp(m, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
-                mine.push(m);
-            }
-            Ok(PeerSide { gid: my_gid, lid: 0, qps: mine, mtu: Some(ctx.info().active_mtu) })
+            answer_on(ctx.as_mut(), *cq, &ours)
         }
     }
 
@@ -914,15 +904,8 @@ mod tests {
                     .zip(&self.names)
                     .map(|((c, _), n)| DeviceDesc { gid: c.info().gids[1].gid.to_string(), lid: 0, name: n.clone() })
                     .collect(),
-                name: "target".into(),
                 priority_matrix: Some(serde_json::json!({ "cpu:0": [self.names, []] })),
-                protocol: "rdma".into(),
-                rdma_server_name: String::new(),
-                shardwire: None,
-                tcp_data_host: None,
-                tcp_data_port: 0,
-                tcp_proto_version: 1,
-                timestamp: String::new(),
+                ..SegmentDesc::new("target", "rdma")
             };
             RdmaSegment::from_desc(&desc).unwrap()
         }
@@ -1149,6 +1132,24 @@ mod tests {
             "{retried} runs retried; {ok} requests done, {failed} failed"
         );
     }
+}
+
+/// The passive side of a connection made directly on a simulated device
+/// (tests without a second engine): queue pairs on `ctx`, in RTR against
+/// `ours`.
+#[cfg(test)]
+pub(super) fn answer_on(ctx: &mut dyn Context, cq: CqId, ours: &OurSide<'_>) -> Result<PeerSide, String> {
+    let caps = QpCaps { max_send_wr: 16, max_sge: 1, max_inline: 0 };
+    let mut qps = Vec::new();
+    for &q in ours.qps {
+        let m = ctx.create_qp(cq, caps).map_err(|e| e.to_string())?;
+        ctx.modify_qp(m, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
+        let peer = PeerAddr { gid: ours.gid, lid: 0, qp: q, mtu: ours.mtu };
+        ctx.modify_qp(m, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
+        qps.push(m);
+    }
+    let info = ctx.info();
+    Ok(PeerSide { gid: info.gids[1].gid, lid: 0, qps, mtu: Some(info.active_mtu) })
 }
 
 /// Two slice engines joined the way two hosts are: endpoints made through
