@@ -153,6 +153,16 @@ pub const MAX_CQE_PER_CTX: Var =
     int("MC_MAX_CQE_PER_CTX", 64, 1 << 22, "entries", "4096", "entries of each RDMA completion queue");
 pub const RDMA_RAIL_PAUSE_SECONDS: Var =
     int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
+pub const MAX_EP_PER_CTX: Var =
+    int("MC_MAX_EP_PER_CTX", 1, 1 << 20, "endpoints", "65536", "RDMA endpoints per local device at most");
+pub const MTU: Var = int("MC_MTU", 256, 4096, "bytes", "4096", "the largest RDMA path MTU");
+pub const GID_INDEX: Var = Var {
+    name: "MC_GID_INDEX",
+    aliases: &["NCCL_IB_GID_INDEX"],
+    kind: Kind::Int { min: 0, max: 255, unit: "" },
+    default: "chosen: routable RoCE v2 on IPv4 first",
+    meaning: "the GID table entry RDMA uses",
+};
 pub const METADATA_CLUSTER_ID: Var =
     var("MC_METADATA_CLUSTER_ID", Kind::Text, "unset", "etcd keys go under `mooncake/<id>/` instead of `mooncake/`");
 pub const ETCD_TTL: Var =
@@ -282,6 +292,9 @@ pub const VARS: &[Var] = &[
     MAX_WR,
     MAX_CQE_PER_CTX,
     RDMA_RAIL_PAUSE_SECONDS,
+    MAX_EP_PER_CTX,
+    MTU,
+    GID_INDEX,
     LOCAL,
     LOCAL_THREADS,
     CORES,
@@ -306,12 +319,14 @@ pub const VARS: &[Var] = &[
 pub fn markdown_table() -> String {
     let mut out = String::from("| variable | default | accepts | meaning |\n|---|---|---|---|\n");
     for v in VARS {
-        let names: Vec<String> =
-            std::iter::once(v.name).chain(v.aliases.iter().copied()).map(|n| format!("`{n}`")).collect();
-        out.push_str(&format!("| {} | {} | {} | {} |\n", names.join(" (or "), v.default, v.accepted(), v.meaning));
+        let mut names = format!("`{}`", v.name);
+        if !v.aliases.is_empty() {
+            let others: Vec<String> = v.aliases.iter().map(|n| format!("`{n}`")).collect();
+            names = format!("{names} (or {})", others.join(", "));
+        }
+        out.push_str(&format!("| {names} | {} | {} | {} |\n", v.default, v.accepted(), v.meaning));
     }
-    out.replace(" (or `MC_MIN_PRC_PORT`", " (or `MC_MIN_PRC_PORT`)")
-        .replace(" (or `MC_MAX_PRC_PORT`", " (or `MC_MAX_PRC_PORT`)")
+    out
 }
 
 /// A value a variable does not accept.
@@ -353,6 +368,9 @@ pub struct RdmaSettings {
     pub max_wr: u32,
     pub cqe: u32,
     pub rail_pause_s: u64,
+    pub max_endpoints: usize,
+    pub mtu: u32,
+    pub gid_index: Option<usize>,
 }
 
 /// Every variable's value, checked.
@@ -369,8 +387,9 @@ pub struct Settings {
     pub force_tcp: bool,
     pub custom_topo_json: Option<PathBuf>,
     /// `MC_SLICE_SIZE`, `MC_FRAGMENT_RATIO`, `MC_RETRY_CNT`,
-    /// `MC_NUM_QP_PER_EP`, `MC_MAX_WR`, `MC_MAX_CQE_PER_CTX`, and
-    /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds.
+    /// `MC_NUM_QP_PER_EP`, `MC_MAX_WR`, `MC_MAX_CQE_PER_CTX`,
+    /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds, `MC_MAX_EP_PER_CTX`,
+    /// `MC_MTU` and `MC_GID_INDEX`.
     pub rdma: RdmaSettings,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
@@ -449,6 +468,9 @@ impl Settings {
                 max_wr: r.int(&MAX_WR)?.unwrap_or(256) as u32,
                 cqe: r.int(&MAX_CQE_PER_CTX)?.unwrap_or(4096) as u32,
                 rail_pause_s: r.int(&RDMA_RAIL_PAUSE_SECONDS)?.unwrap_or(30),
+                max_endpoints: r.int(&MAX_EP_PER_CTX)?.unwrap_or(65_536) as usize,
+                mtu: r.int(&MTU)?.unwrap_or(4096) as u32,
+                gid_index: r.int(&GID_INDEX)?.map(|i| i as usize),
             },
             local: r.boolean(&LOCAL)?.unwrap_or(true),
             local_threads: r.int(&LOCAL_THREADS)?.map_or_else(default_local_threads, |n| n as usize),
@@ -657,6 +679,8 @@ mod tests {
         assert_eq!(with("MC_SLICE_SIZE", "131072").unwrap().rdma.slice_bytes, 131_072);
         assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
         assert_eq!(Settings::default().rdma.retry_cnt, 9);
+        assert_eq!(with("NCCL_IB_GID_INDEX", "3").unwrap().rdma.gid_index, Some(3));
+        assert!(with("MC_MTU", "9000").unwrap_err().to_string().contains("256..=4096"));
         assert!(with("SHARDWIRE_LOCAL_THREADS", "0").unwrap_err().to_string().contains("1..=64"));
         let d = Settings::default();
         assert!((1..=4).contains(&d.local_threads), "{}", d.local_threads);
