@@ -113,7 +113,7 @@ mod tests {
 
     use super::super::fabric::{Access, Context, CqId, Fabric, Verb};
     use super::super::sim::{FaultPlan, SimDevice, SimNetwork};
-    use super::super::slices::{OurSide, PeerSide, RdmaConfig, answer_on};
+    use super::super::slices::{Answer, OurSide, RdmaConfig, answer_on};
     use super::*;
     use crate::proto::mooncake::message::{BufferDesc, DeviceDesc, SegmentDesc};
     use crate::proto::mooncake::rdma::RdmaSegment;
@@ -127,9 +127,9 @@ mod tests {
     }
 
     impl Connector for SimPeer {
-        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
+        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
             let (ctx, cq) = &mut self.ctxs[peer_dev];
-            answer_on(ctx.as_mut(), *cq, &ours)
+            answer_on(ctx.as_mut(), *cq, &ours).map(Answer::Ready)
         }
     }
 

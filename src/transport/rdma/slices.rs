@@ -60,6 +60,8 @@ pub struct RdmaConfig {
     pub gid_index: Option<usize>,
     /// Endpoints per local device at most (`MC_MAX_EP_PER_CTX`).
     pub max_endpoints: usize,
+    /// How long an endpoint may wait for its peer's side.
+    pub connect_timeout_ns: u64,
 }
 
 impl RdmaConfig {
@@ -94,6 +96,7 @@ impl Default for RdmaConfig {
             mtu: 4096,
             gid_index: None,
             max_endpoints: 65_536,
+            connect_timeout_ns: 10_000_000_000,
         }
     }
 }
@@ -119,11 +122,20 @@ pub struct OurSide<'a> {
     pub mtu: u32,
 }
 
-/// Gets the peer's side of an endpoint.
+/// What a connector says of a connection it was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Ready(PeerSide),
+    /// Still on its way: ask again (with the same queue pairs) later.
+    Pending,
+}
+
+/// Gets the peer's side of an endpoint, without blocking the shard.
 pub trait Connector {
-    /// `ours` wants device `peer_dev` of `peer`'s segment: returns that
-    /// side, or why not.
-    fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String>;
+    /// `ours` wants device `peer_dev` of `peer`'s segment: its side, or
+    /// `Pending` (the engine asks again on a later progress, with the same
+    /// queue pairs, until `connect_timeout_ns`), or why not.
+    fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String>;
 }
 
 /// One request.
@@ -198,6 +210,8 @@ struct Endpoint {
     broken: bool,
     /// When it was last chosen (a count of choices).
     last_use: u64,
+    /// Waiting for the peer's side since this time (ns); `None` once connected.
+    connecting_since: Option<u64>,
 }
 
 struct Peer {
@@ -432,8 +446,14 @@ impl SliceEngine {
             Some(pd) => {
                 let n = mine.len();
                 let peer = self.peers.get_mut(&req.local.server).expect("looked up above");
-                let fresh =
-                    Endpoint { qps: mine.clone(), outstanding: vec![0; n], next: 0, broken: false, last_use: 0 };
+                let fresh = Endpoint {
+                    qps: mine.clone(),
+                    outstanding: vec![0; n],
+                    next: 0,
+                    broken: false,
+                    last_use: 0,
+                    connecting_since: None,
+                };
                 match peer.endpoints.insert((ld, pd), fresh) {
                     // The peer made the endpoint again (it restarted, or
                     // saw an error): the old queue pairs go.
@@ -586,13 +606,19 @@ impl SliceEngine {
             match self.choose_rails(&peer_name, &location, &slice, id, tries, now_ns) {
                 Err(why) => self.settle(id, Some(why)),
                 Ok((ld, pd, rkey)) => {
-                    let qp = match self.endpoint_qp(connector, &peer_name, ld, pd) {
+                    let qp = match self.endpoint_qp(connector, &peer_name, ld, pd, now_ns) {
                         Ok(Some(qp)) => qp,
                         Ok(None) => {
                             later.push_back(id); // every queue pair is full
                             continue;
                         }
                         Err(why) => {
+                            // A connection that failed counts as a try.
+                            let rec = self.slices.get_mut(&id).expect("looked up above");
+                            if rec.tries > 0 {
+                                self.retries += 1;
+                            }
+                            rec.tries += 1;
                             self.fail_try(id, ld, pd, &why, now_ns);
                             continue;
                         }
@@ -676,30 +702,52 @@ impl SliceEngine {
     }
 
     /// A queue pair of the endpoint `ld -> pd` of `peer` with room, the
-    /// endpoint made (or made again) if needed; `None` if all are full.
+    /// endpoint made (or made again) if needed; `None` while it connects,
+    /// drains or is full.
     fn endpoint_qp(
         &mut self,
         connector: &mut dyn Connector,
         peer_name: &str,
         ld: usize,
         pd: usize,
+        now_ns: u64,
     ) -> Result<Option<QpNum>, String> {
         let peer = self.peers.get_mut(peer_name).expect("chosen above");
         let stale = peer.endpoints.get(&(ld, pd)).is_some_and(|ep| ep.broken && ep.outstanding.iter().all(|&n| n == 0));
         if stale {
-            let ep = peer.endpoints.remove(&(ld, pd)).expect("looked up above");
-            self.devices[ld].endpoints -= 1;
-            for qp in ep.qps {
-                let _ = self.devices[ld].ctx.destroy_qp(qp);
-            }
+            self.close_endpoint(peer_name, ld, pd);
         }
-        if !peer.endpoints.contains_key(&(ld, pd)) {
+        if !self.peers[peer_name].endpoints.contains_key(&(ld, pd)) {
             if !self.make_room(ld) {
                 return Ok(None); // every endpoint of the device is busy: wait
             }
-            let ep = connect(&mut self.devices[ld], &self.config, connector, peer_name, pd)?;
+            let ep = open_endpoint(&mut self.devices[ld], &self.config, now_ns)?;
             self.devices[ld].endpoints += 1;
             self.peers.get_mut(peer_name).expect("chosen above").endpoints.insert((ld, pd), ep);
+        }
+        let since = self.peers[peer_name].endpoints[&(ld, pd)].connecting_since;
+        if let Some(since) = since {
+            if now_ns.saturating_sub(since) > self.config.connect_timeout_ns {
+                self.close_endpoint(peer_name, ld, pd);
+                return Err(format!(
+                    "{peer_name} did not answer a connection within {} ms",
+                    self.config.connect_timeout_ns / 1_000_000
+                ));
+            }
+            let device = &mut self.devices[ld];
+            let ep = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.get_mut(&(ld, pd))).expect("made above");
+            let mtu = device.info.active_mtu.min(self.config.mtu);
+            let ours = OurSide { device: &device.info, gid: device.gid, qps: &ep.qps, mtu };
+            let answer = connector.connect(peer_name, pd, ours);
+            let done = match answer {
+                Ok(Answer::Pending) => return Ok(None),
+                Ok(Answer::Ready(side)) => finish_endpoint(device, &self.config, ep, peer_name, &side),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = done {
+                self.close_endpoint(peer_name, ld, pd);
+                return Err(e);
+            }
         }
         self.uses += 1;
         let uses = self.uses;
@@ -719,6 +767,16 @@ impl SliceEngine {
         Ok(None)
     }
 
+    /// Closes the endpoint `ld -> pd` of `peer`: its queue pairs go.
+    fn close_endpoint(&mut self, peer_name: &str, ld: usize, pd: usize) {
+        if let Some(ep) = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.remove(&(ld, pd))) {
+            self.devices[ld].endpoints -= 1;
+            for qp in ep.qps {
+                let _ = self.devices[ld].ctx.destroy_qp(qp);
+            }
+        }
+    }
+
     /// Below the endpoint bound on device `ld`, after closing the idle
     /// endpoint used longest ago if need be; false if all are busy.
     fn make_room(&mut self, ld: usize) -> bool {
@@ -729,15 +787,13 @@ impl SliceEngine {
             .peers
             .iter()
             .flat_map(|(name, p)| p.endpoints.iter().map(move |(&k, ep)| (name, k, ep)))
-            .filter(|(_, (l, _), ep)| *l == ld && ep.outstanding.iter().all(|&n| n == 0))
+            .filter(|(_, (l, _), ep)| {
+                *l == ld && ep.connecting_since.is_none() && ep.outstanding.iter().all(|&n| n == 0)
+            })
             .min_by_key(|(_, _, ep)| ep.last_use)
             .map(|(name, k, _)| (name.clone(), k));
-        let Some((name, key)) = victim else { return false };
-        let ep = self.peers.get_mut(&name).and_then(|p| p.endpoints.remove(&key)).expect("found above");
-        self.devices[ld].endpoints -= 1;
-        for qp in ep.qps {
-            let _ = self.devices[ld].ctx.destroy_qp(qp);
-        }
+        let Some((name, (l, p))) = victim else { return false };
+        self.close_endpoint(&name, l, p);
         true
     }
 
@@ -814,58 +870,53 @@ impl SliceEngine {
     }
 }
 
-/// Makes an endpoint: queue pairs on `device`, connected to the peer's.
-fn connect(
-    device: &mut Nic,
-    config: &RdmaConfig,
-    connector: &mut dyn Connector,
-    peer: &str,
-    peer_dev: usize,
-) -> Result<Endpoint, String> {
+/// Starts an endpoint: queue pairs on `device`, in INIT, waiting for the
+/// peer's side.
+fn open_endpoint(device: &mut Nic, config: &RdmaConfig, now_ns: u64) -> Result<Endpoint, String> {
     let caps = QpCaps { max_send_wr: config.max_wr, max_sge: 1, max_inline: 0 };
     let mut qps = Vec::with_capacity(config.qps_per_endpoint);
-    let undo = |device: &mut Nic, qps: &[QpNum]| {
-        for &q in qps {
-            let _ = device.ctx.destroy_qp(q);
-        }
-    };
-    for _ in 0..config.qps_per_endpoint {
-        match device.ctx.create_qp(device.cq, caps) {
-            Ok(q) => qps.push(q),
-            Err(e) => {
-                undo(device, &qps);
-                return Err(e.to_string());
-            }
-        }
-    }
-    let mut step = |device: &mut Nic| -> Result<(), String> {
-        for &q in &qps {
+    let mut made = || -> Result<(), String> {
+        for _ in 0..config.qps_per_endpoint {
+            let q = device.ctx.create_qp(device.cq, caps).map_err(|e| e.to_string())?;
+            qps.push(q);
             device.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
-        }
-        let mtu = device.info.active_mtu.min(config.mtu);
-        let ours = OurSide { device: &device.info, gid: device.gid, qps: &qps, mtu };
-        let side = connector.connect(peer, peer_dev, ours)?;
-        if side.qps.len() != qps.len() {
-            return Err(format!("{peer} answered with {} queue pairs for our {}", side.qps.len(), qps.len()));
-        }
-        let mtu = super::fabric::path_mtu(device.info.active_mtu, side.mtu, config.mtu);
-        for (&q, &t) in qps.iter().zip(&side.qps) {
-            let peer = PeerAddr { gid: side.gid, lid: side.lid, qp: t, mtu };
-            device.ctx.modify_qp(q, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
-            device
-                .ctx
-                .modify_qp(q, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 })
-                .map_err(|e| e.to_string())?;
-            debug_assert_eq!(device.ctx.qp_state(q).ok(), Some(QpState::Rts));
         }
         Ok(())
     };
-    if let Err(e) = step(device) {
-        undo(device, &qps);
+    if let Err(e) = made() {
+        for &q in &qps {
+            let _ = device.ctx.destroy_qp(q);
+        }
         return Err(e);
     }
     let n = qps.len();
-    Ok(Endpoint { qps, outstanding: vec![0; n], next: 0, broken: false, last_use: 0 })
+    Ok(Endpoint { qps, outstanding: vec![0; n], next: 0, broken: false, last_use: 0, connecting_since: Some(now_ns) })
+}
+
+/// Connects an endpoint's queue pairs to the peer's `side`: RTR, then RTS,
+/// at the path MTU the two sides agree on.
+fn finish_endpoint(
+    device: &mut Nic,
+    config: &RdmaConfig,
+    ep: &mut Endpoint,
+    peer: &str,
+    side: &PeerSide,
+) -> Result<(), String> {
+    if side.qps.len() != ep.qps.len() {
+        return Err(format!("{peer} answered with {} queue pairs for our {}", side.qps.len(), ep.qps.len()));
+    }
+    let mtu = super::fabric::path_mtu(device.info.active_mtu, side.mtu, config.mtu);
+    for (&q, &t) in ep.qps.iter().zip(&side.qps) {
+        let addr = PeerAddr { gid: side.gid, lid: side.lid, qp: t, mtu };
+        device.ctx.modify_qp(q, Transition::Rtr { peer: addr }).map_err(|e| e.to_string())?;
+        device
+            .ctx
+            .modify_qp(q, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 })
+            .map_err(|e| e.to_string())?;
+        debug_assert_eq!(device.ctx.qp_state(q).ok(), Some(QpState::Rts));
+    }
+    ep.connecting_since = None;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -885,9 +936,9 @@ mod tests {
     }
 
     impl Connector for Target {
-        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
+        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
             let (ctx, cq) = self.ctxs.get_mut(peer_dev).ok_or("no such device")?;
-            answer_on(ctx.as_mut(), *cq, &ours)
+            answer_on(ctx.as_mut(), *cq, &ours).map(Answer::Ready)
         }
     }
 
@@ -1025,6 +1076,64 @@ mod tests {
         w.write(1, 0, 8 << 20);
         assert_eq!(w.run("rail lost")[0].result, Ok(()));
         assert!(w.target.mem == w.local);
+    }
+
+    /// A connector whose answers take a while: `Pending` the first
+    /// `slow` times it is asked, then the target's answer (`never`: not
+    /// at all).
+    struct Slow<'a> {
+        target: &'a mut Target,
+        slow: usize,
+        never: bool,
+        asked: usize,
+    }
+
+    impl Connector for Slow<'_> {
+        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
+            self.asked += 1;
+            if self.never || self.asked <= self.slow {
+                return Ok(Answer::Pending);
+            }
+            self.target.connect(peer, peer_dev, ours)
+        }
+    }
+
+    #[test]
+    fn an_answer_on_its_way_does_not_block_and_is_asked_for_again() {
+        let mut w = world(2, 2, FaultPlan::default(), 6, 1 << 20);
+        w.write(1, 0, 1 << 20);
+        let mut slow = Slow { target: &mut w.target, slow: 7, never: false, asked: 0 };
+        let mut settled = Vec::new();
+        for _ in 0..10_000 {
+            settled.extend(w.engine.take_settled());
+            if w.engine.in_flight() == 0 {
+                break;
+            }
+            // Each progress returns at once, answer or not.
+            w.engine.progress(&mut slow, w.net.now_ns());
+        }
+        assert_eq!(settled, [Settled { id: 1, result: Ok(()) }]);
+        assert!(slow.asked > 7, "asked again until it answered ({})", slow.asked);
+        assert!(w.target.mem == w.local);
+    }
+
+    #[test]
+    fn a_peer_that_never_answers_fails_the_request_after_the_connect_timeout() {
+        let mut w = world(1, 1, FaultPlan::default(), 7, 64 << 10);
+        w.write(1, 0, 64 << 10);
+        let mut never = Slow { target: &mut w.target, slow: 0, never: true, asked: 0 };
+        let mut settled = Vec::new();
+        // A clock of our own, a second a step: the timeout is 10 s.
+        for step in 0..10_000u64 {
+            settled.extend(w.engine.take_settled());
+            if w.engine.in_flight() == 0 {
+                break;
+            }
+            w.engine.progress(&mut never, step * 1_000_000_000);
+        }
+        let why = settled[0].result.clone().unwrap_err();
+        assert!(why.contains("did not answer a connection within 10000 ms"), "{why}");
+        assert_eq!(w.engine.devices[0].endpoints, 0, "the waiting endpoints were closed");
     }
 
     #[test]
@@ -1179,7 +1288,7 @@ mod handshake_tests {
     }
 
     impl Connector for Handshake<'_> {
-        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<PeerSide, String> {
+        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
             let their_device = self.them.describe().devices[peer_dev].name.clone();
             let request = Connection {
                 local: NicPath { server: self.me.to_string(), device: ours.device.name.clone() },
@@ -1203,7 +1312,12 @@ mod handshake_tests {
             assert_eq!(theirs.ready_ack, Some(true), "the passive side echoes ready_ack");
             self.rounds += 1;
             let qps = theirs.qps.into_iter().map(QpNum).collect();
-            Ok(PeerSide { gid: theirs.gid, lid: theirs.lid, qps, mtu: theirs.mtu.filter(|_| self.send_mtu) })
+            Ok(Answer::Ready(PeerSide {
+                gid: theirs.gid,
+                lid: theirs.lid,
+                qps,
+                mtu: theirs.mtu.filter(|_| self.send_mtu),
+            }))
         }
     }
 
