@@ -193,6 +193,7 @@ mod tests {
                 remote: dst_addr + i * piece,
                 len: piece,
                 location: "cpu:0".into(),
+                deadline_ns: None,
             };
             let tx = tx.clone();
             let done: Done = Box::new(move |r| {
@@ -222,6 +223,7 @@ mod tests {
             remote: dst_addr,
             len: 8,
             location: "cpu:0".into(),
+            deadline_ns: None,
         };
         submit(&runtime, 0, req, Box::new(move |r| drop(tx.send(r)))).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Err("this shard has no RDMA".into()));

@@ -150,6 +150,9 @@ pub struct RdmaRequest {
     pub len: u64,
     /// Where the local memory is (`cpu:0`): picks the local devices.
     pub location: String,
+    /// When it must have settled (the caller's clock, ns): slices not yet
+    /// sent by then fail, so the request settles soon after, failed.
+    pub deadline_ns: Option<u64>,
 }
 
 /// How a request ended.
@@ -601,6 +604,11 @@ impl SliceEngine {
             moved = true;
             let rec = &self.slices[&id];
             let req = &self.requests[&rec.request].req;
+            if req.deadline_ns.is_some_and(|d| now_ns >= d) {
+                let why = format!("request {} timed out before all its slices were sent", req.id);
+                self.settle(id, Some(why));
+                continue;
+            }
             let (peer_name, verb, location) = (req.peer.clone(), req.verb, req.location.clone());
             let (slice, tries) = (rec.slice, rec.tries);
             match self.choose_rails(&peer_name, &location, &slice, id, tries, now_ns) {
@@ -1011,6 +1019,7 @@ mod tests {
                 remote: self.target.mem.as_ptr() as u64 + at,
                 len,
                 location: "cpu:0".into(),
+                deadline_ns: None,
             });
         }
 
@@ -1134,6 +1143,38 @@ mod tests {
         let why = settled[0].result.clone().unwrap_err();
         assert!(why.contains("did not answer a connection within 10000 ms"), "{why}");
         assert_eq!(w.engine.devices[0].endpoints, 0, "the waiting endpoints were closed");
+    }
+
+    /// A request past its deadline: the slices not sent yet fail, the
+    /// ones in flight finish, and the request settles, failed, saying so.
+    #[test]
+    fn a_request_past_its_deadline_settles_failed_soon_after() {
+        let mut w = world(1, 1, FaultPlan::default(), 8, 8 << 20);
+        let config = RdmaConfig { max_wr: 4, qps_per_endpoint: 1, ..RdmaConfig::default() };
+        w.engine.config = config;
+        w.engine.submit(RdmaRequest {
+            id: 1,
+            verb: Verb::Write,
+            peer: "target".into(),
+            local: w.local.as_ptr() as u64,
+            remote: w.target.mem.as_ptr() as u64,
+            len: 8 << 20,
+            location: "cpu:0".into(),
+            deadline_ns: Some(3),
+        });
+        let mut settled = Vec::new();
+        // Our own clock: the first two progresses are before the deadline.
+        for step in 0..1000u64 {
+            settled.extend(w.engine.take_settled());
+            if w.engine.in_flight() == 0 {
+                break;
+            }
+            w.engine.progress(&mut w.target, step);
+        }
+        let why = settled[0].result.clone().unwrap_err();
+        assert!(why.contains("timed out before all its slices were sent"), "{why}");
+        let landed = w.target.mem.iter().zip(&w.local).take_while(|(a, b)| a == b).count();
+        assert!(landed > 0 && landed < 8 << 20, "some slices went before the deadline, not all ({landed} bytes)");
     }
 
     #[test]
@@ -1362,6 +1403,7 @@ mod handshake_tests {
             remote: to + (512 << 10),
             len: 512 << 10,
             location: "cpu:0".into(),
+            deadline_ns: None,
         };
         a.submit(write(1, pa, pb, "B"));
         let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
@@ -1409,6 +1451,7 @@ mod handshake_tests {
                 remote: mem_b.as_ptr() as u64,
                 len: 256 << 10,
                 location: "cpu:0".into(),
+                deadline_ns: None,
             });
             let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu };
             let settled = drive(&mut a, &mut h, &net);
@@ -1457,6 +1500,7 @@ mod handshake_tests {
             remote: to.as_ptr() as u64,
             len: from.len() as u64,
             location: "cpu:0".into(),
+            deadline_ns: None,
         }
     }
 
