@@ -51,6 +51,10 @@ pub struct EngineConfig {
     pub client_limits: ClientLimits,
     /// The shards to run on; `None` for the process-wide shared runtime.
     pub runtime: Option<Arc<Runtime>>,
+    /// The RDMA devices `protocol = "rdma"` uses; `None`: none (TCP).
+    pub fabric: Option<Arc<dyn crate::transport::rdma::fabric::Fabric>>,
+    /// The RDMA transport's knobs (`MC_SLICE_SIZE` and the rest).
+    pub rdma: crate::transport::rdma::slices::RdmaConfig,
 }
 
 impl Default for EngineConfig {
@@ -89,6 +93,8 @@ impl EngineConfig {
             stripe_bytes: s.stripe_bytes,
             client_limits,
             runtime: None,
+            fabric: None,
+            rdma: crate::transport::rdma::slices::RdmaConfig::from_settings(&s.rdma),
         }
     }
 }

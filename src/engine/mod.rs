@@ -57,6 +57,7 @@ use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
 use crate::transport::local::LocalTransport;
+use crate::transport::rdma::transport::RdmaTransport;
 use crate::transport::request::{self as req, Sink, Ticket};
 use crate::transport::tcp::{TcpTransport, sock};
 use crate::transport::{InlineRequest, PeerSegment, Route, Transport};
@@ -120,6 +121,9 @@ struct Engine {
     /// The TCP transport (also in `transports`): its data port is in the
     /// descriptor.
     tcp: Arc<TcpTransport>,
+    /// The RDMA transport (also in `transports`), with `protocol = "rdma"`
+    /// on a fabric.
+    rdma: Option<Arc<RdmaTransport>>,
     /// The local transport (also in `transports`), unless it is off: what
     /// peers on this host may copy into, published and revoked here.
     local: Option<Arc<LocalTransport>>,
@@ -204,15 +208,16 @@ impl TransferEngine {
             return Err(TeError::invalid("the engine is already initialized"));
         }
         let metadata = parse_metadata(metadata_server, metadata_type, self.config.default_metadata_server.as_deref())?;
-        match protocol.trim() {
-            "tcp" | "" => {}
-            "rdma" => {
-                if !self.config.force_tcp {
-                    log::warn!("protocol \"rdma\": no RDMA transport is available here; serving this segment over TCP");
-                }
+        let want_rdma = match protocol.trim() {
+            "tcp" | "" => false,
+            "rdma" if self.config.force_tcp => false,
+            "rdma" if self.config.fabric.is_none() => {
+                log::warn!("protocol \"rdma\": no RDMA devices here; serving this segment over TCP");
+                false
             }
+            "rdma" => true,
             other => return Err(TeError::invalid(format!("protocol {other:?} is not available; use \"tcp\""))),
-        }
+        };
         let _ = device_name;
         let hp = name::parse(local_hostname).map_err(|e| TeError::invalid(format!("local_hostname: {e}")))?;
         let bind_ip = self.config.bind_address.unwrap_or_else(sock::any_address);
@@ -266,15 +271,35 @@ impl TransferEngine {
         } else {
             None
         };
-        let mut transports: Vec<Arc<dyn Transport>> = Vec::with_capacity(2);
-        if let Some(l) = &local {
-            transports.push(l.clone());
-        }
-        transports.push(tcp.clone());
         let name = match metadata {
             Metadata::P2p => HostPort::with_port(&advertised, rpc_port),
             Metadata::Etcd(_) => local_hostname.trim().to_string(),
         };
+        let call_options = CallOptions {
+            connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
+            io_timeout: Duration::from_secs(60).min(self.config.transfer_timeout),
+            max_frame: self.config.handshake_max_len,
+        };
+        let rdma = match (&self.config.fabric, want_rdma) {
+            (Some(fabric), true) => {
+                match RdmaTransport::start(runtime.clone(), fabric.clone(), &name, self.config.rdma, call_options) {
+                    Ok(r) => Some(Arc::new(r)),
+                    Err(e) => {
+                        log::warn!("protocol \"rdma\": {e}; serving this segment over TCP");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let mut transports: Vec<Arc<dyn Transport>> = Vec::with_capacity(3);
+        if let Some(l) = &local {
+            transports.push(l.clone());
+        }
+        if let Some(r) = &rdma {
+            transports.push(r.clone());
+        }
+        transports.push(tcp.clone());
         let notifies = Arc::new(NotifyQueue::default());
         let handler = Arc::new(EngineRpc {
             name: name.clone(),
@@ -283,14 +308,10 @@ impl TransferEngine {
             registry: registry.clone(),
             notifies: notifies.clone(),
             local: local.as_ref().map(|l| l.descriptor()),
+            rdma: rdma.clone(),
         });
         let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
-        let call_options = CallOptions {
-            connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
-            io_timeout: Duration::from_secs(60).min(self.config.transfer_timeout),
-            max_frame: self.config.handshake_max_len,
-        };
         let meta = match &metadata {
             Metadata::P2p => Meta::P2p,
             Metadata::Etcd(endpoints) => {
@@ -314,6 +335,7 @@ impl TransferEngine {
             registry: registry.clone(),
             tcp,
             local,
+            rdma,
             transports,
             rpc: Mutex::new(Some(rpc)),
             handler,
@@ -365,7 +387,7 @@ impl TransferEngine {
         let engine = self.engine()?;
         check_mapped(addr, len)?;
         engine.registry.register(addr, len, location)?;
-        engine.share(addr, len, None);
+        engine.share(addr, len, None, location)?;
         // Memory peers cannot find is no use: undo, so a retry starts clean.
         engine.publish().inspect_err(|_| {
             let _ = engine.unregister_region(addr);
@@ -393,7 +415,12 @@ impl TransferEngine {
         }
         engine.registry.register_batch(&items, location)?;
         for &(addr, len) in &items {
-            engine.share(addr, len, None);
+            if let Err(e) = engine.share(addr, len, None, location) {
+                for &(a, _) in &items {
+                    let _ = engine.unregister_region(a);
+                }
+                return Err(e);
+            }
         }
         engine.publish().inspect_err(|_| {
             for &(addr, _) in &items {
@@ -426,7 +453,10 @@ impl TransferEngine {
             (addr, managed.place_of(addr))
         };
         let addr = place.0;
-        engine.share(addr, len, place.1);
+        if let Err(e) = engine.share(addr, len, place.1, "cpu:0") {
+            let _ = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len);
+            return Err(e);
+        }
         engine.publish().inspect_err(|_| {
             if engine.unshare(addr).is_ok() {
                 let _ = engine.managed.lock().unwrap_or_else(|e| e.into_inner()).free(addr, len);
@@ -871,11 +901,16 @@ impl Engine {
     }
 
     /// Lets peers on this host copy into and out of `[addr, +len)`
-    /// (managed memory at `place`, or other registered memory).
-    fn share(&self, addr: u64, len: u64, place: Option<crate::mem::managed::ShmPlace>) {
+    /// (managed memory at `place`, or other registered memory), and
+    /// registers it on the RDMA devices.
+    fn share(&self, addr: u64, len: u64, place: Option<crate::mem::managed::ShmPlace>, location: &str) -> TeResult<()> {
+        if let Some(r) = &self.rdma {
+            r.register(addr, len, location)?;
+        }
         if let Some(l) = &self.local {
             l.publish(addr, len, place);
         }
+        Ok(())
     }
 
     /// Unregisters the region at `addr`: peers on this host stop first (see
@@ -891,7 +926,8 @@ impl Engine {
     /// Takes `[addr, ...)` back from peers on this host: when this returns
     /// `Ok`, no copy of theirs touches it again.
     fn unshare(&self, addr: u64) -> TeResult<()> {
-        self.local.as_ref().map_or(Ok(()), |l| l.revoke(addr))
+        self.local.as_ref().map_or(Ok(()), |l| l.revoke(addr))?;
+        self.rdma.as_ref().map_or(Ok(()), |r| r.unregister(addr, self.timeout))
     }
 
     /// Republishes this engine's descriptor if registrations changed since

@@ -8,6 +8,7 @@ use crate::mem::Registry;
 use crate::meta::p2p::RpcHandler;
 use crate::proto::mooncake::message::{BufferDesc, HandshakeDesc, LocalDesc, NotifyDesc, SegmentDesc};
 use crate::proto::mooncake::rdma;
+use crate::transport::rdma::transport::RdmaTransport;
 
 /// Most notifications kept until `get_notifies`; past it the oldest go.
 pub const NOTIFIES_MAX: usize = 65_536;
@@ -53,11 +54,13 @@ pub struct EngineRpc {
     pub notifies: Arc<NotifyQueue>,
     /// How peers on this host reach the local transport, if it is on.
     pub local: Option<LocalDesc>,
+    /// The RDMA transport, with `protocol = "rdma"` on a fabric.
+    pub rdma: Option<Arc<RdmaTransport>>,
 }
 
 impl EngineRpc {
     pub fn descriptor(&self) -> SegmentDesc {
-        SegmentDesc {
+        let mut desc = SegmentDesc {
             buffers: self
                 .registry
                 .ranges()
@@ -80,7 +83,15 @@ impl EngineRpc {
             tcp_data_port: self.data_port,
             tcp_proto_version: 2,
             timestamp: timestamp_now(),
+        };
+        // With RDMA on, the descriptor is Mooncake's RDMA one: devices, a
+        // buffer per region with every device's keys, the matrix. The TCP
+        // fields stay, for peers without RDMA.
+        if let Some(seg) = self.rdma.as_ref().and_then(|r| r.describe()) {
+            desc.protocol = "rdma".into();
+            seg.write_into(&mut desc);
         }
+        desc
     }
 }
 
@@ -94,6 +105,9 @@ impl RpcHandler for EngineRpc {
     }
 
     fn connection(&self, request: HandshakeDesc) -> HandshakeDesc {
+        if let Some(r) = &self.rdma {
+            return r.accept(&request);
+        }
         let why = match rdma::Connection::from_desc(&request) {
             Err(e) => format!("rejected: a malformed Connection request ({e})"),
             Ok(c) => format!(

@@ -53,6 +53,8 @@ pub enum Route {
     /// A target on this host, by its local transport's token; `tcp` is
     /// where what the local path cannot carry goes.
     Local { token: u64, tcp: tcp::Peer },
+    /// A peer over RDMA, by the RDMA transport's id for it.
+    Rdma { peer: u32 },
 }
 
 /// One small request the caller waits for.

@@ -11,11 +11,14 @@
 //!   loop beside its io_uring ring (no parking while work is in flight),
 //!   fed from any thread over the runtime's rings.
 //!
+//! - [`transport`]: the engine's RDMA transport: a slice engine on a
+//!   shard, endpoints through the Connection RPC on helper threads.
+//!
 //! The control plane it speaks is in [`crate::proto::mooncake::rdma`].
-//! Until the engine wiring lands, `protocol = "rdma"` is served over TCP.
 
 pub mod fabric;
 pub mod plan;
 pub mod shard;
 pub mod sim;
 pub mod slices;
+pub mod transport;

@@ -2,9 +2,10 @@
 //! io_uring ring.
 //!
 //! [`install`] puts a [`SliceEngine`] (with the [`Connector`] it makes
-//! endpoints through) in a shard's locals and adds a poll hook; the hook
-//! drives the engine on every loop iteration and hands each settled
-//! request to the callback it came with. A shard with RDMA work in flight
+//! endpoints through) in a shard's locals, under a key (one per transfer
+//! engine: several may share a runtime), and adds the poll hook once; the
+//! hook drives every installed engine on every loop iteration and hands
+//! each settled request to the callback it came with. A shard with RDMA work in flight
 //! does not park: a completion queue polled without a completion channel
 //! wakes nobody. [`submit`] hands a request to the shard from any thread,
 //! over the runtime's rings; nothing is shared, nothing is locked.
@@ -21,12 +22,21 @@ use crate::runtime::{PollHook, Runtime, ShardCtx};
 /// What is called once a request settles, on the shard's thread.
 pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
 
-/// A shard's RDMA state, in its locals.
+/// One engine's RDMA state on a shard.
 struct ShardRdma {
     engine: SliceEngine,
     connector: Box<dyn Connector>,
     waiting: HashMap<u64, Done>,
 }
+
+/// A shard's RDMA states, by key, in its locals.
+#[derive(Default)]
+struct ShardRdmas {
+    by_key: HashMap<u64, ShardRdma>,
+}
+
+/// Engines one shard may carry.
+pub const ENGINES_PER_SHARD_MAX: usize = 256;
 
 /// Drives the shard's [`ShardRdma`].
 struct RdmaHook {
@@ -37,22 +47,32 @@ struct RdmaHook {
 /// Nanoseconds since the first call in this process: the slice engine's
 /// clock (rail pauses).
 fn now_ns() -> u64 {
+    clock_ns(Instant::now())
+}
+
+/// `at` on the slice engines' clock (a deadline, say).
+pub fn clock_ns(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    at.saturating_duration_since(*START.get_or_init(Instant::now)).as_nanos() as u64
 }
 
 impl PollHook for RdmaHook {
     fn poll(&mut self, ctx: &mut ShardCtx) -> usize {
-        let Some(s) = ctx.local_mut::<ShardRdma>() else { return 0 };
-        let mut work = usize::from(s.engine.progress(&mut *s.connector, now_ns()));
-        for settled in s.engine.take_settled() {
-            work += 1;
-            match s.waiting.remove(&settled.id) {
-                Some(done) => done(settled.result),
-                None => log::warn!("RDMA: request {} settled with nobody waiting", settled.id),
+        let Some(all) = ctx.local_mut::<ShardRdmas>() else { return 0 };
+        let (mut work, mut in_flight) = (0, 0);
+        let now = now_ns();
+        for s in all.by_key.values_mut() {
+            work += usize::from(s.engine.progress(&mut *s.connector, now));
+            for settled in s.engine.take_settled() {
+                work += 1;
+                match s.waiting.remove(&settled.id) {
+                    Some(done) => done(settled.result),
+                    None => log::warn!("RDMA: request {} settled with nobody waiting", settled.id),
+                }
             }
+            in_flight += s.engine.in_flight();
         }
-        self.in_flight.set(s.engine.in_flight());
+        self.in_flight.set(in_flight);
         work
     }
 
@@ -61,38 +81,72 @@ impl PollHook for RdmaHook {
     }
 
     fn shutdown(&mut self, ctx: &mut ShardCtx) {
-        if let Some(s) = ctx.take_local::<ShardRdma>() {
-            for (_, done) in s.waiting {
-                done(Err("the shard is shutting down".into()));
+        if let Some(all) = ctx.take_local::<ShardRdmas>() {
+            for s in all.by_key.into_values() {
+                for (_, done) in s.waiting {
+                    done(Err("the shard is shutting down".into()));
+                }
             }
         }
     }
 }
 
-/// Installs RDMA on `shard`: `make` runs there and returns the engine
-/// and its connector.
-pub fn install<F>(runtime: &Runtime, shard: usize, make: F) -> Result<(), String>
+/// Removes the engine under `key` from `shard`: requests still waiting
+/// fail, and its contexts close.
+pub fn uninstall(runtime: &Runtime, shard: usize, key: u64) {
+    let _ = runtime.call(shard, move |ctx: &mut ShardCtx| {
+        if let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.remove(&key)) {
+            for (_, done) in s.waiting {
+                done(Err("the engine is shutting down".into()));
+            }
+        }
+    });
+}
+
+/// Runs `f` on the engine under `key`, on its shard, and returns what it
+/// returns.
+pub fn with_engine<R, F>(runtime: &Runtime, shard: usize, key: u64, f: F) -> Result<R, String>
+where
+    F: FnOnce(&mut SliceEngine) -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let r = runtime.call(shard, move |ctx: &mut ShardCtx| {
+        ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.get_mut(&key)).map(|s| f(&mut s.engine))
+    });
+    r.map_err(|e| format!("shard {shard}: {e}"))?.ok_or_else(|| format!("shard {shard} carries no RDMA engine {key}"))
+}
+
+/// Installs an RDMA engine on `shard` under `key`: `make` runs there and
+/// returns the engine and its connector.
+pub fn install<F>(runtime: &Runtime, shard: usize, key: u64, make: F) -> Result<(), String>
 where
     F: FnOnce() -> Result<(SliceEngine, Box<dyn Connector>), String> + Send + 'static,
 {
     let installed = runtime.call(shard, move |ctx: &mut ShardCtx| -> Result<(), String> {
-        if ctx.local_mut::<ShardRdma>().is_some() {
-            return Err(format!("shard {} has RDMA installed already", ctx.id()));
+        if ctx.local_mut::<ShardRdmas>().is_none() {
+            ctx.insert_local(ShardRdmas::default());
+            ctx.add_poll_hook(Box::new(RdmaHook { in_flight: Rc::new(Cell::new(0)) }));
+        }
+        let all = ctx.local_mut::<ShardRdmas>().expect("inserted above");
+        if all.by_key.contains_key(&key) {
+            return Err(format!("RDMA engine {key} is installed already"));
+        }
+        if all.by_key.len() >= ENGINES_PER_SHARD_MAX {
+            return Err(format!("{ENGINES_PER_SHARD_MAX} RDMA engines on this shard already"));
         }
         let (engine, connector) = make()?;
-        ctx.insert_local(ShardRdma { engine, connector, waiting: HashMap::new() });
-        ctx.add_poll_hook(Box::new(RdmaHook { in_flight: Rc::new(Cell::new(0)) }));
+        all.by_key.insert(key, ShardRdma { engine, connector, waiting: HashMap::new() });
         Ok(())
     });
     installed.map_err(|e| format!("shard {shard}: {e}"))?
 }
 
-/// Hands `req` to `shard`; `done` is called there once it settles (or at
-/// once, failed, if the shard cannot take it).
-pub fn submit(runtime: &Runtime, shard: usize, req: RdmaRequest, done: Done) -> Result<(), String> {
+/// Hands `req` to the engine under `key` on `shard`; `done` is called
+/// there once it settles (or at once, failed, if it cannot be taken).
+pub fn submit(runtime: &Runtime, shard: usize, key: u64, req: RdmaRequest, done: Done) -> Result<(), String> {
     runtime
         .submit(shard, move |ctx: &mut ShardCtx| {
-            let Some(s) = ctx.local_mut::<ShardRdma>() else {
+            let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.get_mut(&key)) else {
                 return done(Err("this shard has no RDMA".into()));
             };
             if s.waiting.contains_key(&req.id) || s.waiting.len() >= REQUESTS_MAX {
@@ -127,7 +181,13 @@ mod tests {
     }
 
     impl Connector for SimPeer {
-        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
+        fn connect(
+            &mut self,
+            _peer: &str,
+            peer_dev: usize,
+            _peer_device: &str,
+            ours: OurSide<'_>,
+        ) -> Result<Answer, String> {
             let (ctx, cq) = &mut self.ctxs[peer_dev];
             answer_on(ctx.as_mut(), *cq, &ours).map(Answer::Ready)
         }
@@ -171,7 +231,7 @@ mod tests {
         };
         let segment = RdmaSegment::from_desc(&desc).unwrap();
         let n2 = net.clone();
-        install(&runtime, 1, move || {
+        install(&runtime, 1, 7, move || {
             let contexts = ["l0", "l1"].iter().map(|n| n2.open(n).unwrap()).collect();
             let mut e =
                 SliceEngine::new(RdmaConfig::default(), contexts, PriorityMatrix::new()).map_err(|e| e.to_string())?;
@@ -181,7 +241,7 @@ mod tests {
             Ok((e, Box::new(SimPeer { ctxs }) as Box<dyn Connector>))
         })
         .unwrap();
-        assert!(install(&runtime, 1, || Err("unused".into())).unwrap_err().contains("installed already"));
+        assert!(install(&runtime, 1, 7, || Err("unused".into())).unwrap_err().contains("installed already"));
         let (tx, rx) = mpsc::channel();
         let piece = (bytes / 16) as u64;
         for i in 0..16u64 {
@@ -200,7 +260,7 @@ mod tests {
                 let thread = std::thread::current().name().unwrap_or("").to_string();
                 let _ = tx.send((i, r, thread));
             });
-            submit(&runtime, 1, req, done).unwrap();
+            submit(&runtime, 1, 7, req, done).unwrap();
         }
         let mut seen = Vec::new();
         for _ in 0..16 {
@@ -225,7 +285,7 @@ mod tests {
             location: "cpu:0".into(),
             deadline_ns: None,
         };
-        submit(&runtime, 0, req, Box::new(move |r| drop(tx.send(r)))).unwrap();
+        submit(&runtime, 0, 7, req, Box::new(move |r| drop(tx.send(r)))).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Err("this shard has no RDMA".into()));
         runtime.shutdown();
         drop((src, dst));

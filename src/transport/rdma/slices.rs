@@ -132,10 +132,11 @@ pub enum Answer {
 
 /// Gets the peer's side of an endpoint, without blocking the shard.
 pub trait Connector {
-    /// `ours` wants device `peer_dev` of `peer`'s segment: its side, or
+    /// `ours` wants device `peer_dev` (named `peer_device`) of `peer`'s
+    /// segment: its side, or
     /// `Pending` (the engine asks again on a later progress, with the same
     /// queue pairs, until `connect_timeout_ns`), or why not.
-    fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String>;
+    fn connect(&mut self, peer: &str, peer_dev: usize, peer_device: &str, ours: OurSide<'_>) -> Result<Answer, String>;
 }
 
 /// One request.
@@ -742,11 +743,12 @@ impl SliceEngine {
                     self.config.connect_timeout_ns / 1_000_000
                 ));
             }
+            let peer_device = self.peers[peer_name].segment.devices[pd].name.clone();
             let device = &mut self.devices[ld];
             let ep = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.get_mut(&(ld, pd))).expect("made above");
             let mtu = device.info.active_mtu.min(self.config.mtu);
             let ours = OurSide { device: &device.info, gid: device.gid, qps: &ep.qps, mtu };
-            let answer = connector.connect(peer_name, pd, ours);
+            let answer = connector.connect(peer_name, pd, &peer_device, ours);
             let done = match answer {
                 Ok(Answer::Pending) => return Ok(None),
                 Ok(Answer::Ready(side)) => finish_endpoint(device, &self.config, ep, peer_name, &side),
@@ -944,7 +946,13 @@ mod tests {
     }
 
     impl Connector for Target {
-        fn connect(&mut self, _peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
+        fn connect(
+            &mut self,
+            _peer: &str,
+            peer_dev: usize,
+            _peer_device: &str,
+            ours: OurSide<'_>,
+        ) -> Result<Answer, String> {
             let (ctx, cq) = self.ctxs.get_mut(peer_dev).ok_or("no such device")?;
             answer_on(ctx.as_mut(), *cq, &ours).map(Answer::Ready)
         }
@@ -1098,12 +1106,18 @@ mod tests {
     }
 
     impl Connector for Slow<'_> {
-        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
+        fn connect(
+            &mut self,
+            peer: &str,
+            peer_dev: usize,
+            peer_device: &str,
+            ours: OurSide<'_>,
+        ) -> Result<Answer, String> {
             self.asked += 1;
             if self.never || self.asked <= self.slow {
                 return Ok(Answer::Pending);
             }
-            self.target.connect(peer, peer_dev, ours)
+            self.target.connect(peer, peer_dev, peer_device, ours)
         }
     }
 
@@ -1329,8 +1343,15 @@ mod handshake_tests {
     }
 
     impl Connector for Handshake<'_> {
-        fn connect(&mut self, peer: &str, peer_dev: usize, ours: OurSide<'_>) -> Result<Answer, String> {
-            let their_device = self.them.describe().devices[peer_dev].name.clone();
+        fn connect(
+            &mut self,
+            peer: &str,
+            peer_dev: usize,
+            peer_device: &str,
+            ours: OurSide<'_>,
+        ) -> Result<Answer, String> {
+            assert_eq!(self.them.describe().devices[peer_dev].name, peer_device);
+            let their_device = peer_device.to_string();
             let request = Connection {
                 local: NicPath { server: self.me.to_string(), device: ours.device.name.clone() },
                 peer: NicPath { server: peer.to_string(), device: their_device },

@@ -261,7 +261,10 @@ impl Transport for TcpTransport {
 
     fn route(&self, peer: &PeerSegment<'_>) -> TeResult<Option<Route>> {
         let desc = peer.desc;
-        if desc.protocol != "tcp" {
+        // A shardwire engine with RDMA on serves TCP too, and says so with
+        // its data port; Mooncake's RDMA engines publish none.
+        let serves_tcp = desc.protocol == "tcp" || (desc.protocol == "rdma" && desc.tcp_data_port != 0);
+        if !serves_tcp {
             return Ok(None);
         }
         if desc.tcp_data_port == 0 {
