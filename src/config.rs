@@ -153,6 +153,14 @@ pub const MAX_CQE_PER_CTX: Var =
     int("MC_MAX_CQE_PER_CTX", 64, 1 << 22, "entries", "4096", "entries of each RDMA completion queue");
 pub const RDMA_RAIL_PAUSE_SECONDS: Var =
     int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
+pub const FABRIC: Var = var(
+    "SHARDWIRE_FABRIC",
+    Kind::Choice(&["none", "sim"]),
+    "none",
+    "the RDMA devices `protocol = \"rdma\"` uses: none (then TCP), or `sim`, a simulated fabric inside this process",
+);
+pub const SIM_DEVICES: Var =
+    var("SHARDWIRE_SIM_DEVICES", Kind::Text, "sim0,sim1", "the devices of the `sim` fabric, comma-separated");
 pub const MAX_EP_PER_CTX: Var =
     int("MC_MAX_EP_PER_CTX", 1, 1 << 20, "endpoints", "65536", "RDMA endpoints per local device at most");
 pub const MTU: Var = int("MC_MTU", 256, 4096, "bytes", "4096", "the largest RDMA path MTU");
@@ -292,6 +300,8 @@ pub const VARS: &[Var] = &[
     MAX_WR,
     MAX_CQE_PER_CTX,
     RDMA_RAIL_PAUSE_SECONDS,
+    FABRIC,
+    SIM_DEVICES,
     MAX_EP_PER_CTX,
     MTU,
     GID_INDEX,
@@ -391,6 +401,9 @@ pub struct Settings {
     /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds, `MC_MAX_EP_PER_CTX`,
     /// `MC_MTU` and `MC_GID_INDEX`.
     pub rdma: RdmaSettings,
+    /// `SHARDWIRE_FABRIC=sim`: the devices of the simulated fabric
+    /// (`SHARDWIRE_SIM_DEVICES`); `None` for no RDMA devices.
+    pub sim_devices: Option<Vec<String>>,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
     /// `SHARDWIRE_LOCAL_THREADS`, or its default.
@@ -460,6 +473,10 @@ impl Settings {
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
+            sim_devices: match r.choice(&FABRIC)?.as_deref() {
+                Some("sim") => Some(sim_devices(r.text(&SIM_DEVICES).as_deref().unwrap_or("sim0,sim1"))?),
+                _ => None,
+            },
             rdma: RdmaSettings {
                 slice_bytes: r.int(&SLICE_SIZE)?.unwrap_or(65_536),
                 fragment_ratio: r.int(&FRAGMENT_RATIO)?.unwrap_or(4),
@@ -499,6 +516,25 @@ impl Settings {
 /// bandwidth is the limit and the cores are better left to the caller).
 fn default_local_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+}
+
+/// `SHARDWIRE_SIM_DEVICES`: 1 to 16 device names, each 1 to 64 bytes of
+/// letters, digits, `_`, `-` and `.`, none twice.
+fn sim_devices(text: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = || ConfigError {
+        var: SIM_DEVICES.name.into(),
+        value: text.into(),
+        accepted: "1 to 16 distinct device names of letters, digits, _, - and ., comma-separated".into(),
+    };
+    let names: Vec<String> = text.split(',').map(|n| n.trim().to_string()).collect();
+    let good = |n: &String| {
+        !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    };
+    let distinct = names.iter().collect::<std::collections::BTreeSet<_>>().len() == names.len();
+    if names.is_empty() || names.len() > 16 || !distinct || !names.iter().all(good) {
+        return Err(bad());
+    }
+    Ok(names)
 }
 
 /// The one boolean convention.
@@ -680,6 +716,14 @@ mod tests {
         assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
         assert_eq!(Settings::default().rdma.retry_cnt, 9);
         assert_eq!(with("NCCL_IB_GID_INDEX", "3").unwrap().rdma.gid_index, Some(3));
+        assert_eq!(with("SHARDWIRE_FABRIC", "sim").unwrap().sim_devices, Some(vec!["sim0".into(), "sim1".into()]));
+        assert_eq!(Settings::default().sim_devices, None);
+        let both = |n: &str| match n {
+            "SHARDWIRE_FABRIC" => Some("sim".to_string()),
+            "SHARDWIRE_SIM_DEVICES" => Some("a,a".to_string()),
+            _ => None,
+        };
+        assert!(Settings::from_lookup(both).unwrap_err().to_string().contains("SHARDWIRE_SIM_DEVICES"));
         assert!(with("MC_MTU", "9000").unwrap_err().to_string().contains("256..=4096"));
         assert!(with("SHARDWIRE_LOCAL_THREADS", "0").unwrap_err().to_string().contains("1..=64"));
         let d = Settings::default();

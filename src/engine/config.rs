@@ -93,7 +93,9 @@ impl EngineConfig {
             stripe_bytes: s.stripe_bytes,
             client_limits,
             runtime: None,
-            fabric: None,
+            fabric: s.sim_devices.as_ref().map(|names| {
+                Arc::new(crate::transport::rdma::sim::shared(names)) as Arc<dyn crate::transport::rdma::fabric::Fabric>
+            }),
             rdma: crate::transport::rdma::slices::RdmaConfig::from_settings(&s.rdma),
         }
     }

@@ -178,8 +178,9 @@ impl TransferEngine {
 
     /// Initializes the engine: `local_hostname` is `host[:port]`,
     /// `metadata_server` is `P2PHANDSHAKE` (or empty for `MC_METADATA_SERVER`,
-    /// then P2P), `protocol` is `tcp` (or `rdma`, served over TCP here),
-    /// `device_name` filters RDMA devices.
+    /// then P2P), `protocol` is `tcp` or `rdma` (on the fabric of
+    /// `EngineConfig::fabric`, `SHARDWIRE_FABRIC`; without devices, TCP with
+    /// a warning), `device_name` filters RDMA devices (not yet).
     pub fn initialize(
         &self,
         local_hostname: &str,

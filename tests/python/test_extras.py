@@ -184,6 +184,17 @@ def test_cancel_transfer(engine, shardwire_target):
     assert "no batch" in engine.last_error()[1]
 
 
+def engine_made_with(env):
+    """A TransferEngine made while `env` is set (the settings are read when
+    it is made); the variables are unset again."""
+    os.environ.update(env)
+    try:
+        return TransferEngine()
+    finally:
+        for name in env:
+            del os.environ[name]
+
+
 def test_a_shardwire_peer_on_this_host_is_reached_locally(engine, shardwire_target, mooncake_target):
     """The local transport from Python: a shardwire target on this host is
     reached by memory copies (and the bytes land), a Mooncake one over TCP;
@@ -198,11 +209,33 @@ def test_a_shardwire_peer_on_this_host_is_reached_locally(engine, shardwire_targ
     assert mooncake_target.cmd(f"check 0 {1 << 20} 6") == "ok"
     assert engine.deregister(array) == 0
     assert engine.transport_for("127.0.0.1:1") == ""
-    os.environ["SHARDWIRE_LOCAL"] = "0"
-    try:
-        tcp_only = TransferEngine()
-    finally:
-        del os.environ["SHARDWIRE_LOCAL"]
+    tcp_only = engine_made_with({"SHARDWIRE_LOCAL": "0"})
     assert tcp_only.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
     assert tcp_only.transport_for(shardwire_target.name) == "tcp"
     tcp_only.shutdown()
+
+
+def test_rdma_on_the_simulated_fabric_from_python():
+    """protocol "rdma" through the drop-in: two engines of this process on
+    the simulated fabric (SHARDWIRE_FABRIC=sim), the local path off so RDMA
+    carries the bytes, and an engine without devices reaching them over TCP."""
+    on_sim = {"SHARDWIRE_FABRIC": "sim", "SHARDWIRE_LOCAL": "0"}
+    target, initiator = engine_made_with(on_sim), engine_made_with(on_sim)
+    for e in (target, initiator):
+        assert e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "") == 0
+    name = f"127.0.0.1:{target.get_rpc_port()}"
+    assert initiator.transport_for(name) == "rdma"
+    remote = target.allocate_managed_buffer(1 << 20)
+    array = np.frombuffer(pattern(1 << 20, 9), dtype=np.uint8).copy()
+    assert initiator.register(array) == 0
+    assert initiator.transfer_sync_write(name, array.ctypes.data, remote, 1 << 20) == 0
+    assert bytes(target.read_bytes_from_buffer(remote, 1 << 20)) == bytes(array)
+    back = np.zeros(1 << 20, dtype=np.uint8)
+    assert initiator.register(back) == 0
+    assert initiator.transfer_sync_read(name, back.ctypes.data, remote, 1 << 20) == 0
+    assert bytes(back) == bytes(array)
+    plain = engine_made_with({"SHARDWIRE_LOCAL": "0"})
+    assert plain.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "") == 0
+    assert plain.transport_for(name) == "tcp", "no devices here: TCP, with a warning"
+    for e in (plain, initiator, target):
+        e.shutdown()

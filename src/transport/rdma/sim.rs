@@ -171,6 +171,18 @@ fn lock(net: &Mutex<Net>) -> MutexGuard<'_, Net> {
     net.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The process's own simulated network (`SHARDWIRE_FABRIC=sim`): made on
+/// first use with `names`, every engine of the process on it. Later calls
+/// get the same network, whatever names they pass.
+pub fn shared(names: &[String]) -> SimNetwork {
+    static NET: std::sync::OnceLock<SimNetwork> = std::sync::OnceLock::new();
+    NET.get_or_init(|| {
+        let devices = names.iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+        SimNetwork::new(devices, FaultPlan::default(), 1)
+    })
+    .clone()
+}
+
 impl SimNetwork {
     /// A network of `devices` under `plan`; `seed` varies the latencies a
     /// little (the same seed gives the same run).
