@@ -388,7 +388,10 @@ impl TransferEngine {
         let engine = self.engine()?;
         check_mapped(addr, len)?;
         engine.registry.register(addr, len, location)?;
-        engine.share(addr, len, None, location)?;
+        if let Err(e) = engine.share(addr, len, None, location) {
+            let _ = engine.unregister_region(addr);
+            return Err(e);
+        }
         // Memory peers cannot find is no use: undo, so a retry starts clean.
         engine.publish().inspect_err(|_| {
             let _ = engine.unregister_region(addr);
