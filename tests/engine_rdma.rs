@@ -97,3 +97,23 @@ fn an_engine_without_rdma_reaches_an_rdma_one_over_tcp() {
     let back = tcp_only.segment_name().unwrap();
     assert_eq!(target.transport_for(&back).unwrap(), "tcp");
 }
+
+/// Every RDMA device goes down: the transfers that find no rail go over
+/// TCP instead (the peer serves it), and every byte still lands.
+#[test]
+fn with_every_rail_down_transfers_fail_over_to_tcp() {
+    let net = network();
+    let target = engine(Some(&net), "rdma");
+    let initiator = engine(Some(&net), "rdma");
+    let name = target.segment_name().unwrap();
+    let remote = target.allocate_managed_buffer(4 << 20).unwrap();
+    let local = initiator.allocate_managed_buffer(4 << 20).unwrap();
+    let data = pattern(4 << 20, 8);
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    initiator.transfer_sync_write(&name, local, remote, 1 << 20).unwrap();
+    net.set_device("mlx5_0", false);
+    net.set_device("mlx5_1", false);
+    initiator.transfer_sync_write(&name, local, remote, 4 << 20).unwrap();
+    assert!(target.read_bytes_from_buffer(remote, 4 << 20).unwrap() == data);
+    assert_eq!(initiator.transport_for(&name).unwrap(), "rdma", "the route stays; each request falls back");
+}

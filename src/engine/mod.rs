@@ -283,7 +283,14 @@ impl TransferEngine {
         };
         let rdma = match (&self.config.fabric, want_rdma) {
             (Some(fabric), true) => {
-                match RdmaTransport::start(runtime.clone(), fabric.clone(), &name, self.config.rdma, call_options) {
+                match RdmaTransport::start(
+                    runtime.clone(),
+                    fabric.clone(),
+                    tcp.clone(),
+                    &name,
+                    self.config.rdma,
+                    call_options,
+                ) {
                     Ok(r) => Some(Arc::new(r)),
                     Err(e) => {
                         log::warn!("protocol \"rdma\": {e}; serving this segment over TCP");

@@ -53,8 +53,9 @@ pub enum Route {
     /// A target on this host, by its local transport's token; `tcp` is
     /// where what the local path cannot carry goes.
     Local { token: u64, tcp: tcp::Peer },
-    /// A peer over RDMA, by the RDMA transport's id for it.
-    Rdma { peer: u32 },
+    /// A peer over RDMA, by the RDMA transport's id for it; `tcp` is where
+    /// a request goes when no rail to it works (if it serves TCP).
+    Rdma { peer: u32, tcp: Option<tcp::Peer> },
 }
 
 /// One small request the caller waits for.

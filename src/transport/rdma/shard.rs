@@ -16,11 +16,16 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use super::slices::{Connector, REQUESTS_MAX, RdmaRequest, SliceEngine};
+use super::slices::{Connector, REQUESTS_MAX, RdmaRequest, Settled, SliceEngine};
 use crate::runtime::{PollHook, Runtime, ShardCtx};
 
 /// What is called once a request settles, on the shard's thread.
-pub type Done = Box<dyn FnOnce(Result<(), String>) + Send>;
+pub type Done = Box<dyn FnOnce(Settled) + Send>;
+
+/// A request that failed without reaching a slice engine.
+fn refused(id: u64, why: String) -> Settled {
+    Settled { id, result: Err(why), rails_failed: false }
+}
 
 /// One engine's RDMA state on a shard.
 struct ShardRdma {
@@ -66,7 +71,7 @@ impl PollHook for RdmaHook {
             for settled in s.engine.take_settled() {
                 work += 1;
                 match s.waiting.remove(&settled.id) {
-                    Some(done) => done(settled.result),
+                    Some(done) => done(settled),
                     None => log::warn!("RDMA: request {} settled with nobody waiting", settled.id),
                 }
             }
@@ -83,8 +88,8 @@ impl PollHook for RdmaHook {
     fn shutdown(&mut self, ctx: &mut ShardCtx) {
         if let Some(all) = ctx.take_local::<ShardRdmas>() {
             for s in all.by_key.into_values() {
-                for (_, done) in s.waiting {
-                    done(Err("the shard is shutting down".into()));
+                for (id, done) in s.waiting {
+                    done(refused(id, "the shard is shutting down".into()));
                 }
             }
         }
@@ -96,8 +101,8 @@ impl PollHook for RdmaHook {
 pub fn uninstall(runtime: &Runtime, shard: usize, key: u64) {
     let _ = runtime.call(shard, move |ctx: &mut ShardCtx| {
         if let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.remove(&key)) {
-            for (_, done) in s.waiting {
-                done(Err("the engine is shutting down".into()));
+            for (id, done) in s.waiting {
+                done(refused(id, "the engine is shutting down".into()));
             }
         }
     });
@@ -147,10 +152,13 @@ pub fn submit(runtime: &Runtime, shard: usize, key: u64, req: RdmaRequest, done:
     runtime
         .submit(shard, move |ctx: &mut ShardCtx| {
             let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.get_mut(&key)) else {
-                return done(Err("this shard has no RDMA".into()));
+                return done(refused(req.id, "this shard has no RDMA".into()));
             };
             if s.waiting.contains_key(&req.id) || s.waiting.len() >= REQUESTS_MAX {
-                return done(Err(format!("request {} refused: its id is in use, or the shard is full", req.id)));
+                return done(refused(
+                    req.id,
+                    format!("request {} refused: its id is in use, or the shard is full", req.id),
+                ));
             }
             s.waiting.insert(req.id, done);
             // A request that cannot be cut settles at once; the next poll
@@ -258,7 +266,7 @@ mod tests {
             let tx = tx.clone();
             let done: Done = Box::new(move |r| {
                 let thread = std::thread::current().name().unwrap_or("").to_string();
-                let _ = tx.send((i, r, thread));
+                let _ = tx.send((i, r.result, thread));
             });
             submit(&runtime, 1, 7, req, done).unwrap();
         }
@@ -285,7 +293,7 @@ mod tests {
             location: "cpu:0".into(),
             deadline_ns: None,
         };
-        submit(&runtime, 0, 7, req, Box::new(move |r| drop(tx.send(r)))).unwrap();
+        submit(&runtime, 0, 7, req, Box::new(move |r| drop(tx.send(r.result)))).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(30)).unwrap(), Err("this shard has no RDMA".into()));
         runtime.shutdown();
         drop((src, dst));

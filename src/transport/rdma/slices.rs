@@ -12,12 +12,15 @@
 //! next use. Every slice settles exactly once, and a request settles when
 //! its last slice does: done if all are, failed (saying why) otherwise.
 //!
+//! Its tables are ordered maps, so that under the simulated fabric a run
+//! is the same run every time its seed is replayed.
+//!
 //! Time is the caller's (`now_ns`): virtual under the simulated fabric,
 //! the clock in production. Connecting an endpoint needs the peer's queue
 //! pairs: a [`Connector`] gets them (Mooncake's Connection RPC; in tests,
 //! the simulated peer directly).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, FabricError, Mr, PeerAddr, PortEvent, PortState, QpCaps, QpNum,
@@ -161,6 +164,37 @@ pub struct RdmaRequest {
 pub struct Settled {
     pub id: u64,
     pub result: Result<(), String>,
+    /// It failed because no rail carried it (devices down, retries spent
+    /// on unreachable peers, connections refused): another transport may.
+    /// Not so for a refusal of the memory (keys, bounds, access) or a
+    /// deadline.
+    pub rails_failed: bool,
+}
+
+impl Settled {
+    fn new(id: u64, fault: Option<Fault>) -> Settled {
+        match fault {
+            None => Settled { id, result: Ok(()), rails_failed: false },
+            Some(f) => Settled { id, result: Err(f.why), rails_failed: f.rails },
+        }
+    }
+}
+
+/// Why a slice failed, and whether the rails were to blame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Fault {
+    why: String,
+    rails: bool,
+}
+
+impl Fault {
+    fn rails(why: String) -> Fault {
+        Fault { why, rails: true }
+    }
+
+    fn request(why: String) -> Fault {
+        Fault { why, rails: false }
+    }
 }
 
 /// Local memory registered on every device.
@@ -204,7 +238,7 @@ struct SliceRec {
 struct RequestRec {
     req: RdmaRequest,
     left: usize,
-    error: Option<String>,
+    error: Option<Fault>,
 }
 
 struct Endpoint {
@@ -220,10 +254,10 @@ struct Endpoint {
 
 struct Peer {
     segment: RdmaSegment,
-    endpoints: HashMap<(usize, usize), Endpoint>,
+    endpoints: BTreeMap<(usize, usize), Endpoint>,
     /// Error times of each peer device, and when its pause ends.
-    errors: HashMap<usize, VecDeque<u64>>,
-    paused_until: HashMap<usize, u64>,
+    errors: BTreeMap<usize, VecDeque<u64>>,
+    paused_until: BTreeMap<usize, u64>,
 }
 
 /// One shard's RDMA work.
@@ -236,9 +270,9 @@ pub struct SliceEngine {
     /// Queue pairs made for peers this engine does not know (yet): kept
     /// so they are not lost, at most `PASSIVE_MAX`.
     passive: VecDeque<(usize, Vec<QpNum>)>,
-    peers: HashMap<String, Peer>,
-    requests: HashMap<u64, RequestRec>,
-    slices: HashMap<u64, SliceRec>,
+    peers: BTreeMap<String, Peer>,
+    requests: BTreeMap<u64, RequestRec>,
+    slices: BTreeMap<u64, SliceRec>,
     ready: VecDeque<u64>,
     next_slice: u64,
     settled: Vec<Settled>,
@@ -272,9 +306,9 @@ impl SliceEngine {
             matrix,
             regions: Vec::new(),
             passive: VecDeque::new(),
-            peers: HashMap::new(),
-            requests: HashMap::new(),
-            slices: HashMap::new(),
+            peers: BTreeMap::new(),
+            requests: BTreeMap::new(),
+            slices: BTreeMap::new(),
             ready: VecDeque::new(),
             next_slice: 0,
             settled: Vec::new(),
@@ -365,9 +399,9 @@ impl SliceEngine {
         }
         let peer = self.peers.entry(name.to_string()).or_insert_with(|| Peer {
             segment: segment.clone(),
-            endpoints: HashMap::new(),
-            errors: HashMap::new(),
-            paused_until: HashMap::new(),
+            endpoints: BTreeMap::new(),
+            errors: BTreeMap::new(),
+            paused_until: BTreeMap::new(),
         });
         peer.segment = segment;
         Ok(())
@@ -516,11 +550,11 @@ impl SliceEngine {
     pub fn submit(&mut self, req: RdmaRequest) {
         if self.requests.len() >= REQUESTS_MAX || self.requests.contains_key(&req.id) {
             let why = format!("request {} refused: {} in flight, or the id is in use", req.id, self.requests.len());
-            self.settled.push(Settled { id: req.id, result: Err(why) });
+            self.settled.push(Settled::new(req.id, Some(Fault::request(why))));
             return;
         }
         let Some(peer) = self.peers.get(&req.peer) else {
-            self.settled.push(Settled { id: req.id, result: Err(format!("unknown peer {:?}", req.peer)) });
+            self.settled.push(Settled::new(req.id, Some(Fault::request(format!("unknown peer {:?}", req.peer)))));
             return;
         };
         let regions = &self.regions;
@@ -531,16 +565,16 @@ impl SliceEngine {
             Ok(s) if self.slices.len() + s.len() <= SLICES_MAX => s,
             Ok(s) => {
                 let why = format!("{} slices would pass the limit of {SLICES_MAX} in flight", s.len());
-                self.settled.push(Settled { id: req.id, result: Err(why) });
+                self.settled.push(Settled::new(req.id, Some(Fault::request(why))));
                 return;
             }
             Err(e) => {
-                self.settled.push(Settled { id: req.id, result: Err(e.to_string()) });
+                self.settled.push(Settled::new(req.id, Some(Fault::request(e.to_string()))));
                 return;
             }
         };
         if slices.is_empty() {
-            self.settled.push(Settled { id: req.id, result: Ok(()) });
+            self.settled.push(Settled::new(req.id, None));
             return;
         }
         for slice in &slices {
@@ -581,24 +615,29 @@ impl SliceEngine {
     }
 
     /// Settles slice `id` once; its request settles with its last slice.
-    fn settle(&mut self, id: u64, error: Option<String>) {
+    fn settle(&mut self, id: u64, error: Option<Fault>) {
         let rec = self.slices.remove(&id).expect("a slice settles once");
         assert_ne!(rec.state, SliceState::Settled, "slice {id} settled twice");
         let r = self.requests.get_mut(&rec.request).expect("a slice's request is in flight");
-        if r.error.is_none() {
-            r.error = error;
+        // The first failure says why, except that the memory's refusal
+        // outranks the rails' trouble (a flush is often the echo of a
+        // refused key on the same queue pair).
+        match (&r.error, &error) {
+            (None, _) => r.error = error,
+            (Some(old), Some(new)) if old.rails && !new.rails => r.error = error,
+            _ => {}
         }
         assert!(r.left > 0, "request {} has no slices left to settle", rec.request);
         r.left -= 1;
         if r.left == 0 {
             let r = self.requests.remove(&rec.request).expect("looked up above");
-            self.settled.push(Settled { id: r.req.id, result: r.error.map_or(Ok(()), Err) });
+            self.settled.push(Settled::new(r.req.id, r.error));
         }
     }
 
     /// Chooses rails, builds work requests and posts them in chains.
     fn post_ready(&mut self, connector: &mut dyn Connector, now_ns: u64) -> bool {
-        let mut chains: HashMap<(String, usize, usize, usize), Vec<WorkRequest>> = HashMap::new();
+        let mut chains: BTreeMap<(String, usize, usize, usize), Vec<WorkRequest>> = BTreeMap::new();
         let mut moved = false;
         let mut later = VecDeque::new();
         while let Some(id) = self.ready.pop_front() {
@@ -607,13 +646,13 @@ impl SliceEngine {
             let req = &self.requests[&rec.request].req;
             if req.deadline_ns.is_some_and(|d| now_ns >= d) {
                 let why = format!("request {} timed out before all its slices were sent", req.id);
-                self.settle(id, Some(why));
+                self.settle(id, Some(Fault::request(why)));
                 continue;
             }
             let (peer_name, verb, location) = (req.peer.clone(), req.verb, req.location.clone());
             let (slice, tries) = (rec.slice, rec.tries);
             match self.choose_rails(&peer_name, &location, &slice, id, tries, now_ns) {
-                Err(why) => self.settle(id, Some(why)),
+                Err(fault) => self.settle(id, Some(fault)),
                 Ok((ld, pd, rkey)) => {
                     let qp = match self.endpoint_qp(connector, &peer_name, ld, pd, now_ns) {
                         Ok(Some(qp)) => qp,
@@ -628,7 +667,7 @@ impl SliceEngine {
                                 self.retries += 1;
                             }
                             rec.tries += 1;
-                            self.fail_try(id, ld, pd, &why, now_ns);
+                            self.fail_try(id, pd, Fault::rails(why), now_ns);
                             continue;
                         }
                     };
@@ -667,7 +706,7 @@ impl SliceEngine {
                     }
                 }
                 for wr in &chain[posted..] {
-                    self.fail_try(wr.wr_id, ld, pd, &e.to_string(), now_ns);
+                    self.fail_try(wr.wr_id, pd, Fault::rails(e.to_string()), now_ns);
                 }
             }
         }
@@ -683,8 +722,8 @@ impl SliceEngine {
         n: u64,
         tries: u32,
         now_ns: u64,
-    ) -> Result<(usize, usize, u32), String> {
-        let peer = self.peers.get(peer_name).ok_or_else(|| format!("unknown peer {peer_name:?}"))?;
+    ) -> Result<(usize, usize, u32), Fault> {
+        let peer = self.peers.get(peer_name).ok_or_else(|| Fault::request(format!("unknown peer {peer_name:?}")))?;
         let names: Vec<&str> = self.devices.iter().map(|d| d.info.name.as_str()).collect();
         let local = match self.matrix.get(location).or_else(|| self.matrix.get("*")) {
             Some(entry) => Rails::from_entry(entry, |n| names.iter().position(|&m| m == n)),
@@ -692,9 +731,12 @@ impl SliceEngine {
         };
         let ld = local
             .pick(n, tries, |d| !self.devices[d].up)
-            .ok_or_else(|| format!("no local RDMA device is up for {location}"))?;
+            .ok_or_else(|| Fault::rails(format!("no local RDMA device is up for {location}")))?;
         let buffer = peer.segment.buffer(slice.remote, slice.len).ok_or_else(|| {
-            format!("{peer_name}: [{:#x}, +{}) is not inside a buffer it registered", slice.remote, slice.len)
+            Fault::request(format!(
+                "{peer_name}: [{:#x}, +{}) is not inside a buffer it registered",
+                slice.remote, slice.len
+            ))
         })?;
         let peer_names: Vec<&str> = peer.segment.devices.iter().map(|d| d.name.as_str()).collect();
         let remote = match peer.segment.matrix.get(&buffer.location).or_else(|| peer.segment.matrix.get("*")) {
@@ -702,7 +744,9 @@ impl SliceEngine {
             None => Rails { preferred: (0..peer_names.len()).collect(), available: vec![] },
         };
         let paused = |d: usize| peer.paused_until.get(&d).is_some_and(|&until| until > now_ns);
-        let pd = remote.pick(n, tries, paused).ok_or_else(|| format!("{peer_name}: every rail is paused or down"))?;
+        let pd = remote
+            .pick(n, tries, paused)
+            .ok_or_else(|| Fault::rails(format!("{peer_name}: every rail is paused or down")))?;
         Ok((ld, pd, buffer.rkey[pd]))
     }
 
@@ -809,10 +853,12 @@ impl SliceEngine {
 
     /// A try of slice `id` failed on rails `ld -> pd`: count it against
     /// the peer rail, and queue the slice again or settle it failed.
-    fn fail_try(&mut self, id: u64, _ld: usize, pd: usize, why: &str, now_ns: u64) {
+    fn fail_try(&mut self, id: u64, pd: usize, fault: Fault, now_ns: u64) {
         let request = self.slices[&id].request;
         let peer_name = self.requests[&request].req.peer.clone();
-        if let Some(peer) = self.peers.get_mut(&peer_name) {
+        // Only the rail's own faults count against it: a key the target
+        // refused says nothing about the rail.
+        if let Some(peer) = self.peers.get_mut(&peer_name).filter(|_| fault.rails) {
             let errors = peer.errors.entry(pd).or_default();
             errors.push_back(now_ns);
             while errors.front().is_some_and(|&t| t + self.config.pause_window_ns < now_ns) {
@@ -826,8 +872,8 @@ impl SliceEngine {
         let rec = self.slices.get_mut(&id).expect("a slice in flight");
         rec.state = SliceState::Ready;
         if rec.tries > self.config.retry_cnt {
-            let tries = rec.tries;
-            self.settle(id, Some(format!("a slice failed {tries} times; the last: {why}")));
+            let why = format!("a slice failed {} times; the last: {}", rec.tries, fault.why);
+            self.settle(id, Some(Fault { why, rails: fault.rails }));
         } else {
             self.ready.push_back(id);
         }
@@ -866,13 +912,17 @@ impl SliceEngine {
                     let rec = self.slices.get_mut(&c.wr_id).expect("looked up above");
                     rec.state = SliceState::Ready;
                     if rec.tries > self.config.retry_cnt {
-                        let tries = rec.tries;
-                        self.settle(c.wr_id, Some(format!("a slice failed {tries} times; the last: {why}")));
+                        let why = format!("a slice failed {} times; the last: {why}", rec.tries);
+                        self.settle(c.wr_id, Some(Fault::rails(why)));
                     } else {
                         self.ready.push_back(c.wr_id);
                     }
                 } else {
-                    self.fail_try(c.wr_id, ld, peer_dev, &why, now_ns);
+                    // A refused key, bound or access is the memory's fault:
+                    // no rail (nor TCP) would carry it.
+                    let rails =
+                        !matches!(c.status, WcStatus::RemAccessErr | WcStatus::LocProtErr | WcStatus::LocLenErr);
+                    self.fail_try(c.wr_id, peer_dev, Fault { why, rails }, now_ns);
                 }
             }
         }
@@ -1135,7 +1185,7 @@ mod tests {
             // Each progress returns at once, answer or not.
             w.engine.progress(&mut slow, w.net.now_ns());
         }
-        assert_eq!(settled, [Settled { id: 1, result: Ok(()) }]);
+        assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
         assert!(slow.asked > 7, "asked again until it answered ({})", slow.asked);
         assert!(w.target.mem == w.local);
     }
@@ -1218,6 +1268,7 @@ mod tests {
         let s = w.run("all rails gone");
         let why = s[0].result.clone().unwrap_err();
         assert!(why.contains("failed") || why.contains("paused"), "{why}");
+        assert!(s[0].rails_failed, "the rails failed it: another transport may carry it");
     }
 
     /// The seed's faults: up to three of devices down (and maybe up
@@ -1251,6 +1302,24 @@ mod tests {
             faults.push(fault);
         }
         FaultPlan { faults }
+    }
+
+    /// One seeded run, as what can be seen of it: the settled requests in
+    /// order, the bytes per device, the retries.
+    fn replay(seed: u64) -> (Vec<Settled>, Vec<(String, u64)>, u64) {
+        let mut w = world(2, 2, plan_of(seed), seed, 1 << 20);
+        for id in 0..4u64 {
+            w.write(id, id * (256 << 10), 100_000 + id * 7);
+        }
+        let settled = w.run(&format!("seed {seed}"));
+        (settled, w.engine.device_bytes(), w.engine.retries())
+    }
+
+    #[test]
+    fn a_seed_replays_the_same_run() {
+        for seed in [3u64, 17, 99, 512] {
+            assert_eq!(replay(seed), replay(seed), "seed {seed}");
+        }
     }
 
     #[test]
@@ -1428,14 +1497,14 @@ mod handshake_tests {
         };
         a.submit(write(1, pa, pb, "B"));
         let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
-        assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()) }]);
+        assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()), rails_failed: false }]);
         let made_by_a = h.rounds;
         assert!(made_by_a >= 2, "both of A's rails were connected ({made_by_a})");
         // B writes back over the endpoints A's handshakes made, and makes
         // the ones it still lacks the same way.
         b.submit(write(2, pb, pa, "A"));
         let mut h = Handshake { me: "B", them: &mut a, rounds: 0, send_mtu: true };
-        assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()) }]);
+        assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()), rails_failed: false }]);
         assert!(mem_b[512 << 10..] == want_a[..512 << 10], "A's bytes landed in B");
         assert!(mem_a[512 << 10..] == want_b[..512 << 10], "B's bytes landed in A");
         assert!(mem_a[..512 << 10] == want_a[..512 << 10] && mem_b[..512 << 10] == want_b[..512 << 10]);
@@ -1577,7 +1646,8 @@ mod handshake_tests {
         let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
         let settled = drive(&mut a, &mut h, &net);
         let why = settled[0].result.clone().unwrap_err();
-        assert!(why.contains("remote access error") || why.contains("paused"), "{why}");
+        assert!(why.contains("remote access error"), "{why}");
+        assert!(!settled[0].rails_failed, "a refused key is the memory's fault, not the rails'");
         assert!(mem_b == snapshot, "a byte landed after unregister returned");
         assert!(mem_b.iter().any(|&x| x != 0), "some slices landed before it");
     }

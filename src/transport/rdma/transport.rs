@@ -7,7 +7,10 @@
 //! through their tickets. The Connection RPC to a peer runs on a helper
 //! thread per handshake (at most [`HANDSHAKES_MAX`] at once), so the shard
 //! never waits on the network; a peer's Connection request to us is
-//! answered on the owning shard.
+//! answered on the owning shard. A request that fails on every rail goes
+//! over TCP instead, when the peer serves it (as Mooncake's TENT does), on
+//! a fallback thread of this transport (the shard never blocks on TCP's
+//! queues); one log line per peer says so.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,10 +28,13 @@ use crate::proto::mooncake::rdma::{Connection, NicPath, RdmaSegment, rejection};
 use crate::runtime::Runtime;
 use crate::topo::PriorityMatrix;
 use crate::transport::request::{Opcode, Request, Sink, TransferStatus};
+use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{PeerSegment, Route, Transport};
 
 /// Connection RPCs in flight at once, per engine.
 pub const HANDSHAKES_MAX: usize = 64;
+/// Requests waiting for the fallback thread; past this, they fail.
+pub const FALLBACK_QUEUE_MAX: usize = 4096;
 /// Peers one engine routes over RDMA.
 pub const PEERS_MAX: usize = 4096;
 
@@ -90,11 +96,19 @@ impl Connector for RpcConnector {
     }
 }
 
+/// A request handed to TCP, and where.
+type Fallback = (tcp::Peer, Request);
+
 /// The RDMA transport of one engine.
 pub struct RdmaTransport {
     runtime: Arc<Runtime>,
     shard: usize,
     key: u64,
+    tcp: Arc<TcpTransport>,
+    /// Feeds the fallback thread; `None` once closed.
+    fallback: Mutex<Option<mpsc::SyncSender<Fallback>>>,
+    /// Peers whose fallback to TCP was logged.
+    fell_back: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Peers routed here, by route id.
     peers: Mutex<Vec<String>>,
     next_request: AtomicU64,
@@ -107,6 +121,7 @@ impl RdmaTransport {
     pub fn start(
         runtime: Arc<Runtime>,
         fabric: Arc<dyn Fabric>,
+        tcp: Arc<TcpTransport>,
         me: &str,
         config: RdmaConfig,
         opts: CallOptions,
@@ -127,10 +142,24 @@ impl RdmaTransport {
             let connector = RpcConnector { me, opts, asked: HashMap::new() };
             Ok((engine, Box::new(connector) as Box<dyn Connector>))
         })?;
+        let (tx, rx) = mpsc::sync_channel::<Fallback>(FALLBACK_QUEUE_MAX);
+        let over_tcp = tcp.clone();
+        std::thread::Builder::new()
+            .name("shardwire-rdma-tcp".into())
+            .spawn(move || {
+                // Ends when the transport closes (the sender goes).
+                while let Ok((peer, request)) = rx.recv() {
+                    over_tcp.submit(&Route::Tcp(peer), vec![request]);
+                }
+            })
+            .map_err(|e| format!("cannot start the TCP fallback thread: {e}"))?;
         Ok(RdmaTransport {
             runtime,
             shard,
             key,
+            tcp,
+            fallback: Mutex::new(Some(tx)),
+            fell_back: Arc::new(Mutex::new(std::collections::HashSet::new())),
             peers: Mutex::new(Vec::new()),
             next_request: AtomicU64::new(1),
             closed: AtomicBool::new(false),
@@ -235,13 +264,19 @@ impl Transport for RdmaTransport {
             }
             None => return Ok(None),
         };
-        Ok(Some(Route::Rdma { peer: id as u32 }))
+        let tcp = match self.tcp.route(peer) {
+            Ok(Some(Route::Tcp(p))) => Some(p),
+            _ => None,
+        };
+        Ok(Some(Route::Rdma { peer: id as u32, tcp }))
     }
 
     fn submit(&self, route: &Route, requests: Vec<Request>) {
-        let peer = match route {
-            Route::Rdma { peer } => self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(*peer as usize).cloned(),
-            _ => None,
+        let (peer, tcp_peer) = match route {
+            Route::Rdma { peer, tcp } => {
+                (self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(*peer as usize).cloned(), *tcp)
+            }
+            _ => (None, None),
         };
         let Some(peer) = peer else {
             for r in requests {
@@ -261,11 +296,26 @@ impl Transport for RdmaTransport {
                 location: "cpu:0".into(),
                 deadline_ns: Some(shard::clock_ns(r.deadline)),
             };
-            let (ticket, len) = (r.ticket, r.len);
-            let done: Done = Box::new(move |result| match result {
-                Ok(()) => ticket.done(len),
-                Err(why) if why.contains("timed out") => ticket.fail(TransferStatus::Timeout, &why),
-                Err(why) => ticket.fail(TransferStatus::Failed, &why),
+            let (op, local, remote, len, deadline, ticket) = (r.op, r.local, r.remote, r.len, r.deadline, r.ticket);
+            let fallback = tcp_peer.and_then(|p| {
+                let tx = self.fallback.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+                Some((p, tx, self.fell_back.clone(), peer.clone()))
+            });
+            let done: Done = Box::new(move |settled| match (settled.result, fallback) {
+                (Ok(()), _) => ticket.done(len),
+                (Err(why), Some((p, tx, logged, name))) if settled.rails_failed => {
+                    if logged.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
+                        log::warn!("RDMA to {name}: {why}; using TCP");
+                    }
+                    let request = crate::transport::request::request(op, local, remote, len, deadline, ticket);
+                    if let Err(mpsc::TrySendError::Full((_, r)) | mpsc::TrySendError::Disconnected((_, r))) =
+                        tx.try_send((p, request))
+                    {
+                        r.ticket.fail(TransferStatus::Failed, &format!("{why}; and TCP's fallback queue is full"));
+                    }
+                }
+                (Err(why), _) if why.contains("timed out") => ticket.fail(TransferStatus::Timeout, &why),
+                (Err(why), _) => ticket.fail(TransferStatus::Failed, &why),
             });
             // If the shard cannot take it, the ticket inside `done` is
             // dropped, and a dropped ticket settles as failed.
@@ -288,6 +338,7 @@ impl Transport for RdmaTransport {
         if !self.closed.swap(true, Ordering::AcqRel) && !self.runtime.is_forked_copy() {
             shard::uninstall(&self.runtime, self.shard, self.key);
         }
+        self.fallback.lock().unwrap_or_else(|e| e.into_inner()).take();
     }
 }
 
