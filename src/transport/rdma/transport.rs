@@ -44,6 +44,7 @@ static NEXT_KEY: AtomicU64 = AtomicU64::new(1);
 struct Asked {
     request: Connection,
     answer: mpsc::Receiver<Result<Vec<u8>, String>>,
+    started: Instant,
 }
 
 /// Makes endpoints through the Connection RPC, on helper threads.
@@ -70,6 +71,13 @@ impl Connector for RpcConnector {
             return Ok(Answer::Ready(PeerSide { gid: theirs.gid, lid: theirs.lid, qps, mtu: theirs.mtu }));
         }
         if self.asked.len() >= HANDSHAKES_MAX {
+            // Handshakes whose endpoint gave up on them (it timed out and
+            // was closed) are never asked for again: let those go. The
+            // RPC's own timeouts bound how long one can take.
+            let stale = self.opts.connect_timeout + self.opts.io_timeout + Duration::from_secs(1);
+            self.asked.retain(|_, a| a.started.elapsed() < stale);
+        }
+        if self.asked.len() >= HANDSHAKES_MAX {
             return Ok(Answer::Pending); // asked again once one ends
         }
         let request = Connection {
@@ -91,7 +99,7 @@ impl Connector for RpcConnector {
                 let _ = tx.send(r);
             })
             .map_err(|e| format!("cannot start a handshake thread: {e}"))?;
-        self.asked.insert(key, Asked { request, answer: rx });
+        self.asked.insert(key, Asked { request, answer: rx, started: Instant::now() });
         Ok(Answer::Pending)
     }
 }
