@@ -15,7 +15,7 @@
 //!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
 //!                        local/: same-host copies (shared memfds, cross-memory attach), a control table,
 //!                        the helper crew for large copies;
-//!                        rdma/: slicing and rail choice (the rest of the transport is being built)
+//!                        rdma/: the Fabric seam, the sim fabric, the slice engine a shard polls, the transport
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
@@ -23,8 +23,9 @@
 //! ```
 //!
 //! A transfer: the engine checks both ends, slices the requests (and
-//! stripes them, for a transport that wants stripes), and hands each (with a [`transport::request::Ticket`]: its pin
-//! and the batch to settle into) to the segment's transport. TCP deals them
+//! stripes them, for a transport that wants stripes), and hands each (with
+//! a [`transport::request::Ticket`]: its pin and the batch to settle into)
+//! to the segment's transport. TCP deals them
 //! to the shards, at most a bounded number per shard (the caller waits for
 //! room), where a driver feeds one [`proto::mooncake::client::ClientConn`]
 //! per peer; the peer's shard drives one
@@ -36,8 +37,10 @@
 //! attach (other registered memory), inside the lane protocol of the
 //! target's control table, so nothing lands after the target withdraws the
 //! memory; a large copy or batch it shares with a few helper threads, and
-//! returns when they are done. Either way every request settles exactly
-//! once.
+//! returns when they are done. An RDMA peer (`protocol = "rdma"` on a
+//! fabric) is served by a slice engine on a shard, whose poll hook drives
+//! the completion queues beside the io_uring ring. Either way every request
+//! settles exactly once.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)
