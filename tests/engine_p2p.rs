@@ -203,3 +203,28 @@ fn an_rdma_connection_request_is_rejected_clearly() {
     // The RPC port still answers afterwards.
     shardwire::meta::p2p::probe(&name, &CallOptions::default()).unwrap();
 }
+
+/// No late writes over TCP either: once `free_managed_buffer` returns, a
+/// peer's write into the freed buffer is refused (the slab around it stays
+/// registered for the others), and lands again once the bytes are
+/// allocated anew.
+#[test]
+fn a_freed_managed_buffer_takes_no_tcp_write_until_allocated_again() {
+    let target = tcp_engine();
+    let initiator = tcp_engine();
+    let name = target.segment_name().unwrap();
+    let keep = target.allocate_managed_buffer(4096).unwrap(); // keeps the slab
+    let block = target.allocate_managed_buffer(1 << 20).unwrap();
+    let local = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    initiator.write_bytes_to_buffer(local, &vec![0xab; 1 << 20]).unwrap();
+    initiator.transfer_sync_write(&name, local, block, 4096).unwrap();
+    target.free_managed_buffer(block, 1 << 20).unwrap();
+    let e = initiator.transfer_sync_write(&name, local, block, 4096).unwrap_err();
+    assert!(e.code() < 0, "{e}");
+    initiator.transfer_sync_write(&name, local, keep, 4096).unwrap();
+    let again = target.allocate_managed_buffer(1 << 20).unwrap();
+    assert_eq!(again, block, "the same bytes, handed out again");
+    target.write_bytes_to_buffer(again, &vec![0; 1 << 20]).unwrap();
+    initiator.transfer_sync_write(&name, local, again, 1 << 20).unwrap();
+    assert!(target.read_bytes_from_buffer(again, 1 << 20).unwrap().iter().all(|&b| b == 0xab));
+}

@@ -201,6 +201,9 @@ impl ManagedPool {
         }
         for slab in &mut self.slabs {
             if let Some(offset) = slab.buddy.alloc(len) {
+                // A freed buffer was withdrawn from its slab's region; the
+                // bytes handed out now are served again.
+                self.registry.restore(slab.map.base + offset, len);
                 return Ok(slab.map.base + offset);
             }
         }
@@ -224,6 +227,9 @@ impl ManagedPool {
         }
         let size = 1u64 << SLAB_ORDER;
         let index = self.slabs.iter().position(|s| addr >= s.map.base && addr < s.map.base + size).expect("checked");
+        // No peer's transfer reaches the buffer once this returns (the slab
+        // stays registered for the others).
+        self.registry.withdraw(addr, len, self.drain)?;
         let slab = &mut self.slabs[index];
         slab.buddy.free(addr - slab.map.base, len).expect("checked by check_free");
         let (empty, base) = (slab.buddy.is_empty(), slab.map.base);

@@ -7,6 +7,13 @@
 //! then waits for the pins to drain, so memory is never freed under an
 //! operation the kernel is still carrying out. (Mooncake removes the region
 //! at once and lets in-flight writes land wherever they land.)
+//!
+//! Part of a region can be withdrawn too (a managed buffer freed inside a
+//! slab that stays registered): no new pin reaches into it, and
+//! [`Registry::withdraw`] returns once the pins taken before it have gone.
+//! Pins count by epoch for that: a withdrawal moves the epoch on (twice)
+//! and waits for the older pins only, so traffic that starts elsewhere in
+//! the slab meanwhile does not hold it up.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
@@ -27,7 +34,17 @@ pub struct Region {
     pub location: String,
     in_flight: AtomicUsize,
     closing: AtomicBool,
+    /// Pins by the parity of the epoch they were taken in.
+    by_epoch: [AtomicUsize; 2],
+    epoch: AtomicUsize,
+    /// Withdrawn parts, `(addr, len)`, disjoint; `has_holes` spares pins
+    /// the lock while there are none.
+    holes: RwLock<Vec<(u64, u64)>>,
+    has_holes: AtomicBool,
 }
+
+/// Withdrawn parts one region may have at once.
+pub const HOLES_MAX: usize = 1 << 16;
 
 impl Region {
     pub fn end(&self) -> u64 {
@@ -42,12 +59,37 @@ impl Region {
     pub fn in_flight(&self) -> usize {
         self.in_flight.load(Ordering::Acquire)
     }
+
+    fn new(addr: u64, len: u64, location: &str) -> Region {
+        Region {
+            addr,
+            len,
+            location: location.to_string(),
+            in_flight: AtomicUsize::new(0),
+            closing: AtomicBool::new(false),
+            by_epoch: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            epoch: AtomicUsize::new(0),
+            holes: RwLock::new(Vec::new()),
+            has_holes: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether `[addr, addr + len)` reaches into a withdrawn part.
+    fn in_hole(&self, addr: u64, len: u64) -> bool {
+        if !self.has_holes.load(Ordering::SeqCst) {
+            return false;
+        }
+        let holes = self.holes.read().unwrap_or_else(|e| e.into_inner());
+        holes.iter().any(|&(a, l)| addr < a + l && a < addr + len)
+    }
 }
 
 /// Keeps a region from being unregistered while an operation uses it.
 #[derive(Debug)]
 pub struct Pin {
     region: Arc<Region>,
+    /// The parity of the epoch it was taken in.
+    epoch: usize,
 }
 
 impl Pin {
@@ -58,6 +100,7 @@ impl Pin {
 
 impl Drop for Pin {
     fn drop(&mut self) {
+        self.region.by_epoch[self.epoch].fetch_sub(1, Ordering::AcqRel);
         self.region.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -109,16 +152,7 @@ impl Registry {
             }
         }
         for &(addr, len) in &sorted {
-            regions.insert(
-                addr,
-                Arc::new(Region {
-                    addr,
-                    len,
-                    location: location.to_string(),
-                    in_flight: AtomicUsize::new(0),
-                    closing: AtomicBool::new(false),
-                }),
-            );
+            regions.insert(addr, Arc::new(Region::new(addr, len, location)));
         }
         Ok(())
     }
@@ -163,13 +197,87 @@ impl Registry {
             region.clone()
         };
         region.in_flight.fetch_add(1, Ordering::SeqCst);
-        // Pairs with the fence in `unregister`: either it sees our count, or
-        // we see its `closing`.
-        if region.closing.load(Ordering::SeqCst) {
+        let epoch = region.epoch.load(Ordering::SeqCst) & 1;
+        region.by_epoch[epoch].fetch_add(1, Ordering::SeqCst);
+        // Pairs with the fences in `unregister` and `withdraw`: either they
+        // see our count, or we see their `closing` or hole.
+        if region.closing.load(Ordering::SeqCst) || region.in_hole(addr, len) {
+            region.by_epoch[epoch].fetch_sub(1, Ordering::AcqRel);
             region.in_flight.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
-        Some(Pin { region })
+        Some(Pin { region, epoch })
+    }
+
+    /// Withdraws `[addr, addr + len)`, part of a registered region: new
+    /// pins reaching into it are refused at once, and this returns when
+    /// the pins taken before have gone (up to `drain`; then the part is
+    /// given back and `BATCH_BUSY` returned).
+    pub fn withdraw(&self, addr: u64, len: u64, drain: Duration) -> TeResult<()> {
+        let region = self.region_of(addr, len)?;
+        {
+            let mut holes = region.holes.write().unwrap_or_else(|e| e.into_inner());
+            if holes.iter().any(|&(a, l)| addr < a + l && a < addr + len) {
+                return Err(TeError::new(code::BATCH_BUSY, format!("[{addr:#x}, +{len}) is withdrawn already")));
+            }
+            if holes.len() >= HOLES_MAX {
+                return Err(TeError::new(code::TOO_MANY_REQUESTS, format!("{HOLES_MAX} parts withdrawn already")));
+            }
+            holes.push((addr, len));
+            region.has_holes.store(true, Ordering::SeqCst);
+        }
+        fence(Ordering::SeqCst);
+        // Two flips, as in SRCU: the first drains the pins of the epoch now
+        // ending; the second those left in the other parity from before
+        // (an earlier withdrawal that gave up) and the few taken between
+        // the flips. Pins taken after the second flip are not waited for.
+        let deadline = Instant::now() + drain;
+        for _ in 0..2 {
+            let old = region.epoch.fetch_add(1, Ordering::SeqCst) & 1;
+            while region.by_epoch[old].load(Ordering::SeqCst) > 0 {
+                if Instant::now() >= deadline {
+                    self.restore(addr, len);
+                    return Err(TeError::new(
+                        code::BATCH_BUSY,
+                        format!("[{addr:#x}, +{len}) still has transfers in flight"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives back what was withdrawn of `[addr, addr + len)` (a buffer
+    /// allocated again there).
+    pub fn restore(&self, addr: u64, len: u64) {
+        let Ok(region) = self.region_of(addr, len) else { return };
+        let mut holes = region.holes.write().unwrap_or_else(|e| e.into_inner());
+        let end = addr + len;
+        let mut kept = Vec::with_capacity(holes.len() + 1);
+        for &(a, l) in holes.iter() {
+            let e = a + l;
+            if e <= addr || a >= end {
+                kept.push((a, l));
+                continue;
+            }
+            if a < addr {
+                kept.push((a, addr - a));
+            }
+            if e > end {
+                kept.push((end, e - end));
+            }
+        }
+        region.has_holes.store(!kept.is_empty(), Ordering::SeqCst);
+        *holes = kept;
+    }
+
+    fn region_of(&self, addr: u64, len: u64) -> TeResult<Arc<Region>> {
+        let regions = self.read();
+        match regions.range(..=addr).next_back() {
+            Some((_, r)) if r.contains(addr, len) => Ok(r.clone()),
+            _ => Err(TeError::new(code::ADDRESS_NOT_REGISTERED, format!("[{addr:#x}, +{len}) is not registered"))),
+        }
     }
 
     /// Whether `[addr, addr + len)` lies inside one registered region.
@@ -261,6 +369,47 @@ mod tests {
         assert_eq!(r.unregister(0x1001, Duration::ZERO).unwrap_err().code(), code::ADDRESS_NOT_REGISTERED);
         r.unregister(0x1000, Duration::ZERO).unwrap();
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_withdrawn_part_takes_no_new_pin_and_waits_only_for_older_pins() {
+        let r = Arc::new(Registry::new());
+        r.register(0x10000, 0x10000, "*").unwrap();
+        let inside = r.pin(0x11000, 0x100).unwrap();
+        // Busy: a pin taken before it is still held (twice: the pin is
+        // older than both withdrawals' epochs, and must still be waited for).
+        assert_eq!(r.withdraw(0x11000, 0x1000, Duration::from_millis(5)).unwrap_err().code(), code::BATCH_BUSY);
+        assert_eq!(r.withdraw(0x11000, 0x1000, Duration::from_millis(5)).unwrap_err().code(), code::BATCH_BUSY);
+        assert!(r.pin(0x11000, 1).is_some(), "a busy withdrawal gives the part back");
+        let epoch = |r: &Registry| r.read().get(&0x10000).unwrap().epoch.load(Ordering::SeqCst);
+        let start = epoch(&r);
+        let r2 = r.clone();
+        let t = std::thread::spawn(move || r2.withdraw(0x11000, 0x1000, Duration::from_secs(30)));
+        // Both flips done: the withdrawal waits on the older pin alone.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while epoch(&r) < start + 2 {
+            assert!(Instant::now() < deadline, "the withdrawal never moved the epoch on");
+            std::thread::yield_now();
+        }
+        assert!(r.pin(0x11800, 0x10).is_none(), "the part is withdrawn while it waits");
+        // Pins taken since, elsewhere in the region, do not hold it up:
+        // only the older one does.
+        let newer = r.pin(0x18000, 0x100).unwrap();
+        assert!(!t.is_finished());
+        drop(inside);
+        t.join().unwrap().unwrap();
+        assert!(r.pin(0x11800, 0x10).is_none(), "nothing reaches into the withdrawn part");
+        assert!(r.pin(0x10f00, 0x200).is_none(), "nor across its edge");
+        assert!(r.pin(0x12000, 0x10).is_some(), "the rest of the region is served");
+        assert_eq!(r.withdraw(0x11800, 0x10, Duration::ZERO).unwrap_err().code(), code::BATCH_BUSY);
+        // Allocated again in part: that part is served, the rest not.
+        r.restore(0x11000, 0x800);
+        assert!(r.pin(0x11000, 0x800).is_some());
+        assert!(r.pin(0x11800, 0x10).is_none());
+        r.restore(0x11800, 0x800);
+        assert!(r.pin(0x11800, 0x10).is_some());
+        drop(newer);
+        r.unregister(0x10000, Duration::from_secs(1)).unwrap();
     }
 
     #[test]
