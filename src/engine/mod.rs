@@ -963,10 +963,13 @@ impl Engine {
     /// region, and, in managed memory, inside the one buffer that holds
     /// `addr` (the slab around it is registered whole).
     fn helper_pin(&self, addr: u64, len: u64) -> TeResult<crate::mem::Pin> {
-        let pin = self.registry.pin(addr, len).ok_or_else(|| not_registered(addr, len))?;
-        match self.managed.lock().unwrap_or_else(|e| e.into_inner()).buffer_at(addr) {
-            None => Ok(pin),
-            Some(Some((start, size))) if addr + len <= start + size => Ok(pin),
+        // Managed memory first: a freed buffer is withdrawn from the
+        // registry too, and the managed pool says why more precisely.
+        let held = self.managed.lock().unwrap_or_else(|e| e.into_inner()).buffer_at(addr);
+        let pin = || self.registry.pin(addr, len).ok_or_else(|| not_registered(addr, len));
+        match held {
+            None => pin(),
+            Some(Some((start, size))) if addr + len <= start + size => pin(),
             Some(Some((start, size))) => Err(TeError::new(
                 code::ADDRESS_NOT_REGISTERED,
                 format!("[{addr:#x}, +{len}) runs past the managed buffer [{start:#x}, +{size})"),
