@@ -32,9 +32,9 @@ pub struct Region {
     pub len: u64,
     /// `cpu:0`, `cuda:1`, or `*`, as given at registration.
     pub location: String,
-    in_flight: AtomicUsize,
     closing: AtomicBool,
-    /// Pins by the parity of the epoch they were taken in.
+    /// Pins by the parity of the epoch they were taken in (their sum is
+    /// every pin: one count per pin, not two).
     by_epoch: [AtomicUsize; 2],
     epoch: AtomicUsize,
     /// Withdrawn parts, `(addr, len)`, disjoint; `has_holes` spares pins
@@ -57,7 +57,7 @@ impl Region {
 
     /// Operations currently using the region.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Acquire)
+        self.by_epoch[0].load(Ordering::SeqCst) + self.by_epoch[1].load(Ordering::SeqCst)
     }
 
     fn new(addr: u64, len: u64, location: &str) -> Region {
@@ -65,7 +65,6 @@ impl Region {
             addr,
             len,
             location: location.to_string(),
-            in_flight: AtomicUsize::new(0),
             closing: AtomicBool::new(false),
             by_epoch: [AtomicUsize::new(0), AtomicUsize::new(0)],
             epoch: AtomicUsize::new(0),
@@ -101,7 +100,6 @@ impl Pin {
 impl Drop for Pin {
     fn drop(&mut self) {
         self.region.by_epoch[self.epoch].fetch_sub(1, Ordering::AcqRel);
-        self.region.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -196,14 +194,12 @@ impl Registry {
             }
             region.clone()
         };
-        region.in_flight.fetch_add(1, Ordering::SeqCst);
         let epoch = region.epoch.load(Ordering::SeqCst) & 1;
         region.by_epoch[epoch].fetch_add(1, Ordering::SeqCst);
         // Pairs with the fences in `unregister` and `withdraw`: either they
         // see our count, or we see their `closing` or hole.
         if region.closing.load(Ordering::SeqCst) || region.in_hole(addr, len) {
             region.by_epoch[epoch].fetch_sub(1, Ordering::AcqRel);
-            region.in_flight.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         Some(Pin { region, epoch })

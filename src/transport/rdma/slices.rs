@@ -662,11 +662,7 @@ impl SliceEngine {
                         }
                         Err(why) => {
                             // A connection that failed counts as a try.
-                            let rec = self.slices.get_mut(&id).expect("looked up above");
-                            if rec.tries > 0 {
-                                self.retries += 1;
-                            }
-                            rec.tries += 1;
+                            self.count_try(id);
                             self.fail_try(id, pd, Fault::rails(why), now_ns);
                             continue;
                         }
@@ -679,12 +675,9 @@ impl SliceEngine {
                         remote_addr: slice.remote,
                         rkey,
                     };
+                    self.count_try(id);
                     let rec = self.slices.get_mut(&id).expect("looked up above");
                     rec.state = SliceState::Posted { local_dev: ld, peer_dev: pd };
-                    if rec.tries > 0 {
-                        self.retries += 1;
-                    }
-                    rec.tries += 1;
                     rec.last = Some((ld, pd));
                     chains.entry((peer_name, ld, pd, qp.0 as usize)).or_default().push(wr);
                 }
@@ -829,6 +822,15 @@ impl SliceEngine {
                 let _ = self.devices[ld].ctx.destroy_qp(qp);
             }
         }
+    }
+
+    /// A try of slice `id` begins (a post, or a connection attempt).
+    fn count_try(&mut self, id: u64) {
+        let rec = self.slices.get_mut(&id).expect("a slice in flight");
+        if rec.tries > 0 {
+            self.retries += 1;
+        }
+        rec.tries += 1;
     }
 
     /// Below the endpoint bound on device `ld`, after closing the idle

@@ -292,6 +292,9 @@ impl Transport for RdmaTransport {
             }
             return;
         };
+        // Where requests go if no rail carries them: looked up once a call.
+        let over_tcp =
+            tcp_peer.and_then(|p| Some((p, self.fallback.lock().unwrap_or_else(|e| e.into_inner()).clone()?)));
         for r in requests {
             let id = self.next_request.fetch_add(1, Ordering::Relaxed);
             let req = RdmaRequest {
@@ -305,10 +308,7 @@ impl Transport for RdmaTransport {
                 deadline_ns: Some(shard::clock_ns(r.deadline)),
             };
             let (op, local, remote, len, deadline, ticket) = (r.op, r.local, r.remote, r.len, r.deadline, r.ticket);
-            let fallback = tcp_peer.and_then(|p| {
-                let tx = self.fallback.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
-                Some((p, tx, self.fell_back.clone(), peer.clone()))
-            });
+            let fallback = over_tcp.as_ref().map(|(p, tx)| (*p, tx.clone(), self.fell_back.clone(), peer.clone()));
             let done: Done = Box::new(move |settled| match (settled.result, fallback) {
                 (Ok(()), _) => ticket.done(len),
                 (Err(why), Some((p, tx, logged, name))) if settled.rails_failed => {
