@@ -44,6 +44,8 @@ pub enum Kind {
     CpuList,
     /// Any text (a path, a name, an address list).
     Text,
+    /// Text in the form described, checked when read.
+    Form(&'static str),
 }
 
 /// One environment variable.
@@ -70,6 +72,7 @@ impl Var {
             Kind::Ip => "an IP address".into(),
             Kind::CpuList => "a CPU list such as 0-3,8".into(),
             Kind::Text => "any text".into(),
+            Kind::Form(what) => what.into(),
         }
     }
 }
@@ -155,12 +158,44 @@ pub const RDMA_RAIL_PAUSE_SECONDS: Var =
     int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
 pub const FABRIC: Var = var(
     "SHARDWIRE_FABRIC",
-    Kind::Choice(&["none", "sim"]),
-    "none",
-    "the RDMA devices `protocol = \"rdma\"` uses: none (then TCP), or `sim`, a simulated fabric inside this process",
+    Kind::Choice(&["auto", "none", "verbs", "sim"]),
+    "auto",
+    "the RDMA devices `protocol = \"rdma\"` uses: `verbs` (the machine's, in builds with the `verbs` feature), `sim` (simulated, inside this process), `none` (TCP); `auto` is `verbs` where built in, else `none`",
 );
-pub const SIM_DEVICES: Var =
-    var("SHARDWIRE_SIM_DEVICES", Kind::Text, "sim0,sim1", "the devices of the `sim` fabric, comma-separated");
+pub const IB_PORT: Var = int("MC_IB_PORT", 1, 255, "", "1", "the port of each RDMA device used");
+pub const IB_SL: Var = int("MC_IB_SL", 0, 15, "", "0", "the InfiniBand service level of RDMA queue pairs");
+pub const IB_TC: Var = var(
+    "MC_IB_TC",
+    Kind::Form("a traffic class in 0..=255, or -1 for none"),
+    "-1 (none)",
+    "the traffic class of RDMA queue pairs' packets: 0 to 255, or -1 for none",
+);
+pub const MAX_SGE: Var =
+    int("MC_MAX_SGE", 1, 4, "entries", "4", "scatter-gather entries per RDMA work request at most");
+pub const MAX_INLINE: Var =
+    int("MC_MAX_INLINE", 0, 1024, "bytes", "64", "bytes an RDMA queue pair may carry inline in a work request");
+pub const SLICE_TIMEOUT: Var = int(
+    "MC_SLICE_TIMEOUT",
+    1,
+    86_400,
+    "seconds",
+    "off",
+    "an RDMA slice posted this long breaks its queue pair (the flush retries it on another rail)",
+);
+pub const TE_FILTERS: Var = var(
+    "MC_TE_FILTERS",
+    Kind::Form(DEVICE_NAMES),
+    "all devices",
+    "the RDMA devices that may be used, comma-separated (with `initialize`'s `device_name`, both must allow one)",
+);
+pub const SIM_DEVICES: Var = var(
+    "SHARDWIRE_SIM_DEVICES",
+    Kind::Form(DEVICE_NAMES),
+    "sim0,sim1",
+    "the devices of the `sim` fabric, comma-separated",
+);
+/// What a list of device names may hold.
+const DEVICE_NAMES: &str = "1 to 16 distinct device names of letters, digits, _, - and ., comma-separated";
 pub const MAX_EP_PER_CTX: Var =
     int("MC_MAX_EP_PER_CTX", 1, 1 << 20, "endpoints", "65536", "RDMA endpoints per local device at most");
 pub const MTU: Var = int("MC_MTU", 256, 4096, "bytes", "4096", "the largest RDMA path MTU");
@@ -305,6 +340,13 @@ pub const VARS: &[Var] = &[
     MAX_EP_PER_CTX,
     MTU,
     GID_INDEX,
+    IB_PORT,
+    IB_SL,
+    IB_TC,
+    MAX_SGE,
+    MAX_INLINE,
+    SLICE_TIMEOUT,
+    TE_FILTERS,
     LOCAL,
     LOCAL_THREADS,
     CORES,
@@ -369,7 +411,7 @@ pub enum Placement {
 }
 
 /// The RDMA variables, checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RdmaSettings {
     pub slice_bytes: u64,
     pub fragment_ratio: u64,
@@ -381,6 +423,29 @@ pub struct RdmaSettings {
     pub max_endpoints: usize,
     pub mtu: u32,
     pub gid_index: Option<usize>,
+    /// `MC_IB_PORT`, `MC_IB_SL`, `MC_IB_TC` (-1 is 0: no class).
+    pub ib_port: u8,
+    pub ib_sl: u8,
+    pub ib_tc: u8,
+    /// `MC_MAX_SGE`, `MC_MAX_INLINE`.
+    pub max_sge: u32,
+    pub max_inline: u32,
+    /// `MC_SLICE_TIMEOUT`, if set.
+    pub slice_timeout: Option<Duration>,
+    /// `MC_TE_FILTERS`: the devices allowed, or `None` for all.
+    pub te_filters: Option<Vec<String>>,
+}
+
+/// Which RDMA devices `protocol = "rdma"` uses (`SHARDWIRE_FABRIC`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum FabricChoice {
+    /// The machine's devices where the build has the `verbs` feature.
+    #[default]
+    Auto,
+    None,
+    Verbs,
+    /// The simulated fabric, with these devices (`SHARDWIRE_SIM_DEVICES`).
+    Sim(Vec<String>),
 }
 
 /// Every variable's value, checked.
@@ -401,9 +466,8 @@ pub struct Settings {
     /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds, `MC_MAX_EP_PER_CTX`,
     /// `MC_MTU` and `MC_GID_INDEX`.
     pub rdma: RdmaSettings,
-    /// `SHARDWIRE_FABRIC=sim`: the devices of the simulated fabric
-    /// (`SHARDWIRE_SIM_DEVICES`); `None` for no RDMA devices.
-    pub sim_devices: Option<Vec<String>>,
+    /// `SHARDWIRE_FABRIC` (with `SHARDWIRE_SIM_DEVICES` for `sim`).
+    pub fabric: FabricChoice,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
     /// `SHARDWIRE_LOCAL_THREADS`, or its default.
@@ -473,9 +537,14 @@ impl Settings {
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
-            sim_devices: match r.choice(&FABRIC)?.as_deref() {
-                Some("sim") => Some(sim_devices(r.text(&SIM_DEVICES).as_deref().unwrap_or("sim0,sim1"))?),
-                _ => None,
+            fabric: match r.choice(&FABRIC)?.as_deref() {
+                Some("sim") => FabricChoice::Sim(device_names(
+                    &SIM_DEVICES,
+                    r.text(&SIM_DEVICES).as_deref().unwrap_or("sim0,sim1"),
+                )?),
+                Some("none") => FabricChoice::None,
+                Some("verbs") => FabricChoice::Verbs,
+                _ => FabricChoice::Auto,
             },
             rdma: RdmaSettings {
                 slice_bytes: r.int(&SLICE_SIZE)?.unwrap_or(65_536),
@@ -488,6 +557,19 @@ impl Settings {
                 max_endpoints: r.int(&MAX_EP_PER_CTX)?.unwrap_or(65_536) as usize,
                 mtu: r.int(&MTU)?.unwrap_or(4096) as u32,
                 gid_index: r.int(&GID_INDEX)?.map(|i| i as usize),
+                ib_port: r.int(&IB_PORT)?.unwrap_or(1) as u8,
+                ib_sl: r.int(&IB_SL)?.unwrap_or(0) as u8,
+                ib_tc: match r.text(&IB_TC) {
+                    None => 0,
+                    Some(t) => traffic_class(&t)?,
+                },
+                max_sge: r.int(&MAX_SGE)?.unwrap_or(4) as u32,
+                max_inline: r.int(&MAX_INLINE)?.unwrap_or(64) as u32,
+                slice_timeout: r.int(&SLICE_TIMEOUT)?.map(Duration::from_secs),
+                te_filters: match r.text(&TE_FILTERS) {
+                    None => None,
+                    Some(t) => Some(device_names(&TE_FILTERS, &t)?),
+                },
             },
             local: r.boolean(&LOCAL)?.unwrap_or(true),
             local_threads: r.int(&LOCAL_THREADS)?.map_or_else(default_local_threads, |n| n as usize),
@@ -518,14 +600,23 @@ fn default_local_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
 
-/// `SHARDWIRE_SIM_DEVICES`: 1 to 16 device names, each 1 to 64 bytes of
-/// letters, digits, `_`, `-` and `.`, none twice.
-fn sim_devices(text: &str) -> Result<Vec<String>, ConfigError> {
-    let bad = || ConfigError {
-        var: SIM_DEVICES.name.into(),
-        value: text.into(),
-        accepted: "1 to 16 distinct device names of letters, digits, _, - and ., comma-separated".into(),
-    };
+/// `MC_IB_TC`: -1 (Mooncake's "none", sent as 0) or a class of 0 to 255.
+fn traffic_class(text: &str) -> Result<u8, ConfigError> {
+    match text.trim() {
+        "-1" => Ok(0),
+        t => t.parse::<u8>().map_err(|_| ConfigError {
+            var: IB_TC.name.into(),
+            value: text.into(),
+            accepted: "a traffic class in 0..=255, or -1 for none".into(),
+        }),
+    }
+}
+
+/// A list of device names (`SHARDWIRE_SIM_DEVICES`, `MC_TE_FILTERS`): 1
+/// to 16 names, each 1 to 64 bytes of letters, digits, `_`, `-` and `.`,
+/// none twice.
+fn device_names(var: &Var, text: &str) -> Result<Vec<String>, ConfigError> {
+    let bad = || ConfigError { var: var.name.into(), value: text.into(), accepted: DEVICE_NAMES.into() };
     let names: Vec<String> = text.split(',').map(|n| n.trim().to_string()).collect();
     let good = |n: &String| {
         !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
@@ -688,6 +779,9 @@ mod tests {
                     refused(v, "3-1");
                 }
                 Kind::Text => assert!(with(v.name, "anything at all").is_ok()),
+                // SHARDWIRE_SIM_DEVICES is read only with SHARDWIRE_FABRIC=sim.
+                Kind::Form(_) if v.name == SIM_DEVICES.name => {}
+                Kind::Form(_) => refused(v, "anything at all"),
             }
         }
     }
@@ -716,8 +810,25 @@ mod tests {
         assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
         assert_eq!(Settings::default().rdma.retry_cnt, 9);
         assert_eq!(with("NCCL_IB_GID_INDEX", "3").unwrap().rdma.gid_index, Some(3));
-        assert_eq!(with("SHARDWIRE_FABRIC", "sim").unwrap().sim_devices, Some(vec!["sim0".into(), "sim1".into()]));
-        assert_eq!(Settings::default().sim_devices, None);
+        assert_eq!(
+            with("SHARDWIRE_FABRIC", "sim").unwrap().fabric,
+            FabricChoice::Sim(vec!["sim0".into(), "sim1".into()])
+        );
+        assert_eq!(Settings::default().fabric, FabricChoice::Auto);
+        assert_eq!(with("SHARDWIRE_FABRIC", "verbs").unwrap().fabric, FabricChoice::Verbs);
+        assert_eq!(with("SHARDWIRE_FABRIC", "none").unwrap().fabric, FabricChoice::None);
+        assert_eq!(with("MC_IB_TC", "-1").unwrap().rdma.ib_tc, 0);
+        assert_eq!(with("MC_IB_TC", "106").unwrap().rdma.ib_tc, 106);
+        assert!(with("MC_IB_TC", "256").unwrap_err().to_string().contains("MC_IB_TC"));
+        assert_eq!(
+            with("MC_TE_FILTERS", "rxe0, rxe1").unwrap().rdma.te_filters,
+            Some(vec!["rxe0".into(), "rxe1".into()])
+        );
+        assert!(with("MC_TE_FILTERS", "rxe0,rxe0").unwrap_err().to_string().contains("MC_TE_FILTERS"));
+        assert_eq!(with("MC_SLICE_TIMEOUT", "3").unwrap().rdma.slice_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(Settings::default().rdma.slice_timeout, None);
+        assert_eq!(with("MC_MAX_SGE", "2").unwrap().rdma.max_sge, 2);
+        assert!(with("MC_MAX_SGE", "5").is_err());
         let both = |n: &str| match n {
             "SHARDWIRE_FABRIC" => Some("sim".to_string()),
             "SHARDWIRE_SIM_DEVICES" => Some("a,a".to_string()),

@@ -32,17 +32,7 @@ fn two_engines_move_bytes_over_rdma() {
     let initiator = engine(Some(&net), "rdma");
     let name = target.segment_name().unwrap();
     assert_eq!(initiator.transport_for(&name).unwrap(), "rdma");
-    let remote = target.allocate_managed_buffer(8 << 20).unwrap();
-    let local = initiator.allocate_managed_buffer(8 << 20).unwrap();
-    let back = initiator.allocate_managed_buffer(8 << 20).unwrap();
-    for (round, len) in [1u64, 4096, 65_537, 1 << 20, 8 << 20].into_iter().enumerate() {
-        let data = pattern(len as usize, round as u64);
-        initiator.write_bytes_to_buffer(local, &data).unwrap();
-        initiator.transfer_sync_write(&name, local, remote, len).unwrap();
-        assert!(target.read_bytes_from_buffer(remote, len).unwrap() == data, "{len} bytes written");
-        initiator.transfer_sync_read(&name, back, remote, len).unwrap();
-        assert!(initiator.read_bytes_from_buffer(back, len).unwrap() == data, "{len} bytes read back");
-    }
+    let (local, remote, _) = interop::round_trips(&initiator, &target, &name, 8 << 20);
     // A batch of scattered pieces, asynchronously.
     let data = pattern(1 << 20, 99);
     initiator.write_bytes_to_buffer(local, &data).unwrap();

@@ -53,6 +53,10 @@ pub struct EngineConfig {
     pub runtime: Option<Arc<Runtime>>,
     /// The RDMA devices `protocol = "rdma"` uses; `None`: none (TCP).
     pub fabric: Option<Arc<dyn crate::transport::rdma::fabric::Fabric>>,
+    /// Why there is no fabric, for the warning of a fallback to TCP.
+    pub no_fabric_why: String,
+    /// `MC_TE_FILTERS`: the RDMA devices that may be used (`None`: all).
+    pub rdma_devices_allowed: Option<Vec<String>>,
     /// The RDMA transport's knobs (`MC_SLICE_SIZE` and the rest).
     pub rdma: crate::transport::rdma::slices::RdmaConfig,
 }
@@ -78,6 +82,7 @@ impl EngineConfig {
             client_limits.awaiting_bytes_local_max = b;
         }
         debug_assert!(s.handshake_max_len <= frame::MAX_LEN_CEILING);
+        let (fabric, no_fabric_why) = fabric_of(s);
         Self {
             transfer_timeout: s.transfer_timeout,
             default_metadata_server: s.metadata_server.clone(),
@@ -93,10 +98,44 @@ impl EngineConfig {
             stripe_bytes: s.stripe_bytes,
             client_limits,
             runtime: None,
-            fabric: s.sim_devices.as_ref().map(|names| {
-                Arc::new(crate::transport::rdma::sim::shared(names)) as Arc<dyn crate::transport::rdma::fabric::Fabric>
-            }),
+            fabric,
+            no_fabric_why,
+            rdma_devices_allowed: s.rdma.te_filters.clone(),
             rdma: crate::transport::rdma::slices::RdmaConfig::from_settings(&s.rdma),
         }
     }
+}
+
+/// The fabric `SHARDWIRE_FABRIC` names, or why there is none.
+fn fabric_of(s: &Settings) -> (Option<Arc<dyn crate::transport::rdma::fabric::Fabric>>, String) {
+    use crate::config::FabricChoice;
+    use crate::transport::rdma::fabric::Fabric;
+    match &s.fabric {
+        FabricChoice::Sim(names) => {
+            (Some(Arc::new(crate::transport::rdma::sim::shared(names)) as Arc<dyn Fabric>), String::new())
+        }
+        FabricChoice::None => (None, "SHARDWIRE_FABRIC=none".into()),
+        FabricChoice::Auto | FabricChoice::Verbs => verbs_fabric(s),
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_fabric(s: &Settings) -> (Option<Arc<dyn crate::transport::rdma::fabric::Fabric>>, String) {
+    use crate::transport::rdma::verbs::{LinkConfig, VerbsFabric};
+    let link = LinkConfig {
+        port: s.rdma.ib_port,
+        gid_index: s.rdma.gid_index,
+        service_level: s.rdma.ib_sl,
+        traffic_class: s.rdma.ib_tc,
+    };
+    (Some(Arc::new(VerbsFabric::new(link))), String::new())
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_fabric(s: &Settings) -> (Option<Arc<dyn crate::transport::rdma::fabric::Fabric>>, String) {
+    let why = match s.fabric {
+        crate::config::FabricChoice::Verbs => "SHARDWIRE_FABRIC=verbs, but this build has no `verbs` feature",
+        _ => "this build has no `verbs` feature (build with `--features verbs` for RDMA devices)",
+    };
+    (None, why.into())
 }

@@ -213,13 +213,13 @@ impl TransferEngine {
             "tcp" | "" => false,
             "rdma" if self.config.force_tcp => false,
             "rdma" if self.config.fabric.is_none() => {
-                log::warn!("protocol \"rdma\": no RDMA devices here; serving this segment over TCP");
+                log::warn!("protocol \"rdma\": {}; serving this segment over TCP", self.config.no_fabric_why);
                 false
             }
             "rdma" => true,
             other => return Err(TeError::invalid(format!("protocol {other:?} is not available; use \"tcp\""))),
         };
-        let _ = device_name;
+        let allowed = allowed_devices(device_name, self.config.rdma_devices_allowed.as_deref());
         let hp = name::parse(local_hostname).map_err(|e| TeError::invalid(format!("local_hostname: {e}")))?;
         let bind_ip = self.config.bind_address.unwrap_or_else(sock::any_address);
         let advertised = match self.config.bind_address {
@@ -286,6 +286,7 @@ impl TransferEngine {
                 match RdmaTransport::start(
                     runtime.clone(),
                     fabric.clone(),
+                    &allowed,
                     tcp.clone(),
                     &name,
                     self.config.rdma,
@@ -742,6 +743,12 @@ impl TransferEngine {
         Ok(engine.transports[seg.transport].name())
     }
 
+    /// Bytes each local RDMA device has moved, by device name (empty
+    /// without the RDMA transport).
+    pub fn rdma_device_bytes(&self) -> TeResult<Vec<(String, u64)>> {
+        Ok(self.engine()?.rdma.as_ref().map_or_else(Vec::new, |r| r.device_bytes()))
+    }
+
     /// Copies by peers on this host running into or out of this engine's
     /// memory right now (diagnostics; 0 with the local transport off).
     pub fn local_copies_running(&self) -> TeResult<usize> {
@@ -773,6 +780,21 @@ impl Drop for TransferEngine {
 
 /// Refuses memory that is not mapped readable and writable in this
 /// process: registering it would fault the first transfer that touched it.
+/// The lists a device must be on to be used: `initialize`'s
+/// `device_name` (comma-separated; empty allows all) and `MC_TE_FILTERS`.
+fn allowed_devices(device_name: &str, filters: Option<&[String]>) -> Vec<Vec<String>> {
+    let mut lists = Vec::with_capacity(2);
+    let named: Vec<String> =
+        device_name.split(',').map(str::trim).filter(|d| !d.is_empty()).map(String::from).collect();
+    if !named.is_empty() {
+        lists.push(named);
+    }
+    if let Some(f) = filters {
+        lists.push(f.to_vec());
+    }
+    lists
+}
+
 fn check_mapped(addr: u64, len: u64) -> TeResult<()> {
     if len == 0 || addr == 0 {
         return Ok(()); // the registry names these

@@ -117,6 +117,30 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
 }
 
+/// Writes and reads back one block of each size (up to `max` bytes) from
+/// `initiator` to `target`'s segment `name`, checking every byte both
+/// ways; returns the three buffers (local, remote, back) for more work.
+#[allow(dead_code)] // not every test binary moves bytes this way
+pub fn round_trips(
+    initiator: &shardwire::engine::TransferEngine,
+    target: &shardwire::engine::TransferEngine,
+    name: &str,
+    max: u64,
+) -> (u64, u64, u64) {
+    let remote = target.allocate_managed_buffer(max).unwrap();
+    let local = initiator.allocate_managed_buffer(max).unwrap();
+    let back = initiator.allocate_managed_buffer(max).unwrap();
+    for (round, len) in [1u64, 4096, 65_537, 1 << 20, max].into_iter().filter(|&l| l <= max).enumerate() {
+        let data = pattern(len as usize, round as u64);
+        initiator.write_bytes_to_buffer(local, &data).unwrap();
+        initiator.transfer_sync_write(name, local, remote, len).unwrap();
+        assert!(target.read_bytes_from_buffer(remote, len).unwrap() == data, "{len} bytes written");
+        initiator.transfer_sync_read(name, back, remote, len).unwrap();
+        assert!(initiator.read_bytes_from_buffer(back, len).unwrap() == data, "{len} bytes read back");
+    }
+    (local, remote, back)
+}
+
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

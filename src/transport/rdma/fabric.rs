@@ -301,6 +301,8 @@ pub enum FabricError {
     NotReady { qp: QpNum, state: QpState },
     #[error("queue pair {qp:?}: work request {index} of the chain: {why}")]
     BadWorkRequest { qp: QpNum, index: usize, why: String },
+    #[error("{call} failed: {why}")]
+    Call { call: &'static str, why: String },
     #[error("queue pair {qp:?} is full: {outstanding} outstanding of {max}")]
     QueueFull { qp: QpNum, outstanding: u32, max: u32 },
 }

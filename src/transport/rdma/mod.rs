@@ -22,3 +22,5 @@ pub mod shard;
 pub mod sim;
 pub mod slices;
 pub mod transport;
+#[cfg(feature = "verbs")]
+pub mod verbs;

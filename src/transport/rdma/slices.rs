@@ -65,6 +65,12 @@ pub struct RdmaConfig {
     pub max_endpoints: usize,
     /// How long an endpoint may wait for its peer's side.
     pub connect_timeout_ns: u64,
+    /// Scatter-gather entries and inline bytes per work request
+    /// (`MC_MAX_SGE`, `MC_MAX_INLINE`): queue pair capabilities.
+    pub max_sge: u32,
+    pub max_inline: u32,
+    /// A slice posted this long breaks its queue pair (`MC_SLICE_TIMEOUT`).
+    pub slice_timeout_ns: Option<u64>,
 }
 
 impl RdmaConfig {
@@ -80,6 +86,9 @@ impl RdmaConfig {
             mtu: s.mtu,
             gid_index: s.gid_index,
             max_endpoints: s.max_endpoints,
+            max_sge: s.max_sge,
+            max_inline: s.max_inline,
+            slice_timeout_ns: s.slice_timeout.map(|t| t.as_nanos().min(u128::from(u64::MAX)) as u64),
             ..RdmaConfig::default()
         }
     }
@@ -100,6 +109,9 @@ impl Default for RdmaConfig {
             gid_index: None,
             max_endpoints: 65_536,
             connect_timeout_ns: 10_000_000_000,
+            max_sge: 4,
+            max_inline: 64,
+            slice_timeout_ns: None,
         }
     }
 }
@@ -935,7 +947,7 @@ impl SliceEngine {
 /// Starts an endpoint: queue pairs on `device`, in INIT, waiting for the
 /// peer's side.
 fn open_endpoint(device: &mut Nic, config: &RdmaConfig, now_ns: u64) -> Result<Endpoint, String> {
-    let caps = QpCaps { max_send_wr: config.max_wr, max_sge: 1, max_inline: 0 };
+    let caps = QpCaps { max_send_wr: config.max_wr, max_sge: config.max_sge, max_inline: config.max_inline };
     let mut qps = Vec::with_capacity(config.qps_per_endpoint);
     let mut made = || -> Result<(), String> {
         for _ in 0..config.qps_per_endpoint {

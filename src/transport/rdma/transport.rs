@@ -124,20 +124,37 @@ pub struct RdmaTransport {
 }
 
 impl RdmaTransport {
-    /// Opens every active device of `fabric` on a shard of `runtime`, for
-    /// the engine whose segment is `me`.
+    /// Opens every active device of `fabric` that is on each list of
+    /// `allowed` (`device_name`, `MC_TE_FILTERS`) on a shard of `runtime`,
+    /// for the engine whose segment is `me`.
     pub fn start(
         runtime: Arc<Runtime>,
         fabric: Arc<dyn Fabric>,
+        allowed: &[Vec<String>],
         tcp: Arc<TcpTransport>,
         me: &str,
         config: RdmaConfig,
         opts: CallOptions,
     ) -> Result<RdmaTransport, String> {
-        let devices: Vec<String> =
-            fabric.devices().into_iter().filter(|d| d.state == PortState::Active).map(|d| d.name).collect();
+        let all = fabric.devices();
+        let devices: Vec<String> = all
+            .iter()
+            .filter(|d| d.state == PortState::Active && allowed.iter().all(|l| l.contains(&d.name)))
+            .map(|d| d.name.clone())
+            .collect();
         if devices.is_empty() {
-            return Err(format!("the {} fabric has no active RDMA device", fabric.kind()));
+            let seen: Vec<String> = all
+                .iter()
+                .map(|d| format!("{} ({})", d.name, if d.state == PortState::Active { "active" } else { "down" }))
+                .collect();
+            let filters = if allowed.is_empty() {
+                String::new()
+            } else {
+                let lists: Vec<String> = allowed.iter().map(|l| l.join(",")).collect();
+                format!(" allowed by device_name / MC_TE_FILTERS ({})", lists.join("; "))
+            };
+            let seen = if seen.is_empty() { "none".to_string() } else { seen.join(", ") };
+            return Err(format!("the {} fabric has no active RDMA device{filters} (devices: {seen})", fabric.kind()));
         }
         let (shard, key) = (0, NEXT_KEY.fetch_add(1, Ordering::Relaxed));
         let me = me.to_string();
@@ -214,6 +231,11 @@ impl RdmaTransport {
                 Err(e) => return Err(TeError::invalid(e)),
             }
         }
+    }
+
+    /// Bytes each local device has moved, by name.
+    pub fn device_bytes(&self) -> Vec<(String, u64)> {
+        self.with(|e| e.device_bytes()).unwrap_or_default()
     }
 
     /// What the descriptor says of this engine's RDMA side.
