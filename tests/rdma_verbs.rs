@@ -20,6 +20,22 @@ use shardwire::transport::rdma::fabric::{
 };
 use shardwire::transport::rdma::verbs::{LinkConfig, VerbsFabric};
 
+/// Warnings and errors to stderr (the harness shows them for a failing
+/// test): fallbacks, lost devices, retries.
+struct Stderr;
+
+impl log::Log for Stderr {
+    fn enabled(&self, m: &log::Metadata<'_>) -> bool {
+        m.level() <= log::Level::Info
+    }
+    fn log(&self, r: &log::Record<'_>) {
+        if self.enabled(r.metadata()) {
+            eprintln!("{} {}: {}", r.level(), r.target(), r.args());
+        }
+    }
+    fn flush(&self) {}
+}
+
 fn in_vm() -> bool {
     std::env::var_os("RDMA_VM").is_some()
 }
@@ -27,6 +43,9 @@ fn in_vm() -> bool {
 /// The active devices, or `None` (said on stderr) where there are none
 /// and this is not the VM.
 fn devices() -> Option<Vec<String>> {
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let fabric = VerbsFabric::new(LinkConfig::default());
     let names: Vec<String> = fabric
         .devices()
@@ -219,4 +238,215 @@ fn with_no_device_to_use_rdma_falls_back_to_tcp() {
     initiator.write_bytes_to_buffer(local, &data).unwrap();
     initiator.transfer_sync_write(&name, local, remote, 1 << 20).unwrap();
     assert!(target.read_bytes_from_buffer(remote, 1 << 20).unwrap() == data);
+}
+
+/// A shardwire engine over RDMA on `device`, its peers not on the local
+/// transport.
+fn rdma_engine(device: &str) -> TransferEngine {
+    let config = EngineConfig { local: false, ..EngineConfig::from_env().unwrap() };
+    let e = TransferEngine::with_config(config);
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", device).expect("initialize");
+    e
+}
+
+/// The device of the Mooncake peer: across the veth from ours (rxe0) in
+/// the wired VM, the same device (its loopback) elsewhere.
+fn mooncake_device(devices: &[String]) -> &str {
+    if std::env::var_os("RDMA_VM_WIRED").is_some() { "rxb0" } else { &devices[0] }
+}
+
+#[test]
+fn a_shardwire_initiator_writes_and_reads_a_mooncake_rdma_target() {
+    let Some(devices) = devices() else { return };
+    let mut target = interop::MooncakePeer::rdma_target(8 << 20, mooncake_device(&devices));
+    let me = rdma_engine(&devices[0]);
+    assert_eq!(me.transport_for(&target.name).unwrap(), "rdma", "Mooncake's descriptor is an RDMA one");
+    let local = me.allocate_managed_buffer(8 << 20).unwrap();
+    for (seed, (at, len)) in [(0u64, 4096u64), (4096, 65_537), (1 << 20, 3 << 20), (0, 8 << 20)].into_iter().enumerate()
+    {
+        let data = pattern(len as usize, seed as u64);
+        me.write_bytes_to_buffer(local, &data).unwrap();
+        me.transfer_sync_write(&target.name, local, target.buffer + at, len).unwrap();
+        // The target checks the pattern at the same offset.
+        assert_eq!(target.cmd(&format!("check {at} {len} {seed}")), "ok", "{len} bytes at {at}");
+        target.cmd(&format!("fill {at} {len} {}", seed + 50));
+        me.transfer_sync_read(&target.name, local, target.buffer + at, len).unwrap();
+        assert!(me.read_bytes_from_buffer(local, len).unwrap() == pattern(len as usize, seed as u64 + 50));
+    }
+    let moved = me.rdma_device_bytes().unwrap();
+    assert!(moved.iter().map(|(_, b)| b).sum::<u64>() >= 2 * (4096 + 65_537 + (3 << 20) + (8 << 20)), "{moved:?}");
+    target.kill();
+}
+
+#[test]
+fn a_mooncake_rdma_initiator_writes_and_reads_a_shardwire_target() {
+    let Some(devices) = devices() else { return };
+    let me = rdma_engine(&devices[0]);
+    let name = me.segment_name().unwrap();
+    let buffer = me.allocate_managed_buffer(8 << 20).unwrap();
+    let mut peer = interop::MooncakePeer::rdma_initiator(&name, buffer, 8 << 20, mooncake_device(&devices));
+    for (seed, (at, len)) in [(0u64, 4096u64), (4096, 65_537), (1 << 20, 3 << 20)].into_iter().enumerate() {
+        let answer = peer.cmd(&format!("write {at} {len} {seed}"));
+        assert!(answer.starts_with("ok"), "{answer}");
+        let landed = me.read_bytes_from_buffer(buffer + at, len).unwrap();
+        assert!(landed == pattern(len as usize, seed as u64), "{len} bytes at {at} landed");
+        let answer = peer.cmd(&format!("read {at} {len} {seed}"));
+        assert!(answer.starts_with("ok"), "{answer}");
+    }
+    peer.kill();
+}
+
+/// Runs a command of the VM's network setup (tools/rdma-vm), checked.
+fn sh(line: &str) {
+    let out = std::process::Command::new("sh").args(["-c", line]).output().expect("sh runs");
+    assert!(out.status.success(), "{line}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Puts the VM's devices back as tools/rdma-vm made them, however a test
+/// ends.
+struct Restore(Vec<&'static str>);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        for line in &self.0 {
+            let _ = std::process::Command::new("sh").args(["-c", line]).output();
+        }
+        // The ports take a moment to come back ACTIVE.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline && devices().is_none_or(|d| d.len() < 2) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A batch of `count` writes of `len` bytes from `initiator` to `name`,
+/// asynchronously: its id, and the pattern it writes.
+fn start_batch(
+    initiator: &TransferEngine,
+    name: &str,
+    local: u64,
+    remote: u64,
+    count: u64,
+    len: u64,
+) -> (u64, Vec<u8>) {
+    let data = pattern((count * len) as usize, 77);
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    let requests: Vec<shardwire::engine::TransferRequest> = (0..count)
+        .map(|k| shardwire::engine::TransferRequest {
+            opcode: shardwire::engine::TransferOpcode::Write,
+            source: local + k * len,
+            target_offset: remote + k * len,
+            length: len,
+        })
+        .collect();
+    (initiator.batch_transfer_async(name, &requests).unwrap(), data)
+}
+
+#[test]
+fn a_netdev_downed_mid_transfer_moves_the_slices_to_the_other_rail_then_to_tcp() {
+    let Some(devices) = devices() else { return };
+    assert!(devices.len() >= 2, "two rails: tools/rdma-vm --devices 2");
+    // A link down drops its routes: the wired VM's are put back too.
+    let _restore = Restore(vec![
+        "ip link set swa0 up",
+        "ip link set swa1 up",
+        "ip route replace 169.254.1.2 dev swa0 src 169.254.1.1 table 100",
+        "ip route replace 169.254.2.2 dev swa1 src 169.254.2.1 table 102",
+    ]);
+    let (target, initiator) = (rdma_engine(""), rdma_engine(""));
+    let name = target.segment_name().unwrap();
+    let size = 32u64 << 20;
+    let remote = target.allocate_managed_buffer(size).unwrap();
+    let local = initiator.allocate_managed_buffer(size).unwrap();
+    let (batch, data) = start_batch(&initiator, &name, local, remote, 128, size / 128);
+    std::thread::sleep(Duration::from_millis(300));
+    sh("ip link set swa1 down");
+    initiator.get_batch_transfer_status(&[batch]).expect("the batch completes on the rail left");
+    assert!(target.read_bytes_from_buffer(remote, size).unwrap() == data, "every byte landed once the rail went");
+    eprintln!(
+        "after rxe1 went down: {:?}, {} retries",
+        initiator.rdma_device_bytes().unwrap(),
+        initiator.rdma_slice_retries().unwrap()
+    );
+    // The last rail down too: the next transfer goes over TCP.
+    sh("ip link set swa0 down");
+    let data = pattern(4 << 20, 78);
+    initiator.write_bytes_to_buffer(local, &data).unwrap();
+    initiator.transfer_sync_write(&name, local, remote, 4 << 20).expect("no rail works: TCP carries it");
+    assert!(target.read_bytes_from_buffer(remote, 4 << 20).unwrap() == data);
+}
+
+/// Whether this is the VM of `tools/rdma-vm --wired`: devices rxb0.. on
+/// the far ends of the veths, reached over them.
+fn wired() -> bool {
+    if std::env::var_os("RDMA_VM_WIRED").is_none() {
+        eprintln!("not the wired VM: this test runs in tools/rdma-vm --wired");
+        return false;
+    }
+    true
+}
+
+/// Two "hosts" of the wired VM: a target on rxb0,rxb1 and an initiator
+/// on rxe0,rxe1, every packet between them over a veth.
+fn two_hosts() -> (TransferEngine, TransferEngine, String) {
+    let (target, initiator) = (rdma_engine("rxb0,rxb1"), rdma_engine("rxe0,rxe1"));
+    let name = target.segment_name().unwrap();
+    assert_eq!(initiator.transport_for(&name).unwrap(), "rdma");
+    (target, initiator, name)
+}
+
+#[test]
+fn two_hosts_move_bytes_over_two_rails_of_veth_wire() {
+    if !wired() {
+        return;
+    }
+    let (target, initiator, name) = two_hosts();
+    interop::round_trips(&initiator, &target, &name, 8 << 20);
+    let moved = initiator.rdma_device_bytes().unwrap();
+    let names: Vec<&str> = moved.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["rxe0", "rxe1"], "device_name keeps the initiator to its own devices");
+    assert!(moved.iter().all(|(_, b)| *b > 0), "both rails carried slices: {moved:?}");
+    assert_eq!(initiator.rdma_slice_retries().unwrap(), 0, "a clean wire needs no retries");
+}
+
+#[test]
+fn loss_on_the_wire_is_repaired_by_the_queue_pairs() {
+    if !wired() {
+        return;
+    }
+    let _restore = Restore(vec!["tc qdisc del dev swa0 root", "tc qdisc del dev swa1 root"]);
+    sh("tc qdisc add dev swa0 root netem loss 2%");
+    sh("tc qdisc add dev swa1 root netem loss 2%");
+    let (target, initiator, name) = two_hosts();
+    // RC retransmits what is lost (retry_cnt 7 per packet), so the bytes
+    // land and a slice fails only if a packet is lost 8 times running.
+    interop::round_trips(&initiator, &target, &name, 4 << 20);
+    eprintln!(
+        "2% loss: {:?}, {} slice retries",
+        initiator.rdma_device_bytes().unwrap(),
+        initiator.rdma_slice_retries().unwrap()
+    );
+}
+
+#[test]
+fn a_rail_that_goes_silent_mid_transfer_hands_its_slices_to_the_other() {
+    if !wired() {
+        return;
+    }
+    let _restore = Restore(vec!["tc qdisc del dev swa1 root", "tc qdisc del dev swb1 root"]);
+    let (target, initiator, name) = two_hosts();
+    let size = 32u64 << 20;
+    let remote = target.allocate_managed_buffer(size).unwrap();
+    let local = initiator.allocate_managed_buffer(size).unwrap();
+    let (batch, data) = start_batch(&initiator, &name, local, remote, 128, size / 128);
+    std::thread::sleep(Duration::from_millis(300));
+    // Every packet on the second veth is dropped, both ways: the queue
+    // pairs through it exhaust their retries, and their slices go again
+    // through the first.
+    sh("tc qdisc add dev swa1 root netem loss 100%");
+    sh("tc qdisc add dev swb1 root netem loss 100%");
+    initiator.get_batch_transfer_status(&[batch]).expect("the batch completes through the rail left");
+    assert!(target.read_bytes_from_buffer(remote, size).unwrap() == data, "every byte landed");
+    let retries = initiator.rdma_slice_retries().unwrap();
+    eprintln!("a silent rail: {:?}, {retries} slice retries", initiator.rdma_device_bytes().unwrap());
 }

@@ -19,7 +19,9 @@ Beyond Mooncake:
 * ``cancel_transfer(batch_id)``: takes back what of an async batch has not
   gone out yet.
 * ``transport_for(target_hostname)``: ``"local"`` for a shardwire engine on
-  this host (shared memory, cross-memory attach), ``"tcp"`` otherwise.
+  this host (shared memory, cross-memory attach), ``"rdma"`` or ``"tcp"``
+  otherwise.
+* ``rdma_device_bytes()``: bytes each local RDMA device has moved, by name.
 """
 
 import asyncio

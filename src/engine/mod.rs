@@ -749,6 +749,12 @@ impl TransferEngine {
         Ok(self.engine()?.rdma.as_ref().map_or_else(Vec::new, |r| r.device_bytes()))
     }
 
+    /// RDMA slices sent again after a failed try, since the start (0
+    /// without the RDMA transport).
+    pub fn rdma_slice_retries(&self) -> TeResult<u64> {
+        Ok(self.engine()?.rdma.as_ref().map_or(0, |r| r.retries()))
+    }
+
     /// Copies by peers on this host running into or out of this engine's
     /// memory right now (diagnostics; 0 with the local transport off).
     pub fn local_copies_running(&self) -> TeResult<usize> {

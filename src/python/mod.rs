@@ -338,6 +338,13 @@ impl PyEngine {
         self.value_or(py.detach(|| e.transport_for(target_hostname).map(str::to_string)), String::new())
     }
 
+    /// Bytes each local RDMA device has moved, by device name (empty
+    /// without the RDMA transport; beyond Mooncake).
+    fn rdma_device_bytes(&self, py: Python<'_>) -> std::collections::BTreeMap<String, u64> {
+        let e = self.inner.clone();
+        self.value_or(py.detach(|| e.rdma_device_bytes().map(|v| v.into_iter().collect())), Default::default())
+    }
+
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
     fn transfer_sync_write(
         &self,

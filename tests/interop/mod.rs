@@ -120,7 +120,6 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
 /// Writes and reads back one block of each size (up to `max` bytes) from
 /// `initiator` to `target`'s segment `name`, checking every byte both
 /// ways; returns the three buffers (local, remote, back) for more work.
-#[allow(dead_code)] // not every test binary moves bytes this way
 pub fn round_trips(
     initiator: &shardwire::engine::TransferEngine,
     target: &shardwire::engine::TransferEngine,
@@ -182,11 +181,12 @@ pub struct MooncakePeer {
 impl MooncakePeer {
     fn spawn(args: &[String], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(python());
-        cmd.arg(repo().join("tests/interop/peer.py"))
-            .args(args)
-            .env("MC_FORCE_TCP", "1")
-            .env("GLOG_minloglevel", "2")
-            .envs(env.iter().copied());
+        cmd.arg(repo().join("tests/interop/peer.py")).args(args).env("GLOG_minloglevel", "2");
+        // Over TCP unless the test asks for RDMA.
+        if !env.iter().any(|(k, v)| *k == "PEER_PROTOCOL" && *v == "rdma") {
+            cmd.env("MC_FORCE_TCP", "1");
+        }
+        cmd.envs(env.iter().copied());
         let mut child = die_with_parent(&mut cmd)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -210,6 +210,17 @@ impl MooncakePeer {
     /// A Mooncake initiator aimed at `segment`'s buffer at `remote`.
     pub fn initiator(segment: &str, remote: u64, bytes: u64) -> Self {
         Self::spawn(&["initiator".into(), segment.into(), remote.to_string(), bytes.to_string()], &[])
+    }
+
+    /// A Mooncake target over RDMA on `device` (P2P metadata).
+    pub fn rdma_target(bytes: u64, device: &str) -> Self {
+        Self::spawn(&["target".into(), bytes.to_string()], &[("PEER_PROTOCOL", "rdma"), ("PEER_DEVICE", device)])
+    }
+
+    /// A Mooncake initiator over RDMA on `device`, aimed at `segment`.
+    pub fn rdma_initiator(segment: &str, remote: u64, bytes: u64, device: &str) -> Self {
+        let args = ["initiator".into(), segment.into(), remote.to_string(), bytes.to_string()];
+        Self::spawn(&args, &[("PEER_PROTOCOL", "rdma"), ("PEER_DEVICE", device)])
     }
 
     /// A Mooncake target that registers as `name` with the etcd server at

@@ -6,7 +6,8 @@ mooncake-transfer-engine-non-cuda wheel (PEER_IMPL=mooncake, the default),
 or shardwire's drop-in (PEER_IMPL=shardwire), over loopback, and talks to the
 test over stdin/stdout, one command per line. Metadata is P2P, or the server
 in PEER_METADATA (e.g. "etcd://127.0.0.1:2379"); PEER_HOSTNAME sets the
-local_hostname (default "127.0.0.1"). A target serves a managed buffer, or,
+local_hostname (default "127.0.0.1"); PEER_PROTOCOL ("tcp" or "rdma") and
+PEER_DEVICE (initialize's device_name) pick the transport. A target serves a managed buffer, or,
 with PEER_MEMORY=registered, memory of its own that it registers.
 
   target mode:    python peer.py target BYTES
@@ -44,6 +45,8 @@ def pattern(length, seed):
 
 METADATA = os.environ.get("PEER_METADATA", "P2PHANDSHAKE")
 HOSTNAME = os.environ.get("PEER_HOSTNAME", "127.0.0.1")
+PROTOCOL = os.environ.get("PEER_PROTOCOL", "tcp")
+DEVICE = os.environ.get("PEER_DEVICE", "")
 
 
 def segment_name(engine):
@@ -63,7 +66,7 @@ def target(size):
     engine = TransferEngine()
     # In P2P mode PEER_HOSTNAME="127.0.0.1:12346" gives a shardwire target
     # that fixed name (shardwire binds a port given; Mooncake picks its own).
-    if engine.initialize(HOSTNAME, METADATA, "tcp", "") != 0:
+    if engine.initialize(HOSTNAME, METADATA, PROTOCOL, DEVICE) != 0:
         reply("fail initialize")
         return
     if os.environ.get("PEER_MEMORY") == "registered":
@@ -103,7 +106,7 @@ def target(size):
 
 def initiator(segment, remote, size):
     engine = TransferEngine()
-    if engine.initialize(HOSTNAME, METADATA, "tcp", "") != 0:
+    if engine.initialize(HOSTNAME, METADATA, PROTOCOL, DEVICE) != 0:
         reply("fail initialize")
         return
     local = engine.allocate_managed_buffer(size)

@@ -101,6 +101,11 @@ pub enum Fault {
     FailEvery { device: String, every: u64, status: WcStatus },
     /// The device runs `factor` times slower.
     Slow { device: String, factor: u64 },
+    /// The device never completes a work request, nor flushes one when its
+    /// queue pair goes to error (a hung device; soft-RoCE on Linux 6.1
+    /// can leave a queue pair in retransmission so): only destroying the
+    /// queue pair ends them.
+    Stuck { device: String },
 }
 
 /// The faults of a run.
@@ -348,7 +353,11 @@ impl Net {
             };
             let Some((due, qpn)) = next else { return };
             let state = self.contexts[me].as_ref().and_then(|c| c.qps.get(&qpn)).map(|q| q.state);
-            if due > self.now_ns && state != Some(QpState::Err) {
+            let stuck = {
+                let name = &self.devices[self.contexts[me].as_ref().expect("a live context").device].sim.info.name;
+                self.plan.faults.iter().any(|f| matches!(f, Fault::Stuck { device } if device == name))
+            };
+            if stuck || (due > self.now_ns && state != Some(QpState::Err)) {
                 return;
             }
             let (_, wr) = self.contexts[me]

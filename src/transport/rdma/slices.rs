@@ -20,7 +20,7 @@
 //! pairs: a [`Connector`] gets them (Mooncake's Connection RPC; in tests,
 //! the simulated peer directly).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, FabricError, Mr, PeerAddr, PortEvent, PortState, QpCaps, QpNum,
@@ -40,6 +40,15 @@ pub const SLICES_MAX: usize = 1 << 20;
 pub const POLL_BATCH: usize = 64;
 /// Peers one engine keeps endpoints to.
 pub const PEERS_MAX: usize = 4096;
+/// How often posted slices are checked against their deadlines (ns).
+const SWEEP_NS: u64 = 10_000_000;
+/// How long an endpoint may hold work without a completion (ns) before it
+/// is taken for broken: four times what a device's own retries take with
+/// Mooncake's settings (timeout 14, about 67 ms, times 8 tries).
+const STALL_NS: u64 = 2_000_000_000;
+/// How long a broken endpoint may hold work before it is destroyed (ns):
+/// a device flushes at once; this is for one that does not.
+const DRAIN_MAX_NS: u64 = 2_000_000_000;
 
 /// The knobs, with Mooncake's defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,7 +242,13 @@ struct Nic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SliceState {
     Ready,
-    Posted { local_dev: usize, peer_dev: usize },
+    /// On queue pair `qp` since `at_ns`.
+    Posted {
+        local_dev: usize,
+        peer_dev: usize,
+        qp: QpNum,
+        at_ns: u64,
+    },
     Settled,
 }
 
@@ -258,6 +273,12 @@ struct Endpoint {
     outstanding: Vec<u32>,
     next: usize,
     broken: bool,
+    /// When it broke (ns): past [`DRAIN_MAX_NS`] undrained, its queue
+    /// pairs are destroyed and what they held is taken back as flushed.
+    broken_at_ns: u64,
+    /// When it last made progress (ns): work posted to it idle, or a
+    /// completion. Holding work past [`STALL_NS`] without one breaks it.
+    progress_at_ns: u64,
     /// When it was last chosen (a count of choices).
     last_use: u64,
     /// Waiting for the peer's side since this time (ns); `None` once connected.
@@ -292,6 +313,8 @@ pub struct SliceEngine {
     retries: u64,
     /// Endpoint choices so far (the clock of `Endpoint::last_use`).
     uses: u64,
+    /// When posted slices are next checked against their deadlines (ns).
+    next_sweep_ns: u64,
 }
 
 impl SliceEngine {
@@ -326,6 +349,7 @@ impl SliceEngine {
             settled: Vec::new(),
             retries: 0,
             uses: 0,
+            next_sweep_ns: 0,
         })
     }
 
@@ -501,6 +525,8 @@ impl SliceEngine {
                     outstanding: vec![0; n],
                     next: 0,
                     broken: false,
+                    broken_at_ns: 0,
+                    progress_at_ns: 0,
                     last_use: 0,
                     connecting_since: None,
                 };
@@ -606,7 +632,116 @@ impl SliceEngine {
         let mut moved = self.take_events();
         moved |= self.post_ready(connector, now_ns);
         moved |= self.poll_all(now_ns);
+        if now_ns >= self.next_sweep_ns {
+            self.next_sweep_ns = now_ns.saturating_add(SWEEP_NS);
+            moved |= self.sweep_late(now_ns);
+        }
         moved
+    }
+
+    /// Marks the endpoint `ld -> pd` of `peer` broken and moves its queue
+    /// pairs to ERR, so that everything posted on them completes now, as
+    /// flushed (then goes again), rather than each waiting out its own
+    /// queue pair's retries; it is made again once drained.
+    fn break_endpoint(&mut self, peer: &str, ld: usize, pd: usize, now_ns: u64) {
+        let Some(ep) = self.peers.get_mut(peer).and_then(|p| p.endpoints.get_mut(&(ld, pd))) else { return };
+        if ep.broken {
+            return;
+        }
+        ep.broken = true;
+        ep.broken_at_ns = now_ns;
+        let outstanding: u32 = ep.outstanding.iter().sum();
+        log::info!(
+            "RDMA: endpoint {} -> {peer} device {pd} broken; {outstanding} work requests flushed",
+            self.devices[ld].info.name
+        );
+        for (i, &qp) in ep.qps.iter().enumerate() {
+            if ep.outstanding[i] > 0 {
+                // A queue pair the device already holds in error refuses
+                // nothing here; one it cannot move flushes on its own.
+                let _ = self.devices[ld].ctx.modify_qp(qp, Transition::Err);
+            }
+        }
+    }
+
+    /// Breaks the endpoints of slices posted past their request's deadline
+    /// or longer than `MC_SLICE_TIMEOUT`: the flush settles them (a late
+    /// request fails, a slow slice goes again on another rail), so every
+    /// slice settles in bounded time even where a device never reports a
+    /// lost packet. Returns whether it broke any.
+    fn sweep_late(&mut self, now_ns: u64) -> bool {
+        let mut late: BTreeSet<(String, usize, usize)> = BTreeSet::new();
+        for rec in self.slices.values() {
+            let SliceState::Posted { local_dev, peer_dev, at_ns, .. } = rec.state else { continue };
+            let req = &self.requests[&rec.request].req;
+            let past_deadline = req.deadline_ns.is_some_and(|d| now_ns >= d);
+            let too_slow = self.config.slice_timeout_ns.is_some_and(|t| now_ns.saturating_sub(at_ns) >= t);
+            if past_deadline || too_slow {
+                late.insert((req.peer.clone(), local_dev, peer_dev));
+            }
+        }
+        let mut any = !late.is_empty();
+        for (peer, ld, pd) in late {
+            self.break_endpoint(&peer, ld, pd, now_ns);
+        }
+        // Endpoints holding work with no completion for STALL_NS: the
+        // device should have failed it by now (its retries take well under
+        // a second), so the endpoint is broken as if it had.
+        let mut stalled: Vec<(String, usize, usize)> = Vec::new();
+        for (name, p) in &self.peers {
+            for (&(ld, pd), ep) in &p.endpoints {
+                let holding = ep.outstanding.iter().any(|&o| o > 0);
+                if !ep.broken && holding && now_ns.saturating_sub(ep.progress_at_ns) >= STALL_NS {
+                    stalled.push((name.clone(), ld, pd));
+                }
+            }
+        }
+        for (peer, ld, pd) in stalled {
+            any = true;
+            log::warn!(
+                "RDMA: endpoint {} -> {peer} device {pd} completed nothing in {} ms: broken",
+                self.devices[ld].info.name,
+                STALL_NS / 1_000_000
+            );
+            self.break_endpoint(&peer, ld, pd, now_ns);
+        }
+        // Endpoints broken long ago and still holding work: the device
+        // did not flush it (soft-RoCE on Linux 6.1 may not, for a queue
+        // pair deep in retransmission). Destroying a queue pair ends the
+        // device's use of its work requests, so they are taken back here.
+        let mut stuck: Vec<(String, usize, usize)> = Vec::new();
+        for (name, p) in &self.peers {
+            for (&(ld, pd), ep) in &p.endpoints {
+                let holding = ep.outstanding.iter().any(|&o| o > 0);
+                if ep.broken && holding && now_ns.saturating_sub(ep.broken_at_ns) >= DRAIN_MAX_NS {
+                    stuck.push((name.clone(), ld, pd));
+                }
+            }
+        }
+        for (peer, ld, pd) in stuck {
+            any = true;
+            let qps = self.peers[&peer].endpoints[&(ld, pd)].qps.clone();
+            log::warn!(
+                "RDMA: endpoint {} -> {peer} device {pd} did not drain within {} ms of breaking: destroyed",
+                self.devices[ld].info.name,
+                DRAIN_MAX_NS / 1_000_000
+            );
+            self.close_endpoint(&peer, ld, pd);
+            let held: Vec<u64> = self
+                .slices
+                .iter()
+                .filter(|(_, r)| matches!(r.state, SliceState::Posted { local_dev, peer_dev, qp, .. } if local_dev == ld && peer_dev == pd && qps.contains(&qp)))
+                .filter(|(_, r)| self.requests.get(&r.request).is_some_and(|q| q.req.peer == peer))
+                .map(|(&id, _)| id)
+                .collect();
+            for id in held {
+                self.flushed(
+                    id,
+                    format!("{} -> {peer} device {pd}: the queue pair never drained", self.devices[ld].info.name),
+                );
+            }
+        }
+        any
     }
 
     fn take_events(&mut self) -> bool {
@@ -689,7 +824,7 @@ impl SliceEngine {
                     };
                     self.count_try(id);
                     let rec = self.slices.get_mut(&id).expect("looked up above");
-                    rec.state = SliceState::Posted { local_dev: ld, peer_dev: pd };
+                    rec.state = SliceState::Posted { local_dev: ld, peer_dev: pd, qp, at_ns: now_ns };
                     rec.last = Some((ld, pd));
                     chains.entry((peer_name, ld, pd, qp.0 as usize)).or_default().push(wr);
                 }
@@ -704,12 +839,12 @@ impl SliceEngine {
                     FabricError::BadWorkRequest { index, .. } => *index,
                     _ => 0,
                 };
-                if let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.endpoints.get_mut(&(ld, pd))) {
-                    ep.broken = true;
-                    if let Some(i) = ep.qps.iter().position(|&q| q == qp) {
-                        ep.outstanding[i] -= (chain.len() - posted) as u32;
-                    }
+                if let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.endpoints.get_mut(&(ld, pd)))
+                    && let Some(i) = ep.qps.iter().position(|&q| q == qp)
+                {
+                    ep.outstanding[i] -= (chain.len() - posted) as u32;
                 }
+                self.break_endpoint(&peer, ld, pd, now_ns);
                 for wr in &chain[posted..] {
                     self.fail_try(wr.wr_id, pd, Fault::rails(e.to_string()), now_ns);
                 }
@@ -749,8 +884,12 @@ impl SliceEngine {
             None => Rails { preferred: (0..peer_names.len()).collect(), available: vec![] },
         };
         let paused = |d: usize| peer.paused_until.get(&d).is_some_and(|&until| until > now_ns);
+        // A broken endpoint drains before it is made again: its slices go
+        // elsewhere meanwhile, if there is an elsewhere.
+        let draining = |d: usize| peer.endpoints.get(&(ld, d)).is_some_and(|ep| ep.broken);
         let pd = remote
-            .pick(n, tries, paused)
+            .pick(n, tries, |d| paused(d) || draining(d))
+            .or_else(|| remote.pick(n, tries, paused))
             .ok_or_else(|| Fault::rails(format!("{peer_name}: every rail is paused or down")))?;
         Ok((ld, pd, buffer.rkey[pd]))
     }
@@ -814,6 +953,9 @@ impl SliceEngine {
         ep.last_use = uses;
         if ep.broken {
             return Ok(None); // drains before it is made again
+        }
+        if ep.outstanding.iter().all(|&o| o == 0) {
+            ep.progress_at_ns = now_ns; // the stall clock starts with the first work
         }
         for k in 0..ep.qps.len() {
             let i = (ep.next + k) % ep.qps.len();
@@ -879,6 +1021,13 @@ impl SliceEngine {
                 errors.pop_front();
             }
             if errors.len() >= self.config.pause_errors {
+                log::warn!(
+                    "RDMA: {peer_name} device {pd} failed {} times within {} ms: paused for {} s (the last: {})",
+                    errors.len(),
+                    self.config.pause_window_ns / 1_000_000,
+                    self.config.pause_ns / 1_000_000_000,
+                    fault.why
+                );
                 peer.paused_until.insert(pd, now_ns + self.config.pause_ns);
                 errors.clear();
             }
@@ -888,6 +1037,19 @@ impl SliceEngine {
         if rec.tries > self.config.retry_cnt {
             let why = format!("a slice failed {} times; the last: {}", rec.tries, fault.why);
             self.settle(id, Some(Fault { why, rails: fault.rails }));
+        } else {
+            self.ready.push_back(id);
+        }
+    }
+
+    /// Slice `id` was flushed off its queue pair: it goes again, unless
+    /// its tries are used up.
+    fn flushed(&mut self, id: u64, why: String) {
+        let rec = self.slices.get_mut(&id).expect("a flushed slice is in flight");
+        rec.state = SliceState::Ready;
+        if rec.tries > self.config.retry_cnt {
+            let why = format!("a slice failed {} times; the last: {why}", rec.tries);
+            self.settle(id, Some(Fault::rails(why)));
         } else {
             self.ready.push_back(id);
         }
@@ -905,16 +1067,17 @@ impl SliceEngine {
         for (ld, c) in done {
             moved = true;
             let Some(rec) = self.slices.get(&c.wr_id) else { continue };
-            let SliceState::Posted { local_dev, peer_dev } = rec.state else { continue };
+            let SliceState::Posted { local_dev, peer_dev, .. } = rec.state else { continue };
             debug_assert_eq!(local_dev, ld);
             let peer_name = self.requests[&rec.request].req.peer.clone();
             if let Some(ep) = self.peers.get_mut(&peer_name).and_then(|p| p.endpoints.get_mut(&(ld, peer_dev)))
                 && let Some(i) = ep.qps.iter().position(|&q| q == c.qp)
             {
                 ep.outstanding[i] = ep.outstanding[i].saturating_sub(1);
-                if c.status != WcStatus::Success {
-                    ep.broken = true;
-                }
+                ep.progress_at_ns = now_ns;
+            }
+            if c.status != WcStatus::Success {
+                self.break_endpoint(&peer_name, ld, peer_dev, now_ns);
             }
             if c.status == WcStatus::Success {
                 self.devices[ld].bytes += c.bytes;
@@ -923,14 +1086,7 @@ impl SliceEngine {
                 let why = format!("{} -> {peer_name} device {peer_dev}: {}", self.devices[ld].info.name, c.status);
                 // A flush is the queue pair's fault, not the rail's.
                 if c.status == WcStatus::WrFlushErr {
-                    let rec = self.slices.get_mut(&c.wr_id).expect("looked up above");
-                    rec.state = SliceState::Ready;
-                    if rec.tries > self.config.retry_cnt {
-                        let why = format!("a slice failed {} times; the last: {why}", rec.tries);
-                        self.settle(c.wr_id, Some(Fault::rails(why)));
-                    } else {
-                        self.ready.push_back(c.wr_id);
-                    }
+                    self.flushed(c.wr_id, why);
                 } else {
                     // A refused key, bound or access is the memory's fault:
                     // no rail (nor TCP) would carry it.
@@ -964,7 +1120,16 @@ fn open_endpoint(device: &mut Nic, config: &RdmaConfig, now_ns: u64) -> Result<E
         return Err(e);
     }
     let n = qps.len();
-    Ok(Endpoint { qps, outstanding: vec![0; n], next: 0, broken: false, last_use: 0, connecting_since: Some(now_ns) })
+    Ok(Endpoint {
+        qps,
+        outstanding: vec![0; n],
+        next: 0,
+        broken: false,
+        broken_at_ns: 0,
+        progress_at_ns: now_ns,
+        last_use: 0,
+        connecting_since: Some(now_ns),
+    })
 }
 
 /// Connects an endpoint's queue pairs to the peer's `side`: RTR, then RTS,
@@ -1108,6 +1273,23 @@ mod tests {
                 self.engine.progress(&mut self.target, now);
             }
             panic!("{what}: {} requests never settled", self.engine.in_flight());
+        }
+
+        /// Runs until nothing is in flight on a manual clock moved `step_ns`
+        /// a turn (at most 100,000 turns).
+        fn run_stepped(&mut self, step_ns: u64) -> Vec<Settled> {
+            self.net.set_clock(super::super::sim::Clock::Manual);
+            let mut settled = Vec::new();
+            for _ in 0..100_000 {
+                settled.extend(self.engine.take_settled());
+                if self.engine.in_flight() == 0 {
+                    break;
+                }
+                self.net.advance(step_ns);
+                let now = self.net.now_ns();
+                self.engine.progress(&mut self.target, now);
+            }
+            settled
         }
     }
 
@@ -1253,6 +1435,67 @@ mod tests {
         assert!(why.contains("timed out before all its slices were sent"), "{why}");
         let landed = w.target.mem.iter().zip(&w.local).take_while(|(a, b)| a == b).count();
         assert!(landed > 0 && landed < 8 << 20, "some slices went before the deadline, not all ({landed} bytes)");
+    }
+
+    /// A slice slower than `MC_SLICE_TIMEOUT` breaks its queue pair: the
+    /// flush sends it again, on another rail, and the request succeeds
+    /// long before the slow device would have finished it.
+    #[test]
+    fn a_slice_past_the_slice_timeout_goes_again_on_another_rail() {
+        let plan = FaultPlan { faults: vec![Fault::Slow { device: "l1".into(), factor: 1_000_000 }] };
+        let mut w = world(2, 2, plan, 3, 1 << 20);
+        w.engine.config.slice_timeout_ns = Some(50_000_000);
+        w.write(1, 0, 1 << 20);
+        let settled = w.run_stepped(100_000);
+        assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+        assert!(w.target.mem == w.local, "every byte, once");
+        assert!(w.engine.retries() > 0, "the slow rail's slices went again");
+        assert!(w.net.now_ns() < 10_000_000_000, "well before the slow device's due time ({} ns)", w.net.now_ns());
+    }
+
+    /// A device that neither completes nor flushes (hung): the broken
+    /// endpoint is destroyed after DRAIN_MAX_NS, its slices go again on
+    /// the other rail, and every byte lands once.
+    #[test]
+    fn work_a_hung_device_holds_is_taken_back_by_destroying_its_queue_pairs() {
+        let plan = FaultPlan { faults: vec![Fault::Stuck { device: "l1".into() }] };
+        let mut w = world(2, 1, plan, 5, 1 << 20);
+        w.engine.config.slice_timeout_ns = Some(100_000_000);
+        w.write(1, 0, 1 << 20);
+        let settled = w.run_stepped(1_000_000);
+        assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+        assert!(w.target.mem == w.local, "every byte");
+        let t = w.net.now_ns();
+        assert!((DRAIN_MAX_NS..DRAIN_MAX_NS + 1_000_000_000).contains(&t), "after the drain bound: {t} ns");
+        assert_eq!(w.engine.devices[1].endpoints, 0, "the hung device's endpoint was destroyed");
+    }
+
+    /// A request past its deadline with slices on a device that never
+    /// completes them: their queue pairs are flushed, so it settles soon
+    /// after the deadline, failed, rather than never.
+    #[test]
+    fn posted_slices_past_the_deadline_are_flushed_so_the_request_settles() {
+        let plan = FaultPlan { faults: vec![Fault::Slow { device: "l0".into(), factor: u64::MAX / (1 << 40) }] };
+        let mut w = world(1, 1, plan, 4, 1 << 20);
+        w.engine.submit(RdmaRequest {
+            id: 9,
+            verb: Verb::Write,
+            peer: "target".into(),
+            local: w.local.as_ptr() as u64,
+            remote: w.target.mem.as_ptr() as u64,
+            len: 1 << 20,
+            location: "cpu:0".into(),
+            deadline_ns: Some(20_000_000),
+        });
+        let settled = w.run_stepped(100_000);
+        assert_eq!(settled.len(), 1, "settled");
+        assert!(settled[0].result.is_err(), "{:?}", settled[0]);
+        assert!(
+            w.net.now_ns() < 20_000_000 + 2 * SWEEP_NS + 1_000_000,
+            "soon after the deadline: {} ns",
+            w.net.now_ns()
+        );
+        assert!(w.target.mem.iter().all(|&b| b == 0), "no byte landed from the stuck device");
     }
 
     #[test]

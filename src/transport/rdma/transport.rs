@@ -238,6 +238,11 @@ impl RdmaTransport {
         self.with(|e| e.device_bytes()).unwrap_or_default()
     }
 
+    /// Slices sent again after a failed try.
+    pub fn retries(&self) -> u64 {
+        self.with(|e| e.retries()).unwrap_or(0)
+    }
+
     /// What the descriptor says of this engine's RDMA side.
     pub fn describe(&self) -> Option<RdmaSegment> {
         self.with(|e| e.describe()).ok()

@@ -141,6 +141,7 @@ impl Fabric for VerbsFabric {
             work: HashMap::new(),
             wcs: Vec::with_capacity(POLL_MAX),
             events_at: None,
+            dead: false,
         }))
     }
 }
@@ -219,6 +220,7 @@ struct Region {
 
 struct Qp {
     qp: BasicQueuePair,
+    cq: CqId,
     caps: QpCaps,
     /// The state as the last transition left it; the device may have
     /// moved it to error since (completions and events say so).
@@ -247,6 +249,10 @@ pub struct VerbsContext {
     work: HashMap<u64, Posted>,
     wcs: Vec<sys::ibv_wc>,
     events_at: Option<Instant>,
+    /// The device is gone (`IBV_EVENT_DEVICE_FATAL`, e.g. `rdma link
+    /// delete`): it will complete nothing more, so its outstanding work is
+    /// completed here, as flushed, and nothing more is posted.
+    dead: bool,
 }
 
 impl VerbsContext {
@@ -268,6 +274,31 @@ impl VerbsContext {
         if let Some(q) = self.qps.get_mut(&qp) {
             q.outstanding = 0;
         }
+    }
+
+    /// Completes up to `max` outstanding work requests of queue pairs on
+    /// `cq` as flushed (the device is gone and will not).
+    fn flush_dead(&mut self, cq: CqId, max: usize, out: &mut Vec<Completion>) -> usize {
+        let on_cq: Vec<u64> = {
+            let qps = &self.qps;
+            let mut ids: Vec<u64> = self
+                .work
+                .iter()
+                .filter(|(_, p)| qps.get(&p.qp).is_some_and(|q| q.cq == cq))
+                .map(|(&id, _)| id)
+                .collect();
+            ids.sort_unstable(); // posting order, as a flush would report them
+            ids.truncate(max);
+            ids
+        };
+        for &id in &on_cq {
+            let p = self.settle_work(id).expect("listed above");
+            if let Some(q) = self.qps.get_mut(&p.qp) {
+                q.state = QpState::Err;
+            }
+            out.push(Completion { wr_id: id, qp: QpNum(p.qp), status: WcStatus::WrFlushErr, bytes: 0 });
+        }
+        on_cq.len()
     }
 
     fn settle_work(&mut self, wr_id: u64) -> Option<Posted> {
@@ -388,7 +419,7 @@ impl Context for VerbsContext {
             .build()
             .map_err(|e| call("ibv_create_qp", &self.info.name, e))?;
         let n = qp.qp_number();
-        self.qps.insert(n, Qp { qp, caps, state: QpState::Reset, outstanding: 0 });
+        self.qps.insert(n, Qp { qp, cq, caps, state: QpState::Reset, outstanding: 0 });
         Ok(QpNum(n))
     }
 
@@ -473,6 +504,9 @@ impl Context for VerbsContext {
     }
 
     fn post(&mut self, qp: QpNum, chain: &[WorkRequest]) -> Result<(), FabricError> {
+        if self.dead {
+            return Err(FabricError::PortDown(self.info.name.clone()));
+        }
         let q = self.qps.get_mut(&qp.0).ok_or(FabricError::NoQp(qp))?;
         if q.state != QpState::Rts {
             return Err(FabricError::NotReady { qp, state: q.state });
@@ -563,6 +597,9 @@ impl Context for VerbsContext {
     }
 
     fn poll(&mut self, cq: CqId, max: usize, out: &mut Vec<Completion>) -> Result<usize, FabricError> {
+        if self.dead {
+            return Ok(self.flush_dead(cq, max, out));
+        }
         let c = self.cqs.get(cq.0 as usize).ok_or(FabricError::NoCq(cq))?;
         let cq_ptr: NonNull<sys::ibv_cq> = {
             // SAFETY: the queue is alive while `self.cqs` holds it.
@@ -616,6 +653,10 @@ impl Context for VerbsContext {
                 break;
             }
             use sys::ibv_event_type as et;
+            if ev.event_type == et::IBV_EVENT_DEVICE_FATAL {
+                log::warn!("RDMA device {} is gone: its outstanding work completes as flushed", self.info.name);
+                self.dead = true;
+            }
             let event = match ev.event_type {
                 et::IBV_EVENT_PORT_ERR | et::IBV_EVENT_DEVICE_FATAL => Some(PortEvent::PortDown),
                 et::IBV_EVENT_PORT_ACTIVE => Some(PortEvent::PortActive),
