@@ -15,7 +15,7 @@
 //!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
 //!                        local/: same-host copies (shared memfds, cross-memory attach), a control table,
 //!                        the helper crew for large copies;
-//!                        rdma/: the Fabric seam, the sim fabric, the slice engine a shard polls, the transport
+//!                        rdma/: the Fabric seam, its verbs (sideway, feature `verbs`) and sim backends, the slice engine a shard polls, the transport
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
@@ -38,9 +38,10 @@
 //! target's control table, so nothing lands after the target withdraws the
 //! memory; a large copy or batch it shares with a few helper threads, and
 //! returns when they are done. An RDMA peer (`protocol = "rdma"` on a
-//! fabric) is served by a slice engine on a shard, whose poll hook drives
-//! the completion queues beside the io_uring ring. Either way every request
-//! settles exactly once.
+//! fabric: real devices through verbs, or the simulated one) is served by
+//! a slice engine on a shard, whose poll hook drives the completion queues
+//! beside the io_uring ring; endpoints that fail, stall or outlive a
+//! deadline are flushed, so every request settles exactly once.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)

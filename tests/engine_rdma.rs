@@ -107,3 +107,35 @@ fn with_every_rail_down_transfers_fail_over_to_tcp() {
     assert!(target.read_bytes_from_buffer(remote, 4 << 20).unwrap() == data);
     assert_eq!(initiator.transport_for(&name).unwrap(), "rdma", "the route stays; each request falls back");
 }
+
+/// `shardwire bench --protocol=rdma --json` on the simulated fabric says
+/// what carried it and what each device moved.
+#[test]
+fn the_cli_bench_reports_the_bytes_of_each_device() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardwire"))
+        .args([
+            "bench",
+            "--protocol=rdma",
+            "--operation=write",
+            "--duration=1",
+            "--threads=1",
+            "--batch_size=16",
+            "--buffer_size=16777216",
+            "--json",
+        ])
+        .env("SHARDWIRE_FABRIC", "sim")
+        .env("SHARDWIRE_LOCAL", "0")
+        .output()
+        .expect("the CLI runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("Devices: sim0 "), "{stdout}");
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["transport"], "rdma", "{report}");
+    let devices = report["device_bytes"].as_object().unwrap();
+    let names: Vec<&str> = devices.keys().map(String::as_str).collect();
+    assert_eq!(names, ["sim0", "sim1"]);
+    assert!(devices.values().all(|b| b.as_u64().unwrap() > 0), "both devices carried slices: {report}");
+    let sum: u64 = devices.values().map(|b| b.as_u64().unwrap()).sum();
+    assert!(sum >= report["bytes"].as_u64().unwrap() && report["bytes"].as_u64().unwrap() > 0, "{report}");
+}

@@ -65,6 +65,11 @@ pub struct Report {
     pub batch_latency: Percentiles,
     /// The anchor: a cache-hot `memcpy` of one block, in this process.
     pub memcpy_gbps: f64,
+    /// What carried the transfers: "rdma", "tcp" or "local".
+    pub transport: String,
+    /// Bytes each local RDMA device moved during the run (empty unless
+    /// RDMA carried it).
+    pub device_bytes: std::collections::BTreeMap<String, u64>,
 }
 
 impl Report {
@@ -87,6 +92,16 @@ impl Report {
             self.memcpy_gbps,
             self.throughput_gbps / self.memcpy_gbps.max(1e-9)
         )
+    }
+
+    /// The bytes each RDMA device moved, or `None` without RDMA.
+    pub fn devices_line(&self) -> Option<String> {
+        if self.device_bytes.is_empty() {
+            return None;
+        }
+        let parts: Vec<String> =
+            self.device_bytes.iter().map(|(d, b)| format!("{d} {:.3} GB", *b as f64 / 1e9)).collect();
+        Some(format!("Devices: {}", parts.join(", ")))
     }
 
     pub fn latency_line(&self) -> String {
@@ -179,6 +194,8 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
     // carries something recognisable.
     unsafe { std::ptr::write_bytes(local as *mut u8, 0x5a, opts.buffer_size as usize) };
     let memcpy_gbps = memcpy_rate(local, opts.buffer_size, opts.block_size, Duration::from_millis(500));
+    let transport = engine.transport_for(segment).map_err(|e| format!("segment {segment}: {e}"))?.to_string();
+    let devices_before = engine.rdma_device_bytes().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let batches = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -227,6 +244,15 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
     let elapsed = start.elapsed().as_secs_f64();
     let n = batches.load(Ordering::Relaxed);
     let bytes = n * opts.batch_size as u64 * opts.block_size;
+    let device_bytes = engine
+        .rdma_device_bytes()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(d, b)| {
+            let before = devices_before.iter().find(|(n, _)| *n == d).map_or(0, |(_, b)| *b);
+            (d, b.saturating_sub(before))
+        })
+        .collect();
     let _ = engine.free_managed_buffer(local, opts.buffer_size);
     Ok(Report {
         operation: if opts.operation == Opcode::Write { "write".into() } else { "read".into() },
@@ -240,6 +266,8 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
         failed_batches: failed.load(Ordering::Relaxed),
         batch_latency: Percentiles::of(&mut samples),
         memcpy_gbps,
+        transport,
+        device_bytes,
     })
 }
 

@@ -299,6 +299,9 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
     println!("{}", report.latency_line());
     println!("{}", report.mooncake_line(&options.report_unit, options.report_precision));
     println!("{}", report.memcpy_line());
+    if let Some(line) = report.devices_line() {
+        println!("{line}");
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
     }

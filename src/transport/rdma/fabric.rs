@@ -7,8 +7,9 @@
 //! The calls mirror verbs closely (so the real backend is a thin wrapper)
 //! and their rules are the hardware's: a chain posts only in RTS, keys and
 //! bounds and access flags are checked, a queue pair in error flushes what
-//! it holds. Implementations: `sim` (deterministic, in-process, with a
-//! fault plan), and later `emu` (across processes) and `verbs` (sideway).
+//! it holds. Implementations: `verbs` (the machine's devices, through
+//! sideway; feature `verbs`), `sim` (deterministic, in-process, with a
+//! fault plan), and later `emu` (across processes).
 
 use std::fmt;
 

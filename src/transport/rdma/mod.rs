@@ -13,6 +13,8 @@
 //!
 //! - [`transport`]: the engine's RDMA transport: a slice engine on a
 //!   shard, endpoints through the Connection RPC on helper threads.
+//! - `verbs` (feature `verbs`): the machine's devices through sideway,
+//!   tested on soft-RoCE in `tools/rdma-vm`.
 //!
 //! The control plane it speaks is in [`crate::proto::mooncake::rdma`].
 
