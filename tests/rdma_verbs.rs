@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use interop::pattern;
 use shardwire::engine::{EngineConfig, TransferEngine};
 use shardwire::transport::rdma::fabric::{
-    Access, Completion, Context, CqId, Fabric, FabricError, Mr, PeerAddr, QpCaps, QpNum, QpState, Sge, Transition,
-    Verb, WcStatus, WorkRequest, choose_gid,
+    Access, Completion, Context, CqId, Fabric, FabricError, Mr, PeerAddr, QpCaps, QpNum, QpState, Sge, Sges,
+    Transition, Verb, WcStatus, WorkRequest, choose_gid,
 };
 use shardwire::transport::rdma::verbs::{LinkConfig, VerbsFabric};
 
@@ -101,9 +101,10 @@ fn wr(wr_id: u64, verb: Verb, local: &Mr, at: u64, len: u32, remote: &Mr, to: u6
     WorkRequest {
         wr_id,
         verb,
-        sges: vec![Sge { addr: local.addr + at, len, lkey: local.lkey }],
+        sges: Sges::one(Sge { addr: local.addr + at, len, lkey: local.lkey }),
         remote_addr: remote.addr + to,
         rkey: remote.rkey,
+        inline: false,
     }
 }
 

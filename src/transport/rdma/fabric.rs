@@ -178,7 +178,7 @@ pub enum Transition {
 }
 
 /// One scatter-gather entry: local memory under `lkey`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Sge {
     pub addr: u64,
     pub len: u32,
@@ -194,14 +194,89 @@ pub enum Verb {
     WriteImm(u32),
 }
 
-/// One send work request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A work request's scatter-gather list: at most [`SGES_MAX`] entries,
+/// held inline so that building and posting a work request allocates
+/// nothing. It reads as a slice of [`Sge`].
+#[derive(Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sges {
+    count: u8,
+    items: [Sge; SGES_MAX],
+}
+
+impl Sges {
+    /// A list of one entry (what the slice engine posts).
+    pub fn one(sge: Sge) -> Sges {
+        let mut s = Sges::default();
+        s.items[0] = sge;
+        s.count = 1;
+        s
+    }
+
+    /// The entries of `sges`, or `None` if there are more than
+    /// [`SGES_MAX`].
+    pub fn of(sges: &[Sge]) -> Option<Sges> {
+        if sges.len() > SGES_MAX {
+            return None;
+        }
+        let mut s = Sges::default();
+        s.items[..sges.len()].copy_from_slice(sges);
+        s.count = sges.len() as u8;
+        Some(s)
+    }
+
+    /// Adds an entry; false (and nothing added) when full.
+    pub fn push(&mut self, sge: Sge) -> bool {
+        let n = usize::from(self.count);
+        if n == SGES_MAX {
+            return false;
+        }
+        self.items[n] = sge;
+        self.count += 1;
+        true
+    }
+}
+
+impl<'a> IntoIterator for &'a Sges {
+    type Item = &'a Sge;
+    type IntoIter = std::slice::Iter<'a, Sge>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl std::ops::Deref for Sges {
+    type Target = [Sge];
+
+    fn deref(&self) -> &[Sge] {
+        &self.items[..usize::from(self.count)]
+    }
+}
+
+impl std::ops::DerefMut for Sges {
+    fn deref_mut(&mut self) -> &mut [Sge] {
+        &mut self.items[..usize::from(self.count)]
+    }
+}
+
+impl fmt::Debug for Sges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// One send work request. `Copy`: chains are built in reused buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WorkRequest {
     pub wr_id: u64,
     pub verb: Verb,
-    pub sges: Vec<Sge>,
+    pub sges: Sges,
     pub remote_addr: u64,
     pub rkey: u32,
+    /// The bytes are taken at post (`IBV_SEND_INLINE`): the local memory
+    /// may change as soon as `post` returns, and its key is not checked.
+    /// Only for writes of at most the queue pair's `max_inline` bytes.
+    pub inline: bool,
 }
 
 impl WorkRequest {

@@ -2,6 +2,8 @@
 //!
 //! - [`fabric`]: the `Fabric` seam, the verbs the transport uses;
 //! - [`sim`]: a deterministic in-process fabric with a fault plan;
+//! - [`rules`]: what a device enforces, stated once for the fabrics
+//!   that enforce it in software;
 //! - [`plan`]: the rules that cut a request into slices and pick each
 //!   slice's rail;
 //! - [`slices`]: one shard's RDMA work on any fabric: endpoints, chains,
@@ -20,6 +22,7 @@
 
 pub mod fabric;
 pub mod plan;
+pub mod rules;
 pub mod shard;
 pub mod sim;
 pub mod slices;

@@ -21,6 +21,7 @@ use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, Fabric, FabricError, GidEntry, GidKind, Mr, PeerAddr, PortEvent,
     PortState, QpCaps, QpNum, QpState, SGES_MAX, Transition, Verb, WcStatus, WorkRequest,
 };
+use super::rules;
 use crate::proto::mooncake::rdma::Gid;
 
 /// Queue pairs one context may have.
@@ -31,8 +32,6 @@ pub const MRS_PER_CONTEXT_MAX: usize = 65_536;
 pub const CQS_PER_CONTEXT_MAX: usize = 64;
 /// Port events kept per context before the oldest are dropped.
 pub const EVENTS_MAX: usize = 1024;
-/// The largest work request (verbs caps a message at 2^31 bytes).
-pub const WR_BYTES_MAX: u64 = 1 << 31;
 
 /// How virtual time moves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,8 +167,29 @@ struct Qp {
     state: QpState,
     access: Access,
     peer: Option<PeerAddr>,
-    /// Posted, not yet carried out, in order, with their due time.
-    queue: VecDeque<(u64, WorkRequest)>,
+    /// Posted, not yet carried out, in order.
+    queue: VecDeque<Posted>,
+}
+
+/// A work request on its queue pair.
+struct Posted {
+    /// When it is carried out (virtual ns).
+    due_ns: u64,
+    wr: WorkRequest,
+    /// Inline data, taken at post.
+    data: Option<Box<[u8]>>,
+}
+
+/// `p` leaves its queue: the regions it named are free of it.
+fn release(mrs: &mut HashMap<u32, Region>, p: &Posted) {
+    if p.data.is_some() {
+        return; // inline: it named no region
+    }
+    for s in &p.wr.sges {
+        if let Some(r) = mrs.get_mut(&s.lkey) {
+            r.in_use = r.in_use.saturating_sub(1);
+        }
+    }
 }
 
 fn lock(net: &Mutex<Net>) -> MutexGuard<'_, Net> {
@@ -348,7 +368,7 @@ impl Net {
                 ctx.qps
                     .iter()
                     .filter(|(_, q)| q.cq == cq)
-                    .filter_map(|(&n, q)| q.queue.front().map(|(due, _)| (*due, n)))
+                    .filter_map(|(&n, q)| q.queue.front().map(|p| (p.due_ns, n)))
                     .min()
             };
             let Some((due, qpn)) = next else { return };
@@ -360,18 +380,16 @@ impl Net {
             if stuck || (due > self.now_ns && state != Some(QpState::Err)) {
                 return;
             }
-            let (_, wr) = self.contexts[me]
+            let posted = self.contexts[me]
                 .as_mut()
                 .and_then(|c| c.qps.get_mut(&qpn))
                 .and_then(|q| q.queue.pop_front())
                 .expect("the queue pair just looked at");
-            let status = if state == Some(QpState::Err) { WcStatus::WrFlushErr } else { self.execute(me, qpn, &wr) };
+            let status =
+                if state == Some(QpState::Err) { WcStatus::WrFlushErr } else { self.execute(me, qpn, &posted) };
             let ctx = self.contexts[me].as_mut().expect("a live context");
-            for s in &wr.sges {
-                if let Some(r) = ctx.mrs.get_mut(&s.lkey) {
-                    r.in_use = r.in_use.saturating_sub(1);
-                }
-            }
+            release(&mut ctx.mrs, &posted);
+            let wr = posted.wr;
             if status != WcStatus::Success
                 && let Some(q) = ctx.qps.get_mut(&qpn)
             {
@@ -394,7 +412,8 @@ impl Net {
     }
 
     /// One work request, checked as hardware checks it, and its bytes moved.
-    fn execute(&mut self, me: usize, qpn: u32, wr: &WorkRequest) -> WcStatus {
+    fn execute(&mut self, me: usize, qpn: u32, posted: &Posted) -> WcStatus {
+        let wr = &posted.wr;
         let my_device = self.contexts[me].as_ref().expect("a live context").device;
         if let Some(status) = self.planned_failure(my_device) {
             return status;
@@ -402,14 +421,11 @@ impl Net {
         let ctx = self.contexts[me].as_ref().expect("a live context");
         let qp = &ctx.qps[&qpn];
         let Some(peer) = qp.peer else { return WcStatus::GeneralErr };
-        // Local side: keys, bounds, access.
-        for s in &wr.sges {
-            let Some(r) = ctx.mrs.get(&s.lkey) else { return WcStatus::LocProtErr };
-            if s.addr < r.mr.addr || s.addr + u64::from(s.len) > r.mr.addr + r.mr.len {
-                return WcStatus::LocLenErr;
-            }
-            if matches!(wr.verb, Verb::Read) && !r.access.local_write {
-                return WcStatus::LocProtErr;
+        // Local side: keys, bounds, access (inline data has none).
+        for s in wr.sges.iter().filter(|_| posted.data.is_none()) {
+            let region = ctx.mrs.get(&s.lkey).map(|r| (&r.mr, r.access));
+            if let Err(status) = rules::check_local(s, region, wr.verb) {
+                return status;
             }
         }
         let Some((them, their_qp)) = self.find_peer(&peer) else { return WcStatus::RetryExcErr };
@@ -428,15 +444,16 @@ impl Net {
             return WcStatus::RetryExcErr;
         }
         let len = wr.len();
-        let Some(r) = theirs.mrs.values().find(|r| r.mr.rkey == wr.rkey) else { return WcStatus::RemAccessErr };
-        let inside =
-            wr.remote_addr >= r.mr.addr && wr.remote_addr.checked_add(len).is_some_and(|e| e <= r.mr.addr + r.mr.len);
-        let allowed = match wr.verb {
-            Verb::Read => r.access.remote_read && tq.access.remote_read,
-            Verb::Write | Verb::WriteImm(_) => r.access.remote_write && tq.access.remote_write,
-        };
-        if !inside || !allowed {
-            return WcStatus::RemAccessErr;
+        let region = theirs.mrs.values().find(|r| r.mr.rkey == wr.rkey).map(|r| (&r.mr, r.access));
+        if let Err(status) = rules::check_remote(wr.verb, wr.remote_addr, len, region, tq.access) {
+            return status;
+        }
+        if let Some(data) = &posted.data {
+            // SAFETY: the range lies inside a registered region (checked
+            // above), kept mapped by its registrant until deregistered;
+            // the network's lock orders this copy against that.
+            unsafe { std::ptr::copy(data.as_ptr(), wr.remote_addr as *mut u8, data.len()) };
+            return WcStatus::Success;
         }
         let mut at = wr.remote_addr;
         for s in &wr.sges {
@@ -622,12 +639,8 @@ impl Context for SimContext {
         self.with(|net, id| {
             let c = ctx(net, id);
             let q = c.qps.remove(&qp.0).ok_or(FabricError::NoQp(qp))?;
-            for (_, wr) in q.queue {
-                for s in &wr.sges {
-                    if let Some(r) = c.mrs.get_mut(&s.lkey) {
-                        r.in_use = r.in_use.saturating_sub(1);
-                    }
-                }
+            for p in &q.queue {
+                release(&mut c.mrs, p);
             }
             Ok(())
         })
@@ -639,37 +652,24 @@ impl Context for SimContext {
             let c = ctx(net, id);
             let q = c.qps.get_mut(&qp.0).ok_or(FabricError::NoQp(qp))?;
             let from = q.state;
-            let bad = |by| FabricError::BadTransition { qp, from, by };
-            match (q.state, to) {
-                (QpState::Reset, Transition::Init { access }) => {
-                    q.access = access;
-                    q.state = QpState::Init;
-                }
-                (QpState::Init, Transition::Rtr { peer }) => {
+            let next = rules::next_state(from, &to).map_err(|by| FabricError::BadTransition { qp, from, by })?;
+            match to {
+                Transition::Init { access } => q.access = access,
+                Transition::Rtr { peer } => {
                     if !device_up {
-                        return Err(bad("RTR while the port is down"));
+                        return Err(FabricError::BadTransition { qp, from, by: "RTR while the port is down" });
                     }
                     q.peer = Some(peer);
-                    q.state = QpState::Rtr;
                 }
-                (QpState::Rtr, Transition::Rts { .. }) => q.state = QpState::Rts,
-                (_, Transition::Err) => q.state = QpState::Err,
-                (_, Transition::Reset) => {
-                    for (_, wr) in q.queue.drain(..) {
-                        for s in &wr.sges {
-                            if let Some(r) = c.mrs.get_mut(&s.lkey) {
-                                r.in_use = r.in_use.saturating_sub(1);
-                            }
-                        }
-                    }
-                    let q = c.qps.get_mut(&qp.0).expect("looked up above");
-                    q.state = QpState::Reset;
+                Transition::Reset => {
                     q.peer = None;
+                    for p in q.queue.drain(..) {
+                        release(&mut c.mrs, &p);
+                    }
                 }
-                (_, Transition::Init { .. }) => return Err(bad("INIT")),
-                (_, Transition::Rtr { .. }) => return Err(bad("RTR")),
-                (_, Transition::Rts { .. }) => return Err(bad("RTS")),
+                Transition::Rts { .. } | Transition::Err => {}
             }
+            c.qps.get_mut(&qp.0).expect("looked up above").state = next;
             Ok(())
         })
     }
@@ -684,7 +684,7 @@ impl Context for SimContext {
             for (index, wr) in chain.iter().enumerate() {
                 let c = ctx(net, id);
                 let q = c.qps.get(&qp.0).ok_or(FabricError::NoQp(qp))?;
-                if !matches!(q.state, QpState::Rts | QpState::Err) {
+                if !rules::takes_posts(q.state) {
                     return Err(FabricError::NotReady { qp, state: q.state });
                 }
                 if q.queue.len() >= q.caps.max_send_wr as usize {
@@ -694,24 +694,30 @@ impl Context for SimContext {
                         max: q.caps.max_send_wr,
                     });
                 }
-                let bad = |why: String| FabricError::BadWorkRequest { qp, index, why };
-                if wr.sges.is_empty() || wr.sges.len() > q.caps.max_sge.max(1) as usize {
-                    return Err(bad(format!(
-                        "{} scatter-gather entries, expected 1 to {}",
-                        wr.sges.len(),
-                        q.caps.max_sge.max(1)
-                    )));
-                }
-                if wr.len() > WR_BYTES_MAX {
-                    return Err(bad(format!("{} bytes, above {WR_BYTES_MAX}", wr.len())));
-                }
-                for s in &wr.sges {
-                    if let Some(r) = c.mrs.get_mut(&s.lkey) {
-                        r.in_use += 1;
+                rules::check_post(wr, &q.caps).map_err(|why| FabricError::BadWorkRequest { qp, index, why })?;
+                let data = if wr.inline {
+                    // The bytes are taken now, as the provider copies them
+                    // into the send queue; the key is not looked at.
+                    let mut bytes = Vec::with_capacity(wr.len() as usize);
+                    for s in &wr.sges {
+                        // SAFETY: the caller vouches for inline memory as
+                        // for any work request's: mapped for the call.
+                        bytes.extend_from_slice(unsafe {
+                            std::slice::from_raw_parts(s.addr as *const u8, s.len as usize)
+                        });
                     }
-                }
+                    Some(bytes.into_boxed_slice())
+                } else {
+                    for s in &wr.sges {
+                        if let Some(r) = c.mrs.get_mut(&s.lkey) {
+                            r.in_use += 1;
+                        }
+                    }
+                    None
+                };
                 let due = net.due(device, wr.len());
-                ctx(net, id).qps.get_mut(&qp.0).expect("looked up above").queue.push_back((due, wr.clone()));
+                let posted = Posted { due_ns: due, wr: *wr, data };
+                ctx(net, id).qps.get_mut(&qp.0).expect("looked up above").queue.push_back(posted);
             }
             Ok(())
         })
@@ -729,7 +735,7 @@ impl Context for SimContext {
                     .qps
                     .values()
                     .filter(|q| q.cq == cq.0)
-                    .filter_map(|q| q.queue.front().map(|(d, _)| *d))
+                    .filter_map(|q| q.queue.front().map(|p| p.due_ns))
                     .min();
                 if let Some(due) = next {
                     net.set_time(due);
@@ -755,9 +761,10 @@ impl Context for SimContext {
 
 #[cfg(test)]
 mod tests {
+    use super::super::fabric::Sges;
     use super::*;
 
-    const CAPS: QpCaps = QpCaps { max_send_wr: 8, max_sge: 2, max_inline: 0 };
+    const CAPS: QpCaps = QpCaps { max_send_wr: 8, max_sge: 2, max_inline: 64 };
 
     /// Two contexts on devices `d0` and `d1`, each with a queue pair
     /// connected to the other's, in RTS.
@@ -793,9 +800,10 @@ mod tests {
         WorkRequest {
             wr_id,
             verb: Verb::Write,
-            sges: vec![super::super::fabric::Sge { addr: local.addr + at, len, lkey: local.lkey }],
+            sges: Sges::one(super::super::fabric::Sge { addr: local.addr + at, len, lkey: local.lkey }),
             remote_addr: remote.addr + to,
             rkey: remote.rkey,
+            inline: false,
         }
     }
 
@@ -819,7 +827,7 @@ mod tests {
         let mut dst = vec![0u8; 65_536];
         let (ls, rd) = (reg(&mut p.a, &mut src, Access::ALL), reg(&mut p.b, &mut dst, Access::ALL));
         let mut two = write(1, &ls, 0, 1000, &rd, 0);
-        two.sges.push(super::super::fabric::Sge { addr: ls.addr + 5000, len: 24, lkey: ls.lkey });
+        assert!(two.sges.push(super::super::fabric::Sge { addr: ls.addr + 5000, len: 24, lkey: ls.lkey }));
         p.a.post(p.qp_a, &[two, write(2, &ls, 1000, 64_000, &rd, 1024)]).unwrap();
         let done = take(&mut p.a, p.cq_a, 2);
         assert_eq!(
@@ -836,6 +844,26 @@ mod tests {
         assert_eq!(take(&mut p.a, p.cq_a, 1)[0].status, WcStatus::Success);
         assert_eq!(back[..], src[1000..5096]);
         assert!(p.net.now_ns() > 0, "virtual time moved");
+    }
+
+    #[test]
+    fn inline_data_is_taken_at_post() {
+        let mut p = pair(FaultPlan::default(), 1, 64);
+        let mut src = vec![7u8; 128];
+        let mut dst = vec![0u8; 128];
+        let (ls, rd) = (reg(&mut p.a, &mut src, Access::ALL), reg(&mut p.b, &mut dst, Access::ALL));
+        let too_long = WorkRequest { inline: true, ..write(2, &ls, 0, 65, &rd, 0) };
+        let e = p.a.post(p.qp_a, &[too_long]).unwrap_err();
+        assert!(matches!(&e, FabricError::BadWorkRequest { index: 0, why, .. } if why.contains("inline")), "{e}");
+        p.a.post(p.qp_a, &[WorkRequest { inline: true, ..write(1, &ls, 0, 32, &rd, 0) }]).unwrap();
+        // The memory changes, and even goes from the device, before the
+        // write is carried out: what was posted is what lands.
+        src.fill(9);
+        p.a.deregister(ls.lkey).unwrap();
+        let done = take(&mut p.a, p.cq_a, 1);
+        assert_eq!((done[0].wr_id, done[0].status, done[0].bytes), (1, WcStatus::Success, 32));
+        assert_eq!(dst[..32], [7u8; 32]);
+        assert_eq!(dst[32..], [0u8; 96]);
     }
 
     #[test]
@@ -896,7 +924,7 @@ mod tests {
             (
                 "a bad lkey",
                 |m| WorkRequest {
-                    sges: vec![super::super::fabric::Sge { addr: m.l.addr, len: 8, lkey: 7 }],
+                    sges: Sges::one(super::super::fabric::Sge { addr: m.l.addr, len: 8, lkey: 7 }),
                     ..write(1, &m.l, 0, 8, &m.r, 0)
                 },
                 WcStatus::LocProtErr,

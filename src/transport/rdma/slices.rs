@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, FabricError, Mr, PeerAddr, PortEvent, PortState, QpCaps, QpNum,
-    QpState, Sge, Transition, Verb, WcStatus, WorkRequest,
+    QpState, Sge, Sges, Transition, Verb, WcStatus, WorkRequest,
 };
 use super::plan::{Rails, Slice, SliceRule};
 use crate::proto::mooncake::rdma::{Buffer, Connection, Device, Gid, QPS_PER_ENDPOINT_MAX, RdmaSegment};
@@ -818,9 +818,10 @@ impl SliceEngine {
                     let wr = WorkRequest {
                         wr_id: id,
                         verb,
-                        sges: vec![Sge { addr: slice.local, len: slice.len as u32, lkey }],
+                        sges: Sges::one(Sge { addr: slice.local, len: slice.len as u32, lkey }),
                         remote_addr: slice.remote,
                         rkey,
+                        inline: false,
                     };
                     self.count_try(id);
                     let rec = self.slices.get_mut(&id).expect("looked up above");

@@ -523,6 +523,17 @@ impl Context for VerbsContext {
                 let why = format!("{} scatter-gather entries, of 1 to {}", wr.sges.len(), q.caps.max_sge.max(1));
                 return Err(FabricError::BadWorkRequest { qp, index, why });
             }
+            if wr.inline
+                && (wr.len() > u64::from(q.caps.max_inline) || !matches!(wr.verb, Verb::Write | Verb::WriteImm(_)))
+            {
+                let why = format!(
+                    "inline {:?} of {} bytes (inline: writes of at most {})",
+                    wr.verb,
+                    wr.len(),
+                    q.caps.max_inline
+                );
+                return Err(FabricError::BadWorkRequest { qp, index, why });
+            }
             if self.work.contains_key(&wr.wr_id) {
                 return Err(FabricError::BadWorkRequest {
                     qp,
@@ -548,6 +559,9 @@ impl Context for VerbsContext {
             w.sg_list = sges[at..].as_mut_ptr();
             at += wr.sges.len();
             w.send_flags = sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+            if wr.inline {
+                w.send_flags |= sys::ibv_send_flags::IBV_SEND_INLINE.0;
+            }
             w.opcode = match wr.verb {
                 Verb::Write => sys::ibv_wr_opcode::IBV_WR_RDMA_WRITE,
                 Verb::Read => sys::ibv_wr_opcode::IBV_WR_RDMA_READ,
@@ -580,13 +594,15 @@ impl Context for VerbsContext {
         q.outstanding += posted as u32;
         for wr in &chain[..posted] {
             let mut lkeys = [0u32; SGES_MAX];
-            for (k, s) in lkeys.iter_mut().zip(&wr.sges) {
+            // Inline data was copied at post: the memory is not used after.
+            let named = if wr.inline { 0 } else { wr.sges.len() };
+            for (k, s) in lkeys.iter_mut().zip(&wr.sges[..named]) {
                 *k = s.lkey;
                 if let Some(r) = self.regions.get_mut(&s.lkey) {
                     r.uses += 1;
                 }
             }
-            self.work.insert(wr.wr_id, Posted { qp: qp.0, len: wr.len(), lkeys, sges: wr.sges.len() as u8 });
+            self.work.insert(wr.wr_id, Posted { qp: qp.0, len: wr.len(), lkeys, sges: named as u8 });
         }
         if rc == 0 {
             Ok(())

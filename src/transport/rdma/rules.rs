@@ -1,0 +1,174 @@
+//! The rules an RDMA device enforces, for the fabrics that enforce them in
+//! software (`sim` in one process, `emu` across processes): one statement
+//! of each rule, so the two cannot drift apart. Pure functions, no state.
+//!
+//! - a queue pair moves RESET → INIT → RTR → RTS, to ERR from anywhere and
+//!   back to RESET from anywhere;
+//! - a chain posts on a queue pair in RTS (or in ERR, where it flushes);
+//!   each work request has 1 to `max_sge` entries, at most 2^31 bytes, and
+//!   inline data only for writes of at most `max_inline` bytes;
+//! - the requester checks each entry's local key, bounds and access
+//!   (`LOC_PROT_ERR`, `LOC_LEN_ERR`); the responder checks the remote key,
+//!   bounds and access of the region and of its queue pair
+//!   (`REM_ACCESS_ERR`).
+
+use super::fabric::{Access, Mr, QpCaps, QpState, Sge, Transition, Verb, WcStatus, WorkRequest};
+
+/// The largest work request (verbs caps a message at 2^31 bytes).
+pub const WR_BYTES_MAX: u64 = 1 << 31;
+
+/// The state transition `to` leads to from `from`, or which move it is
+/// that the state does not allow.
+pub fn next_state(from: QpState, to: &Transition) -> Result<QpState, &'static str> {
+    match (from, to) {
+        (QpState::Reset, Transition::Init { .. }) => Ok(QpState::Init),
+        (QpState::Init, Transition::Rtr { .. }) => Ok(QpState::Rtr),
+        (QpState::Rtr, Transition::Rts { .. }) => Ok(QpState::Rts),
+        (_, Transition::Err) => Ok(QpState::Err),
+        (_, Transition::Reset) => Ok(QpState::Reset),
+        (_, Transition::Init { .. }) => Err("INIT"),
+        (_, Transition::Rtr { .. }) => Err("RTR"),
+        (_, Transition::Rts { .. }) => Err("RTS"),
+    }
+}
+
+/// Whether a queue pair in `state` takes posts: in RTS it carries them
+/// out; in ERR it takes them and flushes them.
+pub fn takes_posts(state: QpState) -> bool {
+    matches!(state, QpState::Rts | QpState::Err)
+}
+
+/// What is wrong with `wr` for a queue pair of `caps`, checked when it is
+/// posted (the provider refuses it, nothing is sent).
+pub fn check_post(wr: &WorkRequest, caps: &QpCaps) -> Result<(), String> {
+    let max_sge = caps.max_sge.max(1) as usize;
+    if wr.sges.is_empty() || wr.sges.len() > max_sge {
+        return Err(format!("{} scatter-gather entries, expected 1 to {max_sge}", wr.sges.len()));
+    }
+    let len = wr.len();
+    if len > WR_BYTES_MAX {
+        return Err(format!("{len} bytes, above {WR_BYTES_MAX}"));
+    }
+    if wr.inline {
+        if !matches!(wr.verb, Verb::Write | Verb::WriteImm(_)) {
+            return Err("inline data on a read".into());
+        }
+        if len > u64::from(caps.max_inline) {
+            return Err(format!("{len} bytes inline, above the queue pair's {}", caps.max_inline));
+        }
+    }
+    Ok(())
+}
+
+/// The requester's check of one entry of a `verb`: `region` is the region
+/// its lkey names, with the access it was registered with (`None`: no
+/// region has that key).
+pub fn check_local(sge: &Sge, region: Option<(&Mr, Access)>, verb: Verb) -> Result<(), WcStatus> {
+    let Some((mr, access)) = region else { return Err(WcStatus::LocProtErr) };
+    let end = sge.addr.checked_add(u64::from(sge.len));
+    if sge.addr < mr.addr || end.is_none_or(|e| e > mr.addr + mr.len) {
+        return Err(WcStatus::LocLenErr);
+    }
+    // A read lands in local memory: the region must take local writes.
+    if matches!(verb, Verb::Read) && !access.local_write {
+        return Err(WcStatus::LocProtErr);
+    }
+    Ok(())
+}
+
+/// The responder's check of `len` bytes at `remote_addr` for a `verb`:
+/// `region` is the region its rkey names, with its access (`None`: no
+/// region has that key); `qp_access` is what the responder's queue pair
+/// allows (set at INIT).
+pub fn check_remote(
+    verb: Verb,
+    remote_addr: u64,
+    len: u64,
+    region: Option<(&Mr, Access)>,
+    qp_access: Access,
+) -> Result<(), WcStatus> {
+    let Some((mr, access)) = region else { return Err(WcStatus::RemAccessErr) };
+    let inside = remote_addr >= mr.addr && remote_addr.checked_add(len).is_some_and(|e| e <= mr.addr + mr.len);
+    let allowed = match verb {
+        Verb::Read => access.remote_read && qp_access.remote_read,
+        Verb::Write | Verb::WriteImm(_) => access.remote_write && qp_access.remote_write,
+    };
+    if inside && allowed { Ok(()) } else { Err(WcStatus::RemAccessErr) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::fabric::{PeerAddr, QpNum, Sges};
+    use super::*;
+    use crate::proto::mooncake::rdma::Gid;
+
+    const ALL: Access = Access::ALL;
+    const READ_ONLY: Access = Access { local_write: false, remote_read: true, remote_write: false };
+
+    #[test]
+    fn queue_pairs_move_in_the_hardwares_order() {
+        let init = Transition::Init { access: ALL };
+        let peer = PeerAddr { gid: Gid([0; 16]), lid: 0, qp: QpNum(1), mtu: 4096 };
+        let rtr = Transition::Rtr { peer };
+        let rts = Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 };
+        assert_eq!(next_state(QpState::Reset, &init), Ok(QpState::Init));
+        assert_eq!(next_state(QpState::Init, &rtr), Ok(QpState::Rtr));
+        assert_eq!(next_state(QpState::Rtr, &rts), Ok(QpState::Rts));
+        assert_eq!(next_state(QpState::Reset, &rtr), Err("RTR"));
+        assert_eq!(next_state(QpState::Init, &rts), Err("RTS"));
+        assert_eq!(next_state(QpState::Rts, &init), Err("INIT"));
+        assert_eq!(next_state(QpState::Err, &rts), Err("RTS"), "out of ERR only through RESET");
+        for s in [QpState::Reset, QpState::Init, QpState::Rtr, QpState::Rts, QpState::Err] {
+            assert_eq!(next_state(s, &Transition::Err), Ok(QpState::Err));
+            assert_eq!(next_state(s, &Transition::Reset), Ok(QpState::Reset));
+        }
+        assert!(takes_posts(QpState::Rts) && takes_posts(QpState::Err));
+        assert!(!takes_posts(QpState::Rtr) && !takes_posts(QpState::Init) && !takes_posts(QpState::Reset));
+    }
+
+    fn wr(verb: Verb, len: u32, inline: bool) -> WorkRequest {
+        let sges = Sges::one(Sge { addr: 4096, len, lkey: 1 });
+        WorkRequest { wr_id: 1, verb, sges, remote_addr: 0, rkey: 2, inline }
+    }
+
+    #[test]
+    fn posts_are_checked_against_the_queue_pairs_caps() {
+        let caps = QpCaps { max_send_wr: 4, max_sge: 2, max_inline: 64 };
+        assert_eq!(check_post(&wr(Verb::Write, 4096, false), &caps), Ok(()));
+        assert_eq!(check_post(&wr(Verb::Write, 64, true), &caps), Ok(()));
+        assert!(check_post(&wr(Verb::Write, 65, true), &caps).unwrap_err().contains("above the queue pair's 64"));
+        assert!(check_post(&wr(Verb::Read, 8, true), &caps).unwrap_err().contains("read"));
+        let mut none = wr(Verb::Write, 8, false);
+        none.sges = Sges::default();
+        assert!(check_post(&none, &caps).unwrap_err().contains("0 scatter-gather entries"));
+        let mut three = wr(Verb::Write, 8, false);
+        assert!(three.sges.push(Sge { addr: 0, len: 1, lkey: 1 }) && three.sges.push(Sge { addr: 0, len: 1, lkey: 1 }));
+        assert!(check_post(&three, &caps).unwrap_err().contains("expected 1 to 2"));
+        let mut huge = wr(Verb::Write, u32::MAX, false);
+        assert!(huge.sges.push(Sge { addr: 0, len: 2, lkey: 1 }));
+        assert!(check_post(&huge, &caps).unwrap_err().contains("above 2147483648"));
+    }
+
+    #[test]
+    fn local_and_remote_checks_give_the_hardwares_statuses() {
+        let mr = Mr { addr: 4096, len: 4096, lkey: 1, rkey: 2 };
+        let sge = |addr, len| Sge { addr, len, lkey: 1 };
+        assert_eq!(check_local(&sge(4096, 4096), Some((&mr, ALL)), Verb::Read), Ok(()));
+        assert_eq!(check_local(&sge(4096, 8), None, Verb::Write), Err(WcStatus::LocProtErr));
+        assert_eq!(check_local(&sge(8000, 200), Some((&mr, ALL)), Verb::Write), Err(WcStatus::LocLenErr));
+        assert_eq!(check_local(&sge(4000, 8), Some((&mr, ALL)), Verb::Write), Err(WcStatus::LocLenErr));
+        assert_eq!(check_local(&sge(u64::MAX, 8), Some((&mr, ALL)), Verb::Write), Err(WcStatus::LocLenErr));
+        assert_eq!(check_local(&sge(4096, 8), Some((&mr, READ_ONLY)), Verb::Read), Err(WcStatus::LocProtErr));
+        assert_eq!(check_local(&sge(4096, 8), Some((&mr, READ_ONLY)), Verb::Write), Ok(()));
+
+        assert_eq!(check_remote(Verb::Write, 4096, 4096, Some((&mr, ALL)), ALL), Ok(()));
+        assert_eq!(check_remote(Verb::Write, 4096, 8, None, ALL), Err(WcStatus::RemAccessErr));
+        assert_eq!(check_remote(Verb::Write, 8000, 200, Some((&mr, ALL)), ALL), Err(WcStatus::RemAccessErr));
+        assert_eq!(check_remote(Verb::Read, u64::MAX - 1, 8, Some((&mr, ALL)), ALL), Err(WcStatus::RemAccessErr));
+        assert_eq!(check_remote(Verb::Write, 4096, 8, Some((&mr, READ_ONLY)), ALL), Err(WcStatus::RemAccessErr));
+        assert_eq!(check_remote(Verb::WriteImm(7), 4096, 8, Some((&mr, READ_ONLY)), ALL), Err(WcStatus::RemAccessErr));
+        assert_eq!(check_remote(Verb::Read, 4096, 8, Some((&mr, READ_ONLY)), ALL), Ok(()));
+        assert_eq!(check_remote(Verb::Read, 4096, 8, Some((&mr, ALL)), READ_ONLY), Ok(()));
+        assert_eq!(check_remote(Verb::Write, 4096, 8, Some((&mr, ALL)), READ_ONLY), Err(WcStatus::RemAccessErr));
+    }
+}
