@@ -2,6 +2,7 @@
 //! report ratios. They back `shardwire bench ...` and `cargo bench`.
 
 pub mod batches;
+pub mod rdma_sim;
 pub mod runtime;
 pub mod stream;
 pub mod transfer;

@@ -111,6 +111,34 @@ enum BenchWhat {
     Stream(StreamBenchArgs),
     /// One huge batch against many batches of 1,000, the same bytes.
     Batches(BatchesBenchArgs),
+    /// The RDMA software path of one shard on zero-cost simulated NICs.
+    #[command(name = "rdma-sim")]
+    RdmaSim(RdmaSimBenchArgs),
+}
+
+#[derive(clap::Args)]
+struct RdmaSimBenchArgs {
+    /// Seconds per timed run.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Runs of each way (interleaved; medians are reported).
+    #[arg(long, default_value_t = 3)]
+    repeats: usize,
+    /// Local NICs (the peer has as many).
+    #[arg(long, default_value_t = 4)]
+    devices: usize,
+    /// Bytes per request.
+    #[arg(long = "block_size", default_value_t = 1 << 20)]
+    block_size: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    depth: usize,
+    /// read or write.
+    #[arg(long, default_value = "write", value_parser = ["read", "write"])]
+    operation: String,
+    /// Print the report as JSON too.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -192,6 +220,7 @@ fn main() -> ExitCode {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
             Some(BenchWhat::Stream(s)) => stream_bench(s),
             Some(BenchWhat::Batches(b)) => batches_bench(b),
+            Some(BenchWhat::RdmaSim(r)) => rdma_sim_bench(r, &settings),
             None => transfer_bench(&args.transfer),
         },
     };
@@ -304,6 +333,30 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
     }
     if args.json {
         println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+    }
+    Ok(())
+}
+
+fn rdma_sim_bench(a: &RdmaSimBenchArgs, settings: &shardwire::config::Settings) -> Result<(), String> {
+    use shardwire::bench::rdma_sim::{Options, run};
+    use shardwire::transport::rdma::fabric::Verb;
+    if !a.duration.is_finite() || a.duration <= 0.0 {
+        return Err("--duration must be positive".into());
+    }
+    let o = Options {
+        duration: std::time::Duration::from_secs_f64(a.duration),
+        repeats: a.repeats,
+        devices: a.devices,
+        request_bytes: a.block_size,
+        slice_bytes: settings.rdma.slice_bytes,
+        depth: a.depth,
+        operation: if a.operation == "read" { Verb::Read } else { Verb::Write },
+        ..Options::default()
+    };
+    let r = run(&o)?;
+    print!("{}", r.render());
+    if a.json {
+        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
     }
     Ok(())
 }

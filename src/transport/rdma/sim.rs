@@ -50,6 +50,10 @@ pub struct SimDevice {
     pub latency_ns: u64,
     /// Bytes per virtual nanosecond (25 is 200 Gb/s).
     pub bytes_per_ns: u64,
+    /// Whether its work requests copy the bytes (they are checked either
+    /// way); off for a NIC that costs nothing, to measure the software
+    /// path alone (`shardwire bench rdma-sim`).
+    pub moves_bytes: bool,
 }
 
 impl SimDevice {
@@ -81,6 +85,7 @@ impl SimDevice {
             },
             latency_ns: 2_000,
             bytes_per_ns: 25,
+            moves_bytes: true,
         }
     }
 }
@@ -447,6 +452,9 @@ impl Net {
         let region = theirs.mrs.values().find(|r| r.mr.rkey == wr.rkey).map(|r| (&r.mr, r.access));
         if let Err(status) = rules::check_remote(wr.verb, wr.remote_addr, len, region, tq.access) {
             return status;
+        }
+        if !self.devices[my_device].sim.moves_bytes {
+            return WcStatus::Success;
         }
         if let Some(data) = &posted.data {
             // SAFETY: the range lies inside a registered region (checked
