@@ -264,7 +264,7 @@ fn run_engine(o: &Options, per_request: u64) -> Result<Run, String> {
                 next += 1;
             }
             engine.progress(&mut peer, now());
-            for s in engine.take_settled() {
+            for s in engine.drain_settled() {
                 s.result.map_err(|e| format!("request {} failed: {e}", s.id))?;
                 settled += 1;
             }

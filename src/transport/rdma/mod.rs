@@ -21,6 +21,7 @@
 //! The control plane it speaks is in [`crate::proto::mooncake::rdma`].
 
 pub mod fabric;
+pub mod idhash;
 pub mod plan;
 pub mod rules;
 pub mod shard;

@@ -104,6 +104,26 @@ impl SliceRule {
     }
 }
 
+/// `n % d` for `d` in 1..=64 without a division (one is called for twice
+/// a slice, and a division costs tens of cycles): Lemire's multiply-based
+/// remainder, on `n`'s low 32 bits (the spray's pattern restarts every
+/// 2^32 slices, which is harmless).
+fn mod_small(n: u64, d: u32) -> u32 {
+    const fn reciprocals() -> [u64; 65] {
+        let mut m = [0u64; 65];
+        let mut d = 1;
+        while d <= 64 {
+            m[d] = (u64::MAX / d as u64).wrapping_add(1);
+            d += 1;
+        }
+        m
+    }
+    const M: [u64; 65] = reciprocals();
+    debug_assert!((1..=64).contains(&d));
+    let low = M[d as usize].wrapping_mul(u64::from(n as u32));
+    ((u128::from(low) * u128::from(d)) >> 64) as u32
+}
+
 /// The devices a location may use, by index: the preferred ones, then the
 /// others.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -130,17 +150,46 @@ impl Rails {
     /// first try's, over all the rails that are up, preferred first: the
     /// next `len - 1` tries each land on a rail not tried yet.
     pub fn pick(&self, n: u64, retry: u32, down: impl Fn(usize) -> bool) -> Option<usize> {
-        let up = |list: &[usize]| -> Vec<usize> { list.iter().copied().filter(|&d| !down(d)).collect() };
-        let preferred = up(&self.preferred);
-        let first_pool = if preferred.is_empty() { up(&self.available) } else { preferred.clone() };
-        if first_pool.is_empty() {
+        if self.preferred.len() > 64 || self.available.len() > 64 {
+            return self.pick_long(n, retry, &down);
+        }
+        // First tries (nearly every slice) allocate nothing, and ask
+        // `down` once per rail: which entries of a list are up is a mask.
+        let up_mask =
+            |list: &[usize]| list.iter().enumerate().filter(|(_, d)| !down(**d)).fold(0u64, |m, (i, _)| m | 1 << i);
+        let (pool, mask) = match up_mask(&self.preferred) {
+            0 => (&self.available, up_mask(&self.available)),
+            m => (&self.preferred, m),
+        };
+        let count = mask.count_ones();
+        if count == 0 {
             return None;
         }
-        let first = first_pool[(n % first_pool.len() as u64) as usize];
+        // The `at`-th rail that is up, in the list's order.
+        let mut m = mask;
+        for _ in 0..mod_small(n, count) {
+            m &= m - 1;
+        }
+        let first = pool[m.trailing_zeros() as usize];
         if retry == 0 {
             return Some(first);
         }
-        let mut all = preferred;
+        self.pick_retry(first, retry, &down)
+    }
+
+    /// [`Self::pick`] for lists of more than 64 rails.
+    fn pick_long(&self, n: u64, retry: u32, down: &impl Fn(usize) -> bool) -> Option<usize> {
+        let up = |list: &[usize]| -> Vec<usize> { list.iter().copied().filter(|&d| !down(d)).collect() };
+        let preferred = up(&self.preferred);
+        let pool = if preferred.is_empty() { up(&self.available) } else { preferred };
+        let first = *pool.get((n % pool.len().max(1) as u64) as usize)?;
+        if retry == 0 { Some(first) } else { self.pick_retry(first, retry, down) }
+    }
+
+    /// Try `retry` (1 or more) of a slice whose first try took `first`.
+    fn pick_retry(&self, first: usize, retry: u32, down: &impl Fn(usize) -> bool) -> Option<usize> {
+        let up = |list: &[usize]| -> Vec<usize> { list.iter().copied().filter(|&d| !down(d)).collect() };
+        let mut all = up(&self.preferred);
         for d in up(&self.available) {
             if !all.contains(&d) {
                 all.push(d);
@@ -204,6 +253,15 @@ mod tests {
         assert_eq!(rule.cut(u64::MAX - 5, 0, 10, flat(u64::MAX), flat(u64::MAX)), Err(SliceFault::Overflow));
         let tiny = SliceRule { slice_bytes: 1, fragment_ratio: 4 };
         assert!(matches!(tiny.cut(0, 0, 1 << 21, flat(1 << 30), flat(1 << 30)), Err(SliceFault::TooManySlices { .. })));
+    }
+
+    #[test]
+    fn the_small_remainder_is_the_remainder() {
+        for d in 1..=64u32 {
+            for n in (0..5000u64).chain([u64::from(u32::MAX) - 3, u64::from(u32::MAX)]) {
+                assert_eq!(u64::from(mod_small(n, d)), (n & 0xffff_ffff) % u64::from(d), "{n} % {d}");
+            }
+        }
     }
 
     #[test]

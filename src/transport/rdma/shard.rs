@@ -11,11 +11,11 @@
 //! over the runtime's rings; nothing is shared, nothing is locked.
 
 use std::cell::Cell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::Instant;
 
+use super::idhash::IdMap;
 use super::slices::{Connector, REQUESTS_MAX, RdmaRequest, Settled, SliceEngine};
 use crate::runtime::{PollHook, Runtime, ShardCtx};
 
@@ -31,13 +31,13 @@ fn refused(id: u64, why: String) -> Settled {
 struct ShardRdma {
     engine: SliceEngine,
     connector: Box<dyn Connector>,
-    waiting: HashMap<u64, Done>,
+    waiting: IdMap<u64, Done>,
 }
 
 /// A shard's RDMA states, by key, in its locals.
 #[derive(Default)]
 struct ShardRdmas {
-    by_key: HashMap<u64, ShardRdma>,
+    by_key: IdMap<u64, ShardRdma>,
 }
 
 /// Engines one shard may carry.
@@ -68,7 +68,7 @@ impl PollHook for RdmaHook {
         let now = now_ns();
         for s in all.by_key.values_mut() {
             work += usize::from(s.engine.progress(&mut *s.connector, now));
-            for settled in s.engine.take_settled() {
+            for settled in s.engine.drain_settled() {
                 work += 1;
                 match s.waiting.remove(&settled.id) {
                     Some(done) => done(settled),
@@ -140,7 +140,7 @@ where
             return Err(format!("{ENGINES_PER_SHARD_MAX} RDMA engines on this shard already"));
         }
         let (engine, connector) = make()?;
-        all.by_key.insert(key, ShardRdma { engine, connector, waiting: HashMap::new() });
+        all.by_key.insert(key, ShardRdma { engine, connector, waiting: IdMap::default() });
         Ok(())
     });
     installed.map_err(|e| format!("shard {shard}: {e}"))?

@@ -14,13 +14,14 @@
 //! [`Clock::Jump`] mode, jumps to the next due work request when a poll
 //! finds none due, so a driver that only polls never stalls.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, Fabric, FabricError, GidEntry, GidKind, Mr, PeerAddr, PortEvent,
     PortState, QpCaps, QpNum, QpState, SGES_MAX, Transition, Verb, WcStatus, WorkRequest,
 };
+use super::idhash::IdMap;
 use super::rules;
 use crate::proto::mooncake::rdma::Gid;
 
@@ -130,9 +131,13 @@ struct Net {
     devices: Vec<DeviceState>,
     contexts: Vec<Option<Ctx>>,
     plan: FaultPlan,
+    /// The plan's timed faults, in time order: (time, device, up).
+    timed: Vec<(u64, usize, bool)>,
     /// Time faults already applied.
     applied: usize,
     rng: u64,
+    /// Work requests posted so far (orders those due at the same time).
+    next_seq: u64,
 }
 
 struct DeviceState {
@@ -140,16 +145,22 @@ struct DeviceState {
     up: bool,
     /// Work requests carried out so far.
     executed: u64,
+    /// The plan's slow-down factor for it (1: none) and whether it hangs.
+    slow: u64,
+    stuck: bool,
+    /// Whether the plan fails any of its work requests.
+    fails: bool,
 }
 
 struct Ctx {
     device: usize,
     next_key: u32,
     next_qp: u32,
-    next_cq: u32,
-    mrs: HashMap<u32, Region>,
-    cqs: HashMap<u32, Cq>,
-    qps: BTreeMap<u32, Qp>,
+    /// Regions by lkey (the rkey is the lkey with bits flipped).
+    mrs: IdMap<u32, Region>,
+    /// Completion queues by number.
+    cqs: Vec<Cq>,
+    qps: IdMap<u32, Qp>,
     events: VecDeque<PortEvent>,
 }
 
@@ -164,7 +175,16 @@ struct Cq {
     capacity: usize,
     done: VecDeque<Completion>,
     overrun: bool,
+    /// The work requests of its queue pairs in posting order: (due, seq,
+    /// queue pair). They are carried out in that order, each once due (or
+    /// at once, flushed, if its queue pair is in error); entries whose work
+    /// request left its queue otherwise (a reset, a destroy) are dropped
+    /// when met.
+    due: VecDeque<(u64, u64, u32)>,
 }
+
+/// The rkey of a region whose lkey is `lkey`, and back.
+const RKEY_FLIP: u32 = 0x5a00_0000;
 
 struct Qp {
     cq: u32,
@@ -172,21 +192,27 @@ struct Qp {
     state: QpState,
     access: Access,
     peer: Option<PeerAddr>,
+    /// The context its peer queue pair lives in, once found.
+    peer_ctx: Option<usize>,
     /// Posted, not yet carried out, in order.
     queue: VecDeque<Posted>,
+    /// The due time of its last work request: a later one is never due
+    /// before it (a queue pair carries its work out in order).
+    last_due_ns: u64,
 }
 
 /// A work request on its queue pair.
 struct Posted {
-    /// When it is carried out (virtual ns).
-    due_ns: u64,
+    /// Its place among all work requests posted (its due time is in its
+    /// completion queue's heap).
+    seq: u64,
     wr: WorkRequest,
     /// Inline data, taken at post.
     data: Option<Box<[u8]>>,
 }
 
 /// `p` leaves its queue: the regions it named are free of it.
-fn release(mrs: &mut HashMap<u32, Region>, p: &Posted) {
+fn release(mrs: &mut IdMap<u32, Region>, p: &Posted) {
     if p.data.is_some() {
         return; // inline: it named no region
     }
@@ -217,10 +243,44 @@ impl SimNetwork {
     /// A network of `devices` under `plan`; `seed` varies the latencies a
     /// little (the same seed gives the same run).
     pub fn new(devices: Vec<SimDevice>, plan: FaultPlan, seed: u64) -> SimNetwork {
-        let devices = devices
+        // What the plan says of each device, worked out once (the plan
+        // does not change).
+        let devices: Vec<DeviceState> = devices
             .into_iter()
-            .map(|sim| DeviceState { up: sim.info.state == PortState::Active, sim, executed: 0 })
+            .map(|sim| {
+                let name = sim.info.name.clone();
+                let of = |f: &Fault| match f {
+                    Fault::Down { device, .. }
+                    | Fault::Up { device, .. }
+                    | Fault::FailNth { device, .. }
+                    | Fault::FailEvery { device, .. }
+                    | Fault::Slow { device, .. }
+                    | Fault::Stuck { device } => *device == name,
+                };
+                let mine: Vec<&Fault> = plan.faults.iter().filter(|f| of(f)).collect();
+                let slow =
+                    mine.iter().filter_map(|f| if let Fault::Slow { factor, .. } = f { Some(*factor) } else { None });
+                DeviceState {
+                    up: sim.info.state == PortState::Active,
+                    executed: 0,
+                    slow: slow.max().unwrap_or(1).max(1),
+                    stuck: mine.iter().any(|f| matches!(f, Fault::Stuck { .. })),
+                    fails: mine.iter().any(|f| matches!(f, Fault::FailNth { .. } | Fault::FailEvery { .. })),
+                    sim,
+                }
+            })
             .collect();
+        let index = |name: &str| devices.iter().position(|d| d.sim.info.name == name);
+        let mut timed: Vec<(u64, usize, bool)> = plan
+            .faults
+            .iter()
+            .filter_map(|f| match f {
+                Fault::Down { device, at_ns } => index(device).map(|d| (*at_ns, d, false)),
+                Fault::Up { device, at_ns } => index(device).map(|d| (*at_ns, d, true)),
+                _ => None,
+            })
+            .collect();
+        timed.sort();
         SimNetwork {
             net: Arc::new(Mutex::new(Net {
                 now_ns: 0,
@@ -228,8 +288,10 @@ impl SimNetwork {
                 devices,
                 contexts: Vec::new(),
                 plan,
+                timed,
                 applied: 0,
                 rng: seed | 1,
+                next_seq: 0,
             })),
         }
     }
@@ -271,20 +333,8 @@ impl Net {
 
     /// Moves time to `to`, applying the timed faults due by then in order.
     fn set_time(&mut self, to: u64) {
-        let mut timed: Vec<(u64, usize, bool)> = self
-            .plan
-            .faults
-            .iter()
-            .filter_map(|f| match f {
-                Fault::Down { device, at_ns } => Some((*at_ns, device, false)),
-                Fault::Up { device, at_ns } => Some((*at_ns, device, true)),
-                _ => None,
-            })
-            .filter_map(|(at, name, up)| self.device_index(name).map(|d| (at, d, up)))
-            .collect();
-        timed.sort();
-        while self.applied < timed.len() && timed[self.applied].0 <= to {
-            let (at, d, up) = timed[self.applied];
+        while self.applied < self.timed.len() && self.timed[self.applied].0 <= to {
+            let (at, d, up) = self.timed[self.applied];
             self.now_ns = self.now_ns.max(at);
             self.set_up(d, up);
             self.applied += 1;
@@ -301,7 +351,9 @@ impl Net {
         for ctx in self.contexts.iter_mut().flatten().filter(|c| c.device == d) {
             push_event(ctx, if up { PortEvent::PortActive } else { PortEvent::PortDown });
             if !up {
-                let qps: Vec<u32> = ctx.qps.keys().copied().collect();
+                // In number order, so a replay raises the same events.
+                let mut qps: Vec<u32> = ctx.qps.keys().copied().collect();
+                qps.sort_unstable();
                 for q in qps {
                     if let Some(qp) = ctx.qps.get_mut(&q)
                         && qp.state != QpState::Reset
@@ -324,27 +376,19 @@ impl Net {
 
     /// When a work request of `bytes` posted now on device `d` is due.
     fn due(&mut self, d: usize, bytes: u64) -> u64 {
-        let slow = self
-            .plan
-            .faults
-            .iter()
-            .filter_map(|f| match f {
-                Fault::Slow { device, factor } if *device == self.devices[d].sim.info.name => Some(*factor),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(1)
-            .max(1);
         let (latency, rate) = (self.devices[d].sim.latency_ns, self.devices[d].sim.bytes_per_ns.max(1));
         let cost = latency + bytes / rate;
-        let jitter = self.next_random() % (latency / 8 + 1);
-        self.now_ns + (cost + jitter) * slow
+        let jitter = if latency == 0 { 0 } else { self.next_random() % (latency / 8 + 1) };
+        self.now_ns + (cost + jitter) * self.devices[d].slow
     }
 
     /// The status the plan gives device `d`'s next work request, if any.
     fn planned_failure(&mut self, d: usize) -> Option<WcStatus> {
         let nth = self.devices[d].executed;
         self.devices[d].executed += 1;
+        if !self.devices[d].fails {
+            return None;
+        }
         let name = &self.devices[d].sim.info.name;
         self.plan.faults.iter().find_map(|f| match f {
             Fault::FailNth { device, nth: n, status } if device == name && *n == nth => Some(*status),
@@ -367,31 +411,27 @@ impl Net {
     /// Carries out what is due on the queue pairs completing into `cq` of
     /// context `me`, in each queue pair's order.
     fn run_due(&mut self, me: usize, cq: u32) {
+        if self.devices[self.device_of(me)].stuck {
+            return; // a hung device completes nothing, flushes nothing
+        }
         loop {
-            let next = {
-                let ctx = self.contexts[me].as_ref().expect("a live context");
-                ctx.qps
-                    .iter()
-                    .filter(|(_, q)| q.cq == cq)
-                    .filter_map(|(&n, q)| q.queue.front().map(|p| (p.due_ns, n)))
-                    .min()
+            let now = self.now_ns;
+            let ctx = self.contexts[me].as_mut().expect("a live context");
+            let c = &mut ctx.cqs[cq as usize];
+            let Some(&(due, seq, qpn)) = c.due.front() else { return };
+            let state = match ctx.qps.get(&qpn) {
+                Some(q) if q.queue.front().is_some_and(|p| p.seq == seq) => q.state,
+                _ => {
+                    c.due.pop_front(); // its work request left the queue otherwise
+                    continue;
+                }
             };
-            let Some((due, qpn)) = next else { return };
-            let state = self.contexts[me].as_ref().and_then(|c| c.qps.get(&qpn)).map(|q| q.state);
-            let stuck = {
-                let name = &self.devices[self.contexts[me].as_ref().expect("a live context").device].sim.info.name;
-                self.plan.faults.iter().any(|f| matches!(f, Fault::Stuck { device } if device == name))
-            };
-            if stuck || (due > self.now_ns && state != Some(QpState::Err)) {
+            if due > now && state != QpState::Err {
                 return;
             }
-            let posted = self.contexts[me]
-                .as_mut()
-                .and_then(|c| c.qps.get_mut(&qpn))
-                .and_then(|q| q.queue.pop_front())
-                .expect("the queue pair just looked at");
-            let status =
-                if state == Some(QpState::Err) { WcStatus::WrFlushErr } else { self.execute(me, qpn, &posted) };
+            c.due.pop_front();
+            let posted = ctx.qps.get_mut(&qpn).and_then(|q| q.queue.pop_front()).expect("its front, looked at above");
+            let status = if state == QpState::Err { WcStatus::WrFlushErr } else { self.execute(me, qpn, &posted) };
             let ctx = self.contexts[me].as_mut().expect("a live context");
             release(&mut ctx.mrs, &posted);
             let wr = posted.wr;
@@ -401,7 +441,7 @@ impl Net {
                 q.state = QpState::Err;
             }
             let bytes = if status == WcStatus::Success { wr.len() } else { 0 };
-            let c = ctx.cqs.get_mut(&cq).expect("a queue pair's completion queue exists");
+            let c = &mut ctx.cqs[cq as usize];
             if c.done.len() >= c.capacity {
                 if !c.overrun {
                     c.overrun = true;
@@ -433,7 +473,17 @@ impl Net {
                 return status;
             }
         }
-        let Some((them, their_qp)) = self.find_peer(&peer) else { return WcStatus::RetryExcErr };
+        let found = match qp.peer_ctx {
+            Some(i) if self.contexts[i].as_ref().is_some_and(|c| c.qps.contains_key(&peer.qp.0)) => {
+                Some((i, peer.qp.0))
+            }
+            _ => self.find_peer(&peer),
+        };
+        let Some((them, their_qp)) = found else { return WcStatus::RetryExcErr };
+        if qp.peer_ctx != Some(them) {
+            let q = self.contexts[me].as_mut().and_then(|c| c.qps.get_mut(&qpn)).expect("looked at above");
+            q.peer_ctx = Some(them);
+        }
         let theirs = self.contexts[them].as_ref().expect("found above");
         if !self.devices[my_device].up || !self.devices[theirs.device].up {
             return WcStatus::RetryExcErr;
@@ -449,7 +499,7 @@ impl Net {
             return WcStatus::RetryExcErr;
         }
         let len = wr.len();
-        let region = theirs.mrs.values().find(|r| r.mr.rkey == wr.rkey).map(|r| (&r.mr, r.access));
+        let region = theirs.mrs.get(&(wr.rkey ^ RKEY_FLIP)).filter(|r| r.mr.rkey == wr.rkey).map(|r| (&r.mr, r.access));
         if let Err(status) = rules::check_remote(wr.verb, wr.remote_addr, len, region, tq.access) {
             return status;
         }
@@ -507,10 +557,9 @@ impl Fabric for SimNetwork {
             device,
             next_key: 0x100 + (id as u32) * 0x10_0000,
             next_qp: 0x11 + (id as u32) * 0x1000,
-            next_cq: 0,
-            mrs: HashMap::new(),
-            cqs: HashMap::new(),
-            qps: BTreeMap::new(),
+            mrs: IdMap::default(),
+            cqs: Vec::new(),
+            qps: IdMap::default(),
             events: VecDeque::new(),
         }));
         Ok(Box::new(SimContext { net: self.net.clone(), id }))
@@ -564,7 +613,7 @@ impl Context for SimContext {
             }
             let key = c.next_key;
             c.next_key += 1;
-            let mr = Mr { addr, len, lkey: key, rkey: key ^ 0x5a00_0000 };
+            let mr = Mr { addr, len, lkey: key, rkey: key ^ RKEY_FLIP };
             c.mrs.insert(key, Region { mr, access, in_use: 0 });
             Ok(mr)
         })
@@ -597,9 +646,8 @@ impl Context for SimContext {
             if c.cqs.len() >= CQS_PER_CONTEXT_MAX {
                 return Err(FabricError::Limit { what: "completion queues".into(), max: CQS_PER_CONTEXT_MAX as u64 });
             }
-            let n = c.next_cq;
-            c.next_cq += 1;
-            c.cqs.insert(n, Cq { capacity: cqe as usize, done: VecDeque::new(), overrun: false });
+            let n = c.cqs.len() as u32;
+            c.cqs.push(Cq { capacity: cqe as usize, done: VecDeque::new(), overrun: false, due: VecDeque::new() });
             Ok(CqId(n))
         })
     }
@@ -608,7 +656,7 @@ impl Context for SimContext {
         self.with(|net, id| {
             let max_wr = net.devices[net.device_of(id)].sim.info.max_qp_wr;
             let c = ctx(net, id);
-            if !c.cqs.contains_key(&cq.0) {
+            if cq.0 as usize >= c.cqs.len() {
                 return Err(FabricError::NoCq(cq));
             }
             if caps.max_send_wr == 0 || caps.max_send_wr > max_wr {
@@ -636,7 +684,9 @@ impl Context for SimContext {
                     state: QpState::Reset,
                     access: Access::default(),
                     peer: None,
+                    peer_ctx: None,
                     queue: VecDeque::new(),
+                    last_due_ns: 0,
                 },
             );
             Ok(QpNum(n))
@@ -724,8 +774,15 @@ impl Context for SimContext {
                     None
                 };
                 let due = net.due(device, wr.len());
-                let posted = Posted { due_ns: due, wr: *wr, data };
-                ctx(net, id).qps.get_mut(&qp.0).expect("looked up above").queue.push_back(posted);
+                let seq = net.next_seq;
+                net.next_seq += 1;
+                let c = ctx(net, id);
+                let q = c.qps.get_mut(&qp.0).expect("looked up above");
+                // In order: never due before the one ahead of it.
+                let due = due.max(q.last_due_ns);
+                q.last_due_ns = due;
+                q.queue.push_back(Posted { seq, wr: *wr, data });
+                c.cqs[q.cq as usize].due.push_back((due, seq, qp.0));
             }
             Ok(())
         })
@@ -733,24 +790,24 @@ impl Context for SimContext {
 
     fn poll(&mut self, cq: CqId, max: usize, out: &mut Vec<Completion>) -> Result<usize, FabricError> {
         self.with(|net, id| {
-            if !ctx(net, id).cqs.contains_key(&cq.0) {
+            if cq.0 as usize >= ctx(net, id).cqs.len() {
                 return Err(FabricError::NoCq(cq));
             }
             net.run_due(id, cq.0);
-            let empty = ctx(net, id).cqs[&cq.0].done.is_empty();
-            if empty && net.clock == Clock::Jump {
-                let next = ctx(net, id)
-                    .qps
-                    .values()
-                    .filter(|q| q.cq == cq.0)
-                    .filter_map(|q| q.queue.front().map(|p| p.due_ns))
-                    .min();
-                if let Some(due) = next {
+            let c = &ctx(net, id).cqs[cq.0 as usize];
+            if c.done.is_empty() && net.clock == Clock::Jump {
+                // Nothing due yet: time jumps to the next work request's
+                // due time (past stale entries, which run_due drops first).
+                for _ in 0..2 {
+                    let Some(&(due, _, _)) = ctx(net, id).cqs[cq.0 as usize].due.front() else { break };
                     net.set_time(due);
                     net.run_due(id, cq.0);
+                    if !ctx(net, id).cqs[cq.0 as usize].done.is_empty() {
+                        break;
+                    }
                 }
             }
-            let c = ctx(net, id).cqs.get_mut(&cq.0).expect("checked above");
+            let c = &mut ctx(net, id).cqs[cq.0 as usize];
             let n = max.min(c.done.len());
             out.extend(c.done.drain(..n));
             Ok(n)

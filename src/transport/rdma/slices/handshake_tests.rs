@@ -58,7 +58,7 @@ fn engine(net: &SimNetwork, names: [&str; 2], mem: &mut [u8]) -> SliceEngine {
 fn drive(e: &mut SliceEngine, c: &mut dyn Connector, net: &SimNetwork) -> Vec<Settled> {
     let mut settled = Vec::new();
     for _ in 0..100_000 {
-        settled.extend(e.take_settled());
+        settled.extend(e.drain_settled());
         if e.in_flight() == 0 {
             return settled;
         }
@@ -217,7 +217,7 @@ fn unregister_waits_for_the_slices_that_use_the_memory() {
     a.unregister(addr).unwrap();
     assert!(a.unregister(addr).unwrap_err().contains("no memory registered"));
     a.submit(write_all(2, &mem_a, &mem_b));
-    let why = a.take_settled()[0].result.clone().unwrap_err();
+    let why = a.drain_settled().next().unwrap().result.unwrap_err();
     assert!(why.contains("local address") && why.contains("not inside a registered memory region"), "{why}");
 }
 
@@ -254,7 +254,7 @@ fn endpoints_stay_within_their_bound() {
     let mut most = 0;
     let mut settled = Vec::new();
     for _ in 0..100_000 {
-        settled.extend(a.take_settled());
+        settled.extend(a.drain_settled());
         if a.in_flight() == 0 {
             break;
         }

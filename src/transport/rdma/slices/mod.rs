@@ -12,23 +12,33 @@
 //! next use. Every slice settles exactly once, and a request settles when
 //! its last slice does: done if all are, failed (saying why) otherwise.
 //!
-//! Its tables are ordered maps, so that under the simulated fabric a run
-//! is the same run every time its seed is replayed.
+//! The hot path allocates nothing in its steady state: requests and slices
+//! live in slabs, peers and endpoints in vectors found by index, rails are
+//! worked out once per location, chains are staged in vectors that keep
+//! their room, and completions are polled into a reused buffer. Nothing
+//! iterates a hash map, so under the simulated fabric a run is the same
+//! run every time its seed is replayed.
 //!
 //! Time is the caller's (`now_ns`): virtual under the simulated fabric,
 //! the clock in production. Connecting an endpoint needs the peer's queue
 //! pairs: a [`Connector`] gets them (Mooncake's Connection RPC; in tests,
 //! the simulated peer directly).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+mod endpoint;
+mod slab;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use super::fabric::{
-    Access, Completion, Context, CqId, DeviceInfo, FabricError, Mr, PeerAddr, PortEvent, PortState, QpCaps, QpNum,
-    QpState, Sge, Sges, Transition, Verb, WcStatus, WorkRequest,
+    Access, Completion, Context, CqId, DeviceInfo, FabricError, Mr, PeerAddr, PortEvent, PortState, QpNum, Sge, Sges,
+    Transition, Verb, WcStatus, WorkRequest,
 };
 use super::plan::{Rails, Slice, SliceRule};
 use crate::proto::mooncake::rdma::{Buffer, Connection, Device, Gid, QPS_PER_ENDPOINT_MAX, RdmaSegment};
 use crate::topo::{MatrixEntry, PriorityMatrix};
+pub use endpoint::answer_on;
+use endpoint::{Endpoint, finish_endpoint, open_endpoint};
+use slab::{Key, Slab};
 
 /// Queue pairs sets kept for peers not known yet.
 pub const PASSIVE_MAX: usize = 1024;
@@ -40,6 +50,8 @@ pub const SLICES_MAX: usize = 1 << 20;
 pub const POLL_BATCH: usize = 64;
 /// Peers one engine keeps endpoints to.
 pub const PEERS_MAX: usize = 4096;
+/// Memory locations (`cpu:0`, ...) whose rails are kept worked out.
+pub const LOCATIONS_MAX: usize = 1024;
 /// How often posted slices are checked against their deadlines (ns).
 const SWEEP_NS: u64 = 10_000_000;
 /// How long an endpoint may hold work without a completion (ns) before it
@@ -227,7 +239,7 @@ struct Region {
     mrs: Vec<Mr>,
 }
 
-struct Nic {
+pub(super) struct Nic {
     ctx: Box<dyn Context>,
     cq: CqId,
     info: DeviceInfo,
@@ -242,55 +254,111 @@ struct Nic {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SliceState {
     Ready,
-    /// On queue pair `qp` since `at_ns`.
+    /// On queue pair `qp` (index `qi` of its endpoint) since `at_ns`.
     Posted {
         local_dev: usize,
         peer_dev: usize,
         qp: QpNum,
+        qi: usize,
         at_ns: u64,
     },
-    Settled,
 }
 
 struct SliceRec {
-    request: u64,
+    request: Key,
+    /// The slice's number in this engine: first tries spread over the
+    /// rails by it.
+    n: u64,
     slice: Slice,
     /// Tries made (0 before the first).
     tries: u32,
     state: SliceState,
-    /// The local and peer rails of its last try.
-    last: Option<(usize, usize)>,
 }
 
 struct RequestRec {
-    req: RdmaRequest,
+    id: u64,
+    verb: Verb,
+    peer: usize,
+    deadline_ns: Option<u64>,
+    /// Its location's rails, an index into `SliceEngine::locations`.
+    rails: usize,
     left: usize,
     error: Option<Fault>,
 }
 
-struct Endpoint {
-    qps: Vec<QpNum>,
-    outstanding: Vec<u32>,
-    next: usize,
-    broken: bool,
-    /// When it broke (ns): past [`DRAIN_MAX_NS`] undrained, its queue
-    /// pairs are destroyed and what they held is taken back as flushed.
-    broken_at_ns: u64,
-    /// When it last made progress (ns): work posted to it idle, or a
-    /// completion. Holding work past [`STALL_NS`] without one breaks it.
-    progress_at_ns: u64,
-    /// When it was last chosen (a count of choices).
-    last_use: u64,
-    /// Waiting for the peer's side since this time (ns); `None` once connected.
-    connecting_since: Option<u64>,
+/// A peer and what is kept of it: its segment, its rails by buffer, the
+/// endpoints to it (local device × peer device), its rails' errors.
+struct Peer {
+    name: String,
+    segment: RdmaSegment,
+    /// The distinct buffer locations, each with its rails.
+    locations: Vec<(String, Rails)>,
+    /// For each buffer of the segment, an index into `locations`.
+    buffer_rails: Vec<usize>,
+    /// `endpoints[ld * devices + pd]`.
+    endpoints: Vec<Option<Endpoint>>,
+    /// Error times of each peer device, and when its pause ends (ns; 0
+    /// when it never rested).
+    errors: Vec<VecDeque<u64>>,
+    paused_until: Vec<u64>,
 }
 
-struct Peer {
-    segment: RdmaSegment,
-    endpoints: BTreeMap<(usize, usize), Endpoint>,
-    /// Error times of each peer device, and when its pause ends.
-    errors: BTreeMap<usize, VecDeque<u64>>,
-    paused_until: BTreeMap<usize, u64>,
+impl Peer {
+    fn devices(&self) -> usize {
+        self.segment.devices.len()
+    }
+
+    fn endpoint(&self, ld: usize, pd: usize) -> Option<&Endpoint> {
+        self.endpoints.get(ld * self.devices() + pd).and_then(Option::as_ref)
+    }
+
+    fn endpoint_mut(&mut self, ld: usize, pd: usize) -> Option<&mut Endpoint> {
+        let n = self.devices();
+        self.endpoints.get_mut(ld * n + pd).and_then(Option::as_mut)
+    }
+
+    /// The index of the buffer holding `[addr, +len)`.
+    fn buffer_at(&self, addr: u64, len: u64) -> Option<usize> {
+        let i = self.segment.buffers.partition_point(|b| b.addr <= addr);
+        let i = i.checked_sub(1)?;
+        self.segment.buffers[i].contains(addr, len).then_some(i)
+    }
+
+    /// Works out the rails of each buffer location (the peer's matrix, its
+    /// `*` entry, or every device).
+    fn learn(&mut self, segment: RdmaSegment) {
+        let names: Vec<&str> = segment.devices.iter().map(|d| d.name.as_str()).collect();
+        let rails_of = |location: &str| match segment.matrix.get(location).or_else(|| segment.matrix.get("*")) {
+            Some(entry) => Rails::from_entry(entry, |n| names.iter().position(|&m| m == n)),
+            None => Rails { preferred: (0..names.len()).collect(), available: vec![] },
+        };
+        let mut locations: Vec<(String, Rails)> = Vec::new();
+        let mut buffer_rails = Vec::with_capacity(segment.buffers.len());
+        for b in &segment.buffers {
+            let i = match locations.iter().position(|(l, _)| *l == b.location) {
+                Some(i) => i,
+                None => {
+                    locations.push((b.location.clone(), rails_of(&b.location)));
+                    locations.len() - 1
+                }
+            };
+            buffer_rails.push(i);
+        }
+        drop(names);
+        self.locations = locations;
+        self.buffer_rails = buffer_rails;
+        self.errors.resize_with(segment.devices.len(), VecDeque::new);
+        self.paused_until.resize(segment.devices.len(), 0);
+        self.segment = segment;
+    }
+}
+
+/// A work request's id: the slice's slot, its generation (24 bits) and its
+/// try (8 bits), so that a completion of an earlier try, or of a slice
+/// settled since, is seen as stale rather than taken for the slice's.
+fn wr_id(key: Key, tries: u32) -> u64 {
+    let (index, generation) = (key.0 & 0xffff_ffff, (key.0 >> 32) & 0xff_ffff);
+    index | (generation << 32) | (u64::from(tries & 0xff) << 56)
 }
 
 /// One shard's RDMA work.
@@ -298,15 +366,27 @@ pub struct SliceEngine {
     config: RdmaConfig,
     devices: Vec<Nic>,
     matrix: PriorityMatrix,
-    /// Registered local memory.
+    /// The local rails of each memory location seen, worked out once.
+    locations: Vec<(String, Rails)>,
+    /// Registered local memory, by address.
     regions: Vec<Region>,
     /// Queue pairs made for peers this engine does not know (yet): kept
     /// so they are not lost, at most `PASSIVE_MAX`.
     passive: VecDeque<(usize, Vec<QpNum>)>,
-    peers: BTreeMap<String, Peer>,
-    requests: BTreeMap<u64, RequestRec>,
-    slices: BTreeMap<u64, SliceRec>,
-    ready: VecDeque<u64>,
+    peer_ids: BTreeMap<String, usize>,
+    peers: Vec<Peer>,
+    requests: Slab<RequestRec>,
+    /// Requests in flight by their caller's id (refuses an id in use).
+    request_ids: HashMap<u64, Key>,
+    slices: Slab<SliceRec>,
+    ready: VecDeque<Key>,
+    /// Slices whose endpoint had no room this round.
+    later: VecDeque<Key>,
+    /// Queue pairs with a chain staged: (peer, endpoint index, queue pair).
+    staged: Vec<(usize, usize, usize)>,
+    /// Completions of one poll, and port events (reused).
+    completions: Vec<Completion>,
+    events: Vec<PortEvent>,
     next_slice: u64,
     settled: Vec<Settled>,
     /// Tries of slices after their first.
@@ -326,6 +406,7 @@ impl SliceEngine {
         matrix: PriorityMatrix,
     ) -> Result<SliceEngine, FabricError> {
         assert!(config.qps_per_endpoint >= 1 && config.max_wr >= 1 && config.slice.slice_bytes > 0);
+        assert!(config.qps_per_endpoint <= QPS_PER_ENDPOINT_MAX, "{} queue pairs an endpoint", config.qps_per_endpoint);
         let mut devices = Vec::with_capacity(contexts.len());
         for mut ctx in contexts {
             let info = ctx.info();
@@ -339,12 +420,19 @@ impl SliceEngine {
             config,
             devices,
             matrix,
+            locations: Vec::new(),
             regions: Vec::new(),
             passive: VecDeque::new(),
-            peers: BTreeMap::new(),
-            requests: BTreeMap::new(),
-            slices: BTreeMap::new(),
+            peer_ids: BTreeMap::new(),
+            peers: Vec::new(),
+            requests: Slab::new(REQUESTS_MAX),
+            request_ids: HashMap::new(),
+            slices: Slab::new(SLICES_MAX),
             ready: VecDeque::new(),
+            later: VecDeque::new(),
+            staged: Vec::new(),
+            completions: Vec::with_capacity(POLL_BATCH),
+            events: Vec::new(),
             next_slice: 0,
             settled: Vec::new(),
             retries: 0,
@@ -414,7 +502,8 @@ impl SliceEngine {
             last += 1;
         }
         let (start, end) = (addr, self.regions[last].addr + self.regions[last].len);
-        let busy = self.slices.values().filter(|s| s.slice.local < end && start < s.slice.local + s.slice.len).count();
+        let busy =
+            self.slices.iter().filter(|(_, s)| s.slice.local < end && start < s.slice.local + s.slice.len).count();
         if busy > 0 {
             return Err(format!("{busy} slices in flight use the memory at {addr:#x}"));
         }
@@ -428,18 +517,40 @@ impl SliceEngine {
         Ok(())
     }
 
-    /// Learns (or learns again) a peer's segment.
+    /// Learns (or learns again) a peer's segment. A peer that comes back
+    /// with another number of devices has its old endpoints destroyed and
+    /// their work taken back (to go again on the new ones).
     pub fn add_peer(&mut self, name: &str, segment: RdmaSegment) -> Result<(), String> {
-        if !self.peers.contains_key(name) && self.peers.len() >= PEERS_MAX {
-            return Err(format!("{PEERS_MAX} peers already"));
+        let p = match self.peer_ids.get(name) {
+            Some(&p) => p,
+            None if self.peers.len() >= PEERS_MAX => return Err(format!("{PEERS_MAX} peers already")),
+            None => {
+                self.peers.push(Peer {
+                    name: name.to_string(),
+                    segment: RdmaSegment { devices: vec![], buffers: vec![], matrix: PriorityMatrix::new() },
+                    locations: Vec::new(),
+                    buffer_rails: Vec::new(),
+                    endpoints: Vec::new(),
+                    errors: Vec::new(),
+                    paused_until: Vec::new(),
+                });
+                self.peer_ids.insert(name.to_string(), self.peers.len() - 1);
+                self.peers.len() - 1
+            }
+        };
+        if self.peers[p].devices() != segment.devices.len() {
+            let old = self.peers[p].devices();
+            for ld in 0..self.devices.len() {
+                for pd in 0..old {
+                    self.destroy_endpoint(p, ld, pd, "the peer's devices changed");
+                }
+            }
+            let n = self.devices.len() * segment.devices.len();
+            self.peers[p].endpoints = (0..n).map(|_| None).collect();
+            self.peers[p].errors.clear();
+            self.peers[p].paused_until.clear();
         }
-        let peer = self.peers.entry(name.to_string()).or_insert_with(|| Peer {
-            segment: segment.clone(),
-            endpoints: BTreeMap::new(),
-            errors: BTreeMap::new(),
-            paused_until: BTreeMap::new(),
-        });
-        peer.segment = segment;
+        self.peers[p].learn(segment);
         Ok(())
     }
 
@@ -491,7 +602,7 @@ impl SliceEngine {
             return Err(format!("{} queue pairs asked for", req.qps.len()));
         }
         let d = &mut self.devices[ld];
-        let caps = QpCaps { max_send_wr: self.config.max_wr, max_sge: 1, max_inline: 0 };
+        let caps = endpoint::caps(&self.config);
         let cap = self.config.mtu;
         let mut mine = Vec::with_capacity(req.qps.len());
         let mut made = || -> Result<(), String> {
@@ -515,31 +626,20 @@ impl SliceEngine {
             return Err(e);
         }
         let (gid, lid) = (self.devices[ld].gid, self.devices[ld].info.lid);
-        let known = self.peers.get(&req.local.server).and_then(|p| p.segment.device_index(&req.local.device));
+        let known = self
+            .peer_ids
+            .get(&req.local.server)
+            .and_then(|&p| self.peers[p].segment.device_index(&req.local.device).map(|pd| (p, pd)));
         match known {
-            Some(pd) => {
-                let n = mine.len();
-                let peer = self.peers.get_mut(&req.local.server).expect("looked up above");
-                let fresh = Endpoint {
-                    qps: mine.clone(),
-                    outstanding: vec![0; n],
-                    next: 0,
-                    broken: false,
-                    broken_at_ns: 0,
-                    progress_at_ns: 0,
-                    last_use: 0,
-                    connecting_since: None,
-                };
-                match peer.endpoints.insert((ld, pd), fresh) {
-                    // The peer made the endpoint again (it restarted, or
-                    // saw an error): the old queue pairs go.
-                    Some(old) => {
-                        for q in old.qps {
-                            let _ = self.devices[ld].ctx.destroy_qp(q);
-                        }
-                    }
-                    None => self.devices[ld].endpoints += 1,
+            Some((p, pd)) => {
+                // The peer made the endpoint again (it restarted, or saw
+                // an error): the old one goes, its work taken back.
+                if self.peers[p].endpoint(ld, pd).is_some() {
+                    self.destroy_endpoint(p, ld, pd, "the peer connected again");
                 }
+                let n = self.peers[p].devices();
+                self.peers[p].endpoints[ld * n + pd] = Some(Endpoint::new(mine.clone(), 0, None));
+                self.devices[ld].endpoints += 1;
             }
             None => {
                 if self.passive.len() >= PASSIVE_MAX
@@ -578,53 +678,78 @@ impl SliceEngine {
         self.requests.len()
     }
 
-    /// Takes what has settled since the last call.
-    pub fn take_settled(&mut self) -> Vec<Settled> {
-        std::mem::take(&mut self.settled)
+    /// Takes what has settled since the last call (the list keeps its
+    /// room for the next).
+    pub fn drain_settled(&mut self) -> std::vec::Drain<'_, Settled> {
+        self.settled.drain(..)
+    }
+
+    /// The index of `location`'s local rails (the engine's matrix entry
+    /// for it, its `*` entry, or every device), worked out on first use.
+    fn rails_for(&mut self, location: &str) -> Result<usize, String> {
+        if let Some(i) = self.locations.iter().position(|(l, _)| l == location) {
+            return Ok(i);
+        }
+        if self.locations.len() >= LOCATIONS_MAX {
+            return Err(format!("{LOCATIONS_MAX} memory locations already"));
+        }
+        let names: Vec<&str> = self.devices.iter().map(|d| d.info.name.as_str()).collect();
+        let rails = match self.matrix.get(location).or_else(|| self.matrix.get("*")) {
+            Some(entry) => Rails::from_entry(entry, |n| names.iter().position(|&m| m == n)),
+            None => Rails { preferred: (0..self.devices.len()).collect(), available: vec![] },
+        };
+        self.locations.push((location.to_string(), rails));
+        Ok(self.locations.len() - 1)
     }
 
     /// Cuts `req` into slices and queues them. A request that cannot be
     /// cut settles at once, failed.
     pub fn submit(&mut self, req: RdmaRequest) {
-        if self.requests.len() >= REQUESTS_MAX || self.requests.contains_key(&req.id) {
+        let refuse = |this: &mut Self, why: String| this.settled.push(Settled::new(req.id, Some(Fault::request(why))));
+        if !self.requests.has_room(1) || self.request_ids.contains_key(&req.id) {
             let why = format!("request {} refused: {} in flight, or the id is in use", req.id, self.requests.len());
-            self.settled.push(Settled::new(req.id, Some(Fault::request(why))));
-            return;
+            return refuse(self, why);
         }
-        let Some(peer) = self.peers.get(&req.peer) else {
-            self.settled.push(Settled::new(req.id, Some(Fault::request(format!("unknown peer {:?}", req.peer)))));
-            return;
+        let Some(&p) = self.peer_ids.get(&req.peer) else {
+            return refuse(self, format!("unknown peer {:?}", req.peer));
         };
-        let regions = &self.regions;
-        let local_end = |a: u64| regions.iter().find(|r| a >= r.addr && a < r.addr + r.len).map(|r| r.addr + r.len);
-        let remote_end = |a: u64| peer.segment.buffer(a, 1).map(|b| b.addr + b.length);
-        let cut = self.config.slice.cut(req.local, req.remote, req.len, local_end, remote_end);
-        let slices = match cut {
-            Ok(s) if self.slices.len() + s.len() <= SLICES_MAX => s,
-            Ok(s) => {
-                let why = format!("{} slices would pass the limit of {SLICES_MAX} in flight", s.len());
-                self.settled.push(Settled::new(req.id, Some(Fault::request(why))));
-                return;
-            }
-            Err(e) => {
-                self.settled.push(Settled::new(req.id, Some(Fault::request(e.to_string()))));
-                return;
-            }
+        let rails = match self.rails_for(&req.location) {
+            Ok(r) => r,
+            Err(why) => return refuse(self, why),
+        };
+        let (regions, peer) = (&self.regions, &self.peers[p]);
+        let local_end = |a: u64| {
+            let i = regions.partition_point(|r| r.addr <= a).checked_sub(1)?;
+            (a < regions[i].addr + regions[i].len).then(|| regions[i].addr + regions[i].len)
+        };
+        let remote_end =
+            |a: u64| peer.buffer_at(a, 1).map(|b| peer.segment.buffers[b].addr + peer.segment.buffers[b].length);
+        let slices = match self.config.slice.cut(req.local, req.remote, req.len, local_end, remote_end) {
+            Ok(s) if self.slices.has_room(s.len()) => s,
+            Ok(s) => return refuse(self, format!("{} slices would pass the limit of {SLICES_MAX} in flight", s.len())),
+            Err(e) => return refuse(self, e.to_string()),
         };
         if slices.is_empty() {
             self.settled.push(Settled::new(req.id, None));
             return;
         }
-        for slice in &slices {
-            let id = self.next_slice;
+        let record = RequestRec {
+            id: req.id,
+            verb: req.verb,
+            peer: p,
+            deadline_ns: req.deadline_ns,
+            rails,
+            left: slices.len(),
+            error: None,
+        };
+        let key = self.requests.insert(record).expect("room checked above");
+        self.request_ids.insert(req.id, key);
+        for slice in slices {
+            let n = self.next_slice;
             self.next_slice += 1;
-            self.slices.insert(
-                id,
-                SliceRec { request: req.id, slice: *slice, tries: 0, state: SliceState::Ready, last: None },
-            );
-            self.ready.push_back(id);
+            let rec = SliceRec { request: key, n, slice, tries: 0, state: SliceState::Ready };
+            self.ready.push_back(self.slices.insert(rec).expect("room checked above"));
         }
-        self.requests.insert(req.id, RequestRec { left: slices.len(), req, error: None });
     }
 
     /// Posts what is ready and takes completions; true if anything moved.
@@ -639,12 +764,15 @@ impl SliceEngine {
         moved
     }
 
-    /// Marks the endpoint `ld -> pd` of `peer` broken and moves its queue
+    /// Marks the endpoint `ld -> pd` of peer `p` broken and moves its queue
     /// pairs to ERR, so that everything posted on them completes now, as
     /// flushed (then goes again), rather than each waiting out its own
     /// queue pair's retries; it is made again once drained.
-    fn break_endpoint(&mut self, peer: &str, ld: usize, pd: usize, now_ns: u64) {
-        let Some(ep) = self.peers.get_mut(peer).and_then(|p| p.endpoints.get_mut(&(ld, pd))) else { return };
+    fn break_endpoint(&mut self, p: usize, ld: usize, pd: usize, now_ns: u64) {
+        let peer = &mut self.peers[p];
+        let name = &peer.name;
+        let n = peer.segment.devices.len();
+        let Some(ep) = peer.endpoints.get_mut(ld * n + pd).and_then(Option::as_mut) else { return };
         if ep.broken {
             return;
         }
@@ -652,7 +780,7 @@ impl SliceEngine {
         ep.broken_at_ns = now_ns;
         let outstanding: u32 = ep.outstanding.iter().sum();
         log::info!(
-            "RDMA: endpoint {} -> {peer} device {pd} broken; {outstanding} work requests flushed",
+            "RDMA: endpoint {} -> {name} device {pd} broken; {outstanding} work requests flushed",
             self.devices[ld].info.name
         );
         for (i, &qp) in ep.qps.iter().enumerate() {
@@ -664,82 +792,85 @@ impl SliceEngine {
         }
     }
 
+    /// Closes the endpoint `ld -> pd` of peer `p` and takes back, as
+    /// flushed, the slices it still held: destroying a queue pair ends the
+    /// device's use of its work requests, which never complete after.
+    fn destroy_endpoint(&mut self, p: usize, ld: usize, pd: usize, why: &str) {
+        let Some(qps) = self.peers[p].endpoint(ld, pd).map(|ep| ep.qps.clone()) else { return };
+        self.close_endpoint(p, ld, pd);
+        let held: Vec<Key> = self
+            .slices
+            .iter()
+            .filter(|(_, r)| matches!(r.state, SliceState::Posted { local_dev, peer_dev, qp, .. } if local_dev == ld && peer_dev == pd && qps.contains(&qp)))
+            .filter(|(_, r)| self.requests.get(r.request).is_some_and(|q| q.peer == p))
+            .map(|(k, _)| k)
+            .collect();
+        let name = format!("{} -> {} device {pd}", self.devices[ld].info.name, self.peers[p].name);
+        for key in held {
+            self.flushed(key, format!("{name}: {why}"));
+        }
+    }
+
     /// Breaks the endpoints of slices posted past their request's deadline
     /// or longer than `MC_SLICE_TIMEOUT`: the flush settles them (a late
     /// request fails, a slow slice goes again on another rail), so every
     /// slice settles in bounded time even where a device never reports a
     /// lost packet. Returns whether it broke any.
     fn sweep_late(&mut self, now_ns: u64) -> bool {
-        let mut late: BTreeSet<(String, usize, usize)> = BTreeSet::new();
-        for rec in self.slices.values() {
+        let mut late: Vec<(usize, usize, usize)> = Vec::new();
+        for (_, rec) in self.slices.iter() {
             let SliceState::Posted { local_dev, peer_dev, at_ns, .. } = rec.state else { continue };
-            let req = &self.requests[&rec.request].req;
+            let req = self.requests.get(rec.request).expect("a slice's request is in flight");
             let past_deadline = req.deadline_ns.is_some_and(|d| now_ns >= d);
             let too_slow = self.config.slice_timeout_ns.is_some_and(|t| now_ns.saturating_sub(at_ns) >= t);
             if past_deadline || too_slow {
-                late.insert((req.peer.clone(), local_dev, peer_dev));
+                late.push((req.peer, local_dev, peer_dev));
             }
         }
+        late.sort_unstable();
+        late.dedup();
         let mut any = !late.is_empty();
-        for (peer, ld, pd) in late {
-            self.break_endpoint(&peer, ld, pd, now_ns);
+        for (p, ld, pd) in late {
+            self.break_endpoint(p, ld, pd, now_ns);
         }
         // Endpoints holding work with no completion for STALL_NS: the
         // device should have failed it by now (its retries take well under
-        // a second), so the endpoint is broken as if it had.
-        let mut stalled: Vec<(String, usize, usize)> = Vec::new();
-        for (name, p) in &self.peers {
-            for (&(ld, pd), ep) in &p.endpoints {
-                let holding = ep.outstanding.iter().any(|&o| o > 0);
-                if !ep.broken && holding && now_ns.saturating_sub(ep.progress_at_ns) >= STALL_NS {
-                    stalled.push((name.clone(), ld, pd));
+        // a second), so the endpoint is broken as if it had. Endpoints
+        // broken long ago and still holding work: the device did not flush
+        // it (soft-RoCE on Linux 6.1 may not, for a queue pair deep in
+        // retransmission), so they are destroyed and their work taken back.
+        let (mut stalled, mut stuck) = (Vec::new(), Vec::new());
+        for (p, peer) in self.peers.iter().enumerate() {
+            let n = peer.devices();
+            for (i, ep) in peer.endpoints.iter().enumerate() {
+                let Some(ep) = ep.as_ref().filter(|ep| ep.holding()) else { continue };
+                let (ld, pd) = (i / n, i % n);
+                if !ep.broken && now_ns.saturating_sub(ep.progress_at_ns) >= STALL_NS {
+                    stalled.push((p, ld, pd));
+                } else if ep.broken && now_ns.saturating_sub(ep.broken_at_ns) >= DRAIN_MAX_NS {
+                    stuck.push((p, ld, pd));
                 }
             }
         }
-        for (peer, ld, pd) in stalled {
+        for (p, ld, pd) in stalled {
             any = true;
             log::warn!(
-                "RDMA: endpoint {} -> {peer} device {pd} completed nothing in {} ms: broken",
+                "RDMA: endpoint {} -> {} device {pd} completed nothing in {} ms: broken",
                 self.devices[ld].info.name,
+                self.peers[p].name,
                 STALL_NS / 1_000_000
             );
-            self.break_endpoint(&peer, ld, pd, now_ns);
+            self.break_endpoint(p, ld, pd, now_ns);
         }
-        // Endpoints broken long ago and still holding work: the device
-        // did not flush it (soft-RoCE on Linux 6.1 may not, for a queue
-        // pair deep in retransmission). Destroying a queue pair ends the
-        // device's use of its work requests, so they are taken back here.
-        let mut stuck: Vec<(String, usize, usize)> = Vec::new();
-        for (name, p) in &self.peers {
-            for (&(ld, pd), ep) in &p.endpoints {
-                let holding = ep.outstanding.iter().any(|&o| o > 0);
-                if ep.broken && holding && now_ns.saturating_sub(ep.broken_at_ns) >= DRAIN_MAX_NS {
-                    stuck.push((name.clone(), ld, pd));
-                }
-            }
-        }
-        for (peer, ld, pd) in stuck {
+        for (p, ld, pd) in stuck {
             any = true;
-            let qps = self.peers[&peer].endpoints[&(ld, pd)].qps.clone();
             log::warn!(
-                "RDMA: endpoint {} -> {peer} device {pd} did not drain within {} ms of breaking: destroyed",
+                "RDMA: endpoint {} -> {} device {pd} did not drain within {} ms of breaking: destroyed",
                 self.devices[ld].info.name,
+                self.peers[p].name,
                 DRAIN_MAX_NS / 1_000_000
             );
-            self.close_endpoint(&peer, ld, pd);
-            let held: Vec<u64> = self
-                .slices
-                .iter()
-                .filter(|(_, r)| matches!(r.state, SliceState::Posted { local_dev, peer_dev, qp, .. } if local_dev == ld && peer_dev == pd && qps.contains(&qp)))
-                .filter(|(_, r)| self.requests.get(&r.request).is_some_and(|q| q.req.peer == peer))
-                .map(|(&id, _)| id)
-                .collect();
-            for id in held {
-                self.flushed(
-                    id,
-                    format!("{} -> {peer} device {pd}: the queue pair never drained", self.devices[ld].info.name),
-                );
-            }
+            self.destroy_endpoint(p, ld, pd, "the queue pair never drained");
         }
         any
     }
@@ -747,9 +878,9 @@ impl SliceEngine {
     fn take_events(&mut self) -> bool {
         let mut any = false;
         for d in &mut self.devices {
-            let mut events = Vec::new();
-            d.ctx.events(&mut events);
-            for e in events {
+            self.events.clear();
+            d.ctx.events(&mut self.events);
+            for e in &self.events {
                 any = true;
                 match e {
                     PortEvent::PortDown => d.up = false,
@@ -761,11 +892,10 @@ impl SliceEngine {
         any
     }
 
-    /// Settles slice `id` once; its request settles with its last slice.
-    fn settle(&mut self, id: u64, error: Option<Fault>) {
-        let rec = self.slices.remove(&id).expect("a slice settles once");
-        assert_ne!(rec.state, SliceState::Settled, "slice {id} settled twice");
-        let r = self.requests.get_mut(&rec.request).expect("a slice's request is in flight");
+    /// Settles slice `key` once; its request settles with its last slice.
+    fn settle(&mut self, key: Key, error: Option<Fault>) {
+        let rec = self.slices.remove(key).expect("a slice settles once");
+        let r = self.requests.get_mut(rec.request).expect("a slice's request is in flight");
         // The first failure says why, except that the memory's refusal
         // outranks the rails' trouble (a flush is often the echo of a
         // refused key on the same queue pair).
@@ -774,204 +904,216 @@ impl SliceEngine {
             (Some(old), Some(new)) if old.rails && !new.rails => r.error = error,
             _ => {}
         }
-        assert!(r.left > 0, "request {} has no slices left to settle", rec.request);
+        assert!(r.left > 0, "request {} has no slices left to settle", r.id);
         r.left -= 1;
         if r.left == 0 {
-            let r = self.requests.remove(&rec.request).expect("looked up above");
-            self.settled.push(Settled::new(r.req.id, r.error));
+            let r = self.requests.remove(rec.request).expect("looked up above");
+            self.request_ids.remove(&r.id);
+            self.settled.push(Settled::new(r.id, r.error));
         }
     }
 
-    /// Chooses rails, builds work requests and posts them in chains.
+    /// Chooses rails, builds work requests, stages them per queue pair and
+    /// posts each queue pair's chain in one call.
     fn post_ready(&mut self, connector: &mut dyn Connector, now_ns: u64) -> bool {
-        let mut chains: BTreeMap<(String, usize, usize, usize), Vec<WorkRequest>> = BTreeMap::new();
         let mut moved = false;
-        let mut later = VecDeque::new();
-        while let Some(id) = self.ready.pop_front() {
+        debug_assert!(self.later.is_empty() && self.staged.is_empty());
+        while let Some(key) = self.ready.pop_front() {
             moved = true;
-            let rec = &self.slices[&id];
-            let req = &self.requests[&rec.request].req;
+            let rec = self.slices.get(key).expect("a ready slice is in flight");
+            let req = self.requests.get(rec.request).expect("a slice's request is in flight");
             if req.deadline_ns.is_some_and(|d| now_ns >= d) {
                 let why = format!("request {} timed out before all its slices were sent", req.id);
-                self.settle(id, Some(Fault::request(why)));
+                self.settle(key, Some(Fault::request(why)));
                 continue;
             }
-            let (peer_name, verb, location) = (req.peer.clone(), req.verb, req.location.clone());
-            let (slice, tries) = (rec.slice, rec.tries);
-            match self.choose_rails(&peer_name, &location, &slice, id, tries, now_ns) {
-                Err(fault) => self.settle(id, Some(fault)),
-                Ok((ld, pd, rkey)) => {
-                    let qp = match self.endpoint_qp(connector, &peer_name, ld, pd, now_ns) {
-                        Ok(Some(qp)) => qp,
-                        Ok(None) => {
-                            later.push_back(id); // every queue pair is full
-                            continue;
-                        }
-                        Err(why) => {
-                            // A connection that failed counts as a try.
-                            self.count_try(id);
-                            self.fail_try(id, pd, Fault::rails(why), now_ns);
-                            continue;
-                        }
-                    };
-                    let lkey = self.lkey(slice.local, ld).expect("the slice was cut inside a region");
-                    let wr = WorkRequest {
-                        wr_id: id,
-                        verb,
-                        sges: Sges::one(Sge { addr: slice.local, len: slice.len as u32, lkey }),
-                        remote_addr: slice.remote,
-                        rkey,
-                        inline: false,
-                    };
-                    self.count_try(id);
-                    let rec = self.slices.get_mut(&id).expect("looked up above");
-                    rec.state = SliceState::Posted { local_dev: ld, peer_dev: pd, qp, at_ns: now_ns };
-                    rec.last = Some((ld, pd));
-                    chains.entry((peer_name, ld, pd, qp.0 as usize)).or_default().push(wr);
+            let (p, verb, rails) = (req.peer, req.verb, req.rails);
+            let (slice, tries, n) = (rec.slice, rec.tries, rec.n);
+            let (ld, pd, rkey) = match self.choose_rails(p, rails, &slice, n, tries, now_ns) {
+                Ok(chosen) => chosen,
+                Err(fault) => {
+                    self.settle(key, Some(fault));
+                    continue;
                 }
+            };
+            let qi = match self.endpoint_qp(connector, p, ld, pd, now_ns) {
+                Ok(Some(qi)) => qi,
+                Ok(None) => {
+                    self.later.push_back(key); // connecting, draining or full
+                    continue;
+                }
+                Err(why) => {
+                    // A connection that failed counts as a try.
+                    self.count_try(key);
+                    self.fail_try(key, p, pd, Fault::rails(why), now_ns);
+                    continue;
+                }
+            };
+            let lkey = self.lkey(slice.local, ld).expect("the slice was cut inside a region");
+            self.count_try(key);
+            let rec = self.slices.get_mut(key).expect("looked up above");
+            let wr = WorkRequest {
+                wr_id: wr_id(key, rec.tries),
+                verb,
+                sges: Sges::one(Sge { addr: slice.local, len: slice.len as u32, lkey }),
+                remote_addr: slice.remote,
+                rkey,
+                // Small writes go inline: the device reads no memory for them.
+                inline: verb == Verb::Write && slice.len <= u64::from(self.config.max_inline),
+            };
+            let ei = ld * self.peers[p].devices() + pd;
+            let ep = self.peers[p].endpoints[ei].as_mut().expect("made above");
+            rec.state = SliceState::Posted { local_dev: ld, peer_dev: pd, qp: ep.qps[qi], qi, at_ns: now_ns };
+            if ep.pending[qi].is_empty() {
+                self.staged.push((p, ei, qi));
             }
+            ep.pending[qi].push(wr);
         }
-        self.ready = later;
-        for ((peer, ld, pd, qp), chain) in chains {
-            let qp = QpNum(qp as u32);
+        std::mem::swap(&mut self.ready, &mut self.later);
+        let staged = std::mem::take(&mut self.staged);
+        for &(p, ei, qi) in &staged {
+            let n = self.peers[p].devices();
+            let (ld, pd) = (ei / n, ei % n);
+            let ep = self.peers[p].endpoints[ei].as_mut().expect("staged on a live endpoint");
+            let mut chain = std::mem::take(&mut ep.pending[qi]);
+            let qp = ep.qps[qi];
             if let Err(e) = self.devices[ld].ctx.post(qp, &chain) {
                 // The queue pair broke since: those not posted go again.
                 let posted = match &e {
                     FabricError::BadWorkRequest { index, .. } => *index,
                     _ => 0,
                 };
-                if let Some(ep) = self.peers.get_mut(&peer).and_then(|p| p.endpoints.get_mut(&(ld, pd)))
-                    && let Some(i) = ep.qps.iter().position(|&q| q == qp)
-                {
-                    ep.outstanding[i] -= (chain.len() - posted) as u32;
-                }
-                self.break_endpoint(&peer, ld, pd, now_ns);
+                let ep = self.peers[p].endpoints[ei].as_mut().expect("staged on a live endpoint");
+                ep.outstanding[qi] -= (chain.len() - posted) as u32;
+                self.break_endpoint(p, ld, pd, now_ns);
                 for wr in &chain[posted..] {
-                    self.fail_try(wr.wr_id, pd, Fault::rails(e.to_string()), now_ns);
+                    let key = self.key_of(wr.wr_id).expect("a slice staged this round is in flight");
+                    self.fail_try(key, p, pd, Fault::rails(e.to_string()), now_ns);
                 }
             }
+            chain.clear();
+            if let Some(ep) = self.peers[p].endpoints[ei].as_mut() {
+                ep.pending[qi] = chain; // its room, for the next round
+            }
         }
+        self.staged = staged;
+        self.staged.clear();
         moved
+    }
+
+    /// The slice a work request id names, if it is still that slice's
+    /// current try.
+    fn key_of(&self, wr_id: u64) -> Option<Key> {
+        let (index, generation, tries) = (wr_id & 0xffff_ffff, (wr_id >> 32) & 0xff_ffff, (wr_id >> 56) as u32);
+        let key = self.slices.key_at(index as usize)?;
+        let rec = self.slices.get(key)?;
+        ((key.0 >> 32) & 0xff_ffff == generation && rec.tries & 0xff == tries).then_some(key)
     }
 
     /// The local device, peer device and rkey for try `tries` of a slice.
     fn choose_rails(
         &self,
-        peer_name: &str,
-        location: &str,
+        p: usize,
+        rails: usize,
         slice: &Slice,
         n: u64,
         tries: u32,
         now_ns: u64,
     ) -> Result<(usize, usize, u32), Fault> {
-        let peer = self.peers.get(peer_name).ok_or_else(|| Fault::request(format!("unknown peer {peer_name:?}")))?;
-        let names: Vec<&str> = self.devices.iter().map(|d| d.info.name.as_str()).collect();
-        let local = match self.matrix.get(location).or_else(|| self.matrix.get("*")) {
-            Some(entry) => Rails::from_entry(entry, |n| names.iter().position(|&m| m == n)),
-            None => Rails { preferred: (0..self.devices.len()).collect(), available: vec![] },
-        };
+        let (location, local) = &self.locations[rails];
         let ld = local
             .pick(n, tries, |d| !self.devices[d].up)
             .ok_or_else(|| Fault::rails(format!("no local RDMA device is up for {location}")))?;
-        let buffer = peer.segment.buffer(slice.remote, slice.len).ok_or_else(|| {
+        let peer = &self.peers[p];
+        let b = peer.buffer_at(slice.remote, slice.len).ok_or_else(|| {
             Fault::request(format!(
-                "{peer_name}: [{:#x}, +{}) is not inside a buffer it registered",
-                slice.remote, slice.len
+                "{}: [{:#x}, +{}) is not inside a buffer it registered",
+                peer.name, slice.remote, slice.len
             ))
         })?;
-        let peer_names: Vec<&str> = peer.segment.devices.iter().map(|d| d.name.as_str()).collect();
-        let remote = match peer.segment.matrix.get(&buffer.location).or_else(|| peer.segment.matrix.get("*")) {
-            Some(entry) => Rails::from_entry(entry, |n| peer_names.iter().position(|&m| m == n)),
-            None => Rails { preferred: (0..peer_names.len()).collect(), available: vec![] },
-        };
-        let paused = |d: usize| peer.paused_until.get(&d).is_some_and(|&until| until > now_ns);
+        let remote = &peer.locations[peer.buffer_rails[b]].1;
+        let paused = |d: usize| peer.paused_until[d] > now_ns;
         // A broken endpoint drains before it is made again: its slices go
         // elsewhere meanwhile, if there is an elsewhere.
-        let draining = |d: usize| peer.endpoints.get(&(ld, d)).is_some_and(|ep| ep.broken);
+        let draining = |d: usize| peer.endpoint(ld, d).is_some_and(|ep| ep.broken);
         let pd = remote
             .pick(n, tries, |d| paused(d) || draining(d))
             .or_else(|| remote.pick(n, tries, paused))
-            .ok_or_else(|| Fault::rails(format!("{peer_name}: every rail is paused or down")))?;
-        Ok((ld, pd, buffer.rkey[pd]))
+            .ok_or_else(|| Fault::rails(format!("{}: every rail is paused or down", peer.name)))?;
+        Ok((ld, pd, peer.segment.buffers[b].rkey[pd]))
     }
 
     fn lkey(&self, addr: u64, device: usize) -> Option<u32> {
-        self.regions.iter().find(|r| addr >= r.addr && addr < r.addr + r.len).map(|r| r.mrs[device].lkey)
+        let i = self.regions.partition_point(|r| r.addr <= addr).checked_sub(1)?;
+        let r = &self.regions[i];
+        (addr < r.addr + r.len).then(|| r.mrs[device].lkey)
     }
 
-    /// A queue pair of the endpoint `ld -> pd` of `peer` with room, the
-    /// endpoint made (or made again) if needed; `None` while it connects,
-    /// drains or is full.
+    /// A queue pair (its index) of the endpoint `ld -> pd` of peer `p` with
+    /// room, the endpoint made (or made again) if needed; `None` while it
+    /// connects, drains or is full.
     fn endpoint_qp(
         &mut self,
         connector: &mut dyn Connector,
-        peer_name: &str,
+        p: usize,
         ld: usize,
         pd: usize,
         now_ns: u64,
-    ) -> Result<Option<QpNum>, String> {
-        let peer = self.peers.get_mut(peer_name).expect("chosen above");
-        let stale = peer.endpoints.get(&(ld, pd)).is_some_and(|ep| ep.broken && ep.outstanding.iter().all(|&n| n == 0));
+    ) -> Result<Option<usize>, String> {
+        let stale = self.peers[p].endpoint(ld, pd).is_some_and(|ep| ep.broken && !ep.holding());
         if stale {
-            self.close_endpoint(peer_name, ld, pd);
+            self.close_endpoint(p, ld, pd);
         }
-        if !self.peers[peer_name].endpoints.contains_key(&(ld, pd)) {
+        if self.peers[p].endpoint(ld, pd).is_none() {
             if !self.make_room(ld) {
                 return Ok(None); // every endpoint of the device is busy: wait
             }
             let ep = open_endpoint(&mut self.devices[ld], &self.config, now_ns)?;
             self.devices[ld].endpoints += 1;
-            self.peers.get_mut(peer_name).expect("chosen above").endpoints.insert((ld, pd), ep);
+            let n = self.peers[p].devices();
+            self.peers[p].endpoints[ld * n + pd] = Some(ep);
         }
-        let since = self.peers[peer_name].endpoints[&(ld, pd)].connecting_since;
-        if let Some(since) = since {
+        let peer = &mut self.peers[p];
+        let n = peer.segment.devices.len();
+        let ep = peer.endpoints[ld * n + pd].as_mut().expect("made above");
+        if let Some(since) = ep.connecting_since {
             if now_ns.saturating_sub(since) > self.config.connect_timeout_ns {
-                self.close_endpoint(peer_name, ld, pd);
+                self.close_endpoint(p, ld, pd);
                 return Err(format!(
-                    "{peer_name} did not answer a connection within {} ms",
+                    "{} did not answer a connection within {} ms",
+                    self.peers[p].name,
                     self.config.connect_timeout_ns / 1_000_000
                 ));
             }
-            let peer_device = self.peers[peer_name].segment.devices[pd].name.clone();
             let device = &mut self.devices[ld];
-            let ep = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.get_mut(&(ld, pd))).expect("made above");
             let mtu = device.info.active_mtu.min(self.config.mtu);
             let ours = OurSide { device: &device.info, gid: device.gid, qps: &ep.qps, mtu };
-            let answer = connector.connect(peer_name, pd, &peer_device, ours);
+            let answer = connector.connect(&peer.name, pd, &peer.segment.devices[pd].name, ours);
             let done = match answer {
                 Ok(Answer::Pending) => return Ok(None),
-                Ok(Answer::Ready(side)) => finish_endpoint(device, &self.config, ep, peer_name, &side),
+                Ok(Answer::Ready(side)) => finish_endpoint(device, &self.config, ep, &peer.name, &side),
                 Err(e) => Err(e),
             };
             if let Err(e) = done {
-                self.close_endpoint(peer_name, ld, pd);
+                self.close_endpoint(p, ld, pd);
                 return Err(e);
             }
         }
         self.uses += 1;
-        let uses = self.uses;
-        let ep = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.get_mut(&(ld, pd))).expect("made above");
-        ep.last_use = uses;
+        ep.last_use = self.uses;
         if ep.broken {
             return Ok(None); // drains before it is made again
         }
-        if ep.outstanding.iter().all(|&o| o == 0) {
+        if !ep.holding() {
             ep.progress_at_ns = now_ns; // the stall clock starts with the first work
         }
-        for k in 0..ep.qps.len() {
-            let i = (ep.next + k) % ep.qps.len();
-            if ep.outstanding[i] < self.config.max_wr {
-                ep.outstanding[i] += 1;
-                ep.next = i + 1;
-                return Ok(Some(ep.qps[i]));
-            }
-        }
-        Ok(None)
+        Ok(ep.take_room(self.config.max_wr))
     }
 
-    /// Closes the endpoint `ld -> pd` of `peer`: its queue pairs go.
-    fn close_endpoint(&mut self, peer_name: &str, ld: usize, pd: usize) {
-        if let Some(ep) = self.peers.get_mut(peer_name).and_then(|p| p.endpoints.remove(&(ld, pd))) {
+    /// Closes the endpoint `ld -> pd` of peer `p`: its queue pairs go.
+    fn close_endpoint(&mut self, p: usize, ld: usize, pd: usize) {
+        let n = self.peers[p].devices();
+        if let Some(ep) = self.peers[p].endpoints.get_mut(ld * n + pd).and_then(Option::take) {
             self.devices[ld].endpoints -= 1;
             for qp in ep.qps {
                 let _ = self.devices[ld].ctx.destroy_qp(qp);
@@ -979,9 +1121,9 @@ impl SliceEngine {
         }
     }
 
-    /// A try of slice `id` begins (a post, or a connection attempt).
-    fn count_try(&mut self, id: u64) {
-        let rec = self.slices.get_mut(&id).expect("a slice in flight");
+    /// A try of slice `key` begins (a post, or a connection attempt).
+    fn count_try(&mut self, key: Key) {
+        let rec = self.slices.get_mut(key).expect("a slice in flight");
         if rec.tries > 0 {
             self.retries += 1;
         }
@@ -994,186 +1136,128 @@ impl SliceEngine {
         if self.devices[ld].endpoints < self.config.max_endpoints {
             return true;
         }
-        let victim = self
-            .peers
-            .iter()
-            .flat_map(|(name, p)| p.endpoints.iter().map(move |(&k, ep)| (name, k, ep)))
-            .filter(|(_, (l, _), ep)| {
-                *l == ld && ep.connecting_since.is_none() && ep.outstanding.iter().all(|&n| n == 0)
-            })
-            .min_by_key(|(_, _, ep)| ep.last_use)
-            .map(|(name, k, _)| (name.clone(), k));
-        let Some((name, (l, p))) = victim else { return false };
-        self.close_endpoint(&name, l, p);
+        let mut victim: Option<(u64, usize, usize)> = None;
+        for (p, peer) in self.peers.iter().enumerate() {
+            let n = peer.devices();
+            for pd in 0..n {
+                let Some(ep) = peer.endpoints[ld * n + pd].as_ref() else { continue };
+                if ep.connecting_since.is_none() && !ep.holding() && victim.is_none_or(|(u, _, _)| ep.last_use < u) {
+                    victim = Some((ep.last_use, p, pd));
+                }
+            }
+        }
+        let Some((_, p, pd)) = victim else { return false };
+        self.close_endpoint(p, ld, pd);
         true
     }
 
-    /// A try of slice `id` failed on rails `ld -> pd`: count it against
-    /// the peer rail, and queue the slice again or settle it failed.
-    fn fail_try(&mut self, id: u64, pd: usize, fault: Fault, now_ns: u64) {
-        let request = self.slices[&id].request;
-        let peer_name = self.requests[&request].req.peer.clone();
+    /// A try of slice `key` failed on a rail to peer device `pd` of peer
+    /// `p`: count it against the peer rail, and queue the slice again or
+    /// settle it failed.
+    fn fail_try(&mut self, key: Key, p: usize, pd: usize, fault: Fault, now_ns: u64) {
         // Only the rail's own faults count against it: a key the target
         // refused says nothing about the rail.
-        if let Some(peer) = self.peers.get_mut(&peer_name).filter(|_| fault.rails) {
-            let errors = peer.errors.entry(pd).or_default();
+        if fault.rails {
+            let peer = &mut self.peers[p];
+            let errors = &mut peer.errors[pd];
             errors.push_back(now_ns);
             while errors.front().is_some_and(|&t| t + self.config.pause_window_ns < now_ns) {
                 errors.pop_front();
             }
             if errors.len() >= self.config.pause_errors {
                 log::warn!(
-                    "RDMA: {peer_name} device {pd} failed {} times within {} ms: paused for {} s (the last: {})",
+                    "RDMA: {} device {pd} failed {} times within {} ms: paused for {} s (the last: {})",
+                    peer.name,
                     errors.len(),
                     self.config.pause_window_ns / 1_000_000,
                     self.config.pause_ns / 1_000_000_000,
                     fault.why
                 );
-                peer.paused_until.insert(pd, now_ns + self.config.pause_ns);
+                peer.paused_until[pd] = now_ns + self.config.pause_ns;
                 errors.clear();
             }
         }
-        let rec = self.slices.get_mut(&id).expect("a slice in flight");
+        let rec = self.slices.get_mut(key).expect("a slice in flight");
         rec.state = SliceState::Ready;
         if rec.tries > self.config.retry_cnt {
             let why = format!("a slice failed {} times; the last: {}", rec.tries, fault.why);
-            self.settle(id, Some(Fault { why, rails: fault.rails }));
+            self.settle(key, Some(Fault { why, rails: fault.rails }));
         } else {
-            self.ready.push_back(id);
+            self.ready.push_back(key);
         }
     }
 
-    /// Slice `id` was flushed off its queue pair: it goes again, unless
+    /// Slice `key` was flushed off its queue pair: it goes again, unless
     /// its tries are used up.
-    fn flushed(&mut self, id: u64, why: String) {
-        let rec = self.slices.get_mut(&id).expect("a flushed slice is in flight");
+    fn flushed(&mut self, key: Key, why: String) {
+        let rec = self.slices.get_mut(key).expect("a flushed slice is in flight");
         rec.state = SliceState::Ready;
         if rec.tries > self.config.retry_cnt {
             let why = format!("a slice failed {} times; the last: {why}", rec.tries);
-            self.settle(id, Some(Fault::rails(why)));
+            self.settle(key, Some(Fault::rails(why)));
         } else {
-            self.ready.push_back(id);
+            self.ready.push_back(key);
         }
     }
 
     fn poll_all(&mut self, now_ns: u64) -> bool {
         let mut moved = false;
-        let mut done: Vec<(usize, Completion)> = Vec::new();
-        for (i, d) in self.devices.iter_mut().enumerate() {
-            let mut out = Vec::with_capacity(POLL_BATCH);
-            if d.ctx.poll(d.cq, POLL_BATCH, &mut out).is_ok() {
-                done.extend(out.into_iter().map(|c| (i, c)));
+        let mut batch = std::mem::take(&mut self.completions);
+        for ld in 0..self.devices.len() {
+            batch.clear();
+            let d = &mut self.devices[ld];
+            if d.ctx.poll(d.cq, POLL_BATCH, &mut batch).is_err() {
+                continue;
+            }
+            for c in &batch {
+                moved = true;
+                self.complete(ld, c, now_ns);
             }
         }
-        for (ld, c) in done {
-            moved = true;
-            let Some(rec) = self.slices.get(&c.wr_id) else { continue };
-            let SliceState::Posted { local_dev, peer_dev, .. } = rec.state else { continue };
-            debug_assert_eq!(local_dev, ld);
-            let peer_name = self.requests[&rec.request].req.peer.clone();
-            if let Some(ep) = self.peers.get_mut(&peer_name).and_then(|p| p.endpoints.get_mut(&(ld, peer_dev)))
-                && let Some(i) = ep.qps.iter().position(|&q| q == c.qp)
-            {
-                ep.outstanding[i] = ep.outstanding[i].saturating_sub(1);
-                ep.progress_at_ns = now_ns;
-            }
-            if c.status != WcStatus::Success {
-                self.break_endpoint(&peer_name, ld, peer_dev, now_ns);
-            }
-            if c.status == WcStatus::Success {
-                self.devices[ld].bytes += c.bytes;
-                self.settle(c.wr_id, None);
-            } else {
-                let why = format!("{} -> {peer_name} device {peer_dev}: {}", self.devices[ld].info.name, c.status);
-                // A flush is the queue pair's fault, not the rail's.
-                if c.status == WcStatus::WrFlushErr {
-                    self.flushed(c.wr_id, why);
-                } else {
-                    // A refused key, bound or access is the memory's fault:
-                    // no rail (nor TCP) would carry it.
-                    let rails =
-                        !matches!(c.status, WcStatus::RemAccessErr | WcStatus::LocProtErr | WcStatus::LocLenErr);
-                    self.fail_try(c.wr_id, peer_dev, Fault { why, rails }, now_ns);
-                }
-            }
-        }
+        batch.clear();
+        self.completions = batch;
         moved
     }
-}
 
-/// Starts an endpoint: queue pairs on `device`, in INIT, waiting for the
-/// peer's side.
-fn open_endpoint(device: &mut Nic, config: &RdmaConfig, now_ns: u64) -> Result<Endpoint, String> {
-    let caps = QpCaps { max_send_wr: config.max_wr, max_sge: config.max_sge, max_inline: config.max_inline };
-    let mut qps = Vec::with_capacity(config.qps_per_endpoint);
-    let mut made = || -> Result<(), String> {
-        for _ in 0..config.qps_per_endpoint {
-            let q = device.ctx.create_qp(device.cq, caps).map_err(|e| e.to_string())?;
-            qps.push(q);
-            device.ctx.modify_qp(q, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
+    /// One completion from local device `ld`.
+    fn complete(&mut self, ld: usize, c: &Completion, now_ns: u64) {
+        // A completion of an earlier try, or of a queue pair destroyed
+        // since, names no slice now: it is dropped.
+        let Some(key) = self.key_of(c.wr_id) else { return };
+        let rec = self.slices.get(key).expect("found above");
+        let SliceState::Posted { local_dev, peer_dev: pd, qp, qi, .. } = rec.state else { return };
+        if local_dev != ld || qp != c.qp {
+            return;
         }
-        Ok(())
-    };
-    if let Err(e) = made() {
-        for &q in &qps {
-            let _ = device.ctx.destroy_qp(q);
+        let p = self.requests.get(rec.request).expect("a slice's request is in flight").peer;
+        if let Some(ep) = self.peers[p].endpoint_mut(ld, pd) {
+            debug_assert_eq!(ep.qps[qi], qp);
+            ep.outstanding[qi] = ep.outstanding[qi].saturating_sub(1);
+            ep.progress_at_ns = now_ns;
         }
-        return Err(e);
+        if c.status == WcStatus::Success {
+            self.devices[ld].bytes += c.bytes;
+            self.settle(key, None);
+            return;
+        }
+        self.break_endpoint(p, ld, pd, now_ns);
+        let why = format!("{} -> {} device {pd}: {}", self.devices[ld].info.name, self.peers[p].name, c.status);
+        if c.status == WcStatus::WrFlushErr {
+            // A flush is the queue pair's fault, not the rail's.
+            self.flushed(key, why);
+        } else {
+            // A refused key, bound or access is the memory's fault: no
+            // rail (nor TCP) would carry it.
+            let rails = !matches!(c.status, WcStatus::RemAccessErr | WcStatus::LocProtErr | WcStatus::LocLenErr);
+            self.fail_try(key, p, pd, Fault { why, rails }, now_ns);
+        }
     }
-    let n = qps.len();
-    Ok(Endpoint {
-        qps,
-        outstanding: vec![0; n],
-        next: 0,
-        broken: false,
-        broken_at_ns: 0,
-        progress_at_ns: now_ns,
-        last_use: 0,
-        connecting_since: Some(now_ns),
-    })
-}
 
-/// Connects an endpoint's queue pairs to the peer's `side`: RTR, then RTS,
-/// at the path MTU the two sides agree on.
-fn finish_endpoint(
-    device: &mut Nic,
-    config: &RdmaConfig,
-    ep: &mut Endpoint,
-    peer: &str,
-    side: &PeerSide,
-) -> Result<(), String> {
-    if side.qps.len() != ep.qps.len() {
-        return Err(format!("{peer} answered with {} queue pairs for our {}", side.qps.len(), ep.qps.len()));
+    /// Peer `name`'s state (tests look at rail pauses).
+    #[cfg(test)]
+    fn peer(&self, name: &str) -> &Peer {
+        &self.peers[self.peer_ids[name]]
     }
-    let mtu = super::fabric::path_mtu(device.info.active_mtu, side.mtu, config.mtu);
-    for (&q, &t) in ep.qps.iter().zip(&side.qps) {
-        let addr = PeerAddr { gid: side.gid, lid: side.lid, qp: t, mtu };
-        device.ctx.modify_qp(q, Transition::Rtr { peer: addr }).map_err(|e| e.to_string())?;
-        device
-            .ctx
-            .modify_qp(q, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 })
-            .map_err(|e| e.to_string())?;
-        debug_assert_eq!(device.ctx.qp_state(q).ok(), Some(QpState::Rts));
-    }
-    ep.connecting_since = None;
-    Ok(())
-}
-
-/// The passive side of a connection made directly on a simulated device
-/// (tests without a second engine, and `shardwire bench rdma-sim`): queue
-/// pairs on `ctx`, in RTR against `ours`.
-pub fn answer_on(ctx: &mut dyn Context, cq: CqId, ours: &OurSide<'_>) -> Result<PeerSide, String> {
-    let caps = QpCaps { max_send_wr: 16, max_sge: 1, max_inline: 0 };
-    let mut qps = Vec::new();
-    for &q in ours.qps {
-        let m = ctx.create_qp(cq, caps).map_err(|e| e.to_string())?;
-        ctx.modify_qp(m, Transition::Init { access: Access::ALL }).map_err(|e| e.to_string())?;
-        let peer = PeerAddr { gid: ours.gid, lid: 0, qp: q, mtu: ours.mtu };
-        ctx.modify_qp(m, Transition::Rtr { peer }).map_err(|e| e.to_string())?;
-        qps.push(m);
-    }
-    let info = ctx.info();
-    Ok(PeerSide { gid: info.gids[1].gid, lid: 0, qps, mtu: Some(info.active_mtu) })
 }
 
 #[cfg(test)]
