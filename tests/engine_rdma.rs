@@ -139,3 +139,94 @@ fn the_cli_bench_reports_the_bytes_of_each_device() {
     let sum: u64 = devices.values().map(|b| b.as_u64().unwrap()).sum();
     assert!(sum >= report["bytes"].as_u64().unwrap() && report["bytes"].as_u64().unwrap() > 0, "{report}");
 }
+
+/// Four devices, two on each NUMA node, and a runtime with a shard on each
+/// node: each device lives on the shard of its node, work from memory on a
+/// node goes to that node's devices only (through the shard owning them),
+/// and memory whose node the devices do not know is dealt to both shards.
+#[test]
+fn devices_live_on_the_shards_of_their_node_and_memory_uses_its_own_nodes_devices() {
+    use shardwire::runtime::{Runtime, RuntimeConfig};
+    let mut config = RuntimeConfig::new(2);
+    config.numa_nodes = vec![Some(0), Some(1)];
+    let runtime = Arc::new(Runtime::start(config).unwrap());
+    let device = |name: &str, n: u8, node: u32| {
+        let mut d = SimDevice::new(name, n);
+        d.info.numa_node = Some(node);
+        d
+    };
+    let devices = vec![device("mlx5_0", 1, 0), device("mlx5_1", 2, 0), device("mlx5_2", 3, 1), device("mlx5_3", 4, 1)];
+    let net = SimNetwork::new(devices, FaultPlan::default(), 7);
+    let on = |protocol: &str| {
+        let fabric = Some(Arc::new(net.clone()) as Arc<dyn shardwire::transport::rdma::fabric::Fabric>);
+        let config =
+            EngineConfig { local: false, fabric, runtime: Some(runtime.clone()), ..EngineConfig::from_env().unwrap() };
+        let e = TransferEngine::with_config(config);
+        e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
+        e
+    };
+    let (target, initiator) = (on("rdma"), on("rdma"));
+    let placed = initiator.rdma_placement().unwrap();
+    let expect: Vec<(String, usize)> =
+        [("mlx5_0", 0), ("mlx5_1", 0), ("mlx5_2", 1), ("mlx5_3", 1)].iter().map(|(n, s)| (n.to_string(), *s)).collect();
+    assert_eq!(placed, expect, "each device on the shard of its node");
+    let name = target.segment_name().unwrap();
+    assert_eq!(initiator.transport_for(&name).unwrap(), "rdma");
+    let remote = target.allocate_managed_buffer(16 << 20).unwrap();
+    let moved = |e: &TransferEngine| -> Vec<u64> { e.rdma_device_bytes().unwrap().iter().map(|(_, b)| *b).collect() };
+    // Memory on node 1: only mlx5_2 and mlx5_3 carry it.
+    let mut on_node_1 = pattern(8 << 20, 5);
+    let at = on_node_1.as_mut_ptr() as u64;
+    initiator.register_memory(at, 8 << 20, "cpu:1").unwrap();
+    let before = moved(&initiator);
+    initiator.transfer_sync_write(&name, at, remote, 8 << 20).unwrap();
+    let delta: Vec<u64> = moved(&initiator).iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(&delta[..2], [0, 0], "node 0's devices stay out of node 1's work: {delta:?}");
+    assert!(delta[2] > 0 && delta[3] > 0, "both of node 1's devices carry it: {delta:?}");
+    assert!(target.read_bytes_from_buffer(remote, 8 << 20).unwrap() == on_node_1);
+    // Memory on node 0, read back into: only mlx5_0 and mlx5_1.
+    let mut on_node_0 = vec![0u8; 8 << 20];
+    let back = on_node_0.as_mut_ptr() as u64;
+    initiator.register_memory(back, 8 << 20, "cpu:0").unwrap();
+    let before = moved(&initiator);
+    initiator.transfer_sync_read(&name, back, remote, 8 << 20).unwrap();
+    let delta: Vec<u64> = moved(&initiator).iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert!(delta[0] > 0 && delta[1] > 0 && delta[2] == 0 && delta[3] == 0, "{delta:?}");
+    assert!(on_node_0 == on_node_1);
+    initiator.unregister_memory(at).unwrap();
+    initiator.unregister_memory(back).unwrap();
+    drop((initiator, target));
+}
+
+/// Devices that do not know their node are spread over the shards, and
+/// one request's stripes are dealt to every shard that owns a device.
+#[test]
+fn devices_without_a_node_spread_over_the_shards_and_share_each_request() {
+    use shardwire::runtime::{Runtime, RuntimeConfig};
+    let runtime = Arc::new(Runtime::start(RuntimeConfig::new(2)).unwrap());
+    let net = SimNetwork::new(
+        (0..4).map(|i| SimDevice::new(&format!("mlx5_{i}"), i as u8 + 1)).collect(),
+        FaultPlan::default(),
+        8,
+    );
+    let on = || {
+        let fabric = Some(Arc::new(net.clone()) as Arc<dyn shardwire::transport::rdma::fabric::Fabric>);
+        let config =
+            EngineConfig { local: false, fabric, runtime: Some(runtime.clone()), ..EngineConfig::from_env().unwrap() };
+        let e = TransferEngine::with_config(config);
+        e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "").expect("initialize");
+        e
+    };
+    let (target, initiator) = (on(), on());
+    let shards: Vec<usize> = initiator.rdma_placement().unwrap().iter().map(|(_, s)| *s).collect();
+    assert_eq!(shards, [0, 1, 0, 1]);
+    let name = target.segment_name().unwrap();
+    interop::round_trips(&initiator, &target, &name, 16 << 20);
+    let moved = initiator.rdma_device_bytes().unwrap();
+    let total: u64 = moved.iter().map(|(_, b)| b).sum();
+    for (device, bytes) in &moved {
+        let share = *bytes as f64 / total as f64;
+        assert!((0.15..=0.35).contains(&share), "{device} carried {share:.3} of the bytes: {moved:?}");
+    }
+    assert_eq!(initiator.rdma_slice_retries().unwrap(), 0);
+}

@@ -36,6 +36,13 @@ impl log::Log for Stderr {
     fn flush(&self) {}
 }
 
+/// Log lines on stderr, at info and above (once per test binary).
+fn logging() {
+    if log::set_logger(&Stderr).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+}
+
 fn in_vm() -> bool {
     std::env::var_os("RDMA_VM").is_some()
 }
@@ -43,9 +50,7 @@ fn in_vm() -> bool {
 /// The active devices, or `None` (said on stderr) where there are none
 /// and this is not the VM.
 fn devices() -> Option<Vec<String>> {
-    if log::set_logger(&Stderr).is_ok() {
-        log::set_max_level(log::LevelFilter::Info);
-    }
+    logging();
     let fabric = VerbsFabric::new(LinkConfig::default());
     let names: Vec<String> = fabric
         .devices()
@@ -244,6 +249,7 @@ fn with_no_device_to_use_rdma_falls_back_to_tcp() {
 /// A shardwire engine over RDMA on `device`, its peers not on the local
 /// transport.
 fn rdma_engine(device: &str) -> TransferEngine {
+    logging();
     let config = EngineConfig { local: false, ..EngineConfig::from_env().unwrap() };
     let e = TransferEngine::with_config(config);
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", device).expect("initialize");

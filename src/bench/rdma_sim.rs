@@ -217,7 +217,6 @@ fn request(o: &Options, bufs: (u64, u64), id: u64) -> RdmaRequest {
         local: bufs.0 + at,
         remote: bufs.1 + at,
         len: o.request_bytes,
-        location: "cpu:0".into(),
         deadline_ns: None,
     }
 }

@@ -59,6 +59,9 @@ pub struct EngineConfig {
     pub rdma_devices_allowed: Option<Vec<String>>,
     /// The RDMA transport's knobs (`MC_SLICE_SIZE` and the rest).
     pub rdma: crate::transport::rdma::slices::RdmaConfig,
+    /// `MC_CUSTOM_TOPO_JSON`: the priority matrix the RDMA devices follow
+    /// (`None`: made from the devices' NUMA nodes).
+    pub topo_json: Option<std::path::PathBuf>,
 }
 
 impl Default for EngineConfig {
@@ -102,6 +105,7 @@ impl EngineConfig {
             no_fabric_why,
             rdma_devices_allowed: s.rdma.te_filters.clone(),
             rdma: crate::transport::rdma::slices::RdmaConfig::from_settings(&s.rdma),
+            topo_json: s.custom_topo_json.clone(),
         }
     }
 }

@@ -283,15 +283,25 @@ impl TransferEngine {
         };
         let rdma = match (&self.config.fabric, want_rdma) {
             (Some(fabric), true) => {
-                match RdmaTransport::start(
-                    runtime.clone(),
-                    fabric.clone(),
-                    &allowed,
-                    tcp.clone(),
-                    &name,
-                    self.config.rdma,
-                    call_options,
-                ) {
+                let custom = match &self.config.topo_json {
+                    Some(path) => crate::topo::PriorityMatrix::load(path)
+                        .map(Some)
+                        .map_err(|e| format!("MC_CUSTOM_TOPO_JSON ({}): {e}", path.display())),
+                    None => Ok(None),
+                };
+                let started = custom.and_then(|custom| {
+                    RdmaTransport::start(
+                        runtime.clone(),
+                        fabric.clone(),
+                        &allowed,
+                        tcp.clone(),
+                        &name,
+                        self.config.rdma,
+                        call_options,
+                        custom.as_ref(),
+                    )
+                });
+                match started {
                     Ok(r) => Some(Arc::new(r)),
                     Err(e) => {
                         log::warn!("protocol \"rdma\": {e}; serving this segment over TCP");
@@ -747,6 +757,12 @@ impl TransferEngine {
     /// without the RDMA transport).
     pub fn rdma_device_bytes(&self) -> TeResult<Vec<(String, u64)>> {
         Ok(self.engine()?.rdma.as_ref().map_or_else(Vec::new, |r| r.device_bytes()))
+    }
+
+    /// The shard that owns each local RDMA device, by device name (empty
+    /// without the RDMA transport).
+    pub fn rdma_placement(&self) -> TeResult<Vec<(String, usize)>> {
+        Ok(self.engine()?.rdma.as_ref().map_or_else(Vec::new, |r| r.shards()))
     }
 
     /// RDMA slices sent again after a failed try, since the start (0

@@ -23,6 +23,31 @@ pub fn check_mapped(addr: u64, len: u64) -> Result<(), String> {
     check_in(&maps, addr, end)
 }
 
+/// The NUMA node the page at `addr` lives on (a page not touched yet is
+/// placed first, as a read would), or `None` where the kernel does not say
+/// (no NUMA support, or not memory of this process). What Mooncake's `*`
+/// location means.
+pub fn numa_node_of(addr: u64) -> Option<u32> {
+    const MPOL_F_NODE: libc::c_ulong = 1;
+    const MPOL_F_ADDR: libc::c_ulong = 2;
+    let mut node: libc::c_int = -1;
+    // SAFETY: get_mempolicy writes one int to `node` (the mask pointer is
+    // null with a size of 0, so it writes no mask); with MPOL_F_ADDR it
+    // reads nothing at `addr` in user space, and refuses an unmapped one
+    // with EFAULT.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut node as *mut libc::c_int,
+            std::ptr::null_mut::<libc::c_ulong>(),
+            0 as libc::c_ulong,
+            addr as *mut libc::c_void,
+            MPOL_F_NODE | MPOL_F_ADDR,
+        )
+    };
+    (rc == 0 && node >= 0).then_some(node as u32)
+}
+
 /// [`check_mapped`] against the text of a maps file.
 fn check_in(maps: &str, addr: u64, end: u64) -> Result<(), String> {
     let mut at = addr;
@@ -99,6 +124,19 @@ pub fn write(addr: u64, bytes: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_numa_node_of_memory_is_one_this_machine_has() {
+        let buf = vec![1u8; 8192];
+        let nodes = std::fs::read_dir("/sys/devices/system/node")
+            .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("node")?.parse::<u32>().ok()).count())
+            .unwrap_or(0);
+        match numa_node_of(buf.as_ptr() as u64) {
+            Some(n) => assert!((n as usize) < nodes.max(1), "node {n} of {nodes}"),
+            None => assert_eq!(nodes, 0, "the kernel has NUMA nodes but did not say which"),
+        }
+        assert_eq!(numa_node_of(0x10), None, "not memory of this process");
+    }
 
     const MAPS: &str = "\
 00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/x

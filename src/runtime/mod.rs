@@ -60,6 +60,9 @@ pub const SHARDS_MAX: usize = crate::topo::plan::SHARDS_MAX;
 pub struct RuntimeConfig {
     /// One entry per shard: the CPU to pin it to, or `None` to leave it free.
     pub cpus: Vec<Option<u32>>,
+    /// The NUMA node of each shard, where the plan says (RDMA devices are
+    /// given to shards on their own node); empty or shorter: unknown.
+    pub numa_nodes: Vec<Option<u32>>,
     /// How long idle shards spin before parking.
     pub spin: SpinPolicy,
     /// Slots in each shard-to-shard ring.
@@ -89,6 +92,7 @@ impl RuntimeConfig {
     pub fn new(shards: usize) -> Self {
         Self {
             cpus: vec![None; shards],
+            numa_nodes: Vec::new(),
             spin: SpinPolicy::default(),
             mesh_capacity: 1024,
             inbox_capacity: 1024,
@@ -110,7 +114,8 @@ impl RuntimeConfig {
 
     /// One shard per shard of the placement plan.
     pub fn from_plan(plan: &crate::topo::Plan) -> Self {
-        Self::pinned(&plan.cpus())
+        let numa_nodes = plan.shards.iter().map(|s| Some(s.numa_node)).collect();
+        Self { numa_nodes, ..Self::pinned(&plan.cpus()) }
     }
 
     /// Applies `SHARDWIRE_SPIN_US`, `SHARDWIRE_SPIN_ADAPTIVE` and
@@ -298,6 +303,11 @@ impl Runtime {
     /// How many shards run.
     pub fn shard_count(&self) -> usize {
         self.shards.len()
+    }
+
+    /// The NUMA node of each shard, where known.
+    pub fn shard_numa_nodes(&self) -> Vec<Option<u32>> {
+        (0..self.shards.len()).map(|i| self.config.numa_nodes.get(i).copied().flatten()).collect()
     }
 
     /// The CPU each shard is pinned to (`None` for unpinned shards).

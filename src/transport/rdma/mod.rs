@@ -22,6 +22,7 @@
 
 pub mod fabric;
 pub mod idhash;
+pub mod placement;
 pub mod plan;
 pub mod rules;
 pub mod shard;

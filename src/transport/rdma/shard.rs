@@ -260,7 +260,6 @@ mod tests {
                 local: src_addr + i * piece,
                 remote: dst_addr + i * piece,
                 len: piece,
-                location: "cpu:0".into(),
                 deadline_ns: None,
             };
             let tx = tx.clone();
@@ -290,7 +289,6 @@ mod tests {
             local: src_addr,
             remote: dst_addr,
             len: 8,
-            location: "cpu:0".into(),
             deadline_ns: None,
         };
         submit(&runtime, 0, 7, req, Box::new(move |r| drop(tx.send(r.result)))).unwrap();

@@ -106,6 +106,10 @@ pub enum Fault {
     FailEvery { device: String, every: u64, status: WcStatus },
     /// The device runs `factor` times slower.
     Slow { device: String, factor: u64 },
+    /// The two devices cannot reach each other (separate networks, as the
+    /// rails of a rail-optimised cluster are): work between them is retried
+    /// by the device, then fails (`RETRY_EXC_ERR`).
+    Unreachable { a: String, b: String },
     /// The device never completes a work request, nor flushes one when its
     /// queue pair goes to error (a hung device; soft-RoCE on Linux 6.1
     /// can leave a queue pair in retransmission so): only destroying the
@@ -138,6 +142,8 @@ struct Net {
     rng: u64,
     /// Work requests posted so far (orders those due at the same time).
     next_seq: u64,
+    /// Pairs of devices that cannot reach each other (both orders).
+    unreachable: Vec<(usize, usize)>,
 }
 
 struct DeviceState {
@@ -256,6 +262,7 @@ impl SimNetwork {
                     | Fault::FailEvery { device, .. }
                     | Fault::Slow { device, .. }
                     | Fault::Stuck { device } => *device == name,
+                    Fault::Unreachable { .. } => false,
                 };
                 let mine: Vec<&Fault> = plan.faults.iter().filter(|f| of(f)).collect();
                 let slow =
@@ -281,6 +288,14 @@ impl SimNetwork {
             })
             .collect();
         timed.sort();
+        let mut unreachable = Vec::new();
+        for f in &plan.faults {
+            if let Fault::Unreachable { a, b } = f
+                && let (Some(a), Some(b)) = (index(a), index(b))
+            {
+                unreachable.extend([(a, b), (b, a)]);
+            }
+        }
         SimNetwork {
             net: Arc::new(Mutex::new(Net {
                 now_ns: 0,
@@ -292,6 +307,7 @@ impl SimNetwork {
                 applied: 0,
                 rng: seed | 1,
                 next_seq: 0,
+                unreachable,
             })),
         }
     }
@@ -486,6 +502,9 @@ impl Net {
         }
         let theirs = self.contexts[them].as_ref().expect("found above");
         if !self.devices[my_device].up || !self.devices[theirs.device].up {
+            return WcStatus::RetryExcErr;
+        }
+        if self.unreachable.contains(&(my_device, theirs.device)) {
             return WcStatus::RetryExcErr;
         }
         let tq = &theirs.qps[&their_qp];

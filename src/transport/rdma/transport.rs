@@ -1,23 +1,30 @@
-//! The RDMA [`Transport`]: the engine's requests, carried by a slice
-//! engine on a shard, with endpoints made through Mooncake's Connection
-//! RPC.
+//! The RDMA [`Transport`]: the engine's requests, carried by slice engines
+//! on the shards that own the devices, with endpoints made through
+//! Mooncake's Connection RPC.
 //!
-//! One shard owns this engine's RDMA devices (placement by topology is to
-//! come). Requests go to it over the runtime's rings and settle there,
-//! through their tickets. The Connection RPC to a peer runs on a helper
-//! thread per handshake (at most [`HANDSHAKES_MAX`] at once), so the shard
-//! never waits on the network; a peer's Connection request to us is
-//! answered on the owning shard. A request that fails on every rail goes
-//! over TCP instead, when the peer serves it (as Mooncake's TENT does), on
-//! a fallback thread of this transport (the shard never blocks on TCP's
+//! Each device belongs to one shard, on its own NUMA node where the plan
+//! has one ([`super::placement`]); every shard owning devices runs a slice
+//! engine over them, polled in its loop. A request goes, over the
+//! runtime's rings, to a shard owning one of the devices its memory's
+//! location prefers (when several shards do, the engine cuts requests in
+//! stripes and they are dealt to those shards in turn, each as often as it
+//! owns such devices), and settles there, through its ticket. The
+//! segment's descriptor lists every device, whichever shard owns it, and
+//! a peer's Connection request is answered by the shard owning the device
+//! it names. The Connection RPC to a peer runs on a helper thread per
+//! handshake (at most [`HANDSHAKES_MAX`] at once per shard), so no shard
+//! waits on the network. A request that fails on every rail goes over TCP
+//! instead, when the peer serves it (as Mooncake's TENT does), on a
+//! fallback thread of this transport (a shard never blocks on TCP's
 //! queues); one log line per peer says so.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
-use super::fabric::{Fabric, PortState, Verb};
+use super::fabric::{DeviceInfo, Fabric, PortState, Verb};
+use super::placement;
 use super::shard::{self, Done};
 use super::slices::{Answer, Connector, OurSide, PeerSide, RdmaConfig, RdmaRequest, SliceEngine};
 use crate::error::{TeError, TeResult, code};
@@ -107,26 +114,54 @@ impl Connector for RpcConnector {
 /// A request handed to TCP, and where.
 type Fallback = (tcp::Peer, Request);
 
+/// A slice engine on a shard, and the devices (by index into the
+/// transport's list) it owns.
+struct ShardEngine {
+    shard: usize,
+    key: u64,
+    devices: Vec<usize>,
+}
+
+/// Registered memory, by address: where it is.
+struct Placed {
+    addr: u64,
+    end: u64,
+    location: String,
+}
+
 /// The RDMA transport of one engine.
 pub struct RdmaTransport {
     runtime: Arc<Runtime>,
-    shard: usize,
-    key: u64,
+    engines: Vec<ShardEngine>,
+    /// Every device, in the descriptor's order: its name and (engine,
+    /// index in that engine).
+    devices: Vec<(String, usize, usize)>,
+    matrix: PriorityMatrix,
+    /// The engines that work for a location goes to, in turn.
+    deal: Mutex<Vec<(String, Arc<[usize]>)>>,
+    next_deal: AtomicU64,
+    regions: RwLock<Vec<Placed>>,
     tcp: Arc<TcpTransport>,
     /// Feeds the fallback thread; `None` once closed.
     fallback: Mutex<Option<mpsc::SyncSender<Fallback>>>,
     /// Peers whose fallback to TCP was logged.
     fell_back: Arc<Mutex<std::collections::HashSet<String>>>,
-    /// Peers routed here, by route id.
+    /// Peers routed here, by route id (every slice engine knows them by
+    /// the same id).
     peers: Mutex<Vec<String>>,
     next_request: AtomicU64,
     closed: AtomicBool,
 }
 
+/// Locations whose deal order is kept.
+const LOCATIONS_MAX: usize = 1024;
+
 impl RdmaTransport {
     /// Opens every active device of `fabric` that is on each list of
-    /// `allowed` (`device_name`, `MC_TE_FILTERS`) on a shard of `runtime`,
-    /// for the engine whose segment is `me`.
+    /// `allowed` (`device_name`, `MC_TE_FILTERS`), each on the shard of
+    /// `runtime` placed for it, for the engine whose segment is `me`.
+    /// `custom` is the matrix of `MC_CUSTOM_TOPO_JSON`, when set.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         runtime: Arc<Runtime>,
         fabric: Arc<dyn Fabric>,
@@ -135,14 +170,15 @@ impl RdmaTransport {
         me: &str,
         config: RdmaConfig,
         opts: CallOptions,
+        custom: Option<&PriorityMatrix>,
     ) -> Result<RdmaTransport, String> {
         let all = fabric.devices();
-        let devices: Vec<String> = all
+        let active: Vec<DeviceInfo> = all
             .iter()
             .filter(|d| d.state == PortState::Active && allowed.iter().all(|l| l.contains(&d.name)))
-            .map(|d| d.name.clone())
+            .cloned()
             .collect();
-        if devices.is_empty() {
+        if active.is_empty() {
             let seen: Vec<String> = all
                 .iter()
                 .map(|d| format!("{} ({})", d.name, if d.state == PortState::Active { "active" } else { "down" }))
@@ -156,32 +192,72 @@ impl RdmaTransport {
             let seen = if seen.is_empty() { "none".to_string() } else { seen.join(", ") };
             return Err(format!("the {} fabric has no active RDMA device{filters} (devices: {seen})", fabric.kind()));
         }
-        let (shard, key) = (0, NEXT_KEY.fetch_add(1, Ordering::Relaxed));
-        let me = me.to_string();
-        shard::install(&runtime, shard, key, move || {
-            let mut contexts = Vec::with_capacity(devices.len());
-            for name in &devices {
-                contexts.push(fabric.open(name).map_err(|e| e.to_string())?);
+        let matrix = placement::local_matrix(&active, custom);
+        let nodes: Vec<Option<u32>> = active.iter().map(|d| d.numa_node).collect();
+        let owners = placement::place(&nodes, &runtime.shard_numa_nodes());
+        // Every engine splits memory alike, so their buffers match.
+        let config =
+            RdmaConfig { region_bytes_max: active.iter().map(|d| d.max_mr_size).min().unwrap_or(u64::MAX), ..config };
+        let mut engines: Vec<ShardEngine> = Vec::new();
+        let mut devices = Vec::with_capacity(active.len());
+        for (i, d) in active.iter().enumerate() {
+            let e = match engines.iter().position(|e| e.shard == owners[i]) {
+                Some(e) => e,
+                None => {
+                    let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
+                    engines.push(ShardEngine { shard: owners[i], key, devices: Vec::new() });
+                    engines.len() - 1
+                }
+            };
+            devices.push((d.name.clone(), e, engines[e].devices.len()));
+            engines[e].devices.push(i);
+        }
+        for (n, e) in engines.iter().enumerate() {
+            let names: Vec<String> = e.devices.iter().map(|&i| active[i].name.clone()).collect();
+            let (rails, total) = (e.devices.clone(), active.len());
+            let (fabric, me, m) = (fabric.clone(), me.to_string(), matrix.clone());
+            let installed = shard::install(&runtime, e.shard, e.key, move || {
+                let mut contexts = Vec::with_capacity(names.len());
+                for name in &names {
+                    contexts.push(fabric.open(name).map_err(|e| e.to_string())?);
+                }
+                let mut engine = SliceEngine::new(config, contexts, m).map_err(|e| e.to_string())?;
+                engine.set_rails(&rails, total);
+                let connector = RpcConnector { me, opts, asked: HashMap::new() };
+                Ok((engine, Box::new(connector) as Box<dyn Connector>))
+            });
+            if let Err(e) = installed {
+                for done in &engines[..n] {
+                    shard::uninstall(&runtime, done.shard, done.key);
+                }
+                return Err(e);
             }
-            let engine = SliceEngine::new(config, contexts, PriorityMatrix::new()).map_err(|e| e.to_string())?;
-            let connector = RpcConnector { me, opts, asked: HashMap::new() };
-            Ok((engine, Box::new(connector) as Box<dyn Connector>))
-        })?;
+        }
+        let placed: Vec<String> =
+            devices.iter().map(|(name, e, _)| format!("{name} on shard {}", engines[*e].shard)).collect();
+        log::info!("RDMA: {}", placed.join(", "));
         let (tx, rx) = mpsc::sync_channel::<Fallback>(FALLBACK_QUEUE_MAX);
         let over_tcp = tcp.clone();
-        std::thread::Builder::new()
-            .name("shardwire-rdma-tcp".into())
-            .spawn(move || {
-                // Ends when the transport closes (the sender goes).
-                while let Ok((peer, request)) = rx.recv() {
-                    over_tcp.submit(&Route::Tcp(peer), vec![request]);
-                }
-            })
-            .map_err(|e| format!("cannot start the TCP fallback thread: {e}"))?;
+        let thread = std::thread::Builder::new().name("shardwire-rdma-tcp".into()).spawn(move || {
+            // Ends when the transport closes (the sender goes).
+            while let Ok((peer, request)) = rx.recv() {
+                over_tcp.submit(&Route::Tcp(peer), vec![request]);
+            }
+        });
+        if let Err(e) = thread {
+            for done in &engines {
+                shard::uninstall(&runtime, done.shard, done.key);
+            }
+            return Err(format!("cannot start the TCP fallback thread: {e}"));
+        }
         Ok(RdmaTransport {
             runtime,
-            shard,
-            key,
+            engines,
+            devices,
+            matrix,
+            deal: Mutex::new(Vec::new()),
+            next_deal: AtomicU64::new(0),
+            regions: RwLock::new(Vec::new()),
             tcp,
             fallback: Mutex::new(Some(tx)),
             fell_back: Arc::new(Mutex::new(std::collections::HashSet::new())),
@@ -191,73 +267,169 @@ impl RdmaTransport {
         })
     }
 
-    fn with<R, F>(&self, f: F) -> Result<R, String>
+    /// Runs `f` on engine `e`, on its shard.
+    fn with<R, F>(&self, e: usize, f: F) -> Result<R, String>
     where
         F: FnOnce(&mut SliceEngine) -> R + Send + 'static,
         R: Send + 'static,
     {
-        shard::with_engine(&self.runtime, self.shard, self.key, f)
+        shard::with_engine(&self.runtime, self.engines[e].shard, self.engines[e].key, f)
     }
 
-    /// Registers `[addr, +len)` at `location` on every device.
+    /// Runs `f` on every engine; the results in engine order.
+    fn with_all<R, F>(&self, f: F) -> Result<Vec<R>, String>
+    where
+        F: Fn(&mut SliceEngine) -> R + Send + Clone + 'static,
+        R: Send + 'static,
+    {
+        (0..self.engines.len()).map(|e| self.with(e, f.clone())).collect()
+    }
+
+    /// The shards owning this engine's devices (tests look at placement).
+    pub fn shards(&self) -> Vec<(String, usize)> {
+        self.devices.iter().map(|(n, e, _)| (n.clone(), self.engines[*e].shard)).collect()
+    }
+
+    /// Registers `[addr, +len)` at `location` on every device. A location
+    /// that is not `cpu:N` or `cuda:N` (Mooncake's `*`, say) is the NUMA
+    /// node the memory is on, `cpu:0` where the kernel does not say.
     ///
     /// The caller (the engine's registry) holds the memory mapped while it
     /// is registered: the engine's contract with its user.
     pub fn register(&self, addr: u64, len: u64, location: &str) -> TeResult<()> {
-        let location = if location.starts_with("cpu:") || location.starts_with("cuda:") { location } else { "cpu:0" };
-        let location = location.to_string();
-        // SAFETY: the engine registers only memory it checked is mapped,
-        // and its user keeps it mapped until unregistering it (the API's
-        // contract), which comes here first.
-        let r = self.with(move |e| unsafe { e.register(addr, len, &location) }.map_err(|e| e.to_string()));
-        r.and_then(|r| r)
-            .map(|_| ())
-            .map_err(|e| TeError::invalid(format!("RDMA registration of [{addr:#x}, +{len}): {e}")))
+        let location = if location.starts_with("cpu:") || location.starts_with("cuda:") {
+            location.to_string()
+        } else {
+            format!("cpu:{}", crate::mem::probe::numa_node_of(addr).unwrap_or(0))
+        };
+        let fail = |e: String| TeError::invalid(format!("RDMA registration of [{addr:#x}, +{len}): {e}"));
+        for e in 0..self.engines.len() {
+            let at = location.clone();
+            // SAFETY: the engine registers only memory it checked is
+            // mapped, and its user keeps it mapped until unregistering it
+            // (the API's contract), which comes here first.
+            let r = self.with(e, move |eng| unsafe { eng.register(addr, len, &at) }.map_err(|e| e.to_string()));
+            if let Err(why) = r.and_then(|r| r) {
+                for undo in 0..e {
+                    let _ = self.with(undo, move |eng| eng.unregister(addr));
+                }
+                return Err(fail(why));
+            }
+        }
+        let mut regions = self.regions.write().unwrap_or_else(|e| e.into_inner());
+        let at = regions.partition_point(|r| r.addr < addr);
+        regions.insert(at, Placed { addr, end: addr + len, location });
+        Ok(())
     }
 
     /// Takes `[addr, ...)` back from the devices, once no slice uses it
     /// (waiting up to `drain`).
     pub fn unregister(&self, addr: u64, drain: Duration) -> TeResult<()> {
         let deadline = Instant::now() + drain;
-        loop {
-            match self.with(move |e| e.unregister(addr)) {
-                Ok(Ok(())) => return Ok(()),
-                Ok(Err(why)) if why.starts_with("no memory registered") => return Ok(()),
-                Ok(Err(why)) if Instant::now() < deadline => {
-                    log::debug!("RDMA: {why}; waiting");
-                    std::thread::sleep(Duration::from_millis(1));
+        for e in 0..self.engines.len() {
+            loop {
+                match self.with(e, move |eng| eng.unregister(addr)) {
+                    Ok(Ok(())) => break,
+                    Ok(Err(why)) if why.starts_with("no memory registered") => break,
+                    Ok(Err(why)) if Instant::now() < deadline => {
+                        log::debug!("RDMA: {why}; waiting");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Ok(Err(why)) => return Err(TeError::new(code::BATCH_BUSY, why)),
+                    Err(e) => return Err(TeError::invalid(e)),
                 }
-                Ok(Err(why)) => return Err(TeError::new(code::BATCH_BUSY, why)),
-                Err(e) => return Err(TeError::invalid(e)),
             }
         }
+        self.regions.write().unwrap_or_else(|e| e.into_inner()).retain(|r| r.addr != addr);
+        Ok(())
     }
 
     /// Bytes each local device has moved, by name.
     pub fn device_bytes(&self) -> Vec<(String, u64)> {
-        self.with(|e| e.device_bytes()).unwrap_or_default()
+        let per = self.with_all(|e| e.device_bytes()).unwrap_or_default();
+        self.devices
+            .iter()
+            .map(|(name, e, i)| (name.clone(), per.get(*e).and_then(|d| d.get(*i)).map_or(0, |(_, b)| *b)))
+            .collect()
     }
 
     /// Slices sent again after a failed try.
     pub fn retries(&self) -> u64 {
-        self.with(|e| e.retries()).unwrap_or(0)
+        self.with_all(|e| e.retries()).map(|r| r.iter().sum()).unwrap_or(0)
     }
 
-    /// What the descriptor says of this engine's RDMA side.
+    /// What the descriptor says of this engine's RDMA side: every device
+    /// in order, each buffer with every device's keys (the engines split
+    /// memory alike, so their buffers match one for one), the matrix.
     pub fn describe(&self) -> Option<RdmaSegment> {
-        self.with(|e| e.describe()).ok()
+        let parts = self.with_all(|e| e.describe()).ok()?;
+        let devices = self.devices.iter().map(|(_, e, i)| parts[*e].devices[*i].clone()).collect();
+        let first = &parts[0];
+        let mut buffers = first.buffers.clone();
+        for (k, b) in buffers.iter_mut().enumerate() {
+            b.lkey.clear();
+            b.rkey.clear();
+            for (_, e, i) in &self.devices {
+                let theirs = parts[*e].buffers.get(k).filter(|t| t.addr == b.addr && t.length == b.length)?;
+                b.lkey.push(theirs.lkey[*i]);
+                b.rkey.push(theirs.rkey[*i]);
+            }
+        }
+        let matrix = if self.matrix.is_empty() { first.matrix.clone() } else { self.matrix.clone() };
+        let matrix = if self.engines.len() > 1 && self.matrix.is_empty() {
+            let mut m = PriorityMatrix::new();
+            let all = self.devices.iter().map(|(n, _, _)| n.clone()).collect();
+            m.insert("*", crate::topo::MatrixEntry { preferred: all, available: vec![] });
+            m
+        } else {
+            matrix
+        };
+        Some(RdmaSegment { devices, buffers, matrix })
     }
 
-    /// Answers a peer's Connection request (on the owning shard).
+    /// Answers a peer's Connection request (on the shard owning the device
+    /// it names).
     pub fn accept(&self, request: &HandshakeDesc) -> HandshakeDesc {
         let asked = match Connection::from_desc(request) {
             Ok(c) => c,
             Err(e) => return rejection(request, &format!("rejected: a malformed Connection request ({e})")),
         };
-        match self.with(move |e| e.accept(&asked)) {
+        let Some(&(_, e, _)) = self.devices.iter().find(|(n, _, _)| *n == asked.peer.device) else {
+            return rejection(request, &format!("rejected: no RDMA device {:?} here", asked.peer.device));
+        };
+        match self.with(e, move |eng| eng.accept(&asked)) {
             Ok(Ok(reply)) => reply.to_desc(),
             Ok(Err(why)) | Err(why) => rejection(request, &format!("rejected: {why}")),
         }
+    }
+
+    /// The engine the next request from memory at `local` goes to.
+    fn engine_for(&self, local: u64) -> usize {
+        if self.engines.len() == 1 {
+            return 0;
+        }
+        let location = {
+            let regions = self.regions.read().unwrap_or_else(|e| e.into_inner());
+            let i = regions.partition_point(|r| r.addr <= local);
+            i.checked_sub(1).map(|i| &regions[i]).filter(|r| local < r.end).map(|r| r.location.clone())
+        };
+        let location = location.unwrap_or_else(|| "cpu:0".to_string());
+        let order = {
+            let mut deal = self.deal.lock().unwrap_or_else(|e| e.into_inner());
+            match deal.iter().find(|(l, _)| *l == location) {
+                Some((_, o)) => o.clone(),
+                None => {
+                    let names: Vec<String> = self.devices.iter().map(|(n, _, _)| n.clone()).collect();
+                    let owners: Vec<usize> = self.devices.iter().map(|(_, e, _)| *e).collect();
+                    let o: Arc<[usize]> = placement::deal_order(&location, &self.matrix, &names, &owners).into();
+                    if deal.len() < LOCATIONS_MAX {
+                        deal.push((location, o.clone()));
+                    }
+                    o
+                }
+            }
+        };
+        order[(self.next_deal.fetch_add(1, Ordering::Relaxed) % order.len() as u64) as usize]
     }
 }
 
@@ -286,7 +458,8 @@ impl Transport for RdmaTransport {
         };
         let name = peer.name.to_string();
         let known = name.clone();
-        if let Err(e) = self.with(move |eng| eng.add_peer(&known, segment)).and_then(|r| r) {
+        let learned = self.with_all(move |eng| eng.add_peer(&known, segment.clone()));
+        if let Err(e) = learned.and_then(|all| all.into_iter().collect::<Result<Vec<()>, String>>()) {
             log::warn!("RDMA: {}: {e}; using TCP", peer.name);
             return Ok(None);
         }
@@ -331,7 +504,6 @@ impl Transport for RdmaTransport {
                 local: r.local,
                 remote: r.remote,
                 len: r.len,
-                location: "cpu:0".into(),
                 deadline_ns: Some(shard::clock_ns(r.deadline)),
             };
             let (op, local, remote, len, deadline, ticket) = (r.op, r.local, r.remote, r.len, r.deadline, r.ticket);
@@ -354,15 +526,17 @@ impl Transport for RdmaTransport {
             });
             // If the shard cannot take it, the ticket inside `done` is
             // dropped, and a dropped ticket settles as failed.
-            if let Err(e) = shard::submit(&self.runtime, self.shard, self.key, req, done) {
+            let e = &self.engines[self.engine_for(local)];
+            if let Err(e) = shard::submit(&self.runtime, e.shard, e.key, req, done) {
                 log::warn!("RDMA: {e}");
             }
         }
     }
 
-    /// Whole requests: the slice engine cuts them.
+    /// Whole requests when one shard owns every device (its slice engine
+    /// cuts them); stripes, dealt to the owning shards, when several do.
     fn stripes(&self) -> bool {
-        false
+        self.engines.len() > 1
     }
 
     fn cancel(&self, _sink: &Arc<dyn Sink>) {
@@ -371,7 +545,9 @@ impl Transport for RdmaTransport {
 
     fn close(&self) {
         if !self.closed.swap(true, Ordering::AcqRel) && !self.runtime.is_forked_copy() {
-            shard::uninstall(&self.runtime, self.shard, self.key);
+            for e in &self.engines {
+                shard::uninstall(&self.runtime, e.shard, e.key);
+            }
         }
         self.fallback.lock().unwrap_or_else(|e| e.into_inner()).take();
     }

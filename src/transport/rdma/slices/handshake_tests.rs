@@ -86,7 +86,6 @@ fn two_engines_connect_through_the_handshake_and_write_both_ways() {
         local: from,
         remote: to + (512 << 10),
         len: 512 << 10,
-        location: "cpu:0".into(),
         deadline_ns: None,
     };
     a.submit(write(1, pa, pb, "B"));
@@ -134,7 +133,6 @@ fn the_path_mtu_is_agreed_in_the_handshake() {
             local: mem_a.as_ptr() as u64,
             remote: mem_b.as_ptr() as u64,
             len: 256 << 10,
-            location: "cpu:0".into(),
             deadline_ns: None,
         });
         let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu };
@@ -183,7 +181,6 @@ fn write_all(id: u64, from: &[u8], to: &[u8]) -> RdmaRequest {
         local: from.as_ptr() as u64,
         remote: to.as_ptr() as u64,
         len: from.len() as u64,
-        location: "cpu:0".into(),
         deadline_ns: None,
     }
 }

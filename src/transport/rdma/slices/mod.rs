@@ -92,6 +92,10 @@ pub struct RdmaConfig {
     pub max_inline: u32,
     /// A slice posted this long breaks its queue pair (`MC_SLICE_TIMEOUT`).
     pub slice_timeout_ns: Option<u64>,
+    /// Memory is registered in regions of at most this many bytes (and of
+    /// at most every device's `max_mr_size`): engines that share a
+    /// segment on several shards split it alike, so their buffers match.
+    pub region_bytes_max: u64,
 }
 
 impl RdmaConfig {
@@ -133,6 +137,7 @@ impl Default for RdmaConfig {
             max_sge: 4,
             max_inline: 64,
             slice_timeout_ns: None,
+            region_bytes_max: u64::MAX,
         }
     }
 }
@@ -184,9 +189,9 @@ pub struct RdmaRequest {
     pub peer: String,
     pub local: u64,
     pub remote: u64,
+    /// Bytes; the local devices are those the location of the memory at
+    /// `local` prefers (as it was registered: `cpu:0`, `cuda:1`, ...).
     pub len: u64,
-    /// Where the local memory is (`cpu:0`): picks the local devices.
-    pub location: String,
     /// When it must have settled (the caller's clock, ns): slices not yet
     /// sent by then fail, so the request settles soon after, failed.
     pub deadline_ns: Option<u64>,
@@ -234,8 +239,10 @@ impl Fault {
 struct Region {
     addr: u64,
     len: u64,
-    /// Its memory location (`cpu:0`).
+    /// Its memory location (`cpu:0`), and that location's local rails (an
+    /// index into `SliceEngine::locations`).
     location: String,
+    rails: usize,
     mrs: Vec<Mr>,
 }
 
@@ -249,6 +256,10 @@ pub(super) struct Nic {
     bytes: u64,
     /// Endpoints on it now.
     endpoints: usize,
+    /// Its rail: its place among all the devices of the segment (the
+    /// devices of several shards' engines together), which peer device it
+    /// sends to first.
+    rail: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -395,6 +406,8 @@ pub struct SliceEngine {
     uses: u64,
     /// When posted slices are next checked against their deadlines (ns).
     next_sweep_ns: u64,
+    /// The segment's devices in all (this engine's, and other shards').
+    rails_total: u64,
 }
 
 impl SliceEngine {
@@ -414,7 +427,8 @@ impl SliceEngine {
                 .map(|i| info.gids[i].gid)
                 .map_err(|why| FabricError::NoGid(info.name.clone(), why))?;
             let cq = ctx.create_cq(config.cqe)?;
-            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0, endpoints: 0 });
+            let rail = devices.len() as u64;
+            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0, endpoints: 0, rail });
         }
         Ok(SliceEngine {
             config,
@@ -438,7 +452,24 @@ impl SliceEngine {
             retries: 0,
             uses: 0,
             next_sweep_ns: 0,
+            rails_total: 0,
         })
+        .map(|mut e| {
+            e.rails_total = e.devices.len() as u64;
+            e
+        })
+    }
+
+    /// Places this engine's devices among `total` devices of the segment,
+    /// at `rails` (one per device, in order): an engine that owns some of
+    /// a segment's devices on one shard, beside others on other shards.
+    pub fn set_rails(&mut self, rails: &[usize], total: usize) {
+        assert_eq!(rails.len(), self.devices.len(), "one rail per device");
+        assert!(rails.iter().all(|&r| r < total), "rails {rails:?} of {total}");
+        for (d, &r) in self.devices.iter_mut().zip(rails) {
+            d.rail = r as u64;
+        }
+        self.rails_total = total as u64;
     }
 
     /// Registers `[addr, addr + len)`, at memory `location`, on every
@@ -450,13 +481,15 @@ impl SliceEngine {
     /// The memory must stay mapped until [`Self::unregister`] returns `Ok`
     /// for it, or the engine is dropped.
     pub unsafe fn register(&mut self, addr: u64, len: u64, location: &str) -> Result<usize, FabricError> {
-        let max = self.devices.iter().map(|d| d.info.max_mr_size).min().unwrap_or(u64::MAX).max(4096);
+        let max = self.devices.iter().map(|d| d.info.max_mr_size).min().unwrap_or(u64::MAX);
+        let max = max.min(self.config.region_bytes_max).max(4096);
         if addr.checked_add(len).is_none() || len == 0 {
             return Err(FabricError::Register { addr, len, why: "an empty or wrapping range".into() });
         }
         if self.regions.iter().any(|r| addr < r.addr + r.len && r.addr < addr + len) {
             return Err(FabricError::Register { addr, len, why: "it overlaps memory registered already".into() });
         }
+        let rails = self.rails_for(location).map_err(|why| FabricError::Register { addr, len, why })?;
         let mut made: Vec<Region> = Vec::new();
         let mut at = addr;
         while at < addr + len {
@@ -468,7 +501,7 @@ impl SliceEngine {
                 match unsafe { d.ctx.register(at, n, Access::ALL) } {
                     Ok(mr) => mrs.push(mr),
                     Err(e) => {
-                        made.push(Region { addr: at, len: n, location: String::new(), mrs });
+                        made.push(Region { addr: at, len: n, location: String::new(), rails, mrs });
                         for r in made {
                             for (d, mr) in self.devices.iter_mut().zip(&r.mrs) {
                                 let _ = d.ctx.deregister(mr.lkey);
@@ -478,7 +511,7 @@ impl SliceEngine {
                     }
                 }
             }
-            made.push(Region { addr: at, len: n, location: location.to_string(), mrs });
+            made.push(Region { addr: at, len: n, location: location.to_string(), rails, mrs });
             at += n;
         }
         let count = made.len();
@@ -685,7 +718,8 @@ impl SliceEngine {
     }
 
     /// The index of `location`'s local rails (the engine's matrix entry
-    /// for it, its `*` entry, or every device), worked out on first use.
+    /// for it, its `*` entry, or every device when neither names a device
+    /// of this engine), worked out on first use.
     fn rails_for(&mut self, location: &str) -> Result<usize, String> {
         if let Some(i) = self.locations.iter().position(|(l, _)| l == location) {
             return Ok(i);
@@ -696,7 +730,12 @@ impl SliceEngine {
         let names: Vec<&str> = self.devices.iter().map(|d| d.info.name.as_str()).collect();
         let rails = match self.matrix.get(location).or_else(|| self.matrix.get("*")) {
             Some(entry) => Rails::from_entry(entry, |n| names.iter().position(|&m| m == n)),
-            None => Rails { preferred: (0..self.devices.len()).collect(), available: vec![] },
+            None => Rails::default(),
+        };
+        let rails = if rails.preferred.is_empty() && rails.available.is_empty() {
+            Rails { preferred: (0..self.devices.len()).collect(), available: vec![] }
+        } else {
+            rails
         };
         self.locations.push((location.to_string(), rails));
         Ok(self.locations.len() - 1)
@@ -712,10 +751,6 @@ impl SliceEngine {
         }
         let Some(&p) = self.peer_ids.get(&req.peer) else {
             return refuse(self, format!("unknown peer {:?}", req.peer));
-        };
-        let rails = match self.rails_for(&req.location) {
-            Ok(r) => r,
-            Err(why) => return refuse(self, why),
         };
         let (regions, peer) = (&self.regions, &self.peers[p]);
         let local_end = |a: u64| {
@@ -733,6 +768,10 @@ impl SliceEngine {
             self.settled.push(Settled::new(req.id, None));
             return;
         }
+        // The cut found the local memory registered: its region says where
+        // it is, and so which devices are local to it.
+        let at = self.regions.partition_point(|r| r.addr <= req.local) - 1;
+        let rails = self.regions[at].rails;
         let record = RequestRec {
             id: req.id,
             verb: req.verb,
@@ -768,7 +807,7 @@ impl SliceEngine {
     /// pairs to ERR, so that everything posted on them completes now, as
     /// flushed (then goes again), rather than each waiting out its own
     /// queue pair's retries; it is made again once drained.
-    fn break_endpoint(&mut self, p: usize, ld: usize, pd: usize, now_ns: u64) {
+    fn break_endpoint(&mut self, p: usize, ld: usize, pd: usize, now_ns: u64, cause: &str) {
         let peer = &mut self.peers[p];
         let name = &peer.name;
         let n = peer.segment.devices.len();
@@ -780,7 +819,7 @@ impl SliceEngine {
         ep.broken_at_ns = now_ns;
         let outstanding: u32 = ep.outstanding.iter().sum();
         log::info!(
-            "RDMA: endpoint {} -> {name} device {pd} broken; {outstanding} work requests flushed",
+            "RDMA: endpoint {} -> {name} device {pd} broken ({cause}); {outstanding} work requests flushed",
             self.devices[ld].info.name
         );
         for (i, &qp) in ep.qps.iter().enumerate() {
@@ -831,7 +870,7 @@ impl SliceEngine {
         late.dedup();
         let mut any = !late.is_empty();
         for (p, ld, pd) in late {
-            self.break_endpoint(p, ld, pd, now_ns);
+            self.break_endpoint(p, ld, pd, now_ns, "a slice outlived its deadline or MC_SLICE_TIMEOUT");
         }
         // Endpoints holding work with no completion for STALL_NS: the
         // device should have failed it by now (its retries take well under
@@ -860,7 +899,7 @@ impl SliceEngine {
                 self.peers[p].name,
                 STALL_NS / 1_000_000
             );
-            self.break_endpoint(p, ld, pd, now_ns);
+            self.break_endpoint(p, ld, pd, now_ns, "stalled");
         }
         for (p, ld, pd) in stuck {
             any = true;
@@ -944,6 +983,7 @@ impl SliceEngine {
                 }
                 Err(why) => {
                     // A connection that failed counts as a try.
+                    log::warn!("RDMA: {} -> {} device {pd}: {why}", self.devices[ld].info.name, self.peers[p].name);
                     self.count_try(key);
                     self.fail_try(key, p, pd, Fault::rails(why), now_ns);
                     continue;
@@ -985,7 +1025,7 @@ impl SliceEngine {
                 };
                 let ep = self.peers[p].endpoints[ei].as_mut().expect("staged on a live endpoint");
                 ep.outstanding[qi] -= (chain.len() - posted) as u32;
-                self.break_endpoint(p, ld, pd, now_ns);
+                self.break_endpoint(p, ld, pd, now_ns, &format!("posting failed: {e}"));
                 for wr in &chain[posted..] {
                     let key = self.key_of(wr.wr_id).expect("a slice staged this round is in flight");
                     self.fail_try(key, p, pd, Fault::rails(e.to_string()), now_ns);
@@ -1036,9 +1076,13 @@ impl SliceEngine {
         // A broken endpoint drains before it is made again: its slices go
         // elsewhere meanwhile, if there is an elsewhere.
         let draining = |d: usize| peer.endpoint(ld, d).is_some_and(|ep| ep.broken);
+        // Rails line up: local rail r sends to the peer's r-th device first
+        // (where rails are separate networks, rail r reaches only rail r),
+        // and a side with fewer devices sprays over the other's.
+        let m = self.devices[ld].rail.wrapping_add(self.rails_total.wrapping_mul(n));
         let pd = remote
-            .pick(n, tries, |d| paused(d) || draining(d))
-            .or_else(|| remote.pick(n, tries, paused))
+            .pick(m, tries, |d| paused(d) || draining(d))
+            .or_else(|| remote.pick(m, tries, paused))
             .ok_or_else(|| Fault::rails(format!("{}: every rail is paused or down", peer.name)))?;
         Ok((ld, pd, peer.segment.buffers[b].rkey[pd]))
     }
@@ -1240,7 +1284,7 @@ impl SliceEngine {
             self.settle(key, None);
             return;
         }
-        self.break_endpoint(p, ld, pd, now_ns);
+        self.break_endpoint(p, ld, pd, now_ns, &format!("a completion: {}", c.status));
         let why = format!("{} -> {} device {pd}: {}", self.devices[ld].info.name, self.peers[p].name, c.status);
         if c.status == WcStatus::WrFlushErr {
             // A flush is the queue pair's fault, not the rail's.

@@ -95,7 +95,6 @@ impl World {
             local: self.local.as_ptr() as u64 + at,
             remote: self.target.mem.as_ptr() as u64 + at,
             len,
-            location: "cpu:0".into(),
             deadline_ns: None,
         });
     }
@@ -253,7 +252,6 @@ fn a_request_past_its_deadline_settles_failed_soon_after() {
         local: w.local.as_ptr() as u64,
         remote: w.target.mem.as_ptr() as u64,
         len: 8 << 20,
-        location: "cpu:0".into(),
         deadline_ns: Some(3),
     });
     let mut settled = Vec::new();
@@ -318,7 +316,6 @@ fn posted_slices_past_the_deadline_are_flushed_so_the_request_settles() {
         local: w.local.as_ptr() as u64,
         remote: w.target.mem.as_ptr() as u64,
         len: 1 << 20,
-        location: "cpu:0".into(),
         deadline_ns: Some(20_000_000),
     });
     let settled = w.run_stepped(100_000);
@@ -457,4 +454,133 @@ fn under_a_thousand_seeded_fault_plans_every_request_settles_once_and_its_bytes_
         only.is_some() || (retried > 300 && failed > 0 && ok > 3000),
         "{retried} runs retried; {ok} requests done, {failed} failed"
     );
+}
+
+/// One segment's devices split over two engines (two shards): with rails
+/// that are separate networks (l0 reaches only t0, l1 only t1), each
+/// engine's device sends to its own rail of the peer, so nothing fails.
+#[test]
+fn rails_line_up_across_the_engines_of_one_segment() {
+    let cut = |a: &str, b: &str| Fault::Unreachable { a: a.into(), b: b.into() };
+    let plan = FaultPlan { faults: vec![cut("l0", "t1"), cut("l1", "t0")] };
+    let devices = ["l0", "l1", "t0", "t1"].iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+    let net = SimNetwork::new(devices, plan, 9);
+    let bytes = 4usize << 20;
+    let mut target = Target { ctxs: Vec::new(), mem: vec![0u8; bytes], mrs: Vec::new(), names: Vec::new() };
+    for n in ["t0", "t1"] {
+        let mut ctx = net.open(n).unwrap();
+        let cq = ctx.create_cq(1 << 16).unwrap();
+        // SAFETY: the target's memory outlives the contexts (dropped first).
+        target.mrs.push(unsafe { ctx.register(target.mem.as_mut_ptr() as u64, bytes as u64, Access::ALL) }.unwrap());
+        target.ctxs.push((ctx, cq));
+        target.names.push(n.to_string());
+    }
+    let mut local: Vec<u8> = (0..bytes).map(|i| (i * 13 % 251) as u8).collect();
+    let mut engines: Vec<SliceEngine> = Vec::new();
+    for (rail, n) in ["l0", "l1"].iter().enumerate() {
+        let mut e = SliceEngine::new(RdmaConfig::default(), vec![net.open(n).unwrap()], PriorityMatrix::new()).unwrap();
+        e.set_rails(&[rail], 2);
+        // SAFETY: the local memory outlives the engines (dropped first).
+        unsafe { e.register(local.as_mut_ptr() as u64, bytes as u64, "cpu:0") }.unwrap();
+        e.add_peer("target", target.segment()).unwrap();
+        engines.push(e);
+    }
+    let half = bytes as u64 / 2;
+    for (i, e) in engines.iter_mut().enumerate() {
+        let at = i as u64 * half;
+        let (local, remote) = (local.as_ptr() as u64 + at, target.mem.as_ptr() as u64 + at);
+        e.submit(RdmaRequest {
+            id: 1,
+            verb: Verb::Write,
+            peer: "target".into(),
+            local,
+            remote,
+            len: half,
+            deadline_ns: None,
+        });
+    }
+    let mut settled = Vec::new();
+    for _ in 0..100_000 {
+        for e in &mut engines {
+            settled.extend(e.drain_settled());
+            let now = net.now_ns();
+            e.progress(&mut target, now);
+        }
+        if engines.iter().all(|e| e.in_flight() == 0) {
+            break;
+        }
+    }
+    for e in &mut engines {
+        settled.extend(e.drain_settled());
+    }
+    assert_eq!(settled.len(), 2, "both requests settle");
+    assert!(settled.iter().all(|s| s.result.is_ok()), "{settled:?}");
+    assert!(engines.iter().all(|e| e.retries() == 0), "no slice crossed to the other rail");
+    assert!(target.mem == local);
+    drop(engines);
+    drop(target);
+    local.clear();
+}
+
+/// On a DGX H100 (the sysfs fixture's topology and the matrix discovered
+/// from it), memory on node 1 goes out over node 1's four NICs only,
+/// evenly, and a GPU's memory over the NIC beside it.
+#[test]
+fn numa_local_nics_first_on_a_dgx_h100() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("topo/dgx-h100/sys");
+    let matrix = PriorityMatrix::discover(&crate::topo::discover(&root).unwrap());
+    let names: Vec<String> = (0..8).map(|i| format!("mlx5_{i}")).collect();
+    let mut devices: Vec<SimDevice> = names.iter().enumerate().map(|(i, n)| SimDevice::new(n, i as u8 + 1)).collect();
+    devices.push(SimDevice::new("t0", 100));
+    let net = SimNetwork::new(devices, FaultPlan::default(), 11);
+    let bytes = 16usize << 20;
+    let mut target = Target { ctxs: Vec::new(), mem: vec![0u8; bytes], mrs: Vec::new(), names: vec!["t0".into()] };
+    let mut ctx = net.open("t0").unwrap();
+    let cq = ctx.create_cq(1 << 16).unwrap();
+    // SAFETY: the target's memory outlives its context (dropped first).
+    target.mrs.push(unsafe { ctx.register(target.mem.as_mut_ptr() as u64, bytes as u64, Access::ALL) }.unwrap());
+    target.ctxs.push((ctx, cq));
+    let contexts = names.iter().map(|n| net.open(n).unwrap()).collect();
+    let mut engine = SliceEngine::new(RdmaConfig::default(), contexts, matrix).unwrap();
+    let mut local: Vec<u8> = (0..2 * bytes).map(|i| (i % 239) as u8).collect();
+    let (node1, gpu2) = (local.as_mut_ptr() as u64, local.as_mut_ptr() as u64 + bytes as u64);
+    // SAFETY: the local memory outlives the engine (dropped first).
+    unsafe { engine.register(node1, bytes as u64, "cpu:1") }.unwrap();
+    // SAFETY: as above.
+    unsafe { engine.register(gpu2, bytes as u64, "cuda:2") }.unwrap();
+    engine.add_peer("target", target.segment()).unwrap();
+    let mut run = |engine: &mut SliceEngine, local: u64| {
+        let remote = target.mem.as_ptr() as u64;
+        engine.submit(RdmaRequest {
+            id: 1,
+            verb: Verb::Write,
+            peer: "target".into(),
+            local,
+            remote,
+            len: bytes as u64,
+            deadline_ns: None,
+        });
+        let mut settled = Vec::new();
+        for _ in 0..100_000 {
+            settled.extend(engine.drain_settled());
+            if engine.in_flight() == 0 {
+                break;
+            }
+            let now = net.now_ns();
+            engine.progress(&mut target, now);
+        }
+        assert_eq!(settled.len(), 1);
+        assert_eq!(settled[0].result, Ok(()));
+        engine.device_bytes().iter().map(|(_, b)| *b).collect::<Vec<u64>>()
+    };
+    let moved = run(&mut engine, node1);
+    assert_eq!(moved[..4], [0, 0, 0, 0], "node 0's NICs stay out: {moved:?}");
+    assert!(moved[4..].iter().all(|&b| b == bytes as u64 / 4), "node 1's four NICs share it evenly: {moved:?}");
+    let before = moved;
+    let moved = run(&mut engine, gpu2);
+    let delta: Vec<u64> = moved.iter().zip(&before).map(|(a, b)| a - b).collect();
+    assert_eq!(delta, [0, 0, bytes as u64, 0, 0, 0, 0, 0], "cuda:2 uses mlx5_2, the NIC beside it");
+    drop(engine);
+    drop(target);
+    local.clear();
 }
