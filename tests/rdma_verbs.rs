@@ -262,10 +262,50 @@ fn mooncake_device(devices: &[String]) -> &str {
     if std::env::var_os("RDMA_VM_WIRED").is_some() { "rxb0" } else { &devices[0] }
 }
 
+/// Mooncake's own RDMA descriptor, as its RPC port sends it: the shape
+/// Mooncake documents, decoded, and written back field for field. With
+/// `SHARDWIRE_CAPTURE_DESCRIPTOR=<file>` it is saved there (the golden
+/// copy in `proto::mooncake::rdma`'s tests came so).
+fn mooncakes_descriptor_decodes_and_writes_back_as_it_came(target: &str) {
+    use shardwire::meta::p2p::{CallOptions, call};
+    use shardwire::proto::mooncake::frame::FrameType;
+    use shardwire::proto::mooncake::message::{SegmentDesc, from_wire, to_wire};
+    use shardwire::proto::mooncake::rdma::RdmaSegment;
+    let ours = to_wire(&SegmentDesc::new("127.0.0.1:1", "rdma"));
+    let raw = call(target, FrameType::Metadata, &ours, &CallOptions::default()).expect("Mooncake's descriptor");
+    if let Some(path) = std::env::var_os("SHARDWIRE_CAPTURE_DESCRIPTOR") {
+        std::fs::write(path, &raw).unwrap();
+    }
+    let value: serde_json::Value = from_wire(&raw).expect("JSON");
+    assert_eq!(value["protocol"], "rdma", "{value}");
+    let devices = value["devices"].as_array().expect("a devices array");
+    assert!(!devices.is_empty());
+    for d in devices {
+        assert!(d["name"].is_string() && d["lid"].is_u64() && d["gid"].is_string(), "{d}");
+    }
+    let buffers = value["buffers"].as_array().expect("a buffers array");
+    assert!(!buffers.is_empty());
+    for b in buffers {
+        assert!(b["name"].is_string() && b["addr"].is_u64() && b["length"].is_u64(), "{b}");
+        assert_eq!(b["lkey"].as_array().map(Vec::len), Some(devices.len()), "{b}");
+        assert_eq!(b["rkey"].as_array().map(Vec::len), Some(devices.len()), "{b}");
+    }
+    assert!(value["priority_matrix"].is_object(), "{value}");
+    let desc: SegmentDesc = from_wire(&raw).expect("a segment descriptor");
+    let segment = RdmaSegment::from_desc(&desc).expect("an RDMA segment");
+    let mut again = desc.clone();
+    segment.write_into(&mut again);
+    let again = serde_json::to_value(&again).unwrap();
+    for field in ["devices", "buffers", "priority_matrix", "protocol", "name"] {
+        assert_eq!(again[field], value[field], "{field} written back as it came");
+    }
+}
+
 #[test]
 fn a_shardwire_initiator_writes_and_reads_a_mooncake_rdma_target() {
     let Some(devices) = devices() else { return };
     let mut target = interop::MooncakePeer::rdma_target(8 << 20, mooncake_device(&devices));
+    mooncakes_descriptor_decodes_and_writes_back_as_it_came(&target.name);
     let me = rdma_engine(&devices[0]);
     assert_eq!(me.transport_for(&target.name).unwrap(), "rdma", "Mooncake's descriptor is an RDMA one");
     let local = me.allocate_managed_buffer(8 << 20).unwrap();

@@ -385,6 +385,34 @@ mod tests {
     use super::super::message::{from_wire, to_wire};
     use super::*;
 
+    /// Mooncake's own RDMA descriptor, captured from the
+    /// mooncake-transfer-engine-non-cuda 0.3.13.post1 wheel serving a
+    /// buffer over soft-RoCE device rxb0 (tools/rdma-vm --wired,
+    /// `SHARDWIRE_CAPTURE_DESCRIPTOR`): the memory's node has no device, so
+    /// rxb0 is only "available" for `cpu:0`.
+    const WHEEL_RDMA_REPLY: &str = r#"{"buffers":[{"addr":139933255725072,"length":2147483648,"lkey":[575],"name":"cpu:0","rkey":[575]}],"devices":[{"gid":"00:00:00:00:00:00:00:00:00:00:ff:ff:a9:fe:01:02","lid":0,"name":"rxb0"}],"name":"127.0.0.1:15559","priority_matrix":{"cpu:0":[[],["rxb0"]]},"protocol":"rdma","tcp_data_port":0,"tcp_proto_version":1,"timestamp":"2026-12-03 07:10:17.817636"}"#;
+
+    #[test]
+    fn mooncakes_own_rdma_descriptor_decodes_and_writes_back_as_it_came() {
+        let desc: SegmentDesc = crate::proto::mooncake::message::from_wire(WHEEL_RDMA_REPLY.as_bytes()).unwrap();
+        let seg = RdmaSegment::from_desc(&desc).unwrap();
+        assert_eq!(seg.devices.len(), 1);
+        assert_eq!((seg.devices[0].name.as_str(), seg.devices[0].lid), ("rxb0", 0));
+        assert_eq!(seg.devices[0].gid.to_string(), "00:00:00:00:00:00:00:00:00:00:ff:ff:a9:fe:01:02");
+        let b = seg.buffer(139_933_255_725_072 + 4096, 65_536).expect("inside the buffer");
+        assert_eq!((b.location.as_str(), b.lkey.as_slice(), b.rkey.as_slice()), ("cpu:0", &[575][..], &[575][..]));
+        let entry = seg.matrix.get("cpu:0").unwrap();
+        assert!(entry.preferred.is_empty() && entry.available == ["rxb0"]);
+        let mut again = desc.clone();
+        seg.write_into(&mut again);
+        let (mut again, came): (serde_json::Value, serde_json::Value) =
+            (serde_json::to_value(&again).unwrap(), serde_json::from_str(WHEEL_RDMA_REPLY).unwrap());
+        // The one field more: Mooncake's TCP descriptors carry an empty
+        // `rdma_server_name` and ours always do; every parser skips it.
+        assert_eq!(again.as_object_mut().unwrap().remove("rdma_server_name"), Some(serde_json::json!("")));
+        assert_eq!(again, came, "every field written back as it came");
+    }
+
     const GID0: &str = "fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02";
     const GID1: &str = "00:00:00:00:00:00:00:00:00:00:ff:ff:0a:00:00:02";
 
