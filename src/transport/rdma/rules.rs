@@ -121,15 +121,19 @@ pub fn check_cq(cqe: u32, max_cqe: u32) -> Result<(), FabricError> {
 }
 
 /// What is wrong with a queue pair of `caps` on a device that queues at
-/// most `max_qp_wr` work requests per queue pair.
-pub fn check_qp(caps: &QpCaps, max_qp_wr: u32) -> Result<(), FabricError> {
-    let (wrs, sges) = (caps.max_send_wr, caps.max_sge);
+/// most `max_qp_wr` work requests per queue pair and takes at most
+/// `max_inline` bytes inline.
+pub fn check_qp(caps: &QpCaps, max_qp_wr: u32, max_inline: u32) -> Result<(), FabricError> {
+    let (wrs, sges, inline) = (caps.max_send_wr, caps.max_sge, caps.max_inline);
     match () {
         _ if wrs == 0 || wrs > max_qp_wr => {
             Err(FabricError::Limit { what: format!("{wrs} send work requests"), max: max_qp_wr.into() })
         }
         _ if sges as usize > SGES_MAX => {
             Err(FabricError::Limit { what: format!("{sges} scatter-gather entries"), max: SGES_MAX as u64 })
+        }
+        _ if inline > max_inline => {
+            Err(FabricError::Limit { what: format!("{inline} bytes inline"), max: max_inline.into() })
         }
         _ => Ok(()),
     }
@@ -228,11 +232,12 @@ mod tests {
         assert_eq!(check_cq(64, 64), Ok(()));
         assert!(matches!(check_cq(0, 64), Err(FabricError::Limit { max: 64, .. })));
         assert!(matches!(check_cq(65, 64), Err(FabricError::Limit { max: 64, .. })));
-        let caps = QpCaps { max_send_wr: 8, max_sge: 4, max_inline: 0 };
-        assert_eq!(check_qp(&caps, 8), Ok(()));
-        assert!(check_qp(&QpCaps { max_send_wr: 0, ..caps }, 8).unwrap_err().to_string().contains("0 send work"));
-        assert!(check_qp(&caps, 7).unwrap_err().to_string().contains("8 send work requests"));
-        let e = check_qp(&QpCaps { max_sge: 5, ..caps }, 8).unwrap_err();
+        let caps = QpCaps { max_send_wr: 8, max_sge: 4, max_inline: 64 };
+        assert_eq!(check_qp(&caps, 8, 64), Ok(()));
+        assert!(check_qp(&QpCaps { max_send_wr: 0, ..caps }, 8, 64).unwrap_err().to_string().contains("0 send work"));
+        assert!(check_qp(&caps, 7, 64).unwrap_err().to_string().contains("8 send work requests"));
+        assert!(check_qp(&caps, 8, 63).unwrap_err().to_string().contains("64 bytes inline"));
+        let e = check_qp(&QpCaps { max_sge: 5, ..caps }, 8, 64).unwrap_err();
         assert!(e.to_string().contains("5 scatter-gather entries") && e.to_string().contains("limit of 4"), "{e}");
         assert_eq!(check_room("queue pairs", 3, 4), Ok(()));
         assert!(check_room("queue pairs", 4, 4).unwrap_err().to_string().contains("queue pairs: above"));

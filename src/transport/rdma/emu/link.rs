@@ -23,7 +23,7 @@ use super::super::rules;
 use super::frames::FrameReader;
 use super::nic::{Device, FLUSH_BYTES, TICK, locked};
 use super::queues::{RegionGuard, spans};
-use super::wire::{FRAME_BYTES_MAX, Hello, PAYLOAD_BYTES_MAX, RESPONSE_BYTES, Request, Response, Status};
+use super::wire::{Hello, PAYLOAD_BYTES_MAX, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
 
 /// Parts unanswered on one link at most.
@@ -180,7 +180,7 @@ impl Link {
     /// fails what is still handed to it.
     fn send_loop(self: &Arc<Self>, device: &Arc<Device>, rx: &mpsc::Receiver<Op>) {
         let mut conn = None;
-        let mut out = Vec::with_capacity(FLUSH_BYTES + FRAME_BYTES_MAX);
+        let mut out = Vec::new(); // grows to what is queued: FLUSH_BYTES and a frame
         let why = loop {
             let op = match rx.recv_timeout(TICK) {
                 Ok(op) => op,
@@ -253,8 +253,10 @@ impl Link {
             let at = out.len();
             out.extend_from_slice(&req.encode());
             if req.carries_data() && !gather(&prep, offset, len, out) {
-                // A region went: the work request was flushed meanwhile.
+                // A region went: the work request ended meanwhile (its
+                // context closed); if not, it ends here.
                 out.truncate(at);
+                op.finish(WcStatus::LocProtErr);
                 return Ok(());
             }
             let part = Part {

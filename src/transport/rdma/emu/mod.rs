@@ -60,6 +60,8 @@ pub const QPS_PER_CONTEXT_MAX: usize = 4096;
 pub const MRS_PER_CONTEXT_MAX: usize = 65_536;
 /// Completion queues one context may have.
 pub const CQS_PER_CONTEXT_MAX: usize = 64;
+/// Bytes a work request may carry inline (what `MC_MAX_INLINE` allows).
+pub const INLINE_BYTES_MAX: u32 = 1024;
 /// The shortest a part may go unanswered before its queue pair gives up,
 /// whatever RTS said: the requester and responder are threads on a host
 /// that may be busy, not a NIC.
@@ -350,7 +352,7 @@ impl Context for EmuContext {
     }
 
     fn create_qp(&mut self, cq: CqId, caps: QpCaps) -> Result<QpNum, FabricError> {
-        rules::check_qp(&caps, self.shared.device.info().max_qp_wr)?;
+        rules::check_qp(&caps, self.shared.device.info().max_qp_wr, INLINE_BYTES_MAX)?;
         let mut q = self.queues();
         if !q.cqs.contains_key(&cq.0) {
             return Err(FabricError::NoCq(cq));

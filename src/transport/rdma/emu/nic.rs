@@ -37,7 +37,7 @@ use crate::proto::mooncake::rdma::Gid;
 /// Connections from other devices one device serves at once.
 pub const INBOUND_MAX: usize = 256;
 /// Peer devices one device keeps connections to.
-pub const LINKS_MAX: usize = 1024;
+pub const LINKS_MAX: usize = 256;
 /// Queue pairs on one device (across its contexts).
 pub const QPS_PER_DEVICE_MAX: usize = 1 << 16;
 /// Bytes gathered before they are written to the socket.
@@ -354,13 +354,19 @@ impl Device {
     fn serve(&self, mut stream: TcpStream) -> io::Result<()> {
         let _ = stream.set_nodelay(true);
         let mut input = FrameReader::new(FRAME_BYTES_MAX);
-        stream.set_read_timeout(Some(HELLO_TIMEOUT))?;
-        let Some((hello, n)) = input.next(&mut stream, Hello::decode)? else {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "no hello"));
+        let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+        stream.set_read_timeout(Some(TICK))?;
+        let hello = loop {
+            if let Some((hello, n)) = input.next(&mut stream, Hello::decode)? {
+                input.consume(n);
+                break hello;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no hello"));
+            }
         };
-        input.consume(n);
         stream.set_read_timeout(None)?;
-        let mut out = Vec::with_capacity(FLUSH_BYTES + FRAME_BYTES_MAX);
+        let mut out = Vec::new(); // grows to what is queued: FLUSH_BYTES and a frame
         loop {
             let Some((req, n)) = input.next(&mut stream, Request::decode)? else { continue };
             if !self.is_up() {

@@ -59,6 +59,17 @@ fn pair(faults: Vec<EmuFault>, cqe: u32) -> (Side, Side) {
     (a, b)
 }
 
+/// A side whose queue pair is connected to whatever listens at `port`
+/// on loopback (a fake peer), moved to RTS with `timeout` (and one retry).
+fn side_towards(port: u16, timeout: u8) -> Side {
+    let mut s = side(Vec::new(), 16);
+    let peer = PeerAddr { lid: port, ..addr_of(s.ctx.as_ref(), s.qp) };
+    s.ctx.modify_qp(s.qp, Transition::Init { access: Access::ALL }).unwrap();
+    s.ctx.modify_qp(s.qp, Transition::Rtr { peer }).unwrap();
+    s.ctx.modify_qp(s.qp, Transition::Rts { timeout, retry_cnt: 1, rnr_retry: 7 }).unwrap();
+    s
+}
+
 fn reg(ctx: &mut Box<dyn Context>, buf: &mut [u8], access: Access) -> Mr {
     // SAFETY: the tests' buffers are declared before the contexts, so they
     // outlive them.
@@ -187,6 +198,7 @@ fn queue_pairs_move_through_their_states_and_post_only_in_rts() {
     assert_eq!(ctx.qp_state(qp).unwrap(), QpState::Reset);
     assert!(matches!(ctx.create_qp(CqId(99), CAPS), Err(FabricError::NoCq(_))));
     assert!(matches!(ctx.create_qp(cq, QpCaps { max_sge: 9, ..CAPS }), Err(FabricError::Limit { .. })));
+    assert!(matches!(ctx.create_qp(cq, QpCaps { max_inline: 1025, ..CAPS }), Err(FabricError::Limit { .. })));
     assert!(matches!(ctx.create_cq(0), Err(FabricError::Limit { .. })));
     ctx.destroy_qp(qp).unwrap();
     assert_eq!(ctx.destroy_qp(qp), Err(FabricError::NoQp(qp)));
@@ -347,12 +359,8 @@ fn a_region_named_by_outstanding_work_is_not_given_back() {
     // A peer that takes the connection (the kernel does) and never reads.
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut l = vec![1u8; 1 << 20];
-    let mut s = side(Vec::new(), 16);
-    let peer = PeerAddr { lid: silent.local_addr().unwrap().port(), ..addr_of(s.ctx.as_ref(), s.qp) };
-    s.ctx.modify_qp(s.qp, Transition::Init { access: Access::ALL }).unwrap();
-    s.ctx.modify_qp(s.qp, Transition::Rtr { peer }).unwrap();
     // Timeout 0 is verbs' "forever": the cap, 30 s, so it surely waits.
-    s.ctx.modify_qp(s.qp, Transition::Rts { timeout: 0, retry_cnt: 7, rnr_retry: 7 }).unwrap();
+    let mut s = side_towards(silent.local_addr().unwrap().port(), 0);
     let lm = reg(&mut s.ctx, &mut l, Access::ALL);
     s.ctx.post(s.qp, &[write(1, &lm, 0, 1 << 20, &lm, 0)]).unwrap();
     assert_eq!(s.ctx.deregister(lm.lkey), Err(FabricError::RegionBusy(lm.lkey, 1)));
@@ -376,12 +384,8 @@ fn a_peer_that_never_answers_times_out() {
         }
     });
     let mut l = vec![1u8; 4096];
-    let mut s = side(Vec::new(), 16);
-    let peer = PeerAddr { lid: port, ..addr_of(s.ctx.as_ref(), s.qp) };
-    s.ctx.modify_qp(s.qp, Transition::Init { access: Access::ALL }).unwrap();
-    s.ctx.modify_qp(s.qp, Transition::Rtr { peer }).unwrap();
     // 4.096 µs × 2^10 × 2 tries is 8 ms: the floor, 100 ms, applies.
-    s.ctx.modify_qp(s.qp, Transition::Rts { timeout: 10, retry_cnt: 1, rnr_retry: 7 }).unwrap();
+    let mut s = side_towards(port, 10);
     let lm = reg(&mut s.ctx, &mut l, Access::ALL);
     s.ctx.post(s.qp, &[write(1, &lm, 0, 8, &lm, 0), write(2, &lm, 0, 8, &lm, 0)]).unwrap();
     assert_eq!(statuses(&take(&mut s, 2)), [WcStatus::RetryExcErr, WcStatus::WrFlushErr]);
@@ -390,6 +394,34 @@ fn a_peer_that_never_answers_times_out() {
     assert_eq!(retry_ns(14, 7), 4096 * (1 << 14) * 8, "Mooncake's settings: about 537 ms");
     assert_eq!(retry_ns(1, 0), RETRY_FLOOR_NS);
     assert_eq!((retry_ns(0, 7), retry_ns(31, 7)), (RETRY_CAP_NS, RETRY_CAP_NS));
+}
+
+/// A peer that answers a byte at a time and never finishes an answer:
+/// the part times out all the same.
+#[test]
+fn a_peer_that_trickles_bytes_times_out_too() {
+    let trickler = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = trickler.local_addr().unwrap().port();
+    let hold = std::thread::spawn(move || {
+        use std::io::Write;
+        let Ok((mut s, _)) = trickler.accept() else { return };
+        // A response header that announces 1 MiB of data, then the data,
+        // a byte every 5 ms, until the connection ends.
+        let header = wire::Response { status: wire::Status::Ok, data_len: 1 << 20, tag: 0 }.encode();
+        for b in header.iter().chain(std::iter::repeat(&0u8)) {
+            if s.write_all(&[*b]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let mut l = vec![1u8; 4096];
+    let mut s = side_towards(port, 10);
+    let lm = reg(&mut s.ctx, &mut l, Access::ALL);
+    s.ctx.post(s.qp, &[read(1, &lm, 0, 4096, &lm, 0)]).unwrap();
+    assert_eq!(statuses(&take(&mut s, 1)), [WcStatus::RetryExcErr]);
+    drop(s);
+    hold.join().unwrap();
 }
 
 /// The peer "process" goes mid-work: what was on the wire fails as
