@@ -191,7 +191,9 @@ impl Link {
             let mut next = Some(op);
             let mut failed = None;
             while let Some(op) = next.take() {
-                if let Err(e) = self.carry(device, op, &mut conn, &mut out) {
+                if let Err(e) = self.carry(device, &op, &mut conn, &mut out) {
+                    // Whatever part of it got out or not, it has failed.
+                    op.finish(WcStatus::RetryExcErr);
                     failed = Some(e);
                     break;
                 }
@@ -213,23 +215,20 @@ impl Link {
     }
 
     /// Sends work request `op`: checked locally, cut into parts, each
-    /// recorded as in flight and queued in `out`. An error ends the link.
+    /// recorded as in flight and queued in `out`. An error ends the link
+    /// (and the caller fails `op`).
     fn carry(
         self: &Arc<Self>,
         device: &Arc<Device>,
-        op: Op,
+        op: &Op,
         conn: &mut Option<TcpStream>,
         out: &mut Vec<u8>,
     ) -> Result<(), String> {
-        let Some(prep) = prepare(device, &op) else { return Ok(()) };
+        let Some(prep) = prepare(device, op) else { return Ok(()) };
         if conn.is_none() {
-            match self.connect(device, prep.retry, out) {
-                Ok(s) => *conn = Some(s),
-                Err(e) => {
-                    op.finish(WcStatus::RetryExcErr);
-                    return Err(format!("cannot connect to {}: {e}", self.peer));
-                }
-            }
+            let s =
+                self.connect(device, prep.retry, out).map_err(|e| format!("cannot connect to {}: {e}", self.peer))?;
+            *conn = Some(s);
         }
         let max = u64::from(PAYLOAD_BYTES_MAX);
         let parts = prep.len.div_ceil(max).max(1);
@@ -271,8 +270,6 @@ impl Link {
             {
                 let mut f = locked(&self.flight);
                 if self.is_dead() {
-                    drop(f);
-                    op.finish(WcStatus::RetryExcErr);
                     return Err("ended".into());
                 }
                 f.next_tag += 1;
