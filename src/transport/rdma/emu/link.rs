@@ -348,6 +348,7 @@ impl Link {
                     _ => return Err(format!("an answer to no request (tag {})", resp.tag)),
                 }
                 let p = f.parts.pop_front().expect("looked at above");
+                assert!(f.bytes >= u64::from(p.len), "the bytes in flight count the parts in flight");
                 f.bytes -= u64::from(p.len);
                 p
             };

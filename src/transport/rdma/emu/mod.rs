@@ -470,7 +470,9 @@ impl Context for EmuContext {
             p.next_seq += 1;
             let in_error = p.state == QpState::Err;
             let status = in_error.then_some(WcStatus::WrFlushErr);
+            assert!(p.queue.back().is_none_or(|b| b.seq < seq), "a send queue is in posting order");
             p.queue.push_back(Posted { seq, wr: *wr, data, status });
+            assert!(p.queue.len() <= p.caps.max_send_wr as usize);
             if in_error {
                 continue;
             }

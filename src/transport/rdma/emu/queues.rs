@@ -174,6 +174,7 @@ impl Queues {
                 continue;
             }
             cq.done.push_back(Completion { wr_id: p.wr.wr_id, qp: QpNum(qpn), status, bytes });
+            assert!(cq.done.len() <= cq.capacity);
         }
         if let Some(cq) = overran {
             self.push_event(PortEvent::CqOverrun(CqId(cq)));
