@@ -158,9 +158,9 @@ pub const RDMA_RAIL_PAUSE_SECONDS: Var =
     int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
 pub const FABRIC: Var = var(
     "SHARDWIRE_FABRIC",
-    Kind::Choice(&["auto", "none", "verbs", "sim"]),
+    Kind::Choice(&["auto", "none", "verbs", "sim", "emu"]),
     "auto",
-    "the RDMA devices `protocol = \"rdma\"` uses: `verbs` (the machine's, in builds with the `verbs` feature), `sim` (simulated, inside this process), `none` (TCP); `auto` is `verbs` where built in, else `none`",
+    "the RDMA devices `protocol = \"rdma\"` uses: `verbs` (the machine's, in builds with the `verbs` feature), `sim` (simulated, inside this process), `emu` (emulated, across processes over sockets), `none` (TCP); `auto` is `verbs` where built in, else `none`",
 );
 pub const IB_PORT: Var = int("MC_IB_PORT", 1, 255, "", "1", "the port of each RDMA device used");
 pub const IB_SL: Var = int("MC_IB_SL", 0, 15, "", "0", "the InfiniBand service level of RDMA queue pairs");
@@ -194,6 +194,20 @@ pub const SIM_DEVICES: Var = var(
     "sim0,sim1",
     "the devices of the `sim` fabric, comma-separated",
 );
+pub const EMU_DEVICES: Var = var(
+    "SHARDWIRE_EMU_DEVICES",
+    Kind::Form(DEVICE_NAMES),
+    "emu0,emu1",
+    "the devices of the `emu` fabric, comma-separated: each serves RDMA reads and writes on a port of `MC_TCP_BIND_ADDRESS` (127.0.0.1 when unset); NUMA nodes from `MC_CUSTOM_TOPO_JSON`",
+);
+pub const EMU_FAULTS: Var = var(
+    "SHARDWIRE_EMU_FAULTS",
+    Kind::Form(EMU_FAULTS_FORM),
+    "none",
+    "faults the `emu` fabric injects, comma-separated: `<device>:down@<s>` and `<device>:up@<s>` (the port, that many seconds after the fabric is made), `<device>:error_every=<n>` (every nth work request fails, its queue pair to ERR)",
+);
+/// What `SHARDWIRE_EMU_FAULTS` may hold.
+const EMU_FAULTS_FORM: &str = "comma-separated faults <device>:down@<seconds>, <device>:up@<seconds> (0 to 86400, decimals allowed) or <device>:error_every=<n> (n >= 1), on devices of SHARDWIRE_EMU_DEVICES, at most 64";
 /// What a list of device names may hold.
 const DEVICE_NAMES: &str = "1 to 16 distinct device names of letters, digits, _, - and ., comma-separated";
 pub const MAX_EP_PER_CTX: Var =
@@ -337,6 +351,8 @@ pub const VARS: &[Var] = &[
     RDMA_RAIL_PAUSE_SECONDS,
     FABRIC,
     SIM_DEVICES,
+    EMU_DEVICES,
+    EMU_FAULTS,
     MAX_EP_PER_CTX,
     MTU,
     GID_INDEX,
@@ -446,6 +462,28 @@ pub enum FabricChoice {
     Verbs,
     /// The simulated fabric, with these devices (`SHARDWIRE_SIM_DEVICES`).
     Sim(Vec<String>),
+    /// The emulated fabric, across processes: these devices
+    /// (`SHARDWIRE_EMU_DEVICES`) under these faults (`SHARDWIRE_EMU_FAULTS`).
+    Emu {
+        devices: Vec<String>,
+        faults: Vec<EmuFault>,
+    },
+}
+
+/// Faults in one `SHARDWIRE_EMU_FAULTS` at most.
+pub const EMU_FAULTS_MAX: usize = 64;
+
+/// A fault the `emu` fabric injects (`SHARDWIRE_EMU_FAULTS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EmuFault {
+    /// `<device>:down@<seconds>`: the device's port goes down this long
+    /// after the fabric is made.
+    Down { device: String, after: Duration },
+    /// `<device>:up@<seconds>`: and comes back.
+    Up { device: String, after: Duration },
+    /// `<device>:error_every=<n>`: every `n`th work request the device
+    /// carries out fails with a rail error, its queue pair going to ERR.
+    ErrorEvery { device: String, every: u64 },
 }
 
 /// Every variable's value, checked.
@@ -466,7 +504,8 @@ pub struct Settings {
     /// `MC_RDMA_RAIL_PAUSE_SECONDS` in seconds, `MC_MAX_EP_PER_CTX`,
     /// `MC_MTU` and `MC_GID_INDEX`.
     pub rdma: RdmaSettings,
-    /// `SHARDWIRE_FABRIC` (with `SHARDWIRE_SIM_DEVICES` for `sim`).
+    /// `SHARDWIRE_FABRIC` (with `SHARDWIRE_SIM_DEVICES` for `sim`, and
+    /// `SHARDWIRE_EMU_DEVICES` and `SHARDWIRE_EMU_FAULTS` for `emu`).
     pub fabric: FabricChoice,
     /// `SHARDWIRE_LOCAL`.
     pub local: bool,
@@ -542,6 +581,14 @@ impl Settings {
                     &SIM_DEVICES,
                     r.text(&SIM_DEVICES).as_deref().unwrap_or("sim0,sim1"),
                 )?),
+                Some("emu") => {
+                    let devices = device_names(&EMU_DEVICES, r.text(&EMU_DEVICES).as_deref().unwrap_or("emu0,emu1"))?;
+                    let faults = match r.text(&EMU_FAULTS) {
+                        None => Vec::new(),
+                        Some(t) => emu_faults(&t, &devices)?,
+                    };
+                    FabricChoice::Emu { devices, faults }
+                }
                 Some("none") => FabricChoice::None,
                 Some("verbs") => FabricChoice::Verbs,
                 _ => FabricChoice::Auto,
@@ -626,6 +673,49 @@ fn device_names(var: &Var, text: &str) -> Result<Vec<String>, ConfigError> {
         return Err(bad());
     }
     Ok(names)
+}
+
+/// `SHARDWIRE_EMU_FAULTS`: faults on `devices`, comma-separated; an error
+/// names the entry at fault and why.
+fn emu_faults(text: &str, devices: &[String]) -> Result<Vec<EmuFault>, ConfigError> {
+    let entries: Vec<&str> = text.split(',').map(str::trim).collect();
+    let bad = |entry: &str, why: String| ConfigError {
+        var: EMU_FAULTS.name.into(),
+        value: text.into(),
+        accepted: format!("{EMU_FAULTS_FORM}; entry {entry:?}: {why}"),
+    };
+    if entries.len() > EMU_FAULTS_MAX {
+        return Err(bad(entries[EMU_FAULTS_MAX], format!("more than {EMU_FAULTS_MAX} faults")));
+    }
+    let mut faults = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Some((device, what)) = entry.split_once(':') else {
+            return Err(bad(entry, "expected <device>:<fault>".into()));
+        };
+        let device = device.trim().to_string();
+        if !devices.contains(&device) {
+            return Err(bad(entry, format!("no device {device:?} in SHARDWIRE_EMU_DEVICES ({})", devices.join(","))));
+        }
+        let what = what.trim();
+        let seconds = |text: &str| match text.trim().parse::<f64>() {
+            Ok(s) if s.is_finite() && (0.0..=86_400.0).contains(&s) => Ok(Duration::from_secs_f64(s)),
+            _ => Err(bad(entry, format!("{:?} is not a number of seconds in 0..=86400", text.trim()))),
+        };
+        let fault = if let Some(at) = what.strip_prefix("down@") {
+            EmuFault::Down { device, after: seconds(at)? }
+        } else if let Some(at) = what.strip_prefix("up@") {
+            EmuFault::Up { device, after: seconds(at)? }
+        } else if let Some(n) = what.strip_prefix("error_every=") {
+            match n.trim().parse::<u64>() {
+                Ok(every) if every >= 1 => EmuFault::ErrorEvery { device, every },
+                _ => return Err(bad(entry, format!("{:?} is not a whole number of at least 1", n.trim()))),
+            }
+        } else {
+            return Err(bad(entry, format!("unknown fault {what:?}: expected down@, up@ or error_every=")));
+        };
+        faults.push(fault);
+    }
+    Ok(faults)
 }
 
 /// The one boolean convention.
@@ -779,8 +869,8 @@ mod tests {
                     refused(v, "3-1");
                 }
                 Kind::Text => assert!(with(v.name, "anything at all").is_ok()),
-                // SHARDWIRE_SIM_DEVICES is read only with SHARDWIRE_FABRIC=sim.
-                Kind::Form(_) if v.name == SIM_DEVICES.name => {}
+                // The fabrics' own lists are read only with their fabric.
+                Kind::Form(_) if [SIM_DEVICES.name, EMU_DEVICES.name, EMU_FAULTS.name].contains(&v.name) => {}
                 Kind::Form(_) => refused(v, "anything at all"),
             }
         }
@@ -847,6 +937,54 @@ mod tests {
         let readme = include_str!("../README.md");
         let table = markdown_table();
         assert!(readme.contains(&table), "README.md's environment table is out of date; it should read:\n{table}");
+    }
+
+    /// `SHARDWIRE_FABRIC=emu`: its devices and faults, and errors that
+    /// name the entry at fault.
+    #[test]
+    fn the_emu_fabric_its_devices_and_its_faults() {
+        let emu = |devices: Option<&str>, faults: Option<&str>| {
+            let (devices, faults) = (devices.map(str::to_string), faults.map(str::to_string));
+            Settings::from_lookup(move |n| match n {
+                "SHARDWIRE_FABRIC" => Some("emu".to_string()),
+                "SHARDWIRE_EMU_DEVICES" => devices.clone(),
+                "SHARDWIRE_EMU_FAULTS" => faults.clone(),
+                _ => None,
+            })
+        };
+        let two = vec!["emu0".to_string(), "emu1".to_string()];
+        assert_eq!(emu(None, None).unwrap().fabric, FabricChoice::Emu { devices: two, faults: vec![] });
+        let s = emu(Some("mlx5_0, mlx5_1"), Some("mlx5_1:down@1, mlx5_1:up@2.5,mlx5_0:error_every=7")).unwrap();
+        let FabricChoice::Emu { devices, faults } = s.fabric else { panic!("{:?}", s.fabric) };
+        assert_eq!(devices, ["mlx5_0", "mlx5_1"]);
+        assert_eq!(
+            faults,
+            [
+                EmuFault::Down { device: "mlx5_1".into(), after: Duration::from_secs(1) },
+                EmuFault::Up { device: "mlx5_1".into(), after: Duration::from_millis(2500) },
+                EmuFault::ErrorEvery { device: "mlx5_0".into(), every: 7 },
+            ]
+        );
+        for (faults, entry, why) in [
+            ("emu0:down@1,emu9:down@1", "emu9:down@1", "no device \"emu9\""),
+            ("emu0:down@soon", "emu0:down@soon", "not a number of seconds"),
+            ("emu0:down@-1", "emu0:down@-1", "not a number of seconds"),
+            ("emu0:down@inf", "emu0:down@inf", "not a number of seconds"),
+            ("emu1:error_every=0", "emu1:error_every=0", "at least 1"),
+            ("emu1:sideways", "emu1:sideways", "unknown fault"),
+            ("emu1", "emu1", "<device>:<fault>"),
+            ("emu0:up@1,,emu0:up@2", "", "<device>:<fault>"),
+        ] {
+            let e = emu(None, Some(faults)).unwrap_err();
+            let text = e.to_string();
+            assert_eq!(e.var, "SHARDWIRE_EMU_FAULTS");
+            assert!(text.contains(&format!("entry {entry:?}")) && text.contains(why), "{faults}: {text}");
+        }
+        let many = vec!["emu0:up@1"; EMU_FAULTS_MAX + 1].join(",");
+        assert!(emu(None, Some(&many)).unwrap_err().to_string().contains("more than 64 faults"));
+        assert!(emu(Some("a,a"), None).unwrap_err().to_string().contains("SHARDWIRE_EMU_DEVICES"));
+        // Read only with their fabric.
+        assert_eq!(with("SHARDWIRE_EMU_FAULTS", "garbage").unwrap().fabric, FabricChoice::Auto);
     }
 
     #[test]

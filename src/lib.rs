@@ -15,7 +15,7 @@
 //!                        tcp/: io_uring client and server drivers, and the caller-thread driver;
 //!                        local/: same-host copies (shared memfds, cross-memory attach), a control table,
 //!                        the helper crew for large copies;
-//!                        rdma/: the Fabric seam, its verbs (sideway, feature `verbs`) and sim backends, the slice engine a shard polls, the transport
+//!                        rdma/: the Fabric seam, its verbs (sideway, feature `verbs`), sim and emu backends, the slice engine a shard polls, the transport
 //!   meta/                P2P handshake, etcd
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory

@@ -25,6 +25,16 @@ fn engine(net: Option<&SimNetwork>, protocol: &str) -> TransferEngine {
     e
 }
 
+/// An "rdma" engine on `net` whose shards are `runtime`'s (placement tests).
+fn on_shards(net: &SimNetwork, runtime: &Arc<shardwire::runtime::Runtime>) -> TransferEngine {
+    let fabric = Some(Arc::new(net.clone()) as Arc<dyn shardwire::transport::rdma::fabric::Fabric>);
+    let config =
+        EngineConfig { local: false, fabric, runtime: Some(runtime.clone()), ..EngineConfig::from_env().unwrap() };
+    let e = TransferEngine::with_config(config);
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "").expect("initialize");
+    e
+}
+
 #[test]
 fn two_engines_move_bytes_over_rdma() {
     let net = network();
@@ -157,15 +167,7 @@ fn devices_live_on_the_shards_of_their_node_and_memory_uses_its_own_nodes_device
     };
     let devices = vec![device("mlx5_0", 1, 0), device("mlx5_1", 2, 0), device("mlx5_2", 3, 1), device("mlx5_3", 4, 1)];
     let net = SimNetwork::new(devices, FaultPlan::default(), 7);
-    let on = |protocol: &str| {
-        let fabric = Some(Arc::new(net.clone()) as Arc<dyn shardwire::transport::rdma::fabric::Fabric>);
-        let config =
-            EngineConfig { local: false, fabric, runtime: Some(runtime.clone()), ..EngineConfig::from_env().unwrap() };
-        let e = TransferEngine::with_config(config);
-        e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
-        e
-    };
-    let (target, initiator) = (on("rdma"), on("rdma"));
+    let (target, initiator) = (on_shards(&net, &runtime), on_shards(&net, &runtime));
     let placed = initiator.rdma_placement().unwrap();
     let expect: Vec<(String, usize)> =
         [("mlx5_0", 0), ("mlx5_1", 0), ("mlx5_2", 1), ("mlx5_3", 1)].iter().map(|(n, s)| (n.to_string(), *s)).collect();
@@ -209,15 +211,7 @@ fn devices_without_a_node_spread_over_the_shards_and_share_each_request() {
         FaultPlan::default(),
         8,
     );
-    let on = || {
-        let fabric = Some(Arc::new(net.clone()) as Arc<dyn shardwire::transport::rdma::fabric::Fabric>);
-        let config =
-            EngineConfig { local: false, fabric, runtime: Some(runtime.clone()), ..EngineConfig::from_env().unwrap() };
-        let e = TransferEngine::with_config(config);
-        e.initialize("127.0.0.1", "P2PHANDSHAKE", "rdma", "").expect("initialize");
-        e
-    };
-    let (target, initiator) = (on(), on());
+    let (target, initiator) = (on_shards(&net, &runtime), on_shards(&net, &runtime));
     let shards: Vec<usize> = initiator.rdma_placement().unwrap().iter().map(|(_, s)| *s).collect();
     assert_eq!(shards, [0, 1, 0, 1]);
     let name = target.segment_name().unwrap();
@@ -229,4 +223,34 @@ fn devices_without_a_node_spread_over_the_shards_and_share_each_request() {
         assert!((0.15..=0.35).contains(&share), "{device} carried {share:.3} of the bytes: {moved:?}");
     }
     assert_eq!(initiator.rdma_slice_retries().unwrap(), 0);
+}
+
+/// Two devices on two shards, one of which reaches nothing (its port is up,
+/// so work is still dealt to its shard): what fails there on every rail is
+/// sent once more, to the other shard's device, rather than over TCP.
+#[test]
+fn work_no_rail_of_one_shard_carries_goes_to_the_other_shards_device() {
+    use shardwire::runtime::{Runtime, RuntimeConfig};
+    use shardwire::transport::rdma::sim::Fault;
+    let runtime = Arc::new(Runtime::start(RuntimeConfig::new(2)).unwrap());
+    let cut = |b: &str| Fault::Unreachable { a: "mlx5_1".into(), b: b.into() };
+    let plan = FaultPlan { faults: vec![cut("mlx5_0"), cut("mlx5_1")] };
+    let net = SimNetwork::new(vec![SimDevice::new("mlx5_0", 1), SimDevice::new("mlx5_1", 2)], plan, 3);
+    let (target, initiator) = (on_shards(&net, &runtime), on_shards(&net, &runtime));
+    let shards: Vec<usize> = initiator.rdma_placement().unwrap().iter().map(|(_, s)| *s).collect();
+    assert_eq!(shards, [0, 1], "one device on each shard");
+    let name = target.segment_name().unwrap();
+    let local = initiator.allocate_managed_buffer(4 << 20).unwrap();
+    let remote = target.allocate_managed_buffer(4 << 20).unwrap();
+    let before = initiator.rdma_device_bytes().unwrap();
+    for seed in 0..4u64 {
+        let data = pattern(4 << 20, 300 + seed);
+        initiator.write_bytes_to_buffer(local, &data).unwrap();
+        initiator.transfer_sync_write(&name, local, remote, 4 << 20).expect("the other shard's device carries it");
+        assert!(target.read_bytes_from_buffer(remote, 4 << 20).unwrap() == data);
+    }
+    let after = initiator.rdma_device_bytes().unwrap();
+    assert_eq!(after[1].1, before[1].1, "nothing over the lost device: {before:?} -> {after:?}");
+    assert!(after[0].1 >= before[0].1 + 4 * (4 << 20), "mlx5_0 carried all 16 MiB, none went over TCP: {after:?}");
+    assert!(initiator.rdma_slice_retries().unwrap() > 0, "mlx5_1's slices were tried and failed first");
 }

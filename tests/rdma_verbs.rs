@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use interop::pattern;
 use shardwire::engine::{EngineConfig, TransferEngine};
 use shardwire::transport::rdma::fabric::{
-    Access, Completion, Context, CqId, Fabric, FabricError, Mr, PeerAddr, QpCaps, QpNum, QpState, Sge, Sges,
-    Transition, Verb, WcStatus, WorkRequest, choose_gid,
+    Access, Completion, Context, CqId, Fabric, FabricError, Mr, PeerAddr, QpCaps, QpNum, QpState, Transition, Verb,
+    WcStatus, WorkRequest, choose_gid,
 };
 use shardwire::transport::rdma::verbs::{LinkConfig, VerbsFabric};
 
@@ -103,14 +103,7 @@ fn reg(ctx: &mut Box<dyn Context>, buf: &mut [u8], access: Access) -> Mr {
 }
 
 fn wr(wr_id: u64, verb: Verb, local: &Mr, at: u64, len: u32, remote: &Mr, to: u64) -> WorkRequest {
-    WorkRequest {
-        wr_id,
-        verb,
-        sges: Sges::one(Sge { addr: local.addr + at, len, lkey: local.lkey }),
-        remote_addr: remote.addr + to,
-        rkey: remote.rkey,
-        inline: false,
-    }
+    WorkRequest::between(wr_id, verb, local, at, len, remote, to)
 }
 
 /// Polls until `n` completions are in, or 20 s have passed (the CPU in

@@ -118,6 +118,10 @@ fn fabric_of(s: &Settings) -> (Option<Arc<dyn crate::transport::rdma::fabric::Fa
         FabricChoice::Sim(names) => {
             (Some(Arc::new(crate::transport::rdma::sim::shared(names)) as Arc<dyn Fabric>), String::new())
         }
+        FabricChoice::Emu { .. } => match crate::transport::rdma::emu::shared(s) {
+            Ok(fabric) => (Some(fabric as Arc<dyn Fabric>), String::new()),
+            Err(why) => (None, format!("SHARDWIRE_FABRIC=emu: {why}")),
+        },
         FabricChoice::None => (None, "SHARDWIRE_FABRIC=none".into()),
         FabricChoice::Auto | FabricChoice::Verbs => verbs_fabric(s),
     }

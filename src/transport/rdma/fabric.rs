@@ -9,7 +9,7 @@
 //! bounds and access flags are checked, a queue pair in error flushes what
 //! it holds. Implementations: `verbs` (the machine's devices, through
 //! sideway; feature `verbs`), `sim` (deterministic, in-process, with a
-//! fault plan), and later `emu` (across processes).
+//! fault plan), and `emu` (across processes, over sockets).
 
 use std::fmt;
 
@@ -280,6 +280,19 @@ pub struct WorkRequest {
 }
 
 impl WorkRequest {
+    /// A work request of one entry, not inline: `len` bytes at offset `at`
+    /// of region `local`, to or from offset `to` of region `remote`.
+    pub fn between(wr_id: u64, verb: Verb, local: &Mr, at: u64, len: u32, remote: &Mr, to: u64) -> WorkRequest {
+        WorkRequest {
+            wr_id,
+            verb,
+            sges: Sges::one(Sge { addr: local.addr + at, len, lkey: local.lkey }),
+            remote_addr: remote.addr + to,
+            rkey: remote.rkey,
+            inline: false,
+        }
+    }
+
     /// Bytes it moves.
     pub fn len(&self) -> u64 {
         self.sges.iter().map(|s| u64::from(s.len)).sum()

@@ -2,6 +2,10 @@
 //!
 //! - [`fabric`]: the `Fabric` seam, the verbs the transport uses;
 //! - [`sim`]: a deterministic in-process fabric with a fault plan;
+//! - [`emu`]: an emulated fabric across processes: each device a "soft
+//!   NIC" serving one-sided reads and writes over sockets, addressed by
+//!   the real Connection handshake, with faults to inject
+//!   (`SHARDWIRE_FABRIC=emu`);
 //! - [`rules`]: what a device enforces, stated once for the fabrics
 //!   that enforce it in software;
 //! - [`plan`]: the rules that cut a request into slices and pick each
@@ -20,6 +24,7 @@
 //!
 //! The control plane it speaks is in [`crate::proto::mooncake::rdma`].
 
+pub mod emu;
 pub mod fabric;
 pub mod idhash;
 pub mod placement;

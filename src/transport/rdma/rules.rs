@@ -10,9 +10,12 @@
 //! - the requester checks each entry's local key, bounds and access
 //!   (`LOC_PROT_ERR`, `LOC_LEN_ERR`); the responder checks the remote key,
 //!   bounds and access of the region and of its queue pair
-//!   (`REM_ACCESS_ERR`).
+//!   (`REM_ACCESS_ERR`);
+//! - regions, completion queues and queue pairs are made within the
+//!   device's limits (`max_mr_size`, `max_cqe`, `max_qp_wr`, the
+//!   scatter-gather entries a work request can carry).
 
-use super::fabric::{Access, Mr, QpCaps, QpState, Sge, Transition, Verb, WcStatus, WorkRequest};
+use super::fabric::{Access, FabricError, Mr, QpCaps, QpState, SGES_MAX, Sge, Transition, Verb, WcStatus, WorkRequest};
 
 /// The largest work request (verbs caps a message at 2^31 bytes).
 pub const WR_BYTES_MAX: u64 = 1 << 31;
@@ -96,6 +99,51 @@ pub fn check_remote(
     if inside && allowed { Ok(()) } else { Err(WcStatus::RemAccessErr) }
 }
 
+/// What is wrong with registering `[addr, addr + len)` on a device whose
+/// regions hold at most `max_mr_size` bytes.
+pub fn check_region(addr: u64, len: u64, max_mr_size: u64) -> Result<(), FabricError> {
+    let why = if len == 0 || addr.checked_add(len).is_none() {
+        "an empty or wrapping range".to_string()
+    } else if len > max_mr_size {
+        format!("above max_mr_size ({max_mr_size})")
+    } else {
+        return Ok(());
+    };
+    Err(FabricError::Register { addr, len, why })
+}
+
+/// What is wrong with a completion queue of `cqe` entries on a device
+/// that makes them of at most `max_cqe`.
+pub fn check_cq(cqe: u32, max_cqe: u32) -> Result<(), FabricError> {
+    let fits = (1..=max_cqe).contains(&cqe);
+    let what = || format!("a completion queue of {cqe} entries");
+    if fits { Ok(()) } else { Err(FabricError::Limit { what: what(), max: max_cqe.into() }) }
+}
+
+/// What is wrong with a queue pair of `caps` on a device that queues at
+/// most `max_qp_wr` work requests per queue pair and takes at most
+/// `max_inline` bytes inline.
+pub fn check_qp(caps: &QpCaps, max_qp_wr: u32, max_inline: u32) -> Result<(), FabricError> {
+    let (wrs, sges, inline) = (caps.max_send_wr, caps.max_sge, caps.max_inline);
+    match () {
+        _ if wrs == 0 || wrs > max_qp_wr => {
+            Err(FabricError::Limit { what: format!("{wrs} send work requests"), max: max_qp_wr.into() })
+        }
+        _ if sges as usize > SGES_MAX => {
+            Err(FabricError::Limit { what: format!("{sges} scatter-gather entries"), max: SGES_MAX as u64 })
+        }
+        _ if inline > max_inline => {
+            Err(FabricError::Limit { what: format!("{inline} bytes inline"), max: max_inline.into() })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Whether one more of `what` fits beside the `count` made, at most `max`.
+pub fn check_room(what: &str, count: usize, max: usize) -> Result<(), FabricError> {
+    if count < max { Ok(()) } else { Err(FabricError::Limit { what: what.into(), max: max as u64 }) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::super::fabric::{PeerAddr, QpNum, Sges};
@@ -170,5 +218,28 @@ mod tests {
         assert_eq!(check_remote(Verb::Read, 4096, 8, Some((&mr, READ_ONLY)), ALL), Ok(()));
         assert_eq!(check_remote(Verb::Read, 4096, 8, Some((&mr, ALL)), READ_ONLY), Ok(()));
         assert_eq!(check_remote(Verb::Write, 4096, 8, Some((&mr, ALL)), READ_ONLY), Err(WcStatus::RemAccessErr));
+    }
+
+    #[test]
+    fn things_are_made_within_the_devices_limits() {
+        assert_eq!(check_region(4096, 4096, 1 << 20), Ok(()));
+        for (addr, len) in [(4096, 0), (u64::MAX, 2)] {
+            let e = check_region(addr, len, 1 << 20).unwrap_err();
+            assert!(matches!(&e, FabricError::Register { why, .. } if why.contains("empty or wrapping")), "{e}");
+        }
+        assert!(check_region(0, (1 << 20) + 1, 1 << 20).unwrap_err().to_string().contains("max_mr_size (1048576)"));
+        assert_eq!(check_cq(1, 64), Ok(()));
+        assert_eq!(check_cq(64, 64), Ok(()));
+        assert!(matches!(check_cq(0, 64), Err(FabricError::Limit { max: 64, .. })));
+        assert!(matches!(check_cq(65, 64), Err(FabricError::Limit { max: 64, .. })));
+        let caps = QpCaps { max_send_wr: 8, max_sge: 4, max_inline: 64 };
+        assert_eq!(check_qp(&caps, 8, 64), Ok(()));
+        assert!(check_qp(&QpCaps { max_send_wr: 0, ..caps }, 8, 64).unwrap_err().to_string().contains("0 send work"));
+        assert!(check_qp(&caps, 7, 64).unwrap_err().to_string().contains("8 send work requests"));
+        assert!(check_qp(&caps, 8, 63).unwrap_err().to_string().contains("64 bytes inline"));
+        let e = check_qp(&QpCaps { max_sge: 5, ..caps }, 8, 64).unwrap_err();
+        assert!(e.to_string().contains("5 scatter-gather entries") && e.to_string().contains("limit of 4"), "{e}");
+        assert_eq!(check_room("queue pairs", 3, 4), Ok(()));
+        assert!(check_room("queue pairs", 4, 4).unwrap_err().to_string().contains("queue pairs: above"));
     }
 }

@@ -146,26 +146,35 @@ where
     installed.map_err(|e| format!("shard {shard}: {e}"))?
 }
 
+/// [`submit`] that does not wait for room in the ring (from a shard's own
+/// thread, which must not block): refused at once when it is full.
+pub fn try_submit(runtime: &Runtime, shard: usize, key: u64, req: RdmaRequest, done: Done) -> Result<(), String> {
+    runtime.try_submit(shard, take(key, req, done)).map_err(|e| format!("shard {shard}: {e}"))
+}
+
+/// The task that hands `req` to the engine under `key` on its shard.
+fn take(key: u64, req: RdmaRequest, done: Done) -> impl FnOnce(&mut ShardCtx) + Send + 'static {
+    move |ctx: &mut ShardCtx| {
+        let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.get_mut(&key)) else {
+            return done(refused(req.id, "this shard has no RDMA".into()));
+        };
+        if s.waiting.contains_key(&req.id) || s.waiting.len() >= REQUESTS_MAX {
+            return done(refused(
+                req.id,
+                format!("request {} refused: its id is in use, or the shard is full", req.id),
+            ));
+        }
+        s.waiting.insert(req.id, done);
+        // A request that cannot be cut settles at once; the next poll
+        // hands it to `done`.
+        s.engine.submit(req);
+    }
+}
+
 /// Hands `req` to the engine under `key` on `shard`; `done` is called
 /// there once it settles (or at once, failed, if it cannot be taken).
 pub fn submit(runtime: &Runtime, shard: usize, key: u64, req: RdmaRequest, done: Done) -> Result<(), String> {
-    runtime
-        .submit(shard, move |ctx: &mut ShardCtx| {
-            let Some(s) = ctx.local_mut::<ShardRdmas>().and_then(|all| all.by_key.get_mut(&key)) else {
-                return done(refused(req.id, "this shard has no RDMA".into()));
-            };
-            if s.waiting.contains_key(&req.id) || s.waiting.len() >= REQUESTS_MAX {
-                return done(refused(
-                    req.id,
-                    format!("request {} refused: its id is in use, or the shard is full", req.id),
-                ));
-            }
-            s.waiting.insert(req.id, done);
-            // A request that cannot be cut settles at once; the next poll
-            // hands it to `done`.
-            s.engine.submit(req);
-        })
-        .map_err(|e| format!("shard {shard}: {e}"))
+    runtime.submit(shard, take(key, req, done)).map_err(|e| format!("shard {shard}: {e}"))
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fabric::{
     Access, Completion, Context, CqId, DeviceInfo, Fabric, FabricError, GidEntry, GidKind, Mr, PeerAddr, PortEvent,
-    PortState, QpCaps, QpNum, QpState, SGES_MAX, Transition, Verb, WcStatus, WorkRequest,
+    PortState, QpCaps, QpNum, QpState, Transition, Verb, WcStatus, WorkRequest,
 };
 use super::idhash::IdMap;
 use super::rules;
@@ -31,6 +31,8 @@ pub const QPS_PER_CONTEXT_MAX: usize = 4096;
 pub const MRS_PER_CONTEXT_MAX: usize = 65_536;
 /// Completion queues one context may have.
 pub const CQS_PER_CONTEXT_MAX: usize = 64;
+/// The most inline bytes a queue pair may ask for.
+pub const INLINE_MAX: u32 = 1024;
 /// Port events kept per context before the oldest are dropped.
 pub const EVENTS_MAX: usize = 1024;
 
@@ -620,16 +622,8 @@ impl Context for SimContext {
         self.with(|net, id| {
             let max = net.devices[net.device_of(id)].sim.info.max_mr_size;
             let c = ctx(net, id);
-            let fail = |why: String| FabricError::Register { addr, len, why };
-            if len == 0 || addr.checked_add(len).is_none() {
-                return Err(fail("an empty or wrapping range".into()));
-            }
-            if len > max {
-                return Err(fail(format!("above max_mr_size ({max})")));
-            }
-            if c.mrs.len() >= MRS_PER_CONTEXT_MAX {
-                return Err(FabricError::Limit { what: "memory regions".into(), max: MRS_PER_CONTEXT_MAX as u64 });
-            }
+            rules::check_region(addr, len, max)?;
+            rules::check_room("memory regions", c.mrs.len(), MRS_PER_CONTEXT_MAX)?;
             let key = c.next_key;
             c.next_key += 1;
             let mr = Mr { addr, len, lkey: key, rkey: key ^ RKEY_FLIP };
@@ -656,15 +650,8 @@ impl Context for SimContext {
         self.with(|net, id| {
             let max = net.devices[net.device_of(id)].sim.info.max_cqe;
             let c = ctx(net, id);
-            if cqe == 0 || cqe > max {
-                return Err(FabricError::Limit {
-                    what: format!("a completion queue of {cqe} entries"),
-                    max: max.into(),
-                });
-            }
-            if c.cqs.len() >= CQS_PER_CONTEXT_MAX {
-                return Err(FabricError::Limit { what: "completion queues".into(), max: CQS_PER_CONTEXT_MAX as u64 });
-            }
+            rules::check_cq(cqe, max)?;
+            rules::check_room("completion queues", c.cqs.len(), CQS_PER_CONTEXT_MAX)?;
             let n = c.cqs.len() as u32;
             c.cqs.push(Cq { capacity: cqe as usize, done: VecDeque::new(), overrun: false, due: VecDeque::new() });
             Ok(CqId(n))
@@ -678,21 +665,8 @@ impl Context for SimContext {
             if cq.0 as usize >= c.cqs.len() {
                 return Err(FabricError::NoCq(cq));
             }
-            if caps.max_send_wr == 0 || caps.max_send_wr > max_wr {
-                return Err(FabricError::Limit {
-                    what: format!("{} send work requests", caps.max_send_wr),
-                    max: max_wr.into(),
-                });
-            }
-            if caps.max_sge as usize > SGES_MAX {
-                return Err(FabricError::Limit {
-                    what: format!("{} scatter-gather entries", caps.max_sge),
-                    max: SGES_MAX as u64,
-                });
-            }
-            if c.qps.len() >= QPS_PER_CONTEXT_MAX {
-                return Err(FabricError::Limit { what: "queue pairs".into(), max: QPS_PER_CONTEXT_MAX as u64 });
-            }
+            rules::check_qp(&caps, max_wr, INLINE_MAX)?;
+            rules::check_room("queue pairs", c.qps.len(), QPS_PER_CONTEXT_MAX)?;
             let n = c.next_qp & 0xff_ffff;
             c.next_qp += 1;
             c.qps.insert(

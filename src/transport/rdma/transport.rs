@@ -19,7 +19,7 @@
 //! queues); one log line per peer says so.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::time::{Duration, Instant};
 
@@ -34,7 +34,7 @@ use crate::proto::mooncake::message::{HandshakeDesc, from_wire, to_wire};
 use crate::proto::mooncake::rdma::{Connection, NicPath, RdmaSegment, rejection};
 use crate::runtime::Runtime;
 use crate::topo::PriorityMatrix;
-use crate::transport::request::{Opcode, Request, Sink, TransferStatus};
+use crate::transport::request::{Opcode, Request, Sink, Ticket, TransferStatus};
 use crate::transport::tcp::{self, TcpTransport};
 use crate::transport::{PeerSegment, Route, Transport};
 
@@ -120,6 +120,9 @@ struct ShardEngine {
     shard: usize,
     key: u64,
     devices: Vec<usize>,
+    /// How many of its devices are up (kept by the slice engine): work is
+    /// not dealt to an engine whose devices are all down.
+    up: Arc<AtomicUsize>,
 }
 
 /// Registered memory, by address: where it is.
@@ -144,12 +147,10 @@ pub struct RdmaTransport {
     tcp: Arc<TcpTransport>,
     /// Feeds the fallback thread; `None` once closed.
     fallback: Mutex<Option<mpsc::SyncSender<Fallback>>>,
-    /// Peers whose fallback to TCP was logged.
-    fell_back: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Peers routed here, by route id (every slice engine knows them by
     /// the same id).
     peers: Mutex<Vec<String>>,
-    next_request: AtomicU64,
+    dispatch: Arc<Dispatch>,
     closed: AtomicBool,
 }
 
@@ -205,7 +206,8 @@ impl RdmaTransport {
                 Some(e) => e,
                 None => {
                     let key = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
-                    engines.push(ShardEngine { shard: owners[i], key, devices: Vec::new() });
+                    let up = Arc::new(AtomicUsize::new(0));
+                    engines.push(ShardEngine { shard: owners[i], key, devices: Vec::new(), up });
                     engines.len() - 1
                 }
             };
@@ -214,7 +216,7 @@ impl RdmaTransport {
         }
         for (n, e) in engines.iter().enumerate() {
             let names: Vec<String> = e.devices.iter().map(|&i| active[i].name.clone()).collect();
-            let (rails, total) = (e.devices.clone(), active.len());
+            let (rails, total, up) = (e.devices.clone(), active.len(), e.up.clone());
             let (fabric, me, m) = (fabric.clone(), me.to_string(), matrix.clone());
             let installed = shard::install(&runtime, e.shard, e.key, move || {
                 let mut contexts = Vec::with_capacity(names.len());
@@ -223,6 +225,7 @@ impl RdmaTransport {
                 }
                 let mut engine = SliceEngine::new(config, contexts, m).map_err(|e| e.to_string())?;
                 engine.set_rails(&rails, total);
+                engine.watch_up(up);
                 let connector = RpcConnector { me, opts, asked: HashMap::new() };
                 Ok((engine, Box::new(connector) as Box<dyn Connector>))
             });
@@ -250,6 +253,12 @@ impl RdmaTransport {
             }
             return Err(format!("cannot start the TCP fallback thread: {e}"));
         }
+        let dispatch = Arc::new(Dispatch {
+            runtime: runtime.clone(),
+            engines: engines.iter().map(|e| (e.shard, e.key, e.up.clone())).collect(),
+            next_request: AtomicU64::new(1),
+            fell_back: Mutex::new(std::collections::HashSet::new()),
+        });
         Ok(RdmaTransport {
             runtime,
             engines,
@@ -260,9 +269,8 @@ impl RdmaTransport {
             regions: RwLock::new(Vec::new()),
             tcp,
             fallback: Mutex::new(Some(tx)),
-            fell_back: Arc::new(Mutex::new(std::collections::HashSet::new())),
             peers: Mutex::new(Vec::new()),
-            next_request: AtomicU64::new(1),
+            dispatch,
             closed: AtomicBool::new(false),
         })
     }
@@ -429,7 +437,104 @@ impl RdmaTransport {
                 }
             }
         };
-        order[(self.next_deal.fetch_add(1, Ordering::Relaxed) % order.len() as u64) as usize]
+        // Engines whose devices are all down are passed over (their work
+        // would only fall back to TCP); if every one is, the turn stands.
+        let turn = self.next_deal.fetch_add(1, Ordering::Relaxed);
+        (0..order.len() as u64)
+            .map(|k| order[((turn + k) % order.len() as u64) as usize])
+            .find(|&e| self.engines[e].up.load(Ordering::Relaxed) > 0)
+            .unwrap_or(order[(turn % order.len() as u64) as usize])
+    }
+}
+
+/// A request's own fields, kept so it can be sent again elsewhere.
+struct Job {
+    op: Opcode,
+    local: u64,
+    remote: u64,
+    len: u64,
+    deadline: Instant,
+    ticket: Ticket,
+}
+
+/// What sending a request to a shard's slice engine needs, shared by the
+/// transport and the requests in flight (which may send themselves again).
+struct Dispatch {
+    runtime: Arc<Runtime>,
+    /// Each engine's shard, key, and count of devices up.
+    engines: Vec<(usize, u64, Arc<AtomicUsize>)>,
+    next_request: AtomicU64,
+    /// Peers whose fallback to TCP was logged.
+    fell_back: Mutex<std::collections::HashSet<String>>,
+}
+
+impl Dispatch {
+    /// Sends `job` for `peer` to engine `e`. If no rail of that engine
+    /// carries it, it goes once to another engine with devices up (its
+    /// rails are other devices), then over TCP where the peer serves it.
+    /// `again` says it is that second send, made from a shard's thread:
+    /// that may not wait for room in a ring.
+    fn send(
+        self: &Arc<Self>,
+        e: usize,
+        peer: &Arc<str>,
+        job: Job,
+        over_tcp: Option<(tcp::Peer, mpsc::SyncSender<Fallback>)>,
+        again: bool,
+    ) {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let req = RdmaRequest {
+            id,
+            verb: verb(job.op),
+            peer: peer.to_string(),
+            local: job.local,
+            remote: job.remote,
+            len: job.len,
+            deadline_ns: Some(shard::clock_ns(job.deadline)),
+        };
+        let (me, name) = (self.clone(), peer.clone());
+        let done: Done = Box::new(move |settled| match settled.result {
+            Ok(()) => job.ticket.done(job.len),
+            Err(why) if settled.rails_failed => {
+                let other = (1..me.engines.len())
+                    .map(|k| (e + k) % me.engines.len())
+                    .find(|&o| me.engines[o].2.load(Ordering::Relaxed) > 0);
+                match other {
+                    Some(o) if !again => me.send(o, &name, job, over_tcp, true),
+                    _ => me.fall_back(&name, &why, job, over_tcp),
+                }
+            }
+            Err(why) if why.contains("timed out") => job.ticket.fail(TransferStatus::Timeout, &why),
+            Err(why) => job.ticket.fail(TransferStatus::Failed, &why),
+        });
+        // If the shard cannot take it, the ticket inside `done` is
+        // dropped, and a dropped ticket settles as failed.
+        let (shard, key, _) = &self.engines[e];
+        let sent = if again {
+            shard::try_submit(&self.runtime, *shard, *key, req, done)
+        } else {
+            shard::submit(&self.runtime, *shard, *key, req, done)
+        };
+        if let Err(e) = sent {
+            log::warn!("RDMA: {e}");
+        }
+    }
+
+    /// No rail carried `job`: over TCP if the peer serves it, else failed.
+    fn fall_back(&self, peer: &str, why: &str, job: Job, over_tcp: Option<(tcp::Peer, mpsc::SyncSender<Fallback>)>) {
+        let Some((p, tx)) = over_tcp else {
+            return job.ticket.fail(TransferStatus::Failed, why);
+        };
+        if self.fell_back.lock().unwrap_or_else(|e| e.into_inner()).insert(peer.to_string()) {
+            log::warn!("RDMA to {peer}: {why}; using TCP");
+        }
+        let request =
+            crate::transport::request::request(job.op, job.local, job.remote, job.len, job.deadline, job.ticket);
+        if let Err(mpsc::TrySendError::Full((_, r)) | mpsc::TrySendError::Disconnected((_, r))) =
+            tx.try_send((p, request))
+        {
+            r.ticket.fail(TransferStatus::Failed, &format!("{why}; and TCP's fallback queue is full"));
+        }
     }
 }
 
@@ -495,41 +600,12 @@ impl Transport for RdmaTransport {
         // Where requests go if no rail carries them: looked up once a call.
         let over_tcp =
             tcp_peer.and_then(|p| Some((p, self.fallback.lock().unwrap_or_else(|e| e.into_inner()).clone()?)));
+        let peer: Arc<str> = peer.into();
         for r in requests {
-            let id = self.next_request.fetch_add(1, Ordering::Relaxed);
-            let req = RdmaRequest {
-                id,
-                verb: verb(r.op),
-                peer: peer.clone(),
-                local: r.local,
-                remote: r.remote,
-                len: r.len,
-                deadline_ns: Some(shard::clock_ns(r.deadline)),
-            };
-            let (op, local, remote, len, deadline, ticket) = (r.op, r.local, r.remote, r.len, r.deadline, r.ticket);
-            let fallback = over_tcp.as_ref().map(|(p, tx)| (*p, tx.clone(), self.fell_back.clone(), peer.clone()));
-            let done: Done = Box::new(move |settled| match (settled.result, fallback) {
-                (Ok(()), _) => ticket.done(len),
-                (Err(why), Some((p, tx, logged, name))) if settled.rails_failed => {
-                    if logged.lock().unwrap_or_else(|e| e.into_inner()).insert(name.clone()) {
-                        log::warn!("RDMA to {name}: {why}; using TCP");
-                    }
-                    let request = crate::transport::request::request(op, local, remote, len, deadline, ticket);
-                    if let Err(mpsc::TrySendError::Full((_, r)) | mpsc::TrySendError::Disconnected((_, r))) =
-                        tx.try_send((p, request))
-                    {
-                        r.ticket.fail(TransferStatus::Failed, &format!("{why}; and TCP's fallback queue is full"));
-                    }
-                }
-                (Err(why), _) if why.contains("timed out") => ticket.fail(TransferStatus::Timeout, &why),
-                (Err(why), _) => ticket.fail(TransferStatus::Failed, &why),
-            });
-            // If the shard cannot take it, the ticket inside `done` is
-            // dropped, and a dropped ticket settles as failed.
-            let e = &self.engines[self.engine_for(local)];
-            if let Err(e) = shard::submit(&self.runtime, e.shard, e.key, req, done) {
-                log::warn!("RDMA: {e}");
-            }
+            let job =
+                Job { op: r.op, local: r.local, remote: r.remote, len: r.len, deadline: r.deadline, ticket: r.ticket };
+            let e = self.engine_for(r.local);
+            self.dispatch.send(e, &peer, job, over_tcp.clone(), false);
         }
     }
 

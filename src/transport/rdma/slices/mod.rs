@@ -408,6 +408,8 @@ pub struct SliceEngine {
     next_sweep_ns: u64,
     /// The segment's devices in all (this engine's, and other shards').
     rails_total: u64,
+    /// Where the count of devices up is kept for others to read.
+    up_watch: Option<std::sync::Arc<std::sync::atomic::AtomicUsize>>,
 }
 
 impl SliceEngine {
@@ -453,6 +455,7 @@ impl SliceEngine {
             uses: 0,
             next_sweep_ns: 0,
             rails_total: 0,
+            up_watch: None,
         })
         .map(|mut e| {
             e.rails_total = e.devices.len() as u64;
@@ -928,7 +931,17 @@ impl SliceEngine {
                 }
             }
         }
+        if any && let Some(w) = &self.up_watch {
+            w.store(self.devices.iter().filter(|d| d.up).count(), std::sync::atomic::Ordering::Relaxed);
+        }
         any
+    }
+
+    /// Keeps `watch` at the number of this engine's devices that are up
+    /// (for a transport choosing among engines on several shards).
+    pub fn watch_up(&mut self, watch: std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        watch.store(self.devices.iter().filter(|d| d.up).count(), std::sync::atomic::Ordering::Relaxed);
+        self.up_watch = Some(watch);
     }
 
     /// Settles slice `key` once; its request settles with its last slice.
