@@ -38,10 +38,14 @@
 //! target's control table, so nothing lands after the target withdraws the
 //! memory; a large copy or batch it shares with a few helper threads, and
 //! returns when they are done. An RDMA peer (`protocol = "rdma"` on a
-//! fabric: real devices through verbs, or the simulated one) is served by
-//! a slice engine on a shard, whose poll hook drives the completion queues
-//! beside the io_uring ring; endpoints that fail, stall or outlive a
-//! deadline are flushed, so every request settles exactly once.
+//! fabric: real devices through verbs, the simulated one, or the emulated
+//! one across processes) is served by slice engines on the shards that own
+//! the devices (each on its own NUMA node), whose poll hooks drive the
+//! completion queues beside the io_uring ring; requests are dealt to the
+//! shards owning their memory's devices, endpoints that fail, stall or
+//! outlive a deadline are flushed, and work no rail of a shard carries
+//! goes to another shard, then to TCP, so every request settles exactly
+//! once.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)
@@ -76,7 +80,7 @@
 //!   Mooncake's handshake and TCP v2 codecs and connection cores, AIStore's
 //!   objstream frames, half-close-and-drain, HTTP heads and bodies.
 //! - **[`transport`]** carries requests: [`transport::Transport`] is the
-//!   seam every data plane implements (TCP today).
+//!   seam every data plane implements (TCP, same-host, RDMA).
 //! - **[`meta`]** finds peers: the P2P handshake or etcd.
 //! - **[`stream`]** carries AIStore-style object streams.
 //! - **[`engine`]** is the Mooncake-shaped API on top.
@@ -88,7 +92,9 @@
 //!
 //! - [`engine`] for the API; [`transport`] for the seam;
 //!   [`proto::mooncake::client`] and [`proto::mooncake::server`] for the
-//!   data protocol's rules, [`transport::tcp`] for their drivers.
+//!   data protocol's rules, [`transport::tcp`] for their drivers;
+//!   [`transport::rdma`] for the RDMA transport (its slice engine, fabrics
+//!   and placement).
 //! - [`runtime::shard`] for the loop, [`runtime::park`] for the wake
 //!   protocol, [`runtime::spsc`] for the ring.
 //! - `README.md` for the commands, the environment variables and the latest

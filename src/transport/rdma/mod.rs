@@ -1,4 +1,5 @@
-//! The RDMA transport, as it is built (issue 11). So far:
+//! The RDMA transport: Mooncake's RDMA data path and control plane, on
+//! any fabric.
 //!
 //! - [`fabric`]: the `Fabric` seam, the verbs the transport uses;
 //! - [`sim`]: a deterministic in-process fabric with a fault plan;
@@ -15,10 +16,12 @@
 //!   once (tested under a thousand seeded fault plans on `sim`).
 //! - [`shard`]: a slice engine installed on a shard, polled by the shard's
 //!   loop beside its io_uring ring (no parking while work is in flight),
-//!   fed from any thread over the runtime's rings.
-//!
-//! - [`transport`]: the engine's RDMA transport: a slice engine on a
-//!   shard, endpoints through the Connection RPC on helper threads.
+//!   fed from any thread over the runtime's rings;
+//! - [`placement`]: which shard owns each device (its own NUMA node), the
+//!   local priority matrix, and how work is dealt to the owning shards;
+//! - [`transport`]: the engine's RDMA transport: slice engines on the
+//!   owning shards, endpoints through the Connection RPC on helper threads;
+//! - [`idhash`]: a cheap hasher for the maps keyed by our own ids.
 //! - `verbs` (feature `verbs`): the machine's devices through sideway,
 //!   tested on soft-RoCE in `tools/rdma-vm`.
 //!
