@@ -172,8 +172,14 @@ pub const IB_TC: Var = var(
 );
 pub const MAX_SGE: Var =
     int("MC_MAX_SGE", 1, 4, "entries", "4", "scatter-gather entries per RDMA work request at most");
-pub const MAX_INLINE: Var =
-    int("MC_MAX_INLINE", 0, 1024, "bytes", "64", "bytes an RDMA queue pair may carry inline in a work request");
+pub const MAX_INLINE: Var = int(
+    "MC_MAX_INLINE",
+    0,
+    1024,
+    "bytes",
+    "64",
+    "RDMA writes of at most this many bytes go inline (the device takes them at post)",
+);
 pub const SLICE_TIMEOUT: Var = int(
     "MC_SLICE_TIMEOUT",
     1,
