@@ -41,12 +41,23 @@ pub fn place(devices: &[Option<u32>], shards: &[Option<u32>]) -> Vec<usize> {
     owners
 }
 
-/// The local matrix: `custom` when given, else one made from the
-/// devices' NUMA nodes (empty when no device knows its node: then every
+/// The local matrix: `custom` when given (without the devices not in
+/// use: the descriptor may name only devices it lists), else one made from
+/// the devices' NUMA nodes (empty when no device knows its node: then every
 /// device serves every location).
 pub fn local_matrix(devices: &[DeviceInfo], custom: Option<&PriorityMatrix>) -> PriorityMatrix {
     if let Some(m) = custom {
-        return m.clone();
+        let known = |list: &[String]| -> Vec<String> {
+            list.iter().filter(|n| devices.iter().any(|d| d.name == **n)).cloned().collect()
+        };
+        let mut used = PriorityMatrix::new();
+        for (location, entry) in m.entries() {
+            used.insert(
+                location.to_string(),
+                MatrixEntry { preferred: known(&entry.preferred), available: known(&entry.available) },
+            );
+        }
+        return used;
     }
     let nodes: BTreeSet<u32> = devices.iter().filter_map(|d| d.numa_node).collect();
     let mut m = PriorityMatrix::new();
@@ -146,8 +157,10 @@ mod tests {
         assert_eq!(m.get("*").unwrap().preferred, ["a", "b", "c"]);
         assert!(local_matrix(&[device("x", None)], None).is_empty(), "no node known: no matrix, every device");
         let mut custom = PriorityMatrix::new();
-        custom.insert("cpu:0", MatrixEntry { preferred: vec!["b".into()], available: vec![] });
-        assert_eq!(local_matrix(&devices, Some(&custom)), custom, "MC_CUSTOM_TOPO_JSON wins");
+        custom.insert("cpu:0", MatrixEntry { preferred: vec!["b".into(), "gone".into()], available: vec![] });
+        let mut used = PriorityMatrix::new();
+        used.insert("cpu:0", MatrixEntry { preferred: vec!["b".into()], available: vec![] });
+        assert_eq!(local_matrix(&devices, Some(&custom)), used, "MC_CUSTOM_TOPO_JSON wins, less devices not in use");
         // Dealing: the owners of the preferred devices, once each.
         let names: Vec<String> = ["a", "b", "c"].iter().map(|s| s.to_string()).collect();
         assert_eq!(deal_order("cpu:0", &m, &names, &[0, 1, 1]), [0, 1]);
