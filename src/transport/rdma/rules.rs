@@ -63,6 +63,22 @@ pub fn check_post(wr: &WorkRequest, caps: &QpCaps) -> Result<(), String> {
     Ok(())
 }
 
+/// Where the bytes of an inline write come from: each entry must lie in
+/// the region its lkey names. Hardware does not look (the provider copies
+/// from any address); the software fabrics and our verbs backend check, so
+/// that a safe `post` can never read memory nobody registered.
+pub fn check_inline_source<'a>(
+    wr: &WorkRequest,
+    region: impl Fn(u32) -> Option<(&'a Mr, Access)>,
+) -> Result<(), String> {
+    for (i, s) in wr.sges.iter().enumerate() {
+        check_local(s, region(s.lkey), Verb::Write).map_err(|_| {
+            format!("inline entry {i} ([{:#x}, +{}]) is not inside the region of lkey {:#x}", s.addr, s.len, s.lkey)
+        })?;
+    }
+    Ok(())
+}
+
 /// The requester's check of one entry of a `verb`: `region` is the region
 /// its lkey names, with the access it was registered with (`None`: no
 /// region has that key).

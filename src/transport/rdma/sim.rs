@@ -748,14 +748,21 @@ impl Context for SimContext {
                 rules::check_post(wr, &q.caps).map_err(|why| FabricError::BadWorkRequest { qp, index, why })?;
                 let data = if wr.inline {
                     // The bytes are taken now, as the provider copies them
-                    // into the send queue; the key is not looked at.
-                    let mut bytes = Vec::with_capacity(wr.len() as usize);
+                    // into the send queue; only from registered memory.
+                    rules::check_inline_source(wr, |k| c.mrs.get(&k).map(|r| (&r.mr, r.access)))
+                        .map_err(|why| FabricError::BadWorkRequest { qp, index, why })?;
+                    let mut bytes = vec![0u8; wr.len() as usize];
+                    let mut at = 0;
                     for s in &wr.sges {
-                        // SAFETY: the caller vouches for inline memory as
-                        // for any work request's: mapped for the call.
-                        bytes.extend_from_slice(unsafe {
-                            std::slice::from_raw_parts(s.addr as *const u8, s.len as usize)
-                        });
+                        // SAFETY: the entry lies inside a region registered
+                        // here (checked above), which its registrant keeps
+                        // mapped until it deregisters it; the network's lock
+                        // orders this copy against that. A raw copy: peers
+                        // may write the memory meanwhile.
+                        unsafe {
+                            std::ptr::copy(s.addr as *const u8, bytes[at..].as_mut_ptr(), s.len as usize);
+                        }
+                        at += s.len as usize;
                     }
                     Some(bytes.into_boxed_slice())
                 } else {
@@ -913,6 +920,11 @@ mod tests {
         let too_long = WorkRequest { inline: true, ..write(2, &ls, 0, 65, &rd, 0) };
         let e = p.a.post(p.qp_a, &[too_long]).unwrap_err();
         assert!(matches!(&e, FabricError::BadWorkRequest { index: 0, why, .. } if why.contains("inline")), "{e}");
+        // Inline bytes come only from registered memory: a safe post reads
+        // nothing else.
+        let outside = WorkRequest { inline: true, ..write(3, &ls, 120, 16, &rd, 0) };
+        let e = p.a.post(p.qp_a, &[outside]).unwrap_err();
+        assert!(matches!(&e, FabricError::BadWorkRequest { why, .. } if why.contains("not inside the region")), "{e}");
         p.a.post(p.qp_a, &[WorkRequest { inline: true, ..write(1, &ls, 0, 32, &rd, 0) }]).unwrap();
         // The memory changes, and even goes from the device, before the
         // write is carried out: what was posted is what lands.

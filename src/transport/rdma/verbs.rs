@@ -214,6 +214,10 @@ fn describe(ctx: &Arc<DeviceContext>, name: &str, port: u8) -> Result<DeviceInfo
 
 struct Region {
     mr: Arc<MemoryRegion>,
+    /// What was registered, and with which access (inline writes are
+    /// checked against it: the provider itself copies from any address).
+    range: Mr,
+    access: Access,
     /// Outstanding work requests naming it.
     uses: usize,
 }
@@ -360,7 +364,10 @@ impl Context for VerbsContext {
             why: e.to_string(),
         })?;
         let out = Mr { addr, len, lkey: mr.lkey(), rkey: mr.rkey() };
-        assert!(self.regions.insert(out.lkey, Region { mr, uses: 0 }).is_none(), "the device reused a live lkey");
+        assert!(
+            self.regions.insert(out.lkey, Region { mr, range: out, access, uses: 0 }).is_none(),
+            "the device reused a live lkey"
+        );
         Ok(out)
     }
 
@@ -533,6 +540,11 @@ impl Context for VerbsContext {
                     q.caps.max_inline
                 );
                 return Err(FabricError::BadWorkRequest { qp, index, why });
+            }
+            if wr.inline {
+                let regions = &self.regions;
+                super::rules::check_inline_source(wr, |k| regions.get(&k).map(|r| (&r.range, r.access)))
+                    .map_err(|why| FabricError::BadWorkRequest { qp, index, why })?;
             }
             if self.work.contains_key(&wr.wr_id) {
                 return Err(FabricError::BadWorkRequest {
