@@ -126,7 +126,11 @@ impl Queues {
 
     /// Work request `seq` of `qpn` ended with `status` (ignored if it had
     /// ended already, or is gone). A failure puts the queue pair in ERR
-    /// and flushes what was posted after it.
+    /// and flushes what was posted after it, whatever those had ended
+    /// with: outcomes may be learnt out of order (a link that ends fails
+    /// the request its sender held before the ones it had on the wire),
+    /// and the first failure in posting order is the one reported, the
+    /// rest flushed, as a device reports them.
     pub fn finish(&mut self, qpn: u32, seq: u64, status: WcStatus) {
         let Some(qp) = self.qps.get_mut(&qpn) else { return };
         let Ok(i) = qp.queue.binary_search_by_key(&seq, |p| p.seq) else { return };
@@ -136,7 +140,9 @@ impl Queues {
         qp.queue[i].status = Some(status);
         if status != WcStatus::Success {
             qp.state = QpState::Err;
-            for p in qp.queue.iter_mut().skip(i + 1).filter(|p| p.status.is_none()) {
+            // Not completed yet (the head is this one or before it), so
+            // still free to be told apart.
+            for p in qp.queue.iter_mut().skip(i + 1) {
                 p.status = Some(WcStatus::WrFlushErr);
             }
         }
@@ -295,6 +301,28 @@ mod tests {
         q.flush(2);
         q.finish(2, s, Success);
         assert_eq!(done(&mut q), [(9, WrFlushErr)]);
+    }
+
+    /// A later request's failure learnt first (a link's sender fails the
+    /// request it held, then the receiver the ones on the wire): the
+    /// earliest failure is reported and everything after it flushed, so
+    /// the queue reads as a device's would.
+    #[test]
+    fn the_first_failure_in_posting_order_is_the_one_reported() {
+        use WcStatus::*;
+        let mut q = queues(64);
+        let s: Vec<u64> = (0..6).map(|i| post(&mut q, 1, i)).collect();
+        q.finish(1, s[3], RetryExcErr);
+        q.finish(1, s[1], Success);
+        assert_eq!(done(&mut q), []);
+        q.finish(1, s[0], Success);
+        q.finish(1, s[2], RemAccessErr);
+        assert_eq!(done(&mut q), [(0, Success), (1, Success), (2, RemAccessErr), (3, WrFlushErr), (4, WrFlushErr), (5, WrFlushErr)]);
+        let s: Vec<u64> = (0..3).map(|i| post(&mut q, 2, 10 + i)).collect();
+        q.finish(2, s[2], RetryExcErr);
+        q.finish(2, s[1], Success);
+        q.finish(2, s[0], RetryExcErr);
+        assert_eq!(done(&mut q), [(10, RetryExcErr), (11, WrFlushErr), (12, WrFlushErr)]);
     }
 
     #[test]
