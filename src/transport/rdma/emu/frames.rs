@@ -7,14 +7,17 @@ use super::wire::Decode;
 
 /// Frames read from a stream: bytes gathered until a decoder sees a whole
 /// frame. The buffer starts small and grows as frames need, to at most
-/// twice the largest frame (so an idle connection costs little, and a
-/// frame is moved at most once).
+/// twice the largest frame (so a frame is moved at most once), and goes
+/// back to its starting size when its owner finds the connection idle
+/// ([`FrameReader::shrink`]), so an idle connection costs little.
 pub struct FrameReader {
     buf: Vec<u8>,
     start: usize,
     end: usize,
     /// What the buffer may grow to.
     cap: usize,
+    /// Bytes read so far (to tell a quiet connection from a slow one).
+    received_bytes: u64,
 }
 
 /// The buffer a reader starts with.
@@ -24,7 +27,23 @@ impl FrameReader {
     /// A reader of frames of at most `frame_max` bytes.
     pub fn new(frame_max: usize) -> FrameReader {
         let cap = 2 * frame_max;
-        FrameReader { buf: vec![0; START_BYTES.min(cap)], start: 0, end: 0, cap }
+        FrameReader { buf: vec![0; START_BYTES.min(cap)], start: 0, end: 0, cap, received_bytes: 0 }
+    }
+
+    /// Bytes read from the stream so far.
+    pub fn received_bytes(&self) -> u64 {
+        self.received_bytes
+    }
+
+    /// Gives back what a large frame made the buffer grow to, if nothing
+    /// is buffered (a frame half in stays where it is).
+    pub fn shrink(&mut self) {
+        let start = START_BYTES.min(self.cap);
+        if self.start == self.end && self.buf.len() > start {
+            (self.start, self.end) = (0, 0);
+            self.buf.truncate(start);
+            self.buf.shrink_to_fit();
+        }
     }
 
     /// The next frame and its length (its bytes are [`Self::frame`] until
@@ -52,6 +71,7 @@ impl FrameReader {
             Ok(0) => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the connection")),
             Ok(n) => {
                 self.end += n;
+                self.received_bytes += n as u64;
                 self.decoded(decode)
             }
             Err(e)
@@ -135,7 +155,31 @@ mod tests {
                 input.consume(n);
             }
             assert_eq!(tags, [0, 1, 2, 3], "step {step}");
+            assert_eq!(input.received_bytes(), stream.len() as u64);
+            // The 70 000-byte frame made it grow; idle, it goes back.
+            assert!(input.buf.len() > START_BYTES);
+            input.shrink();
+            assert_eq!((input.buf.len(), input.buf.capacity()), (START_BYTES, START_BYTES), "step {step}");
         }
+        // A frame half in is kept through a shrink: all but the last byte
+        // of the large frame, then the byte.
+        let cut = 2 * RESPONSE_BYTES + 5 + RESPONSE_BYTES + 70_000 - 1;
+        let mut input = FrameReader::new(RESPONSE_BYTES + PAYLOAD_BYTES_MAX as usize);
+        let mut src = Trickle(&stream[..cut], 4096);
+        let mut tags = Vec::new();
+        for _ in 0..cut / 4096 + 8 {
+            if let Some((r, n)) = input.next(&mut src, Response::decode).unwrap() {
+                tags.push(r.tag);
+                input.consume(n);
+            }
+        }
+        assert_eq!(tags, [0, 1]);
+        input.shrink();
+        assert!(input.buf.len() > START_BYTES, "the frame half in is kept");
+        let mut rest = Trickle(&stream[cut..], 4096);
+        let (r, n) = input.next(&mut rest, Response::decode).unwrap().expect("the large frame, whole");
+        assert_eq!((r.tag, n), (2, RESPONSE_BYTES + 70_000));
+        assert!(input.frame(n)[RESPONSE_BYTES..].iter().enumerate().all(|(b, &x)| x == (b as u8) ^ 2));
         let mut bad = Response { status: Status::Ok, data_len: 0, tag: 0 }.encode();
         bad[0] = 7;
         let mut input = FrameReader::new(64);
