@@ -22,7 +22,7 @@ use super::super::fabric::{FabricError, QpNum, Sges, Verb, WcStatus};
 use super::super::rules;
 use super::frames::FrameReader;
 use super::nic::{Device, FLUSH_BYTES, TICK, locked};
-use super::queues::{RegionGuard, spans};
+use super::queues::{RegionGuard, append_from, spans};
 use super::wire::{Hello, PAYLOAD_BYTES_MAX, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
 
@@ -417,8 +417,10 @@ fn gather(prep: &Prepared, offset: u64, len: u32, out: &mut Vec<u8>) -> bool {
     spans(&prep.sges, offset, u64::from(len)).all(|(i, addr, n)| {
         // SAFETY: the entry lies inside its region (checked locally when
         // prepared); the region stays mapped while its guard is held,
-        // and the work request keeps it registered until it completes.
-        let piece = || out.extend_from_slice(unsafe { std::slice::from_raw_parts(addr as *const u8, n) });
+        // and the work request keeps it registered until it completes. A
+        // raw copy, through no reference: the application and peers may
+        // write that memory meanwhile.
+        let piece = || unsafe { append_from(out, addr, n) };
         prep.guards[i].with(piece).is_some()
     })
 }

@@ -454,12 +454,21 @@ impl Context for EmuContext {
             }
             let data = if wr.inline {
                 // The bytes are taken now, as a provider copies them into
-                // the send queue; the key is not looked at.
+                // the send queue; only from memory registered here.
+                let regions = &*mrs;
+                if let Err(why) = rules::check_inline_source(wr, |lkey| regions.get(&lkey).map(|r| (&r.mr, r.access))) {
+                    result = Err(FabricError::BadWorkRequest { qp, index, why });
+                    break;
+                }
                 let mut bytes = Vec::with_capacity(wr.len() as usize);
                 for s in &wr.sges {
-                    // SAFETY: the caller vouches for inline memory as for
-                    // any work request's: mapped for the call.
-                    bytes.extend_from_slice(unsafe { std::slice::from_raw_parts(s.addr as *const u8, s.len as usize) });
+                    // SAFETY: the entry lies inside a region registered on
+                    // this context (checked above), which its registrant
+                    // keeps mapped until it deregisters it; deregistering
+                    // takes this context's lock, held here, so it cannot
+                    // happen during the copy. A raw copy, through no
+                    // reference: peers may write the memory meanwhile.
+                    unsafe { queues::append_from(&mut bytes, s.addr, s.len as usize) };
                 }
                 Some(bytes.into_boxed_slice())
             } else {

@@ -30,6 +30,7 @@ use super::super::fabric::{DeviceInfo, FabricError, GidEntry, GidKind, PortEvent
 use super::super::rules;
 use super::frames::FrameReader;
 use super::link::{Link, LinkUse, fail_all};
+use super::queues::append_from;
 use super::wire::{FRAME_BYTES_MAX, Hello, REQUEST_BYTES, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
 use crate::proto::mooncake::rdma::Gid;
@@ -424,8 +425,9 @@ impl Device {
             guard.with(|| unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), at as *mut u8, len) })
         } else {
             // SAFETY: as above: inside the region, mapped while the guard
-            // is held.
-            guard.with(|| out.extend_from_slice(unsafe { std::slice::from_raw_parts(at as *const u8, len) }))
+            // is held. A raw copy: its registrant (and other peers) may
+            // write it meanwhile, and no reference to it is made.
+            guard.with(|| unsafe { append_from(out, at, len) })
         };
         if copied.is_some() { Status::Ok } else { refused() }
     }

@@ -215,6 +215,26 @@ pub fn hold(mrs: &mut HashMap<u32, Region>, wr: &WorkRequest, take: bool) {
     }
 }
 
+/// Appends `len` bytes at `addr` to `out`: a raw copy, through no Rust
+/// reference to that memory, which peers and the application may write
+/// meanwhile (as they may while a device reads it).
+///
+/// # Safety
+/// `[addr, addr + len)` must be mapped and readable for the call (a
+/// registered region whose guard the caller holds).
+pub unsafe fn append_from(out: &mut Vec<u8>, addr: u64, len: usize) {
+    out.reserve(len);
+    let at = out.len();
+    // SAFETY: the caller vouches for the source; the destination is the
+    // `len` bytes just reserved past the end of `out`, writable and ours
+    // (`copy`, a memmove, would be right even if the two overlapped);
+    // `set_len` then covers exactly the bytes written.
+    unsafe {
+        std::ptr::copy(addr as *const u8, out.as_mut_ptr().add(at), len);
+        out.set_len(at + len);
+    }
+}
+
 /// Where bytes `[offset, offset + len)` of a work request lie in its
 /// scatter-gather list: `(entry, address, bytes)` for each piece, in order.
 pub fn spans(sges: &[Sge], offset: u64, len: u64) -> impl Iterator<Item = (usize, u64, usize)> + '_ {

@@ -160,6 +160,18 @@ fn inline_data_is_taken_at_post() {
     assert!(matches!(&e, FabricError::BadWorkRequest { index: 0, why, .. } if why.contains("inline")), "{e}");
     let read_inline = WorkRequest { inline: true, ..read(2, &ls, 0, 8, &rd, 0) };
     assert!(matches!(a.ctx.post(a.qp, &[read_inline]), Err(FabricError::BadWorkRequest { .. })));
+    // Inline bytes come only from memory registered here: past the
+    // region's end, or under a key no region has, nothing is read.
+    let outside = WorkRequest { inline: true, ..write(3, &ls, 120, 16, &rd, 0) };
+    let e = a.ctx.post(a.qp, &[outside]).unwrap_err();
+    assert!(matches!(&e, FabricError::BadWorkRequest { why, .. } if why.contains("not inside the region")), "{e}");
+    let nobody = Mr { lkey: ls.lkey ^ 0xffff, ..ls };
+    let e = a.ctx.post(a.qp, &[WorkRequest { inline: true, ..write(4, &nobody, 0, 8, &rd, 0) }]).unwrap_err();
+    assert!(matches!(&e, FabricError::BadWorkRequest { index: 0, .. }), "{e}");
+    // The remote side's region is not this context's either.
+    let theirs = WorkRequest { inline: true, ..write(5, &rd, 0, 8, &rd, 0) };
+    assert!(matches!(a.ctx.post(a.qp, &[theirs]), Err(FabricError::BadWorkRequest { .. })));
+    assert_eq!(a.ctx.qp_state(a.qp).unwrap(), QpState::Rts, "refused posts leave the queue pair as it was");
     a.ctx.post(a.qp, &[WorkRequest { inline: true, ..write(1, &ls, 0, 32, &rd, 0) }]).unwrap();
     // The memory changes, and even leaves the device, at once: what was
     // posted is what lands.
