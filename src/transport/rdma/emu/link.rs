@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::super::fabric::{FabricError, QpNum, Sges, Verb, WcStatus};
 use super::super::rules;
 use super::frames::FrameReader;
-use super::nic::{Device, FLUSH_BYTES, TICK, locked};
+use super::nic::{Device, FLUSH_BYTES, TICK, connect_from, locked, spawn};
 use super::queues::{RegionGuard, append_from, spans};
 use super::wire::{Hello, PAYLOAD_BYTES_MAX, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
@@ -134,15 +134,19 @@ impl Link {
             stream: Mutex::new(None),
         });
         let (l, d) = (link.clone(), device.clone());
-        std::thread::Builder::new()
-            .name("sw-emu-send".into())
-            .spawn(move || l.send_loop(&d, &rx))
+        spawn(&device.threads, "sw-emu-send", move || l.send_loop(&d, &rx))
             .map_err(|e| FabricError::Call { call: "spawn", why: e.to_string() })?;
         Ok(link)
     }
 
     pub fn is_dead(&self) -> bool {
         self.dead.load(Ordering::Acquire)
+    }
+
+    /// Parts on the wire now (test support).
+    #[cfg(test)]
+    pub fn on_the_wire(&self) -> usize {
+        locked(&self.flight).parts.len()
     }
 
     /// Hands a posted work request to the sender; gives it back if the
@@ -174,6 +178,11 @@ impl Link {
             d.forget_link(self);
         }
         parts
+    }
+
+    /// Ends the link (once), failing what it carried.
+    pub fn end(&self, why: &str) {
+        fail_all(self.kill(why));
     }
 
     /// The sender thread: carries what is posted until the link ends, then
@@ -283,9 +292,10 @@ impl Link {
         Ok(())
     }
 
-    /// Connects, says hello (queued in `out`) and starts the receiver.
+    /// Connects (from the device's address, which the hello names), says
+    /// hello (queued in `out`) and starts the receiver.
     fn connect(self: &Arc<Self>, device: &Device, timeout: Duration, out: &mut Vec<u8>) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect_timeout(&self.peer, timeout)?;
+        let stream = connect_from(device.addr.ip(), self.peer, timeout)?;
         let _ = stream.set_nodelay(true);
         *locked(&self.stream) = Some(stream.try_clone()?);
         if self.is_dead() {
@@ -295,7 +305,7 @@ impl Link {
         let gid = device.gids[1].gid;
         out.extend_from_slice(&Hello { gid, lid: device.addr.port() }.encode());
         let (l, input) = (self.clone(), stream.try_clone()?);
-        std::thread::Builder::new().name("sw-emu-recv".into()).spawn(move || {
+        spawn(&device.threads, "sw-emu-recv", move || {
             if let Err(why) = l.recv_loop(input) {
                 fail_all(l.kill(&why));
             }

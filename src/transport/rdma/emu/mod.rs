@@ -26,6 +26,10 @@
 //! ([`EmuFabric::new`]), each a "process" with listeners of its own.
 //! Faults (`SHARDWIRE_EMU_FAULTS`): a port down or up at a time after the
 //! fabric is made, every nth work request of a device failed.
+//!
+//! Nothing lingers: connections and links that stay quiet close
+//! ([`nic::IdleLimits`]), every thread looks at its device at least every
+//! [`nic::TICK`], and dropping the fabric ends them all.
 
 pub mod frames;
 pub mod link;
@@ -38,7 +42,7 @@ mod tests;
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -49,7 +53,7 @@ use super::fabric::{
 use super::rules;
 use crate::config::{EmuFault, FabricChoice, Settings};
 use link::Op;
-use nic::Device;
+use nic::{Device, IdleLimits};
 use queues::{Cq, Posted, Qp, Queues, Region, RegionGuard};
 
 /// Devices one fabric has at most.
@@ -96,6 +100,8 @@ pub struct EmuConfig {
     /// Where the devices listen (each on a port of its own).
     pub bind: IpAddr,
     pub faults: Vec<EmuFault>,
+    /// When quiet links and connections close.
+    pub idle: IdleLimits,
 }
 
 impl EmuConfig {
@@ -105,6 +111,7 @@ impl EmuConfig {
             devices: names.iter().map(|n| EmuDevice { name: n.to_string(), numa_node: None }).collect(),
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             faults: Vec::new(),
+            idle: IdleLimits::default(),
         }
     }
 
@@ -127,6 +134,7 @@ impl EmuConfig {
             devices: devices.iter().map(|n| EmuDevice { name: n.clone(), numa_node: node_of(n) }).collect(),
             bind: s.tcp_bind_address.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
             faults: faults.clone(),
+            idle: IdleLimits::default(),
         })
     }
 }
@@ -149,6 +157,8 @@ pub struct EmuFabric {
     stop: Arc<AtomicBool>,
     /// The process that made it (a forked child makes its own).
     pid: u32,
+    /// Its threads running, all devices' and the timer's.
+    threads: Arc<AtomicUsize>,
 }
 
 impl EmuFabric {
@@ -159,15 +169,30 @@ impl EmuFabric {
         if config.devices.is_empty() || config.devices.len() > DEVICES_MAX || names.len() != config.devices.len() {
             return Err(FabricError::Limit { what: "devices, or the same one twice".into(), max: DEVICES_MAX as u64 });
         }
-        let mut devices = Vec::with_capacity(config.devices.len());
+        if let Some(device) = config.faults.iter().find_map(|f| match f {
+            EmuFault::ErrorEvery { device, every: 0 } => Some(device),
+            _ => None,
+        }) {
+            return Err(FabricError::Call {
+                call: "EmuFabric::new",
+                why: format!("fault error_every=0 on {device}: every nth work request fails, n at least 1"),
+            });
+        }
+        // Devices go into the fabric as they start: if a later one cannot,
+        // dropping the fabric shuts down those started.
+        let mut fabric = EmuFabric {
+            devices: Vec::with_capacity(config.devices.len()),
+            stop: Arc::new(AtomicBool::new(false)),
+            pid: std::process::id(),
+            threads: Arc::new(AtomicUsize::new(0)),
+        };
         for d in &config.devices {
             let every = config.faults.iter().find_map(|f| match f {
                 EmuFault::ErrorEvery { device, every } if *device == d.name => Some(*every),
                 _ => None,
             });
-            devices.push(Device::start(&d.name, config.bind, d.numa_node, every)?);
+            fabric.devices.push(Device::start(&d.name, config.bind, d.numa_node, every, config.idle, &fabric.threads)?);
         }
-        let fabric = EmuFabric { devices, stop: Arc::new(AtomicBool::new(false)), pid: std::process::id() };
         let mut timed: Vec<(Duration, Weak<Device>, bool)> = config
             .faults
             .iter()
@@ -181,12 +206,28 @@ impl EmuFabric {
         timed.sort_by_key(|t| t.0);
         if !timed.is_empty() {
             let (stop, made) = (fabric.stop.clone(), Instant::now());
-            std::thread::Builder::new()
-                .name("sw-emu-faults".into())
-                .spawn(move || apply_in_time(&timed, made, &stop))
+            nic::spawn(&fabric.threads, "sw-emu-faults", move || apply_in_time(&timed, made, &stop))
                 .map_err(|e| FabricError::Call { call: "spawn", why: e.to_string() })?;
         }
         Ok(fabric)
+    }
+
+    /// Its threads running now: listeners, responders, links' senders
+    /// and receivers, the fault timer.
+    pub fn threads(&self) -> usize {
+        self.threads.load(Ordering::Acquire)
+    }
+
+    /// The count [`Self::threads`] reads, to watch it after the fabric is
+    /// dropped (test support).
+    #[cfg(test)]
+    fn thread_count(&self) -> Arc<AtomicUsize> {
+        self.threads.clone()
+    }
+
+    /// Links device `name` has to peer devices now.
+    pub fn links(&self, name: &str) -> Option<usize> {
+        self.device(name).map(|d| d.links())
     }
 
     fn device(&self, name: &str) -> Option<&Arc<Device>> {

@@ -6,11 +6,15 @@
 //!   it is sent against the destination queue pair (which must be in RTR
 //!   or RTS and connected to the sender) and the region its rkey names
 //!   ([`rules::check_remote`]), copies into or out of the region, and
-//!   answers, in order.
+//!   answers, in order. A connection that sends nothing for the device's
+//!   inbound idle limit is closed (its peer has vanished, or forgot it).
 //! - Work this device's queue pairs post goes out over its [`Link`]s, one
 //!   per peer device ([`super::link`]).
 //! - The port goes down and up ([`Device::set_up`]): down, its queue pairs
 //!   go to ERR, its links end and its peers are refused.
+//! - Every thread wakes at least every [`TICK`] to look at the port and the
+//!   device's shutdown, so none outlives the fabric by more than a tick
+//!   and its work.
 //!
 //! Copies into or out of a registered region hold its
 //! [`RegionGuard`](super::queues::RegionGuard), so a region is never given
@@ -22,14 +26,15 @@
 use std::collections::HashMap;
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::super::fabric::{DeviceInfo, FabricError, GidEntry, GidKind, PortEvent, PortState, QpNum, QpState};
 use super::super::rules;
 use super::frames::FrameReader;
-use super::link::{Link, LinkUse, fail_all};
+use super::link::{Link, LinkUse};
 use super::queues::append_from;
 use super::wire::{FRAME_BYTES_MAX, Hello, REQUEST_BYTES, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
@@ -47,8 +52,37 @@ pub const FLUSH_BYTES: usize = 256 << 10;
 pub const TICK: Duration = Duration::from_millis(10);
 /// How long a new connection may take to say who it is.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link that has carried nothing (and has nothing on the wire) this
+/// long is closed, its threads, socket and buffers gone; the queue pairs
+/// that hold it connect again on their next post.
+pub const LINK_IDLE: Duration = Duration::from_secs(30);
+/// A connection from a peer that sends nothing this long is closed: the
+/// peer vanished without a word (a requester's own link closes after
+/// [`LINK_IDLE`], well before).
+pub const INBOUND_IDLE: Duration = Duration::from_secs(60);
+/// A connection quiet this long gives back the buffers a burst made grow.
+pub const SHRINK_AFTER: Duration = Duration::from_secs(1);
+/// What a connection's output buffer keeps when it is quiet (it grows to
+/// [`FLUSH_BYTES`] and a frame under load).
+pub const OUT_KEPT_BYTES: usize = 64 << 10;
 /// What the ports take (every emu device is alike).
 pub const ACTIVE_MTU: u32 = 4096;
+
+/// How long a device's connections may be quiet before they close.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdleLimits {
+    /// A link of its own (see [`LINK_IDLE`]).
+    pub link: Duration,
+    /// A connection from a peer (see [`INBOUND_IDLE`]); longer than the
+    /// peers' `link`, or their idle links are cut under them.
+    pub inbound: Duration,
+}
+
+impl Default for IdleLimits {
+    fn default() -> IdleLimits {
+        IdleLimits { link: LINK_IDLE, inbound: INBOUND_IDLE }
+    }
+}
 
 /// One emu device: its listener, its queue pairs' owners, its links.
 pub struct Device {
@@ -57,9 +91,12 @@ pub struct Device {
     pub addr: SocketAddr,
     pub gids: Vec<GidEntry>,
     pub numa_node: Option<u32>,
+    pub idle: IdleLimits,
+    /// Threads of its fabric running (see [`spawn`]).
+    pub threads: Arc<AtomicUsize>,
     up: AtomicBool,
     shut: AtomicBool,
-    /// `error_every=<n>`: every nth work request fails.
+    /// `error_every=<n>` (n ≥ 1): every nth work request fails.
     error_every: Option<u64>,
     /// Work requests carried out (counted for `error_every`).
     carried: AtomicU64,
@@ -119,18 +156,171 @@ pub fn gid_table(addr: SocketAddr) -> Vec<GidEntry> {
     ]
 }
 
+/// Starts thread `name` running `f`, counted in `threads` while it runs
+/// (a guard counts it out, also when it panics, or when it never starts).
+pub fn spawn(threads: &Arc<AtomicUsize>, name: &str, f: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    struct Running(Arc<AtomicUsize>);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+    threads.fetch_add(1, Ordering::AcqRel);
+    let running = Running(threads.clone());
+    std::thread::Builder::new().name(name.into()).spawn(move || {
+        let _running = running;
+        f();
+    })?;
+    Ok(())
+}
+
+/// Waits until `fd` has something to read (a connection to accept), at
+/// most `timeout`.
+fn wait_readable(fd: &impl AsRawFd, timeout: Duration) {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one pollfd, ours and valid for the call, on a descriptor the
+    // caller holds open; an error or EINTR only ends the wait early.
+    unsafe { libc::poll(&mut pfd, 1, ms) };
+}
+
+/// A socket address as the kernel takes it.
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data, valid all zero.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: plain old data, valid all zero.
+            let mut sin: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr = libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) };
+            // SAFETY: sockaddr_storage is large enough and aligned for any
+            // socket address; the write is of a whole, valid sockaddr_in.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in>().write(sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: plain old data, valid all zero.
+            let mut sin6: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_flowinfo = a.flowinfo();
+            sin6.sin6_addr = libc::in6_addr { s6_addr: a.ip().octets() };
+            sin6.sin6_scope_id = a.scope_id();
+            // SAFETY: as above, for a sockaddr_in6.
+            unsafe { (&raw mut storage).cast::<libc::sockaddr_in6>().write(sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// Connects to `peer` within `timeout` from address `local` (a port of the
+/// kernel's choosing), so that the peer sees the connection come from the
+/// address this device's hello names (see [`hello_is_from`]), whichever
+/// interface the route would have picked. Of another family than `peer`,
+/// `local` is not used.
+pub fn connect_from(local: IpAddr, peer: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    if local.is_ipv4() != peer.is_ipv4() || local.is_unspecified() {
+        return TcpStream::connect_timeout(&peer, timeout);
+    }
+    let family = if peer.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
+    // SAFETY: socket(2) with constant arguments; what it returns is
+    // checked, and owned by `fd` at once.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor just made, owned by nothing else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let (from, from_len) = sockaddr(SocketAddr::new(local, 0));
+    // SAFETY: `from` holds a socket address of `from_len` bytes, valid for
+    // the call; `fd` is open.
+    if unsafe { libc::bind(fd.as_raw_fd(), (&raw const from).cast(), from_len) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (to, to_len) = sockaddr(peer);
+    // SAFETY: as above, for the peer's address.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const to).cast(), to_len) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINPROGRESS) {
+            return Err(e);
+        }
+        // Non-blocking: the connection completes (or fails) when the
+        // socket turns writable, within the timeout.
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "connecting timed out"));
+            }
+            let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLOUT, revents: 0 };
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            // SAFETY: one pollfd, ours and valid for the call; `fd` is open.
+            match unsafe { libc::poll(&mut pfd, 1, ms) } {
+                n if n > 0 => break,
+                0 => continue,
+                _ => {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+        let mut err: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: SO_ERROR is an int; `err` and `len` are ours, valid for
+        // the call, and `len` says the size of `err`.
+        if unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &mut len) }
+            < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if err != 0 {
+            return Err(io::Error::from_raw_os_error(err));
+        }
+    }
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Whether a hello naming `hello` may be believed from a connection that
+/// comes from `from`, on a device listening at `listening`: on loopback
+/// only this host reaches it, and it is; elsewhere the address the hello
+/// names must be the one the connection comes from (a requester connects
+/// from its device's address, [`connect_from`]), so a peer cannot speak
+/// for a device that is not its own.
+pub fn hello_is_from(listening: IpAddr, hello: &Hello, from: IpAddr) -> bool {
+    if listening.is_loopback() {
+        return true;
+    }
+    address_of(&hello.gid, hello.lid).is_some_and(|named| named.ip().to_canonical() == from.to_canonical())
+}
+
 impl Device {
     /// A device named `name` listening on `bind` (a port of its own), its
-    /// listener thread started.
+    /// listener thread started (counted in `threads`).
     pub fn start(
         name: &str,
         bind: IpAddr,
         numa_node: Option<u32>,
         error_every: Option<u64>,
+        idle: IdleLimits,
+        threads: &Arc<AtomicUsize>,
     ) -> Result<Arc<Device>, FabricError> {
+        if error_every == Some(0) {
+            // Every 0th would divide by zero in the sender thread.
+            return Err(FabricError::Call { call: "emu device", why: format!("{name}: error_every=0 (at least 1)") });
+        }
         let listener = TcpListener::bind(SocketAddr::new(bind, 0))
             .map_err(|e| FabricError::Call { call: "bind", why: format!("emu device {name} on {bind}: {e}") })?;
         let port = listener.local_addr().map_err(|e| FabricError::Call { call: "getsockname", why: e.to_string() })?;
+        // Polled, so that its thread sees the shutdown without being woken
+        // by a connection (which may not be possible: out of descriptors).
+        listener.set_nonblocking(true).map_err(|e| FabricError::Call { call: "fcntl", why: e.to_string() })?;
         // A listener on every address is reached, and advertised, on loopback.
         let ip = match bind {
             IpAddr::V4(v4) if v4.is_unspecified() => IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
@@ -143,6 +333,8 @@ impl Device {
             addr,
             gids: gid_table(addr),
             numa_node,
+            idle,
+            threads: threads.clone(),
             up: AtomicBool::new(true),
             shut: AtomicBool::new(false),
             error_every,
@@ -155,9 +347,7 @@ impl Device {
             next_inbound: AtomicU64::new(0),
         });
         let d = device.clone();
-        std::thread::Builder::new()
-            .name("sw-emu-listen".into())
-            .spawn(move || d.listen(listener))
+        spawn(threads, "sw-emu-listen", move || d.listen(listener))
             .map_err(|e| FabricError::Call { call: "spawn", why: e.to_string() })?;
         Ok(device)
     }
@@ -248,10 +438,22 @@ impl Device {
         drop(links);
         for l in idle {
             // No queue pair uses it: what it still carries is for work
-            // requests gone already, so nothing is left to complete.
-            drop(l.kill("idle"));
+            // requests gone already, so nothing is left to complete (and
+            // this may run under a context's lock: nothing is completed).
+            drop(l.kill("unused, to make room"));
         }
         Ok(LinkUse::new(link))
+    }
+
+    /// Links to peers now.
+    pub fn links(&self) -> usize {
+        locked(&self.links).len()
+    }
+
+    /// The live link to `peer`, if there is one (test support).
+    #[cfg(test)]
+    pub fn link(&self, peer: SocketAddr) -> Option<Arc<Link>> {
+        locked(&self.links).get(&peer).cloned()
     }
 
     pub fn forget_link(&self, link: &Link) {
@@ -286,91 +488,161 @@ impl Device {
             }
         }
         if !up {
-            let links: Vec<Arc<Link>> = locked(&self.links).drain().map(|(_, l)| l).collect();
-            for l in links {
-                fail_all(l.kill("the port is down"));
-            }
-            for s in locked(&self.inbound).values() {
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            self.end_links("the port is down");
+            self.close_inbound();
         }
     }
 
-    /// The fabric is going: the port goes down for good and the listener
-    /// stops.
+    /// Ends every link, failing what they carried.
+    fn end_links(&self, why: &str) {
+        let links: Vec<Arc<Link>> = locked(&self.links).drain().map(|(_, l)| l).collect();
+        for l in links {
+            l.end(why);
+        }
+    }
+
+    /// Closes every connection from a peer (their threads see it, and the
+    /// port or the shutdown, at once or within a tick).
+    fn close_inbound(&self) {
+        for s in locked(&self.inbound).values() {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Whether the port is up and the fabric not going.
+    fn serving(&self) -> bool {
+        self.is_up() && !self.is_shut()
+    }
+
+    /// The fabric is going: the port goes down for good, the listener
+    /// stops within a tick, and every connection closes, whether the port
+    /// was up or not.
     pub fn shutdown(&self) {
         if self.shut.swap(true, Ordering::AcqRel) {
             return;
         }
         self.set_up(false);
-        // Wakes the listener, which sees the flag and ends.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        // set_up does nothing on a port that was down already; these are
+        // done again whatever it did (both are idempotent).
+        self.end_links("the fabric is going");
+        self.close_inbound();
     }
 
+    /// The listener thread: polls for connections, looking at the
+    /// shutdown at least every tick.
     fn listen(self: Arc<Self>, listener: TcpListener) {
-        for conn in listener.incoming() {
-            if self.is_shut() {
-                return;
-            }
-            let stream = match conn {
-                Ok(s) => s,
+        while !self.is_shut() {
+            match listener.accept() {
+                Ok((stream, _)) => self.admit(stream),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => wait_readable(&listener, TICK),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     // Out of descriptors, say: wait a little, as accept
                     // loops do, rather than spin.
                     log::debug!("emu: {}: accept: {e}", self.name);
                     std::thread::sleep(TICK);
-                    continue;
                 }
-            };
-            if !self.is_up() {
-                continue; // refused: dropped at once
-            }
-            let id = self.next_inbound.fetch_add(1, Ordering::Relaxed);
-            {
-                let mut inbound = locked(&self.inbound);
-                if inbound.len() >= INBOUND_MAX {
-                    log::warn!("emu: {}: {INBOUND_MAX} connections already; one refused", self.name);
-                    continue;
-                }
-                match stream.try_clone() {
-                    Ok(clone) => inbound.insert(id, clone),
-                    Err(_) => continue,
-                };
-            }
-            let d = self.clone();
-            let spawned = std::thread::Builder::new().name("sw-emu-serve".into()).spawn(move || {
-                if let Err(e) = d.serve(stream) {
-                    log::debug!("emu: {}: a peer's connection ended: {e}", d.name);
-                }
-                locked(&d.inbound).remove(&id);
-            });
-            if spawned.is_err() {
-                locked(&self.inbound).remove(&id);
             }
         }
     }
 
+    /// Serves a connection accepted, on a thread of its own, if the port
+    /// is up and there is room; dropped (closed) if not.
+    fn admit(self: &Arc<Self>, stream: TcpStream) {
+        if !self.serving() || stream.set_nonblocking(false).is_err() {
+            return; // refused: dropped at once
+        }
+        let id = self.next_inbound.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut inbound = locked(&self.inbound);
+            if inbound.len() >= INBOUND_MAX {
+                log::warn!("emu: {}: {INBOUND_MAX} connections already; one refused", self.name);
+                return;
+            }
+            match stream.try_clone() {
+                Ok(clone) => inbound.insert(id, clone),
+                Err(_) => return,
+            };
+        }
+        // The port may have gone down (or the fabric) since the look
+        // above, and closed only the connections listed then: looked at
+        // again now that this one is listed, so one of the two closes it.
+        if !self.serving() {
+            if let Some(s) = locked(&self.inbound).remove(&id) {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            return;
+        }
+        /// Unlists the connection however its thread ends (a panic too),
+        /// so that it does not count against [`INBOUND_MAX`] for ever.
+        struct Listed(Arc<Device>, u64);
+        impl Drop for Listed {
+            fn drop(&mut self) {
+                locked(&self.0.inbound).remove(&self.1);
+            }
+        }
+        let listed = Listed(self.clone(), id);
+        // If the thread does not start, the closure (and `listed`) is
+        // dropped: the connection is unlisted and closed.
+        let _ = spawn(&self.threads, "sw-emu-serve", move || {
+            if let Err(e) = listed.0.serve(stream) {
+                log::debug!("emu: {}: a peer's connection ended: {e}", listed.0.name);
+            }
+        });
+    }
+
     /// Serves one peer device's connection: its hello, then its parts, in
-    /// order, each answered.
+    /// order, each answered. Reads wait at most a tick, so that the port,
+    /// the shutdown and the idle limit are looked at while it is quiet.
     fn serve(&self, mut stream: TcpStream) -> io::Result<()> {
         let _ = stream.set_nodelay(true);
         let mut input = FrameReader::new(FRAME_BYTES_MAX);
-        let deadline = std::time::Instant::now() + HELLO_TIMEOUT;
+        let deadline = Instant::now() + HELLO_TIMEOUT;
         stream.set_read_timeout(Some(TICK))?;
         let hello = loop {
             if let Some((hello, n)) = input.next(&mut stream, Hello::decode)? {
                 input.consume(n);
                 break hello;
             }
-            if std::time::Instant::now() > deadline {
+            if !self.serving() {
+                return Err(io::Error::other("the port is down"));
+            }
+            if Instant::now() > deadline {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no hello"));
             }
         };
-        stream.set_read_timeout(None)?;
+        let from = stream.peer_addr()?.ip();
+        if !hello_is_from(self.addr.ip(), &hello, from) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("a hello for GID {} LID {} from {from}", hello.gid, hello.lid),
+            ));
+        }
+        // A peer that stops reading its answers is as gone as one that
+        // stops sending: a write waits at most the idle limit too.
+        stream.set_write_timeout(Some(self.idle.inbound.max(TICK)))?;
         let mut out = Vec::new(); // grows to what is queued: FLUSH_BYTES and a frame
+        let (mut heard, mut received_bytes) = (Instant::now(), input.received_bytes());
         loop {
-            let Some((req, n)) = input.next(&mut stream, Request::decode)? else { continue };
-            if !self.is_up() {
+            let next = input.next(&mut stream, Request::decode)?;
+            if input.received_bytes() != received_bytes {
+                (heard, received_bytes) = (Instant::now(), input.received_bytes());
+            }
+            let Some((req, n)) = next else {
+                if !self.serving() {
+                    return Err(io::Error::other("the port is down"));
+                }
+                let quiet = heard.elapsed();
+                if quiet >= self.idle.inbound {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, format!("nothing in {quiet:?}")));
+                }
+                if quiet >= SHRINK_AFTER {
+                    input.shrink();
+                    out.shrink_to(OUT_KEPT_BYTES);
+                }
+                continue;
+            };
+            if !self.serving() {
                 return Err(io::Error::other("the port is down"));
             }
             let at = out.len();

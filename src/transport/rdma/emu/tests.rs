@@ -4,11 +4,12 @@
 //! them, so the contexts go first. Every wait has a deadline; none is a
 //! measure of speed.
 
-use std::io::Read;
-use std::net::TcpListener;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use super::super::fabric::{PeerAddr, PortState, Sge, Verb};
+use super::nic::LINK_IDLE;
 use super::*;
 
 const CAPS: QpCaps = QpCaps { max_send_wr: 8, max_sge: 2, max_inline: 64 };
@@ -24,7 +25,11 @@ struct Side {
 }
 
 fn side(faults: Vec<EmuFault>, cqe: u32) -> Side {
-    let fabric = EmuFabric::new(EmuConfig { faults, ..EmuConfig::new(&["d0", "d1"]) }).unwrap();
+    side_of(EmuConfig { faults, ..EmuConfig::new(&["d0", "d1"]) }, cqe)
+}
+
+fn side_of(config: EmuConfig, cqe: u32) -> Side {
+    let fabric = EmuFabric::new(config).unwrap();
     let mut ctx = fabric.open("d0").unwrap();
     let cq = ctx.create_cq(cqe).unwrap();
     let qp = ctx.create_qp(cq, CAPS).unwrap();
@@ -52,11 +57,66 @@ fn connect(ctx: &mut dyn Context, qp: QpNum, peer: PeerAddr) {
 
 /// Two sides ("processes") with their queue pairs connected.
 fn pair(faults: Vec<EmuFault>, cqe: u32) -> (Side, Side) {
-    let (mut a, mut b) = (side(faults, cqe), side(Vec::new(), cqe));
+    pair_of(side(faults, cqe), side(Vec::new(), cqe))
+}
+
+fn pair_of(mut a: Side, mut b: Side) -> (Side, Side) {
     let (to_b, to_a) = (addr_of(b.ctx.as_ref(), b.qp), addr_of(a.ctx.as_ref(), a.qp));
     connect(a.ctx.as_mut(), a.qp, to_b);
     connect(b.ctx.as_mut(), b.qp, to_a);
     (a, b)
+}
+
+/// Waits, within [`WAIT`], until `done` holds; `what` says what for.
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {WAIT:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The next connection to `listener`, within [`WAIT`] (`None` past it).
+fn accept_within(listener: &TcpListener) -> Option<TcpStream> {
+    listener.set_nonblocking(true).unwrap();
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).unwrap();
+                return Some(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => panic!("accept: {e}"),
+        }
+    }
+    None
+}
+
+/// Whether the far end of `s` closes it within [`WAIT`] (anything it
+/// sends meanwhile is read and dropped).
+fn closed_by_peer(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+    let deadline = Instant::now() + WAIT;
+    let mut sink = [0u8; 4096];
+    while Instant::now() < deadline {
+        match s.read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(_) => return true, // reset
+        }
+    }
+    false
+}
+
+/// A raw connection to `fabric`'s device `name` that says hello as the
+/// device at `claims` would.
+fn hello_to(fabric: &EmuFabric, name: &str, claims: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(fabric.address(name).unwrap()).unwrap();
+    let gid = nic::gid_table(claims)[1].gid;
+    s.write_all(&wire::Hello { gid, lid: claims.port() }.encode()).unwrap();
+    s
 }
 
 /// A side whose queue pair is connected to whatever listens at `port`
@@ -525,6 +585,10 @@ fn error_every_fails_every_nth_work_request_of_the_device() {
     // The other device has no such fault.
     drop((a, b));
     assert_eq!(r[..16], [1u8; 16]);
+    // Every 0th: refused, with a reason, before anything starts.
+    let never = EmuConfig { faults: vec![EmuFault::ErrorEvery { device: "d1".into(), every: 0 }], ..EmuConfig::new(&["d0", "d1"]) };
+    let e = EmuFabric::new(never).err().expect("error_every=0 is refused");
+    assert!(e.to_string().contains("error_every=0 on d1"), "{e}");
 }
 
 /// Regions come and go while a peer reads and writes them: every
@@ -613,4 +677,132 @@ fn the_configuration_comes_from_the_settings_and_the_topology_file() {
     assert!(EmuConfig::from_settings(&s).unwrap_err().contains("topo.json"));
     assert!(EmuConfig::from_settings(&Settings::default()).is_err());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Idle limits short enough to see them act in a test (they are
+/// bounds, not measures: the checks only wait for what follows).
+fn quick(link_idle: Duration, inbound_idle: Duration) -> EmuConfig {
+    EmuConfig { idle: IdleLimits { link: link_idle, inbound: inbound_idle }, ..EmuConfig::new(&["d0", "d1"]) }
+}
+
+/// A peer that says hello and then nothing (it vanished) is cut off after
+/// the inbound idle limit; one that is quiet when the port goes down is
+/// cut off then; a connection while the port is down is refused.
+#[test]
+fn connections_from_peers_end_when_quiet_or_when_the_port_goes() {
+    let s = side_of(quick(LINK_IDLE, Duration::from_millis(50)), 16);
+    let rest = s.fabric.threads();
+    let me = s.fabric.address("d1").unwrap();
+    let mut quiet = hello_to(&s.fabric, "d0", me);
+    assert!(closed_by_peer(&mut quiet), "a quiet peer is cut off");
+    wait_until("its responder ends", || s.fabric.threads() == rest);
+
+    let s = side(Vec::new(), 16);
+    let rest = s.fabric.threads();
+    let mut quiet = hello_to(&s.fabric, "d0", me);
+    wait_until("the connection is served", || s.fabric.threads() == rest + 1);
+    assert!(s.fabric.set_device("d0", false));
+    assert!(closed_by_peer(&mut quiet), "the port went down");
+    wait_until("its responder ends", || s.fabric.threads() == rest);
+    let mut refused = hello_to(&s.fabric, "d0", me);
+    assert!(closed_by_peer(&mut refused), "refused while the port is down");
+    assert_eq!(s.fabric.threads(), rest, "no responder for a refused connection");
+}
+
+/// Dropping a fabric ends every thread it started, whatever they were
+/// doing: listeners (nothing wakes them but their tick; one on a port
+/// down already), responders of live connections and of quiet ones, links
+/// with work on the wire, the fault timer.
+#[test]
+fn dropping_the_fabric_ends_every_thread() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (mut l, mut r) = (vec![1u8; 4096], vec![0u8; 4096]);
+    let later = vec![EmuFault::Up { device: "d1".into(), after: Duration::from_secs(3600) }];
+    let (mut a, mut b) = pair(later, 64);
+    let (lm, rm) = (reg(&mut a.ctx, &mut l, Access::ALL), reg(&mut b.ctx, &mut r, Access::ALL));
+    a.ctx.post(a.qp, &[write(1, &lm, 0, 8, &rm, 0)]).unwrap();
+    assert_eq!(statuses(&take(&mut a, 1)), [WcStatus::Success]);
+    // A second queue pair with work on the wire towards a silent peer.
+    let stuck = a.ctx.create_qp(a.cq, CAPS).unwrap();
+    let peer = PeerAddr { lid: silent.local_addr().unwrap().port(), ..addr_of(a.ctx.as_ref(), stuck) };
+    a.ctx.modify_qp(stuck, Transition::Init { access: Access::ALL }).unwrap();
+    a.ctx.modify_qp(stuck, Transition::Rtr { peer }).unwrap();
+    a.ctx.modify_qp(stuck, Transition::Rts { timeout: 0, retry_cnt: 7, rnr_retry: 7 }).unwrap();
+    a.ctx.post(stuck, &[write(2, &lm, 0, 8, &lm, 0)]).unwrap();
+    let link = a.fabric.device("d0").unwrap().link(peer_socket(&peer)).expect("the link to the silent peer");
+    wait_until("the work is on the wire", || link.on_the_wire() == 1);
+    // A quiet connection, served.
+    let before = b.fabric.threads();
+    let mut quiet = hello_to(&b.fabric, "d1", a.fabric.address("d1").unwrap());
+    wait_until("the connection is served", || b.fabric.threads() == before + 1);
+    // A port that is down already when the fabric goes.
+    assert!(a.fabric.set_device("d1", false));
+    let (a_threads, b_threads) = (a.fabric.thread_count(), b.fabric.thread_count());
+    drop((a, b));
+    wait_until("every thread of both ends", || {
+        a_threads.load(Ordering::Acquire) == 0 && b_threads.load(Ordering::Acquire) == 0
+    });
+    assert!(closed_by_peer(&mut quiet));
+    drop(link);
+}
+
+fn peer_socket(peer: &PeerAddr) -> SocketAddr {
+    nic::address_of(&peer.gid, peer.lid).unwrap()
+}
+
+/// A hello is believed only from the address it names, on a device that
+/// listens beyond loopback.
+#[test]
+fn a_hello_is_believed_only_from_the_address_it_names() {
+    let hello = |addr: &str| {
+        let a: SocketAddr = addr.parse().unwrap();
+        wire::Hello { gid: nic::gid_table(a)[1].gid, lid: a.port() }
+    };
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let h = hello("10.0.0.7:4000");
+    assert!(nic::hello_is_from(ip("10.0.0.1"), &h, ip("10.0.0.7")));
+    assert!(!nic::hello_is_from(ip("10.0.0.1"), &h, ip("10.0.0.8")), "another host speaking for it");
+    assert!(nic::hello_is_from(ip("::"), &h, ip("::ffff:10.0.0.7")), "a dual-stack listener sees it mapped");
+    assert!(!nic::hello_is_from(ip("0.0.0.0"), &h, ip("127.0.0.1")));
+    assert!(nic::hello_is_from(ip("127.0.0.1"), &h, ip("127.0.0.1")), "loopback: this host only");
+    let link_local = wire::Hello { gid: nic::gid_table("10.0.0.7:4000".parse().unwrap())[0].gid, lid: 4000 };
+    assert!(!nic::hello_is_from(ip("10.0.0.1"), &link_local, ip("10.0.0.7")), "names no address");
+    // connect_from: the connection comes from the address asked for.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let _c = nic::connect_from(ip("127.0.0.2"), listener.local_addr().unwrap(), WAIT).unwrap();
+    let got = accept_within(&listener).expect("connected");
+    assert_eq!(got.peer_addr().unwrap().ip(), ip("127.0.0.2"));
+}
+
+/// This host's address beyond loopback, if it has one (a route out).
+fn routable_ip() -> Option<IpAddr> {
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    probe.connect("192.0.2.1:9").ok()?; // no packet: a UDP connect only routes
+    let ip = probe.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Devices listening beyond loopback: peers connect from their devices'
+/// addresses and are served; a connection whose hello names another
+/// address than it comes from is refused.
+#[test]
+fn devices_beyond_loopback_serve_only_hellos_from_where_they_come() {
+    let Some(ip) = routable_ip() else {
+        eprintln!("no address beyond loopback here: skipped");
+        return;
+    };
+    let config = || EmuConfig { bind: ip, ..EmuConfig::new(&["d0", "d1"]) };
+    let (mut l, mut r) = (vec![4u8; 4096], vec![0u8; 4096]);
+    let (mut a, mut b) = pair_of(side_of(config(), 64), side_of(config(), 64));
+    let (lm, rm) = (reg(&mut a.ctx, &mut l, Access::ALL), reg(&mut b.ctx, &mut r, Access::ALL));
+    a.ctx.post(a.qp, &[write(1, &lm, 0, 64, &rm, 0)]).unwrap();
+    assert_eq!(statuses(&take(&mut a, 1)), [WcStatus::Success]);
+    // From loopback, naming the device's own address: refused.
+    let target = b.fabric.address("d0").unwrap();
+    let mut liar = nic::connect_from("127.0.0.1".parse().unwrap(), target, WAIT).unwrap();
+    let claims = a.fabric.address("d0").unwrap();
+    liar.write_all(&wire::Hello { gid: nic::gid_table(claims)[1].gid, lid: claims.port() }.encode()).unwrap();
+    assert!(closed_by_peer(&mut liar), "a hello from elsewhere than it names is refused");
+    drop((a, b));
+    assert_eq!(r[..64], [4u8; 64]);
 }
