@@ -5,11 +5,18 @@
 //! [`rules::check_local`], cuts it into parts of at most
 //! [`PAYLOAD_BYTES_MAX`], sends them), and a receiver thread takes the
 //! answers and completes the work requests. At most [`LINK_PARTS_MAX`]
-//! parts and [`LINK_BYTES_MAX`] bytes are unanswered on a link. A part
+//! parts and [`LINK_BYTES_MAX`] bytes are unanswered on a link, and at
+//! most [`LINK_QUEUE_MAX`] work requests wait to be sent. A part
 //! unanswered past its queue pair's retry time, or a connection that
 //! breaks, ends the link: what it carried completes with `RETRY_EXC_ERR`
 //! (and what followed on those queue pairs is flushed), and what is handed
-//! to it later fails the same way. The connection is made on first use.
+//! to it later fails the same way. However a link's thread ends (a panic
+//! too), every work request handed to the link completes exactly once.
+//!
+//! The connection is made on first use. A link that has had nothing to do
+//! for the device's link idle limit closes ([`Link::closed_idle`]): its
+//! threads, socket and buffers go, and a queue pair that still holds it
+//! gets a new one on its next post.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -21,7 +28,7 @@ use std::time::{Duration, Instant};
 use super::super::fabric::{FabricError, QpNum, Sges, Verb, WcStatus};
 use super::super::rules;
 use super::frames::FrameReader;
-use super::nic::{Device, FLUSH_BYTES, TICK, connect_from, locked, spawn};
+use super::nic::{Device, FLUSH_BYTES, OUT_KEPT_BYTES, SHRINK_AFTER, TICK, connect_from, locked, spawn};
 use super::queues::{RegionGuard, append_from, spans};
 use super::wire::{Hello, PAYLOAD_BYTES_MAX, RESPONSE_BYTES, Request, Response, Status};
 use super::{CtxShared, lock};
@@ -30,6 +37,14 @@ use super::{CtxShared, lock};
 pub const LINK_PARTS_MAX: usize = 1024;
 /// Bytes unanswered on one link at most (one part may pass it alone).
 pub const LINK_BYTES_MAX: u64 = 16 << 20;
+/// Work requests handed to one link and not yet sent, at most: what the
+/// link can have unanswered four times over, more than the engine's
+/// default queue pairs (2 of 256 work requests per endpoint) of several
+/// shards have outstanding towards one peer device. The queue is made at
+/// this size (32 bytes a request). A work request that finds it full
+/// completes with `RETRY_EXC_ERR` (a link that congested), never waits
+/// and is never refused: the post took it, so it completes, exactly once.
+pub const LINK_QUEUE_MAX: usize = 4 * LINK_PARTS_MAX;
 
 /// A work request handed to a link: found again by its queue pair and
 /// sequence number, so one that was flushed meanwhile is passed over.
@@ -93,9 +108,12 @@ struct Flight {
 pub struct Link {
     device: Weak<Device>,
     pub peer: SocketAddr,
-    /// Feeds the sender; `None` once it ended.
-    tx: Mutex<Option<mpsc::Sender<Op>>>,
+    /// Feeds the sender ([`LINK_QUEUE_MAX`] at most); `None` once it ended.
+    tx: Mutex<Option<mpsc::SyncSender<Op>>>,
     dead: AtomicBool,
+    /// It ended because it had nothing to do, not by a failure: a queue
+    /// pair that holds it may connect again.
+    idle_closed: AtomicBool,
     /// Queue pairs that hold it ([`LinkUse`]).
     pub users: AtomicUsize,
     flight: Mutex<Flight>,
@@ -120,14 +138,52 @@ struct Prepared {
     guards: Vec<Arc<RegionGuard>>,
 }
 
+/// How a link's thread ends, however it ends (a panic unwinding through
+/// it too): the link ends, the work on the wire fails (in the order it
+/// was sent), then the work request the thread held, then (the sender's)
+/// what was still handed to it. So every work request handed to a link
+/// completes exactly once, and none waits for ever on a thread gone.
+pub(super) struct Ending<'a> {
+    pub(super) link: &'a Link,
+    /// The sender's queue, to fail what is left in it.
+    pub(super) rx: Option<&'a mpsc::Receiver<Op>>,
+    /// The work request taken from the queue (the sender) or from the
+    /// wire (the receiver) and not yet ended or on the wire.
+    pub(super) carrying: Option<Op>,
+    pub(super) why: String,
+}
+
+impl Drop for Ending<'_> {
+    fn drop(&mut self) {
+        let why = if std::thread::panicking() {
+            log::error!("emu: a thread of the link to {} panicked: its work fails", self.link.peer);
+            "a thread of the link panicked"
+        } else {
+            self.why.as_str()
+        };
+        fail_all(self.link.kill(why));
+        if let Some(op) = self.carrying.take() {
+            op.finish(WcStatus::RetryExcErr);
+        }
+        if let Some(rx) = self.rx {
+            locked(&self.link.tx).take();
+            // Nothing can be handed over any more: fail what was.
+            while let Ok(op) = rx.try_recv() {
+                op.finish(WcStatus::RetryExcErr);
+            }
+        }
+    }
+}
+
 impl Link {
     pub fn start(device: &Arc<Device>, peer: SocketAddr) -> Result<Arc<Link>, FabricError> {
-        let (tx, rx) = mpsc::channel();
+        let (tx, rx) = mpsc::sync_channel(LINK_QUEUE_MAX);
         let link = Arc::new(Link {
             device: Arc::downgrade(device),
             peer,
             tx: Mutex::new(Some(tx)),
             dead: AtomicBool::new(false),
+            idle_closed: AtomicBool::new(false),
             users: AtomicUsize::new(0),
             flight: Mutex::new(Flight::default()),
             room: Condvar::new(),
@@ -149,13 +205,24 @@ impl Link {
         locked(&self.flight).parts.len()
     }
 
+    /// Whether it ended for having nothing to do (so nothing it was handed
+    /// failed): a queue pair that holds it takes a new link.
+    pub fn closed_idle(&self) -> bool {
+        self.idle_closed.load(Ordering::Acquire)
+    }
+
     /// Hands a posted work request to the sender; gives it back if the
-    /// link has ended.
+    /// link has ended or its queue is full ([`LINK_QUEUE_MAX`]).
     pub fn send(&self, op: Op) -> Result<(), Op> {
-        match &*locked(&self.tx) {
-            Some(tx) if !self.is_dead() => tx.send(op).map_err(|e| e.0),
-            _ => Err(op),
-        }
+        let tx = locked(&self.tx);
+        let Some(tx) = tx.as_ref().filter(|_| !self.is_dead()) else { return Err(op) };
+        tx.try_send(op).map_err(|e| match e {
+            mpsc::TrySendError::Full(op) => {
+                log::warn!("emu: link to {}: {LINK_QUEUE_MAX} work requests wait already; one fails", self.peer);
+                op
+            }
+            mpsc::TrySendError::Disconnected(op) => op,
+        })
     }
 
     /// Ends the link (once): the connection is broken and the parts it
@@ -185,41 +252,74 @@ impl Link {
         fail_all(self.kill(why));
     }
 
-    /// The sender thread: carries what is posted until the link ends, then
-    /// fails what is still handed to it.
+    /// Closes the link for having nothing to do, unless work was handed to
+    /// it meanwhile (returned, to be carried). Under the sender's lock, so
+    /// that no post hands it work as it closes: a post finds it closed
+    /// ([`Self::closed_idle`]) and takes a new link.
+    fn close_idle(&self, rx: &mpsc::Receiver<Op>) -> Option<Op> {
+        let mut tx = locked(&self.tx);
+        if let Ok(op) = rx.try_recv() {
+            return Some(op);
+        }
+        self.idle_closed.store(true, Ordering::Release);
+        tx.take();
+        // Nothing is on the wire (the caller looked, and only this thread
+        // puts parts there) and nothing waits: nothing to fail. Dead and
+        // gone from the device's links before a post can look again.
+        let parts = self.kill("idle");
+        assert!(parts.is_empty(), "an idle link has nothing on the wire");
+        None
+    }
+
+    /// The sender thread: carries what is posted until the link ends (or
+    /// closes, idle); then [`Ending`] fails what it had.
     fn send_loop(self: &Arc<Self>, device: &Arc<Device>, rx: &mpsc::Receiver<Op>) {
+        let mut end = Ending { link: self, rx: Some(rx), carrying: None, why: "closed".into() };
         let mut conn = None;
         let mut out = Vec::new(); // grows to what is queued: FLUSH_BYTES and a frame
-        let why = loop {
+        let mut busy = Instant::now(); // when it last had work, or work on the wire
+        'run: loop {
             let op = match rx.recv_timeout(TICK) {
                 Ok(op) => op,
-                Err(mpsc::RecvTimeoutError::Timeout) if self.is_dead() || device.is_shut() => break "closed".into(),
-                Err(mpsc::RecvTimeoutError::Timeout) => continue,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break "closed".into(),
-            };
-            let mut next = Some(op);
-            let mut failed = None;
-            while let Some(op) = next.take() {
-                if let Err(e) = self.carry(device, &op, &mut conn, &mut out) {
-                    // Whatever part of it got out or not, it has failed.
-                    op.finish(WcStatus::RetryExcErr);
-                    failed = Some(e);
-                    break;
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if self.is_dead() || device.is_shut() {
+                        break;
+                    }
+                    if !locked(&self.flight).parts.is_empty() {
+                        busy = Instant::now();
+                        continue;
+                    }
+                    let quiet = busy.elapsed();
+                    if quiet >= SHRINK_AFTER {
+                        out.shrink_to(OUT_KEPT_BYTES);
+                    }
+                    if quiet < device.idle.link {
+                        continue;
+                    }
+                    match self.close_idle(rx) {
+                        Some(op) => op,
+                        None => break,
+                    }
                 }
+            };
+            busy = Instant::now();
+            let mut next = Some(op);
+            while let Some(op) = next.take() {
+                end.carrying = Some(op.clone());
+                if let Err(why) = self.carry(device, &op, &mut conn, &mut out) {
+                    // Whatever part of it got out or not, it has failed:
+                    // `end` fails it, after what is on the wire before it.
+                    end.why = why;
+                    break 'run;
+                }
+                end.carrying = None;
                 next = rx.try_recv().ok();
             }
-            if let Some(why) = failed {
-                break why;
-            }
             if let Err(e) = flush(&mut conn, &mut out) {
-                break e.to_string();
+                end.why = e.to_string();
+                break;
             }
-        };
-        fail_all(self.kill(&why));
-        locked(&self.tx).take();
-        // Nothing can be handed over any more: fail what was.
-        while let Ok(op) = rx.try_recv() {
-            op.finish(WcStatus::RetryExcErr);
         }
     }
 
@@ -306,8 +406,9 @@ impl Link {
         out.extend_from_slice(&Hello { gid, lid: device.addr.port() }.encode());
         let (l, input) = (self.clone(), stream.try_clone()?);
         spawn(&device.threads, "sw-emu-recv", move || {
-            if let Err(why) = l.recv_loop(input) {
-                fail_all(l.kill(&why));
+            let mut end = Ending { link: &l, rx: None, carrying: None, why: "closed".into() };
+            if let Err(why) = l.recv_loop(input, &mut end) {
+                end.why = why;
             }
         })?;
         Ok(stream)
@@ -336,18 +437,27 @@ impl Link {
     }
 
     /// The receiver thread: completes work requests as their answers come.
-    fn recv_loop(&self, mut stream: TcpStream) -> Result<(), String> {
+    /// An error ends the link ([`Ending`], with `end`, which also fails
+    /// the work request whose answer was being taken).
+    fn recv_loop(&self, mut stream: TcpStream, end: &mut Ending<'_>) -> Result<(), String> {
         stream.set_read_timeout(Some(TICK)).map_err(|e| e.to_string())?;
         let mut input = FrameReader::new(RESPONSE_BYTES + PAYLOAD_BYTES_MAX as usize);
+        let (mut heard, mut received_bytes) = (Instant::now(), 0);
         loop {
             if self.is_dead() {
                 return Ok(());
             }
             let next = input.next(&mut stream, Response::decode).map_err(|e| e.to_string())?;
+            if input.received_bytes() != received_bytes {
+                (heard, received_bytes) = (Instant::now(), input.received_bytes());
+            }
             let Some((resp, n)) = next else {
                 // Idle: has a part waited past its queue pair's retries?
                 if let Some(waited) = self.overdue() {
                     return Err(format!("no answer in {} ms", waited.as_millis()));
+                }
+                if heard.elapsed() >= SHRINK_AFTER {
+                    input.shrink();
                 }
                 continue;
             };
@@ -358,6 +468,9 @@ impl Link {
                     _ => return Err(format!("an answer to no request (tag {})", resp.tag)),
                 }
                 let p = f.parts.pop_front().expect("looked at above");
+                // Off the wire: if this thread ends before it is settled,
+                // `end` fails it.
+                end.carrying = Some(p.op.clone());
                 assert!(f.bytes >= u64::from(p.len), "the bytes in flight count the parts in flight");
                 f.bytes -= u64::from(p.len);
                 p
@@ -369,6 +482,7 @@ impl Link {
                 return Err(format!("an answer of {} bytes to a part of {want}", data.len()));
             }
             settle(&part, resp.status, data);
+            end.carrying = None;
             input.consume(n);
         }
     }

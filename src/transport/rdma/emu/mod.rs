@@ -526,12 +526,27 @@ impl Context for EmuContext {
             if in_error {
                 continue;
             }
-            let handed = match &p.link {
-                Some(link) => link.link().send(Op { ctx: ctx.clone(), qpn: qp.0, seq }).is_ok(),
+            let op = Op { ctx: ctx.clone(), qpn: qp.0, seq };
+            let handed = match &mut p.link {
+                Some(link) => match link.link().send(op) {
+                    Ok(()) => true,
+                    // It closed for having nothing to do (nothing of this
+                    // queue pair's is on it): connected again, as a device
+                    // reaches its peer again after a quiet spell.
+                    Err(op) if link.link().closed_idle() => match self.shared.device.link_to(link.link().peer) {
+                        Ok(new) => {
+                            *link = new;
+                            link.link().send(op).is_ok()
+                        }
+                        Err(_) => false,
+                    },
+                    Err(_) => false,
+                },
                 None => false,
             };
             if !handed {
-                // The connection to the peer has ended: it is not reached.
+                // The connection to the peer has ended (or is congested
+                // past its bound): it is not reached.
                 q.finish(qp.0, seq, WcStatus::RetryExcErr);
             }
         }

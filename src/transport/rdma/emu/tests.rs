@@ -6,10 +6,11 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::super::fabric::{PeerAddr, PortState, Sge, Verb};
-use super::nic::LINK_IDLE;
+use super::nic::{INBOUND_IDLE, LINK_IDLE};
 use super::*;
 
 const CAPS: QpCaps = QpCaps { max_send_wr: 8, max_sge: 2, max_inline: 64 };
@@ -685,6 +686,32 @@ fn quick(link_idle: Duration, inbound_idle: Duration) -> EmuConfig {
     EmuConfig { idle: IdleLimits { link: link_idle, inbound: inbound_idle }, ..EmuConfig::new(&["d0", "d1"]) }
 }
 
+/// A link with nothing to do closes (its threads go, on both sides), and
+/// the queue pair that held it connects again on its next post.
+#[test]
+fn a_quiet_link_closes_and_its_queue_pair_connects_again() {
+    let (mut l, mut r) = (vec![3u8; 4096], vec![0u8; 4096]);
+    let a = side_of(quick(Duration::from_millis(20), INBOUND_IDLE), 64);
+    let (mut a, mut b) = pair_of(a, side(Vec::new(), 64));
+    let (lm, rm) = (reg(&mut a.ctx, &mut l, Access::ALL), reg(&mut b.ctx, &mut r, Access::ALL));
+    // At rest: a's two listeners (its link's sender goes when it closes);
+    // b's, and the sender of its own link, which has not sent anything
+    // but is not quiet for long enough to close on b's limit.
+    let (a_rest, b_rest) = (2, b.fabric.threads());
+    assert_eq!(b_rest, 3);
+    for round in 0..3u64 {
+        a.ctx.post(a.qp, &[write(round, &lm, 0, 8, &rm, round * 8)]).unwrap();
+        assert_eq!(statuses(&take(&mut a, 1)), [WcStatus::Success], "round {round}");
+        // The link closes: its sender and receiver, and the peer's
+        // responder (its connection closed), all go.
+        wait_until("the quiet link closes", || a.fabric.links("d0") == Some(0) && a.fabric.threads() == a_rest);
+        wait_until("the peer's responder ends", || b.fabric.threads() == b_rest);
+        assert_eq!(a.ctx.qp_state(a.qp).unwrap(), QpState::Rts, "a quiet link is no failure");
+    }
+    drop((a, b));
+    assert_eq!(r[..24], [3u8; 24]);
+}
+
 /// A peer that says hello and then nothing (it vanished) is cut off after
 /// the inbound idle limit; one that is quiet when the port goes down is
 /// cut off then; a connection while the port is down is refused.
@@ -748,6 +775,71 @@ fn dropping_the_fabric_ends_every_thread() {
 
 fn peer_socket(peer: &PeerAddr) -> SocketAddr {
     nic::address_of(&peer.gid, peer.lid).unwrap()
+}
+
+/// A link's queue is bounded: a work request that finds it full
+/// completes with RETRY_EXC_ERR at once (the queue pair to ERR); every
+/// work request posted completes exactly once.
+#[test]
+fn a_link_whose_queue_is_full_fails_the_work_request_that_finds_it_so() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut l = vec![1u8; 4096];
+    // Timeout 0: the cap, 30 s; the peer never answers, so the link's
+    // sender stops at its parts in flight and the queue fills.
+    let mut s = side_towards(silent.local_addr().unwrap().port(), 0);
+    let n = link::LINK_QUEUE_MAX + 2;
+    let cq = s.ctx.create_cq(2 * n as u32).unwrap();
+    let qp = s.ctx.create_qp(cq, QpCaps { max_send_wr: n as u32, ..CAPS }).unwrap();
+    let peer = PeerAddr { qp: QpNum(1), ..addr_of(s.ctx.as_ref(), s.qp) };
+    let peer = PeerAddr { lid: silent.local_addr().unwrap().port(), ..peer };
+    s.ctx.modify_qp(qp, Transition::Init { access: Access::ALL }).unwrap();
+    s.ctx.modify_qp(qp, Transition::Rtr { peer }).unwrap();
+    s.ctx.modify_qp(qp, Transition::Rts { timeout: 0, retry_cnt: 7, rnr_retry: 7 }).unwrap();
+    let lm = reg(&mut s.ctx, &mut l, Access::ALL);
+    let chain: Vec<WorkRequest> = (0..n as u64).map(|i| write(i, &lm, 0, 8, &lm, 0)).collect();
+    // One post: the sender cannot take work meanwhile (it needs the
+    // context's lock for each), so at most one leaves the queue.
+    s.ctx.post(qp, &chain).unwrap();
+    assert_eq!(s.ctx.qp_state(qp).unwrap(), QpState::Err, "the one that found the queue full failed at once");
+    s.ctx.modify_qp(qp, Transition::Err).unwrap();
+    let mut done = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while done.len() < n {
+        assert!(Instant::now() < deadline, "{} of {n} completions", done.len());
+        if s.ctx.poll(cq, 1024, &mut done).unwrap() == 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    let ids: Vec<u64> = done.iter().map(|c| c.wr_id).collect();
+    assert_eq!(ids, (0..n as u64).collect::<Vec<_>>(), "each once, in order");
+    let failed: Vec<usize> = (0..n).filter(|&i| done[i].status == WcStatus::RetryExcErr).collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert!(failed[0] >= link::LINK_QUEUE_MAX, "the queue held {} before: {failed:?}", link::LINK_QUEUE_MAX);
+    assert!(done.iter().all(|c| matches!(c.status, WcStatus::RetryExcErr | WcStatus::WrFlushErr)));
+}
+
+/// A link's thread that panics still fails the work it had on the wire
+/// (its [`link::Ending`] runs as it unwinds): nothing waits for ever.
+#[test]
+fn a_link_thread_that_panics_fails_the_work_it_carried() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut l = vec![1u8; 4096];
+    let mut s = side_towards(silent.local_addr().unwrap().port(), 0);
+    let lm = reg(&mut s.ctx, &mut l, Access::ALL);
+    s.ctx.post(s.qp, &[write(1, &lm, 0, 8, &lm, 0), write(2, &lm, 0, 8, &lm, 0)]).unwrap();
+    let link = s.fabric.device("d0").unwrap().link(silent.local_addr().unwrap()).expect("the link");
+    wait_until("the work is on the wire", || link.on_the_wire() == 2);
+    let panicked = std::thread::spawn(move || {
+        let _end = link::Ending { link: &link, rx: None, carrying: None, why: String::new() };
+        panic!("a link's thread panics (on purpose)");
+    });
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(panicked.join().is_err());
+    });
+    assert_eq!(rx.recv_timeout(WAIT), Ok(true), "the thread panicked");
+    assert_eq!(statuses(&take(&mut s, 2)), [WcStatus::RetryExcErr, WcStatus::WrFlushErr]);
+    assert_eq!(s.fabric.links("d0"), Some(0), "the link ended");
 }
 
 /// A hello is believed only from the address it names, on a device that
