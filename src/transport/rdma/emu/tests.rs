@@ -94,6 +94,22 @@ fn accept_within(listener: &TcpListener) -> Option<TcpStream> {
     None
 }
 
+/// Runs `f` on a thread of its own; the receiver hears when it is done
+/// (and the thread panicked if it hangs up without a word).
+fn on_a_thread(f: impl FnOnce() + Send + 'static) -> mpsc::Receiver<()> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        f();
+        let _ = tx.send(());
+    });
+    rx
+}
+
+/// Waits for what [`on_a_thread`] runs to end, within [`WAIT`].
+fn joined(done: &mpsc::Receiver<()>, what: &str) {
+    done.recv_timeout(WAIT).unwrap_or_else(|e| panic!("{what}: {e} within {WAIT:?}"));
+}
+
 /// Whether the far end of `s` closes it within [`WAIT`] (anything it
 /// sends meanwhile is read and dropped).
 fn closed_by_peer(s: &mut TcpStream) -> bool {
@@ -449,12 +465,10 @@ fn a_region_named_by_outstanding_work_is_not_given_back() {
 fn a_peer_that_never_answers_times_out() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = silent.local_addr().unwrap().port();
-    let hold = std::thread::spawn(move || {
+    let hold = on_a_thread(move || {
         // Takes the bytes and says nothing, until the connection ends.
-        if let Ok((mut s, _)) = silent.accept() {
-            let mut sink = [0u8; 4096];
-            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
-        }
+        let mut s = accept_within(&silent).expect("the link connects");
+        assert!(closed_by_peer(&mut s), "the link closes its connection when it gives up");
     });
     let mut l = vec![1u8; 4096];
     // 4.096 µs × 2^10 × 2 tries is 8 ms: the floor, 100 ms, applies.
@@ -463,7 +477,7 @@ fn a_peer_that_never_answers_times_out() {
     s.ctx.post(s.qp, &[write(1, &lm, 0, 8, &lm, 0), write(2, &lm, 0, 8, &lm, 0)]).unwrap();
     assert_eq!(statuses(&take(&mut s, 2)), [WcStatus::RetryExcErr, WcStatus::WrFlushErr]);
     drop(s);
-    hold.join().unwrap();
+    joined(&hold, "the silent peer");
     assert_eq!(retry_ns(14, 7), 4096 * (1 << 14) * 8, "Mooncake's settings: about 537 ms");
     assert_eq!(retry_ns(1, 0), RETRY_FLOOR_NS);
     assert_eq!((retry_ns(0, 7), retry_ns(31, 7)), (RETRY_CAP_NS, RETRY_CAP_NS));
@@ -475,16 +489,18 @@ fn a_peer_that_never_answers_times_out() {
 fn a_peer_that_trickles_bytes_times_out_too() {
     let trickler = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = trickler.local_addr().unwrap().port();
-    let hold = std::thread::spawn(move || {
-        use std::io::Write;
-        let Ok((mut s, _)) = trickler.accept() else { return };
+    let hold = on_a_thread(move || {
+        let mut s = accept_within(&trickler).expect("the link connects");
         // A response header that announces 1 MiB of data, then the data,
-        // a byte every 5 ms, until the connection ends.
+        // a byte every 5 ms, until the connection ends (or the deadline:
+        // the link gives up long before).
         let header = wire::Response { status: wire::Status::Ok, data_len: 1 << 20, tag: 0 }.encode();
+        let deadline = Instant::now() + WAIT;
         for b in header.iter().chain(std::iter::repeat(&0u8)) {
             if s.write_all(&[*b]).is_err() {
                 return;
             }
+            assert!(Instant::now() < deadline, "the link still reads the trickle after {WAIT:?}");
             std::thread::sleep(Duration::from_millis(5));
         }
     });
@@ -494,7 +510,7 @@ fn a_peer_that_trickles_bytes_times_out_too() {
     s.ctx.post(s.qp, &[read(1, &lm, 0, 4096, &lm, 0)]).unwrap();
     assert_eq!(statuses(&take(&mut s, 1)), [WcStatus::RetryExcErr]);
     drop(s);
-    hold.join().unwrap();
+    joined(&hold, "the trickling peer");
 }
 
 /// The peer "process" goes mid-work: what was on the wire fails as
@@ -529,15 +545,15 @@ fn a_peer_that_goes_mid_work_fails_the_work_and_flushes_the_rest() {
     drop(ctx);
 }
 
+/// The port is taken down and up by hand here (the fabric's own call),
+/// so every check runs while it is down, however slow the machine; the
+/// timer that does it from `SHARDWIRE_EMU_FAULTS` is tested on its own.
 #[test]
 fn a_port_down_fails_its_work_refuses_its_peers_and_comes_back_up() {
     let (mut l, mut r) = (vec![1u8; 4096], vec![0u8; 4096]);
-    let down = vec![
-        EmuFault::Down { device: "d0".into(), after: Duration::from_millis(300) },
-        EmuFault::Up { device: "d0".into(), after: Duration::from_millis(600) },
-    ];
-    let (mut a, mut b) = pair(down, 64);
+    let (mut a, mut b) = pair(Vec::new(), 64);
     let (lm, rm) = (reg(&mut a.ctx, &mut l, Access::ALL), reg(&mut b.ctx, &mut r, Access::ALL));
+    assert!(a.fabric.set_device("d0", false));
     let seen = wait_event(&mut a.ctx, PortEvent::PortDown);
     assert_eq!(seen, [PortEvent::PortDown, PortEvent::QpFatal(a.qp)]);
     assert_eq!(a.ctx.qp_state(a.qp).unwrap(), QpState::Err);
@@ -553,6 +569,7 @@ fn a_port_down_fails_its_work_refuses_its_peers_and_comes_back_up() {
     b.ctx.post(b.qp, &[write(2, &rm, 0, 8, &lm, 0)]).unwrap();
     assert_eq!(statuses(&take(&mut b, 1)), [WcStatus::RetryExcErr]);
     // Up again: connected anew, the work goes through.
+    assert!(a.fabric.set_device("d0", true));
     wait_event(&mut a.ctx, PortEvent::PortActive);
     a.ctx.modify_qp(a.qp, Transition::Rtr { peer }).unwrap();
     a.ctx.modify_qp(a.qp, Transition::Rts { timeout: 14, retry_cnt: 7, rnr_retry: 7 }).unwrap();
@@ -565,6 +582,34 @@ fn a_port_down_fails_its_work_refuses_its_peers_and_comes_back_up() {
     assert_eq!(statuses(&take(&mut b, 1)), [WcStatus::Success]);
     drop((a, b));
     assert_eq!(r[8..16], [1u8; 8]);
+}
+
+/// The fault timer applies the port changes in their order; only the
+/// order is checked (and that each happens, within generous deadlines),
+/// not when.
+#[test]
+fn the_fault_timer_takes_ports_down_then_up_in_order() {
+    let mut s = side(Vec::new(), 16);
+    let d0 = Arc::downgrade(s.fabric.device("d0").unwrap());
+    let timed = vec![(Duration::from_millis(20), d0.clone(), false), (Duration::from_millis(40), d0, true)];
+    let timer = on_a_thread(move || apply_in_time(&timed, Instant::now(), &AtomicBool::new(false)));
+    joined(&timer, "the timer");
+    let mut seen = Vec::new();
+    s.ctx.events(&mut seen);
+    assert_eq!(seen, [PortEvent::PortDown, PortEvent::PortActive], "down, then up");
+    // A timer that is stopped applies nothing more, however far off its
+    // changes are.
+    let d1 = Arc::downgrade(s.fabric.device("d1").unwrap());
+    let stop = Arc::new(AtomicBool::new(true));
+    let stopped = stop.clone();
+    let timer = on_a_thread(move || apply_in_time(&[(Duration::from_secs(3600), d1, false)], Instant::now(), &stopped));
+    joined(&timer, "a stopped timer");
+    assert_eq!(s.fabric.devices()[1].state, PortState::Active);
+    // The fabric runs it from its faults.
+    let down = vec![EmuFault::Down { device: "d1".into(), after: Duration::ZERO }];
+    let f = EmuFabric::new(EmuConfig { faults: down, ..EmuConfig::new(&["d0", "d1"]) }).unwrap();
+    wait_until("d1 down by the timer", || f.devices()[1].state == PortState::Down);
+    assert_eq!(f.devices()[0].state, PortState::Active);
 }
 
 #[test]
@@ -594,15 +639,21 @@ fn error_every_fails_every_nth_work_request_of_the_device() {
 
 /// Regions come and go while a peer reads and writes them: every
 /// operation either lands in registered memory or fails; none touches
-/// memory given back (the buffer is freed right after deregistering).
+/// memory given back. Each buffer is kept, and filled with a marker as
+/// soon as it is deregistered: a late write would change the marker, seen
+/// after the completions, and again once the peer's fabric is gone.
 #[test]
 fn regions_given_back_under_a_peers_traffic_are_not_touched() {
+    const ROUNDS: u64 = 20;
+    let marker = |round: u64| 0xa0 ^ round as u8;
     let mut l = vec![1u8; 1 << 16];
+    // Declared before the sides: they outlive the contexts.
+    let mut kept: Vec<Vec<u8>> = (0..ROUNDS).map(|_| vec![0u8; 1 << 16]).collect();
     let (mut a, mut b) = pair(Vec::new(), 1024);
     let lm = reg(&mut a.ctx, &mut l, Access::ALL);
-    for round in 0..20u64 {
-        let mut r = vec![0u8; 1 << 16];
-        let rm = reg(&mut b.ctx, &mut r, Access::ALL);
+    for round in 0..ROUNDS {
+        let r = &mut kept[round as usize];
+        let rm = reg(&mut b.ctx, r, Access::ALL);
         if a.ctx.qp_state(a.qp).unwrap() == QpState::Err {
             // Both ends went to ERR (the responder's on the refusal). New
             // queue pairs, as the slice engine makes: parts of the old
@@ -623,13 +674,22 @@ fn regions_given_back_under_a_peers_traffic_are_not_touched() {
             std::thread::sleep(Duration::from_micros(200 * round));
         }
         b.ctx.deregister(rm.lkey).unwrap();
-        drop(r);
+        // Given back: nobody may touch it now but its owner.
+        kept[round as usize].fill(marker(round));
         let s = statuses(&take(&mut a, 8));
         let ok = s.iter().take_while(|&&x| x == WcStatus::Success).count();
         if ok < 8 {
             assert_eq!(s[ok], WcStatus::RemAccessErr, "round {round}: {s:?}");
             assert!(s[ok + 1..].iter().all(|&x| x == WcStatus::WrFlushErr), "round {round}: {s:?}");
         }
+        assert!(kept[round as usize].iter().all(|&x| x == marker(round)), "round {round}: written after it went");
+    }
+    // The peer "process" goes, its threads with it: still untouched.
+    let b_threads = b.fabric.thread_count();
+    drop((a, b));
+    wait_until("the peer's threads end", || b_threads.load(Ordering::Acquire) == 0);
+    for (round, r) in kept.iter().enumerate() {
+        assert!(r.iter().all(|&x| x == marker(round as u64)), "round {round}: written after it went");
     }
 }
 
