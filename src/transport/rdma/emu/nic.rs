@@ -273,8 +273,9 @@ pub fn connect_from(local: IpAddr, peer: SocketAddr, timeout: Duration) -> io::R
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: SO_ERROR is an int; `err` and `len` are ours, valid for
         // the call, and `len` says the size of `err`.
-        if unsafe { libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &mut len) }
-            < 0
+        if unsafe {
+            libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&raw mut err).cast(), &mut len)
+        } < 0
         {
             return Err(io::Error::last_os_error());
         }

@@ -337,7 +337,10 @@ mod tests {
         assert_eq!(done(&mut q), []);
         q.finish(1, s[0], Success);
         q.finish(1, s[2], RemAccessErr);
-        assert_eq!(done(&mut q), [(0, Success), (1, Success), (2, RemAccessErr), (3, WrFlushErr), (4, WrFlushErr), (5, WrFlushErr)]);
+        assert_eq!(
+            done(&mut q),
+            [(0, Success), (1, Success), (2, RemAccessErr), (3, WrFlushErr), (4, WrFlushErr), (5, WrFlushErr)]
+        );
         let s: Vec<u64> = (0..3).map(|i| post(&mut q, 2, 10 + i)).collect();
         q.finish(2, s[2], RetryExcErr);
         q.finish(2, s[1], Success);

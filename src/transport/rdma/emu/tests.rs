@@ -632,7 +632,10 @@ fn error_every_fails_every_nth_work_request_of_the_device() {
     drop((a, b));
     assert_eq!(r[..16], [1u8; 16]);
     // Every 0th: refused, with a reason, before anything starts.
-    let never = EmuConfig { faults: vec![EmuFault::ErrorEvery { device: "d1".into(), every: 0 }], ..EmuConfig::new(&["d0", "d1"]) };
+    let never = EmuConfig {
+        faults: vec![EmuFault::ErrorEvery { device: "d1".into(), every: 0 }],
+        ..EmuConfig::new(&["d0", "d1"])
+    };
     let e = EmuFabric::new(never).err().expect("error_every=0 is refused");
     assert!(e.to_string().contains("error_every=0 on d1"), "{e}");
 }
