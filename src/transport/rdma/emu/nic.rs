@@ -8,6 +8,10 @@
 //!   ([`rules::check_remote`]), copies into or out of the region, and
 //!   answers, in order. A connection that sends nothing for the device's
 //!   inbound idle limit is closed (its peer has vanished, or forgot it).
+//!   On a device listening beyond loopback, a peer's hello (the GID and
+//!   LID it says it is) is believed only from the address it names
+//!   ([`hello_is_from`]); requesters connect from their device's address
+//!   ([`connect_from`]).
 //! - Work this device's queue pairs post goes out over its [`Link`]s, one
 //!   per peer device ([`super::link`]).
 //! - The port goes down and up ([`Device::set_up`]): down, its queue pairs
