@@ -320,6 +320,20 @@ pub const LOG: Var = var(
     "warn",
     "the CLI's log level",
 );
+pub const METRICS_ADDR: Var = var(
+    "SHARDWIRE_METRICS_ADDR",
+    Kind::Form("host:port, such as 127.0.0.1:9100 (port 0 picks one)"),
+    "unset",
+    "serve Prometheus metrics at `http://host:port/metrics` from any engine of the process, Python included",
+);
+pub const TE_METRIC: Var = var(
+    "MC_TE_METRIC",
+    Kind::Bool,
+    "false",
+    "log Mooncake's metric line (throughput, latency distribution) every `MC_TE_METRIC_INTERVAL_SECONDS`",
+);
+pub const TE_METRIC_INTERVAL_SECONDS: Var =
+    int("MC_TE_METRIC_INTERVAL_SECONDS", 1, 86_400, "seconds", "5", "the period of `MC_TE_METRIC`'s line");
 pub const STREAM_BURST_NUM: Var = int(
     "AIS_STREAM_BURST_NUM",
     1,
@@ -386,6 +400,9 @@ pub const VARS: &[Var] = &[
     STREAM_RECV,
     STREAM_PLACEMENT,
     STREAM_PIN,
+    METRICS_ADDR,
+    TE_METRIC,
+    TE_METRIC_INTERVAL_SECONDS,
     LOG,
 ];
 
@@ -536,6 +553,10 @@ pub struct Settings {
     pub stream_recv_bytes: usize,
     pub stream_placement: Placement,
     pub stream_pin: bool,
+    /// `SHARDWIRE_METRICS_ADDR`, checked to be `host:port`.
+    pub metrics_addr: Option<String>,
+    /// `MC_TE_METRIC`: the period of the metric line, if on.
+    pub te_metric: Option<Duration>,
     pub log: Option<String>,
 }
 
@@ -641,6 +662,14 @@ impl Settings {
             stream_recv_bytes: r.int(&STREAM_RECV)?.unwrap_or(64 << 10) as usize,
             stream_placement: placement,
             stream_pin: r.boolean(&STREAM_PIN)?.unwrap_or(true),
+            metrics_addr: match r.text(&METRICS_ADDR) {
+                None => None,
+                Some(t) => Some(host_port(&METRICS_ADDR, &t)?),
+            },
+            te_metric: {
+                let every = Duration::from_secs(r.int(&TE_METRIC_INTERVAL_SECONDS)?.unwrap_or(5));
+                r.boolean(&TE_METRIC)?.unwrap_or(false).then_some(every)
+            },
             log: r.choice(&LOG)?,
         })
     }
@@ -651,6 +680,22 @@ impl Settings {
 /// bandwidth is the limit and the cores are better left to the caller).
 fn default_local_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+}
+
+/// `host:port`: a host (a name, an IPv4 address, or an IPv6 one in
+/// brackets) and a port number.
+fn host_port(var: &Var, text: &str) -> Result<String, ConfigError> {
+    let t = text.trim();
+    let bad = || ConfigError { var: var.name.into(), value: text.into(), accepted: var.accepted() };
+    let (host, port) = t.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && !host.contains(char::is_whitespace)
+        && (host.starts_with('[') == host.ends_with(']'))
+        && (host.starts_with('[') || !host.contains(':'));
+    if !host_ok || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(t.to_string())
 }
 
 /// `MC_IB_TC`: -1 (Mooncake's "none", sent as 0) or a class of 0 to 255.
@@ -813,6 +858,18 @@ mod tests {
         assert_eq!(e.var, v.name);
         let text = e.to_string();
         assert!(text.contains(v.name) && text.contains(&v.accepted()), "{text}");
+    }
+
+    #[test]
+    fn the_metrics_address_is_host_and_port() {
+        for ok in ["127.0.0.1:9100", " [::1]:0 ", "node-1:80"] {
+            assert_eq!(with(METRICS_ADDR.name, ok).unwrap().metrics_addr.as_deref(), Some(ok.trim()));
+        }
+        for bad in ["9100", "::1:80", "host:port", "host:65536", ":80", "a b:1"] {
+            refused(&METRICS_ADDR, bad);
+        }
+        assert_eq!(with(TE_METRIC.name, "on").unwrap().te_metric, Some(Duration::from_secs(5)));
+        assert_eq!(with(TE_METRIC_INTERVAL_SECONDS.name, "7").unwrap().te_metric, None, "off unless MC_TE_METRIC");
     }
 
     /// Every variable: its bounds, one past them, and garbage.

@@ -117,5 +117,6 @@ pub mod proto;
 pub mod python;
 pub mod runtime;
 pub mod stream;
+pub mod telemetry;
 pub mod topo;
 pub mod transport;

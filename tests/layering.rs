@@ -10,6 +10,7 @@ const LEVELS: &[(&str, u8)] = &[
     ("config", 0),
     ("topo", 0),
     ("http", 0),
+    ("telemetry", 0),
     ("mem", 1),
     ("runtime", 1),
     ("proto", 2),

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{TeError, TeResult, code};
 use crate::runtime::latch::Latch;
+use crate::telemetry::counters::{self as metrics, Op, Side, Via};
 use crate::transport::request::Sink;
 pub use crate::transport::request::TransferStatus;
 
@@ -45,6 +46,8 @@ impl BatchState {
 #[derive(Debug)]
 pub struct Task {
     pub len: u64,
+    /// What the metrics count it as.
+    op: Op,
     remaining_slices: AtomicU32,
     /// 0, or the first failure's TransferStatus.
     failure: AtomicU8,
@@ -79,6 +82,10 @@ pub struct Batch {
     timed_out_tasks: AtomicUsize,
     pub deadline: Instant,
     settled: Latch,
+    /// The transport the metrics count the tasks under (`None`: not
+    /// counted) and when the batch was submitted, for their latency.
+    via: Option<Via>,
+    submitted: Instant,
     first_error: Mutex<Option<String>>,
     /// Runs once, when the batch settles (an asyncio loop's wake-up).
     on_settle: Mutex<Option<SettleHook>>,
@@ -101,12 +108,29 @@ impl Batch {
     /// A batch whose task `i` will be carried out in `slices[i]` slices; a
     /// task with no slices (zero bytes) is complete at once.
     pub fn new(target: &str, lens: &[u64], slices: &[u32], deadline: Instant) -> Arc<Self> {
-        debug_assert_eq!(lens.len(), slices.len());
+        Self::counted(target, None, &vec![Op::Write; lens.len()], lens, slices, deadline)
+    }
+
+    /// [`Batch::new`], counted in the metrics as requests of `ops` over
+    /// `via` (when given) as they settle. Tasks of no bytes are not
+    /// counted: nothing is sent for them.
+    pub fn counted(
+        target: &str,
+        via: Option<Via>,
+        ops: &[Op],
+        lens: &[u64],
+        slices: &[u32],
+        deadline: Instant,
+    ) -> Arc<Self> {
+        assert_eq!(lens.len(), slices.len());
+        assert_eq!(lens.len(), ops.len());
         let tasks: Box<[Task]> = lens
             .iter()
             .zip(slices)
-            .map(|(&len, &n)| Task {
+            .zip(ops)
+            .map(|((&len, &n), &op)| Task {
                 len,
+                op,
                 remaining_slices: AtomicU32::new(n),
                 failure: AtomicU8::new(0),
                 transferred: AtomicU64::new(0),
@@ -121,6 +145,8 @@ impl Batch {
             timed_out_tasks: AtomicUsize::new(0),
             deadline,
             settled: Latch::new(),
+            via,
+            submitted: Instant::now(),
             first_error: Mutex::new(None),
             on_settle: Mutex::new(None),
         });
@@ -152,8 +178,19 @@ impl Batch {
     }
 
     fn finish_slice(&self, task: usize) {
-        let before = self.tasks[task].remaining_slices.fetch_sub(1, Ordering::AcqRel);
+        let t = &self.tasks[task];
+        let before = t.remaining_slices.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(before > 0, "more slices finished than were planned");
+        if before == 1
+            && let Some(via) = self.via
+        {
+            // The task settled, on this thread: count it here.
+            let now = Instant::now();
+            let ok = t.failure.load(Ordering::Acquire) == 0;
+            let bytes = t.transferred();
+            let latency = now.saturating_duration_since(self.submitted);
+            metrics::record(t.op, via, Side::Initiator, bytes, ok, Some(latency), now);
+        }
         if before == 1 && self.pending_tasks.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.settled.set();
             let hook = self.on_settle.lock().unwrap_or_else(|e| e.into_inner()).take();

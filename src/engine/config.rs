@@ -62,6 +62,10 @@ pub struct EngineConfig {
     /// `MC_CUSTOM_TOPO_JSON`: the priority matrix the RDMA devices follow
     /// (`None`: made from the devices' NUMA nodes).
     pub topo_json: Option<std::path::PathBuf>,
+    /// `SHARDWIRE_METRICS_ADDR`: where the process serves `/metrics`.
+    pub metrics_addr: Option<String>,
+    /// `MC_TE_METRIC` (with its interval): log Mooncake's metric line.
+    pub te_metric: Option<Duration>,
 }
 
 impl Default for EngineConfig {
@@ -106,6 +110,8 @@ impl EngineConfig {
             rdma_devices_allowed: s.rdma.te_filters.clone(),
             rdma: crate::transport::rdma::slices::RdmaConfig::from_settings(&s.rdma),
             topo_json: s.custom_topo_json.clone(),
+            metrics_addr: s.metrics_addr.clone(),
+            te_metric: s.te_metric,
         }
     }
 }

@@ -56,6 +56,7 @@ use crate::proto::mooncake::message::{self, NotifyDesc};
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
 use crate::runtime::Runtime;
+use crate::telemetry::counters as metrics;
 use crate::transport::local::LocalTransport;
 use crate::transport::rdma::transport::RdmaTransport;
 use crate::transport::request::{self as req, Sink, Ticket};
@@ -209,6 +210,15 @@ impl TransferEngine {
             return Err(TeError::invalid("the engine is already initialized"));
         }
         let metadata = parse_metadata(metadata_server, metadata_type, self.config.default_metadata_server.as_deref())?;
+        if let Some(addr) = &self.config.metrics_addr {
+            crate::telemetry::serve::process_metrics(addr).map_err(|e| {
+                TeError::invalid(format!("SHARDWIRE_METRICS_ADDR={addr}: cannot serve metrics there: {e}"))
+            })?;
+        }
+        if let Some(every) = self.config.te_metric {
+            crate::telemetry::mc_log::start_process(every)
+                .map_err(|e| TeError::invalid(format!("MC_TE_METRIC: cannot start the metric log thread: {e}")))?;
+        }
         let want_rdma = match protocol.trim() {
             "tcp" | "" => false,
             "rdma" if self.config.force_tcp => false,
@@ -506,6 +516,22 @@ impl TransferEngine {
         seg.buffers.first().map(|b| b.0).ok_or_else(|| TeError::invalid(format!("segment {segment} has no buffers")))
     }
 
+    /// The process's metrics, as the Prometheus text format writes them:
+    /// `name{label="value",...}` to a number (histograms as their
+    /// `_bucket`, `_sum` and `_count` series). The counters are the
+    /// process's, not this engine's: every engine of a process (and every
+    /// stream) counts into them, as one `/metrics` endpoint serves them.
+    /// Figures are at most about 100 ms old.
+    pub fn metrics(&self) -> std::collections::BTreeMap<String, f64> {
+        crate::telemetry::prom::figures()
+    }
+
+    /// Where the process serves `/metrics` (`SHARDWIRE_METRICS_ADDR`), once
+    /// an engine has started it.
+    pub fn metrics_address(&self) -> Option<std::net::SocketAddr> {
+        crate::telemetry::serve::process_metrics_addr()
+    }
+
     /// Writes `len` bytes from local `buffer` to `peer_addr` of `target`.
     pub fn transfer_sync_write(&self, target: &str, buffer: u64, peer_addr: u64, len: u64) -> TeResult<()> {
         self.transfer_sync(target, buffer, peer_addr, len, Opcode::Write, None)
@@ -538,16 +564,19 @@ impl TransferEngine {
         notify: Option<&TransferNotify>,
     ) -> TeResult<()> {
         let engine = self.engine()?;
-        match requests {
+        let done = match requests {
             [one] if one.length > 0 && one.length <= crate::transport::tcp::INLINE_BYTES_MAX => {
-                engine.transfer_inline(target, one)?
+                engine.transfer_inline(target, one)
             }
-            _ => {
-                let batch = engine.submit(target, requests)?;
+            _ => engine.submit(target, requests).and_then(|batch| {
                 engine.wait_settled(&batch)?;
-                engine.settle(&batch)?;
-            }
-        }
+                engine.settle(&batch)
+            }),
+        };
+        // What this thread counted (submissions; requests it carried out
+        // itself) is published before the call returns.
+        metrics::flush(true);
+        done?;
         if let Some(note) = notify {
             let desc = NotifyDesc { name: note.name.clone(), notify_msg: note.msg.clone() };
             p2p::send_notify(&engine.rpc_target(target)?, &desc, &engine.call_options)?;
@@ -585,6 +614,9 @@ impl TransferEngine {
     ) -> TeResult<u64> {
         let engine = self.engine()?;
         let batch = engine.submit(target, requests)?;
+        // The caller may not call again for a while: what it counted
+        // (submissions, settled inline work) is published now.
+        metrics::flush(true);
         if let Some(hook) = on_settle {
             batch.set_on_settle(hook);
         }
@@ -1047,8 +1079,25 @@ impl Engine {
             len: r.length,
             deadline: Instant::now() + self.timeout + Duration::from_nanos(r.length),
         };
-        match self.transports[seg.transport].run_inline(&seg.route, &inline) {
-            Some(result) => result.inspect_err(|_| self.segments.forget(target)),
+        let transport = &self.transports[seg.transport];
+        let start = Instant::now();
+        match transport.run_inline(&seg.route, &inline) {
+            Some(result) => {
+                let now = Instant::now();
+                let via = metrics::Via::from_name(transport.name());
+                metrics::submitted(via, 1);
+                let bytes = if result.is_ok() { r.length } else { 0 };
+                metrics::record(
+                    op_of(r.opcode),
+                    via,
+                    metrics::Side::Initiator,
+                    bytes,
+                    result.is_ok(),
+                    Some(now - start),
+                    now,
+                );
+                result.inspect_err(|_| self.segments.forget(target))
+            }
             None => {
                 let batch = self.submit(target, std::slice::from_ref(r))?;
                 self.wait_settled(&batch)?;
@@ -1090,7 +1139,10 @@ impl Engine {
         }
         let deadline = Instant::now() + self.timeout + Duration::from_nanos(total);
         let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
-        let batch = Batch::new(target, &lens, &slice_counts, deadline);
+        let ops: Vec<metrics::Op> = requests.iter().map(|r| op_of(r.opcode)).collect();
+        let via = metrics::Via::from_name(transport.name());
+        let batch = Batch::counted(target, Some(via), &ops, &lens, &slice_counts, deadline);
+        metrics::submitted(via, slice_counts.iter().filter(|&&n| n > 0).count() as u64);
         let sink: Arc<dyn Sink> = batch.clone();
         // Slices go out in bounded runs: the transport waits for room, so
         // however large the batch, only a bounded number of slices exists
@@ -1158,5 +1210,13 @@ impl Engine {
         if let Meta::Etcd(reg) = &self.meta {
             reg.lock().unwrap_or_else(|e| e.into_inner()).withdraw();
         }
+    }
+}
+
+/// The metrics' name for an operation.
+fn op_of(op: Opcode) -> metrics::Op {
+    match op {
+        Opcode::Read => metrics::Op::Read,
+        Opcode::Write => metrics::Op::Write,
     }
 }

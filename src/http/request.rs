@@ -162,9 +162,16 @@ pub fn write_head(method: &str, path: &str, fields: &[(&str, &str)]) -> Result<V
 
 /// A whole response with a JSON or empty body.
 pub fn response(status: u16, body: &str, keep_alive: bool) -> Vec<u8> {
+    response_typed(status, "application/json", body, keep_alive)
+}
+
+/// A whole response whose body (if any) has `content_type`.
+pub fn response_typed(status: u16, content_type: &str, body: &str, keep_alive: bool) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {status} {}\r\nContent-Length: {}\r\n", reason(status), body.len());
     if !body.is_empty() {
-        out.push_str("Content-Type: application/json\r\n");
+        out.push_str("Content-Type: ");
+        out.push_str(content_type);
+        out.push_str("\r\n");
     }
     if !keep_alive {
         out.push_str("Connection: close\r\n");

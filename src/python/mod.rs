@@ -345,6 +345,20 @@ impl PyEngine {
         self.value_or(py.detach(|| e.rdma_device_bytes().map(|v| v.into_iter().collect())), Default::default())
     }
 
+    /// The process's metrics (beyond Mooncake): each Prometheus series,
+    /// written as `/metrics` writes it (`name{label="value",...}`), to its
+    /// value. The same figures `SHARDWIRE_METRICS_ADDR` serves.
+    fn metrics(&self, py: Python<'_>) -> std::collections::BTreeMap<String, f64> {
+        let e = self.inner.clone();
+        py.detach(move || e.metrics())
+    }
+
+    /// `host:port` where the process serves `/metrics`
+    /// (`SHARDWIRE_METRICS_ADDR`), or None.
+    fn metrics_address(&self) -> Option<String> {
+        self.inner.metrics_address().map(|a| a.to_string())
+    }
+
     #[pyo3(signature = (target_hostname, buffer, peer_buffer_address, length, transport_hint = ""))]
     fn transfer_sync_write(
         &self,

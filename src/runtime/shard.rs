@@ -453,6 +453,9 @@ impl Shard {
         self.ctx.stats.enters += 1;
         self.ctx.stats.spin_budget_ns = self.spin.budget().as_nanos() as u64;
         self.publish_stats();
+        // Parked, the shard counts nothing: what it counted is published
+        // now, not at its next wake-up.
+        crate::telemetry::counters::flush(true);
         let result = match self.ctx.timers.next_deadline() {
             Some(deadline) => {
                 let wait = deadline.saturating_duration_since(Instant::now());
@@ -478,6 +481,8 @@ impl Shard {
         self.ctx.stats.spin_budget_ns = self.spin.budget().as_nanos() as u64;
         self.ctx.stats.wake_writes = self.shared.parker.wake_writes();
         self.shared.stats.publish(&self.ctx.stats);
+        // The metrics too, if their period has passed.
+        crate::telemetry::counters::flush(false);
     }
 
     /// Refuses new work, fails what is queued, cancels what is in flight.
@@ -511,6 +516,7 @@ impl Shard {
         self.ctx.locals.clear();
         self.ctx.stats.jobs_canceled += canceled as u64;
         self.publish_stats();
+        crate::telemetry::counters::flush(true);
         ShardReport {
             shard: self.ctx.id,
             stats: self.shared.stats.snapshot(),

@@ -150,6 +150,7 @@ enum Reply<P> {
 struct ReplyGroup<P> {
     statuses: Vec<[u8; tcp::STATUS_BYTES]>,
     pieces: Vec<(*const u8, usize)>,
+    /// Kept for their pins (and counted once sent).
     _replies: Vec<Reply<P>>,
     total: usize,
     done: usize,
@@ -173,6 +174,25 @@ enum Phase {
     Closed,
 }
 
+/// Requests a session has carried out (or refused) since the driver last
+/// took the tally: a WRITE counts once its payload has landed, a READ once
+/// its bytes are sent, a rejection when it is decided.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Served {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub writes: u64,
+    pub write_bytes: u64,
+    /// Requests refused (bad header, unregistered range).
+    pub rejected: u64,
+}
+
+impl Served {
+    pub fn is_empty(&self) -> bool {
+        self.reads == 0 && self.writes == 0 && self.rejected == 0
+    }
+}
+
 /// One session's protocol state. See the module documentation.
 pub struct ServerSession<P> {
     limits: Limits,
@@ -194,6 +214,7 @@ pub struct ServerSession<P> {
     /// The client closed its side.
     peer_eof: bool,
     why: Option<String>,
+    served: Served,
 }
 
 impl<P> ServerSession<P> {
@@ -214,7 +235,13 @@ impl<P> ServerSession<P> {
             rejected: None,
             peer_eof: false,
             why: None,
+            served: Served::default(),
         }
+    }
+
+    /// What was served since the last call (for the metrics).
+    pub fn take_served(&mut self) -> Served {
+        std::mem::take(&mut self.served)
     }
 
     /// Where the next receive goes, if one may go now.
@@ -366,6 +393,12 @@ impl<P> ServerSession<P> {
         if group.done < group.total {
             return;
         }
+        for r in &group._replies {
+            if let Reply::Read { header, .. } = r {
+                self.served.reads += 1;
+                self.served.read_bytes += header.size;
+            }
+        }
         self.send = None; // releases the READ pins
         if self.phase != Phase::Running {
             return;
@@ -471,6 +504,8 @@ impl<P> ServerSession<P> {
         w.received += n;
         debug_assert!(w.received <= w.header.size);
         if w.received == w.header.size {
+            self.served.writes += 1;
+            self.served.write_bytes += w.header.size;
             let v2 = w.header.v2;
             self.incoming = None; // unpins: the bytes have landed
             if v2 {
@@ -532,6 +567,7 @@ impl<P> ServerSession<P> {
         // Whatever staging still holds is never looked at again (a receive
         // may be filling it, so it stays as it is).
         self.rejected = Some(v2);
+        self.served.rejected += 1;
         if v2 {
             self.replies.push_back(Reply::Status(tcp::STATUS_REJECTED));
         } else if self.replies.is_empty() && self.send.is_none() {

@@ -11,6 +11,7 @@ use super::{RecvError, RecvHandler, Session};
 use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing, ObjHdr, SbrCode, SbrError};
 use crate::stream::pipe::Pipe;
 use crate::stream::stats::RxCounters;
+use crate::telemetry::{Direction, StreamDelta, counters as telemetry};
 
 /// One request body to decode.
 pub(crate) struct Job {
@@ -90,7 +91,15 @@ fn run(pipe: &Arc<Pipe>, job: Job) -> Result<(), RecvError> {
         offset: 0,
         error: None,
     };
+    let trname = job.session.trname.clone();
+    telemetry::stream(&trname, Direction::Rx, StreamDelta { sessions: 1, ..StreamDelta::default() });
     let result = objects(&mut body, &job);
+    if result.is_err() {
+        telemetry::stream(&trname, Direction::Rx, StreamDelta { errors: 1, ..StreamDelta::default() });
+    }
+    // The body is done: what this thread counted is published now, not
+    // when the next body comes.
+    telemetry::flush(true);
     // Free what the last object's bytes still held.
     body.pipe.consume(std::mem::take(&mut body.owed));
     if let Err(e) = &result {
@@ -121,6 +130,9 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
                 if !hdr.is_control() {
                     c.num.fetch_add(1, Ordering::Relaxed);
                     c.size.fetch_add(received as i64, Ordering::Relaxed);
+                    let delta = StreamDelta { objects: 1, bytes: received, ..StreamDelta::default() };
+                    telemetry::stream(&job.session.trname, Direction::Rx, delta);
+                    telemetry::flush(false);
                 }
             }
             Step::Fin => {}

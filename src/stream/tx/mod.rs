@@ -193,6 +193,8 @@ pub(crate) struct TxShared {
     pub addr: std::net::SocketAddr,
     pub host: String,
     pub path: String,
+    /// The receiver's endpoint (the metrics count per trname).
+    pub trname: String,
     pub options: StreamOptions,
     /// Objects queued or in flight.
     outstanding: Mutex<usize>,
@@ -324,6 +326,7 @@ impl Stream {
             addr,
             host,
             path: format!("/v1/objstream/{trname}"),
+            trname: trname.to_string(),
             options,
             outstanding: Mutex::new(0),
             room: Condvar::new(),

@@ -15,6 +15,7 @@ use super::batch::Chunk;
 use super::conn::{Action, TxConn, TxFraming};
 use super::{Outgoing, StreamError, TxShared, complete};
 use crate::runtime::{Completion, ShardCtx};
+use crate::telemetry::{Direction, StreamDelta, counters as telemetry};
 use crate::transport::tcp::iov::IoVecs;
 use crate::transport::tcp::sock::{self, RawSockAddr};
 
@@ -149,6 +150,8 @@ fn run(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
                 if result.is_ok() && !o.hdr.is_control() {
                     done.objects += 1;
                     done.bytes += o.sent as i64;
+                } else if result.is_err() {
+                    done.errors += 1;
                 }
                 let Outgoing { hdr, body, cb, .. } = o;
                 drop(body); // closed before the callback, as AIStore does
@@ -183,6 +186,7 @@ struct Done {
     slots: usize,
     objects: i64,
     bytes: i64,
+    errors: u64,
 }
 
 impl Done {
@@ -191,6 +195,15 @@ impl Done {
             let mut c = shared.counters.lock().expect("stats lock");
             c.num += self.objects;
             c.size += self.bytes;
+        }
+        if self.objects > 0 || self.errors > 0 {
+            let delta = StreamDelta {
+                objects: self.objects as u64,
+                bytes: self.bytes as u64,
+                errors: self.errors,
+                sessions: 0,
+            };
+            telemetry::stream(&shared.trname, Direction::Tx, delta);
         }
         if self.slots > 0 {
             shared.release(self.slots);
@@ -265,7 +278,11 @@ fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
                 return; // an older connection
             }
             match done.io_result() {
-                Ok(_) => tx2.borrow_mut().core.on_connected(),
+                Ok(_) => {
+                    let delta = StreamDelta { sessions: 1, ..StreamDelta::default() };
+                    telemetry::stream(&tx2.borrow().shared.trname, Direction::Tx, delta);
+                    tx2.borrow_mut().core.on_connected()
+                }
                 Err(e) => tx2.borrow_mut().core.on_connect_failed(format!("connect to {addr}: {e}")),
             }
             run(ctx, &tx2);

@@ -31,6 +31,7 @@ pub mod control;
 mod crew;
 pub mod service;
 
+use crate::telemetry::{Event, counters as telemetry};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -673,6 +674,9 @@ impl Transport for LocalTransport {
             return;
         };
         let Some(peer) = self.peer(token) else {
+            for _ in &requests {
+                telemetry::event(Event::LocalToTcp);
+            }
             return self.tcp.submit(&Route::Tcp(tcp), requests);
         };
         let results = self.copy_all(&peer, &requests);
@@ -686,17 +690,26 @@ impl Transport for LocalTransport {
             }
         }
         if !over_tcp.is_empty() {
+            for _ in &over_tcp {
+                telemetry::event(Event::LocalToTcp);
+            }
             self.tcp.submit(&Route::Tcp(tcp), over_tcp);
         }
     }
 
     fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
         let Route::Local { token, tcp } = *route else { return None };
-        let Some(peer) = self.peer(token) else { return self.tcp.run_inline(&Route::Tcp(tcp), r) };
+        let Some(peer) = self.peer(token) else {
+            telemetry::event(Event::LocalToTcp);
+            return self.tcp.run_inline(&Route::Tcp(tcp), r);
+        };
         match peer.copy(Some(&self.crew), r.op, r.local, r.remote, r.len) {
             Ok(()) => Some(Ok(())),
             Err(Miss::Fail(_, why)) => Some(Err(TeError::invalid(why))),
-            Err(Miss::Fallback) => self.tcp.run_inline(&Route::Tcp(tcp), r),
+            Err(Miss::Fallback) => {
+                telemetry::event(Event::LocalToTcp);
+                self.tcp.run_inline(&Route::Tcp(tcp), r)
+            }
         }
     }
 

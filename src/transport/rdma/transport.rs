@@ -530,10 +530,11 @@ impl Dispatch {
         }
         let request =
             crate::transport::request::request(job.op, job.local, job.remote, job.len, job.deadline, job.ticket);
-        if let Err(mpsc::TrySendError::Full((_, r)) | mpsc::TrySendError::Disconnected((_, r))) =
-            tx.try_send((p, request))
-        {
-            r.ticket.fail(TransferStatus::Failed, &format!("{why}; and TCP's fallback queue is full"));
+        match tx.try_send((p, request)) {
+            Ok(()) => crate::telemetry::counters::event(crate::telemetry::Event::RdmaToTcp),
+            Err(mpsc::TrySendError::Full((_, r)) | mpsc::TrySendError::Disconnected((_, r))) => {
+                r.ticket.fail(TransferStatus::Failed, &format!("{why}; and TCP's fallback queue is full"))
+            }
         }
     }
 }

@@ -26,6 +26,7 @@ use super::sock::{self, RawSockAddr};
 use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
 use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
 use crate::runtime::{Completion, ShardCtx, TimerId};
+use crate::telemetry::{Event, counters as telemetry};
 use crate::transport::request::{Request, Sink, TransferStatus};
 
 /// Bounds on what one connection takes on at once.
@@ -97,9 +98,16 @@ pub(crate) fn local_inflight_default() -> u64 {
     })
 }
 
+/// Peers a shard remembers having connected to.
+const SEEN_PEERS_MAX: usize = 4096;
+
 /// One shard's client connections for one engine.
 pub struct ClientShard {
     conns: HashMap<Peer, Rc<RefCell<Conn>>>,
+    /// Peers this shard has connected to before, so that opening another
+    /// connection to one counts as a reconnect. Bounded: forgotten whole
+    /// when full (a reconnect may then count as a first connect).
+    seen: std::collections::HashSet<std::net::SocketAddr>,
     next_id: u64,
     limits: ClientLimits,
     credits: Arc<Credits>,
@@ -148,7 +156,15 @@ enum Op {
 
 impl ClientShard {
     pub fn new(limits: ClientLimits, credits: Arc<Credits>, shard: usize) -> Rc<RefCell<Self>> {
-        Rc::new(RefCell::new(Self { conns: HashMap::new(), next_id: 0, limits, credits, shard, closed: false }))
+        Rc::new(RefCell::new(Self {
+            conns: HashMap::new(),
+            seen: std::collections::HashSet::new(),
+            next_id: 0,
+            limits,
+            credits,
+            shard,
+            closed: false,
+        }))
     }
 
     /// Queues requests for `peer`, opening a connection if there is none.
@@ -171,6 +187,12 @@ impl ClientShard {
                 Some(c) => (c.clone(), false, credits, shard),
                 None => {
                     s.next_id += 1;
+                    if s.seen.len() >= SEEN_PEERS_MAX {
+                        s.seen.clear();
+                    }
+                    if !s.seen.insert(peer.addr) {
+                        telemetry::event(Event::TcpReconnect);
+                    }
                     let deadline = Instant::now() + s.limits.connect_timeout;
                     let core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
                     let conn = Rc::new(RefCell::new(Conn {
@@ -300,7 +322,10 @@ fn on_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion)
         let mut c = conn_rc.borrow_mut();
         c.connect_addr = None;
         match done.io_result() {
-            Ok(_) => c.core.on_connected(),
+            Ok(_) => {
+                telemetry::event(Event::TcpConnect);
+                c.core.on_connected()
+            }
             Err(e) => c.core.on_connect_failed(e.to_string()),
         }
     }

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use super::Peer;
 use super::iov::IoVecs;
 use crate::proto::mooncake::client::{ClientConn, Limits, Req, Settle};
+use crate::telemetry::{Event, counters as telemetry};
 use crate::transport::InlineRequest;
 
 /// Requests up to this size may take the direct path.
@@ -69,6 +70,7 @@ pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, connect_timeout: Dur
                 return Ok(());
             }
             Settle::Retry => {
+                telemetry::event(Event::TcpReconnect);
                 stream = connect(peer.addr, r.deadline, connect_timeout)?;
                 cached = false;
             }
@@ -108,6 +110,7 @@ fn connect(peer: SocketAddr, deadline: Instant, connect_timeout: Duration) -> Re
         message: format!("connect to {peer}: {e}"),
     })?;
     let _ = stream.set_nodelay(true);
+    telemetry::event(Event::TcpConnect);
     Ok(stream)
 }
 

@@ -22,7 +22,7 @@ use io_uring::{opcode, squeue, types};
 use super::iov::IoVecs;
 use super::sock;
 use crate::mem::{Pin, Registry};
-use crate::proto::mooncake::server::{Limits, Memory, ServerSession};
+use crate::proto::mooncake::server::{Limits, Memory, Served, ServerSession};
 use crate::runtime::{Completion, ShardCtx, TimerId};
 
 /// One shard's server sessions for one engine.
@@ -98,6 +98,7 @@ impl ServerShard {
                 return; // dropping fd closes it
             }
             let _ = sock::set_nodelay(&fd);
+            crate::telemetry::counters::event(crate::telemetry::Event::TcpAccept);
             shard.next_id += 1;
             let id = shard.next_id;
             let s = Rc::new(RefCell::new(Session {
@@ -165,6 +166,7 @@ fn submit(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>, entry: squeue::Ent
 /// receive and send, the drain's timer.
 fn pump(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
     let mut s = session.borrow_mut();
+    count_served(s.core.take_served());
     for _ in 0..2 {
         if s.core.is_closing() {
             return close_if_idle(ctx, &mut s);
@@ -230,6 +232,22 @@ fn pump(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
             }
         }
         return;
+    }
+}
+
+/// Into this shard's metrics (published with its next flush). A refused
+/// request counts as a failed write: which operation it was is unknown
+/// when its header did not decode.
+fn count_served(served: Served) {
+    use crate::telemetry::counters::{Op, Via, record_served};
+    if served.is_empty() {
+        return;
+    }
+    if served.reads > 0 {
+        record_served(Op::Read, Via::Tcp, served.reads, served.read_bytes, 0);
+    }
+    if served.writes + served.rejected > 0 {
+        record_served(Op::Write, Via::Tcp, served.writes + served.rejected, served.write_bytes, served.rejected);
     }
 }
 

@@ -54,6 +54,8 @@ pub const PEERS_MAX: usize = 4096;
 pub const LOCATIONS_MAX: usize = 1024;
 /// How often posted slices are checked against their deadlines (ns).
 const SWEEP_NS: u64 = 10_000_000;
+/// How often device bytes are added to the metrics while busy.
+const REPORT_NS: u64 = 100_000_000;
 /// How long an endpoint may hold work without a completion (ns) before it
 /// is taken for broken: four times what a device's own retries take with
 /// Mooncake's settings (timeout 14, about 67 ms, times 8 tries).
@@ -254,6 +256,8 @@ pub(super) struct Nic {
     gid: Gid,
     /// Bytes moved through it.
     bytes: u64,
+    /// Of `bytes`, how many the metrics have.
+    reported_bytes: u64,
     /// Endpoints on it now.
     endpoints: usize,
     /// Its rail: its place among all the devices of the segment (the
@@ -406,6 +410,8 @@ pub struct SliceEngine {
     uses: u64,
     /// When posted slices are next checked against their deadlines (ns).
     next_sweep_ns: u64,
+    /// When device bytes next go to the metrics.
+    next_report_ns: u64,
     /// The segment's devices in all (this engine's, and other shards').
     rails_total: u64,
     /// Where the count of devices up is kept for others to read.
@@ -430,7 +436,17 @@ impl SliceEngine {
                 .map_err(|why| FabricError::NoGid(info.name.clone(), why))?;
             let cq = ctx.create_cq(config.cqe)?;
             let rail = devices.len() as u64;
-            devices.push(Nic { up: info.state == PortState::Active, ctx, cq, info, gid, bytes: 0, endpoints: 0, rail });
+            devices.push(Nic {
+                up: info.state == PortState::Active,
+                ctx,
+                cq,
+                info,
+                gid,
+                bytes: 0,
+                reported_bytes: 0,
+                endpoints: 0,
+                rail,
+            });
         }
         Ok(SliceEngine {
             config,
@@ -454,6 +470,7 @@ impl SliceEngine {
             retries: 0,
             uses: 0,
             next_sweep_ns: 0,
+            next_report_ns: 0,
             rails_total: 0,
             up_watch: None,
         })
@@ -802,6 +819,18 @@ impl SliceEngine {
         if now_ns >= self.next_sweep_ns {
             self.next_sweep_ns = now_ns.saturating_add(SWEEP_NS);
             moved |= self.sweep_late(now_ns);
+        }
+        // Device bytes reach the metrics in sums, not per completion: every
+        // so often, and whenever the engine falls idle (before its shard
+        // parks).
+        if now_ns >= self.next_report_ns || (moved && self.requests.len() == 0) {
+            self.next_report_ns = now_ns.saturating_add(REPORT_NS);
+            for d in &mut self.devices {
+                if d.bytes > d.reported_bytes {
+                    crate::telemetry::counters::device_bytes(&d.info.name, d.bytes - d.reported_bytes);
+                    d.reported_bytes = d.bytes;
+                }
+            }
         }
         moved
     }
@@ -1155,6 +1184,7 @@ impl SliceEngine {
                 self.close_endpoint(p, ld, pd);
                 return Err(e);
             }
+            crate::telemetry::counters::event(crate::telemetry::Event::RdmaConnect);
         }
         self.uses += 1;
         ep.last_use = self.uses;
@@ -1232,6 +1262,7 @@ impl SliceEngine {
                 );
                 peer.paused_until[pd] = now_ns + self.config.pause_ns;
                 errors.clear();
+                crate::telemetry::counters::rail_paused(&peer.segment.devices[pd].name);
             }
         }
         let rec = self.slices.get_mut(key).expect("a slice in flight");
