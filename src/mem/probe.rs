@@ -48,6 +48,36 @@ pub fn numa_node_of(addr: u64) -> Option<u32> {
     (rc == 0 && node >= 0).then_some(node as u32)
 }
 
+/// Asks the kernel to place the pages of `[addr, addr + len)` not yet
+/// touched on NUMA node `node` when it can (`MPOL_PREFERRED`: another node
+/// when that one is full). `addr` must be page-aligned. For a shared
+/// mapping (a memfd) the policy is the memory's, whoever touches it.
+pub fn prefer_node(addr: u64, len: u64, node: u32) -> io::Result<()> {
+    const MPOL_PREFERRED: libc::c_int = 1;
+    /// Bits of the node mask passed (nodes 0..=1023).
+    const MASK_BITS: u32 = 1024;
+    if node >= MASK_BITS {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("NUMA node {node} is above {MASK_BITS}")));
+    }
+    let mut mask = [0 as libc::c_ulong; (MASK_BITS / libc::c_ulong::BITS) as usize];
+    mask[(node / libc::c_ulong::BITS) as usize] |= 1 << (node % libc::c_ulong::BITS);
+    // SAFETY: mbind reads the mask (MASK_BITS bits, the array's size) and
+    // changes only the policy of the range, which the kernel checks is
+    // mapped (EFAULT otherwise); it touches no memory of ours.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr as *mut libc::c_void,
+            len as libc::c_ulong,
+            MPOL_PREFERRED,
+            mask.as_ptr(),
+            (MASK_BITS + 1) as libc::c_ulong,
+            0 as libc::c_uint,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+}
+
 /// [`check_mapped`] against the text of a maps file.
 fn check_in(maps: &str, addr: u64, end: u64) -> Result<(), String> {
     let mut at = addr;

@@ -1,6 +1,7 @@
 //! The `shardwire` command line.
 
 mod logger;
+mod node;
 mod stream_cmd;
 
 use std::path::PathBuf;
@@ -28,6 +29,9 @@ enum Command {
     /// Object streams (AIStore's transport): listen, send.
     #[command(subcommand)]
     Stream(stream_cmd::StreamCommand),
+    /// A transfer node: serves a memory pool as a segment, receives object
+    /// streams, serves /metrics, /healthz and /readyz; drains on SIGTERM.
+    Node(Box<node::NodeArgs>),
 }
 
 #[derive(clap::Args)]
@@ -216,6 +220,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
         Command::Stream(cmd) => stream_cmd::run(&cmd),
+        Command::Node(args) => node::run(&args),
         Command::Bench(args) => match &args.what {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
             Some(BenchWhat::Stream(s)) => stream_bench(s),
