@@ -20,6 +20,8 @@
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
 //!   config, error        every environment variable, checked; the error type and Mooncake's codes
+//!   telemetry/           metrics: plain per-thread counters every layer records into, published
+//!                        every ~100 ms; Prometheus text, engine.metrics(), Mooncake's metric line
 //! ```
 //!
 //! A transfer: the engine checks both ends, slices the requests (and
@@ -84,6 +86,8 @@
 //! - **[`meta`]** finds peers: the P2P handshake or etcd.
 //! - **[`stream`]** carries AIStore-style object streams.
 //! - **[`engine`]** is the Mooncake-shaped API on top.
+//! - **[`telemetry`]** counts what every layer does, per thread and without
+//!   a shared atomic on the hot path, and serves it as Prometheus metrics.
 //!
 //! Every queue, frame and retry has a limit, and every transfer and object
 //! settles exactly once: done, failed, canceled or timed out.

@@ -161,3 +161,32 @@ fn transfers_are_counted_on_both_sides_and_scraped() {
     assert!(raw.starts_with("HTTP/1.1 400"), "{raw:?}");
     assert_eq!(scrape(addr, "/metrics").0, 200);
 }
+
+/// `MC_TE_METRIC=1`: the CLI logs Mooncake's line every interval, with the
+/// throughput and the latency distribution of that interval.
+#[test]
+fn mc_te_metric_logs_mooncakes_line() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shardwire"))
+        .args(["bench", "--duration", "3", "--block_size", "65536", "--threads", "1"])
+        .env("MC_TE_METRIC", "1")
+        .env("MC_TE_METRIC_INTERVAL_SECONDS", "1")
+        .env("SHARDWIRE_LOCAL", "0")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> =
+        err.lines().filter(|l| l.contains("[Metrics] Transfer Engine Stats (over last 1s)")).collect();
+    assert!(!lines.is_empty(), "no metric line in:\n{err}");
+    for l in &lines {
+        let rest = l.split("Throughput: ").nth(1).unwrap_or_else(|| panic!("{l}"));
+        let (mbps, dist) = rest.split_once(" MB/s | Latency Distribution (count=").unwrap_or_else(|| panic!("{l}"));
+        assert!(mbps.parse::<f64>().unwrap() > 0.0, "{l}");
+        let (count, bins) = dist.split_once("): ").unwrap_or_else(|| panic!("{l}"));
+        assert!(count.parse::<u64>().unwrap() > 0, "{l}");
+        let total: f64 =
+            bins.split(", ").map(|b| b.rsplit_once(':').unwrap().1.trim_end_matches('%').parse::<f64>().unwrap()).sum();
+        // Bins under 0.1% are left out, as Mooncake does; each is rounded.
+        assert!(total <= 100.5 && total > 97.5, "the bins cover the requests: {l}");
+    }
+}

@@ -216,7 +216,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    logger::init(settings.log.as_deref());
+    // MC_TE_METRIC's line is an info line: asking for it shows it.
+    let level = settings.log.as_deref().or(settings.te_metric.map(|_| "info"));
+    logger::init(level);
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
         Command::Stream(cmd) => stream_cmd::run(&cmd),
