@@ -8,7 +8,9 @@
 //!   after an error answer.
 //! - [`objstream`]: AIStore's object-stream frames, headers, PDUs and LZ4
 //!   framing.
+//! - [`resp`]: RESP2, the redis protocol (commands out, replies in).
 
 pub mod linger;
 pub mod mooncake;
 pub mod objstream;
+pub mod resp;

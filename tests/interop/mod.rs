@@ -112,6 +112,115 @@ impl Drop for EtcdServer {
     }
 }
 
+/// Waits until `ready` says yes, for at most 30 s; panics with `what`
+/// and the last answer otherwise.
+pub fn wait_until<E: std::fmt::Display>(what: &str, mut ready: impl FnMut() -> Result<(), E>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ready() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what} never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// An HTTP metadata server, a process of its own on a loopback port: the
+/// Mooncake wheel's `mooncake_http_metadata_server`, or `shardwire
+/// metadata-server`. Dropping it kills the process.
+pub struct HttpMetaServer {
+    child: KillOnDrop,
+    pub port: u16,
+}
+
+impl HttpMetaServer {
+    /// The wheel's server (aiohttp; serves `/metadata`).
+    pub fn mooncake() -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "mooncake.http_metadata_server", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--log-level", "WARNING"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd).spawn().expect("python runs");
+        Self::ready(child, port)
+    }
+
+    /// `shardwire metadata-server` with `args` added.
+    pub fn shardwire(args: &[&str]) -> Self {
+        Self::shardwire_on(free_port(), args)
+    }
+
+    pub fn shardwire_on(port: u16, args: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+        cmd.args(["metadata-server", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = die_with_parent(&mut cmd).spawn().expect("shardwire runs");
+        Self::ready(child, port)
+    }
+
+    fn ready(child: Child, port: u16) -> Self {
+        let server = Self { child: KillOnDrop(child), port };
+        let mut client = server.client();
+        wait_until(&server.url(), || {
+            use shardwire::meta::store::KvStore;
+            client.get("shardwire-test/ready").map(|_| ())
+        });
+        server
+    }
+
+    /// `http://127.0.0.1:PORT/metadata`, what `initialize` takes.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/metadata", self.port)
+    }
+
+    pub fn client(&self) -> shardwire::meta::http::HttpStore {
+        shardwire::meta::http::HttpStore::new(&self.url()).unwrap()
+    }
+
+    /// The child process (to read its stderr, or to kill it).
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child.0
+    }
+}
+
+/// A real redis server (Debian's redis-server, installed by tools/setup)
+/// on a loopback port of its own, keeping nothing on disk, with a
+/// password if given. Dropping it kills the server.
+pub struct RedisServer {
+    _child: KillOnDrop,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start(password: Option<&str>) -> Self {
+        let binary = std::env::var("SHARDWIRE_REDIS").unwrap_or_else(|_| "redis-server".into());
+        let port = free_port();
+        let mut cmd = Command::new(&binary);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): tools/setup installs redis-server"));
+        let server = Self { _child: KillOnDrop(child), port };
+        let auth = shardwire::meta::redis::RedisAuth { password: password.map(str::to_string), ..Default::default() };
+        wait_until(&server.url(), || {
+            shardwire::meta::redis::RedisStore::connect(&server.url(), auth.clone()).map(|_| ())
+        });
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
 /// The byte pattern of `peer.py`: `(i*131 + seed*7 + (i>>8)) & 255`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
