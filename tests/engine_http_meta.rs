@@ -5,6 +5,10 @@
 
 mod interop;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
 use interop::{HttpMetaServer, MooncakePeer, pattern};
 use shardwire::engine::{TransferEngine, TransferNotify, TransferOpcode as Opcode, code};
 use shardwire::meta::store::KvStore;
@@ -144,4 +148,152 @@ fn a_server_going_away_is_an_error_naming_it() {
     let fresh = TransferEngine::new();
     let err = fresh.initialize("127.0.0.1:7623", &url, "tcp", "").unwrap_err();
     assert_eq!(err.code(), code::METADATA, "{err}");
+}
+
+#[test]
+fn shardwire_engines_meet_through_shardwire_metadata_server() {
+    shardwire_engines_meet(&HttpMetaServer::shardwire(&[]), 7631);
+}
+
+#[test]
+fn mooncake_and_shardwire_meet_through_shardwire_metadata_server() {
+    mooncake_and_shardwire_meet(&HttpMetaServer::shardwire(&[]), 7641);
+}
+
+/// Raw bytes to the server; its answer's status and body.
+fn raw(port: u16, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    // The server closes after its answer (Connection: close is asked).
+    let _ = s.read_to_end(&mut out);
+    let r = shardwire::http::response::parse(&out, 1 << 20).unwrap_or_else(|e| panic!("{e}: {out:?}"));
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+/// The cases of the wheel's test_http_metadata_server.py, run against the
+/// wheel's server and against ours: the same answers from both.
+#[test]
+fn both_servers_follow_the_same_rules() {
+    for server in [HttpMetaServer::mooncake(), HttpMetaServer::shardwire(&[])] {
+        let port = server.port;
+        let req = |method: &str, query: &str, body: &str| {
+            let text = format!(
+                "{method} /metadata{query} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            raw(port, text.as_bytes())
+        };
+        // A missing, empty or blank key: 400, for every method.
+        for method in ["GET", "PUT", "DELETE"] {
+            for query in ["", "?key=", "?key=%20%20%20", "?other=1"] {
+                assert_eq!(req(method, query, "{}").0, 400, "{method} {query} on {}", server.url());
+            }
+        }
+        // Round trip, with the key stripped.
+        assert_eq!(req("PUT", "?key=%20test_key%20", "{\"v\":1}").0, 200);
+        assert_eq!(req("GET", "?key=test_key", ""), (200, "{\"v\":1}".into()));
+        assert_eq!(req("GET", "?key=%20test_key", "").0, 200);
+        assert_eq!(req("DELETE", "?key=test_key", "").0, 200);
+        assert_eq!(req("GET", "?key=test_key", "").0, 404);
+        assert_eq!(req("DELETE", "?key=test_key", "").0, 404);
+        // An rpc_meta key: a second PUT refused until it is deleted.
+        let key = "?key=mooncake%2Frpc_meta%2Fh%3A1";
+        assert_eq!(req("PUT", key, "{\"rpc_port\":1}").0, 200);
+        assert_eq!(req("PUT", key, "{\"rpc_port\":2}").0, 400);
+        assert_eq!(req("GET", key, ""), (200, "{\"rpc_port\":1}".into()));
+        assert_eq!(req("DELETE", key, "").0, 200);
+        assert_eq!(req("PUT", key, "{\"rpc_port\":2}").0, 200);
+        // Other keys may be overwritten.
+        assert_eq!(req("PUT", "?key=mooncake%2Fram%2Fh%3A1", "1").0, 200);
+        assert_eq!(req("PUT", "?key=mooncake%2Fram%2Fh%3A1", "2").0, 200);
+        assert_eq!(req("GET", "?key=mooncake%2Fram%2Fh%3A1", ""), (200, "2".into()));
+    }
+}
+
+#[test]
+fn malformed_http_gets_a_clear_400_and_the_server_goes_on() {
+    let mut server = HttpMetaServer::shardwire(&["--body-bytes-max", "1024", "--connections-max", "4"]);
+    let port = server.port;
+    let (status, body) = raw(port, b"NOT HTTP AT ALL\x01\r\n\r\n");
+    assert_eq!(status, 400);
+    assert!(body.contains("malformed"), "{body}");
+    let (status, _) = raw(port, b"PUT /metadata?key=k HTTP/1.1\r\nContent-Length: zz\r\n\r\n");
+    assert_eq!(status, 400);
+    let (status, body) = raw(port, b"PUT /metadata?key=k HTTP/1.1\r\nContent-Length: 4096\r\n\r\n");
+    assert_eq!(status, 413, "{body}");
+    let (status, _) = raw(port, b"PUT /metadata?key=k HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\n");
+    assert_eq!(status, 400);
+    let (status, _) = raw(port, b"GET /metadata?key=%zz HTTP/1.1\r\nConnection: close\r\n\r\n");
+    assert_eq!(status, 400);
+    // Too many connections: the one past the limit gets 503.
+    let held: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    let (status, _) = raw(port, b"GET /metadata?key=k HTTP/1.1\r\n\r\n");
+    assert_eq!(status, 503);
+    drop(held);
+    // Still serving, and still alive.
+    let mut client = server.client();
+    interop::wait_until("the server after the connections closed", || client.put("k", b"{}"));
+    assert_eq!(client.get("k").unwrap().as_deref(), Some(&b"{}"[..]));
+    assert!(server.child().try_wait().unwrap().is_none(), "the server is still running");
+}
+
+#[test]
+fn a_restart_keeps_the_state() {
+    let dir = std::env::temp_dir().join(format!("shardwire-meta-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("state.json");
+    let _ = std::fs::remove_file(&file);
+    let state = file.to_str().unwrap();
+    // No probes: the engine stays registered while the server is down.
+    let args = ["--state", state, "--probe-interval-ms", "0"];
+    let mut server = HttpMetaServer::shardwire(&args);
+    let port = server.port;
+    let url = server.url();
+    let target = engine(&url, "127.0.0.1:7651");
+    let remote = target.allocate_managed_buffer(1 << 20).unwrap();
+    let mut client = server.client();
+    client.put("plain/key", b"{\"kept\":true}").unwrap();
+    // Killed without a chance to flush anything.
+    server.child().kill().unwrap();
+    server.child().wait().unwrap();
+    drop(server);
+    let server = HttpMetaServer::shardwire_on(port, &args);
+    let mut client = server.client();
+    assert_eq!(client.get("plain/key").unwrap().as_deref(), Some(&b"{\"kept\":true}"[..]));
+    assert!(client.get("mooncake/rpc_meta/127.0.0.1:7651").unwrap().is_some());
+    // An engine started after the restart finds the one from before it.
+    let initiator = engine(&url, "127.0.0.1:7652");
+    let local = initiator.allocate_managed_buffer(1 << 20).unwrap();
+    initiator.write_bytes_to_buffer(local, &pattern(4096, 8)).unwrap();
+    initiator.transfer_sync_write("127.0.0.1:7651", local, remote, 4096).unwrap();
+    assert!(target.read_bytes_from_buffer(remote, 4096).unwrap() == pattern(4096, 8));
+    drop(initiator);
+    drop(target);
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_killed_engines_keys_are_dropped() {
+    let server = HttpMetaServer::shardwire(&["--probe-interval-ms", "200", "--probe-failures", "2"]);
+    let live = engine(&server.url(), "127.0.0.1:7661");
+    // A Mooncake engine, killed without a chance to delete its keys.
+    let mut dead = MooncakePeer::target_via(&server.url(), "127.0.0.1:7662", 1 << 20);
+    let mut client = server.client();
+    assert!(client.get("mooncake/rpc_meta/127.0.0.1:7662").unwrap().is_some());
+    dead.kill();
+    interop::wait_until("the dead engine's keys to go", || -> Result<(), String> {
+        let rpc = client.get("mooncake/rpc_meta/127.0.0.1:7662").map_err(|e| e.to_string())?;
+        let ram = client.get("mooncake/ram/127.0.0.1:7662").map_err(|e| e.to_string())?;
+        if rpc.is_none() && ram.is_none() { Ok(()) } else { Err("the keys are still there".into()) }
+    });
+    // The live engine, probed all along, keeps its keys.
+    assert!(client.get("mooncake/rpc_meta/127.0.0.1:7661").unwrap().is_some());
+    assert!(client.get("mooncake/ram/127.0.0.1:7661").unwrap().is_some());
+    // And the dead one's name can be registered again (no stale rpc_meta).
+    let heir = MooncakePeer::target_via(&server.url(), "127.0.0.1:7662", 1 << 20);
+    assert_eq!(heir.name, "127.0.0.1:7662");
+    drop(live);
 }

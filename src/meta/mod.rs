@@ -15,9 +15,14 @@
 //!
 //! `MC_METADATA_CLUSTER_ID=<id>` moves every store's keys under
 //! `mooncake/<id>/`.
+//!
+//! [`http_server`] is the other side of [`http`]: `shardwire
+//! metadata-server`, a server Mooncake engines use unchanged, that keeps
+//! its state in a file and drops the keys of engines that no longer answer.
 
 pub mod etcd;
 pub mod http;
+pub mod http_server;
 pub mod p2p;
 pub mod redis;
 pub mod store;
