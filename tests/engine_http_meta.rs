@@ -10,7 +10,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use interop::{HttpMetaServer, MooncakePeer, pattern};
-use shardwire::engine::{TransferEngine, TransferNotify, TransferOpcode as Opcode, code};
+use shardwire::engine::{TransferEngine, code};
 use shardwire::meta::store::KvStore;
 
 fn engine(url: &str, name: &str) -> TransferEngine {
@@ -81,48 +81,16 @@ fn shardwire_engines_meet(server: &HttpMetaServer, port_base: u16) {
 /// through `server`, each writing and reading the other's memory.
 fn mooncake_and_shardwire_meet(server: &HttpMetaServer, port_base: u16) {
     let url = server.url();
-    let (m1, s, m2) = (
-        format!("127.0.0.1:{port_base}"),
-        format!("127.0.0.1:{}", port_base + 1),
-        format!("127.0.0.1:{}", port_base + 2),
-    );
-    // A Mooncake target, a shardwire initiator.
-    let mut peer = MooncakePeer::target_via(&url, &m1, 4 << 20);
-    assert_eq!(peer.name, m1);
+    let name = |i: u16| format!("127.0.0.1:{}", port_base + i);
+    let e = engine(&url, &name(1));
     let mut client = server.client();
-    let rpc = json(&client.get(&format!("mooncake/rpc_meta/{m1}")).unwrap().expect("Mooncake's rpc_meta"));
-    assert_eq!(rpc["ip_or_host_name"], "127.0.0.1");
-    let e = engine(&url, &s);
-    let local = e.allocate_managed_buffer(4 << 20).unwrap();
-    for (size, seed) in [(4096u64, 1u64), (3 << 20, 2)] {
-        let data = pattern(size as usize, seed);
-        e.write_bytes_to_buffer(local, &data).unwrap();
-        e.transfer_sync_write(&peer.name, local, peer.buffer, size).unwrap();
-        assert_eq!(peer.cmd(&format!("check 0 {size} {seed}")), "ok", "{size} B into Mooncake");
-    }
-    assert_eq!(peer.cmd("fill 0 65536 7"), "ok");
-    e.transfer_sync_read(&peer.name, local, peer.buffer, 65536).unwrap();
-    assert!(e.read_bytes_from_buffer(local, 65536).unwrap() == pattern(65536, 7));
-    let note = TransferNotify { name: "from-shardwire".into(), msg: "via-http".into() };
-    e.transfer_sync(&peer.name, local, peer.buffer, 8, Opcode::Write, Some(&note)).unwrap();
-    assert!(peer.cmd("notifies").contains("from-shardwire=via-http"));
-    drop(peer);
-
-    // A shardwire target, a Mooncake initiator.
-    let remote = e.allocate_managed_buffer(4 << 20).unwrap();
-    let mut peer = MooncakePeer::initiator_via(&url, &m2, &s, remote, 4 << 20);
-    assert_eq!(peer.cmd("write 0 65536 3"), "ok");
-    assert!(e.read_bytes_from_buffer(remote, 65536).unwrap() == pattern(65536, 3));
-    assert_eq!(peer.cmd("write 0 2097152 4"), "ok");
-    assert!(e.read_bytes_from_buffer(remote, 2 << 20).unwrap() == pattern(2 << 20, 4));
-    e.write_bytes_to_buffer(remote, &pattern(2 << 20, 5)).unwrap();
-    assert_eq!(peer.cmd("read 0 2097152 5"), "ok");
-    assert_eq!(peer.cmd("batch 4 65536 6"), "ok");
-    assert_eq!(peer.cmd("notify ping"), "ok 0");
-    assert!(e.get_notifies().unwrap().iter().any(|n| n.name == "mooncake-peer" && n.msg == "ping"));
-    drop(peer);
+    interop::mooncake_and_shardwire_meet(&url, &e, &name(1), (&name(0), &name(2)), |peer| {
+        let key = format!("mooncake/rpc_meta/{}", peer.name);
+        let rpc = json(&client.get(&key).unwrap().expect("Mooncake's rpc_meta"));
+        assert_eq!(rpc["ip_or_host_name"], "127.0.0.1");
+    });
     e.shutdown();
-    assert_eq!(client.get(&format!("mooncake/rpc_meta/{s}")).unwrap(), None, "withdrawn");
+    assert_eq!(client.get(&format!("mooncake/rpc_meta/{}", name(1))).unwrap(), None, "withdrawn");
 }
 
 #[test]

@@ -379,6 +379,55 @@ impl Drop for MooncakePeer {
     }
 }
 
+/// A Mooncake engine (the wheel's Python API) and the shardwire engine `e`,
+/// registered as `e_name`, meeting through the metadata server that
+/// Mooncake spells `mooncake_meta`: a Mooncake target named `names.0`
+/// (checked by `check_target` while it runs), then a Mooncake initiator
+/// named `names.1`; each side writes and reads the other's memory, every
+/// byte checked, with notifications and a probe.
+pub fn mooncake_and_shardwire_meet(
+    mooncake_meta: &str,
+    e: &shardwire::engine::TransferEngine,
+    e_name: &str,
+    names: (&str, &str),
+    check_target: impl FnOnce(&MooncakePeer),
+) {
+    use shardwire::engine::{TransferNotify, TransferOpcode as Opcode};
+    // A Mooncake target, a shardwire initiator.
+    let mut peer = MooncakePeer::target_via(mooncake_meta, names.0, 4 << 20);
+    assert_eq!(peer.name, names.0);
+    check_target(&peer);
+    let local = e.allocate_managed_buffer(4 << 20).unwrap();
+    for (size, seed) in [(4096u64, 1u64), (3 << 20, 2)] {
+        let data = pattern(size as usize, seed);
+        e.write_bytes_to_buffer(local, &data).unwrap();
+        e.transfer_sync_write(&peer.name, local, peer.buffer, size).unwrap();
+        assert_eq!(peer.cmd(&format!("check 0 {size} {seed}")), "ok", "{size} B into Mooncake");
+    }
+    assert_eq!(peer.cmd("fill 0 65536 7"), "ok");
+    e.transfer_sync_read(&peer.name, local, peer.buffer, 65536).unwrap();
+    assert!(e.read_bytes_from_buffer(local, 65536).unwrap() == pattern(65536, 7));
+    let note = TransferNotify { name: "from-shardwire".into(), msg: "via-metadata".into() };
+    e.transfer_sync(&peer.name, local, peer.buffer, 8, Opcode::Write, Some(&note)).unwrap();
+    assert!(peer.cmd("notifies").contains("from-shardwire=via-metadata"));
+    drop(peer);
+
+    // A shardwire target, a Mooncake initiator.
+    let remote = e.allocate_managed_buffer(4 << 20).unwrap();
+    let mut peer = MooncakePeer::initiator_via(mooncake_meta, names.1, e_name, remote, 4 << 20);
+    assert_eq!(peer.cmd("write 0 65536 3"), "ok");
+    assert!(e.read_bytes_from_buffer(remote, 65536).unwrap() == pattern(65536, 3));
+    assert_eq!(peer.cmd("read 0 2097152 3"), "fail mismatch", "the pattern differs past 64 KiB");
+    assert_eq!(peer.cmd("write 0 2097152 4"), "ok");
+    assert!(e.read_bytes_from_buffer(remote, 2 << 20).unwrap() == pattern(2 << 20, 4));
+    e.write_bytes_to_buffer(remote, &pattern(2 << 20, 5)).unwrap();
+    assert_eq!(peer.cmd("read 0 2097152 5"), "ok");
+    assert_eq!(peer.cmd("batch 4 65536 6"), "ok");
+    assert_eq!(peer.cmd("notify ping"), "ok 0");
+    assert!(e.get_notifies().unwrap().iter().any(|n| n.name == "mooncake-peer" && n.msg == "ping"));
+    assert_eq!(peer.cmd(&format!("probe {e_name}")), "ok 0");
+}
+
 /// A tiny deterministic generator for test parameters.
 pub struct Rng(pub u64);
 
