@@ -245,7 +245,7 @@ fn a_restart_keeps_the_state() {
 
 #[test]
 fn a_killed_engines_keys_are_dropped() {
-    let server = HttpMetaServer::shardwire(&["--probe-interval-ms", "200", "--probe-failures", "2"]);
+    let mut server = HttpMetaServer::shardwire(&["--probe-interval-ms", "200", "--probe-failures", "2"]);
     let live = engine(&server.url(), "127.0.0.1:7661");
     // A Mooncake engine, killed without a chance to delete its keys.
     let mut dead = MooncakePeer::target_via(&server.url(), "127.0.0.1:7662", 1 << 20);
@@ -263,5 +263,12 @@ fn a_killed_engines_keys_are_dropped() {
     // And the dead one's name can be registered again (no stale rpc_meta).
     let heir = MooncakePeer::target_via(&server.url(), "127.0.0.1:7662", 1 << 20);
     assert_eq!(heir.name, "127.0.0.1:7662");
+    drop(heir);
     drop(live);
+    // The drop was logged, naming the keys and the address.
+    server.child().kill().unwrap();
+    let mut log = String::new();
+    server.child().stderr.take().unwrap().read_to_string(&mut log).unwrap();
+    assert!(log.contains("dropped mooncake/rpc_meta/127.0.0.1:7662 and mooncake/ram/127.0.0.1:7662"), "{log}");
+    assert!(!log.contains("7661"), "the live engine was left alone: {log}");
 }

@@ -15,7 +15,8 @@
 //! - with a state file, every change is on disk before it is acknowledged
 //!   (written to a temporary file, synced, renamed over the old one, and
 //!   the directory synced), so a crash or a restart loses nothing a client
-//!   was told is done;
+//!   was told is done. Each change rewrites the whole file: fine for
+//!   metadata (a few KiB per engine), not for a store of bulk data;
 //! - a prober connects to the RPC port in each `rpc_meta` entry every
 //!   interval; after `failures` refusals in a row it deletes that engine's
 //!   `rpc_meta` and `ram` keys (Mooncake engines leave theirs behind when
@@ -346,7 +347,11 @@ impl State {
     /// directory synced so that the rename itself is on disk.
     fn save(&self) -> std::io::Result<()> {
         let Some(file) = &self.file else { return Ok(()) };
-        let tmp = file.with_extension("tmp");
+        // Next to the file (a rename does not cross file systems), and
+        // never the file itself whatever its name.
+        let mut tmp = file.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
         {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(&self.table.to_json())?;

@@ -55,25 +55,25 @@ struct MetadataServerArgs {
     #[arg(long, default_value_t = 5000, value_name = "MS")]
     probe_interval_ms: u64,
     /// Refused probes in a row before an engine's keys are dropped.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
     probe_failures: u32,
     /// Most bytes of one value.
-    #[arg(long, default_value_t = 16 << 20)]
+    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
     body_bytes_max: usize,
     /// Most keys held.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
     keys_max: usize,
     /// Most bytes held, keys and values together.
-    #[arg(long, default_value_t = 1 << 30)]
+    #[arg(long, default_value_t = 1 << 30, value_name = "BYTES")]
     held_bytes_max: usize,
     /// Most connections at once (more get 503).
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
     connections_max: u64,
     /// Milliseconds a client may take to send one request.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
     request_timeout_ms: u64,
     /// Milliseconds a kept connection may sit idle.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
     idle_timeout_ms: u64,
 }
 
