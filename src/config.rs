@@ -434,6 +434,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A value that is never shown (a password): `Debug` prints `<hidden>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
 /// Where a received stream is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -515,7 +525,7 @@ pub struct Settings {
     pub metadata_cluster_id: Option<String>,
     pub etcd_ttl: Duration,
     pub redis_username: Option<String>,
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
     pub redis_db_index: Option<u8>,
     pub rpc_port_range: (u16, u16),
     pub handshake_max_len: u64,
@@ -595,7 +605,7 @@ impl Settings {
             metadata_cluster_id: r.text(&METADATA_CLUSTER_ID),
             etcd_ttl: Duration::from_secs(r.int(&ETCD_TTL)?.unwrap_or(30)),
             redis_username: r.text(&REDIS_USERNAME),
-            redis_password: r.raw(&REDIS_PASSWORD).map(|(_, p)| p),
+            redis_password: r.raw(&REDIS_PASSWORD).map(|(_, p)| Secret(p)),
             redis_db_index: r.int(&REDIS_DB_INDEX)?.map(|i| i as u8),
             rpc_port_range: (min_port, max_port),
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
@@ -925,7 +935,9 @@ mod tests {
         assert_eq!(with("MC_REDIS_DB_INDEX", "255").unwrap().redis_db_index, Some(255));
         assert!(with("MC_REDIS_DB_INDEX", "256").unwrap_err().to_string().contains("MC_REDIS_DB_INDEX=\"256\""));
         // A password is taken as it is, spaces and all.
-        assert_eq!(with("MC_REDIS_PASSWORD", " p w ").unwrap().redis_password.as_deref(), Some(" p w "));
+        let s = with("MC_REDIS_PASSWORD", " p w ").unwrap();
+        assert_eq!(s.redis_password.as_ref().map(|p| p.0.as_str()), Some(" p w "));
+        assert!(!format!("{s:?}").contains(" p w "), "never in a Debug dump");
         assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
         assert_eq!(Settings::default().rdma.retry_cnt, 9);
         assert_eq!(with("NCCL_IB_GID_INDEX", "3").unwrap().rdma.gid_index, Some(3));

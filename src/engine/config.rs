@@ -102,7 +102,7 @@ impl EngineConfig {
             etcd_ttl: s.etcd_ttl,
             redis: crate::meta::redis::RedisAuth {
                 username: s.redis_username.clone(),
-                password: s.redis_password.clone(),
+                password: s.redis_password.as_ref().map(|p| p.0.clone()),
                 db_index: s.redis_db_index,
             },
             stripe_bytes: s.stripe_bytes,
