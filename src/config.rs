@@ -226,8 +226,18 @@ pub const GID_INDEX: Var = Var {
     default: "chosen: routable RoCE v2 on IPv4 first",
     meaning: "the GID table entry RDMA uses",
 };
-pub const METADATA_CLUSTER_ID: Var =
-    var("MC_METADATA_CLUSTER_ID", Kind::Text, "unset", "etcd keys go under `mooncake/<id>/` instead of `mooncake/`");
+pub const METADATA_CLUSTER_ID: Var = var(
+    "MC_METADATA_CLUSTER_ID",
+    Kind::Text,
+    "unset",
+    "metadata keys (etcd, HTTP, redis) go under `mooncake/<id>/` instead of `mooncake/`",
+);
+pub const REDIS_USERNAME: Var =
+    var("MC_REDIS_USERNAME", Kind::Text, "unset", "the ACL user of `redis://` metadata (sent with `AUTH`)");
+pub const REDIS_PASSWORD: Var =
+    var("MC_REDIS_PASSWORD", Kind::Text, "unset", "the password of `redis://` metadata (sent with `AUTH`)");
+pub const REDIS_DB_INDEX: Var =
+    int("MC_REDIS_DB_INDEX", 0, 255, "", "0", "the database of `redis://` metadata (sent with `SELECT`)");
 pub const ETCD_TTL: Var =
     int("SHARDWIRE_ETCD_TTL", 1, 86_400, "seconds", "30", "seconds of the lease the etcd keys hang off");
 pub const LOCAL: Var = var(
@@ -357,6 +367,9 @@ pub const VARS: &[Var] = &[
     LEGACY_RPC_PORT_BINDING,
     METADATA_CLUSTER_ID,
     ETCD_TTL,
+    REDIS_USERNAME,
+    REDIS_PASSWORD,
+    REDIS_DB_INDEX,
     MIN_RPC_PORT,
     MAX_RPC_PORT,
     HANDSHAKE_MAX_LENGTH,
@@ -438,6 +451,16 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A value that is never shown (a password): `Debug` prints `<hidden>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<hidden>")
+    }
+}
+
 /// Where a received stream is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Placement {
@@ -518,6 +541,9 @@ pub struct Settings {
     pub legacy_rpc_port_binding: bool,
     pub metadata_cluster_id: Option<String>,
     pub etcd_ttl: Duration,
+    pub redis_username: Option<String>,
+    pub redis_password: Option<Secret>,
+    pub redis_db_index: Option<u8>,
     pub rpc_port_range: (u16, u16),
     pub handshake_max_len: u64,
     pub force_tcp: bool,
@@ -599,6 +625,9 @@ impl Settings {
             legacy_rpc_port_binding: r.boolean(&LEGACY_RPC_PORT_BINDING)?.unwrap_or(false),
             metadata_cluster_id: r.text(&METADATA_CLUSTER_ID),
             etcd_ttl: Duration::from_secs(r.int(&ETCD_TTL)?.unwrap_or(30)),
+            redis_username: r.text(&REDIS_USERNAME),
+            redis_password: r.raw(&REDIS_PASSWORD).map(|(_, p)| Secret(p)),
+            redis_db_index: r.int(&REDIS_DB_INDEX)?.map(|i| i as u8),
             rpc_port_range: (min_port, max_port),
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
@@ -960,6 +989,12 @@ mod tests {
         assert_eq!(with("SHARDWIRE_STREAM_PLACEMENT", "other").unwrap().stream_placement, Placement::Other);
         assert_eq!(with("SHARDWIRE_LOCAL_THREADS", "3").unwrap().local_threads, 3);
         assert_eq!(with("MC_SLICE_SIZE", "131072").unwrap().rdma.slice_bytes, 131_072);
+        assert_eq!(with("MC_REDIS_DB_INDEX", "255").unwrap().redis_db_index, Some(255));
+        assert!(with("MC_REDIS_DB_INDEX", "256").unwrap_err().to_string().contains("MC_REDIS_DB_INDEX=\"256\""));
+        // A password is taken as it is, spaces and all.
+        let s = with("MC_REDIS_PASSWORD", " p w ").unwrap();
+        assert_eq!(s.redis_password.as_ref().map(|p| p.0.as_str()), Some(" p w "));
+        assert!(!format!("{s:?}").contains(" p w "), "never in a Debug dump");
         assert!(with("MC_MAX_WR", "0").unwrap_err().to_string().contains("MC_MAX_WR=\"0\""));
         assert_eq!(Settings::default().rdma.retry_cnt, 9);
         assert_eq!(with("NCCL_IB_GID_INDEX", "3").unwrap().rdma.gid_index, Some(3));

@@ -251,7 +251,10 @@ fn calls_before_initialize_are_errors() {
         assert!(e.initialize("127.0.0.1", bad, "tcp", "").is_err(), "{bad}");
     }
     assert_eq!(e.initialize_ext("127.0.0.1", "127.0.0.1:1", "tcp", "", "etcd").unwrap_err().code(), code::METADATA);
-    assert_eq!(e.initialize_ext("127.0.0.1", "h:6379", "tcp", "", "redis").unwrap_err().code(), code::NOT_IMPLEMENTED);
+    // Nothing listens on port 1: every store fails with a metadata error.
+    assert_eq!(e.initialize_ext("127.0.0.1", "127.0.0.1:1", "tcp", "", "redis").unwrap_err().code(), code::METADATA);
+    assert_eq!(e.initialize_ext("127.0.0.1", "127.0.0.1:1/m", "tcp", "", "http").unwrap_err().code(), code::METADATA);
+    assert_eq!(e.initialize("127.0.0.1", "https://h:1/m", "tcp", "").unwrap_err().code(), code::NOT_IMPLEMENTED);
     assert_eq!(e.initialize("127.0.0.1", "P2PHANDSHAKE", "nvlink", "").unwrap_err().code(), code::INVALID_ARGUMENT);
     assert_eq!(e.initialize("[::1", "P2PHANDSHAKE", "tcp", "").unwrap_err().code(), code::INVALID_ARGUMENT);
     // After all those failures the engine still initializes.

@@ -7,7 +7,7 @@ mod interop;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use interop::{EtcdServer, KillOnDrop, MooncakePeer, pattern};
+use interop::{EtcdServer, KillOnDrop, pattern};
 use shardwire::engine::{TransferEngine, TransferNotify, TransferOpcode as Opcode, code};
 
 fn engine(etcd: &EtcdServer, name: &str) -> TransferEngine {
@@ -189,40 +189,18 @@ fn mooncake_and_shardwire_meet_through_etcd() {
     // Mooncake's own spelling of an etcd server: a bare host:port.
     let mooncake_meta = etcd.endpoint.clone();
 
-    // A Mooncake target, a shardwire initiator.
-    let mut peer = MooncakePeer::target_via(&mooncake_meta, "127.0.0.1:7401", 4 << 20);
-    assert_eq!(peer.name, "127.0.0.1:7401");
-    let client = etcd.client();
-    let rpc = json(&client.get("mooncake/rpc_meta/127.0.0.1:7401").unwrap().expect("Mooncake's rpc_meta"));
-    assert_eq!(rpc["ip_or_host_name"], "127.0.0.1");
     let e = engine(&etcd, "127.0.0.1:7402");
-    let local = e.allocate_managed_buffer(4 << 20).unwrap();
-    for (size, seed) in [(4096u64, 1u64), (3 << 20, 2)] {
-        let data = pattern(size as usize, seed);
-        e.write_bytes_to_buffer(local, &data).unwrap();
-        e.transfer_sync_write(&peer.name, local, peer.buffer, size).unwrap();
-        assert_eq!(peer.cmd(&format!("check 0 {size} {seed}")), "ok", "{size} B into Mooncake");
-    }
-    assert_eq!(peer.cmd("fill 0 65536 7"), "ok");
-    e.transfer_sync_read(&peer.name, local, peer.buffer, 65536).unwrap();
-    assert!(e.read_bytes_from_buffer(local, 65536).unwrap() == pattern(65536, 7));
-    let note = TransferNotify { name: "from-shardwire".into(), msg: "via-etcd".into() };
-    e.transfer_sync(&peer.name, local, peer.buffer, 8, Opcode::Write, Some(&note)).unwrap();
-    assert!(peer.cmd("notifies").contains("from-shardwire=via-etcd"));
-    drop(peer);
-
-    // A shardwire target, a Mooncake initiator.
-    let remote = e.allocate_managed_buffer(4 << 20).unwrap();
-    let mut peer = MooncakePeer::initiator_via(&mooncake_meta, "127.0.0.1:7403", "127.0.0.1:7402", remote, 4 << 20);
-    assert_eq!(peer.cmd("write 0 65536 3"), "ok");
-    assert!(e.read_bytes_from_buffer(remote, 65536).unwrap() == pattern(65536, 3));
-    assert_eq!(peer.cmd("read 0 2097152 3"), "fail mismatch", "the pattern differs past 64 KiB");
-    assert_eq!(peer.cmd("write 0 2097152 4"), "ok");
-    assert_eq!(peer.cmd("read 0 2097152 4"), "ok");
-    assert_eq!(peer.cmd("batch 4 65536 5"), "ok");
-    assert_eq!(peer.cmd("notify ping"), "ok 0");
-    assert!(e.get_notifies().unwrap().iter().any(|n| n.name == "mooncake-peer" && n.msg == "ping"));
-    assert_eq!(peer.cmd("probe 127.0.0.1:7402"), "ok 0");
+    let client = etcd.client();
+    interop::mooncake_and_shardwire_meet(
+        &mooncake_meta,
+        &e,
+        "127.0.0.1:7402",
+        ("127.0.0.1:7401", "127.0.0.1:7403"),
+        |_| {
+            let rpc = json(&client.get("mooncake/rpc_meta/127.0.0.1:7401").unwrap().expect("Mooncake's rpc_meta"));
+            assert_eq!(rpc["ip_or_host_name"], "127.0.0.1");
+        },
+    );
 }
 
 #[test]

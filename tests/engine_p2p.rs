@@ -63,10 +63,10 @@ fn errors_are_codes_not_crashes() {
     assert_eq!(e.initialize("127.0.0.1", "foo://x", "tcp", "").unwrap_err().code(), code::INVALID_ARGUMENT);
     // Nothing listens on port 1: etcd metadata fails with a metadata error, not a hang.
     assert_eq!(e.initialize("127.0.0.1", "etcd://127.0.0.1:1", "tcp", "").unwrap_err().code(), code::METADATA);
-    assert_eq!(
-        e.initialize("127.0.0.1", "redis://127.0.0.1:6379", "tcp", "").unwrap_err().code(),
-        code::NOT_IMPLEMENTED
-    );
+    assert_eq!(e.initialize("127.0.0.1", "redis://127.0.0.1:1", "tcp", "").unwrap_err().code(), code::METADATA);
+    let err = e.initialize("127.0.0.1", "http://127.0.0.1:1/metadata", "tcp", "").unwrap_err();
+    assert_eq!(err.code(), code::METADATA);
+    assert!(err.message().contains("http://127.0.0.1:1/metadata"), "the error names the server: {err}");
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").unwrap();
     assert!(e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").is_err(), "twice");
     assert_eq!(e.transfer_check_status(12345).unwrap_err().code(), code::INVALID_ARGUMENT, "bogus batch id");

@@ -40,10 +40,12 @@ pub struct EngineConfig {
     /// `SHARDWIRE_LOCAL_THREADS`: threads (the caller among them) that
     /// share one large same-host copy.
     pub local_threads: usize,
-    /// `MC_METADATA_CLUSTER_ID`: etcd keys under `mooncake/<id>/`.
+    /// `MC_METADATA_CLUSTER_ID`: metadata keys under `mooncake/<id>/`.
     pub metadata_cluster_id: Option<String>,
     /// `SHARDWIRE_ETCD_TTL`: the lease the etcd keys hang off.
     pub etcd_ttl: Duration,
+    /// `MC_REDIS_USERNAME`, `MC_REDIS_PASSWORD`, `MC_REDIS_DB_INDEX`.
+    pub redis: crate::meta::redis::RedisAuth,
     /// Requests above this many bytes are striped over the shards, in
     /// pieces of this size (`SHARDWIRE_STRIPE_BYTES`).
     pub stripe_bytes: u64,
@@ -102,6 +104,11 @@ impl EngineConfig {
             local_threads: s.local_threads,
             metadata_cluster_id: s.metadata_cluster_id.clone(),
             etcd_ttl: s.etcd_ttl,
+            redis: crate::meta::redis::RedisAuth {
+                username: s.redis_username.clone(),
+                password: s.redis_password.as_ref().map(|p| p.0.clone()),
+                db_index: s.redis_db_index,
+            },
             stripe_bytes: s.stripe_bytes,
             client_limits,
             runtime: None,

@@ -50,8 +50,9 @@ pub use rpc::TransferNotify;
 
 use crate::mem::Registry;
 use crate::mem::managed::ManagedPool;
-use crate::meta::etcd::{EtcdClient, EtcdRegistration, RpcMeta};
+use crate::meta::etcd::{EtcdClient, EtcdStore};
 use crate::meta::p2p::{self, CallOptions, RpcServer};
+use crate::meta::store::{KvStore, Registration, RpcMeta};
 use crate::proto::mooncake::message::{self, NotifyDesc};
 use crate::proto::mooncake::name::{self, HostPort};
 use crate::proto::mooncake::tcp::Opcode;
@@ -96,12 +97,17 @@ enum Metadata {
     P2p,
     /// etcd endpoints, `h1:2379,h2:2379`.
     Etcd(String),
+    /// `http://host:port/path`.
+    Http(String),
+    /// `redis://host:port[/db]`.
+    Redis(String),
 }
 
 /// The metadata an initialized engine publishes to and looks peers up in.
 enum Meta {
     P2p,
-    Etcd(Box<Mutex<EtcdRegistration>>),
+    /// A central store (etcd, HTTP, redis).
+    Store(Box<Mutex<Registration>>),
 }
 
 /// A transfer engine. Create it, `initialize` it, then register memory and
@@ -242,10 +248,8 @@ impl TransferEngine {
         // (12001 when the name has none).
         let rpc_port_wanted = match metadata {
             Metadata::P2p => hp.port,
-            Metadata::Etcd(_) if self.config.legacy_rpc_port_binding => {
-                Some(hp.port.unwrap_or(p2p::HANDSHAKE_PORT_DEFAULT))
-            }
-            Metadata::Etcd(_) => None,
+            _ if self.config.legacy_rpc_port_binding => Some(hp.port.unwrap_or(p2p::HANDSHAKE_PORT_DEFAULT)),
+            _ => None,
         };
         let rpc_listener = sock::bind_listener(bind_ip, rpc_port_wanted, self.config.port_range).map_err(|e| {
             TeError::new(code::SOCKET, format!("cannot bind the RPC port for {local_hostname} on {bind_ip}: {e}"))
@@ -284,7 +288,7 @@ impl TransferEngine {
         };
         let name = match metadata {
             Metadata::P2p => HostPort::with_port(&advertised, rpc_port),
-            Metadata::Etcd(_) => local_hostname.trim().to_string(),
+            _ => local_hostname.trim().to_string(),
         };
         let call_options = CallOptions {
             connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
@@ -341,19 +345,24 @@ impl TransferEngine {
         });
         let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
-        let meta = match &metadata {
-            Metadata::P2p => Meta::P2p,
+        let store: Option<Box<dyn KvStore>> = match &metadata {
+            Metadata::P2p => None,
             Metadata::Etcd(endpoints) => {
-                let mut registration = EtcdRegistration::start(
-                    EtcdClient::new(endpoints)?,
-                    &name,
-                    self.config.etcd_ttl,
-                    self.config.metadata_cluster_id.as_deref(),
-                )?;
-                refuse_live_name(&registration, &name)?;
+                Some(Box::new(EtcdStore::start(EtcdClient::new(endpoints)?, self.config.etcd_ttl)?))
+            }
+            Metadata::Http(url) => Some(Box::new(crate::meta::http::HttpStore::new(url)?)),
+            Metadata::Redis(url) => {
+                Some(Box::new(crate::meta::redis::RedisStore::connect(url, self.config.redis.clone())?))
+            }
+        };
+        let meta = match store {
+            None => Meta::P2p,
+            Some(store) => {
+                let mut registration = Registration::new(store, &name, self.config.metadata_cluster_id.as_deref());
+                refuse_live_name(&mut registration, &name)?;
                 let rpc = RpcMeta { ip_or_host_name: advertised.clone(), rpc_port };
                 registration.publish(&rpc, &handler.descriptor())?;
-                Meta::Etcd(Box::new(Mutex::new(registration)))
+                Meta::Store(Box::new(Mutex::new(registration)))
             }
         };
         log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
@@ -898,9 +907,11 @@ fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> T
         "p2p" => Ok(Metadata::P2p),
         // A bare host:port means etcd, as in Mooncake.
         "etcd" => Ok(Metadata::Etcd(server.trim_start_matches("etcd://").to_string())),
-        "http" | "https" | "redis" => Err(TeError::new(
+        "http" => Ok(Metadata::Http(server)),
+        "redis" => Ok(Metadata::Redis(server)),
+        "https" => Err(TeError::new(
             code::NOT_IMPLEMENTED,
-            format!("metadata server {server:?}: {scheme} metadata is not supported yet; use P2PHANDSHAKE"),
+            format!("metadata server {server:?}: https metadata is not supported; use http://"),
         )),
         other => Err(TeError::invalid(format!(
             "metadata server {server:?}: unknown scheme {other:?} (expected P2PHANDSHAKE, etcd://, http://, redis://)"
@@ -911,7 +922,7 @@ fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> T
 /// Mooncake lets a second engine overwrite the keys of a name in use, and
 /// both then break. Here a name whose registered RPC port still answers is
 /// refused; keys left by an engine that died are taken over.
-fn refuse_live_name(registration: &EtcdRegistration, name: &str) -> TeResult<()> {
+fn refuse_live_name(registration: &mut Registration, name: &str) -> TeResult<()> {
     let Some(prev) = registration.rpc_meta(name)? else { return Ok(()) };
     let addr = HostPort::with_port(&prev.ip_or_host_name, prev.rpc_port);
     let quick =
@@ -923,7 +934,8 @@ fn refuse_live_name(registration: &EtcdRegistration, name: &str) -> TeResult<()>
         ));
     }
     log::info!("segment name {name}: taking over the keys of an engine at {addr} that no longer answers");
-    Ok(())
+    // Mooncake's HTTP server refuses to overwrite an rpc_meta key.
+    registration.clear_stale()
 }
 
 impl Engine {
@@ -963,23 +975,25 @@ impl Engine {
     fn fetch_descriptor(&self, name: &str) -> TeResult<(message::SegmentDesc, Option<String>)> {
         match &self.meta {
             Meta::P2p => Ok((p2p::fetch_segment(name, &self.handler.descriptor(), &self.call_options)?, None)),
-            Meta::Etcd(reg) => {
-                let (bytes, rpc) = reg.lock().unwrap_or_else(|e| e.into_inner()).lookup(name)?;
+            Meta::Store(reg) => {
+                let mut reg = reg.lock().unwrap_or_else(|e| e.into_inner());
+                let (bytes, rpc) = reg.lookup(name)?;
                 let desc = message::from_wire(&bytes).map_err(|e| {
-                    TeError::new(code::MALFORMED_JSON, format!("segment {name} in etcd is not a descriptor: {e}"))
+                    let store = reg.describe();
+                    TeError::new(code::MALFORMED_JSON, format!("segment {name} in {store} is not a descriptor: {e}"))
                 })?;
                 Ok((desc, rpc.map(|r| r.ip_or_host_name)))
             }
         }
     }
 
-    /// Where `name`'s RPC port is: the name itself in P2P mode; with etcd,
+    /// Where `name`'s RPC port is: the name itself in P2P mode; with a store,
     /// its `rpc_meta` entry (or the name, if it is an address there is no
     /// entry for).
     fn rpc_target(&self, name: &str) -> TeResult<String> {
         match &self.meta {
             Meta::P2p => Ok(name.to_string()),
-            Meta::Etcd(reg) => match reg.lock().unwrap_or_else(|e| e.into_inner()).rpc_meta(name)? {
+            Meta::Store(reg) => match reg.lock().unwrap_or_else(|e| e.into_inner()).rpc_meta(name)? {
                 Some(r) => Ok(HostPort::with_port(&r.ip_or_host_name, r.rpc_port)),
                 None if name::parse(name).is_ok_and(|hp| hp.port.is_some()) => Ok(name.to_string()),
                 None => Err(TeError::new(code::METADATA, format!("{name} is not known to the metadata server"))),
@@ -1018,9 +1032,9 @@ impl Engine {
     }
 
     /// Republishes this engine's descriptor if registrations changed since
-    /// the last time (etcd; P2P peers ask for it).
+    /// the last time (a central store; P2P peers ask for it).
     fn publish(&self) -> TeResult<()> {
-        let Meta::Etcd(reg) = &self.meta else { return Ok(()) };
+        let Meta::Store(reg) = &self.meta else { return Ok(()) };
         let mut reg = reg.lock().unwrap_or_else(|e| e.into_inner());
         // Built under the lock, so the last publisher writes the newest state.
         reg.publish_descriptor(&self.handler.descriptor())
@@ -1028,7 +1042,7 @@ impl Engine {
 
     /// Publishes after memory was released: that cannot be undone, so a
     /// failure is only logged (peers that still see the region are refused
-    /// by the data server; the next successful publish corrects etcd).
+    /// by the data server; the next successful publish corrects the store).
     fn publish_after_release(&self) {
         if let Err(e) = self.publish() {
             log::warn!("engine {}: the metadata server still lists released memory: {e}", self.name);
@@ -1207,7 +1221,7 @@ impl Engine {
         for t in &self.transports {
             t.close();
         }
-        if let Meta::Etcd(reg) = &self.meta {
+        if let Meta::Store(reg) = &self.meta {
             reg.lock().unwrap_or_else(|e| e.into_inner()).withdraw();
         }
     }

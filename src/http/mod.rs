@@ -2,12 +2,15 @@
 //!
 //! - [`chunked`]: an incremental decoder of `Transfer-Encoding: chunked`
 //!   bodies that hands out borrowed slices of the input (no copy).
+//! - [`query`]: percent-encoding of query values, and finding one in a
+//!   request target.
 //! - [`request`]: request heads as a server reads them (limits, body
 //!   framing, keep-alive) and the responses it writes.
 //! - [`response`]: splits a whole response (as read to EOF) into status,
 //!   headers and body; the etcd client uses it.
 
 pub mod chunked;
+pub mod query;
 pub mod request;
 pub mod response;
 

@@ -5,15 +5,12 @@
 //! so no gRPC stack (and no tokio, no protoc) is needed for the few calls the
 //! engine makes: publish its descriptor, read a peer's, delete on exit.
 //!
-//! Keys follow Mooncake's layout, so shardwire and Mooncake engines find
-//! each other through one etcd:
-//!
-//! - `mooncake/ram/<segment name>`: the segment descriptor;
-//! - `mooncake/rpc_meta/<segment name>`: `{"ip_or_host_name": ..., "rpc_port": N}`;
-//! - with `MC_METADATA_CLUSTER_ID=<id>`, `mooncake/<id>/...` instead.
+//! Keys follow Mooncake's layout ([`super::store`]), so shardwire and
+//! Mooncake engines find each other through one etcd.
 //!
 //! Beyond Mooncake, both keys hang off a lease that a background thread
-//! keeps alive: a process that dies leaves no stale keys past the TTL.
+//! keeps alive ([`EtcdStore`]): a process that dies leaves no stale keys
+//! past the TTL.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -22,24 +19,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::store::KvStore;
+use crate::error::{TeError, TeResult, code};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use serde::{Deserialize, Serialize};
-
-use crate::error::{TeError, TeResult, code};
-use crate::proto::mooncake::message::{SegmentDesc, to_wire};
 
 /// Most bytes of an etcd response read.
 const RESPONSE_BYTES_MAX: usize = 64 << 20;
 /// How long one etcd call may take (Mooncake's client allows about 5 s).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What `rpc_meta/<name>` holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RpcMeta {
-    pub ip_or_host_name: String,
-    pub rpc_port: u16,
-}
 
 /// A client of one etcd cluster (a list of endpoints, tried in turn).
 #[derive(Debug, Clone)]
@@ -142,33 +130,19 @@ fn post_once(endpoint: &str, path: &str, body: &serde_json::Value) -> Result<ser
     Ok(json)
 }
 
-/// An engine's keys in etcd, kept alive by a lease.
-pub struct EtcdRegistration {
+/// etcd as a [`KvStore`]: every key put hangs off one lease that a
+/// background thread keeps alive, so a process that dies leaves no stale
+/// keys past the TTL.
+pub struct EtcdStore {
     client: EtcdClient,
-    prefix: String,
-    name: String,
     lease: Option<i64>,
-    /// The descriptor etcd holds (timestamp cleared), to skip puts that
-    /// change nothing.
-    published: Option<SegmentDesc>,
-    /// Whether this engine wrote its keys (and so may delete them).
-    owns_keys: bool,
     stop: Arc<AtomicBool>,
     keeper: Option<JoinHandle<()>>,
 }
 
-/// Mooncake's key prefix: `mooncake/`, or `mooncake/<cluster id>/`.
-pub fn key_prefix(cluster_id: Option<&str>) -> String {
-    match cluster_id.map(str::trim) {
-        Some(id) if !id.is_empty() => format!("mooncake/{id}/"),
-        _ => "mooncake/".into(),
-    }
-}
-
-impl EtcdRegistration {
-    /// Grants a lease of `ttl` and starts keeping it alive; keys go under
-    /// the cluster's prefix (`MC_METADATA_CLUSTER_ID`).
-    pub fn start(client: EtcdClient, name: &str, ttl: Duration, cluster_id: Option<&str>) -> TeResult<Self> {
+impl EtcdStore {
+    /// Grants a lease of `ttl` and starts keeping it alive.
+    pub fn start(client: EtcdClient, ttl: Duration) -> TeResult<Self> {
         let lease = client.grant(ttl)?;
         let stop = Arc::new(AtomicBool::new(false));
         let (c, s) = (client.clone(), stop.clone());
@@ -176,64 +150,29 @@ impl EtcdRegistration {
             .name("shardwire-etcd".into())
             .spawn(move || keep_alive(&c, lease, ttl, &s))
             .map_err(|e| TeError::new(code::CONTEXT, e.to_string()))?;
-        Ok(Self {
-            client,
-            prefix: key_prefix(cluster_id),
-            name: name.to_string(),
-            lease: Some(lease),
-            published: None,
-            owns_keys: false,
-            stop,
-            keeper: Some(keeper),
-        })
+        Ok(Self { client, lease: Some(lease), stop, keeper: Some(keeper) })
+    }
+}
+
+impl KvStore for EtcdStore {
+    fn get(&mut self, key: &str) -> TeResult<Option<Vec<u8>>> {
+        self.client.get(key)
     }
 
-    fn key(&self, kind: &str, name: &str) -> String {
-        format!("{}{kind}/{name}", self.prefix)
+    fn put(&mut self, key: &str, value: &[u8]) -> TeResult<()> {
+        self.client.put(key, value, self.lease)
     }
 
-    /// Publishes the RPC address and the segment descriptor.
-    pub fn publish(&mut self, rpc: &RpcMeta, descriptor: &SegmentDesc) -> TeResult<()> {
-        let meta = to_wire(rpc);
-        self.owns_keys = true;
-        self.client.put(&self.key("rpc_meta", &self.name), &meta, self.lease)?;
-        self.publish_descriptor(descriptor)
+    fn delete(&mut self, key: &str) -> TeResult<()> {
+        self.client.delete(key)
     }
 
-    /// Publishes the descriptor, unless etcd already holds the same one
-    /// (but for its timestamp).
-    pub fn publish_descriptor(&mut self, descriptor: &SegmentDesc) -> TeResult<()> {
-        let mut key = descriptor.clone();
-        key.timestamp.clear();
-        if self.published.as_ref() == Some(&key) {
-            return Ok(());
-        }
-        self.client.put(&self.key("ram", &self.name), &to_wire(descriptor), self.lease)?;
-        self.published = Some(key);
-        Ok(())
+    fn describe(&self) -> String {
+        format!("etcd {}", self.client.endpoints.join(","))
     }
 
-    /// A peer's descriptor and RPC address.
-    pub fn lookup(&self, name: &str) -> TeResult<(Vec<u8>, Option<RpcMeta>)> {
-        let desc = self
-            .client
-            .get(&self.key("ram", name))?
-            .ok_or_else(|| TeError::new(code::METADATA, format!("no segment named {name} in etcd")))?;
-        let rpc = self.rpc_meta(name)?;
-        Ok((desc, rpc))
-    }
-
-    pub fn rpc_meta(&self, name: &str) -> TeResult<Option<RpcMeta>> {
-        match self.client.get(&self.key("rpc_meta", name))? {
-            Some(v) => serde_json::from_slice(&v)
-                .map(Some)
-                .map_err(|e| TeError::new(code::MALFORMED_JSON, format!("rpc_meta of {name}: {e}"))),
-            None => Ok(None),
-        }
-    }
-
-    /// Deletes this engine's keys (if it wrote them) and the lease (once).
-    pub fn withdraw(&mut self) {
+    /// Stops the keeper and revokes the lease (once).
+    fn close(&mut self) {
         if self.stop.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -241,19 +180,15 @@ impl EtcdRegistration {
             k.thread().unpark();
             let _ = k.join();
         }
-        if self.owns_keys {
-            let _ = self.client.delete(&self.key("rpc_meta", &self.name));
-            let _ = self.client.delete(&self.key("ram", &self.name));
-        }
         if let Some(lease) = self.lease.take() {
             let _ = self.client.revoke(lease);
         }
     }
 }
 
-impl Drop for EtcdRegistration {
+impl Drop for EtcdStore {
     fn drop(&mut self) {
-        self.withdraw();
+        self.close();
     }
 }
 

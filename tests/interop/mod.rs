@@ -112,6 +112,115 @@ impl Drop for EtcdServer {
     }
 }
 
+/// Waits until `ready` says yes, for at most 30 s; panics with `what`
+/// and the last answer otherwise.
+pub fn wait_until<E: std::fmt::Display>(what: &str, mut ready: impl FnMut() -> Result<(), E>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match ready() {
+            Ok(()) => return,
+            Err(e) if Instant::now() > deadline => panic!("{what} never answered: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// An HTTP metadata server, a process of its own on a loopback port: the
+/// Mooncake wheel's `mooncake_http_metadata_server`, or `shardwire
+/// metadata-server`. Dropping it kills the process.
+pub struct HttpMetaServer {
+    child: KillOnDrop,
+    pub port: u16,
+}
+
+impl HttpMetaServer {
+    /// The wheel's server (aiohttp; serves `/metadata`).
+    pub fn mooncake() -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(python());
+        cmd.args(["-m", "mooncake.http_metadata_server", "--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--log-level", "WARNING"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd).spawn().expect("python runs");
+        Self::ready(child, port)
+    }
+
+    /// `shardwire metadata-server` with `args` added.
+    pub fn shardwire(args: &[&str]) -> Self {
+        Self::shardwire_on(free_port(), args)
+    }
+
+    pub fn shardwire_on(port: u16, args: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+        cmd.args(["metadata-server", "--listen", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let child = die_with_parent(&mut cmd).spawn().expect("shardwire runs");
+        Self::ready(child, port)
+    }
+
+    fn ready(child: Child, port: u16) -> Self {
+        let server = Self { child: KillOnDrop(child), port };
+        let mut client = server.client();
+        wait_until(&server.url(), || {
+            use shardwire::meta::store::KvStore;
+            client.get("shardwire-test/ready").map(|_| ())
+        });
+        server
+    }
+
+    /// `http://127.0.0.1:PORT/metadata`, what `initialize` takes.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/metadata", self.port)
+    }
+
+    pub fn client(&self) -> shardwire::meta::http::HttpStore {
+        shardwire::meta::http::HttpStore::new(&self.url()).unwrap()
+    }
+
+    /// The child process (to read its stderr, or to kill it).
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child.0
+    }
+}
+
+/// A real redis server (Debian's redis-server, installed by tools/setup)
+/// on a loopback port of its own, keeping nothing on disk, with a
+/// password if given. Dropping it kills the server.
+pub struct RedisServer {
+    _child: KillOnDrop,
+    pub port: u16,
+}
+
+impl RedisServer {
+    pub fn start(password: Option<&str>) -> Self {
+        let binary = std::env::var("SHARDWIRE_REDIS").unwrap_or_else(|_| "redis-server".into());
+        let port = free_port();
+        let mut cmd = Command::new(&binary);
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        if let Some(p) = password {
+            cmd.args(["--requirepass", p]);
+        }
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        let child = die_with_parent(&mut cmd)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {binary} ({e}): tools/setup installs redis-server"));
+        let server = Self { _child: KillOnDrop(child), port };
+        let auth = shardwire::meta::redis::RedisAuth { password: password.map(str::to_string), ..Default::default() };
+        wait_until(&server.url(), || {
+            shardwire::meta::redis::RedisStore::connect(&server.url(), auth.clone()).map(|_| ())
+        });
+        server
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+}
+
 /// The byte pattern of `peer.py`: `(i*131 + seed*7 + (i>>8)) & 255`.
 pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
@@ -268,6 +377,55 @@ impl Drop for MooncakePeer {
         }
         self.kill();
     }
+}
+
+/// A Mooncake engine (the wheel's Python API) and the shardwire engine `e`,
+/// registered as `e_name`, meeting through the metadata server that
+/// Mooncake spells `mooncake_meta`: a Mooncake target named `names.0`
+/// (checked by `check_target` while it runs), then a Mooncake initiator
+/// named `names.1`; each side writes and reads the other's memory, every
+/// byte checked, with notifications and a probe.
+pub fn mooncake_and_shardwire_meet(
+    mooncake_meta: &str,
+    e: &shardwire::engine::TransferEngine,
+    e_name: &str,
+    names: (&str, &str),
+    check_target: impl FnOnce(&MooncakePeer),
+) {
+    use shardwire::engine::{TransferNotify, TransferOpcode as Opcode};
+    // A Mooncake target, a shardwire initiator.
+    let mut peer = MooncakePeer::target_via(mooncake_meta, names.0, 4 << 20);
+    assert_eq!(peer.name, names.0);
+    check_target(&peer);
+    let local = e.allocate_managed_buffer(4 << 20).unwrap();
+    for (size, seed) in [(4096u64, 1u64), (3 << 20, 2)] {
+        let data = pattern(size as usize, seed);
+        e.write_bytes_to_buffer(local, &data).unwrap();
+        e.transfer_sync_write(&peer.name, local, peer.buffer, size).unwrap();
+        assert_eq!(peer.cmd(&format!("check 0 {size} {seed}")), "ok", "{size} B into Mooncake");
+    }
+    assert_eq!(peer.cmd("fill 0 65536 7"), "ok");
+    e.transfer_sync_read(&peer.name, local, peer.buffer, 65536).unwrap();
+    assert!(e.read_bytes_from_buffer(local, 65536).unwrap() == pattern(65536, 7));
+    let note = TransferNotify { name: "from-shardwire".into(), msg: "via-metadata".into() };
+    e.transfer_sync(&peer.name, local, peer.buffer, 8, Opcode::Write, Some(&note)).unwrap();
+    assert!(peer.cmd("notifies").contains("from-shardwire=via-metadata"));
+    drop(peer);
+
+    // A shardwire target, a Mooncake initiator.
+    let remote = e.allocate_managed_buffer(4 << 20).unwrap();
+    let mut peer = MooncakePeer::initiator_via(mooncake_meta, names.1, e_name, remote, 4 << 20);
+    assert_eq!(peer.cmd("write 0 65536 3"), "ok");
+    assert!(e.read_bytes_from_buffer(remote, 65536).unwrap() == pattern(65536, 3));
+    assert_eq!(peer.cmd("read 0 2097152 3"), "fail mismatch", "the pattern differs past 64 KiB");
+    assert_eq!(peer.cmd("write 0 2097152 4"), "ok");
+    assert!(e.read_bytes_from_buffer(remote, 2 << 20).unwrap() == pattern(2 << 20, 4));
+    e.write_bytes_to_buffer(remote, &pattern(2 << 20, 5)).unwrap();
+    assert_eq!(peer.cmd("read 0 2097152 5"), "ok");
+    assert_eq!(peer.cmd("batch 4 65536 6"), "ok");
+    assert_eq!(peer.cmd("notify ping"), "ok 0");
+    assert!(e.get_notifies().unwrap().iter().any(|n| n.name == "mooncake-peer" && n.msg == "ping"));
+    assert_eq!(peer.cmd(&format!("probe {e_name}")), "ok 0");
 }
 
 /// A tiny deterministic generator for test parameters.

@@ -32,6 +32,53 @@ enum Command {
     /// A transfer node: serves a memory pool as a segment, receives object
     /// streams, serves /metrics, /healthz and /readyz; drains on SIGTERM.
     Node(Box<node::NodeArgs>),
+    /// An HTTP metadata server for Mooncake and shardwire engines.
+    #[command(name = "metadata-server", long_about = METADATA_SERVER_ABOUT)]
+    MetadataServer(MetadataServerArgs),
+}
+
+const METADATA_SERVER_ABOUT: &str = "An HTTP metadata server in Mooncake's protocol, for Mooncake and shardwire \
+engines alike: give them metadata_server=\"http://HOST:PORT/metadata\".
+
+It follows the rules of the Mooncake wheel's mooncake_http_metadata_server: GET, PUT and DELETE on \
+/metadata?key=KEY; 400 for a missing or blank key; 404 for a missing entry; 400 for a PUT over an rpc_meta key \
+that is present. Beyond it: with --state, every change is on disk before it is acknowledged, so a restart loses \
+nothing; and every --probe-interval-ms each engine's RPC port (from its rpc_meta key) is connected to, and after \
+--probe-failures refusals in a row that engine's rpc_meta and ram keys are deleted (logged as a warning).";
+
+#[derive(clap::Args)]
+struct MetadataServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0:8080", value_name = "HOST:PORT")]
+    listen: String,
+    /// Keep the keys in this file (rewritten atomically on every change,
+    /// read back at start). Without it, a restart forgets everything.
+    #[arg(long, value_name = "FILE")]
+    state: Option<PathBuf>,
+    /// Milliseconds between probes of each registered engine; 0: no probes.
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    probe_interval_ms: u64,
+    /// Refused probes in a row before an engine's keys are dropped.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    probe_failures: u32,
+    /// Most bytes of one value.
+    #[arg(long, default_value_t = 16 << 20, value_name = "BYTES")]
+    body_bytes_max: usize,
+    /// Most keys held.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    keys_max: usize,
+    /// Most bytes held, keys and values together.
+    #[arg(long, default_value_t = 1 << 30, value_name = "BYTES")]
+    held_bytes_max: usize,
+    /// Most connections at once (more get 503).
+    #[arg(long, default_value_t = 256, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65536))]
+    connections_max: u64,
+    /// Milliseconds a client may take to send one request.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    request_timeout_ms: u64,
+    /// Milliseconds a kept connection may sit idle.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    idle_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -223,6 +270,7 @@ fn main() -> ExitCode {
         Command::Topo(args) => topo_command(&args),
         Command::Stream(cmd) => stream_cmd::run(&cmd),
         Command::Node(args) => node::run(&args),
+        Command::MetadataServer(args) => metadata_server(&args),
         Command::Bench(args) => match &args.what {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
             Some(BenchWhat::Stream(s)) => stream_bench(s),
@@ -238,6 +286,30 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn metadata_server(args: &MetadataServerArgs) -> Result<(), String> {
+    use shardwire::meta::http_server::{Limits, PATH, Server};
+    let limits = Limits {
+        body_bytes_max: args.body_bytes_max,
+        keys_max: args.keys_max,
+        held_bytes_max: args.held_bytes_max,
+        connections_max: args.connections_max as usize,
+        request_timeout_ms: args.request_timeout_ms.max(1),
+        idle_timeout_ms: args.idle_timeout_ms.max(1),
+        probe_interval_ms: args.probe_interval_ms,
+        probe_failures: args.probe_failures,
+    };
+    let server = Server::start(&args.listen, args.state.as_deref(), limits)?;
+    // One line for scripts and people: where to point engines.
+    println!("metadata_server=http://{}{PATH}", server.local_addr());
+    log::info!(
+        "metadata-server: listening on {}, state {}",
+        server.local_addr(),
+        args.state.as_ref().map_or("in memory only".into(), |p| p.display().to_string())
+    );
+    server.wait();
+    Ok(())
 }
 
 fn topo_command(args: &TopoArgs) -> Result<(), String> {
