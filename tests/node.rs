@@ -12,9 +12,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use shardwire::engine::{EngineConfig, TransferEngine};
+use shardwire::meta::store::KvStore;
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::{Stream, StreamOptions};
 
+mod interop;
 mod prom_text;
 
 /// Bound of every wait on the node (start-up, a page, an exit).
@@ -41,9 +43,12 @@ fn free_port() -> u16 {
 
 /// Starts a node with `args` and waits for its segment and HTTP address.
 fn start(args: &[&str]) -> Node {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_shardwire"))
-        .arg("node")
-        .args(["--http", "127.0.0.1:0", "--local-server-name", "127.0.0.1"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+    cmd.arg("node").args(["--http", "127.0.0.1:0"]);
+    if !args.contains(&"--local-server-name") {
+        cmd.args(["--local-server-name", "127.0.0.1"]);
+    }
+    let mut child = cmd
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -242,6 +247,30 @@ fn a_second_signal_ends_the_drain_at_once() {
     assert_eq!(status.code(), Some(130), "the second signal ends it, not the drain: {status}");
     stop.store(true, Ordering::Release);
     writer.join().unwrap();
+}
+
+/// Registered in an HTTP metadata store (`shardwire metadata-server`):
+/// found there by an engine, and its keys gone once it has drained.
+#[test]
+fn registers_in_a_metadata_store_and_withdraws_on_sigterm() {
+    let server = interop::HttpMetaServer::shardwire(&[]);
+    let name = format!("127.0.0.1:{}", free_port());
+    let mut node = start(&["--pool", "16MiB", "--metadata-server", &server.url(), "--local-server-name", &name]);
+    assert_eq!(node.segment, name);
+    let mut client = server.client();
+    assert!(client.get(&format!("mooncake/ram/{name}")).unwrap().is_some());
+    let e = TransferEngine::new();
+    e.initialize(&format!("127.0.0.1:{}", free_port()), &server.url(), "tcp", "").unwrap();
+    let pool = e.get_first_buffer_address(&name).unwrap();
+    let local = e.allocate_managed_buffer(4096).unwrap();
+    e.write_bytes_to_buffer(local, b"through the metadata server").unwrap();
+    e.transfer_sync_write(&name, local, pool, 27).unwrap();
+    e.transfer_sync_read(&name, local + 1024, pool, 27).unwrap();
+    assert_eq!(e.read_bytes_from_buffer(local + 1024, 27).unwrap(), b"through the metadata server");
+    signal(&node, libc::SIGTERM);
+    assert_eq!(wait_exit(&mut node).code(), Some(0));
+    assert_eq!(client.get(&format!("mooncake/ram/{name}")).unwrap(), None);
+    assert_eq!(client.get(&format!("mooncake/rpc_meta/{name}")).unwrap(), None);
 }
 
 #[test]
