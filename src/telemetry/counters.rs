@@ -13,6 +13,7 @@
 //! [`snapshot`] sums the retired total and every cell.
 
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -379,7 +380,11 @@ struct Registry {
     retired: Counters,
 }
 
-static REGISTRY: Mutex<Registry> = Mutex::new(Registry { cells: Vec::new(), retired: EMPTY });
+/// The registry in force. A forked child gets a fresh one (see
+/// [`after_fork_in_child`]): the parent's may have been locked by a thread
+/// the child does not have.
+static REGISTRY: AtomicPtr<Mutex<Registry>> = AtomicPtr::new(std::ptr::null_mut());
+static FIRST_REGISTRY: Mutex<Registry> = Mutex::new(Registry { cells: Vec::new(), retired: EMPTY });
 
 const ZERO_SERIES: Series =
     Series { requests: 0, bytes: 0, failures: 0, latency: Histogram { counts: [0; BUCKETS], sums_ns: [0; BUCKETS] } };
@@ -392,7 +397,37 @@ const EMPTY: Counters = Counters {
 };
 
 fn registry() -> MutexGuard<'static, Registry> {
-    lock(&REGISTRY)
+    static FORK_HANDLER: std::sync::Once = std::sync::Once::new();
+    FORK_HANDLER.call_once(|| {
+        // SAFETY: registers a function for the child side of fork(); it
+        // runs in the child's only thread.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(after_fork_in_child)) };
+        if rc != 0 {
+            log::warn!("metrics: cannot register a fork handler ({rc}); a forked child may block on its metrics");
+        }
+    });
+    let ptr = REGISTRY.load(Ordering::Acquire);
+    // SAFETY: a non-null pointer is a registry leaked by the fork handler:
+    // never freed, so 'static.
+    let current: &'static Mutex<Registry> = if ptr.is_null() { &FIRST_REGISTRY } else { unsafe { &*ptr } };
+    lock(current)
+}
+
+/// In a forked child: the metrics start from nothing, as a new process's.
+/// The parent's registry and this thread's cell are left as they are
+/// (leaked): another thread of the parent may have held their locks, and
+/// that thread does not exist here.
+extern "C" fn after_fork_in_child() {
+    let fresh = Box::leak(Box::new(Mutex::new(Registry { cells: Vec::new(), retired: EMPTY })));
+    REGISTRY.store(fresh, Ordering::Release);
+    let _ = LOCAL.try_with(|slot| {
+        if let Ok(mut slot) = slot.try_borrow_mut()
+            && let Some(old) = slot.take()
+        {
+            // Its Drop would lock the parent's registry.
+            std::mem::forget(old);
+        }
+    });
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -590,6 +625,42 @@ mod tests {
         assert!(after.device(name).unwrap().rail_pauses >= 1);
         let s = after.stream("counters-test-trname", Direction::Rx).unwrap();
         assert!(s.objects >= 2 && s.bytes >= 20 && s.errors >= 1 && s.sessions >= 1);
+    }
+
+    /// A forked child starts from nothing, and counts and reads its own
+    /// figures even when the parent held the registry at the fork.
+    #[test]
+    fn a_forked_child_starts_afresh() {
+        let name = "counters-fork-dev";
+        device_bytes(name, 7);
+        flush(true);
+        assert!(snapshot().device(name).is_some());
+        let held = registry();
+        // SAFETY: the child runs only async-signal-safe-enough code of
+        // ours (no other thread exists in it) and leaves with _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let fresh = snapshot().device(name).is_none();
+            device_bytes(name, 3);
+            flush(true);
+            let counted = snapshot().device(name).map(|d| d.bytes) == Some(3);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(if fresh && counted { 0 } else { 1 }) };
+        }
+        drop(held);
+        assert!(pid > 0);
+        let mut status = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        // SAFETY: polls our own child.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if Instant::now() > deadline {
+                // SAFETY: ends our own child, blocked on a lock.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the forked child blocked on the parent's registry");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status}");
     }
 
     #[test]
