@@ -87,6 +87,27 @@ fn closed_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// Starts `shardwire <args>`, a command that serves until killed, and
+/// reads its stdout to the end on a thread (its lines need a reader),
+/// handing each line over.
+fn serving(args: &[&str]) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardwire"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("shardwire starts");
+    let (tx, rx) = mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    (child, rx)
+}
+
 /// A `shardwire stream listen --json` process for trname `good`, killed on
 /// drop.
 struct Listener {
@@ -96,21 +117,7 @@ struct Listener {
 
 impl Listener {
     fn start() -> Listener {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shardwire"))
-            .args(["stream", "listen", "--listen", "127.0.0.1:0", "--trname", "good", "--json"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the listener starts");
-        let (tx, rx) = mpsc::channel();
-        let stdout = child.stdout.take().unwrap();
-        // Read to the end: the listener's object lines need a reader.
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
+        let (child, rx) = serving(&["stream", "listen", "--listen", "127.0.0.1:0", "--trname", "good", "--json"]);
         let first = rx.recv_timeout(Duration::from_secs(20)).expect("the listener's first line within 20 s");
         let v: serde_json::Value = serde_json::from_str(&first).expect("--json: the first line is JSON");
         assert_eq!(v["trnames"], serde_json::json!(["good"]));
@@ -294,4 +301,18 @@ fn json_results_parse() {
             serde_json::from_str(last).unwrap_or_else(|e| panic!("{args:?}: {last:?} is not JSON: {e}"));
         assert!(v.is_object() && v.get("error").is_none(), "{args:?}: {v}");
     }
+}
+
+#[test]
+fn a_target_prints_its_segment_as_json_too() {
+    let (mut child, rx) = serving(&["bench", "--mode=target", "--buffer_size=1048576", "--json"]);
+    let next = || rx.recv_timeout(Duration::from_secs(20)).expect("a line from the target within 20 s");
+    let (first, second) = (next(), next());
+    let _ = child.kill();
+    let _ = child.wait();
+    let name = first.strip_prefix("segment_id=").unwrap_or_else(|| panic!("{first:?}")).to_string();
+    let v: serde_json::Value = serde_json::from_str(&second).unwrap_or_else(|e| panic!("{second:?}: {e}"));
+    assert_eq!(v["segment_id"], name.as_str());
+    assert_eq!(v["buffer_size"], 1048576);
+    assert!(v["buffer"].as_u64().is_some_and(|b| b != 0), "{v}");
 }

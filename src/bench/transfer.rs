@@ -42,6 +42,9 @@ pub struct Options {
     pub target_registered: bool,
     pub report_unit: String,
     pub report_precision: usize,
+    /// A target also prints `{"segment_id", "buffer", "buffer_size"}` as
+    /// a JSON line, after `segment_id=<name>`.
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,6 +165,10 @@ fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), BenchError> {
     };
     let name = engine.segment_name().map_err(|e| BenchError::engine("the target has no segment name", &e))?;
     println!("segment_id={name}");
+    if opts.json {
+        let doc = serde_json::json!({ "segment_id": name, "buffer": buffer, "buffer_size": opts.buffer_size });
+        println!("{doc}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     Ok((engine, buffer, name))

@@ -139,8 +139,9 @@ struct TransferBenchArgs {
     report_unit: String,
     #[arg(long = "report_precision", default_value_t = 2)]
     report_precision: usize,
-    /// Print the report as JSON on the last line as well (and a failure as
-    /// {"error": {"code", "message"}}).
+    /// Print the report as JSON on the last line as well (a target: its
+    /// segment as a JSON line after segment_id=...); a failure as
+    /// {"error": {"code", "message"}}.
     #[arg(long)]
     json: bool,
 }
@@ -420,6 +421,8 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), Failure> {
         target_registered: args.target_memory == "registered",
         report_unit: args.report_unit.clone(),
         report_precision: args.report_precision,
+        // Only the target's: the initiator's report is printed below.
+        json: args.json && args.mode.as_deref() == Some("target"),
     };
     let report = match options.mode {
         Some(Mode::Target) => {
