@@ -98,3 +98,17 @@ impl std::error::Error for TeError {}
 
 /// The engine's result type.
 pub type TeResult<T> = Result<T, TeError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_names() {
+        assert_eq!(code_name(code::SOCKET), "socket");
+        assert_eq!(code_name(code::METADATA), "metadata");
+        assert_eq!(code_name(-9999), "error");
+        let e = TeError::new(code::DNS, "cannot resolve x");
+        assert_eq!((e.code_name(), e.to_string().as_str()), ("dns", "cannot resolve x (code -101)"));
+    }
+}

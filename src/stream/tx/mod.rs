@@ -622,11 +622,12 @@ mod tests {
     fn urls_and_options_are_checked_up_front() {
         let rt = Arc::new(Runtime::start(crate::runtime::RuntimeConfig::new(1)).unwrap());
         let bad = |url: &str, tr: &str, o: StreamOptions| Stream::with_runtime(rt.clone(), url, tr, o).err();
-        assert!(bad("https://127.0.0.1:1", "t", StreamOptions::default()).is_some());
-        assert!(bad("http://127.0.0.1:1/v1/objstream", "t", StreamOptions::default()).is_some());
-        assert!(bad("http://127.0.0.1:1", "a/b", StreamOptions::default()).is_some());
+        let invalid = |e: Option<StreamError>| matches!(e, Some(StreamError::InvalidArgument(_)));
+        assert!(invalid(bad("https://127.0.0.1:1", "t", StreamOptions::default())));
+        assert!(invalid(bad("http://127.0.0.1:1/v1/objstream", "t", StreamOptions::default())));
+        assert!(invalid(bad("http://127.0.0.1:1", "a/b", StreamOptions::default())));
         let pdu = StreamOptions { pdu_size: Some(200 << 10), ..StreamOptions::default() };
-        assert!(bad("http://127.0.0.1:1", "t", pdu).is_some());
+        assert!(invalid(bad("http://127.0.0.1:1", "t", pdu)));
         // Lazy: nothing listens on port 1, yet the stream is made; the
         // failure comes with the first object, as its completion.
         let s = Stream::with_runtime(rt.clone(), "http://127.0.0.1:1", "t", StreamOptions::default()).unwrap();
@@ -636,5 +637,29 @@ mod tests {
         assert!(matches!(err, Some(StreamError::Network(ref m)) if m.contains("connect")), "{err:?}");
         assert!(matches!(s.wait(), Termination::Error(StreamError::Network(_))));
         rt.shutdown();
+    }
+    #[test]
+    fn errors_read_as_sentences_with_a_code() {
+        // AIStore's JSON error body is reduced to its message.
+        let body = r#"{"message":"unknown trname \"x\"","status":400,"type_code":"ErrHTTP"}"#;
+        let e = StreamError::Rejected { status: 400, message: body.into() };
+        assert_eq!(e.to_string(), r#"the receiver refused the stream (HTTP 400): unknown trname "x""#);
+        assert_eq!(e.code(), "rejected");
+        // Any other body is said as it is; an empty one is named.
+        let e = StreamError::Rejected { status: 503, message: " too many connections\n".into() };
+        assert_eq!(e.to_string(), "the receiver refused the stream (HTTP 503): too many connections");
+        let e = StreamError::Rejected { status: 500, message: String::new() };
+        assert_eq!(e.to_string(), "the receiver refused the stream (HTTP 500): it gave no reason");
+        // An earlier termination gives its cause's code.
+        let e = StreamError::Terminated(Box::new(StreamError::Network("connect: refused".into())));
+        assert_eq!(
+            (e.code(), e.to_string().as_str()),
+            ("network", "stream terminated: network error: connect: refused")
+        );
+        let t = Termination::Error(StreamError::Stopped);
+        assert_eq!(t.to_string(), "failed: the stream was stopped");
+        for e in [StreamError::Finished, StreamError::Object("x".into()), StreamError::InvalidArgument("y".into())] {
+            assert!(!e.to_string().contains('{') && !e.to_string().contains("Error("), "{e}");
+        }
     }
 }
