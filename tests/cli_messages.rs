@@ -185,6 +185,9 @@ fn stream_send_failures_are_sentences() {
     let r = shardwire(&["stream", "send", "--to", &to, "--trname", "t", "/no/such/file", "--json"], &[]);
     failed_saying(&r, 1, "cannot read /no/such/file");
     assert_eq!(json_error(&r), "io");
+    let dir = std::env::temp_dir();
+    let r = shardwire(&["stream", "send", "--to", &to, "--trname", "t", dir.to_str().unwrap()], &[]);
+    failed_saying(&r, 1, "it is a directory");
 
     for (flag, value, says) in [
         ("--size", "abc", "--size \"abc\" is not a size"),

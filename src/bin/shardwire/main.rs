@@ -285,8 +285,9 @@ fn main() -> ExitCode {
             // clap's message (with its usage) for people; a JSON error for
             // tools that asked for JSON.
             let _ = e.print();
-            let topo = std::env::args().nth(1).is_some_and(|c| c == "topo");
-            if std::env::args().skip(1).any(|a| (a == "--json" && !topo) || a == "--plan-json") {
+            // (args_os: a flag that is not UTF-8 must not panic here.)
+            let topo = std::env::args_os().nth(1).is_some_and(|c| c == "topo");
+            if std::env::args_os().skip(1).any(|a| (a == "--json" && !topo) || a == "--plan-json") {
                 println!("{}", fail::error_json("usage", &fail::clap_message(&e)));
             }
             return ExitCode::from(2);

@@ -153,18 +153,25 @@ struct Failures {
     first: Option<(String, StreamError)>,
 }
 
+impl Failures {
+    fn add(&mut self, name: &str, e: &StreamError) {
+        self.count += 1;
+        self.first.get_or_insert_with(|| (name.to_string(), e.clone()));
+    }
+}
+
 fn send(a: &SendArgs) -> Result<(), Failure> {
     let compression = flags::compress(a.compress.as_deref())?;
     let pdu_size = a.pdu.as_deref().map(|p| flags::size("--pdu", p)).transpose()?;
     let size = a.count.map(|_| flags::size("--size", &a.size)).transpose()?;
-    // Every file is opened before the stream is: a missing one sends nothing.
-    let mut files = Vec::new();
+    // Every file is checked before the stream opens: one that cannot be
+    // read sends nothing. (Each is opened again when its turn comes, so
+    // that many files do not hold as many descriptors.)
     for path in &a.files {
         let cannot = |e: std::io::Error| Failure::new("io", format!("cannot read {}: {e}", path.display()));
-        let file = std::fs::File::open(path).map_err(cannot)?;
-        let len = file.metadata().map_err(cannot)?.len();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        files.push((name, file, len));
+        if std::fs::File::open(path).and_then(|f| f.metadata()).map_err(cannot)?.is_dir() {
+            return Err(Failure::new("io", format!("cannot send {}: it is a directory", path.display())));
+        }
     }
     let failures = Arc::new(Mutex::new(Failures::default()));
     let f = failures.clone();
@@ -174,9 +181,7 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
         caller_id: a.caller.clone(),
         on_sent: Some(Arc::new(move |h: &ObjHdr, r| {
             if let Err(e) = r {
-                let mut f = f.lock().expect("failures lock");
-                f.count += 1;
-                f.first.get_or_insert_with(|| (h.name.clone(), e.clone()));
+                f.lock().expect("failures lock").add(&h.name, e);
             }
         })),
         ..StreamOptions::default()
@@ -201,7 +206,18 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
             }
         }
     } else {
-        for (name, file, len) in files {
+        for path in &a.files {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let opened = std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
+            let (len, file) = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    // Gone since the check: this object fails, the rest go.
+                    let e = StreamError::Object(format!("cannot read it: {e}"));
+                    failures.lock().expect("failures lock").add(&name, &e);
+                    continue;
+                }
+            };
             let body = if len == 0 { Body::Empty } else { Body::Reader(Box::new(file)) };
             if !queue(ObjHdr::new(&a.bucket, &name, len as i64), body) {
                 break;
