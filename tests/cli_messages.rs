@@ -319,3 +319,18 @@ fn a_target_prints_its_segment_as_json_too() {
     assert_eq!(v["buffer_size"], 1048576);
     assert!(v["buffer"].as_u64().is_some_and(|b| b != 0), "{v}");
 }
+
+#[test]
+fn a_file_shorter_than_its_size_fails_the_stream_and_says_so() {
+    // A sysfs file: 4096 bytes by its size, one short line when read.
+    let short = "/sys/devices/system/cpu/online";
+    let declared = std::fs::metadata(short).unwrap().len();
+    assert!(declared > std::fs::read(short).unwrap().len() as u64, "{short} reads as long as its size");
+    let l = Listener::start();
+    let r = shardwire(&["stream", "send", "--to", &l.url, "--trname", "good", short, "--json"], &[]);
+    let line = failed_saying(&r, 1, "failed before any object went out: object error: object online");
+    assert!(line.contains("the reader ended after") && line.contains(&format!("of {declared} bytes")), "{line}");
+    assert_eq!(json_error(&r), "object");
+    let v = last_json(&r);
+    assert_eq!((v["sent"].as_u64(), v["went_out"].as_u64()), (Some(0), Some(0)), "{v}");
+}

@@ -145,6 +145,12 @@ fn listen(a: &ListenArgs) -> Result<(), Failure> {
     }
 }
 
+/// "1 object", "3 objects".
+fn objects(n: impl Into<i128>) -> String {
+    let n = n.into();
+    if n == 1 { "1 object".to_string() } else { format!("{n} objects") }
+}
+
 /// What the completions said: how many objects failed, and the first
 /// failure (name and error).
 #[derive(Default)]
@@ -235,27 +241,29 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
             Some(Failure::new(
                 e.code(),
                 format!(
-                    "{} of the objects for {to} failed, the first ({name}) with: {e}; the other {} went out and the \
-                     receiver acknowledged the stream",
-                    failures.count, stats.num
+                    "{} for {to} failed, the first ({name}) with: {e}; the other {} went out and the receiver \
+                     acknowledged the stream",
+                    objects(failures.count),
+                    stats.num
                 ),
             ))
         }
         Termination::Stopped => Some(Failure::new(
             "stopped",
-            format!("the stream to {to} was stopped after {} objects ({} bytes) had gone out", stats.num, stats.size),
+            format!("the stream to {to} was stopped after {} ({} bytes) had gone out", objects(stats.num), stats.size),
         )),
         Termination::Error(e) if stats.num == 0 => {
             Some(Failure::new(e.code(), format!("the stream to {to} failed before any object went out: {e}")))
         }
         Termination::Error(e) => Some(Failure::new(
             e.code(),
-            format!("the stream to {to} failed after {} objects ({} bytes) had gone out: {e}", stats.num, stats.size),
+            format!("the stream to {to} failed after {} ({} bytes) had gone out: {e}", objects(stats.num), stats.size),
         )),
     };
     if a.json {
         let mut report = serde_json::json!({
-            "sent": if failure.is_none() { stats.num } else { 0 },
+            // Acknowledged: the receiver answered the end of the stream.
+            "sent": if how == Termination::EndOfStream { stats.num } else { 0 },
             "queued": queued,
             "went_out": stats.num,
             "failed": failures.count,
@@ -275,8 +283,10 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
         None => {
             if !a.json {
                 eprintln!(
-                    "shardwire: sent {} objects, {} bytes ({} on the wire) to {to}; the receiver acknowledged them",
-                    stats.num, stats.size, stats.offset
+                    "shardwire: sent {}, {} bytes ({} on the wire) to {to}; the receiver acknowledged them",
+                    objects(stats.num),
+                    stats.size,
+                    stats.offset
                 );
             }
             Ok(())
