@@ -81,6 +81,10 @@ class TransferEngine:
     def transport_for(self, target_hostname: str) -> str:
         """``"local"``, ``"rdma"`` or ``"tcp"``; ``""`` on an error."""
     def rdma_device_bytes(self) -> dict[str, int]: ...
+    def metrics(self) -> dict[str, float]:
+        """Each Prometheus series (``name{label="value",...}``) to its value."""
+    def metrics_address(self) -> str | None:
+        """``host:port`` where ``/metrics`` is served (``SHARDWIRE_METRICS_ADDR``), or None."""
     def transfer_sync_write(
         self, target_hostname: str, buffer: _Address, peer_buffer_address: int, length: int, transport_hint: str = ""
     ) -> int: ...
