@@ -250,6 +250,14 @@ fn transfer_bench_failures_are_sentences() {
     failed_saying(&r, 1, "cannot start the engine");
     assert_eq!(json_error(&r), "metadata");
 
+    let http = format!("--metadata_server=http://127.0.0.1:{}/metadata", closed_port());
+    let r = shardwire(&[&["bench", &http, "--json"][..], &small].concat(), &[]);
+    failed_saying(&r, 1, "cannot start the engine (tcp with metadata http://127.0.0.1:");
+    assert_eq!(json_error(&r), "metadata");
+
+    let r = shardwire(&["metadata-server", "--listen", "127.0.0.1:1:2"], &[]);
+    failed_saying(&r, 1, "cannot start the metadata server: cannot listen on 127.0.0.1:1:2");
+
     let r = shardwire(&["bench", "--block_size=0", "--duration=1", "--json"], &[]);
     failed_saying(&r, 2, "must be non-zero and fit in buffer_size");
     assert_eq!(json_error(&r), "invalid_argument");
