@@ -26,6 +26,33 @@ pub mod code {
     pub const NOT_IMPLEMENTED: i32 = -303;
 }
 
+/// The name of a Mooncake return code, in snake case (`-102` is
+/// `"socket"`): a stable word for tools, such as the CLI's JSON errors.
+/// A code Mooncake does not define is `"error"`.
+pub fn code_name(c: i32) -> &'static str {
+    match c {
+        code::OK => "ok",
+        code::INVALID_ARGUMENT => "invalid_argument",
+        code::TOO_MANY_REQUESTS => "too_many_requests",
+        code::ADDRESS_NOT_REGISTERED => "address_not_registered",
+        code::BATCH_BUSY => "batch_busy",
+        code::DEVICE_NOT_FOUND => "device_not_found",
+        code::ADDRESS_OVERLAPPED => "address_overlapped",
+        code::DNS => "dns",
+        code::SOCKET => "socket",
+        code::MALFORMED_JSON => "malformed_json",
+        code::REJECT_HANDSHAKE => "reject_handshake",
+        code::METADATA => "metadata",
+        code::ENDPOINT => "endpoint",
+        code::CONTEXT => "context",
+        code::NUMA => "numa",
+        code::CLOCK => "clock",
+        code::MEMORY => "memory",
+        code::NOT_IMPLEMENTED => "not_implemented",
+        _ => "error",
+    }
+}
+
 /// An engine error: a Mooncake code and what went wrong.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TeError {
@@ -47,6 +74,11 @@ impl TeError {
         &self.message
     }
 
+    /// The code's name ([`code_name`]): `"socket"`, `"metadata"`, ...
+    pub fn code_name(&self) -> &'static str {
+        code_name(self.code)
+    }
+
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(code::INVALID_ARGUMENT, message)
     }
@@ -66,3 +98,17 @@ impl std::error::Error for TeError {}
 
 /// The engine's result type.
 pub type TeResult<T> = Result<T, TeError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_have_names() {
+        assert_eq!(code_name(code::SOCKET), "socket");
+        assert_eq!(code_name(code::METADATA), "metadata");
+        assert_eq!(code_name(-9999), "error");
+        let e = TeError::new(code::DNS, "cannot resolve x");
+        assert_eq!((e.code_name(), e.to_string().as_str()), ("dns", "cannot resolve x (code -101)"));
+    }
+}

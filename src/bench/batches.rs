@@ -115,11 +115,14 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs both shapes, interleaved.
-pub fn run(opts: &Options) -> Result<Report, String> {
+pub fn run(opts: &Options) -> Result<Report, super::BenchError> {
     let err = |e: crate::engine::TeError| e.to_string();
     let per_buffer = (opts.buffer_size / opts.block_size.max(1)).max(1);
-    if opts.requests == 0 || opts.batch == 0 || opts.block_size == 0 || per_buffer == 0 {
-        return Err("requests, batch and block_size must be positive and fit the buffer".into());
+    if opts.requests == 0 || opts.batch == 0 || opts.block_size == 0 || opts.block_size > opts.buffer_size {
+        return Err(super::BenchError::invalid(format!(
+            "--requests, --batch and --block_size must be positive, and --block_size at most {} bytes",
+            opts.buffer_size
+        )));
     }
     let target = TransferEngine::new();
     target.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").map_err(err)?;

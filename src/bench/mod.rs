@@ -7,7 +7,56 @@ pub mod runtime;
 pub mod stream;
 pub mod transfer;
 
+use std::fmt;
 use std::time::Duration;
+
+use crate::engine::TeError;
+
+/// Why a benchmark did not run or did not finish: a sentence for people
+/// and a stable word for tools (`invalid_argument`, `failed`, or the name
+/// of a Mooncake code for an engine's error: `socket`, `metadata`, ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BenchError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl BenchError {
+    /// The options cannot work (sizes that do not fit, counts of zero).
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self { code: "invalid_argument", message: message.into() }
+    }
+
+    /// The run failed part-way.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Self { code: "failed", message: message.into() }
+    }
+
+    /// An engine call failed while doing `what`.
+    pub fn engine(what: &str, e: &TeError) -> Self {
+        Self { code: e.code_name(), message: format!("{what}: {e}") }
+    }
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+impl From<String> for BenchError {
+    fn from(message: String) -> Self {
+        Self::failed(message)
+    }
+}
+
+impl From<crate::stream::StreamError> for BenchError {
+    fn from(e: crate::stream::StreamError) -> Self {
+        Self { code: e.code(), message: e.to_string() }
+    }
+}
 
 /// Latency percentiles of a sample, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]

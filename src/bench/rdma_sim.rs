@@ -346,12 +346,14 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// Runs both ways `repeats` times, interleaved.
-pub fn run(o: &Options) -> Result<Report, String> {
+pub fn run(o: &Options) -> Result<Report, super::BenchError> {
     if o.devices == 0 || o.devices > 16 || o.depth == 0 || o.request_bytes == 0 || o.slice_bytes == 0 {
-        return Err("rdma-sim: devices 1 to 16, and depth, request and slice sizes above 0".into());
+        return Err(super::BenchError::invalid(
+            "rdma-sim needs 1 to 16 --devices, and --depth, --block_size and the slice size above 0",
+        ));
     }
     if o.request_bytes > BUFFER_BYTES as u64 {
-        return Err(format!("rdma-sim: requests of at most {BUFFER_BYTES} bytes"));
+        return Err(super::BenchError::invalid(format!("rdma-sim: --block_size can be at most {BUFFER_BYTES} bytes")));
     }
     let per_request = slices_per_request(o)?;
     let mut runs = Vec::new();

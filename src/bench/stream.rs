@@ -55,9 +55,9 @@ pub fn parse_size(s: &str) -> Option<usize> {
 }
 
 /// Runs the benchmark.
-pub fn run(o: &StreamBenchOptions) -> Result<StreamBenchReport, String> {
-    let rx =
-        Receiver::bind("127.0.0.1:0".parse().expect("literal"), RxOptions::default()).map_err(|e| e.to_string())?;
+pub fn run(o: &StreamBenchOptions) -> Result<StreamBenchReport, super::BenchError> {
+    let rx = Receiver::bind("127.0.0.1:0".parse().expect("literal"), RxOptions::default())
+        .map_err(|e| format!("cannot listen on 127.0.0.1: {e}"))?;
     let objects = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
     let (n, b) = (objects.clone(), bytes.clone());
@@ -75,24 +75,27 @@ pub fn run(o: &StreamBenchOptions) -> Result<StreamBenchReport, String> {
     let mut threads = Vec::new();
     for k in 0..o.streams.max(1) {
         let (url, payload, compression) = (url.clone(), payload.clone(), o.compression);
-        threads.push(std::thread::spawn(move || -> Result<Stats, String> {
+        threads.push(std::thread::spawn(move || -> Result<Stats, super::BenchError> {
             let opts = StreamOptions { compression, ..StreamOptions::default() };
-            let s = Stream::new(&url, "bench", opts).map_err(|e| e.to_string())?;
+            let s = Stream::new(&url, "bench", opts)?;
             let hdr = ObjHdr::new("bench", &format!("s{k}"), payload.len() as i64);
             let mut i = 0u64;
             while i % 64 != 0 || Instant::now() < deadline {
-                s.send(hdr.clone(), payload.clone()).map_err(|e| e.to_string())?;
+                s.send(hdr.clone(), payload.clone())?;
                 i += 1;
             }
             match s.fin() {
                 Termination::EndOfStream => Ok(s.stats()),
-                other => Err(format!("stream {k} ended with {other:?}")),
+                Termination::Stopped => Err(super::BenchError::failed(format!("stream {k} was stopped"))),
+                Termination::Error(e) => {
+                    Err(super::BenchError { message: format!("stream {k} failed: {e}"), ..e.into() })
+                }
             }
         }));
     }
     let mut first = None;
     for t in threads {
-        let st = t.join().map_err(|_| "a sender panicked".to_string())??;
+        let st = t.join().map_err(|_| super::BenchError::failed("a sender panicked"))??;
         first.get_or_insert(st);
     }
     let seconds = start.elapsed().as_secs_f64();

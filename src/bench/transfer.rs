@@ -12,14 +12,14 @@
 //! - With no `--mode`, both run in this process on loopback: the embedded
 //!   default.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::Percentiles;
-use crate::engine::{TransferEngine, TransferRequest};
+use super::{BenchError, Percentiles};
+use crate::engine::{TeError, TransferEngine, TransferRequest};
 use crate::proto::mooncake::tcp::Opcode;
 
 /// The benchmark's settings (the flags).
@@ -42,6 +42,9 @@ pub struct Options {
     pub target_registered: bool,
     pub report_unit: String,
     pub report_precision: usize,
+    /// A target also prints `{"segment_id", "buffer", "buffer_size"}` as
+    /// a JSON line, after `segment_id=<name>`.
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,17 +129,20 @@ pub fn unit_scale(unit: &str) -> (f64, &'static str) {
     }
 }
 
-fn init_engine(opts: &Options) -> Result<TransferEngine, String> {
+fn init_engine(opts: &Options) -> Result<TransferEngine, BenchError> {
     let engine = TransferEngine::new();
-    engine
-        .initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name)
-        .map_err(|e| e.to_string())?;
+    engine.initialize(&opts.local_server_name, &opts.metadata_server, &opts.protocol, &opts.device_name).map_err(
+        |e| {
+            let what = format!("cannot start the engine ({} with metadata {})", opts.protocol, opts.metadata_server);
+            BenchError::engine(&what, &e)
+        },
+    )?;
     Ok(engine)
 }
 
 /// An engine with a `buffer_size` buffer, its segment name printed as
 /// `segment_id=<name>` on a line of its own.
-fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), String> {
+fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), BenchError> {
     let engine = init_engine(opts)?;
     let buffer = if opts.target_registered {
         // Page-aligned, as tensors' storage usually is (cross-memory
@@ -144,26 +150,32 @@ fn serve(opts: &Options) -> Result<(TransferEngine, u64, String), String> {
         // differ modulo 64). Lives as long as the process: a target serves
         // until it exits.
         let layout = std::alloc::Layout::from_size_align(opts.buffer_size.max(1) as usize, 4096)
-            .map_err(|e| format!("buffer_size {}: {e}", opts.buffer_size))?;
+            .map_err(|e| BenchError::invalid(format!("buffer_size {} cannot be allocated: {e}", opts.buffer_size)))?;
         // SAFETY: a non-zero size (max(1) above); the memory is never freed.
         let addr = unsafe { std::alloc::alloc_zeroed(layout) } as u64;
         if addr == 0 {
-            return Err(format!("cannot allocate {} bytes", opts.buffer_size));
+            return Err(BenchError::failed(format!("cannot allocate {} bytes", opts.buffer_size)));
         }
-        engine.register_memory(addr, opts.buffer_size, "cpu:0").map_err(|e| e.to_string())?;
+        let what = format!("cannot register the target's {} bytes", opts.buffer_size);
+        engine.register_memory(addr, opts.buffer_size, "cpu:0").map_err(|e| BenchError::engine(&what, &e))?;
         addr
     } else {
-        engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?
+        let what = format!("cannot allocate the target's {} bytes", opts.buffer_size);
+        engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| BenchError::engine(&what, &e))?
     };
-    let name = engine.segment_name().map_err(|e| e.to_string())?;
+    let name = engine.segment_name().map_err(|e| BenchError::engine("the target has no segment name", &e))?;
     println!("segment_id={name}");
+    if opts.json {
+        let doc = serde_json::json!({ "segment_id": name, "buffer": buffer, "buffer_size": opts.buffer_size });
+        println!("{doc}");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     Ok((engine, buffer, name))
 }
 
 /// Runs a target until `stop` is set. Prints the segment name first.
-pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
+pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), BenchError> {
     let (engine, buffer, name) = serve(opts)?;
     eprintln!("target: segment {name}, buffer {buffer:#x} ({} bytes); interrupt to stop", opts.buffer_size);
     while !stop.load(Ordering::Acquire) {
@@ -174,35 +186,44 @@ pub fn run_target(opts: &Options, stop: &AtomicBool) -> Result<(), String> {
 }
 
 /// Runs an initiator against `segment` and measures it.
-pub fn run_initiator(opts: &Options, segment: &str) -> Result<Report, String> {
+pub fn run_initiator(opts: &Options, segment: &str) -> Result<Report, BenchError> {
     let engine = Arc::new(init_engine(opts)?);
     initiate(&engine, opts, segment)
 }
 
-fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Result<Report, String> {
+fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Result<Report, BenchError> {
     let threads = opts.threads.max(1);
-    let span = opts.block_size * opts.batch_size as u64 * threads as u64;
+    let span = opts.block_size.saturating_mul(opts.batch_size as u64).saturating_mul(threads as u64);
     if opts.block_size == 0 || opts.batch_size == 0 || span > opts.buffer_size {
-        return Err(format!(
+        return Err(BenchError::invalid(format!(
             "block_size {} x batch_size {} x threads {threads} must be non-zero and fit in buffer_size {}",
             opts.block_size, opts.batch_size, opts.buffer_size
-        ));
+        )));
     }
-    let local = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| e.to_string())?;
-    let remote = engine.get_first_buffer_address(segment).map_err(|e| format!("segment {segment}: {e}"))?;
+    let what = format!("cannot allocate the initiator's {} bytes", opts.buffer_size);
+    let local = engine.allocate_managed_buffer(opts.buffer_size).map_err(|e| BenchError::engine(&what, &e))?;
+    let remote = engine
+        .get_first_buffer_address(segment)
+        .map_err(|e| BenchError::engine(&format!("cannot look up segment {segment}"), &e))?;
     // SAFETY: the engine just allocated these bytes; fill them so a write
     // carries something recognisable.
     unsafe { std::ptr::write_bytes(local as *mut u8, 0x5a, opts.buffer_size as usize) };
     let memcpy_gbps = memcpy_rate(local, opts.buffer_size, opts.block_size, Duration::from_millis(500));
-    let transport = engine.transport_for(segment).map_err(|e| format!("segment {segment}: {e}"))?.to_string();
+    let transport = engine
+        .transport_for(segment)
+        .map_err(|e| BenchError::engine(&format!("cannot look up segment {segment}"), &e))?
+        .to_string();
     let devices_before = engine.rdma_device_bytes().unwrap_or_default();
     let stop = Arc::new(AtomicBool::new(false));
     let batches = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
+    // The first failure, said in full if no batch at all succeeds.
+    let first_error: Arc<Mutex<Option<TeError>>> = Arc::default();
     let start = Instant::now();
     let workers: Vec<_> = (0..threads)
         .map(|t| {
             let (engine, stop, batches, failed) = (engine.clone(), stop.clone(), batches.clone(), failed.clone());
+            let first_error = first_error.clone();
             let (segment, opts) = (segment.to_string(), opts.clone());
             std::thread::spawn(move || {
                 let base = (t * opts.batch_size) as u64 * opts.block_size;
@@ -217,18 +238,18 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
                 let mut samples = Vec::new();
                 while !stop.load(Ordering::Relaxed) {
                     let t0 = Instant::now();
-                    let ok = engine
+                    let r = engine
                         .batch_transfer_async(&segment, &requests)
-                        .and_then(|id| engine.get_batch_transfer_status(&[id]))
-                        .is_ok();
+                        .and_then(|id| engine.get_batch_transfer_status(&[id]));
                     samples.push(t0.elapsed());
-                    if ok {
-                        batches.fetch_add(1, Ordering::Relaxed);
-                    } else {
+                    if let Err(e) = r {
+                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                         failed.fetch_add(1, Ordering::Relaxed);
                         if failed.load(Ordering::Relaxed) > 100 {
                             break;
                         }
+                    } else {
+                        batches.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 samples
@@ -239,7 +260,15 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
     stop.store(true, Ordering::Relaxed);
     let mut samples = Vec::new();
     for w in workers {
-        samples.extend(w.join().map_err(|_| "an initiator thread panicked".to_string())?);
+        samples.extend(w.join().map_err(|_| BenchError::failed("an initiator thread panicked"))?);
+    }
+    let failed_batches = failed.load(Ordering::Relaxed);
+    if batches.load(Ordering::Relaxed) == 0
+        && let Some(e) = first_error.lock().unwrap_or_else(|p| p.into_inner()).take()
+    {
+        let _ = engine.free_managed_buffer(local, opts.buffer_size);
+        let what = format!("every batch to segment {segment} failed ({failed_batches} tried); the first");
+        return Err(BenchError::engine(&what, &e));
     }
     let elapsed = start.elapsed().as_secs_f64();
     let n = batches.load(Ordering::Relaxed);
@@ -263,7 +292,7 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
         batches: n,
         bytes,
         throughput_gbps: bytes as f64 / elapsed / 1e9,
-        failed_batches: failed.load(Ordering::Relaxed),
+        failed_batches,
         batch_latency: Percentiles::of(&mut samples),
         memcpy_gbps,
         transport,
@@ -273,7 +302,7 @@ fn initiate(engine: &Arc<TransferEngine>, opts: &Options, segment: &str) -> Resu
 
 /// The embedded default: a target and an initiator in this process, over
 /// loopback with P2P metadata.
-pub fn run_loopback(opts: &Options) -> Result<Report, String> {
+pub fn run_loopback(opts: &Options) -> Result<Report, BenchError> {
     let (target, buffer, name) = serve(opts)?;
     let report = run_initiator(opts, &name);
     if !opts.target_registered {

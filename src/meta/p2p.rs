@@ -229,6 +229,8 @@ pub fn call(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> T
                 stream = Some(s);
                 break;
             }
+            // The address only when the name is not already it.
+            Err(e) if addr.to_string() == target => last = Some(e.to_string()),
             Err(e) => last = Some(format!("{addr}: {e}")),
         }
     }

@@ -1,5 +1,7 @@
 //! The `shardwire` command line.
 
+mod fail;
+mod flags;
 mod logger;
 mod node;
 mod stream_cmd;
@@ -8,6 +10,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use fail::Failure;
 
 use shardwire::bench;
 use shardwire::topo::{self, Plan, PlanOptions, PriorityMatrix};
@@ -132,11 +135,13 @@ struct TransferBenchArgs {
     #[arg(long = "target_memory", default_value = "managed", value_parser = ["managed", "registered"])]
     target_memory: String,
     /// GB, GiB, Gb, MB, MiB, Mb or KB.
-    #[arg(long = "report_unit", default_value = "GB")]
+    #[arg(long = "report_unit", default_value = "GB", value_parser = ["GB", "GiB", "Gb", "MB", "MiB", "Mb", "KB"])]
     report_unit: String,
     #[arg(long = "report_precision", default_value_t = 2)]
     report_precision: usize,
-    /// Print the report as JSON on the last line as well.
+    /// Print the report as JSON on the last line as well (a target: its
+    /// segment as a JSON line after segment_id=...); a failure as
+    /// {"error": {"code", "message"}}.
     #[arg(long)]
     json: bool,
 }
@@ -252,16 +257,48 @@ struct RuntimeBenchArgs {
     json: bool,
 }
 
+impl Command {
+    /// Whether the command was asked for JSON, and so for JSON errors.
+    fn json(&self) -> bool {
+        match self {
+            // `topo --json` prints a file for MC_CUSTOM_TOPO_JSON, often
+            // redirected into one: its failures stay off stdout.
+            Command::Topo(a) => a.plan_json,
+            Command::Stream(c) => c.json(),
+            Command::Node(_) | Command::MetadataServer(_) => false,
+            Command::Bench(b) => match &b.what {
+                Some(BenchWhat::Runtime(r)) => r.json,
+                Some(BenchWhat::Stream(s)) => s.json,
+                Some(BenchWhat::Batches(b)) => b.json,
+                Some(BenchWhat::RdmaSim(r)) => r.json,
+                None => b.transfer.json,
+            },
+        }
+    }
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // clap's message (with its usage) for people; a JSON error for
+            // tools that asked for JSON.
+            let _ = e.print();
+            // (args_os: a flag that is not UTF-8 must not panic here.)
+            let topo = std::env::args_os().nth(1).is_some_and(|c| c == "topo");
+            if std::env::args_os().skip(1).any(|a| (a == "--json" && !topo) || a == "--plan-json") {
+                println!("{}", fail::error_json("usage", &fail::clap_message(&e)));
+            }
+            return ExitCode::from(2);
+        }
+    };
+    let json = cli.command.json();
     // Every variable is checked before anything starts: a bad value stops
     // the command with the message initialize() would give.
     let settings = match shardwire::config::Settings::from_env() {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("shardwire: {e}");
-            return ExitCode::from(2);
-        }
+        Err(e) => return Failure::from(e).report(json),
     };
     // MC_TE_METRIC's line is an info line: asking for it shows it.
     let level = settings.log.as_deref().or(settings.te_metric.map(|_| "info"));
@@ -269,7 +306,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Topo(args) => topo_command(&args),
         Command::Stream(cmd) => stream_cmd::run(&cmd),
-        Command::Node(args) => node::run(&args),
+        Command::Node(args) => node::run(&args).map_err(|m| Failure::new("node", m)),
         Command::MetadataServer(args) => metadata_server(&args),
         Command::Bench(args) => match &args.what {
             Some(BenchWhat::Runtime(r)) => runtime_bench(r),
@@ -281,14 +318,11 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(message) => {
-            eprintln!("shardwire: {message}");
-            ExitCode::FAILURE
-        }
+        Err(failure) => failure.report(json),
     }
 }
 
-fn metadata_server(args: &MetadataServerArgs) -> Result<(), String> {
+fn metadata_server(args: &MetadataServerArgs) -> Result<(), Failure> {
     use shardwire::meta::http_server::{Limits, PATH, Server};
     let limits = Limits {
         body_bytes_max: args.body_bytes_max,
@@ -300,7 +334,8 @@ fn metadata_server(args: &MetadataServerArgs) -> Result<(), String> {
         probe_interval_ms: args.probe_interval_ms,
         probe_failures: args.probe_failures,
     };
-    let server = Server::start(&args.listen, args.state.as_deref(), limits)?;
+    let server = Server::start(&args.listen, args.state.as_deref(), limits)
+        .map_err(|e| Failure::new("metadata_server", format!("cannot start the metadata server: {e}")))?;
     // One line for scripts and people: where to point engines.
     println!("metadata_server=http://{}{PATH}", server.local_addr());
     log::info!(
@@ -312,10 +347,10 @@ fn metadata_server(args: &MetadataServerArgs) -> Result<(), String> {
     Ok(())
 }
 
-fn topo_command(args: &TopoArgs) -> Result<(), String> {
+fn topo_command(args: &TopoArgs) -> Result<(), Failure> {
     let root = args.sysfs_root.clone().unwrap_or_else(|| PathBuf::from("/sys"));
-    let topology = topo::discover(&root).map_err(|e| e.to_string())?;
-    let (matrix, matrix_from) = match PriorityMatrix::from_env().map_err(|e| e.to_string())? {
+    let topology = topo::discover(&root)?;
+    let (matrix, matrix_from) = match PriorityMatrix::from_env()? {
         Some((path, matrix)) => (matrix, path.display().to_string()),
         None => (PriorityMatrix::discover(&topology), "discovered".to_string()),
     };
@@ -323,22 +358,22 @@ fn topo_command(args: &TopoArgs) -> Result<(), String> {
         println!("{}", matrix.to_json());
         return Ok(());
     }
-    let mut options = PlanOptions::from_env().map_err(|e| e.to_string())?;
+    let mut options = PlanOptions::from_env()?;
     if args.sysfs_root.is_some() {
         // A fixture's CPUs are not this process's: its affinity does not apply.
         options.allowed = None;
     }
-    let plan = Plan::derive(&topology, &matrix, &matrix_from, &options).map_err(|e| e.to_string())?;
+    let plan = Plan::derive(&topology, &matrix, &matrix_from, &options)?;
     if args.plan_json {
         let doc = serde_json::json!({ "topology": topology, "plan": plan });
-        println!("{}", serde_json::to_string_pretty(&doc).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string_pretty(&doc)?);
     } else {
         print!("{}", topo::report::render(&topology, &matrix, &plan));
     }
     Ok(())
 }
 
-fn runtime_bench(args: &RuntimeBenchArgs) -> Result<(), String> {
+fn runtime_bench(args: &RuntimeBenchArgs) -> Result<(), Failure> {
     let options = bench::runtime::Options {
         messages: args.messages.max(1),
         round_trips: args.round_trips.max(1),
@@ -348,7 +383,7 @@ fn runtime_bench(args: &RuntimeBenchArgs) -> Result<(), String> {
     };
     let report = bench::runtime::run(&options);
     if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{}", report.render());
     }
@@ -361,7 +396,7 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     STOP.store(true, std::sync::atomic::Ordering::Release);
 }
 
-fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
+fn transfer_bench(args: &TransferBenchArgs) -> Result<(), Failure> {
     use bench::transfer::{self, Mode, Options};
     let options = Options {
         mode: match args.mode.as_deref() {
@@ -387,6 +422,8 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
         target_registered: args.target_memory == "registered",
         report_unit: args.report_unit.clone(),
         report_precision: args.report_precision,
+        // Only the target's: the initiator's report is printed below.
+        json: args.json && args.mode.as_deref() == Some("target"),
     };
     let report = match options.mode {
         Some(Mode::Target) => {
@@ -395,11 +432,12 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
                 libc::signal(libc::SIGINT, on_stop_signal as *const () as libc::sighandler_t);
                 libc::signal(libc::SIGTERM, on_stop_signal as *const () as libc::sighandler_t);
             }
-            return transfer::run_target(&options, &STOP);
+            return Ok(transfer::run_target(&options, &STOP)?);
         }
         Some(Mode::Initiator) => {
-            let segment =
-                options.segment_id.clone().ok_or("--mode=initiator needs --segment_id=<target's segment_id>")?;
+            let segment = options.segment_id.clone().ok_or_else(|| {
+                Failure::usage("--mode=initiator needs --segment_id: give the segment_id=... the target printed")
+            })?;
             transfer::run_initiator(&options, &segment)?
         }
         None => transfer::run_loopback(&options)?,
@@ -411,19 +449,17 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), String> {
         println!("{line}");
     }
     if args.json {
-        println!("{}", serde_json::to_string(&report).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&report)?);
     }
     Ok(())
 }
 
-fn rdma_sim_bench(a: &RdmaSimBenchArgs, settings: &shardwire::config::Settings) -> Result<(), String> {
+fn rdma_sim_bench(a: &RdmaSimBenchArgs, settings: &shardwire::config::Settings) -> Result<(), Failure> {
     use shardwire::bench::rdma_sim::{Options, run};
     use shardwire::transport::rdma::fabric::Verb;
-    if !a.duration.is_finite() || a.duration <= 0.0 {
-        return Err("--duration must be positive".into());
-    }
+    let duration = flags::positive_seconds("--duration", a.duration)?;
     let o = Options {
-        duration: std::time::Duration::from_secs_f64(a.duration),
+        duration,
         repeats: a.repeats,
         devices: a.devices,
         request_bytes: a.block_size,
@@ -435,12 +471,12 @@ fn rdma_sim_bench(a: &RdmaSimBenchArgs, settings: &shardwire::config::Settings) 
     let r = run(&o)?;
     print!("{}", r.render());
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }
 
-fn batches_bench(a: &BatchesBenchArgs) -> Result<(), String> {
+fn batches_bench(a: &BatchesBenchArgs) -> Result<(), Failure> {
     use shardwire::bench::batches::{Options, run};
     let operation = if a.operation == "read" {
         shardwire::proto::mooncake::tcp::Opcode::Read
@@ -458,37 +494,24 @@ fn batches_bench(a: &BatchesBenchArgs) -> Result<(), String> {
     let r = run(&o)?;
     print!("{}", r.render());
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }
 
-fn stream_bench(a: &StreamBenchArgs) -> Result<(), String> {
-    use shardwire::bench::stream::{StreamBenchOptions, parse_size, run};
-    let size = parse_size(&a.size).ok_or_else(|| format!("--size {}: not a size", a.size))?;
-    if !a.duration.is_finite() || a.duration <= 0.0 {
-        return Err("--duration must be positive".into());
-    }
-    let compression = match &a.compress {
-        None => None,
-        Some(b) => Some(
-            shardwire::proto::objstream::lz4::BlockSize::parse(b)
-                .ok_or_else(|| format!("--compress {b}: use 64K, 256K, 1M or 4M"))?,
-        ),
-    };
-    let o = StreamBenchOptions {
-        size,
-        duration: std::time::Duration::from_secs_f64(a.duration),
-        streams: a.streams.max(1),
-        compression,
-    };
+fn stream_bench(a: &StreamBenchArgs) -> Result<(), Failure> {
+    use shardwire::bench::stream::{StreamBenchOptions, run};
+    let size = flags::size("--size", &a.size)?;
+    let duration = flags::positive_seconds("--duration", a.duration)?;
+    let compression = flags::compress(a.compress.as_deref())?;
+    let o = StreamBenchOptions { size, duration, streams: a.streams.max(1), compression };
     let r = run(&o)?;
     println!(
         "stream bench: {} streams, {} B objects, {:.2} s: {} objects, {:.3} GB/s, {:.0} objects/s",
         r.streams, r.size, r.seconds, r.objects, r.throughput_gbps, r.objects_per_s
     );
     if a.json {
-        println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
+        println!("{}", serde_json::to_string(&r)?);
     }
     Ok(())
 }

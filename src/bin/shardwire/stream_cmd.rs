@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use shardwire::bench::stream::parse_size;
 use shardwire::proto::objstream::ObjHdr;
-use shardwire::proto::objstream::lz4::BlockSize;
 use shardwire::stream::{
-    Body, HandlerError, ObjReader, Receiver, RecvHandler, RxOptions, Stream, StreamOptions, Termination,
+    Body, HandlerError, ObjReader, Receiver, RecvHandler, RxOptions, Stream, StreamError, StreamOptions, Termination,
 };
+
+use crate::fail::Failure;
+use crate::flags;
 
 #[derive(clap::Subcommand)]
 pub enum StreamCommand {
@@ -32,6 +33,10 @@ pub struct ListenArgs {
     /// Print receive statistics to stderr every this many seconds.
     #[arg(long, value_name = "SECONDS")]
     stats_interval: Option<f64>,
+    /// Say where it listens as a JSON line on stdout (before the objects'
+    /// lines), and a failure as {"error": {"code", "message"}}.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(clap::Args)]
@@ -41,7 +46,8 @@ pub struct SendArgs {
     to: String,
     #[arg(long)]
     trname: String,
-    /// Files to send (each as one object named after it).
+    /// Files to send (each as one object named after it); or --count.
+    #[arg(required_unless_present = "count")]
     files: Vec<PathBuf>,
     /// Generate this many objects instead of sending files.
     #[arg(long, conflicts_with = "files")]
@@ -61,12 +67,22 @@ pub struct SendArgs {
     /// Ais-Caller-Id.
     #[arg(long, default_value = "shardwire-cli")]
     caller: String,
-    /// Print the stream's statistics as JSON at the end.
+    /// Print the outcome and the stream's statistics as JSON at the end
+    /// (with {"error": {"code", "message"}} when it failed).
     #[arg(long)]
     json: bool,
 }
 
-pub fn run(cmd: &StreamCommand) -> Result<(), String> {
+impl StreamCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            StreamCommand::Listen(a) => a.json,
+            StreamCommand::Send(a) => a.json,
+        }
+    }
+}
+
+pub fn run(cmd: &StreamCommand) -> Result<(), Failure> {
     match cmd {
         StreamCommand::Listen(a) => listen(a),
         StreamCommand::Send(a) => send(a),
@@ -77,10 +93,14 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn listen(a: &ListenArgs) -> Result<(), String> {
+fn listen(a: &ListenArgs) -> Result<(), Failure> {
+    let stats_interval = a.stats_interval.map(|s| flags::positive_seconds("--stats-interval", s)).transpose()?;
     let out = Arc::new(Mutex::new(std::io::stdout()));
     let mut handlers: Vec<(String, Arc<dyn RecvHandler>)> = Vec::new();
     for name in &a.trname {
+        if handlers.iter().any(|(n, _)| n == name) {
+            return Err(Failure::usage(format!("--trname {name:?} is given twice")));
+        }
         let out = out.clone();
         let handler = move |h: &ObjHdr, body: &mut ObjReader<'_>| -> Result<(), HandlerError> {
             let received = body.discard()?;
@@ -108,28 +128,58 @@ fn listen(a: &ListenArgs) -> Result<(), String> {
     }
     // Handlers are in place before the first connection is taken.
     let rx = Receiver::bind_with(a.listen, RxOptions::default(), handlers)
-        .map_err(|e| format!("listen on {}: {e}", a.listen))?;
+        .map_err(|e| Failure::new("listen", format!("cannot listen on {}: {e}", a.listen)))?;
     eprintln!("shardwire: listening on {} for {}", rx.url(), a.trname.join(", "));
-    let tick = a.stats_interval.map(Duration::from_secs_f64).unwrap_or(Duration::from_secs(3600));
+    if a.json {
+        let mut o = out.lock().expect("stdout lock");
+        let _ = writeln!(o, "{}", serde_json::json!({ "listening": rx.url(), "trnames": a.trname }));
+        let _ = o.flush();
+    }
+    let tick = stats_interval.unwrap_or(Duration::from_secs(3600));
     loop {
         std::thread::sleep(tick);
-        if a.stats_interval.is_some() {
+        if stats_interval.is_some() {
             let stats = serde_json::to_string(&rx.stats()).unwrap_or_default();
             eprintln!("{stats}");
         }
     }
 }
 
-fn send(a: &SendArgs) -> Result<(), String> {
-    let compression = match &a.compress {
-        None => None,
-        Some(b) => Some(BlockSize::parse(b).ok_or_else(|| format!("--compress {b}: use 64K, 256K, 1M or 4M"))?),
-    };
-    let pdu_size = match &a.pdu {
-        None => None,
-        Some(p) => Some(parse_size(p).ok_or_else(|| format!("--pdu {p}: not a size"))?),
-    };
-    let failures = Arc::new(Mutex::new(Vec::<String>::new()));
+/// "1 object", "3 objects".
+fn objects(n: impl Into<i128>) -> String {
+    let n = n.into();
+    if n == 1 { "1 object".to_string() } else { format!("{n} objects") }
+}
+
+/// What the completions said: how many objects failed, and the first
+/// failure (name and error).
+#[derive(Default)]
+struct Failures {
+    count: u64,
+    first: Option<(String, StreamError)>,
+}
+
+impl Failures {
+    fn add(&mut self, name: &str, e: &StreamError) {
+        self.count += 1;
+        self.first.get_or_insert_with(|| (name.to_string(), e.clone()));
+    }
+}
+
+fn send(a: &SendArgs) -> Result<(), Failure> {
+    let compression = flags::compress(a.compress.as_deref())?;
+    let pdu_size = a.pdu.as_deref().map(|p| flags::size("--pdu", p)).transpose()?;
+    let size = a.count.map(|_| flags::size("--size", &a.size)).transpose()?;
+    // Every file is checked before the stream opens: one that cannot be
+    // read sends nothing. (Each is opened again when its turn comes, so
+    // that many files do not hold as many descriptors.)
+    for path in &a.files {
+        let cannot = |e: std::io::Error| Failure::new("io", format!("cannot read {}: {e}", path.display()));
+        if std::fs::File::open(path).and_then(|f| f.metadata()).map_err(cannot)?.is_dir() {
+            return Err(Failure::new("io", format!("cannot send {}: it is a directory", path.display())));
+        }
+    }
+    let failures = Arc::new(Mutex::new(Failures::default()));
     let f = failures.clone();
     let opts = StreamOptions {
         compression,
@@ -137,48 +187,110 @@ fn send(a: &SendArgs) -> Result<(), String> {
         caller_id: a.caller.clone(),
         on_sent: Some(Arc::new(move |h: &ObjHdr, r| {
             if let Err(e) = r {
-                f.lock().expect("failures lock").push(format!("{}: {e}", h.name));
+                f.lock().expect("failures lock").add(&h.name, e);
             }
         })),
         ..StreamOptions::default()
     };
-    let s = Stream::new(&a.to, &a.trname, opts).map_err(|e| e.to_string())?;
-    let mut sent = 0u64;
-    if let Some(count) = a.count {
-        let size = parse_size(&a.size).ok_or_else(|| format!("--size {}: not a size", a.size))?;
+    let s = Stream::new(&a.to, &a.trname, opts)
+        .map_err(|e| Failure::from(e).context(format!("cannot open a stream to {}", a.to)))?;
+    // Objects handed to the stream. Once the stream has ended, the rest
+    // would only fail one by one: stop there.
+    let mut queued = 0u64;
+    let mut queue = |h: ObjHdr, body: Body| match s.send(h, body) {
+        Ok(()) => {
+            queued += 1;
+            true
+        }
+        Err(e) => !matches!(e, StreamError::Terminated(_)),
+    };
+    if let (Some(count), Some(size)) = (a.count, size) {
         let payload: Arc<[u8]> = (0..size).map(|i| (i % 251) as u8).collect::<Vec<u8>>().into();
         for i in 0..count {
-            let h = ObjHdr::new(&a.bucket, &format!("obj-{i}"), size as i64);
-            if s.send(h, payload.clone()).is_ok() {
-                sent += 1;
+            if !queue(ObjHdr::new(&a.bucket, &format!("obj-{i}"), size as i64), Body::Bytes(payload.clone())) {
+                break;
             }
         }
     } else {
         for path in &a.files {
-            let file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let h = ObjHdr::new(&a.bucket, &name, len as i64);
+            let opened = std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
+            let (len, file) = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    // Gone since the check: this object fails, the rest go.
+                    let e = StreamError::Object(format!("cannot read it: {e}"));
+                    failures.lock().expect("failures lock").add(&name, &e);
+                    continue;
+                }
+            };
             let body = if len == 0 { Body::Empty } else { Body::Reader(Box::new(file)) };
-            if s.send(h, body).is_ok() {
-                sent += 1;
+            if !queue(ObjHdr::new(&a.bucket, &name, len as i64), body) {
+                break;
             }
         }
     }
     let how = s.fin();
     let stats = s.stats();
-    if a.json {
-        println!("{}", serde_json::json!({ "sent": sent, "termination": format!("{how:?}"), "stats": stats }));
-    } else {
-        eprintln!("shardwire: sent {} objects, {} bytes (offset {}); {how:?}", stats.num, stats.size, stats.offset);
-    }
     let failures = failures.lock().expect("failures lock");
-    for f in failures.iter() {
-        eprintln!("shardwire: {f}");
+    let to = format!("{} (trname {:?})", a.to, a.trname);
+    let failure = match &how {
+        Termination::EndOfStream if failures.count == 0 => None,
+        Termination::EndOfStream => {
+            let (name, e) = failures.first.clone().expect("a failure was counted");
+            Some(Failure::new(
+                e.code(),
+                format!(
+                    "{} for {to} failed, the first ({name}) with: {e}; the other {} went out and the receiver \
+                     acknowledged the stream",
+                    objects(failures.count),
+                    stats.num
+                ),
+            ))
+        }
+        Termination::Stopped => Some(Failure::new(
+            "stopped",
+            format!("the stream to {to} was stopped after {} ({} bytes) had gone out", objects(stats.num), stats.size),
+        )),
+        Termination::Error(e) if stats.num == 0 => {
+            Some(Failure::new(e.code(), format!("the stream to {to} failed before any object went out: {e}")))
+        }
+        Termination::Error(e) => Some(Failure::new(
+            e.code(),
+            format!("the stream to {to} failed after {} ({} bytes) had gone out: {e}", objects(stats.num), stats.size),
+        )),
+    };
+    if a.json {
+        let mut report = serde_json::json!({
+            // Acknowledged: the receiver answered the end of the stream.
+            "sent": if how == Termination::EndOfStream { stats.num } else { 0 },
+            "queued": queued,
+            "went_out": stats.num,
+            "failed": failures.count,
+            "termination": match how {
+                Termination::EndOfStream => "end-of-stream",
+                Termination::Stopped => "stopped",
+                Termination::Error(_) => "error",
+            },
+            "stats": stats,
+        });
+        if let Some(f) = &failure {
+            report["error"] = f.to_json()["error"].clone();
+        }
+        println!("{report}");
     }
-    match how {
-        Termination::EndOfStream if failures.is_empty() => Ok(()),
-        Termination::EndOfStream => Err(format!("{} objects failed", failures.len())),
-        other => Err(format!("the stream ended with {other:?}")),
+    match failure {
+        None => {
+            if !a.json {
+                eprintln!(
+                    "shardwire: sent {}, {} bytes ({} on the wire) to {to}; the receiver acknowledged them",
+                    objects(stats.num),
+                    stats.size,
+                    stats.offset
+                );
+            }
+            Ok(())
+        }
+        Some(f) => Err(f.json_printed()),
     }
 }

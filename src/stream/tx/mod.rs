@@ -64,18 +64,56 @@ pub enum StreamError {
     Terminated(Box<StreamError>),
     /// An environment variable has a value it does not accept.
     Config(String),
+    /// The stream cannot be made as asked (a URL that is not `http://`, a
+    /// bad trname, a PDU size out of range).
+    InvalidArgument(String),
+}
+
+impl StreamError {
+    /// A stable word for the kind of error, for tools (the CLI's JSON
+    /// errors): `stopped`, `finished`, `network`, `rejected`, `object`,
+    /// `config` or `invalid_argument`; an earlier termination gives its
+    /// cause's.
+    pub fn code(&self) -> &'static str {
+        match self {
+            StreamError::Stopped => "stopped",
+            StreamError::Finished => "finished",
+            StreamError::Network(_) => "network",
+            StreamError::Rejected { .. } => "rejected",
+            StreamError::Object(_) => "object",
+            StreamError::Terminated(e) => e.code(),
+            StreamError::Config(_) => "config",
+            StreamError::InvalidArgument(_) => "invalid_argument",
+        }
+    }
+}
+
+/// What a receiver's error answer says: the `message` of AIStore's JSON
+/// error body (`{"message": ..., "status": ..., "type_code": ...}`), or the
+/// body's text as it is.
+fn receiver_reason(body: &str) -> String {
+    let body = body.trim();
+    if let Ok(serde_json::Value::Object(o)) = serde_json::from_str::<serde_json::Value>(body)
+        && let Some(serde_json::Value::String(m)) = o.get("message")
+    {
+        return m.clone();
+    }
+    if body.is_empty() { "it gave no reason".to_string() } else { body.to_string() }
 }
 
 impl fmt::Display for StreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            StreamError::Stopped => f.write_str("stopped"),
-            StreamError::Finished => f.write_str("end-of-stream"),
+            StreamError::Stopped => f.write_str("the stream was stopped"),
+            StreamError::Finished => f.write_str("the stream has ended (end-of-stream)"),
             StreamError::Network(e) => write!(f, "network error: {e}"),
-            StreamError::Rejected { status, message } => write!(f, "receiver answered {status}: {message}"),
+            StreamError::Rejected { status, message } => {
+                write!(f, "the receiver refused the stream (HTTP {status}): {}", receiver_reason(message))
+            }
             StreamError::Object(e) => write!(f, "object error: {e}"),
             StreamError::Terminated(e) => write!(f, "stream terminated: {e}"),
             StreamError::Config(e) => write!(f, "configuration: {e}"),
+            StreamError::InvalidArgument(e) => f.write_str(e),
         }
     }
 }
@@ -182,6 +220,18 @@ pub enum Termination {
     EndOfStream,
     Stopped,
     Error(StreamError),
+}
+
+impl fmt::Display for Termination {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Termination::EndOfStream => {
+                f.write_str("ended normally: the receiver answered the end of the stream with 200")
+            }
+            Termination::Stopped => f.write_str("stopped"),
+            Termination::Error(e) => write!(f, "failed: {e}"),
+        }
+    }
 }
 
 /// State shared by the handle and the shard.
@@ -291,28 +341,30 @@ impl Stream {
     ) -> Result<Stream, StreamError> {
         // A bad environment value stops the stream here, named.
         Settings::from_env().map_err(|e| StreamError::Config(e.to_string()))?;
-        let rest =
-            url.strip_prefix("http://").ok_or_else(|| StreamError::Network(format!("{url}: only http:// URLs")))?;
+        let invalid = |e: String| Err(StreamError::InvalidArgument(e));
+        let Some(rest) = url.strip_prefix("http://") else {
+            return invalid(format!("{url:?} is not a receiver URL: give http://HOST:PORT"));
+        };
         let host = rest.trim_end_matches('/').to_string();
         if host.contains('/') {
-            return Err(StreamError::Network(format!("{url}: give the base URL, without a path")));
+            return invalid(format!("{url:?} has a path: give the receiver's base URL, http://HOST:PORT"));
+        }
+        if options.caller_id.contains(['\r', '\n']) || host.contains(['\r', '\n', ' ']) {
+            return invalid("the caller id and the host must not hold spaces or line breaks".into());
         }
         use std::net::ToSocketAddrs;
         let addr = host
             .to_socket_addrs()
-            .map_err(|e| StreamError::Network(format!("{host}: {e}")))?
+            .map_err(|e| StreamError::Network(format!("cannot resolve {host:?}: {e}")))?
             .next()
-            .ok_or_else(|| StreamError::Network(format!("{host}: no address")))?;
+            .ok_or_else(|| StreamError::Network(format!("{host:?} resolves to no address")))?;
         if trname.is_empty() || trname.contains(['/', ' ', '\r', '\n']) {
-            return Err(StreamError::Network(format!("bad trname {trname:?}")));
+            return invalid(format!("trname {trname:?} is not valid: give a non-empty name without '/' or spaces"));
         }
-        if options.caller_id.contains(['\r', '\n']) || host.contains(['\r', '\n', ' ']) {
-            return Err(StreamError::Network("the caller id and the host must not hold spaces or line breaks".into()));
-        }
-        if let Some(p) = options.pdu_size {
-            if p == 0 || p > MAX_PDU_PAYLOAD {
-                return Err(StreamError::Object(format!("PDU size {p} is outside 1..={MAX_PDU_PAYLOAD}")));
-            }
+        if let Some(p) = options.pdu_size
+            && (p == 0 || p > MAX_PDU_PAYLOAD)
+        {
+            return invalid(format!("PDU size {p} is outside 1..={MAX_PDU_PAYLOAD} bytes"));
         }
         options.burst = options.burst.clamp(1, BURST_MAX);
         options.max_header = options.max_header.clamp(512, MAX_HEADER_BYTES);
@@ -570,11 +622,12 @@ mod tests {
     fn urls_and_options_are_checked_up_front() {
         let rt = Arc::new(Runtime::start(crate::runtime::RuntimeConfig::new(1)).unwrap());
         let bad = |url: &str, tr: &str, o: StreamOptions| Stream::with_runtime(rt.clone(), url, tr, o).err();
-        assert!(bad("https://127.0.0.1:1", "t", StreamOptions::default()).is_some());
-        assert!(bad("http://127.0.0.1:1/v1/objstream", "t", StreamOptions::default()).is_some());
-        assert!(bad("http://127.0.0.1:1", "a/b", StreamOptions::default()).is_some());
+        let invalid = |e: Option<StreamError>| matches!(e, Some(StreamError::InvalidArgument(_)));
+        assert!(invalid(bad("https://127.0.0.1:1", "t", StreamOptions::default())));
+        assert!(invalid(bad("http://127.0.0.1:1/v1/objstream", "t", StreamOptions::default())));
+        assert!(invalid(bad("http://127.0.0.1:1", "a/b", StreamOptions::default())));
         let pdu = StreamOptions { pdu_size: Some(200 << 10), ..StreamOptions::default() };
-        assert!(bad("http://127.0.0.1:1", "t", pdu).is_some());
+        assert!(invalid(bad("http://127.0.0.1:1", "t", pdu)));
         // Lazy: nothing listens on port 1, yet the stream is made; the
         // failure comes with the first object, as its completion.
         let s = Stream::with_runtime(rt.clone(), "http://127.0.0.1:1", "t", StreamOptions::default()).unwrap();
@@ -584,5 +637,29 @@ mod tests {
         assert!(matches!(err, Some(StreamError::Network(ref m)) if m.contains("connect")), "{err:?}");
         assert!(matches!(s.wait(), Termination::Error(StreamError::Network(_))));
         rt.shutdown();
+    }
+    #[test]
+    fn errors_read_as_sentences_with_a_code() {
+        // AIStore's JSON error body is reduced to its message.
+        let body = r#"{"message":"unknown trname \"x\"","status":400,"type_code":"ErrHTTP"}"#;
+        let e = StreamError::Rejected { status: 400, message: body.into() };
+        assert_eq!(e.to_string(), r#"the receiver refused the stream (HTTP 400): unknown trname "x""#);
+        assert_eq!(e.code(), "rejected");
+        // Any other body is said as it is; an empty one is named.
+        let e = StreamError::Rejected { status: 503, message: " too many connections\n".into() };
+        assert_eq!(e.to_string(), "the receiver refused the stream (HTTP 503): too many connections");
+        let e = StreamError::Rejected { status: 500, message: String::new() };
+        assert_eq!(e.to_string(), "the receiver refused the stream (HTTP 500): it gave no reason");
+        // An earlier termination gives its cause's code.
+        let e = StreamError::Terminated(Box::new(StreamError::Network("connect: refused".into())));
+        assert_eq!(
+            (e.code(), e.to_string().as_str()),
+            ("network", "stream terminated: network error: connect: refused")
+        );
+        let t = Termination::Error(StreamError::Stopped);
+        assert_eq!(t.to_string(), "failed: the stream was stopped");
+        for e in [StreamError::Finished, StreamError::Object("x".into()), StreamError::InvalidArgument("y".into())] {
+            assert!(!e.to_string().contains('{') && !e.to_string().contains("Error("), "{e}");
+        }
     }
 }
