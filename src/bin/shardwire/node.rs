@@ -323,11 +323,12 @@ pub fn run(a: &NodeArgs) -> Result<(), String> {
         }
     };
 
-    // What peers wait for: printed once everything serves.
-    println!("segment_id={name}");
-    let _ = std::io::stdout().flush();
+    // Ready first, then the line peers and scripts wait for: whoever has
+    // read it finds /readyz saying so.
     ready.store(true, Ordering::Release);
     lifecycle("ready");
+    println!("segment_id={name}");
+    let _ = std::io::stdout().flush();
 
     while SIGNALS.load(Ordering::SeqCst) == 0 {
         std::thread::sleep(TICK);
