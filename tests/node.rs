@@ -28,6 +28,8 @@ struct Node {
     http: SocketAddr,
     /// Lines of stderr, as they come.
     log: mpsc::Receiver<String>,
+    /// Lines of stdout after `segment_id=`.
+    out: mpsc::Receiver<String>,
 }
 
 impl Drop for Node {
@@ -59,11 +61,16 @@ fn start(args: &[&str]) -> Node {
         }
     });
     let (seg_tx, seg_rx) = mpsc::channel();
+    let (out_tx, out) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(s) = line.strip_prefix("segment_id=") {
-                let _ = seg_tx.send(s.to_string());
+            let sent = match line.strip_prefix("segment_id=") {
+                Some(s) => seg_tx.send(s.to_string()).is_ok(),
+                None => out_tx.send(line).is_ok(),
+            };
+            if !sent {
+                return;
             }
         }
     });
@@ -77,7 +84,7 @@ fn start(args: &[&str]) -> Node {
             http = Some(rest.split('/').next().unwrap().parse().unwrap());
         }
     }
-    Node { child, segment, http: http.unwrap(), log }
+    Node { child, segment, http: http.unwrap(), log, out }
 }
 
 fn get(addr: SocketAddr, path: &str) -> (u16, String) {
@@ -218,7 +225,7 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
 
 #[test]
 fn a_second_signal_ends_the_drain_at_once() {
-    let mut node = start(&["--pool", "16MiB", "--drain-timeout", "600"]);
+    let mut node = start(&["--pool", "16MiB", "--drain-timeout", "600", "--json"]);
     let e = initiator(Duration::from_secs(5));
     let pool = e.get_first_buffer_address(&node.segment).unwrap();
     let local = e.allocate_managed_buffer(64 << 10).unwrap();
@@ -249,8 +256,13 @@ fn a_second_signal_ends_the_drain_at_once() {
 fn registers_in_a_metadata_store_and_withdraws_on_sigterm() {
     let server = interop::HttpMetaServer::shardwire(&[]);
     let name = format!("127.0.0.1:{}", free_port());
-    let mut node = start(&["--pool", "16MiB", "--metadata-server", &server.url(), "--local-server-name", &name]);
+    let mut node =
+        start(&["--pool", "16MiB", "--metadata-server", &server.url(), "--local-server-name", &name, "--json"]);
     assert_eq!(node.segment, name);
+    let ready: serde_json::Value = serde_json::from_str(&node.out.recv_timeout(WAIT).unwrap()).unwrap();
+    assert_eq!(ready["segment_id"], name.as_str());
+    assert_eq!(ready["pool_bytes"], 16u64 << 20);
+    assert_eq!(ready["http"], node.http.to_string().as_str());
     let mut client = server.client();
     assert!(client.get(&format!("mooncake/ram/{name}")).unwrap().is_some());
     let e = TransferEngine::new();
@@ -263,6 +275,9 @@ fn registers_in_a_metadata_store_and_withdraws_on_sigterm() {
     assert_eq!(e.read_bytes_from_buffer(local + 1024, 27).unwrap(), b"through the metadata server");
     signal(&node, libc::SIGTERM);
     assert_eq!(wait_exit(&mut node).code(), Some(0));
+    let stopped: serde_json::Value = serde_json::from_str(&node.out.recv_timeout(WAIT).unwrap()).unwrap();
+    assert_eq!(stopped["stopped"], true);
+    assert_eq!(stopped["drained"], true, "nothing was moving");
     assert_eq!(client.get(&format!("mooncake/ram/{name}")).unwrap(), None);
     assert_eq!(client.get(&format!("mooncake/rpc_meta/{name}")).unwrap(), None);
 }
@@ -285,6 +300,10 @@ fn bad_settings_name_their_key() {
     let err = run(&["--config", typed.to_str().unwrap()]);
     assert!(err.contains("drain-timeout") || err.contains("drain_timeout"), "{err}");
     assert!(run(&["--pool", "lots"]).contains("pool"));
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_shardwire")).args(["node", "--pool", "lots", "--json"]).output().unwrap();
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("--json: the error as JSON on stdout");
+    assert!(err["error"]["message"].as_str().unwrap().contains("pool"), "{err}");
     assert!(run(&["--trname", "x"]).contains("stream-listen"));
     assert!(run(&["--stream-listen", "nowhere", "--trname", "x"]).contains("stream-listen"));
     assert!(run(&["--protocol", "udp"]).contains("protocol"));

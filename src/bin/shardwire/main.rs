@@ -265,7 +265,8 @@ impl Command {
             // redirected into one: its failures stay off stdout.
             Command::Topo(a) => a.plan_json,
             Command::Stream(c) => c.json(),
-            Command::Node(_) | Command::MetadataServer(_) => false,
+            Command::Node(a) => a.json,
+            Command::MetadataServer(_) => false,
             Command::Bench(b) => match &b.what {
                 Some(BenchWhat::Runtime(r)) => r.json,
                 Some(BenchWhat::Stream(s)) => s.json,

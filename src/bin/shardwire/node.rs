@@ -72,6 +72,10 @@ pub struct NodeArgs {
     /// Seconds a drain may take after SIGTERM or SIGINT (default 10).
     #[arg(long)]
     drain_timeout: Option<f64>,
+    /// For tools: a JSON line when ready (after `segment_id=`) and when
+    /// stopped, and failures as `{"error": ...}` on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// What `--config` may hold.
@@ -328,6 +332,16 @@ pub fn run(a: &NodeArgs) -> Result<(), String> {
     ready.store(true, Ordering::Release);
     lifecycle("ready");
     println!("segment_id={name}");
+    if a.json {
+        let line = serde_json::json!({
+            "segment_id": name,
+            "http": http.as_ref().map(|ep| ep.addr().to_string()),
+            "streams": receiver.as_ref().map(Receiver::url),
+            "pool_bytes": s.pool_bytes,
+            "pool_parts": parts.len(),
+        });
+        println!("{line}");
+    }
     let _ = std::io::stdout().flush();
 
     while SIGNALS.load(Ordering::SeqCst) == 0 {
@@ -348,6 +362,16 @@ pub fn run(a: &NodeArgs) -> Result<(), String> {
     engine.shutdown();
     drop(http);
     lifecycle("stopped");
+    if a.json {
+        let trnames: BTreeMap<&String, serde_json::Value> = handlers
+            .iter()
+            .map(|(t, h)| {
+                let (n, b) = (h.objects.load(Ordering::Relaxed), h.bytes.load(Ordering::Relaxed));
+                (t, serde_json::json!({ "objects": n, "bytes": b }))
+            })
+            .collect();
+        println!("{}", serde_json::json!({ "stopped": true, "drained": drained, "trnames": trnames }));
+    }
     Ok(())
 }
 
