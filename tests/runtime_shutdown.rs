@@ -27,6 +27,24 @@ fn fds() -> usize {
     count_dir("/proc/self/fd")
 }
 
+/// What each descriptor is open on, for a failure message: a count that
+/// does not come back says which descriptor stayed (or went).
+fn fd_targets() -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            format!(
+                "{} -> {}",
+                e.file_name().to_string_lossy(),
+                std::fs::read_link(e.path()).map_or_else(|e| e.to_string(), |t| t.display().to_string())
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Shard threads alive in this process (the test harness's own threads
 /// come and go, so only ours are counted).
 fn threads() -> usize {
@@ -216,6 +234,7 @@ fn a_failed_start_leaks_nothing() {
 fn shutdown_requested_from_a_shard_does_not_deadlock() {
     let _serial = serial();
     let (fds_before, threads_before) = (fds(), threads());
+    let targets_before = fd_targets();
     let rt = Arc::new(Runtime::start(config(2)).unwrap());
     let inner = rt.clone();
     let reports = rt.call(0, move |_| inner.shutdown().len()).unwrap();
@@ -225,6 +244,15 @@ fn shutdown_requested_from_a_shard_does_not_deadlock() {
     drop(rt);
     // Shard 0 asked for the stop itself: its thread (and its ring) may
     // still be on the way out.
-    eventually("fds closed", || fds() == fds_before);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fds() != fds_before {
+        assert!(
+            Instant::now() < deadline,
+            "descriptors did not come back to {fds_before}: before {targets_before:#?}, now {:#?}; shard threads {}",
+            fd_targets(),
+            threads()
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
     eventually("threads exit", || threads() == threads_before);
 }
