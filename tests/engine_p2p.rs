@@ -228,3 +228,40 @@ fn a_freed_managed_buffer_takes_no_tcp_write_until_allocated_again() {
     initiator.transfer_sync_write(&name, local, again, 1 << 20).unwrap();
     assert!(target.read_bytes_from_buffer(again, 1 << 20).unwrap().iter().all(|&b| b == 0xab));
 }
+
+/// A draining engine (`stop_accepting`) keeps serving the connections it
+/// has and refuses new peers at once: its RPC port and its data port both
+/// refuse connections.
+#[test]
+fn a_draining_engine_serves_open_connections_and_refuses_new_ones() {
+    let target = tcp_engine();
+    let early = tcp_engine();
+    let remote = target.allocate_managed_buffer(4 << 20).unwrap();
+    let local = early.allocate_managed_buffer(4 << 20).unwrap();
+    let name = target.segment_name().unwrap();
+    let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 241) as u8).collect();
+    early.write_bytes_to_buffer(local, &data).unwrap();
+    // Connections opened before: the direct path's and the shards'.
+    early.transfer_sync_write(&name, local, remote, 4096).unwrap();
+    early.transfer_sync_write(&name, local, remote, 1 << 20).unwrap();
+    let (rpc_port, data_port) = (target.get_rpc_port().unwrap(), target.data_port().unwrap());
+
+    target.stop_accepting().unwrap();
+    for port in [rpc_port, data_port] {
+        let refused = std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            std::time::Duration::from_secs(5),
+        );
+        assert!(refused.is_err(), "port {port} still takes connections");
+    }
+    // What was open carries on.
+    early.write_bytes_to_buffer(local, &vec![0u8; 1 << 20]).unwrap();
+    early.transfer_sync_read(&name, local, remote, 1 << 20).unwrap();
+    assert!(early.read_bytes_from_buffer(local, 1 << 20).unwrap() == data);
+    early.transfer_sync_write(&name, local, remote, 4096).unwrap();
+    // A newcomer cannot even learn the segment.
+    let late = tcp_engine();
+    let buf = late.allocate_managed_buffer(4096).unwrap();
+    let err = late.transfer_sync_write(&name, buf, remote, 4096).unwrap_err();
+    assert!(err.code() < 0, "{err}");
+}

@@ -217,7 +217,8 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
     let (ok, _failed) = writer.join().expect("every transfer settled: the writer ended");
     assert!(ok > 0);
     let log: Vec<String> = node.log.try_iter().collect();
-    assert!(log.iter().any(|l| l.contains("stopping: draining")), "{log:?}");
+    assert!(log.iter().any(|l| l.contains("stopping: no new peers; draining")), "{log:?}");
+    assert!(!log.iter().any(|l| l.contains("panicked")), "nothing panicked, even caught: {log:?}");
     assert!(log.iter().any(|l| l.contains("trname tally: 0 objects")), "{log:?}");
     assert!(log.last().is_some_and(|l| l.ends_with("stopped")), "{log:?}");
     let _ = std::fs::remove_dir_all(&dir);
@@ -225,7 +226,10 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
 
 #[test]
 fn a_second_signal_ends_the_drain_at_once() {
-    let mut node = start(&["--pool", "16MiB", "--drain-timeout", "600", "--json"]);
+    let stream_port = free_port();
+    let listen = format!("127.0.0.1:{stream_port}");
+    let mut node =
+        start(&["--pool", "16MiB", "--drain-timeout", "600", "--json", "--stream-listen", &listen, "--trname", "t"]);
     let e = initiator(Duration::from_secs(5));
     let pool = e.get_first_buffer_address(&node.segment).unwrap();
     let local = e.allocate_managed_buffer(64 << 10).unwrap();
@@ -243,6 +247,15 @@ fn a_second_signal_ends_the_drain_at_once() {
         assert!(Instant::now() < deadline, "never stopped being ready");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Draining: no new peers, no new streams (the RPC port is the
+    // segment's), while the writer's connection goes on.
+    let rpc: SocketAddr = node.segment.parse().unwrap();
+    let deadline = Instant::now() + WAIT;
+    while TcpStream::connect_timeout(&rpc, Duration::from_secs(5)).is_ok() {
+        assert!(Instant::now() < deadline, "the RPC port still takes connections");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(TcpStream::connect_timeout(&listen.parse().unwrap(), Duration::from_secs(5)).is_err());
     signal(&node, libc::SIGINT);
     let status = wait_exit(&mut node);
     assert_eq!(status.code(), Some(130), "the second signal ends it, not the drain: {status}");

@@ -525,6 +525,22 @@ impl TransferEngine {
         seg.buffers.first().map(|b| b.0).ok_or_else(|| TeError::invalid(format!("segment {segment} has no buffers")))
     }
 
+    /// Takes no new peers, for a drain: the RPC port (metadata requests,
+    /// handshakes, notifications) closes and the data listeners refuse new
+    /// connections, while connections already open carry on until
+    /// [`TransferEngine::shutdown`]. The metadata keys stay until then.
+    pub fn stop_accepting(&self) -> TeResult<()> {
+        let engine = self.engine()?;
+        let rpc = engine.rpc.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(mut rpc) = rpc {
+            rpc.stop();
+        }
+        for t in &engine.transports {
+            t.stop_accepting();
+        }
+        Ok(())
+    }
+
     /// The process's metrics, as the Prometheus text format writes them:
     /// `name{label="value",...}` to a number (histograms as their
     /// `_bucket`, `_sum` and `_count` series). The counters are the

@@ -105,4 +105,9 @@ pub trait Transport: Send + Sync {
 
     /// Stops: requests in flight fail; new ones fail at once.
     fn close(&self);
+
+    /// Takes no new connections from peers (a draining node): what is
+    /// open carries on until [`Transport::close`]. Transports that do not
+    /// listen have nothing to do.
+    fn stop_accepting(&self) {}
 }

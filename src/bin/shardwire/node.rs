@@ -8,7 +8,7 @@
 //! usual `MC_*` / `SHARDWIRE_*` environment, flags first.
 //!
 //! Lifecycle: one line on stderr per event. On SIGTERM or SIGINT it stops
-//! being ready, stops taking new streams, waits (up to `--drain-timeout`)
+//! being ready, refuses new peers and streams, waits (up to `--drain-timeout`)
 //! until the transfers and streams in flight have finished, then shuts the
 //! engine down (its metadata keys go with it) and exits 0. A second signal
 //! exits at once.
@@ -348,7 +348,14 @@ pub fn run(a: &NodeArgs) -> Result<(), String> {
         std::thread::sleep(TICK);
     }
     ready.store(false, Ordering::Release);
-    lifecycle(&format!("stopping: draining for up to {:?}", s.drain_timeout));
+    // New peers and streams are refused from here; what is open goes on.
+    if let Err(e) = engine.stop_accepting() {
+        lifecycle(&format!("cannot stop accepting transfers: {e}"));
+    }
+    if let Some(rx) = &receiver {
+        rx.stop_accepting();
+    }
+    lifecycle(&format!("stopping: no new peers; draining for up to {:?}", s.drain_timeout));
     let drained = drain(&engine, receiver.as_ref(), s.drain_timeout);
     lifecycle(if drained { "drained" } else { "drain timeout: closing what is still open" });
     drop(receiver);

@@ -178,6 +178,8 @@ pub(crate) struct RxShared {
     pub(crate) runtime: Arc<Runtime>,
     pub(crate) connections: AtomicU64,
     closed: AtomicBool,
+    /// False once the receiver stopped taking connections.
+    pub(crate) accepting: AtomicBool,
     /// Objects and bytes of sessions that ended, per trname.
     totals: Mutex<HashMap<String, (i64, i64)>>,
 }
@@ -284,6 +286,7 @@ impl Receiver {
             runtime: runtime.clone(),
             connections: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            accepting: AtomicBool::new(true),
             totals: Mutex::new(HashMap::new()),
         });
         shard::install(&shared, &listener)?;
@@ -350,6 +353,12 @@ impl Receiver {
     /// Connections open now.
     pub fn connections(&self) -> u64 {
         self.shared.connections.load(Ordering::Relaxed)
+    }
+
+    /// Takes no new connections (a draining node); the ones open go on
+    /// until [`Receiver::close`]. New senders are refused with a reset.
+    pub fn stop_accepting(&self) {
+        shard::stop_accepting(&self.shared, &self.listener);
     }
 
     /// Stops accepting and closes every connection.

@@ -89,6 +89,23 @@ pub(super) fn install(shared: &Arc<RxShared>, listener: &Arc<TcpListener>) -> st
     Ok(())
 }
 
+/// Ends the accept loop and shuts the listening socket's receive side
+/// (Linux resets new connections); open connections stay.
+pub(super) fn stop_accepting(shared: &Arc<RxShared>, listener: &Arc<TcpListener>) {
+    let rx = shared.id.load(Ordering::Relaxed);
+    shared.accepting.store(false, Ordering::Release);
+    let _ = shared.runtime.call(0, move |ctx| {
+        if let Some(state) = rx_shard(ctx, rx)
+            && let Some(op) = state.accept.take()
+        {
+            let _ = ctx.cancel_op(op);
+        }
+    });
+    // SAFETY: shutdown(2) on the receiver's own listening socket, kept
+    // open by the Arc; no memory is touched.
+    unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RD) };
+}
+
 /// Stops accepting and closes every connection, on every shard.
 pub(super) fn uninstall(shared: &Arc<RxShared>, _listener: &Arc<TcpListener>) {
     let rx = shared.id.load(Ordering::Relaxed);
@@ -121,7 +138,7 @@ struct Streams {
 
 impl crate::transport::accept::Owner for Streams {
     fn live(&self, ctx: &mut ShardCtx) -> bool {
-        rx_shard(ctx, self.rx).is_some()
+        self.shared.accepting.load(Ordering::Acquire) && rx_shard(ctx, self.rx).is_some()
     }
 
     fn set_op(&self, ctx: &mut ShardCtx, op: Option<OpId>) {
@@ -229,7 +246,10 @@ fn pump(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>) {
     if conn.borrow().gone {
         return finish_if_idle(ctx, conn);
     }
-    if let Some(why) = conn.borrow().core.closed().map(str::to_string) {
+    // Bound first: a borrow in the `if let` itself would live through
+    // the body (edition 2024 keeps it there), and `close` borrows mutably.
+    let closed = conn.borrow().core.closed().map(str::to_string);
+    if let Some(why) = closed {
         return close(ctx, conn, &why);
     }
     {

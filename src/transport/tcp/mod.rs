@@ -99,6 +99,8 @@ struct EngineTcp {
     client: Rc<RefCell<ClientShard>>,
     server: Rc<RefCell<ServerShard>>,
     accept: Option<OpId>,
+    /// False once the engine stopped accepting (the loop is not re-armed).
+    accepting: bool,
 }
 
 /// Every engine's TCP state on a shard (engines may share a runtime).
@@ -157,6 +159,7 @@ impl TcpTransport {
                         client: ClientShard::new(limits, credits, ctx.id()),
                         server: ServerShard::new(registry, SESSIONS_PER_SHARD_MAX),
                         accept: None,
+                        accepting: true,
                     };
                     let mut shards = ctx.take_local::<TcpShards>().unwrap_or_default();
                     shards.0.insert(engine, state);
@@ -338,6 +341,25 @@ impl Transport for TcpTransport {
         }
     }
 
+    /// Ends the accept loop, then shuts the listening socket's receive
+    /// side: Linux then answers new connections (and those waiting in the
+    /// backlog) with a reset, so a peer learns at once rather than waiting
+    /// in a queue nobody reads. Sessions already open go on.
+    fn stop_accepting(&self) {
+        let engine = self.engine;
+        let _ = self.runtime.call(0, move |ctx| {
+            if let Some(e) = ctx.local_mut::<TcpShards>().and_then(|s| s.0.get_mut(&engine)) {
+                e.accepting = false;
+                if let Some(op) = e.accept.take() {
+                    let _ = ctx.cancel_op(op);
+                }
+            }
+        });
+        // SAFETY: shutdown(2) on our own listening socket, which the Arc
+        // keeps open; it changes no memory.
+        unsafe { libc::shutdown(std::os::fd::AsRawFd::as_raw_fd(&*self.listener), libc::SHUT_RD) };
+    }
+
     /// Closes every connection and session of this engine and stops
     /// accepting. Transfers still running fail.
     fn close(&self) {
@@ -379,7 +401,7 @@ struct DataPort(u64);
 
 impl crate::transport::accept::Owner for DataPort {
     fn live(&self, ctx: &mut ShardCtx) -> bool {
-        halves(ctx, self.0).is_some()
+        ctx.local_mut::<TcpShards>().and_then(|s| s.0.get(&self.0)).is_some_and(|e| e.accepting)
     }
 
     fn set_op(&self, ctx: &mut ShardCtx, op: Option<OpId>) {
