@@ -2,9 +2,12 @@
 //! report ratios. They back `shardwire bench ...` and `cargo bench`.
 
 pub mod batches;
+pub mod plot;
+pub mod progress;
 pub mod rdma_sim;
 pub mod runtime;
 pub mod stream;
+pub mod sweep;
 pub mod transfer;
 
 use std::fmt;

@@ -5,6 +5,7 @@ mod flags;
 mod logger;
 mod node;
 mod stream_cmd;
+mod sweep_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,9 +125,9 @@ struct TransferBenchArgs {
     /// Initiator threads.
     #[arg(long, default_value_t = 12)]
     threads: usize,
-    /// Seconds to run.
-    #[arg(long, default_value_t = 10)]
-    duration: u64,
+    /// Seconds to run (fractions allowed).
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
     /// Bytes of buffer on each side.
     #[arg(long = "buffer_size", default_value_t = 1 << 30)]
     buffer_size: u64,
@@ -170,6 +171,13 @@ enum BenchWhat {
     /// The RDMA software path of one shard on zero-cost simulated NICs.
     #[command(name = "rdma-sim")]
     RdmaSim(RdmaSimBenchArgs),
+    /// The transfer bench over block sizes, reads and writes, and every
+    /// path (TCP, same host, RDMA on the emu fabric): a JSON file and an SVG
+    /// plot.
+    Sweep(sweep_cmd::SweepArgs),
+    /// Draws a sweep's JSON file (from `bench sweep` or
+    /// tools/bench-vs-mooncake) as an SVG.
+    Plot(sweep_cmd::PlotArgs),
 }
 
 #[derive(clap::Args)]
@@ -314,6 +322,8 @@ fn main() -> ExitCode {
             Some(BenchWhat::Stream(s)) => stream_bench(s),
             Some(BenchWhat::Batches(b)) => batches_bench(b),
             Some(BenchWhat::RdmaSim(r)) => rdma_sim_bench(r, &settings),
+            Some(BenchWhat::Sweep(s)) => sweep_cmd::sweep(s),
+            Some(BenchWhat::Plot(p)) => sweep_cmd::plot(p),
             None => transfer_bench(&args.transfer),
         },
     };
@@ -391,6 +401,9 @@ fn runtime_bench(args: &RuntimeBenchArgs) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Longest timed run, in seconds (a day).
+const DURATION_S_MAX: f64 = 86_400.0;
+
 static STOP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 extern "C" fn on_stop_signal(_: libc::c_int) {
@@ -399,6 +412,9 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 
 fn transfer_bench(args: &TransferBenchArgs) -> Result<(), Failure> {
     use bench::transfer::{self, Mode, Options};
+    if !args.duration.is_finite() || args.duration <= 0.0 || args.duration > DURATION_S_MAX {
+        return Err(format!("--duration {}: seconds in (0, {DURATION_S_MAX}]", args.duration));
+    }
     let options = Options {
         mode: match args.mode.as_deref() {
             Some("initiator") => Some(Mode::Initiator),
@@ -418,7 +434,7 @@ fn transfer_bench(args: &TransferBenchArgs) -> Result<(), Failure> {
         block_size: args.block_size,
         batch_size: args.batch_size,
         threads: args.threads,
-        duration: std::time::Duration::from_secs(args.duration),
+        duration: std::time::Duration::from_secs_f64(args.duration),
         buffer_size: args.buffer_size,
         target_registered: args.target_memory == "registered",
         report_unit: args.report_unit.clone(),
