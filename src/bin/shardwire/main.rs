@@ -280,6 +280,7 @@ impl Command {
                 Some(BenchWhat::Stream(s)) => s.json,
                 Some(BenchWhat::Batches(b)) => b.json,
                 Some(BenchWhat::RdmaSim(r)) => r.json,
+                Some(BenchWhat::Sweep(_) | BenchWhat::Plot(_)) => false,
                 None => b.transfer.json,
             },
         }
@@ -322,8 +323,8 @@ fn main() -> ExitCode {
             Some(BenchWhat::Stream(s)) => stream_bench(s),
             Some(BenchWhat::Batches(b)) => batches_bench(b),
             Some(BenchWhat::RdmaSim(r)) => rdma_sim_bench(r, &settings),
-            Some(BenchWhat::Sweep(s)) => sweep_cmd::sweep(s),
-            Some(BenchWhat::Plot(p)) => sweep_cmd::plot(p),
+            Some(BenchWhat::Sweep(s)) => sweep_cmd::sweep(s).map_err(|m| Failure::new("bench", m)),
+            Some(BenchWhat::Plot(p)) => sweep_cmd::plot(p).map_err(|m| Failure::new("bench", m)),
             None => transfer_bench(&args.transfer),
         },
     };
@@ -413,7 +414,7 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
 fn transfer_bench(args: &TransferBenchArgs) -> Result<(), Failure> {
     use bench::transfer::{self, Mode, Options};
     if !args.duration.is_finite() || args.duration <= 0.0 || args.duration > DURATION_S_MAX {
-        return Err(format!("--duration {}: seconds in (0, {DURATION_S_MAX}]", args.duration));
+        return Err(Failure::usage(format!("--duration {}: seconds in (0, {DURATION_S_MAX}]", args.duration)));
     }
     let options = Options {
         mode: match args.mode.as_deref() {
