@@ -356,7 +356,7 @@ pub fn run(a: &NodeArgs) -> Result<(), String> {
         rx.stop_accepting();
     }
     lifecycle(&format!("stopping: no new peers; draining for up to {:?}", s.drain_timeout));
-    let drained = drain(&engine, receiver.as_ref(), s.drain_timeout);
+    let drained = drain(receiver.as_ref(), s.drain_timeout);
     lifecycle(if drained { "drained" } else { "drain timeout: closing what is still open" });
     drop(receiver);
     for (trname, h) in &handlers {
@@ -429,18 +429,16 @@ fn online_nodes() -> Vec<u32> {
 /// [`QUIET`], or `timeout` passes. True when it went quiet. A stream left
 /// open but idle counts as finished: senders keep streams open between
 /// objects.
-fn drain(engine: &TransferEngine, rx: Option<&Receiver>, timeout: Duration) -> bool {
+fn drain(rx: Option<&Receiver>, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     let activity = || {
-        let m = engine.metrics();
-        let served: f64 = m
-            .iter()
-            .filter(|(k, _)| {
-                (k.starts_with("shardwire_transfer_requests_total") && k.contains("side=\"target\""))
-                    || k.starts_with("shardwire_stream_objects_total")
-            })
-            .map(|(_, v)| v)
-            .sum();
+        // The counters themselves, not engine.metrics(): no map of series
+        // names built and searched every tick.
+        let c = shardwire::telemetry::counters::snapshot();
+        use shardwire::telemetry::{Op, Side, Via};
+        let target: u64 =
+            Op::ALL.iter().flat_map(|&op| Via::ALL.map(|via| c.series(op, via, Side::Target).requests)).sum();
+        let served = target + c.streams.iter().map(|s| s.objects).sum::<u64>();
         let offsets: i64 =
             rx.map_or(0, |rx| rx.stats().values().flat_map(|e| e.sessions.iter().map(|s| s.offset)).sum::<i64>());
         (served, offsets)
