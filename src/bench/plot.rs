@@ -116,7 +116,9 @@ fn draw(root: &Area<'_>, sweep: &Sweep) -> DrawResult {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
+            // Throughput rises with the block size: the lower right is where
+            // the lines are not.
+            .position(SeriesLabelPosition::LowerRight)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK.mix(0.4))
             .label_font(("sans-serif", 13))
