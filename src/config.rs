@@ -336,6 +336,18 @@ pub const METRICS_ADDR: Var = var(
     "unset",
     "serve Prometheus metrics at `http://host:port/metrics` from any engine of the process, Python included",
 );
+pub const AUTH_KEY: Var = var(
+    "SHARDWIRE_AUTH_KEY",
+    Kind::Form("a key of 16 to 4096 bytes"),
+    "unset",
+    "require every connection to the RPC and data ports, both ways, to prove this shared key first (Mooncake peers cannot)",
+);
+pub const AUTH_KEY_FILE: Var = var(
+    "SHARDWIRE_AUTH_KEY_FILE",
+    Kind::Form("the path of a file holding a key of 16 to 4096 bytes (one trailing newline is dropped)"),
+    "unset",
+    "`SHARDWIRE_AUTH_KEY`, read from a file that only its owner may read",
+);
 pub const TE_METRIC: Var = var(
     "MC_TE_METRIC",
     Kind::Bool,
@@ -416,6 +428,8 @@ pub const VARS: &[Var] = &[
     METRICS_ADDR,
     TE_METRIC,
     TE_METRIC_INTERVAL_SECONDS,
+    AUTH_KEY,
+    AUTH_KEY_FILE,
     LOG,
 ];
 
@@ -458,6 +472,16 @@ pub struct Secret(pub String);
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("<hidden>")
+    }
+}
+
+/// Bytes that are never shown (a key): `Debug` prints their length only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretBytes(pub Vec<u8>);
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "<{} bytes hidden>", self.0.len())
     }
 }
 
@@ -543,6 +567,8 @@ pub struct Settings {
     pub etcd_ttl: Duration,
     pub redis_username: Option<String>,
     pub redis_password: Option<Secret>,
+    /// `SHARDWIRE_AUTH_KEY`, or the contents of `SHARDWIRE_AUTH_KEY_FILE`.
+    pub auth_key: Option<SecretBytes>,
     pub redis_db_index: Option<u8>,
     pub rpc_port_range: (u16, u16),
     pub handshake_max_len: u64,
@@ -627,6 +653,7 @@ impl Settings {
             etcd_ttl: Duration::from_secs(r.int(&ETCD_TTL)?.unwrap_or(30)),
             redis_username: r.text(&REDIS_USERNAME),
             redis_password: r.raw(&REDIS_PASSWORD).map(|(_, p)| Secret(p)),
+            auth_key: auth_key(&r)?,
             redis_db_index: r.int(&REDIS_DB_INDEX)?.map(|i| i as u8),
             rpc_port_range: (min_port, max_port),
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
@@ -807,6 +834,46 @@ pub fn parse_bool(text: &str) -> Option<bool> {
     }
 }
 
+/// The authentication key, from `SHARDWIRE_AUTH_KEY` or the file
+/// `SHARDWIRE_AUTH_KEY_FILE` names (not both). Errors never show the key.
+fn auth_key(r: &Reader<'_>) -> Result<Option<SecretBytes>, ConfigError> {
+    const BYTES: std::ops::RangeInclusive<usize> = 16..=4096;
+    let bad = |v: &Var, name: String, value: String, why: String| ConfigError {
+        var: name,
+        value,
+        accepted: format!("{} ({why})", v.accepted()),
+    };
+    let inline = r.raw(&AUTH_KEY);
+    let file = r.raw(&AUTH_KEY_FILE);
+    let (var, name, key) = match (inline, file) {
+        (None, None) => return Ok(None),
+        (Some((name, _)), Some(_)) => {
+            return Err(bad(&AUTH_KEY, name, "<hidden>".into(), "set it or SHARDWIRE_AUTH_KEY_FILE, not both".into()));
+        }
+        (Some((name, key)), None) => (&AUTH_KEY, name, key.into_bytes()),
+        (None, Some((name, path))) => {
+            let path = path.trim().to_string();
+            let mut key =
+                std::fs::read(&path).map_err(|e| bad(&AUTH_KEY_FILE, name.clone(), path.clone(), e.to_string()))?;
+            // A key others may read is no secret: refuse it, as ssh does.
+            let mode =
+                std::fs::metadata(&path).map_or(0, |m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()));
+            if mode & 0o077 != 0 {
+                let why = format!("mode {:o}: others may read it; chmod 600 it", mode & 0o777);
+                return Err(bad(&AUTH_KEY_FILE, name, path, why));
+            }
+            if key.last() == Some(&b'\n') {
+                key.pop();
+            }
+            (&AUTH_KEY_FILE, name, key)
+        }
+    };
+    if !BYTES.contains(&key.len()) {
+        return Err(bad(var, name, "<hidden>".into(), format!("it has {} bytes", key.len())));
+    }
+    Ok(Some(SecretBytes(key)))
+}
+
 struct Reader<'a> {
     get: &'a dyn Fn(&str) -> Option<String>,
 }
@@ -880,6 +947,38 @@ mod tests {
     fn with(name: &str, value: &str) -> Result<Settings, ConfigError> {
         let (name, value) = (name.to_string(), value.to_string());
         Settings::from_lookup(move |n| (n == name).then(|| value.clone()))
+    }
+
+    #[test]
+    fn the_auth_key_is_checked_and_never_shown() {
+        let key = "a-shared-key-of-some-length";
+        assert_eq!(with("SHARDWIRE_AUTH_KEY", key).unwrap().auth_key.unwrap().0, key.as_bytes());
+        let e = with("SHARDWIRE_AUTH_KEY", "too-short").unwrap_err();
+        assert!(e.to_string().contains("9 bytes") && !e.to_string().contains("too-short"), "{e}");
+        assert!(!format!("{:?}", with("SHARDWIRE_AUTH_KEY", key).unwrap()).contains(key));
+
+        let dir = std::env::temp_dir().join(format!("sw-auth-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, format!("{key}\n")).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let path = file.to_string_lossy().to_string();
+        let e = with("SHARDWIRE_AUTH_KEY_FILE", &path).unwrap_err();
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // One trailing newline is not part of the key.
+        assert_eq!(with("SHARDWIRE_AUTH_KEY_FILE", &path).unwrap().auth_key.unwrap().0, key.as_bytes());
+        let e = with("SHARDWIRE_AUTH_KEY_FILE", "/nonexistent/key").unwrap_err();
+        assert!(e.var == "SHARDWIRE_AUTH_KEY_FILE" && e.to_string().contains("No such file"), "{e}");
+        let both = |n: &str| match n {
+            "SHARDWIRE_AUTH_KEY" => Some(key.to_string()),
+            "SHARDWIRE_AUTH_KEY_FILE" => Some(path.clone()),
+            _ => None,
+        };
+        let e = Settings::from_lookup(both).unwrap_err();
+        assert!(e.to_string().contains("not both") && !e.to_string().contains(key), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn refused(v: &Var, value: &str) {

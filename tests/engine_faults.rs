@@ -95,7 +95,7 @@ impl SilentPeer {
         let rpc_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let name = format!("127.0.0.1:{}", rpc_listener.local_addr().unwrap().port());
         let handler = Arc::new(SilentHandler { name: name.clone(), data_port });
-        let rpc = RpcServer::start(rpc_listener, handler, frame::MAX_LEN_DEFAULT).unwrap();
+        let rpc = RpcServer::start(rpc_listener, handler, frame::MAX_LEN_DEFAULT, None).unwrap();
         Self { _rpc: rpc, name, stop }
     }
 }

@@ -68,6 +68,9 @@ pub struct EngineConfig {
     pub metrics_addr: Option<String>,
     /// `MC_TE_METRIC` (with its interval): log Mooncake's metric line.
     pub te_metric: Option<Duration>,
+    /// `SHARDWIRE_AUTH_KEY` / `SHARDWIRE_AUTH_KEY_FILE`: the key every
+    /// connection to and from the RPC and data ports proves first.
+    pub auth: Option<crate::proto::auth::AuthKey>,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +122,8 @@ impl EngineConfig {
             topo_json: s.custom_topo_json.clone(),
             metrics_addr: s.metrics_addr.clone(),
             te_metric: s.te_metric,
+            // The settings checked the length, the key's only rule.
+            auth: s.auth_key.as_ref().and_then(|k| crate::proto::auth::AuthKey::new(&k.0).ok()),
         }
     }
 }

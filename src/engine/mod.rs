@@ -268,6 +268,7 @@ impl TransferEngine {
             bind_ip,
             self.config.port_range,
             self.config.client_limits,
+            self.config.auth.clone(),
         )?);
         let managed = ManagedPool::new(registry.clone(), UNREGISTER_DRAIN);
         let local = if self.config.local && !self.config.force_tcp {
@@ -294,6 +295,7 @@ impl TransferEngine {
             connect_timeout: Duration::from_secs(5).min(self.config.transfer_timeout),
             io_timeout: Duration::from_secs(60).min(self.config.transfer_timeout),
             max_frame: self.config.handshake_max_len,
+            auth: self.config.auth.clone(),
         };
         let rdma = match (&self.config.fabric, want_rdma) {
             (Some(fabric), true) => {
@@ -311,7 +313,7 @@ impl TransferEngine {
                         tcp.clone(),
                         &name,
                         self.config.rdma,
-                        call_options,
+                        call_options.clone(),
                         custom.as_ref(),
                     )
                 });
@@ -343,8 +345,9 @@ impl TransferEngine {
             local: local.as_ref().map(|l| l.descriptor()),
             rdma: rdma.clone(),
         });
-        let rpc = RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len)
-            .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
+        let rpc =
+            RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len, self.config.auth.clone())
+                .map_err(|e| TeError::new(code::SOCKET, format!("cannot start the RPC server: {e}")))?;
         let store: Option<Box<dyn KvStore>> = match &metadata {
             Metadata::P2p => None,
             Metadata::Etcd(endpoints) => {
@@ -941,8 +944,14 @@ fn parse_metadata(server: &str, metadata_type: &str, default: Option<&str>) -> T
 fn refuse_live_name(registration: &mut Registration, name: &str) -> TeResult<()> {
     let Some(prev) = registration.rpc_meta(name)? else { return Ok(()) };
     let addr = HostPort::with_port(&prev.ip_or_host_name, prev.rpc_port);
-    let quick =
-        CallOptions { connect_timeout: Duration::from_secs(1), io_timeout: Duration::from_secs(2), max_frame: 4096 };
+    // No key: a live engine that requires one answers with its challenge,
+    // which is all a liveness probe needs.
+    let quick = CallOptions {
+        connect_timeout: Duration::from_secs(1),
+        io_timeout: Duration::from_secs(2),
+        max_frame: 4096,
+        auth: None,
+    };
     if p2p::probe(&addr, &quick).is_ok() {
         return Err(TeError::new(
             code::METADATA,

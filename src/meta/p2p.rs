@@ -4,6 +4,10 @@
 //! request per connection, each connection on its own thread (at most
 //! [`CONNECTIONS_MAX`] at once), so a slow or silent client delays nobody
 //! else. Mooncake serves them one at a time from a single thread.
+//!
+//! With an authentication key, every connection opens with the exchange of
+//! [`crate::proto::auth`] (the server's challenge first) before any frame;
+//! a client that fails it is closed without a byte of the segment.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -14,6 +18,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::error::{TeError, TeResult, code};
+use crate::proto::auth::{self, AuthError, AuthKey, Port, Prover, Verifier};
 use crate::proto::mooncake::frame::{self, FrameType};
 use crate::proto::mooncake::message::{self, HandshakeDesc, NotifyDesc, ProbeReply, SegmentDesc};
 use crate::proto::mooncake::name;
@@ -45,8 +50,14 @@ pub struct RpcServer {
 }
 
 impl RpcServer {
-    /// Serves `listener` until stopped.
-    pub fn start(listener: TcpListener, handler: Arc<dyn RpcHandler>, max_frame: u64) -> io::Result<Self> {
+    /// Serves `listener` until stopped; with `auth`, only to clients that
+    /// prove the key.
+    pub fn start(
+        listener: TcpListener,
+        handler: Arc<dyn RpcHandler>,
+        max_frame: u64,
+        auth: Option<AuthKey>,
+    ) -> io::Result<Self> {
         let port = listener.local_addr()?.port();
         let listener = Arc::new(listener);
         let stop = Arc::new(AtomicBool::new(false));
@@ -54,7 +65,7 @@ impl RpcServer {
         let (l, s, a) = (listener.clone(), stop.clone(), active.clone());
         let acceptor = std::thread::Builder::new()
             .name("shardwire-rpc".into())
-            .spawn(move || accept_loop(&l, &s, &a, &handler, max_frame))?;
+            .spawn(move || accept_loop(&l, &s, &a, &handler, max_frame, auth.as_ref()))?;
         Ok(Self { listener, port, stop, active, acceptor: Some(acceptor) })
     }
 
@@ -95,6 +106,7 @@ fn accept_loop(
     active: &Arc<AtomicUsize>,
     handler: &Arc<dyn RpcHandler>,
     max_frame: u64,
+    auth: Option<&AuthKey>,
 ) {
     let mut backoff = Duration::from_millis(1);
     loop {
@@ -118,9 +130,9 @@ fn accept_loop(
             log::warn!("rpc: {CONNECTIONS_MAX} connections in progress; refusing one");
             continue;
         }
-        let (h, a) = (handler.clone(), active.clone());
+        let (h, a, key) = (handler.clone(), active.clone(), auth.cloned());
         let spawned = std::thread::Builder::new().name("shardwire-rpc-conn".into()).spawn(move || {
-            if let Err(e) = serve(stream, h.as_ref(), max_frame) {
+            if let Err(e) = serve(stream, h.as_ref(), max_frame, key) {
                 log::debug!("rpc request: {e}");
             }
             a.fetch_sub(1, Ordering::AcqRel);
@@ -132,10 +144,26 @@ fn accept_loop(
 }
 
 /// Serves one request on one connection.
-fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64) -> io::Result<()> {
+fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64, auth: Option<AuthKey>) -> io::Result<()> {
     stream.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
     stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
     let _ = stream.set_nodelay(true);
+    if let Some(key) = auth {
+        let verifier = Verifier::new(key, Port::Rpc, auth::nonce());
+        stream.write_all(&verifier.challenge())?;
+        let mut proof = [0u8; auth::PROOF_BYTES];
+        stream.read_exact(&mut proof)?;
+        match verifier.check(&proof) {
+            Ok(verdict) => stream.write_all(&verdict)?,
+            Err((e, verdict)) => {
+                // The refusal, then the close: nothing else is read or said.
+                let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
+                log::warn!("rpc: refused {peer}: {e}");
+                let _ = stream.write_all(&verdict);
+                return Err(invalid_data(e));
+            }
+        }
+    }
     let body = read_frame(&mut stream, max_frame)?;
     let request = frame::decode_body(&body);
     let reply_body = match request.kind {
@@ -178,20 +206,37 @@ fn invalid_data(e: impl std::fmt::Display) -> io::Error {
 
 /// Reads one frame's length prefix and the bytes it announces.
 fn read_frame(stream: &mut TcpStream, max_frame: u64) -> io::Result<Vec<u8>> {
-    let mut prefix = [0u8; frame::LEN_BYTES];
-    stream.read_exact(&mut prefix)?;
+    read_frame_after(stream, None, max_frame)
+}
+
+/// As [`read_frame`], with the length prefix already read if `prefix`.
+fn read_frame_after(
+    stream: &mut TcpStream,
+    prefix: Option<[u8; frame::LEN_BYTES]>,
+    max_frame: u64,
+) -> io::Result<Vec<u8>> {
+    let prefix = match prefix {
+        Some(p) => p,
+        None => {
+            let mut p = [0u8; frame::LEN_BYTES];
+            stream.read_exact(&mut p)?;
+            p
+        }
+    };
     let len = frame::body_len(&prefix, max_frame).map_err(invalid_data)?;
     let mut body = vec![0u8; len as usize];
     stream.read_exact(&mut body)?;
     Ok(body)
 }
 
-/// Timeouts for a client call.
-#[derive(Debug, Clone, Copy)]
+/// Timeouts for a client call, and the key it proves when the peers
+/// require one.
+#[derive(Debug, Clone)]
 pub struct CallOptions {
     pub connect_timeout: Duration,
     pub io_timeout: Duration,
     pub max_frame: u64,
+    pub auth: Option<AuthKey>,
 }
 
 impl Default for CallOptions {
@@ -200,6 +245,7 @@ impl Default for CallOptions {
             connect_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             max_frame: frame::MAX_LEN_DEFAULT,
+            auth: None,
         }
     }
 }
@@ -220,6 +266,44 @@ pub fn resolve(target: &str, default_port: u16) -> TeResult<Vec<SocketAddr>> {
 
 /// Sends one request frame to `target` and returns the reply's body.
 pub fn call(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> TeResult<Vec<u8>> {
+    match exchange(target, kind, body, opts)? {
+        Reply::Frame(body) => Ok(body),
+        Reply::AuthRequired => Err(auth_error(target, AuthError::Required)),
+    }
+}
+
+/// What a call got back.
+enum Reply {
+    Frame(Vec<u8>),
+    /// The peer opened with a challenge, and this process has no key.
+    AuthRequired,
+}
+
+fn auth_error(target: &str, e: AuthError) -> TeError {
+    TeError::new(code::REJECT_HANDSHAKE, format!("rpc to {target}: {e}"))
+}
+
+/// Proves the key to the server, and checks its proof in turn.
+fn authenticate(stream: &mut TcpStream, target: &str, key: &AuthKey) -> TeResult<()> {
+    let mut prover = Prover::new(key.clone(), Port::Rpc, auth::nonce());
+    let mut challenge = [0u8; auth::CHALLENGE_BYTES];
+    // A peer without a key waits for our frame: we read nothing until our
+    // timeout, or its close.
+    stream.read_exact(&mut challenge).map_err(|e| auth_error(target, no_challenge(e)))?;
+    let proof = prover.answer(&challenge).map_err(|e| auth_error(target, e))?;
+    stream.write_all(&proof).map_err(|e| TeError::new(code::SOCKET, format!("rpc to {target}: {e}")))?;
+    let mut verdict = [0u8; auth::VERDICT_BYTES];
+    // A server that refuses may close before the whole verdict is read.
+    stream.read_exact(&mut verdict).map_err(|_| auth_error(target, AuthError::Refused))?;
+    prover.check_verdict(&verdict).map_err(|e| auth_error(target, e))
+}
+
+fn no_challenge(e: io::Error) -> AuthError {
+    log::debug!("waiting for an authentication challenge: {e}");
+    AuthError::NoChallenge
+}
+
+fn exchange(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> TeResult<Reply> {
     let addrs = resolve(target, HANDSHAKE_PORT_DEFAULT)?;
     let mut last = None;
     let mut stream = None;
@@ -240,8 +324,20 @@ pub fn call(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> T
     stream.set_read_timeout(Some(opts.io_timeout)).map_err(io)?;
     stream.set_write_timeout(Some(opts.io_timeout)).map_err(io)?;
     let _ = stream.set_nodelay(true);
-    stream.write_all(&frame::encode(kind, body)).map_err(io)?;
-    let reply = read_frame(&mut stream, opts.max_frame).map_err(io)?;
+    if let Some(key) = &opts.auth {
+        authenticate(&mut stream, target, key)?;
+    }
+    // Without a key, a server that requires one sends its challenge where
+    // our reply's length belongs; the write may already meet its close.
+    let written = stream.write_all(&frame::encode(kind, body));
+    let mut prefix = [0u8; frame::LEN_BYTES];
+    let read = stream.read_exact(&mut prefix);
+    if read.is_ok() && opts.auth.is_none() && auth::is_challenge(&prefix) {
+        return Ok(Reply::AuthRequired);
+    }
+    written.map_err(io)?;
+    read.map_err(io)?;
+    let reply = read_frame_after(&mut stream, Some(prefix), opts.max_frame).map_err(io)?;
     let decoded = frame::decode_body(&reply);
     if decoded.legacy || decoded.kind != kind {
         return Err(TeError::new(
@@ -249,7 +345,7 @@ pub fn call(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> T
             format!("{target} answered a {kind:?} request with a {:?} frame", decoded.kind),
         ));
     }
-    Ok(decoded.body)
+    Ok(Reply::Frame(decoded.body))
 }
 
 /// Asks `target` for its segment descriptor, sending ours as Mooncake does.
@@ -264,9 +360,13 @@ pub fn send_notify(target: &str, note: &NotifyDesc, opts: &CallOptions) -> TeRes
     call(target, FrameType::Notify, &message::to_wire(note), opts).map(|_| ())
 }
 
-/// Probes `target`.
+/// Probes `target`. A peer that requires a key this process lacks is
+/// alive all the same: it answered with its challenge.
 pub fn probe(target: &str, opts: &CallOptions) -> TeResult<()> {
-    let body = call(target, FrameType::Probe, b"{}\n", opts)?;
+    let body = match exchange(target, FrameType::Probe, b"{}\n", opts)? {
+        Reply::Frame(body) => body,
+        Reply::AuthRequired => return Ok(()),
+    };
     let reply: ProbeReply = message::from_wire(&body)
         .map_err(|e| TeError::new(code::MALFORMED_JSON, format!("{target} sent a bad probe reply: {e}")))?;
     if reply.status == "success" {

@@ -9,7 +9,10 @@
 //! - [`objstream`]: AIStore's object-stream frames, headers, PDUs and LZ4
 //!   framing.
 //! - [`resp`]: RESP2, the redis protocol (commands out, replies in).
+//! - [`auth`]: the opt-in shared-key challenge and proof that opens a
+//!   connection when a key is configured.
 
+pub mod auth;
 pub mod linger;
 pub mod mooncake;
 pub mod objstream;

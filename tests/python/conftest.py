@@ -32,8 +32,8 @@ def pattern(length, seed):
 class Peer:
     """A peer process driven over stdin/stdout (see tests/interop/peer.py)."""
 
-    def __init__(self, impl, *args, hostname=None, metadata=None):
-        env = dict(os.environ, PEER_IMPL=impl, GLOG_minloglevel="2")
+    def __init__(self, impl, *args, hostname=None, metadata=None, env=None):
+        env = dict(os.environ, PEER_IMPL=impl, GLOG_minloglevel="2", **(env or {}))
         if impl == "mooncake":
             env["MC_FORCE_TCP"] = "1"  # the wheel has no RDMA here; a shardwire peer keeps its local path
         if hostname:
@@ -47,9 +47,14 @@ class Peer:
         assert ready and ready[0] == "ready", f"peer said {ready!r}"
         self.name, self.buffer = ready[1], int(ready[2])
 
-    def cmd(self, line):
+    def cmd(self, line, timeout=120):
+        """Sends a command and returns the answer; a peer silent for
+        `timeout` seconds fails the test instead of hanging it."""
+        import select
         self.proc.stdin.write(line + "\n")
         self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"no answer to {line!r} within {timeout} s"
         answer = self.proc.stdout.readline()
         assert answer, f"the peer exited during {line!r}"
         return answer.strip()

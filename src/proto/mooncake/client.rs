@@ -42,6 +42,12 @@
 //! - **Timeouts.** A request still queued past its deadline settles as
 //!   timed out on its own; one already sent means the peer went silent,
 //!   and the connection is torn down.
+//! - **Authentication** (with a key): once connected, the core reads the
+//!   server's challenge, sends its proof and checks the verdict
+//!   ([`crate::proto::auth`]) before it sends any request, all by the
+//!   connect deadline. A failure ends the connection without re-sends (the
+//!   same key would fail again). Without a key, a challenge where a status
+//!   belongs is named as such.
 //!
 //! Every request pushed leaves through [`ClientConn::poll_settled`] exactly
 //! once. The tests below drive the core with scripted bytes, split at every
@@ -51,6 +57,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::tcp::{self, Opcode, RequestHeader};
+use crate::proto::auth::{self, Prover};
 
 /// One request: `len` bytes between local memory at `local` and the
 /// peer's `remote`. `T` is the driver's handle (its pin and sink).
@@ -126,6 +133,10 @@ enum Phase {
     Connecting {
         deadline: Instant,
     },
+    /// Connected; the authentication exchange runs until `deadline`.
+    Authenticating {
+        deadline: Instant,
+    },
     Ready,
     /// Ending: no new groups; settles once the driver calls `finish`.
     Closing,
@@ -140,12 +151,25 @@ struct Ending {
     retry: bool,
 }
 
+/// Where the authentication exchange stands.
+#[derive(Debug)]
+enum Exchange {
+    /// Waiting for the server's challenge.
+    Challenge(Prover),
+    /// The proof, to be sent.
+    Proof(Prover, Box<[u8]>),
+    /// The proof is out (or going); waiting for the verdict.
+    Verdict(Prover),
+}
+
 /// `(address, length)` of local memory a request moves.
 type Span = (u64, usize);
 
 /// What one send carries: request headers and WRITE payloads, in order.
 #[derive(Debug)]
 pub struct SendGroup {
+    /// Bytes sent before the requests (the authentication proof).
+    preamble: Option<Box<[u8]>>,
     headers: Vec<[u8; tcp::HEADER_BYTES]>,
     /// `(header index, payload)` per request: the payload is the local
     /// memory of a WRITE.
@@ -159,10 +183,11 @@ impl SendGroup {
     /// pointers stay valid until the group completes: the headers live in
     /// the group (on the heap), the payloads in the requests' pinned memory.
     pub fn pieces(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
-        self.entries.iter().flat_map(move |&(h, payload)| {
+        let preamble = self.preamble.iter().map(|b| (b.as_ptr(), b.len()));
+        preamble.chain(self.entries.iter().flat_map(move |&(h, payload)| {
             let header = (self.headers[h].as_ptr(), tcp::HEADER_BYTES);
             std::iter::once(header).chain(payload.map(|(addr, len)| (addr as *const u8, len)))
-        })
+        }))
     }
 
     /// Bytes in the whole group.
@@ -189,6 +214,9 @@ struct Answer {
 /// What one receive fills: status frames and READ destinations, in order.
 #[derive(Debug)]
 pub struct RecvGroup {
+    /// Bytes received before any answer (the challenge, the verdict); a
+    /// group holds these or answers, never both.
+    preamble: Option<Box<[u8]>>,
     statuses: Vec<[u8; tcp::STATUS_BYTES]>,
     /// `(status index, READ destination)` per request.
     entries: Vec<(Option<usize>, Option<Span>)>,
@@ -204,7 +232,10 @@ impl RecvGroup {
     /// frames in the group (on the heap) and READ destinations in the
     /// requests' pinned memory. Valid until the group completes.
     pub fn pieces(&mut self) -> Vec<(*mut u8, usize)> {
-        let mut out = Vec::with_capacity(2 * self.entries.len());
+        let mut out = Vec::with_capacity(2 * self.entries.len() + 1);
+        if let Some(b) = self.preamble.as_mut() {
+            out.push((b.as_mut_ptr(), b.len()));
+        }
         for i in 0..self.entries.len() {
             let (status, dest) = self.entries[i];
             if let Some(s) = status {
@@ -237,6 +268,8 @@ pub struct ClientConn<T> {
     phase: Phase,
     /// Requests not yet sent.
     queue: VecDeque<Req<T>>,
+    /// The authentication exchange, while it runs (with a key).
+    exchange: Option<Exchange>,
     /// Requests sent (or being sent), oldest first, awaiting their answers.
     awaiting: VecDeque<Req<T>>,
     awaiting_bytes: u64,
@@ -260,6 +293,7 @@ impl<T> ClientConn<T> {
             limits,
             phase: Phase::Connecting { deadline: connect_deadline },
             queue: VecDeque::new(),
+            exchange: None,
             awaiting: VecDeque::new(),
             awaiting_bytes: 0,
             send: None,
@@ -268,6 +302,15 @@ impl<T> ClientConn<T> {
             settled: VecDeque::new(),
             earliest: None,
         }
+    }
+
+    /// The connection proves `prover`'s key once connected, before any
+    /// request goes (a new connection only; one already authenticated
+    /// needs nothing).
+    pub fn authenticating(mut self, prover: Prover) -> Self {
+        assert!(matches!(self.phase, Phase::Connecting { .. }), "authentication is set up before the connect");
+        self.exchange = Some(Exchange::Challenge(prover));
+        self
     }
 
     /// Whether the peer speaks v2.
@@ -299,8 +342,8 @@ impl<T> ClientConn<T> {
 
     /// The connect completed.
     pub fn on_connected(&mut self) {
-        if matches!(self.phase, Phase::Connecting { .. }) {
-            self.phase = Phase::Ready;
+        if let Phase::Connecting { deadline } = self.phase {
+            self.phase = if self.exchange.is_some() { Phase::Authenticating { deadline } } else { Phase::Ready };
         }
     }
 
@@ -313,6 +356,17 @@ impl<T> ClientConn<T> {
     /// The next send, if none is out and there is room: take it, send its
     /// pieces, and report with [`on_sent`](Self::on_sent).
     pub fn poll_send(&mut self) -> Option<&SendGroup> {
+        if matches!(self.phase, Phase::Authenticating { .. }) {
+            if self.send.is_some() || !matches!(self.exchange, Some(Exchange::Proof(..))) {
+                return None;
+            }
+            let Some(Exchange::Proof(prover, proof)) = self.exchange.take() else { unreachable!("matched above") };
+            self.exchange = Some(Exchange::Verdict(prover));
+            let total = proof.len();
+            let (headers, entries) = (Vec::new(), Vec::new());
+            self.send = Some(SendGroup { preamble: Some(proof), headers, entries, total, done: 0 });
+            return self.send.as_ref();
+        }
         if self.phase != Phase::Ready || self.send.is_some() || self.queue.is_empty() {
             return None;
         }
@@ -337,8 +391,13 @@ impl<T> ClientConn<T> {
         if count == 0 {
             return None;
         }
-        let mut group =
-            SendGroup { headers: Vec::with_capacity(count), entries: Vec::with_capacity(count), total: 0, done: 0 };
+        let mut group = SendGroup {
+            preamble: None,
+            headers: Vec::with_capacity(count),
+            entries: Vec::with_capacity(count),
+            total: 0,
+            done: 0,
+        };
         for _ in 0..count {
             let r = self.queue.pop_front().expect("counted above");
             group.headers.push(RequestHeader { size: r.len, addr: r.remote, opcode: r.op, v2: self.v2 }.encode());
@@ -383,6 +442,24 @@ impl<T> ClientConn<T> {
     /// The next receive, if none is out and answers are due: fill its
     /// pieces, and report with [`on_received`](Self::on_received).
     pub fn poll_recv(&mut self) -> Option<&mut RecvGroup> {
+        if matches!(self.phase, Phase::Authenticating { .. }) {
+            let len = match self.exchange {
+                _ if self.recv.is_some() => return None,
+                Some(Exchange::Challenge(_)) => auth::CHALLENGE_BYTES,
+                Some(Exchange::Verdict(_)) => auth::VERDICT_BYTES,
+                _ => return None,
+            };
+            self.recv = Some(RecvGroup {
+                preamble: Some(vec![0u8; len].into_boxed_slice()),
+                statuses: Vec::new(),
+                entries: Vec::new(),
+                answers: Vec::new(),
+                settled: 0,
+                total: len,
+                done: 0,
+            });
+            return self.recv.as_mut();
+        }
         if self.phase != Phase::Ready || self.recv.is_some() {
             return None;
         }
@@ -407,6 +484,7 @@ impl<T> ClientConn<T> {
             return None;
         }
         let mut group = RecvGroup {
+            preamble: None,
             statuses: vec![[0u8; tcp::STATUS_BYTES]; if self.v2 { count } else { 0 }],
             entries: Vec::with_capacity(count),
             answers: Vec::with_capacity(count),
@@ -442,6 +520,15 @@ impl<T> ClientConn<T> {
             self.recv = Some(group);
             return;
         }
+        if let Some(bytes) = group.preamble.take() {
+            if group.done < group.total {
+                group.preamble = Some(bytes);
+                self.recv = Some(group);
+            } else {
+                self.on_exchange_bytes(&bytes);
+            }
+            return;
+        }
         while group.settled < group.answers.len() {
             let a = group.answers[group.settled];
             if !a.status_checked && group.done >= a.status_end {
@@ -460,6 +547,12 @@ impl<T> ClientConn<T> {
                         // was not run, and may go again elsewhere.
                         self.recv = Some(group);
                         self.end(message, true);
+                        return;
+                    }
+                    Err(_) if auth::is_challenge(raw) => {
+                        self.recv = Some(group);
+                        let why = auth::AuthError::Required;
+                        self.end(format!("{}: {why}", self.peer), false);
                         return;
                     }
                     Err(raw) => {
@@ -483,8 +576,39 @@ impl<T> ClientConn<T> {
         }
     }
 
+    /// A challenge or a verdict is in whole.
+    fn on_exchange_bytes(&mut self, bytes: &[u8]) {
+        debug_assert!(matches!(self.phase, Phase::Authenticating { .. }));
+        let outcome = match self.exchange.take() {
+            Some(Exchange::Challenge(mut prover)) => {
+                let challenge = bytes.try_into().expect("a challenge's length");
+                prover.answer(challenge).map(|proof| {
+                    self.exchange = Some(Exchange::Proof(prover, Box::new(proof)));
+                })
+            }
+            Some(Exchange::Verdict(prover)) => {
+                prover.check_verdict(bytes.try_into().expect("a verdict's length")).map(|()| {
+                    self.phase = Phase::Ready;
+                })
+            }
+            other => unreachable!("bytes received in the exchange's state {other:?}"),
+        };
+        if let Err(e) = outcome {
+            // No re-send: the same keys would meet the same answer.
+            self.end(format!("authentication with {}: {e}", self.peer), false);
+        }
+    }
+
     /// The peer closed its side.
     pub fn on_eof(&mut self) {
+        if let Phase::Authenticating { .. } = self.phase {
+            // A server that refuses may close before its whole verdict is in.
+            let why = match self.exchange {
+                Some(Exchange::Challenge(_)) => auth::AuthError::NoChallenge,
+                _ => auth::AuthError::Refused,
+            };
+            return self.end(format!("authentication with {}: {why}", self.peer), false);
+        }
         self.end(format!("{} closed the connection", self.peer), true);
     }
 
@@ -518,7 +642,9 @@ impl<T> ClientConn<T> {
     /// When [`on_timer`](Self::on_timer) is next due.
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.phase {
-            Phase::Connecting { deadline } => Some(self.earliest.map_or(deadline, |e| e.min(deadline))),
+            Phase::Connecting { deadline } | Phase::Authenticating { deadline } => {
+                Some(self.earliest.map_or(deadline, |e| e.min(deadline)))
+            }
             Phase::Ready => self.earliest,
             Phase::Closing | Phase::Closed => None,
         }
@@ -535,6 +661,15 @@ impl<T> ClientConn<T> {
             && now >= deadline
         {
             return self.end(format!("connect to {} timed out", self.peer), false);
+        }
+        if let Phase::Authenticating { deadline } = self.phase
+            && now >= deadline
+        {
+            let why = match self.exchange {
+                Some(Exchange::Challenge(_)) => auth::AuthError::NoChallenge.to_string(),
+                _ => "no verdict in time".to_string(),
+            };
+            return self.end(format!("authentication with {} timed out: {why}", self.peer), false);
         }
         if self.earliest.is_none_or(|e| now < e) {
             return;

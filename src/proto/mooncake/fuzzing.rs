@@ -6,6 +6,7 @@
 
 use super::harness::{client as client_harness, server as server_harness};
 use super::{client, frame, message, name, rdma, server, tcp};
+use crate::proto::auth;
 
 /// The RPC port's frame decoder, with the JSON bodies behind it.
 pub fn handshake_frame(data: &[u8]) {
@@ -137,17 +138,27 @@ pub fn segment_name(data: &[u8]) {
 /// The client core fed arbitrary peer bytes: requests from the first
 /// bytes, then answers (literal bytes, or, in structured mode, status
 /// frames and data built from the input) in pieces of arbitrary sizes.
-/// Nothing panics, and every request settles exactly once.
+/// With the top bit of the shape byte, the connection authenticates first:
+/// the peer's bytes then stand where the challenge belongs, or, in
+/// structured mode, follow a real challenge and verdict. Nothing panics,
+/// and every request settles exactly once.
 pub fn tcp_client(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let Some((&shape, mut rest)) = rest.split_first() else { return };
     let limits = client::Limits {
         group_reqs_max: 1 + usize::from(shape & 3),
-        inflight_bytes_max: 64 + 64 * u64::from(shape >> 4),
+        inflight_bytes_max: 64 + 64 * u64::from((shape >> 4) & 7),
         awaiting_max: 1 + usize::from((shape >> 2) & 3),
         ..client::Limits::default()
     };
-    let mut h = client_harness::Harness::new(mode & 1 == 0, limits);
+    let keyed = shape & 0x80 != 0;
+    let key = || auth::AuthKey::new(b"the fuzzing key, 26 bytes.").expect("long enough");
+    let mut h = if keyed {
+        let prover = auth::Prover::new(key(), auth::Port::Data, [1; auth::NONCE_BYTES]);
+        client_harness::Harness::with_auth(mode & 1 == 0, limits, prover)
+    } else {
+        client_harness::Harness::new(mode & 1 == 0, limits)
+    };
     let requests = 1 + usize::from(mode >> 5);
     for i in 0..requests {
         let b = rest.first().copied().unwrap_or(i as u8);
@@ -170,6 +181,14 @@ pub fn tcp_client(data: &[u8]) {
         out
     };
     let step = 1 + usize::from(mode >> 2 & 7);
+    if keyed && mode & 2 != 0 {
+        // A real exchange first, so the answers that follow are reached.
+        let verifier = auth::Verifier::new(key(), auth::Port::Data, [2; auth::NONCE_BYTES]);
+        h.feed(&verifier.challenge());
+        h.send_all(step);
+        let proof: [u8; auth::PROOF_BYTES] = h.wire[..].try_into().expect("the proof alone");
+        h.feed(&verifier.check(&proof).expect("the same key"));
+    }
     h.send_all(step);
     let mut at = 0;
     while at < peer.len() && !h.conn.is_closing() {
@@ -198,9 +217,12 @@ pub fn tcp_client(data: &[u8]) {
 /// The server core fed arbitrary client bytes (literal, or, in structured
 /// mode, requests built from the input, valid and not), in pieces of
 /// arbitrary sizes, with small limits so back-pressure and staging edges
-/// are reached. Nothing panics, and every pin is released at the end.
+/// are reached. With bit 0 of the second byte, the session requires a key:
+/// the client's bytes stand where the proof belongs, or (bit 1) follow a
+/// good proof. Nothing panics, and every pin is released at the end.
 pub fn tcp_server(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
+    let Some((&flags, rest)) = rest.split_first() else { return };
     let limits = server::Limits {
         staging_bytes: 96 + usize::from(mode & 7) * 16,
         staged_payload_max: 32,
@@ -212,6 +234,18 @@ pub fn tcp_server(data: &[u8]) {
     };
     let mut h = server_harness::Harness::with_memory(limits, 4096);
     h.send_step = 1 + usize::from(mode >> 5);
+    let mut proof = Vec::new();
+    if flags & 1 != 0 {
+        let key = || auth::AuthKey::new(b"the fuzzing key, 26 bytes.").expect("long enough");
+        let verifier = auth::Verifier::new(key(), auth::Port::Data, [3; auth::NONCE_BYTES]);
+        h.s = server::ServerSession::new(limits).authenticating(verifier, h.now + std::time::Duration::from_secs(5));
+        h.run();
+        if flags & 2 != 0 {
+            let mut prover = auth::Prover::new(key(), auth::Port::Data, [4; auth::NONCE_BYTES]);
+            let challenge = h.wire[..auth::CHALLENGE_BYTES].try_into().expect("the challenge went first");
+            proof = prover.answer(challenge).expect("a challenge").to_vec();
+        }
+    }
     let client: Vec<u8> = if mode & 0x80 == 0 {
         rest.to_vec()
     } else {
@@ -233,6 +267,7 @@ pub fn tcp_server(data: &[u8]) {
         }
         out
     };
+    let client = [proof, client].concat();
     let mut at = 0;
     for (i, &b) in client.iter().enumerate() {
         if at >= client.len() {

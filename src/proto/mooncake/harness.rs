@@ -34,6 +34,15 @@ pub mod client {
             Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
         }
 
+        /// As [`new`](Self::new), for a connection that proves `prover`'s
+        /// key before its first request.
+        pub fn with_auth(v2: bool, limits: Limits, prover: crate::proto::auth::Prover) -> Self {
+            let now = Instant::now();
+            let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5)).authenticating(prover);
+            conn.on_connected();
+            Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
+        }
+
         /// Queues request `id`: `len` bytes at `offset` of the local buffer.
         pub fn push(&mut self, op: Opcode, offset: usize, len: usize, remote: u64) -> usize {
             let id = self.pushed;

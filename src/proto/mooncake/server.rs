@@ -39,6 +39,11 @@
 //!   still sending (bounded in bytes and time), so the client reads the
 //!   status rather than a reset. A v1 client gets no status: the session
 //!   just ends.
+//! - **Authentication** (with a key, [`ServerSession::authenticating`]):
+//!   the challenge is the first reply; the client's first 64 bytes must be
+//!   a proof of the key, before a single header is looked at. A wrong
+//!   proof gets the refusal, then the same half-close and drain as a
+//!   rejected request; no proof by the deadline ends the session.
 //!
 //! The tests below drive it with scripted client bytes split at every
 //! boundary; `fuzzing::tcp_server` feeds it arbitrary bytes.
@@ -47,6 +52,7 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use super::tcp::{self, Opcode, RequestHeader};
+use crate::proto::auth::{self, Verifier};
 use crate::proto::linger::{Linger, LingerLimits};
 
 /// Registered memory as the session sees it: the driver's lookup.
@@ -144,6 +150,8 @@ enum Reply<P> {
     Status(u32),
     /// A READ's bytes, after a status frame if v2.
     Read { header: RequestHeader, _pin: P },
+    /// Bytes of the authentication exchange.
+    Exchange(Box<[u8]>),
 }
 
 /// Replies in one send, and the pins that keep their sources registered.
@@ -215,6 +223,8 @@ pub struct ServerSession<P> {
     peer_eof: bool,
     why: Option<String>,
     served: Served,
+    /// The client's proof is awaited, until the deadline.
+    proof_awaited: Option<(Verifier, Instant)>,
 }
 
 impl<P> ServerSession<P> {
@@ -236,7 +246,18 @@ impl<P> ServerSession<P> {
             peer_eof: false,
             why: None,
             served: Served::default(),
+            proof_awaited: None,
         }
+    }
+
+    /// The session opens with the authentication exchange: `verifier`'s
+    /// challenge goes first, and the client's proof must be in by
+    /// `deadline`.
+    pub fn authenticating(mut self, verifier: Verifier, deadline: Instant) -> Self {
+        assert!(self.replies.is_empty() && self.end == 0, "authentication is set up before anything happens");
+        self.replies.push_back(Reply::Exchange(Box::new(verifier.challenge())));
+        self.proof_awaited = Some((verifier, deadline));
+        self
     }
 
     /// What was served since the last call (for the metrics).
@@ -357,7 +378,7 @@ impl<P> ServerSession<P> {
             .iter()
             .map(|r| match r {
                 Reply::Status(code) => tcp::encode_status(*code),
-                Reply::Read { .. } => tcp::encode_status(tcp::STATUS_OK),
+                Reply::Read { .. } | Reply::Exchange(_) => tcp::encode_status(tcp::STATUS_OK),
             })
             .collect();
         let mut pieces = Vec::with_capacity(2 * count);
@@ -372,6 +393,8 @@ impl<P> ServerSession<P> {
                     pieces.push((header.addr as *const u8, header.size as usize));
                     self.read_bytes_queued -= header.size;
                 }
+                // The box's heap bytes do not move when the reply does.
+                Reply::Exchange(bytes) => pieces.push((bytes.as_ptr(), bytes.len())),
             }
         }
         for p in &pieces {
@@ -432,11 +455,15 @@ impl<P> ServerSession<P> {
     pub fn next_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Draining(linger) => Some(linger.deadline()),
+            Phase::Running => self.proof_awaited.as_ref().map(|(_, deadline)| *deadline),
             _ => None,
         }
     }
 
     pub fn on_timer(&mut self, now: Instant) {
+        if self.phase == Phase::Running && self.proof_awaited.as_ref().is_some_and(|(_, deadline)| now >= *deadline) {
+            return self.end_session("no authentication proof from the client in time");
+        }
         if let Phase::Draining(linger) = &mut self.phase {
             linger.on_timer(now);
             if let Some(why) = linger.done() {
@@ -518,6 +545,9 @@ impl<P> ServerSession<P> {
     /// them, until staging runs dry, a payload must be received in place,
     /// or replies back up.
     fn take_in<M: Memory<Pin = P>>(&mut self, memory: &M) {
+        if self.proof_awaited.is_some() && !self.take_proof() {
+            return;
+        }
         while self.rejected.is_none() && !self.backlogged() {
             if let Some(w) = &self.incoming {
                 let k = ((w.header.size - w.received) as usize).min(self.end - self.start);
@@ -556,6 +586,32 @@ impl<P> ServerSession<P> {
                     self.read_bytes_queued += h.size;
                     self.replies.push_back(Reply::Read { header: h, _pin: pin });
                 }
+            }
+        }
+    }
+
+    /// Checks the client's proof once staging holds it; whether requests
+    /// may be taken in now.
+    fn take_proof(&mut self) -> bool {
+        if self.end - self.start < auth::PROOF_BYTES {
+            return false;
+        }
+        let (verifier, _) = self.proof_awaited.take().expect("a proof is awaited");
+        let proof: &[u8; auth::PROOF_BYTES] =
+            self.staging[self.start..self.start + auth::PROOF_BYTES].try_into().expect("sized above");
+        self.start += auth::PROOF_BYTES;
+        match verifier.check(proof) {
+            Ok(verdict) => {
+                self.replies.push_back(Reply::Exchange(Box::new(verdict)));
+                true
+            }
+            Err((e, refusal)) => {
+                log::warn!("data session: refused a client: {e}");
+                self.replies.push_back(Reply::Exchange(Box::new(refusal)));
+                // As a rejected request: the refusal, a half-close, a
+                // drain; nothing the client sent is looked at.
+                self.rejected = Some(true);
+                false
             }
         }
     }

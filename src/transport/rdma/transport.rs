@@ -98,7 +98,7 @@ impl Connector for RpcConnector {
         };
         let body = to_wire(&request.to_desc());
         let (tx, rx) = mpsc::channel();
-        let (target, opts) = (peer.to_string(), self.opts);
+        let (target, opts) = (peer.to_string(), self.opts.clone());
         std::thread::Builder::new()
             .name("shardwire-rdma-hs".into())
             .spawn(move || {
@@ -217,7 +217,7 @@ impl RdmaTransport {
         for (n, e) in engines.iter().enumerate() {
             let names: Vec<String> = e.devices.iter().map(|&i| active[i].name.clone()).collect();
             let (rails, total, up) = (e.devices.clone(), active.len(), e.up.clone());
-            let (fabric, me, m) = (fabric.clone(), me.to_string(), matrix.clone());
+            let (fabric, me, m, opts) = (fabric.clone(), me.to_string(), matrix.clone(), opts.clone());
             let installed = shard::install(&runtime, e.shard, e.key, move || {
                 let mut contexts = Vec::with_capacity(names.len());
                 for name in &names {

@@ -24,6 +24,7 @@ use io_uring::{opcode, types};
 use super::iov::IoVecs;
 use super::sock::{self, RawSockAddr};
 use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
+use crate::proto::auth::{self, AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
 use crate::runtime::{Completion, ShardCtx, TimerId};
 use crate::telemetry::{Event, counters as telemetry};
@@ -112,6 +113,8 @@ pub struct ClientShard {
     limits: ClientLimits,
     credits: Arc<Credits>,
     shard: usize,
+    /// The key each new connection proves before its first request.
+    auth: Option<AuthKey>,
     closed: bool,
 }
 
@@ -155,7 +158,7 @@ enum Op {
 }
 
 impl ClientShard {
-    pub fn new(limits: ClientLimits, credits: Arc<Credits>, shard: usize) -> Rc<RefCell<Self>> {
+    pub fn new(limits: ClientLimits, credits: Arc<Credits>, shard: usize, auth: Option<AuthKey>) -> Rc<RefCell<Self>> {
         Rc::new(RefCell::new(Self {
             conns: HashMap::new(),
             seen: std::collections::HashSet::new(),
@@ -163,6 +166,7 @@ impl ClientShard {
             limits,
             credits,
             shard,
+            auth,
             closed: false,
         }))
     }
@@ -194,7 +198,10 @@ impl ClientShard {
                         telemetry::event(Event::TcpReconnect);
                     }
                     let deadline = Instant::now() + s.limits.connect_timeout;
-                    let core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
+                    let mut core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
+                    if let Some(key) = &s.auth {
+                        core = core.authenticating(Prover::new(key.clone(), Port::Data, auth::nonce()));
+                    }
                     let conn = Rc::new(RefCell::new(Conn {
                         id: s.next_id,
                         peer,

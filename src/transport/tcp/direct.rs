@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::Peer;
 use super::iov::IoVecs;
+use crate::proto::auth::{self, AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Req, Settle};
 use crate::telemetry::{Event, counters as telemetry};
 use crate::transport::InlineRequest;
@@ -53,7 +54,13 @@ pub struct DirectError {
 
 /// Carries out `r` on this thread. The caller has checked both ranges and
 /// pinned the local one for the length of the call.
-pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, connect_timeout: Duration) -> Result<(), DirectError> {
+pub fn transfer(
+    engine: u64,
+    peer: Peer,
+    r: &InlineRequest,
+    connect_timeout: Duration,
+    auth: Option<&AuthKey>,
+) -> Result<(), DirectError> {
     debug_assert!(peer.v2 && r.len > 0 && r.len <= DIRECT_BYTES_MAX);
     let (mut stream, mut cached) = match take(engine, peer.addr) {
         Some(s) => (s, true),
@@ -64,7 +71,9 @@ pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, connect_timeout: Dur
         // out): a request on it may go once more, on a fresh one.
         // Requests are idempotent: the same bytes to the same addresses.
         let retries = u8::from(cached);
-        match exchange(&mut stream, peer, r, retries) {
+        // A fresh connection proves the key first; a cached one has.
+        let prover = auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, auth::nonce()));
+        match exchange(&mut stream, peer, r, retries, prover) {
             Settle::Done => {
                 put_back(engine, peer.addr, stream);
                 return Ok(());
@@ -125,9 +134,12 @@ fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
 }
 
 /// Drives a one-request core over a blocking stream until it settles.
-fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8) -> Settle {
+fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8, prover: Option<Prover>) -> Settle {
     let limits = Limits { group_reqs_max: 1, awaiting_max: 1, queued_max: 1, ..Limits::default() };
     let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline);
+    if let Some(p) = prover {
+        core = core.authenticating(p);
+    }
     core.on_connected();
     let req = Req { op: r.op, local: r.local, remote: r.remote, len: r.len, deadline: r.deadline, retries, ticket: () };
     if core.push(req).is_err() {

@@ -36,6 +36,7 @@ use super::request::{Request, Sink, TransferStatus};
 use super::{InlineRequest, PeerSegment, Route, Transport};
 use crate::error::{TeError, TeResult, code};
 use crate::mem::Registry;
+use crate::proto::auth::AuthKey;
 use crate::proto::mooncake::name;
 use crate::runtime::{OpId, Runtime, ShardCtx};
 
@@ -123,12 +124,15 @@ pub struct TcpTransport {
     rr: AtomicUsize,
     credits: Arc<Credits>,
     limits: ClientLimits,
+    /// The key every data connection proves, both ways (`None`: none).
+    auth: Option<AuthKey>,
     closed: Mutex<bool>,
 }
 
 impl TcpTransport {
     /// Binds the data port (on `bind_ip`, at a random port of `ports`) and
-    /// installs the shard halves.
+    /// installs the shard halves. With `auth`, every connection either way
+    /// opens with the key's exchange ([`crate::proto::auth`]).
     pub fn start(
         engine: u64,
         runtime: Arc<Runtime>,
@@ -136,6 +140,7 @@ impl TcpTransport {
         bind_ip: IpAddr,
         ports: (u16, u16),
         limits: ClientLimits,
+        auth: Option<AuthKey>,
     ) -> TeResult<Self> {
         let listener = sock::bind_listener(bind_ip, None, ports)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot bind the TCP data port on {bind_ip}: {e}")))?;
@@ -149,15 +154,16 @@ impl TcpTransport {
             rr: AtomicUsize::new(0),
             credits: credits.clone(),
             limits,
+            auth: auth.clone(),
             closed: Mutex::new(false),
         };
         for shard in 0..runtime.shard_count() {
-            let (registry, credits) = (registry.clone(), credits.clone());
+            let (registry, credits, auth) = (registry.clone(), credits.clone(), auth.clone());
             runtime
                 .call(shard, move |ctx| {
                     let state = EngineTcp {
-                        client: ClientShard::new(limits, credits, ctx.id()),
-                        server: ServerShard::new(registry, SESSIONS_PER_SHARD_MAX),
+                        client: ClientShard::new(limits, credits, ctx.id(), auth.clone()),
+                        server: ServerShard::new(registry, SESSIONS_PER_SHARD_MAX, auth),
                         accept: None,
                         accepting: true,
                     };
@@ -323,7 +329,7 @@ impl Transport for TcpTransport {
         if !peer.v2 || r.len == 0 || r.len > INLINE_BYTES_MAX {
             return None;
         }
-        Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout).map_err(|e| {
+        Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout, self.auth.as_ref()).map_err(|e| {
             let code = if e.rejected || e.timed_out { code::INVALID_ARGUMENT } else { code::SOCKET };
             TeError::new(code, e.message)
         }))

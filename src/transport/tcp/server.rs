@@ -15,15 +15,20 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::rc::{Rc, Weak};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use io_uring::{opcode, squeue, types};
 
 use super::iov::IoVecs;
 use super::sock;
 use crate::mem::{Pin, Registry};
+use crate::proto::auth::{self, AuthKey, Port, Verifier};
 use crate::proto::mooncake::server::{Limits, Memory, Served, ServerSession};
 use crate::runtime::{Completion, ShardCtx, TimerId};
+
+/// How long a client has, once connected, to prove the key: a client
+/// that connects and stays silent does not hold a session for long.
+const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One shard's server sessions for one engine.
 pub struct ServerShard {
@@ -31,6 +36,8 @@ pub struct ServerShard {
     next_id: u64,
     memory: Arc<RegisteredMemory>,
     sessions_max: usize,
+    /// The key each client must prove before its first request.
+    auth: Option<AuthKey>,
     closed: bool,
 }
 
@@ -74,12 +81,13 @@ impl Session {
 }
 
 impl ServerShard {
-    pub fn new(registry: Arc<Registry>, sessions_max: usize) -> Rc<RefCell<Self>> {
+    pub fn new(registry: Arc<Registry>, sessions_max: usize, auth: Option<AuthKey>) -> Rc<RefCell<Self>> {
         Rc::new(RefCell::new(Self {
             sessions: HashMap::new(),
             next_id: 0,
             memory: Arc::new(RegisteredMemory(registry)),
             sessions_max,
+            auth,
             closed: false,
         }))
     }
@@ -101,10 +109,15 @@ impl ServerShard {
             crate::telemetry::counters::event(crate::telemetry::Event::TcpAccept);
             shard.next_id += 1;
             let id = shard.next_id;
+            let mut core = ServerSession::new(Limits::default());
+            if let Some(key) = &shard.auth {
+                let verifier = Verifier::new(key.clone(), Port::Data, auth::nonce());
+                core = core.authenticating(verifier, Instant::now() + AUTH_TIMEOUT);
+            }
             let s = Rc::new(RefCell::new(Session {
                 id,
                 shard: Rc::downgrade(this),
-                core: ServerSession::new(Limits::default()),
+                core,
                 memory: shard.memory.clone(),
                 fd: Some(fd),
                 recv: None,

@@ -284,3 +284,125 @@ fn queue_bound_and_cancel() {
     h.collect();
     assert_eq!(h.how(1), &Settle::Canceled);
 }
+
+mod authentication {
+    use super::*;
+    use crate::proto::auth::{AuthKey, NONCE_BYTES, PROOF_BYTES, Port, Prover, Verifier};
+
+    const KEY: &[u8] = b"a shared key for the tests";
+
+    fn prover(key: &[u8]) -> Prover {
+        Prover::new(AuthKey::new(key).unwrap(), Port::Data, [3; NONCE_BYTES])
+    }
+
+    fn verifier() -> Verifier {
+        Verifier::new(AuthKey::new(KEY).unwrap(), Port::Data, [4; NONCE_BYTES])
+    }
+
+    /// Feeds `bytes` `step` at a time, sending whatever the core offers
+    /// between pieces.
+    fn feed_in_steps(h: &mut Harness, bytes: &[u8], step: usize) {
+        for piece in bytes.chunks(step) {
+            assert_eq!(h.feed(piece), piece.len());
+            h.send_all(usize::MAX);
+        }
+    }
+
+    #[test]
+    fn no_request_goes_before_both_sides_have_proved_the_key_at_every_split() {
+        for step in 1..=40 {
+            let v = verifier();
+            let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+            h.local[..4].copy_from_slice(b"data");
+            h.push(Opcode::Write, 0, 4, 0x1000);
+            h.send_all(usize::MAX);
+            assert!(h.wire.is_empty(), "step {step}: sent before the challenge");
+            feed_in_steps(&mut h, &v.challenge(), step);
+            assert_eq!(h.wire.len(), PROOF_BYTES, "step {step}: the proof, and only it");
+            let verdict = v.check(h.wire[..].try_into().unwrap()).expect("the same key");
+            h.wire.clear();
+            feed_in_steps(&mut h, &verdict, step);
+            // Now the request goes, and its answer settles it.
+            let mut expect = RequestHeader { size: 4, addr: 0x1000, opcode: Opcode::Write, v2: true }.encode().to_vec();
+            expect.extend(b"data");
+            assert_eq!(h.wire, expect, "step {step}");
+            assert_eq!(h.feed(&ok()), 8);
+            h.assert_each_settled_once();
+            assert_eq!(*h.how(0), Settle::Done);
+        }
+    }
+
+    #[test]
+    fn a_refusal_fails_the_requests_without_a_resend() {
+        let v = verifier();
+        let mut h = Harness::with_auth(true, Limits::default(), prover(b"another key of enough bytes"));
+        h.push(Opcode::Read, 0, 4, 0x1000);
+        assert_eq!(h.feed(&v.challenge()), 40);
+        h.send_all(usize::MAX);
+        let (_, refusal) = v.check(h.wire[..].try_into().unwrap()).expect_err("another key");
+        h.feed(&refusal);
+        assert!(h.conn.is_closing());
+        h.finish();
+        let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
+        assert!(why.contains("refused this process's authentication key"), "{why}");
+    }
+
+    #[test]
+    fn a_server_without_the_key_is_not_trusted() {
+        // Something that opens like a challenge but cannot prove the key.
+        let v = Verifier::new(AuthKey::new(b"the server's other key....").unwrap(), Port::Data, [4; NONCE_BYTES]);
+        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        h.push(Opcode::Write, 0, 4, 0x1000);
+        h.feed(&v.challenge());
+        h.send_all(usize::MAX);
+        // A forged acceptance: the right word, a MAC of the wrong key.
+        let mut forged = [0u8; 40];
+        forged[..8].copy_from_slice(b"SWAUTHOK");
+        h.wire.clear();
+        h.feed(&forged);
+        h.send_all(usize::MAX);
+        assert!(h.wire.is_empty(), "a request went to an unproved server");
+        h.finish();
+        let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
+        assert!(why.contains("could not prove"), "{why}");
+    }
+
+    #[test]
+    fn silence_or_a_close_in_place_of_the_challenge_is_named() {
+        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        h.push(Opcode::Write, 0, 4, 0x1000);
+        assert!(h.conn.next_deadline().is_some_and(|d| d <= h.now + Duration::from_secs(5)));
+        h.conn.on_timer(h.now + Duration::from_secs(6));
+        h.finish();
+        let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
+        assert!(why.contains("timed out") && why.contains("no SHARDWIRE_AUTH_KEY"), "{why}");
+
+        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        h.push(Opcode::Write, 0, 4, 0x1000);
+        h.conn.on_eof();
+        h.finish();
+        let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
+        assert!(why.contains("did not open with an authentication challenge"), "{why}");
+
+        // A Mooncake status frame where the challenge belongs.
+        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        h.push(Opcode::Write, 0, 4, 0x1000);
+        let mut not_a_challenge = ok().to_vec();
+        not_a_challenge.resize(40, 0);
+        h.feed(&not_a_challenge);
+        h.finish();
+        assert!(matches!(h.how(0), Settle::Failed(why) if why.contains("did not open")), "{:?}", h.how(0));
+    }
+
+    #[test]
+    fn a_client_without_a_key_names_the_challenge_it_meets() {
+        let mut h = Harness::new(true, Limits::default());
+        h.push(Opcode::Read, 0, 4, 0x1000);
+        h.send_all(usize::MAX);
+        h.feed(&verifier().challenge()[..8]);
+        assert!(h.conn.is_closing());
+        h.finish();
+        let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
+        assert!(why.contains("requires authentication") && why.contains("SHARDWIRE_AUTH_KEY"), "{why}");
+    }
+}

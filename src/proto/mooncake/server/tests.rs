@@ -238,3 +238,91 @@ fn closing_with_operations_out_keeps_pins_until_finish() {
     h.s.finish();
     assert_eq!(h.mem.pins.get(), 0);
 }
+
+mod authentication {
+    use super::*;
+    use crate::proto::auth::{AuthKey, CHALLENGE_BYTES, NONCE_BYTES, Port, Prover, VERDICT_BYTES, Verifier};
+
+    const KEY: &[u8] = b"a shared key for the tests";
+
+    fn keyed(h: &mut Harness) -> std::time::Instant {
+        let deadline = h.now + Duration::from_secs(5);
+        let v = Verifier::new(AuthKey::new(KEY).unwrap(), Port::Data, [8; NONCE_BYTES]);
+        h.s = ServerSession::new(Limits::default()).authenticating(v, deadline);
+        deadline
+    }
+
+    /// The proof of `key` for the challenge at the start of `wire`.
+    fn proof(key: &[u8], wire: &[u8]) -> Vec<u8> {
+        let mut p = Prover::new(AuthKey::new(key).unwrap(), Port::Data, [9; NONCE_BYTES]);
+        p.answer(wire[..CHALLENGE_BYTES].try_into().unwrap()).unwrap().to_vec()
+    }
+
+    #[test]
+    fn the_challenge_goes_first_and_requests_follow_a_good_proof_at_every_split() {
+        for step in [1, 2, 7, 23, 24, 63, 64, 65, 100, 4096] {
+            let mut h = Harness::new(Limits::default());
+            h.mem.bytes[1 << 20..(1 << 20) + 50].fill(0x5a);
+            // Addresses are this harness's own memory.
+            let (client, replies) = pipeline(&h);
+            keyed(&mut h);
+            h.run();
+            assert_eq!(h.wire.len(), CHALLENGE_BYTES, "the challenge, before any byte from the client");
+            // The proof with the pipeline right behind it, split anywhere.
+            let mut bytes = proof(KEY, &h.wire);
+            bytes.extend(&client);
+            for piece in bytes.chunks(step) {
+                h.feed(piece);
+            }
+            assert_eq!(&h.wire[CHALLENGE_BYTES..CHALLENGE_BYTES + 8], b"SWAUTHOK", "step {step}");
+            assert_eq!(&h.wire[CHALLENGE_BYTES + VERDICT_BYTES..], &replies[..], "step {step}");
+            check_memory(&h);
+        }
+    }
+
+    #[test]
+    fn a_wrong_proof_is_refused_and_nothing_behind_it_runs() {
+        let mut h = Harness::new(Limits::default());
+        keyed(&mut h);
+        h.run();
+        let mut bytes = proof(b"not the key, but long enough", &h.wire);
+        bytes.extend(header(Opcode::Write, h.addr(0), 4, true));
+        bytes.extend(b"evil");
+        h.feed(&bytes);
+        assert_eq!(&h.wire[CHALLENGE_BYTES..CHALLENGE_BYTES + 8], b"SWAUTHNO");
+        assert_eq!(h.wire.len(), CHALLENGE_BYTES + VERDICT_BYTES, "no status, no reply");
+        assert_eq!(&h.mem.bytes[..4], &[0u8; 4], "the write behind a bad proof landed");
+        assert_eq!(h.mem.pins.get(), 0);
+        // The drain after a refusal, as after a rejected request.
+        h.eof();
+        assert!(h.s.is_closing(), "{:?}", h.s.why());
+    }
+
+    #[test]
+    fn a_mooncake_client_gets_the_challenge_and_a_refusal_but_no_data() {
+        let mut h = Harness::new(Limits::default());
+        h.mem.bytes[..64].fill(0x77);
+        keyed(&mut h);
+        // Three READ headers (72 bytes): the first 64 read as a proof.
+        let mut bytes = Vec::new();
+        for _ in 0..3 {
+            bytes.extend(header(Opcode::Read, h.addr(0), 64, true));
+        }
+        h.feed(&bytes);
+        assert!(!h.wire.windows(64).any(|w| w == [0x77u8; 64]), "memory reached an unproved client");
+        assert_eq!(&h.wire[CHALLENGE_BYTES..CHALLENGE_BYTES + 8], b"SWAUTHNO");
+    }
+
+    #[test]
+    fn a_silent_client_is_closed_at_the_deadline() {
+        let mut h = Harness::new(Limits::default());
+        let deadline = keyed(&mut h);
+        h.run();
+        assert_eq!(h.s.next_deadline(), Some(deadline));
+        h.s.on_timer(deadline - Duration::from_millis(1));
+        assert!(!h.s.is_closing());
+        h.s.on_timer(deadline);
+        assert!(h.s.is_closing());
+        assert!(h.s.why().unwrap().contains("no authentication proof"));
+    }
+}
