@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use interop::{KillOnDrop, Rng, die_with_parent};
+use interop::{KillOnDrop, Rng, die_with_parent, stamped};
 use shardwire::engine::{BatchState, EngineConfig, TransferEngine, TransferOpcode as Opcode, TransferRequest};
 
 const PEERS: usize = 8;
@@ -28,19 +28,6 @@ const SETTLE_BOUND: Duration = Duration::from_secs(60);
 
 fn seconds() -> u64 {
     std::env::var("SHARDWIRE_LOAD_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(15)
-}
-
-/// Bytes that name the transfer they belong to: every 512-byte block opens
-/// with the sequence number, so a stale or misplaced block is caught, not
-/// only a wrong byte.
-fn stamped(len: usize, seq: u64) -> Vec<u8> {
-    let mut out: Vec<u8> =
-        (0..len).map(|i| ((i as u64 * 131 + (i as u64 >> 8) + seq * 7 + (seq >> 8) * 13) & 0xff) as u8).collect();
-    for block in out.chunks_mut(512) {
-        let n = block.len().min(8);
-        block[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
-    }
-    out
 }
 
 /// A size: a quarter tiny, the rest spread over 64 B..1 MiB by powers.

@@ -226,6 +226,19 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
 }
 
+/// Bytes that name the transfer they belong to: every 512-byte block opens
+/// with the sequence number, so a stale or misplaced block is caught, not
+/// only a wrong byte.
+pub fn stamped(len: usize, seq: u64) -> Vec<u8> {
+    let mut out: Vec<u8> =
+        (0..len).map(|i| ((i as u64 * 131 + (i as u64 >> 8) + seq * 7 + (seq >> 8) * 13) & 0xff) as u8).collect();
+    for block in out.chunks_mut(512) {
+        let n = block.len().min(8);
+        block[..n].copy_from_slice(&seq.to_le_bytes()[..n]);
+    }
+    out
+}
+
 /// Writes and reads back one block of each size (up to `max` bytes) from
 /// `initiator` to `target`'s segment `name`, checking every byte both
 /// ways; returns the three buffers (local, remote, back) for more work.
