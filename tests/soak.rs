@@ -5,8 +5,9 @@
 //! otherwise run it twice); ends with one JSON line on stdout.
 //!
 //! - **Transfers.** Target processes (`shardwire bench --mode=target` on
-//!   fixed ports) and caller threads in this process, half through an engine
-//!   on the local transport, half through one on TCP, writing stamped blocks
+//!   fixed ports, three over TCP and one over RDMA on the emulated fabric)
+//!   and caller threads in this process, a third each through an engine on
+//!   the local transport, on TCP and on RDMA, writing stamped blocks
 //!   of random sizes and reading them back (sync, batches, async batches
 //!   polled to the end). A block is checked unless its target was killed
 //!   between the write and the read (each kill bumps the target's
@@ -37,9 +38,16 @@ use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::StreamOptions;
 use shardwire::stream::bundle::{Bundle, BundleBody};
 use shardwire::stream::rx::{HandlerError, ObjReader, Receiver, RxOptions};
+use shardwire::transport::rdma::emu::{EmuConfig, EmuFabric};
+use shardwire::transport::rdma::fabric::Fabric;
 
-const TARGETS: usize = 3;
-const CALLERS: usize = 8;
+/// Target processes: the first ones over TCP, the last over RDMA on the
+/// emulated fabric (`SHARDWIRE_FABRIC=emu`).
+const TARGETS: usize = 4;
+const TCP_TARGETS: usize = 3;
+/// Callers, dealt in turn to three engines: the local transport, TCP, and
+/// RDMA on the emulated fabric.
+const CALLERS: usize = 9;
 const SLOT_BYTES: u64 = 1 << 20;
 /// The transfer timeout: a transfer to a killed target fails within it.
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -59,6 +67,8 @@ fn env_u64(name: &str, default: u64) -> u64 {
 struct Counts {
     transfers: AtomicU64,
     bytes: AtomicU64,
+    /// Transfers checked per path: local, TCP, RDMA.
+    by_path: [AtomicU64; 3],
     failed_while_down: AtomicU64,
     failed_after_restart: AtomicU64,
     unchecked_across_a_kill: AtomicU64,
@@ -75,6 +85,7 @@ struct Counts {
 /// A target process on a fixed port, killed and restarted by the schedule.
 struct Target {
     port: u16,
+    rdma: bool,
     name: String,
     child: Mutex<Option<KillOnDrop>>,
     /// Bumped before each kill: a read-back across a change is not checked.
@@ -86,12 +97,17 @@ struct Target {
 }
 
 impl Target {
-    fn spawn(port: u16) -> KillOnDrop {
+    fn spawn(port: u16, rdma: bool) -> KillOnDrop {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
-        cmd.args(["bench", "--mode=target", &format!("--local_server_name=127.0.0.1:{port}")])
-            .arg(format!("--buffer_size={}", CALLERS as u64 * SLOT_BYTES))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+        cmd.args(["bench", "--mode=target", &format!("--local_server_name=127.0.0.1:{port}")]);
+        if rdma {
+            cmd.arg("--protocol=rdma")
+                .env("SHARDWIRE_FABRIC", "emu")
+                .env("SHARDWIRE_LOCAL", "0")
+                .env_remove("SHARDWIRE_EMU_DEVICES")
+                .env_remove("SHARDWIRE_EMU_FAULTS");
+        }
+        cmd.arg(format!("--buffer_size={}", CALLERS as u64 * SLOT_BYTES)).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
         let mut line = String::new();
         BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
@@ -109,7 +125,7 @@ impl Target {
     }
 
     fn restart(&self) {
-        *self.child.lock().unwrap() = Some(Self::spawn(self.port));
+        *self.child.lock().unwrap() = Some(Self::spawn(self.port, self.rdma));
         self.restarted_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
     }
@@ -146,24 +162,36 @@ fn listen_process(port: u16) -> KillOnDrop {
     child
 }
 
-fn engine(local: bool) -> TransferEngine {
-    let config = EngineConfig { local, transfer_timeout: TRANSFER_TIMEOUT, ..EngineConfig::from_env().unwrap() };
+/// An engine of this process: on the local transport, on TCP, or (with a
+/// fabric) on RDMA.
+fn engine(local: bool, fabric: Option<Arc<dyn Fabric>>) -> TransferEngine {
+    let protocol = if fabric.is_some() { "rdma" } else { "tcp" };
+    let config =
+        EngineConfig { local, fabric, transfer_timeout: TRANSFER_TIMEOUT, ..EngineConfig::from_env().unwrap() };
     let e = TransferEngine::with_config(config);
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
     e
 }
 
 /// One transfer pair (write, then read back) of a caller; returns whether
 /// the bytes were checked.
-fn round(e: &TransferEngine, t: &Target, rng: &mut Rng, seq: u64, slot: u64, bufs: (u64, u64), counts: &Counts) {
+fn round(
+    e: &TransferEngine,
+    t: &Target,
+    rng: &mut Rng,
+    seq: u64,
+    slot: u64,
+    bufs: (u64, u64),
+    counts: &Counts,
+) -> bool {
     let gen_before = t.generation.load(Ordering::SeqCst);
     let begun = Instant::now();
     if !t.up.load(Ordering::SeqCst) {
-        return;
+        return false;
     }
     let Ok(base) = e.get_first_buffer_address(&t.name) else {
         counts.failed_while_down.fetch_add(1, Ordering::Relaxed);
-        return;
+        return false;
     };
     let len = match rng.range(0, 3) {
         0 => rng.range(1, 4096),
@@ -232,6 +260,7 @@ fn round(e: &TransferEngine, t: &Target, rng: &mut Rng, seq: u64, slot: u64, buf
         counts.hung.fetch_add(1, Ordering::Relaxed);
     }
     let across_a_kill = t.generation.load(Ordering::SeqCst) != gen_before;
+    let checked = matches!(result, Ok(())) && !across_a_kill;
     match result {
         Err(_) if across_a_kill || !t.up.load(Ordering::SeqCst) => {
             counts.failed_while_down.fetch_add(1, Ordering::Relaxed);
@@ -257,6 +286,7 @@ fn round(e: &TransferEngine, t: &Target, rng: &mut Rng, seq: u64, slot: u64, buf
             counts.bytes.fetch_add(2 * len, Ordering::Relaxed);
         }
     }
+    checked
 }
 
 /// This process's open descriptors, threads and resident bytes.
@@ -282,12 +312,14 @@ fn soak() {
     eprintln!("soak: {seconds} s, seed {seed} (SHARDWIRE_SOAK_SEED={seed} repeats the schedule)");
     let counts = Arc::new(Counts::default());
     let targets: Vec<Arc<Target>> = (0..TARGETS)
-        .map(|_| {
+        .map(|i| {
             let port = free_port();
+            let rdma = i >= TCP_TARGETS;
             Arc::new(Target {
                 port,
+                rdma,
                 name: format!("127.0.0.1:{port}"),
-                child: Mutex::new(Some(Target::spawn(port))),
+                child: Mutex::new(Some(Target::spawn(port, rdma))),
                 generation: AtomicU64::new(0),
                 up: AtomicBool::new(true),
                 restarted_ms: AtomicU64::new(0),
@@ -295,7 +327,11 @@ fn soak() {
             })
         })
         .collect();
-    let engines = [Arc::new(engine(true)), Arc::new(engine(false))];
+    let emu: Arc<dyn Fabric> = Arc::new(EmuFabric::new(EmuConfig::new(&["emu0", "emu1"])).unwrap());
+    let engines = [Arc::new(engine(true, None)), Arc::new(engine(false, None)), Arc::new(engine(false, Some(emu)))];
+    for (e, t, path) in [(0, 0, "local"), (1, 0, "tcp"), (2, TCP_TARGETS, "rdma")] {
+        assert_eq!(engines[e].transport_for(&targets[t].name).unwrap(), path, "engine {e}");
+    }
 
     // Streams: a bundle to a receiver here (bytes checked) and to a listen
     // process (killed and restarted by the schedule).
@@ -338,7 +374,7 @@ fn soak() {
     thread::scope(|s| {
         // Callers.
         for c in 0..CALLERS {
-            let (e, targets, counts, stop) = (engines[c % 2].clone(), &targets, counts.clone(), stop.clone());
+            let (e, targets, counts, stop) = (engines[c % 3].clone(), &targets, counts.clone(), stop.clone());
             s.spawn(move || {
                 let mut rng = Rng(seed ^ (0xca11 + c as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let bufs =
@@ -346,8 +382,14 @@ fn soak() {
                 let mut seq = (c as u64) << 40;
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
-                    let t = &targets[rng.range(0, TARGETS as u64) as usize];
-                    round(&e, t, &mut rng, seq, c as u64, bufs, &counts);
+                    // RDMA callers to the RDMA target; the others to the TCP ones.
+                    let t = match c % 3 {
+                        2 => &targets[rng.range(TCP_TARGETS as u64, TARGETS as u64) as usize],
+                        _ => &targets[rng.range(0, TCP_TARGETS as u64) as usize],
+                    };
+                    if round(&e, t, &mut rng, seq, c as u64, bufs, &counts) {
+                        counts.by_path[c % 3].fetch_add(2, Ordering::Relaxed);
+                    }
                 }
             });
         }
@@ -445,6 +487,9 @@ fn soak() {
         "seconds": seconds,
         "seed": seed,
         "transfers": counts.transfers.load(Ordering::Relaxed),
+        "transfers_local": counts.by_path[0].load(Ordering::Relaxed),
+        "transfers_tcp": counts.by_path[1].load(Ordering::Relaxed),
+        "transfers_rdma_emu": counts.by_path[2].load(Ordering::Relaxed),
         "bytes": counts.bytes.load(Ordering::Relaxed),
         "objects": counts.objects.load(Ordering::Relaxed),
         "object_bytes": counts.object_bytes.load(Ordering::Relaxed),
