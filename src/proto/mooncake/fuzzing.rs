@@ -147,7 +147,8 @@ pub fn tcp_client(data: &[u8]) {
         awaiting_max: 1 + usize::from((shape >> 2) & 3),
         ..client::Limits::default()
     };
-    let mut h = client_harness::Harness::new(mode & 1 == 0, limits);
+    let v2 = mode & 1 == 0;
+    let mut h = client_harness::Harness::with_crc32c(v2, v2 && shape & 0x80 != 0, limits);
     let requests = 1 + usize::from(mode >> 5);
     for i in 0..requests {
         let b = rest.first().copied().unwrap_or(i as u8);
@@ -221,13 +222,27 @@ pub fn tcp_server(data: &[u8]) {
             debug_assert!(usize::from(b) * 8 + 128 <= 4096);
             let len = 1 + u64::from(b & 0x7f);
             let v2 = b & 0x80 == 0 || i % 7 != 0;
+            // Some requests with CRC-32C framing, a few of them corrupted.
+            let crc32c = v2 && i % 3 == 0;
+            let header = |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c }.encode();
             match b % 4 {
                 0 => {
-                    out.extend(tcp::RequestHeader { size: len, addr, opcode: tcp::Opcode::Write, v2 }.encode());
-                    out.extend(std::iter::repeat_n(b, len as usize));
+                    out.extend(header(len, addr, tcp::Opcode::Write));
+                    let payload: Vec<u8> = std::iter::repeat_n(b, len as usize).collect();
+                    out.extend(&payload);
+                    if crc32c {
+                        let crc = tcp::crc32c(&payload) ^ u32::from(i % 5 == 0);
+                        out.extend(crc.to_le_bytes());
+                    }
                 }
-                1 => out.extend(tcp::RequestHeader { size: len, addr, opcode: tcp::Opcode::Read, v2 }.encode()),
-                2 => out.extend(tcp::RequestHeader { size: len, addr: 0x40, opcode: tcp::Opcode::Read, v2 }.encode()),
+                1 => {
+                    let mut h = header(len, addr, tcp::Opcode::Read);
+                    if crc32c && i % 11 == 0 {
+                        h[3] ^= 0x20;
+                    }
+                    out.extend(h);
+                }
+                2 => out.extend(header(len, 0x40, tcp::Opcode::Read)),
                 _ => out.push(b),
             }
         }
@@ -279,7 +294,8 @@ mod tests {
                 br#"{"buffers":[{"addr":1,"length":2,"name":"a"}],"name":"h:1","protocol":"tcp","tcp_data_port":5}"#,
             ),
             frame::encode(frame::FrameType::Notify, br#"{"name":"a","notify_msg":"b"}"#),
-            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true, crc32c: false }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Read, v2: true, crc32c: true }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
             b"[::1]:15000".to_vec(),
             br#"{"buffers":[{"addr":4096,"length":8192,"lkey":[1],"name":"cpu:0","rkey":[2]}],"devices":[{"gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","lid":0,"name":"rxe0"}],"name":"h:1","priority_matrix":{"cpu:0":[["rxe0"],[]]},"protocol":"rdma"}"#.to_vec(),

@@ -51,6 +51,9 @@ pub struct ClientLimits {
     pub awaiting_bytes_local_max: u64,
     /// How long a connect may take.
     pub connect_timeout: Duration,
+    /// Ask peers that advertise it for CRC-32C framing
+    /// (`SHARDWIRE_TCP_CRC32C`).
+    pub crc32c: bool,
 }
 
 impl Default for ClientLimits {
@@ -62,6 +65,7 @@ impl Default for ClientLimits {
             awaiting_bytes_max: 64 << 20,
             awaiting_bytes_local_max: local_inflight_default(),
             connect_timeout: Duration::from_secs(5),
+            crc32c: false,
         }
     }
 }
@@ -194,7 +198,8 @@ impl ClientShard {
                         telemetry::event(Event::TcpReconnect);
                     }
                     let deadline = Instant::now() + s.limits.connect_timeout;
-                    let core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
+                    let core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline)
+                        .with_crc32c(peer.crc32c);
                     let conn = Rc::new(RefCell::new(Conn {
                         id: s.next_id,
                         peer,
@@ -476,6 +481,7 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
             Settle::Rejected { message, .. } => r.ticket.fail(TransferStatus::Failed, &message),
             Settle::Failed(why) => r.ticket.fail(TransferStatus::Failed, &why),
             Settle::TimedOut(why) => r.ticket.fail(TransferStatus::Timeout, &why),
+            Settle::Corrupt(why) => r.ticket.fail_corrupt(&why),
             Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
         }
     }
