@@ -156,6 +156,12 @@ pub const MAX_CQE_PER_CTX: Var =
     int("MC_MAX_CQE_PER_CTX", 64, 1 << 22, "entries", "4096", "entries of each RDMA completion queue");
 pub const RDMA_RAIL_PAUSE_SECONDS: Var =
     int("MC_RDMA_RAIL_PAUSE_SECONDS", 0, 3600, "seconds", "30", "how long a peer rail with 5 errors in 5 s rests");
+pub const TCP_CRC32C: Var = var(
+    "SHARDWIRE_TCP_CRC32C",
+    Kind::Bool,
+    "false",
+    "an end-to-end CRC-32C on TCP transfers to shardwire targets that advertise it (Mooncake peers never see it); a mismatch fails the request with code -400",
+);
 pub const FABRIC: Var = var(
     "SHARDWIRE_FABRIC",
     Kind::Choice(&["auto", "none", "verbs", "sim", "emu"]),
@@ -416,6 +422,7 @@ pub const VARS: &[Var] = &[
     URING_SETUP,
     INFLIGHT_BYTES,
     STRIPE_BYTES,
+    TCP_CRC32C,
     STREAM_BURST_NUM,
     STREAM_DRY_RUN,
     STREAM_BATCH,
@@ -573,6 +580,8 @@ pub struct Settings {
     pub rpc_port_range: (u16, u16),
     pub handshake_max_len: u64,
     pub force_tcp: bool,
+    /// `SHARDWIRE_TCP_CRC32C`.
+    pub tcp_crc32c: bool,
     pub custom_topo_json: Option<PathBuf>,
     /// `MC_SLICE_SIZE`, `MC_FRAGMENT_RATIO`, `MC_RETRY_CNT`,
     /// `MC_NUM_QP_PER_EP`, `MC_MAX_WR`, `MC_MAX_CQE_PER_CTX`,
@@ -658,6 +667,7 @@ impl Settings {
             rpc_port_range: (min_port, max_port),
             handshake_max_len: r.int(&HANDSHAKE_MAX_LENGTH)?.unwrap_or(1 << 20),
             force_tcp: r.boolean(&FORCE_TCP)?.unwrap_or(false),
+            tcp_crc32c: r.boolean(&TCP_CRC32C)?.unwrap_or(false),
             custom_topo_json: r.text(&CUSTOM_TOPO_JSON).map(PathBuf::from),
             fabric: match r.choice(&FABRIC)?.as_deref() {
                 Some("sim") => FabricChoice::Sim(device_names(

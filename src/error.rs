@@ -24,6 +24,9 @@ pub mod code {
     pub const CLOCK: i32 = -301;
     pub const MEMORY: i32 = -302;
     pub const NOT_IMPLEMENTED: i32 = -303;
+    /// shardwire's own (Mooncake has no checksum): a transfer's bytes did
+    /// not match their CRC-32C (`SHARDWIRE_TCP_CRC32C`).
+    pub const CHECKSUM: i32 = -400;
 }
 
 /// The name of a Mooncake return code, in snake case (`-102` is
@@ -49,6 +52,7 @@ pub fn code_name(c: i32) -> &'static str {
         code::CLOCK => "clock",
         code::MEMORY => "memory",
         code::NOT_IMPLEMENTED => "not_implemented",
+        code::CHECKSUM => "checksum",
         _ => "error",
     }
 }

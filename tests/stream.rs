@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use interop::{KillOnDrop, Rng, die_with_parent, free_port};
+use shardwire::proto::objstream::checksum::{ChecksumError, CksumType, compute_hex};
 use shardwire::proto::objstream::lz4::BlockSize;
 use shardwire::proto::objstream::{ObjHdr, SIZE_UNKNOWN, frame};
 use shardwire::stream::bundle::BundleBody;
@@ -29,6 +30,8 @@ type Got = Arc<Mutex<Vec<(ObjHdr, Vec<u8>, Session)>>>;
 struct Collect {
     got: Got,
     errors: Arc<Mutex<Vec<RecvError>>>,
+    /// Objects that failed their checksum: name and why.
+    bad: Arc<Mutex<Vec<(String, ChecksumError)>>>,
 }
 
 impl RecvHandler for Collect {
@@ -40,6 +43,9 @@ impl RecvHandler for Collect {
     }
     fn error(&self, _s: &Session, err: &RecvError) {
         self.errors.lock().unwrap().push(err.clone());
+    }
+    fn bad_checksum(&self, _s: &Session, hdr: &ObjHdr, err: &ChecksumError) {
+        self.bad.lock().unwrap().push((hdr.name.clone(), err.clone()));
     }
 }
 
@@ -108,11 +114,13 @@ fn one_stream_random_sizes_and_large_objects() {
         let mut h = ObjHdr::new("bck", &format!("o{i}"), len as i64);
         h.opaque = i.to_be_bytes().to_vec();
         h.attrs.atime = 1_700_000_000_000_000_000 + i as i64;
+        let body = bytes(i, len);
+        // A checksum of the caller's (as AIStore's senders put the stored
+        // one), verified by the receiver.
         h.attrs.cksum_type = "xxhash2".into();
-        h.attrs.cksum_value = format!("{i:016x}");
+        h.attrs.cksum_value = compute_hex(CksumType::Xxhash2, &body);
         h.attrs.version = "7".into();
         h.attrs.custom = vec![("k".into(), i.to_string()), ("empty".into(), String::new())];
-        let body = bytes(i, len);
         s.send(h.clone(), body.clone()).unwrap();
         want.push((h, body));
     }
@@ -629,7 +637,7 @@ fn cli_listen_prints_one_json_line_per_object() {
     h.opaque = vec![0xde, 0xad, 0x01];
     h.attrs.atime = 1234567890;
     h.attrs.cksum_type = "md5".into();
-    h.attrs.cksum_value = "abc".into();
+    h.attrs.cksum_value = compute_hex(CksumType::Md5, &[9u8; 1000]);
     h.attrs.version = "3".into();
     h.attrs.custom = vec![("color".into(), "blue".into())];
     s.send(h, vec![9u8; 1000]).unwrap();
@@ -639,7 +647,8 @@ fn cli_listen_prints_one_json_line_per_object() {
         v,
         serde_json::json!({
             "bucket": "bkt", "provider": "aws", "name": "dir/name", "opaque": "dead01", "size": 1000,
-            "received": 1000, "atime": 1234567890, "cksum_type": "md5", "cksum_value": "abc", "version": "3",
+            "received": 1000, "atime": 1234567890, "cksum_type": "md5",
+            "cksum_value": compute_hex(CksumType::Md5, &[9u8; 1000]), "version": "3",
             "custom": {"color": "blue"}
         })
     );
@@ -1075,4 +1084,144 @@ fn a_blocked_reader_does_not_stall_the_shard() {
     drop(got);
     drop(slow);
     rt.shutdown();
+}
+
+/// A handler that reads each object with `read_exact` of its size, so it
+/// never sees the object's end (nor a checksum failure there); the hook
+/// still tells it.
+#[derive(Default, Clone)]
+struct ExactReader {
+    names: Arc<Mutex<Vec<String>>>,
+    bad: Arc<Mutex<Vec<(String, ChecksumError)>>>,
+}
+
+impl RecvHandler for ExactReader {
+    fn object(&self, _s: &Session, hdr: &ObjHdr, body: &mut ObjReader<'_>) -> Result<(), HandlerError> {
+        let mut v = vec![0u8; hdr.attrs.size as usize];
+        body.read_exact(&mut v)?;
+        self.names.lock().unwrap().push(hdr.name.clone());
+        Ok(())
+    }
+    fn bad_checksum(&self, _s: &Session, hdr: &ObjHdr, err: &ChecksumError) {
+        self.bad.lock().unwrap().push((hdr.name.clone(), err.clone()));
+    }
+}
+
+#[test]
+fn checksums_computed_by_the_sender_and_verified_by_the_receiver() {
+    let rx = receiver();
+    let c = collect(&rx, "ck");
+    let exact = ExactReader::default();
+    rx.handle("ck-exact", exact.clone()).unwrap();
+    for (trname, compression) in [("ck", None), ("ck", Some(BlockSize::K64)), ("ck-exact", None)] {
+        c.got.lock().unwrap().clear();
+        c.bad.lock().unwrap().clear();
+        let (log, mut opts) = recorder();
+        opts.checksum = Some(CksumType::Crc32c);
+        opts.compression = compression;
+        let s = Stream::new(&rx.url(), trname, opts).unwrap();
+        let mut sent = Vec::new();
+        for i in 0..12u64 {
+            let len = [0, 1, 100, 70_000, 300_000, 4096][i as usize % 6];
+            let body = bytes(i + 100, len);
+            let mut h = ObjHdr::new("bck", &format!("o{i}"), len as i64);
+            if i == 7 {
+                // The caller's own checksum is kept, not recomputed: here a
+                // wrong one, so this object (and only it) fails.
+                h.attrs.cksum_type = "sha256".into();
+                h.attrs.cksum_value = compute_hex(CksumType::Sha256, b"other bytes");
+            }
+            if i == 9 {
+                // A reader's object keeps its header as it is (none here).
+                s.send(h.clone(), Body::Reader(Box::new(std::io::Cursor::new(body.clone())))).unwrap();
+            } else {
+                s.send(h.clone(), body.clone()).unwrap();
+            }
+            sent.push((h, body));
+        }
+        assert_eq!(s.fin(), Termination::EndOfStream, "{trname} {compression:?}: the stream goes on past the failure");
+        assert!(log.lock().unwrap().iter().all(|(_, e)| e.is_none()), "the sender sees no error");
+        let bad = if trname == "ck" { c.bad.lock().unwrap().clone() } else { exact.bad.lock().unwrap().clone() };
+        assert_eq!(bad.len(), 1, "{trname}: one object failed: {bad:?}");
+        let (name, e) = &bad[0];
+        let want_actual = compute_hex(CksumType::Sha256, &sent[7].1);
+        assert_eq!(name, "o7");
+        assert_eq!(
+            e,
+            &ChecksumError::Mismatch {
+                ty: CksumType::Sha256,
+                expected: compute_hex(CksumType::Sha256, b"other bytes"),
+                actual: want_actual.clone()
+            }
+        );
+        assert!(e.to_string().contains(&want_actual), "the error names the actual value: {e}");
+        if trname == "ck" {
+            // Every other object arrived, with the checksum the sender put
+            // in its header (crc32c), or none for the reader's.
+            let got = c.got.lock().unwrap();
+            let names: Vec<&str> = got.iter().map(|(h, _, _)| h.name.as_str()).collect();
+            let want: Vec<String> = (0..12).filter(|&i| i != 7).map(|i| format!("o{i}")).collect();
+            assert_eq!(names, want);
+            for (h, b, _) in got.iter() {
+                let i: usize = h.name[1..].parse().unwrap();
+                assert!(b == &sent[i].1, "body of {}", h.name);
+                if i == 9 {
+                    assert_eq!((h.attrs.cksum_type.as_str(), h.attrs.cksum_value.as_str()), ("", ""));
+                } else {
+                    assert_eq!(h.attrs.cksum_type, "crc32c");
+                    assert_eq!(h.attrs.cksum_value, compute_hex(CksumType::Crc32c, b));
+                }
+            }
+            assert!(c.errors.lock().unwrap().is_empty(), "no stream error: {:?}", c.errors.lock().unwrap());
+        } else {
+            // The handler that never read to the end took every object,
+            // and was told of the bad one afterwards.
+            assert_eq!(exact.names.lock().unwrap().len(), 12);
+            exact.names.lock().unwrap().clear();
+            exact.bad.lock().unwrap().clear();
+        }
+    }
+}
+
+#[test]
+fn a_handler_reading_to_the_end_gets_the_checksum_error() {
+    let rx = receiver();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let s2 = seen.clone();
+    rx.handle("ck-read", move |hdr: &ObjHdr, body: &mut ObjReader<'_>| {
+        let mut v = Vec::new();
+        match body.read_to_end(&mut v) {
+            Ok(_) => s2.lock().unwrap().push(format!("{} ok", hdr.name)),
+            Err(e) => {
+                let inner = e.get_ref().and_then(|i| i.downcast_ref::<ChecksumError>()).cloned();
+                assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+                let inner = inner.expect("the inner error is the ChecksumError");
+                s2.lock().unwrap().push(format!("{} {inner}", hdr.name));
+                // Every read after it fails the same way.
+                assert!(body.read(&mut [0u8; 8]).is_err());
+            }
+        }
+        Ok(())
+    })
+    .unwrap();
+    let s = Stream::new(&rx.url(), "ck-read", StreamOptions::default()).unwrap();
+    for (name, ty, value) in [
+        ("good", "xxhash", compute_hex(CksumType::Xxhash, &[1u8; 5000])),
+        ("bad", "xxhash", compute_hex(CksumType::Xxhash, &[2u8; 5000])),
+        ("unknown", "blake3", "00".to_string()),
+        ("after", "md5", compute_hex(CksumType::Md5, &[1u8; 5000])),
+    ] {
+        let mut h = ObjHdr::new("b", name, 5000);
+        h.attrs.cksum_type = ty.into();
+        h.attrs.cksum_value = value;
+        s.send(h, vec![1u8; 5000]).unwrap();
+    }
+    assert_eq!(s.fin(), Termination::EndOfStream);
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[0], "good ok");
+    assert!(seen[1].starts_with("bad checksum mismatch: xxhash"), "{}", seen[1]);
+    assert!(seen[1].contains(&compute_hex(CksumType::Xxhash, &[1u8; 5000])), "{}", seen[1]);
+    assert!(seen[2].starts_with("unknown unknown checksum type \"blake3\""), "{}", seen[2]);
+    assert_eq!(seen[3], "after ok");
 }

@@ -87,6 +87,8 @@ pub struct Batch {
     via: Option<Via>,
     submitted: Instant,
     first_error: Mutex<Option<String>>,
+    /// The first CRC-32C failure's description, if any.
+    first_corrupt: Mutex<Option<String>>,
     /// Runs once, when the batch settles (an asyncio loop's wake-up).
     on_settle: Mutex<Option<SettleHook>>,
 }
@@ -148,6 +150,7 @@ impl Batch {
             via,
             submitted: Instant::now(),
             first_error: Mutex::new(None),
+            first_corrupt: Mutex::new(None),
             on_settle: Mutex::new(None),
         });
         if pending == 0 {
@@ -239,6 +242,18 @@ impl Batch {
         }
     }
 
+    /// A slice of task `task` failed its CRC-32C: a failure, and the
+    /// batch's result then says so with [`code::CHECKSUM`].
+    pub fn slice_corrupt(&self, task: usize, why: &str) {
+        {
+            let mut first = self.first_corrupt.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(why.to_string());
+            }
+        }
+        self.slice_failed(task, TransferStatus::Failed, why);
+    }
+
     /// The first failure's description.
     pub fn first_error(&self) -> Option<String> {
         self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -254,7 +269,13 @@ impl Batch {
         match self.state() {
             BatchState::Completed => Ok(()),
             BatchState::Pending => Err(TeError::invalid("the batch has not finished")),
-            BatchState::Failed => Err(TeError::invalid(self.first_error().unwrap_or_else(|| "transfer failed".into()))),
+            BatchState::Failed => {
+                // Corruption outranks other failures: it is the one to see.
+                if let Some(why) = self.first_corrupt.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                    return Err(TeError::new(code::CHECKSUM, why));
+                }
+                Err(TeError::invalid(self.first_error().unwrap_or_else(|| "transfer failed".into())))
+            }
             BatchState::TimedOut => Err(TeError::invalid(
                 self.first_error().unwrap_or_else(|| "transfer timed out (MC_TRANSFER_TIMEOUT)".into()),
             )),
@@ -268,6 +289,10 @@ impl Sink for Batch {
             Ok(bytes) => self.slice_done(task, bytes),
             Err((status, why)) => self.slice_failed(task, status, why),
         }
+    }
+
+    fn settle_corrupt(&self, task: usize, why: &str) {
+        self.slice_corrupt(task, why);
     }
 }
 

@@ -93,6 +93,7 @@ impl EngineConfig {
             client_limits.awaiting_bytes_max = b;
             client_limits.awaiting_bytes_local_max = b;
         }
+        client_limits.crc32c = s.tcp_crc32c;
         debug_assert!(s.handshake_max_len <= frame::MAX_LEN_CEILING);
         let (fabric, no_fabric_why) = fabric_of(s);
         Self {

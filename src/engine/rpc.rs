@@ -79,6 +79,7 @@ impl EngineRpc {
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
             shardwire: self.local.clone(),
+            shardwire_tcp_crc32c: true,
             tcp_data_host: Some(self.data_host.clone()),
             tcp_data_port: self.data_port,
             tcp_proto_version: 2,

@@ -85,6 +85,8 @@ pub struct RxCounters {
     pub num: AtomicI64,
     pub size: AtomicI64,
     pub offset: AtomicI64,
+    /// Objects that failed their header's checksum (not in `num`).
+    pub bad_checksums: AtomicI64,
 }
 
 /// A received session's figures.
@@ -98,6 +100,9 @@ pub struct RxStats {
     pub size: i64,
     #[serde(rename = "Offset")]
     pub offset: i64,
+    /// Objects that failed their header's checksum (not counted in `num`).
+    #[serde(rename = "BadChecksums")]
+    pub bad_checksums: i64,
 }
 
 impl RxCounters {
@@ -108,6 +113,7 @@ impl RxCounters {
             num: self.num.load(Ordering::Relaxed),
             size: self.size.load(Ordering::Relaxed),
             offset: self.offset.load(Ordering::Relaxed),
+            bad_checksums: self.bad_checksums.load(Ordering::Relaxed),
         }
     }
 }

@@ -51,6 +51,13 @@ impl TransferStatus {
 pub trait Sink: Send + Sync {
     /// Request `task` of this sink moved `bytes` (`Ok`), or failed.
     fn settle(&self, task: usize, outcome: Result<u64, (TransferStatus, &str)>);
+
+    /// Request `task` failed because its bytes did not match their CRC-32C
+    /// (shardwire's TCP extension): a failure, which a sink may report
+    /// with its own code.
+    fn settle_corrupt(&self, task: usize, why: &str) {
+        self.settle(task, Err((TransferStatus::Failed, why)));
+    }
 }
 
 /// What a request carries besides its addresses: its sink and task index,
@@ -82,6 +89,13 @@ impl Ticket {
         self.armed = false;
         self.pin.take();
         self.sink.settle(self.task, Ok(bytes));
+    }
+
+    /// The request's bytes failed their CRC-32C.
+    pub fn fail_corrupt(mut self, why: &str) {
+        self.armed = false;
+        self.pin.take();
+        self.sink.settle_corrupt(self.task, why);
     }
 
     /// The request failed.

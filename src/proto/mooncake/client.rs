@@ -48,6 +48,13 @@
 //!   connect deadline. A failure ends the connection without re-sends (the
 //!   same key would fail again). Without a key, a challenge where a status
 //!   belongs is named as such.
+//! - **CRC-32C** ([`ClientConn::with_crc32c`], to shardwire targets that
+//!   advertise it; see [`tcp`]): headers carry their own check, a WRITE's
+//!   payload is followed by its CRC-32C, a READ's answer by the CRC-32C
+//!   the server computed. A READ whose bytes do not match, or a status
+//!   saying a WRITE's did not, settles as [`Settle::Corrupt`], never
+//!   retried; the connection goes on. A header the server found corrupted
+//!   ends the connection, as a rejection does.
 //!
 //! Every request pushed leaves through [`ClientConn::poll_settled`] exactly
 //! once. The tests below drive the core with scripted bytes, split at every
@@ -60,7 +67,9 @@ use super::tcp::{self, Opcode, RequestHeader};
 use crate::proto::auth::{self, Prover};
 
 /// One request: `len` bytes between local memory at `local` and the
-/// peer's `remote`. `T` is the driver's handle (its pin and sink).
+/// peer's `remote`. `T` is the driver's handle (its pin and sink), which
+/// keeps `[local, local + len)` registered, readable and writable, for as
+/// long as the request is in a connection.
 #[derive(Debug)]
 pub struct Req<T> {
     pub op: Opcode,
@@ -86,6 +95,9 @@ pub enum Settle {
     Failed(String),
     /// Its deadline passed.
     TimedOut(String),
+    /// Its bytes arrived (a READ) or landed (a WRITE) but do not match
+    /// their CRC-32C; not retried.
+    Corrupt(String),
     /// Cancelled before it was sent.
     Canceled,
 }
@@ -171,9 +183,11 @@ pub struct SendGroup {
     /// Bytes sent before the requests (the authentication proof).
     preamble: Option<Box<[u8]>>,
     headers: Vec<[u8; tcp::HEADER_BYTES]>,
-    /// `(header index, payload)` per request: the payload is the local
-    /// memory of a WRITE.
-    entries: Vec<(usize, Option<Span>)>,
+    /// WRITE payloads' CRC-32Cs (with CRC-32C framing).
+    trailers: Vec<[u8; tcp::CRC_BYTES]>,
+    /// `(header index, payload, trailer index)` per request: the payload
+    /// is the local memory of a WRITE.
+    entries: Vec<(usize, Option<Span>, Option<usize>)>,
     total: usize,
     done: usize,
 }
@@ -184,9 +198,11 @@ impl SendGroup {
     /// the group (on the heap), the payloads in the requests' pinned memory.
     pub fn pieces(&self) -> impl Iterator<Item = (*const u8, usize)> + '_ {
         let preamble = self.preamble.iter().map(|b| (b.as_ptr(), b.len()));
-        preamble.chain(self.entries.iter().flat_map(move |&(h, payload)| {
+        preamble.chain(self.entries.iter().flat_map(move |&(h, payload, trailer)| {
             let header = (self.headers[h].as_ptr(), tcp::HEADER_BYTES);
-            std::iter::once(header).chain(payload.map(|(addr, len)| (addr as *const u8, len)))
+            std::iter::once(header)
+                .chain(payload.map(|(addr, len)| (addr as *const u8, len)))
+                .chain(trailer.map(|t| (self.trailers[t].as_ptr(), tcp::CRC_BYTES)))
         }))
     }
 
@@ -209,6 +225,9 @@ struct Answer {
     /// Offset just past its whole answer.
     end: usize,
     status_checked: bool,
+    /// A READ with CRC-32C framing: its trailer's index, and where its
+    /// bytes landed.
+    crc: Option<(usize, Span)>,
 }
 
 /// What one receive fills: status frames and READ destinations, in order.
@@ -218,8 +237,10 @@ pub struct RecvGroup {
     /// group holds these or answers, never both.
     preamble: Option<Box<[u8]>>,
     statuses: Vec<[u8; tcp::STATUS_BYTES]>,
-    /// `(status index, READ destination)` per request.
-    entries: Vec<(Option<usize>, Option<Span>)>,
+    /// READ payloads' CRC-32Cs as the server sent them.
+    trailers: Vec<[u8; tcp::CRC_BYTES]>,
+    /// `(status index, READ destination, trailer index)` per request.
+    entries: Vec<(Option<usize>, Option<Span>, Option<usize>)>,
     answers: Vec<Answer>,
     /// Answers settled so far (from the front).
     settled: usize,
@@ -232,17 +253,20 @@ impl RecvGroup {
     /// frames in the group (on the heap) and READ destinations in the
     /// requests' pinned memory. Valid until the group completes.
     pub fn pieces(&mut self) -> Vec<(*mut u8, usize)> {
-        let mut out = Vec::with_capacity(2 * self.entries.len() + 1);
+        let mut out = Vec::with_capacity(3 * self.entries.len() + 1);
         if let Some(b) = self.preamble.as_mut() {
             out.push((b.as_mut_ptr(), b.len()));
         }
         for i in 0..self.entries.len() {
-            let (status, dest) = self.entries[i];
+            let (status, dest, trailer) = self.entries[i];
             if let Some(s) = status {
                 out.push((self.statuses[s].as_mut_ptr(), tcp::STATUS_BYTES));
             }
             if let Some((addr, len)) = dest {
                 out.push((addr as *mut u8, len));
+            }
+            if let Some(t) = trailer {
+                out.push((self.trailers[t].as_mut_ptr(), tcp::CRC_BYTES));
             }
         }
         out
@@ -264,6 +288,8 @@ pub struct ClientConn<T> {
     /// The peer, for messages.
     peer: String,
     v2: bool,
+    /// CRC-32C framing (v2 only).
+    crc32c: bool,
     limits: Limits,
     phase: Phase,
     /// Requests not yet sent.
@@ -290,6 +316,7 @@ impl<T> ClientConn<T> {
         Self {
             peer: peer.into(),
             v2,
+            crc32c: false,
             limits,
             phase: Phase::Connecting { deadline: connect_deadline },
             queue: VecDeque::new(),
@@ -316,6 +343,20 @@ impl<T> ClientConn<T> {
     /// Whether the peer speaks v2.
     pub fn is_v2(&self) -> bool {
         self.v2
+    }
+
+    /// Uses CRC-32C framing (`on`) with a v2 peer that advertises it; set
+    /// before the first request is pushed.
+    pub fn with_crc32c(mut self, on: bool) -> Self {
+        assert!(!on || self.v2, "CRC-32C framing needs a v2 peer");
+        assert!(self.queue.is_empty() && self.awaiting.is_empty(), "set before any request");
+        self.crc32c = on;
+        self
+    }
+
+    /// Whether requests carry CRC-32Cs.
+    pub fn is_crc32c(&self) -> bool {
+        self.crc32c
     }
 
     /// Requests queued or awaiting answers.
@@ -364,7 +405,8 @@ impl<T> ClientConn<T> {
             self.exchange = Some(Exchange::Verdict(prover));
             let total = proof.len();
             let (headers, entries) = (Vec::new(), Vec::new());
-            self.send = Some(SendGroup { preamble: Some(proof), headers, entries, total, done: 0 });
+            let trailers = Vec::new();
+            self.send = Some(SendGroup { preamble: Some(proof), headers, trailers, entries, total, done: 0 });
             return self.send.as_ref();
         }
         if self.phase != Phase::Ready || self.send.is_some() || self.queue.is_empty() {
@@ -394,17 +436,28 @@ impl<T> ClientConn<T> {
         let mut group = SendGroup {
             preamble: None,
             headers: Vec::with_capacity(count),
+            trailers: Vec::new(),
             entries: Vec::with_capacity(count),
             total: 0,
             done: 0,
         };
         for _ in 0..count {
             let r = self.queue.pop_front().expect("counted above");
-            group.headers.push(RequestHeader { size: r.len, addr: r.remote, opcode: r.op, v2: self.v2 }.encode());
+            let header = RequestHeader { size: r.len, addr: r.remote, opcode: r.op, v2: self.v2, crc32c: self.crc32c };
+            group.headers.push(header.encode());
             group.total += tcp::HEADER_BYTES;
             let payload = (r.op == Opcode::Write).then_some((r.local, r.len as usize));
             group.total += payload.map_or(0, |p| p.1);
-            group.entries.push((group.headers.len() - 1, payload));
+            // The trailers are all in place before pieces() points at them.
+            let trailer = match payload {
+                Some(span) if self.crc32c => {
+                    group.trailers.push(local_crc32c(span).to_le_bytes());
+                    group.total += tcp::CRC_BYTES;
+                    Some(group.trailers.len() - 1)
+                }
+                _ => None,
+            };
+            group.entries.push((group.headers.len() - 1, payload, trailer));
             self.awaiting_bytes += r.len;
             // Awaiting from now: its answer may be read before the send
             // is reported complete.
@@ -452,6 +505,7 @@ impl<T> ClientConn<T> {
             self.recv = Some(RecvGroup {
                 preamble: Some(vec![0u8; len].into_boxed_slice()),
                 statuses: Vec::new(),
+                trailers: Vec::new(),
                 entries: Vec::new(),
                 answers: Vec::new(),
                 settled: 0,
@@ -483,24 +537,37 @@ impl<T> ClientConn<T> {
         if count == 0 {
             return None;
         }
+        let reads_crc =
+            if self.crc32c { self.awaiting.iter().take(count).filter(|r| r.op == Opcode::Read).count() } else { 0 };
         let mut group = RecvGroup {
             preamble: None,
             statuses: vec![[0u8; tcp::STATUS_BYTES]; if self.v2 { count } else { 0 }],
+            trailers: vec![[0u8; tcp::CRC_BYTES]; reads_crc],
             entries: Vec::with_capacity(count),
             answers: Vec::with_capacity(count),
             settled: 0,
             total: 0,
             done: 0,
         };
+        let mut trailers = 0;
         for (i, r) in self.awaiting.iter().take(count).enumerate() {
             let status = self.v2.then_some(i);
             let dest = (r.op == Opcode::Read).then_some((r.local, r.len as usize));
             group.total += if self.v2 { tcp::STATUS_BYTES } else { 0 };
             let status_end = group.total;
             group.total += dest.map_or(0, |d| d.1);
-            group.entries.push((status, dest));
-            group.answers.push(Answer { status_end, end: group.total, status_checked: !self.v2 });
+            let mut crc = None;
+            if let Some(span) = dest
+                && self.crc32c
+            {
+                crc = Some((trailers, span));
+                trailers += 1;
+                group.total += tcp::CRC_BYTES;
+            }
+            group.entries.push((status, dest, crc.map(|c| c.0)));
+            group.answers.push(Answer { status_end, end: group.total, status_checked: !self.v2, crc });
         }
+        debug_assert_eq!(trailers, group.trailers.len());
         self.recv = Some(group);
         self.recv.as_mut()
     }
@@ -535,6 +602,34 @@ impl<T> ClientConn<T> {
                 let raw = &group.statuses[group.settled];
                 match tcp::decode_status(raw) {
                     Ok(tcp::STATUS_OK) => group.answers[group.settled].status_checked = true,
+                    Ok(tcp::STATUS_PAYLOAD_CHECKSUM)
+                        if self.crc32c && self.awaiting.front().is_some_and(|r| r.op == Opcode::Write) =>
+                    {
+                        // The bytes landed wrong; the framing is intact, so
+                        // the connection goes on.
+                        let r = self.pop_awaiting();
+                        let why = format!(
+                            "{} received a WRITE of {} bytes at {:#x} whose bytes do not match their CRC-32C (corrupted on the way)",
+                            self.peer, r.len, r.remote
+                        );
+                        self.settled.push_back((r, Settle::Corrupt(why)));
+                        group.settled += 1;
+                        continue;
+                    }
+                    Ok(tcp::STATUS_HEADER_CHECKSUM) if self.crc32c => {
+                        let r = self.pop_awaiting();
+                        let why = format!(
+                            "{} received the header of a {:?} of {} bytes at {:#x} corrupted (its CRC-32C check failed)",
+                            self.peer, r.op, r.len, r.remote
+                        );
+                        self.settled.push_back((r, Settle::Corrupt(why.clone())));
+                        group.settled += 1;
+                        // The server ends the session: what follows was not
+                        // run, and may go again.
+                        self.recv = Some(group);
+                        self.end(why, true);
+                        return;
+                    }
                     Ok(status) => {
                         let r = self.pop_awaiting();
                         let message = format!(
@@ -566,7 +661,22 @@ impl<T> ClientConn<T> {
                 break;
             }
             let r = self.pop_awaiting();
-            self.settled.push_back((r, Settle::Done));
+            let how = match a.crc {
+                Some((t, span)) => {
+                    let carried = u32::from_le_bytes(group.trailers[t]);
+                    let actual = local_crc32c(span);
+                    if carried == actual {
+                        Settle::Done
+                    } else {
+                        Settle::Corrupt(format!(
+                            "the {} bytes read from {:#x} at {} do not match their CRC-32C ({actual:#010x}, sent {carried:#010x}): corrupted on the way",
+                            r.len, r.remote, self.peer
+                        ))
+                    }
+                }
+                None => Settle::Done,
+            };
+            self.settled.push_back((r, how));
             group.settled += 1;
         }
         if group.done < group.total {
@@ -751,6 +861,16 @@ impl<T> ClientConn<T> {
         self.awaiting_bytes -= r.len;
         r
     }
+}
+
+/// The CRC-32C of a request's local memory.
+fn local_crc32c((addr, len): Span) -> u32 {
+    // SAFETY: `span` is a request's `[local, local + len)`, which its ticket
+    // keeps registered and readable while the request is in the connection
+    // (see `Req`); this runs while it is (a WRITE being grouped, a READ
+    // whose bytes have all been received, so the kernel writes no more).
+    let bytes = unsafe { std::slice::from_raw_parts(addr as *const u8, len) };
+    tcp::crc32c(bytes)
 }
 
 #[cfg(test)]

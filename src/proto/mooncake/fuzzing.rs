@@ -138,7 +138,8 @@ pub fn segment_name(data: &[u8]) {
 /// The client core fed arbitrary peer bytes: requests from the first
 /// bytes, then answers (literal bytes, or, in structured mode, status
 /// frames and data built from the input) in pieces of arbitrary sizes.
-/// With the top bit of the shape byte, the connection authenticates first:
+/// With bit 7 of the shape byte, the connection uses CRC-32C framing; with
+/// bit 6, it authenticates first:
 /// the peer's bytes then stand where the challenge belongs, or, in
 /// structured mode, follow a real challenge and verdict. Nothing panics,
 /// and every request settles exactly once.
@@ -147,17 +148,19 @@ pub fn tcp_client(data: &[u8]) {
     let Some((&shape, mut rest)) = rest.split_first() else { return };
     let limits = client::Limits {
         group_reqs_max: 1 + usize::from(shape & 3),
-        inflight_bytes_max: 64 + 64 * u64::from((shape >> 4) & 7),
+        inflight_bytes_max: 64 + 64 * u64::from((shape >> 4) & 3),
         awaiting_max: 1 + usize::from((shape >> 2) & 3),
         ..client::Limits::default()
     };
-    let keyed = shape & 0x80 != 0;
+    let v2 = mode & 1 == 0;
+    let crc32c = v2 && shape & 0x80 != 0;
+    let keyed = shape & 0x40 != 0;
     let key = || auth::AuthKey::new(b"the fuzzing key, 26 bytes.").expect("long enough");
     let mut h = if keyed {
         let prover = auth::Prover::new(key(), auth::Port::Data, [1; auth::NONCE_BYTES]);
-        client_harness::Harness::with_auth(mode & 1 == 0, limits, prover)
+        client_harness::Harness::with_auth(v2, crc32c, limits, prover)
     } else {
-        client_harness::Harness::new(mode & 1 == 0, limits)
+        client_harness::Harness::with_crc32c(v2, crc32c, limits)
     };
     let requests = 1 + usize::from(mode >> 5);
     for i in 0..requests {
@@ -255,13 +258,27 @@ pub fn tcp_server(data: &[u8]) {
             debug_assert!(usize::from(b) * 8 + 128 <= 4096);
             let len = 1 + u64::from(b & 0x7f);
             let v2 = b & 0x80 == 0 || i % 7 != 0;
+            // Some requests with CRC-32C framing, a few of them corrupted.
+            let crc32c = v2 && i % 3 == 0;
+            let header = |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c }.encode();
             match b % 4 {
                 0 => {
-                    out.extend(tcp::RequestHeader { size: len, addr, opcode: tcp::Opcode::Write, v2 }.encode());
-                    out.extend(std::iter::repeat_n(b, len as usize));
+                    out.extend(header(len, addr, tcp::Opcode::Write));
+                    let payload: Vec<u8> = std::iter::repeat_n(b, len as usize).collect();
+                    out.extend(&payload);
+                    if crc32c {
+                        let crc = tcp::crc32c(&payload) ^ u32::from(i % 5 == 0);
+                        out.extend(crc.to_le_bytes());
+                    }
                 }
-                1 => out.extend(tcp::RequestHeader { size: len, addr, opcode: tcp::Opcode::Read, v2 }.encode()),
-                2 => out.extend(tcp::RequestHeader { size: len, addr: 0x40, opcode: tcp::Opcode::Read, v2 }.encode()),
+                1 => {
+                    let mut h = header(len, addr, tcp::Opcode::Read);
+                    if crc32c && i % 11 == 0 {
+                        h[3] ^= 0x20;
+                    }
+                    out.extend(h);
+                }
+                2 => out.extend(header(len, 0x40, tcp::Opcode::Read)),
                 _ => out.push(b),
             }
         }
@@ -314,7 +331,8 @@ mod tests {
                 br#"{"buffers":[{"addr":1,"length":2,"name":"a"}],"name":"h:1","protocol":"tcp","tcp_data_port":5}"#,
             ),
             frame::encode(frame::FrameType::Notify, br#"{"name":"a","notify_msg":"b"}"#),
-            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true, crc32c: false }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Read, v2: true, crc32c: true }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
             b"[::1]:15000".to_vec(),
             br#"{"buffers":[{"addr":4096,"length":8192,"lkey":[1],"name":"cpu:0","rkey":[2]}],"devices":[{"gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","lid":0,"name":"rxe0"}],"name":"h:1","priority_matrix":{"cpu:0":[["rxe0"],[]]},"protocol":"rdma"}"#.to_vec(),

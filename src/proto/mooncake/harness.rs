@@ -28,17 +28,24 @@ pub mod client {
 
     impl Harness {
         pub fn new(v2: bool, limits: Limits) -> Self {
+            Self::with_crc32c(v2, false, limits)
+        }
+
+        /// A harness whose connection uses CRC-32C framing if `crc32c`.
+        pub fn with_crc32c(v2: bool, crc32c: bool, limits: Limits) -> Self {
             let now = Instant::now();
-            let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5));
+            let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5)).with_crc32c(crc32c);
             conn.on_connected();
             Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
         }
 
-        /// As [`new`](Self::new), for a connection that proves `prover`'s
-        /// key before its first request.
-        pub fn with_auth(v2: bool, limits: Limits, prover: crate::proto::auth::Prover) -> Self {
+        /// As [`with_crc32c`](Self::with_crc32c), for a connection that
+        /// proves `prover`'s key before its first request.
+        pub fn with_auth(v2: bool, crc32c: bool, limits: Limits, prover: crate::proto::auth::Prover) -> Self {
             let now = Instant::now();
-            let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5)).authenticating(prover);
+            let mut conn = ClientConn::new("peer", v2, limits, now + Duration::from_secs(5))
+                .with_crc32c(crc32c)
+                .authenticating(prover);
             conn.on_connected();
             Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
         }
@@ -197,6 +204,11 @@ pub mod server {
             // SAFETY: inside the region's buffer (checked above), which the
             // harness owns and nothing else borrows during the call.
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        }
+
+        fn crc32c(&self, _pin: &PinGuard, addr: u64, len: u64) -> u32 {
+            let at = (addr - self.base()) as usize;
+            crate::proto::mooncake::tcp::crc32c(&self.bytes[at..at + len as usize])
         }
     }
 

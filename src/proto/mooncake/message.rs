@@ -60,6 +60,11 @@ pub struct SegmentDesc {
     /// (jsoncpp reads fields by name), and never writes this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shardwire: Option<LocalDesc>,
+    /// shardwire's own field: this target takes TCP requests with CRC-32C
+    /// framing (see [`super::tcp`]). Mooncake ignores it and never writes
+    /// it, so its initiators never ask for the framing.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shardwire_tcp_crc32c: bool,
     /// The host to reach the data port at (0.3.13 and later); older peers
     /// leave it out, and the segment name's host applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,6 +89,7 @@ impl SegmentDesc {
             protocol: protocol.to_string(),
             rdma_server_name: String::new(),
             shardwire: None,
+            shardwire_tcp_crc32c: false,
             tcp_data_host: None,
             tcp_data_port: 0,
             tcp_proto_version: 1,

@@ -33,6 +33,12 @@
 //! - **Back-pressure.** Intake pauses while too many replies, or too many
 //!   READ bytes, wait to be sent: a client that never reads cannot make
 //!   the server queue without bound.
+//! - **CRC-32C** (requests flagged for it; see [`tcp`]): a header that
+//!   fails its check is refused like a bad range (status 2), and nothing
+//!   after it runs. A WRITE's trailer is checked against the bytes as they
+//!   landed (through [`Memory::crc32c`]): status 0, or 3 if they differ
+//!   (the session goes on). A READ's bytes are followed by their CRC-32C,
+//!   computed when the request is taken in.
 //! - **Reject, then drain.** A bad header (or range) gets status 1 after the
 //!   replies before it, and nothing after it is run, as in Mooncake. Once
 //!   that is sent the session half-closes and drains what the client was
@@ -64,6 +70,9 @@ pub trait Memory {
     /// Copies `bytes` to `addr`; `[addr, addr + bytes.len())` lies inside
     /// what `pin` holds.
     fn write(&self, pin: &Self::Pin, addr: u64, bytes: &[u8]);
+    /// The CRC-32C of `[addr, addr + len)`, which lies inside what `pin`
+    /// holds.
+    fn crc32c(&self, pin: &Self::Pin, addr: u64, len: u64) -> u32;
 }
 
 /// Bounds on one session.
@@ -148,8 +157,9 @@ enum RecvKind {
 enum Reply<P> {
     /// A status frame (v2 only).
     Status(u32),
-    /// A READ's bytes, after a status frame if v2.
-    Read { header: RequestHeader, _pin: P },
+    /// A READ's bytes, after a status frame if v2, and before their
+    /// CRC-32C if the request asked for one.
+    Read { header: RequestHeader, _pin: P, crc: Option<u32> },
     /// Bytes of the authentication exchange.
     Exchange(Box<[u8]>),
 }
@@ -157,6 +167,8 @@ enum Reply<P> {
 /// Replies in one send, and the pins that keep their sources registered.
 struct ReplyGroup<P> {
     statuses: Vec<[u8; tcp::STATUS_BYTES]>,
+    /// READs' CRC-32Cs (the pieces point into them).
+    _trailers: Vec<[u8; tcp::CRC_BYTES]>,
     pieces: Vec<(*const u8, usize)>,
     /// Kept for their pins (and counted once sent).
     _replies: Vec<Reply<P>>,
@@ -193,6 +205,9 @@ pub struct Served {
     pub write_bytes: u64,
     /// Requests refused (bad header, unregistered range).
     pub rejected: u64,
+    /// CRC-32C failures: headers refused for them, and WRITEs whose bytes
+    /// landed wrong.
+    pub corrupt: u64,
 }
 
 impl Served {
@@ -381,27 +396,41 @@ impl<P> ServerSession<P> {
                 Reply::Read { .. } | Reply::Exchange(_) => tcp::encode_status(tcp::STATUS_OK),
             })
             .collect();
-        let mut pieces = Vec::with_capacity(2 * count);
+        // Built whole before any piece points into it.
+        let trailers: Vec<[u8; tcp::CRC_BYTES]> = replies
+            .iter()
+            .filter_map(|r| match r {
+                Reply::Read { crc: Some(c), .. } => Some(c.to_le_bytes()),
+                _ => None,
+            })
+            .collect();
+        let mut pieces = Vec::with_capacity(3 * count);
         let mut total = 0;
+        let mut t = 0;
         for (r, st) in replies.iter().zip(&statuses) {
             match r {
                 Reply::Status(_) => pieces.push((st.as_ptr(), tcp::STATUS_BYTES)),
-                Reply::Read { header, .. } => {
+                Reply::Read { header, crc, .. } => {
                     if header.v2 {
                         pieces.push((st.as_ptr(), tcp::STATUS_BYTES));
                     }
                     pieces.push((header.addr as *const u8, header.size as usize));
+                    if crc.is_some() {
+                        pieces.push((trailers[t].as_ptr(), tcp::CRC_BYTES));
+                        t += 1;
+                    }
                     self.read_bytes_queued -= header.size;
                 }
                 // The box's heap bytes do not move when the reply does.
                 Reply::Exchange(bytes) => pieces.push((bytes.as_ptr(), bytes.len())),
             }
         }
+        debug_assert_eq!(t, trailers.len());
         for p in &pieces {
             total += p.1;
         }
         // The statuses' heap buffer does not move when the Vec does.
-        self.send = Some(ReplyGroup { statuses, pieces, _replies: replies, total, done: 0 });
+        self.send = Some(ReplyGroup { statuses, _trailers: trailers, pieces, _replies: replies, total, done: 0 });
         self.send.as_ref().map(|g| {
             debug_assert_eq!(g.statuses.len(), count);
             g.pieces.as_slice()
@@ -530,7 +559,9 @@ impl<P> ServerSession<P> {
         let w = self.incoming.as_mut().expect("payload bytes for a WRITE");
         w.received += n;
         debug_assert!(w.received <= w.header.size);
-        if w.received == w.header.size {
+        // With CRC-32C framing the WRITE is done once its trailer is taken
+        // in (`take_in`), and is kept (pinned) until then.
+        if w.received == w.header.size && !w.header.crc32c {
             self.served.writes += 1;
             self.served.write_bytes += w.header.size;
             let v2 = w.header.v2;
@@ -549,6 +580,35 @@ impl<P> ServerSession<P> {
             return;
         }
         while self.rejected.is_none() && !self.backlogged() {
+            if let Some(w) = &self.incoming
+                && w.received == w.header.size
+            {
+                // The payload is in: its CRC-32C trailer is due.
+                debug_assert!(w.header.crc32c);
+                if self.end - self.start < tcp::CRC_BYTES {
+                    return;
+                }
+                let at = self.start;
+                let carried = u32::from_le_bytes(self.staging[at..at + tcp::CRC_BYTES].try_into().expect("4 bytes"));
+                self.start += tcp::CRC_BYTES;
+                let w = self.incoming.take().expect("checked above");
+                let actual = memory.crc32c(&w.pin, w.header.addr, w.header.size);
+                self.served.writes += 1;
+                self.served.write_bytes += w.header.size;
+                let status = if actual == carried {
+                    tcp::STATUS_OK
+                } else {
+                    log::warn!(
+                        "data session: a WRITE of {} bytes at {:#x} landed corrupted (CRC-32C {actual:#010x}, sent {carried:#010x})",
+                        w.header.size,
+                        w.header.addr
+                    );
+                    self.served.corrupt += 1;
+                    tcp::STATUS_PAYLOAD_CHECKSUM
+                };
+                self.replies.push_back(Reply::Status(status));
+                continue; // unpinned: the bytes have landed and been checked
+            }
             if let Some(w) = &self.incoming {
                 let k = ((w.header.size - w.received) as usize).min(self.end - self.start);
                 if k == 0 {
@@ -568,23 +628,34 @@ impl<P> ServerSession<P> {
             self.start += tcp::HEADER_BYTES;
             let h = match decoded {
                 Ok(h) => h,
-                Err((partial, why)) => return self.reject(partial.v2, &why.to_string()),
+                Err((partial, why @ tcp::HeaderError::HeaderChecksum { .. })) => {
+                    self.served.corrupt += 1;
+                    return self.reject(partial.v2, tcp::STATUS_HEADER_CHECKSUM, &why.to_string());
+                }
+                Err((partial, why)) => return self.reject(partial.v2, tcp::STATUS_REJECTED, &why.to_string()),
             };
             let Some(pin) = memory.pin(h.addr, h.size) else {
-                return self.reject(h.v2, "address range is not inside one registered buffer");
+                return self.reject(h.v2, tcp::STATUS_REJECTED, "address range is not inside one registered buffer");
             };
             match h.opcode {
                 Opcode::Write => {
                     // Large payloads are received in place: after one, take
                     // in only a header at a time, so none is staged.
-                    self.window =
-                        if h.size > self.limits.staged_payload_max { tcp::HEADER_BYTES } else { self.staging.len() };
+                    // (With CRC-32C framing, the payload's trailer comes
+                    // with the next header.)
+                    let trailer = if h.crc32c { tcp::CRC_BYTES } else { 0 };
+                    self.window = if h.size > self.limits.staged_payload_max {
+                        tcp::HEADER_BYTES + trailer
+                    } else {
+                        self.staging.len()
+                    };
                     self.incoming = Some(Incoming { header: h, pin, received: 0 });
                 }
                 Opcode::Read => {
                     self.window = self.staging.len();
                     self.read_bytes_queued += h.size;
-                    self.replies.push_back(Reply::Read { header: h, _pin: pin });
+                    let crc = h.crc32c.then(|| memory.crc32c(&pin, h.addr, h.size));
+                    self.replies.push_back(Reply::Read { header: h, _pin: pin, crc });
                 }
             }
         }
@@ -616,16 +687,16 @@ impl<P> ServerSession<P> {
         }
     }
 
-    /// Refuses the request just taken in: status 1 (v2) after the replies
+    /// Refuses the request just taken in: `status` (v2) after the replies
     /// queued before it; nothing after it runs.
-    fn reject(&mut self, v2: bool, why: &str) {
+    fn reject(&mut self, v2: bool, status: u32, why: &str) {
         log::debug!("data session: rejecting a request: {why}");
         // Whatever staging still holds is never looked at again (a receive
         // may be filling it, so it stays as it is).
         self.rejected = Some(v2);
         self.served.rejected += 1;
         if v2 {
-            self.replies.push_back(Reply::Status(tcp::STATUS_REJECTED));
+            self.replies.push_back(Reply::Status(status));
         } else if self.replies.is_empty() && self.send.is_none() {
             self.end_session("request rejected (v1: no status)");
         }

@@ -17,6 +17,31 @@
 //! server sends no status: it just closes on a bad request. Connections are
 //! persistent, and requests may be pipelined: the server handles them in
 //! order.
+//!
+//! **CRC-32C extension (shardwire's own).** Mooncake's protocol carries no
+//! checksum. A shardwire target advertises `shardwire_tcp_crc32c` in its
+//! segment descriptor (Mooncake ignores the key); an initiator with
+//! `SHARDWIRE_TCP_CRC32C` on sets [`CRC32C_FLAG`] on the requests it sends
+//! to such a target, and only then, so a Mooncake peer never sees it. A
+//! flagged (v2-only) request:
+//!
+//! ```text
+//! header   bytes 20..24 (padding in Mooncake's header) hold the CRC-32C of
+//!          bytes 0..20, little-endian: a corrupted header (a wrong address
+//!          or size) is refused before anything lands
+//! WRITE    header, payload, then the payload's CRC-32C (u32 LE); the
+//!          server checks it against the bytes as they landed
+//! READ     status frame, payload, then the payload's CRC-32C (u32 LE),
+//!          computed from the server's memory; the client checks it
+//! ```
+//!
+//! A header that fails its check is answered with
+//! [`STATUS_HEADER_CHECKSUM`], and the session ends as after a rejection
+//! (the framing cannot be trusted). A WRITE whose payload fails is answered
+//! with [`STATUS_PAYLOAD_CHECKSUM`] (its bytes have landed, wrong); the
+//! framing is intact, so the session goes on. A READ that fails is the
+//! client's to settle. Either way the request fails with its own error,
+//! and is not retried (a retry could hide a path that corrupts).
 
 /// Bytes in a request header.
 pub const HEADER_BYTES: usize = 24;
@@ -30,6 +55,25 @@ pub const STATUS_OK: u32 = 0;
 pub const STATUS_REJECTED: u32 = 1;
 /// The opcode bit that asks for v2 framing.
 pub const V2_FLAG: u8 = 0x80;
+/// The opcode bit that asks for CRC-32C framing (shardwire's extension,
+/// v2 only; see the module documentation).
+pub const CRC32C_FLAG: u8 = 0x40;
+/// Bytes of a CRC-32C on the wire (a payload's trailer, a header's check).
+pub const CRC_BYTES: usize = 4;
+/// Where a flagged header keeps its own CRC-32C (of the bytes before it).
+const HEADER_CRC_AT: usize = 20;
+/// Status (CRC-32C requests only): the header failed its check; the session
+/// ends after it.
+pub const STATUS_HEADER_CHECKSUM: u32 = 2;
+/// Status (CRC-32C WRITEs only): the payload landed but does not match its
+/// CRC-32C; the session goes on.
+pub const STATUS_PAYLOAD_CHECKSUM: u32 = 3;
+
+/// The CRC-32C (Castagnoli) of `bytes`: SSE4.2's `crc32` instruction where
+/// the CPU has it (the `crc32c` crate picks at run time).
+pub fn crc32c(bytes: &[u8]) -> u32 {
+    crc32c::crc32c(bytes)
+}
 
 /// Which way the bytes go, seen from the client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,6 +91,8 @@ pub struct RequestHeader {
     pub addr: u64,
     pub opcode: Opcode,
     pub v2: bool,
+    /// CRC-32C framing (shardwire's extension; needs `v2`).
+    pub crc32c: bool,
 }
 
 /// Why a header is refused.
@@ -58,6 +104,10 @@ pub enum HeaderError {
     ZeroSize,
     #[error("address {addr:#x} plus size {size} overflows")]
     Overflow { addr: u64, size: u64 },
+    #[error("request header fails its CRC-32C check: it says {carried:#010x}, its bytes give {actual:#010x}")]
+    HeaderChecksum { carried: u32, actual: u32 },
+    #[error("CRC-32C framing asked for without v2 framing")]
+    Crc32cWithoutV2,
 }
 
 impl RequestHeader {
@@ -66,6 +116,12 @@ impl RequestHeader {
         out[..8].copy_from_slice(&self.size.to_le_bytes());
         out[8..16].copy_from_slice(&self.addr.to_le_bytes());
         out[16] = self.opcode as u8 | if self.v2 { V2_FLAG } else { 0 };
+        if self.crc32c {
+            debug_assert!(self.v2, "CRC-32C framing is v2 only");
+            out[16] |= CRC32C_FLAG;
+            let check = crc32c(&out[..HEADER_CRC_AT]);
+            out[HEADER_CRC_AT..].copy_from_slice(&check.to_le_bytes());
+        }
         out
     }
 
@@ -77,8 +133,20 @@ impl RequestHeader {
         let addr = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
         let raw = bytes[16];
         let v2 = raw & V2_FLAG != 0;
-        let partial = Self { size, addr, opcode: Opcode::Read, v2 };
-        let opcode = match raw & !V2_FLAG {
+        let crc = raw & CRC32C_FLAG != 0;
+        let partial = Self { size, addr, opcode: Opcode::Read, v2, crc32c: crc };
+        if crc {
+            // Checked first: nothing else in a header that fails is trusted.
+            let carried = u32::from_le_bytes(bytes[HEADER_CRC_AT..].try_into().expect("4 bytes"));
+            let actual = crc32c(&bytes[..HEADER_CRC_AT]);
+            if carried != actual {
+                return Err((partial, HeaderError::HeaderChecksum { carried, actual }));
+            }
+            if !v2 {
+                return Err((partial, HeaderError::Crc32cWithoutV2));
+            }
+        }
+        let opcode = match raw & !(V2_FLAG | CRC32C_FLAG) {
             0 => Opcode::Read,
             1 => Opcode::Write,
             other => return Err((partial, HeaderError::UnknownOpcode(other))),
@@ -127,7 +195,7 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_layout() {
-        let h = RequestHeader { size: 100, addr: 0x1_0000_0010, opcode: Opcode::Write, v2: true };
+        let h = RequestHeader { size: 100, addr: 0x1_0000_0010, opcode: Opcode::Write, v2: true, crc32c: false };
         let bytes = h.encode();
         assert_eq!(bytes[16], 0x81);
         assert_eq!(&bytes[17..], &[0; 7]);
@@ -140,15 +208,47 @@ mod tests {
 
     #[test]
     fn bad_headers_are_named() {
-        let mut b = RequestHeader { size: 8, addr: 64, opcode: Opcode::Read, v2: true }.encode();
+        let mut b = RequestHeader { size: 8, addr: 64, opcode: Opcode::Read, v2: true, crc32c: false }.encode();
         b[16] = 0x82;
         assert_eq!(RequestHeader::decode(&b).unwrap_err().1, HeaderError::UnknownOpcode(2));
-        let z = RequestHeader { size: 0, addr: 64, opcode: Opcode::Write, v2: true }.encode();
+        let z = RequestHeader { size: 0, addr: 64, opcode: Opcode::Write, v2: true, crc32c: false }.encode();
         assert_eq!(RequestHeader::decode(&z).unwrap_err().1, HeaderError::ZeroSize);
-        let o = RequestHeader { size: 2, addr: u64::MAX, opcode: Opcode::Write, v2: true }.encode();
+        let o = RequestHeader { size: 2, addr: u64::MAX, opcode: Opcode::Write, v2: true, crc32c: false }.encode();
         assert!(matches!(RequestHeader::decode(&o).unwrap_err().1, HeaderError::Overflow { .. }));
         // The partial header still says whether to answer with a v2 status.
         assert!(RequestHeader::decode(&o).unwrap_err().0.v2);
+    }
+
+    #[test]
+    fn crc32c_headers_carry_their_own_check() {
+        let h = RequestHeader { size: 4096, addr: 0x7f00_0000_1000, opcode: Opcode::Read, v2: true, crc32c: true };
+        let b = h.encode();
+        assert_eq!(b[16], 0xc0);
+        assert_eq!(&b[17..20], &[0; 3]);
+        assert_eq!(u32::from_le_bytes(b[20..].try_into().unwrap()), crc32c(&b[..20]));
+        assert_eq!(RequestHeader::decode(&b), Ok(h));
+        // Every single-bit error anywhere in the header is caught.
+        for bit in 0..8 * HEADER_BYTES {
+            let mut bad = b;
+            bad[bit / 8] ^= 1 << (bit % 8);
+            if bit / 8 == 16 && bit % 8 == 6 {
+                // The flag itself: the header reads as a plain one whose
+                // padding is ignored (the trailer then desynchronises the
+                // stream, which the status frames catch).
+                assert!(!RequestHeader::decode(&bad).unwrap().crc32c);
+                continue;
+            }
+            let e = RequestHeader::decode(&bad).unwrap_err().1;
+            assert!(matches!(e, HeaderError::HeaderChecksum { .. }), "bit {bit}: {e:?}");
+        }
+        // The flag without v2 is refused.
+        let mut v1 = RequestHeader { v2: false, crc32c: false, ..h }.encode();
+        v1[16] |= CRC32C_FLAG;
+        let check = crc32c(&v1[..20]);
+        v1[20..].copy_from_slice(&check.to_le_bytes());
+        assert_eq!(RequestHeader::decode(&v1).unwrap_err().1, HeaderError::Crc32cWithoutV2);
+        // The catalogue check value of CRC-32C.
+        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
     }
 
     #[test]

@@ -58,6 +58,11 @@ impl BodyDecoder {
         }
     }
 
+    /// Whether objects' checksums are verified (on by default).
+    pub fn set_verify(&mut self, on: bool) {
+        self.objs.set_verify(on);
+    }
+
     /// True once the body's end was decoded.
     pub fn is_ended(&self) -> bool {
         self.ended

@@ -6,6 +6,7 @@
 //! copied here. It yields, in order, for each object: its header, its bytes
 //! in pieces, its end; and once, the end-of-stream frame.
 
+use super::checksum::{Verdict, Verifier};
 use super::error::{SbrCode, SbrError};
 use super::frame::{
     BadChecksum, FLAG_MSG, FLAG_PDU, FLAG_PDU_LAST, FLAG_PDU_STREAM, MAX_PDU_PAYLOAD, PROTO_HDR_BYTES, ProtoHdr,
@@ -19,8 +20,9 @@ pub enum Event<'a> {
     Header(Box<ObjHdr>),
     /// Some of the current object's bytes.
     Data(&'a [u8]),
-    /// The current object ended after `received` bytes.
-    End { received: u64 },
+    /// The current object ended after `received` bytes; `verdict` says
+    /// whether they match its header's checksum.
+    End { received: u64, verdict: Verdict },
     /// The end-of-stream frame (the body should end here).
     Fin,
 }
@@ -51,7 +53,7 @@ enum State {
 pub enum RawEvent {
     Header(Box<ObjHdr>),
     Data { start: usize, len: usize },
-    End { received: u64 },
+    End { received: u64, verdict: Verdict },
     Fin,
 }
 
@@ -61,7 +63,7 @@ impl RawEvent {
         match self {
             RawEvent::Header(h) => Event::Header(h),
             RawEvent::Data { start, len } => Event::Data(&input[start..start + len]),
-            RawEvent::End { received } => Event::End { received },
+            RawEvent::End { received, verdict } => Event::End { received, verdict },
             RawEvent::Fin => Event::Fin,
         }
     }
@@ -82,6 +84,12 @@ pub struct Decoder {
     received: u64,
     /// Objects decoded, for error context.
     objects: u64,
+    /// Verify objects' checksums (on unless turned off).
+    verify: bool,
+    /// The current object's checksum, being computed over its bytes...
+    verifier: Option<Verifier>,
+    /// ... or the verdict already known (a checksum that cannot be checked).
+    verdict: Option<Verdict>,
 }
 
 impl Default for Decoder {
@@ -102,7 +110,16 @@ impl Decoder {
             declared: 0,
             received: 0,
             objects: 0,
+            verify: true,
+            verifier: None,
+            verdict: None,
         }
+    }
+
+    /// Whether objects' checksums are verified (they are unless this turns
+    /// it off): each object's end then carries the [`Verdict`].
+    pub fn set_verify(&mut self, on: bool) {
+        self.verify = on;
     }
 
     /// True once the end-of-stream frame was decoded.
@@ -198,7 +215,12 @@ impl Decoder {
                 State::EndDue => {
                     self.state = State::Proto;
                     self.objects += 1;
-                    return Ok((used, Some(RawEvent::End { received: self.received })));
+                    let verdict = match (self.verdict.take(), self.verifier.take()) {
+                        (Some(v), _) => v,
+                        (None, Some(v)) => v.finish().map_or_else(|e| Verdict::Failed(Box::new(e)), Verdict::Verified),
+                        (None, None) => Verdict::Unchecked,
+                    };
+                    return Ok((used, Some(RawEvent::End { received: self.received, verdict })));
                 }
                 State::Proto => {
                     let Some(proto) = self.take_proto(&input[used..], &mut used) else {
@@ -238,6 +260,14 @@ impl Decoder {
                     }
                     self.declared = hdr.attrs.size;
                     self.received = 0;
+                    self.verifier = None;
+                    self.verdict = None;
+                    if self.verify {
+                        match Verifier::for_header(&hdr.attrs.cksum_type, &hdr.attrs.cksum_value) {
+                            Ok(v) => self.verifier = v,
+                            Err(e) => self.verdict = Some(Verdict::Failed(Box::new(e))),
+                        }
+                    }
                     self.state = if hdr.is_header_only() {
                         State::EndDue
                     } else if pdu {
@@ -255,6 +285,9 @@ impl Decoder {
                         return Ok((used, None));
                     }
                     self.received += n as u64;
+                    if let Some(v) = &mut self.verifier {
+                        v.update(&input[used..used + n]);
+                    }
                     self.state = if left == n as u64 { State::EndDue } else { State::Body { left: left - n as u64 } };
                     return Ok((used + n, Some(RawEvent::Data { start: used, len: n })));
                 }
@@ -288,6 +321,9 @@ impl Decoder {
                         return Ok((used, None));
                     }
                     self.received += n as u64;
+                    if let Some(v) = &mut self.verifier {
+                        v.update(&input[used..used + n]);
+                    }
                     self.state = if n < left {
                         State::Pdu { left: left - n, last }
                     } else if last {

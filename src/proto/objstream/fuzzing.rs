@@ -2,6 +2,7 @@
 //! tests over generated inputs so they cannot rot. None may panic.
 
 use super::body::{BodyDecoder, BodyEvent, Framing};
+use super::checksum::{ChecksumError, CksumType, Verifier, compute_hex};
 use super::decoder::Event;
 use super::header::{MAX_HEADER_BYTES, ObjHdr};
 use super::lz4;
@@ -47,6 +48,47 @@ pub fn objstream_body(data: &[u8]) {
         if end || (need && fed == rest.len()) {
             return;
         }
+    }
+}
+
+/// A header's checksum fields as a peer may send them: the first byte picks
+/// the type (one of AIStore's, an unknown one, or `none`), the next up to
+/// 128 bytes are the value, the rest the body, fed in pieces. Verifying
+/// never panics; a value computed over the body verifies, and flipping a
+/// body byte makes it a mismatch.
+pub fn obj_checksum(data: &[u8]) {
+    let Some((&pick, rest)) = data.split_first() else { return };
+    let names = ["xxhash", "xxhash2", "crc32c", "md5", "sha256", "sha512", "none", "", "blake3"];
+    let ty = names[usize::from(pick) % names.len()];
+    let split = rest.len().min(usize::from(pick >> 1) % 129);
+    let (value, body) = rest.split_at(split);
+    let value = String::from_utf8_lossy(value);
+    let piece = 1 + usize::from(pick >> 4);
+    match Verifier::for_header(ty, &value) {
+        Ok(Some(mut v)) => {
+            for p in body.chunks(piece) {
+                v.update(p);
+            }
+            match v.finish() {
+                Ok(t) => assert_eq!(t.as_str(), ty),
+                Err(ChecksumError::Mismatch { expected, actual, .. }) => assert_ne!(expected, actual),
+                Err(e) => panic!("a parsed checksum can only mismatch: {e}"),
+            }
+        }
+        Ok(None) => assert!(ty.is_empty() || ty == "none" || value.is_empty()),
+        Err(_) => {}
+    }
+    let Some(t) = CksumType::parse(ty) else { return };
+    let good = compute_hex(t, body);
+    let mut v = Verifier::for_header(ty, &good).expect("our own value parses").expect("a checksum");
+    body.chunks(piece).for_each(|p| v.update(p));
+    assert_eq!(v.finish(), Ok(t));
+    if let Some(i) = body.len().checked_sub(1).map(|n| usize::from(pick) % (n + 1)) {
+        let mut bad = body.to_vec();
+        bad[i] ^= 1;
+        let mut v = Verifier::for_header(ty, &good).expect("parses").expect("a checksum");
+        v.update(&bad);
+        assert!(matches!(v.finish(), Err(ChecksumError::Mismatch { .. })), "one flipped bit is caught");
     }
 }
 

@@ -9,6 +9,8 @@
 //!
 //! - [`hash`]: the proto header's check word.
 //! - [`header`]: the object header ([`ObjHdr`]) and its codec.
+//! - [`checksum`]: the header's object checksum (AIStore's types), and
+//!   its verification as the bytes stream through.
 //! - [`frame`]: proto headers, object frames, PDU headers, the Fin frame.
 //! - [`decoder`]: the receive side's frame state machine.
 //! - [`lz4`] (with [`xxh32`]): LZ4 frames, as AIStore writes them.
@@ -16,6 +18,7 @@
 //! - [`error`]: stream breakage, with AIStore's `sbr_*` codes.
 
 pub mod body;
+pub mod checksum;
 pub mod decoder;
 pub mod error;
 pub mod frame;
@@ -26,6 +29,7 @@ pub mod lz4;
 pub mod xxh32;
 
 pub use body::{BodyDecoder, BodyEvent, Framing};
+pub use checksum::{ChecksumError, CksumType, Verdict};
 pub use decoder::{Decoder, Event};
 pub use error::{SbrCode, SbrError};
 pub use header::{Bucket, OPC_FIN, ObjAttrs, ObjHdr, SIZE_UNKNOWN};

@@ -1,6 +1,7 @@
 //! Frame, decoder, LZ4 and body tests; header tests live in `header/`.
 
 use super::body::{BodyDecoder, BodyEvent, Framing};
+use super::checksum::{ChecksumError, CksumType, Verdict, compute_hex};
 use super::decoder::{Decoder, Event};
 use super::error::SbrCode;
 use super::frame::{self, MAX_PDU_PAYLOAD, PROTO_HDR_BYTES, ProtoHdr};
@@ -68,13 +69,18 @@ fn encode_stream(objs: &[Obj], pdu: Option<usize>, fin: bool) -> Vec<u8> {
 struct Got {
     objs: Vec<(ObjHdr, Vec<u8>, u64)>,
     fin: bool,
+    /// Each object's checksum verdict, in order.
+    verdicts: Vec<Verdict>,
 }
 
 fn collect(ev: Event<'_>, got: &mut Got) {
     match ev {
         Event::Header(h) => got.objs.push((*h, Vec::new(), 0)),
         Event::Data(d) => got.objs.last_mut().unwrap().1.extend_from_slice(d),
-        Event::End { received } => got.objs.last_mut().unwrap().2 = received,
+        Event::End { received, verdict } => {
+            got.objs.last_mut().unwrap().2 = received;
+            got.verdicts.push(verdict);
+        }
         Event::Fin => got.fin = true,
     }
 }
@@ -82,7 +88,7 @@ fn collect(ev: Event<'_>, got: &mut Got) {
 /// Feeds `bytes` to a frame decoder `piece` bytes at a time.
 fn decode_frames(bytes: &[u8], piece: usize) -> Result<Got, super::SbrError> {
     let mut d = Decoder::default();
-    let mut got = Got { objs: vec![], fin: false };
+    let mut got = Got { objs: vec![], fin: false, verdicts: vec![] };
     for chunk in bytes.chunks(piece.max(1)) {
         let mut rest = chunk;
         loop {
@@ -124,7 +130,11 @@ fn sample_objects(rng: &mut Rng, n: usize, unsized_ok: bool) -> Vec<Obj> {
 }
 
 fn expected(objs: &[Obj], fin: bool) -> Got {
-    Got { objs: objs.iter().map(|o| (o.hdr.clone(), o.body.clone(), o.body.len() as u64)).collect(), fin }
+    Got {
+        objs: objs.iter().map(|o| (o.hdr.clone(), o.body.clone(), o.body.len() as u64)).collect(),
+        fin,
+        verdicts: objs.iter().map(|_| Verdict::Unchecked).collect(),
+    }
 }
 
 #[test]
@@ -145,7 +155,11 @@ fn golden_frames() {
     body.extend(std::iter::repeat_n(7u8, 231));
     body.extend(frame::fin_frame());
     let got = decode_frames(&body, 5).unwrap();
-    assert_eq!(got, Got { objs: vec![(golden_hdr(), vec![7; 231], 231)], fin: true });
+    // Its checksum value ("h1") is not an xxhash2 value: the object is
+    // decoded, and fails verification with that said.
+    let bad = ChecksumError::BadValue { ty: CksumType::Xxhash2, value: "h1".into() };
+    let verdicts = vec![Verdict::Failed(Box::new(bad))];
+    assert_eq!(got, Got { objs: vec![(golden_hdr(), vec![7; 231], 231)], fin: true, verdicts });
 }
 
 #[test]
@@ -316,7 +330,7 @@ fn decode_body(
     piece: usize,
 ) -> Result<(Got, Vec<u8>), super::SbrError> {
     let mut d = BodyDecoder::new(framing, compressed, MAX_HEADER_BYTES);
-    let mut got = Got { objs: vec![], fin: false };
+    let mut got = Got { objs: vec![], fin: false, verdicts: vec![] };
     let mut buf = Vec::new();
     let mut fed = 0;
     loop {
@@ -431,15 +445,118 @@ fn lz4_frames_written_by_others_decode() {
     assert_eq!(out, want);
 }
 
+/// Objects whose headers carry checksums: right ones of every type, a
+/// wrong one, an unknown type, a malformed value, and none; with the
+/// verdict each must get.
+fn checksummed_objects() -> (Vec<Obj>, Vec<Verdict>) {
+    let body = |n: usize, k: u8| -> Vec<u8> { (0..n).map(|i| (i as u8).wrapping_mul(k).wrapping_add(k)).collect() };
+    let mut objs = Vec::new();
+    let mut verdicts = Vec::new();
+    let mut add = |name: &str, b: Vec<u8>, ty: &str, value: String, v: Verdict| {
+        let mut hdr = ObjHdr::new("bck", name, b.len() as i64);
+        hdr.attrs.cksum_type = ty.into();
+        hdr.attrs.cksum_value = value;
+        objs.push(Obj { hdr, body: b });
+        verdicts.push(v);
+    };
+    for (i, ty) in CksumType::ALL.into_iter().enumerate() {
+        let b = body(100 + 300 * i, i as u8 + 3);
+        let value = compute_hex(ty, &b);
+        add(&format!("good-{ty}"), b, ty.as_str(), value, Verdict::Verified(ty));
+    }
+    add("empty", Vec::new(), "md5", compute_hex(CksumType::Md5, b""), Verdict::Verified(CksumType::Md5));
+    let b = body(777, 5);
+    let mut corrupt = b.clone();
+    corrupt[500] ^= 0x10;
+    let (expected, actual) = (compute_hex(CksumType::Crc32c, &b), compute_hex(CksumType::Crc32c, &corrupt));
+    let e = ChecksumError::Mismatch { ty: CksumType::Crc32c, expected: expected.clone(), actual };
+    add("corrupt", corrupt, "crc32c", expected, Verdict::Failed(Box::new(e)));
+    let e = ChecksumError::UnknownType { ty: "blake3".into() };
+    add("unknown", body(10, 1), "blake3", "00".into(), Verdict::Failed(Box::new(e)));
+    let e = ChecksumError::BadValue { ty: CksumType::Xxhash2, value: "h1".into() };
+    add("malformed", body(3, 2), "xxhash2", "h1".into(), Verdict::Failed(Box::new(e)));
+    add("none", body(50, 9), "none", String::new(), Verdict::Unchecked);
+    add(
+        "after",
+        body(64, 4),
+        "sha256",
+        compute_hex(CksumType::Sha256, &body(64, 4)),
+        Verdict::Verified(CksumType::Sha256),
+    );
+    (objs, verdicts)
+}
+
+#[test]
+fn checksums_are_verified_as_bytes_stream_split_at_every_boundary() {
+    let (objs, verdicts) = checksummed_objects();
+    let want = Got { verdicts, ..expected(&objs, true) };
+    for pdu in [None, Some(500)] {
+        let wire = encode_stream(&objs, pdu, true);
+        assert_eq!(decode_frames(&wire, usize::MAX).unwrap(), want, "whole, pdu {pdu:?}");
+        for cut in 0..=wire.len() {
+            let mut d = Decoder::default();
+            let mut got = Got { objs: vec![], fin: false, verdicts: vec![] };
+            for part in [&wire[..cut], &wire[cut..]] {
+                let mut rest = part;
+                loop {
+                    let (n, ev) = d.step(rest).unwrap();
+                    rest = &rest[n..];
+                    match ev {
+                        Some(ev) => collect(ev, &mut got),
+                        None => break,
+                    }
+                }
+            }
+            while d.has_due() {
+                collect(d.step(&[]).unwrap().1.unwrap(), &mut got);
+            }
+            assert_eq!(got, want, "cut at {cut}, pdu {pdu:?}");
+        }
+        for piece in [1, 3, 64] {
+            assert_eq!(decode_frames(&wire, piece).unwrap(), want, "pieces of {piece}, pdu {pdu:?}");
+        }
+    }
+    // Through LZ4 and chunks too: the bytes hashed are the decompressed ones.
+    let mut rng = Rng(7);
+    let body = chunked(&lz4_body(&objs, lz4::BlockSize::K64), &mut rng);
+    for piece in [1, 13, 4096] {
+        let (got, _) = decode_body(&body, Framing::Chunked, true, piece).unwrap();
+        assert_eq!(got, want, "lz4, pieces of {piece}");
+    }
+}
+
+#[test]
+fn verification_can_be_turned_off() {
+    let (objs, _) = checksummed_objects();
+    let wire = encode_stream(&objs, None, true);
+    let mut d = Decoder::default();
+    d.set_verify(false);
+    let mut got = Got { objs: vec![], fin: false, verdicts: vec![] };
+    let mut rest = &wire[..];
+    loop {
+        let (n, ev) = d.step(rest).unwrap();
+        rest = &rest[n..];
+        match ev {
+            Some(ev) => collect(ev, &mut got),
+            None if rest.is_empty() && !d.has_due() => break,
+            None => {}
+        }
+    }
+    assert_eq!(got, expected(&objs, true), "every verdict is Unchecked");
+}
+
 #[test]
 fn fuzz_targets_survive_generated_inputs() {
     let mut rng = Rng(0x5eed);
     let mut seeds: Vec<Vec<u8>> = Vec::new();
     let objs = sample_objects(&mut rng, 6, true);
+    let (cks, _) = checksummed_objects();
     for (mode, body) in [
         (0u8, chunked(&encode_stream(&objs[..3], None, true), &mut rng)),
         (1, encode_stream(&objs, Some(500), false)),
         (2, chunked(&lz4_body(&objs[..2], lz4::BlockSize::K64), &mut rng)),
+        (1, encode_stream(&cks, None, true)),
+        (5, encode_stream(&cks, Some(300), true)),
     ] {
         let mut s = vec![mode];
         s.extend(body);
@@ -452,6 +569,7 @@ fn fuzz_targets_survive_generated_inputs() {
         fuzzing::objstream_body(seed);
         fuzzing::lz4_frame(seed);
         fuzzing::obj_header(&seed[1 + PROTO_HDR_BYTES.min(seed.len() - 1)..]);
+        fuzzing::obj_checksum(seed);
         for _ in 0..300 {
             let mut m = seed.clone();
             for _ in 0..1 + rng.below(4) {
@@ -466,6 +584,7 @@ fn fuzz_targets_survive_generated_inputs() {
             fuzzing::http_request(&m);
             fuzzing::lz4_frame(&m[..m.len().min(4096)]);
             fuzzing::obj_header(&m[..m.len().min(512)]);
+            fuzzing::obj_checksum(&m[..m.len().min(4096)]);
         }
     }
 }

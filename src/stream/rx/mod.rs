@@ -26,7 +26,7 @@ pub use worker::ObjReader;
 
 use super::stats::{RxCounters, RxStats};
 use crate::config::{Placement, Settings};
-use crate::proto::objstream::{ObjHdr, SbrError};
+use crate::proto::objstream::{ChecksumError, ObjHdr, SbrError};
 use crate::runtime::Runtime;
 
 /// Bytes of a connection's receive pipe by default (small, so received
@@ -88,6 +88,13 @@ pub trait RecvHandler: Send + Sync + 'static {
 
     /// The stream broke (every breakage is reported, typed, once).
     fn error(&self, _session: &Session, _err: &RecvError) {}
+
+    /// An object's bytes do not match its header's checksum (or its
+    /// checksum cannot be verified): the object failed, the stream goes on.
+    /// Called after [`object`](Self::object) returned, whether or not its
+    /// reads reached the object's end (the read that does fails with the
+    /// same error). The object is not counted as received.
+    fn bad_checksum(&self, _session: &Session, _hdr: &ObjHdr, _err: &ChecksumError) {}
 }
 
 impl<F> RecvHandler for F
@@ -133,6 +140,10 @@ pub struct RxOptions {
     pub placement: Placement,
     /// Pin each decoding thread to its shard's core (`SHARDWIRE_STREAM_PIN`).
     pub pin_workers: bool,
+    /// Verify each object's bytes against the checksum its header carries
+    /// (AIStore's types; on by default). The decoding thread hashes the
+    /// bytes as they pass, so nothing is buffered.
+    pub verify_checksums: bool,
 }
 
 impl Default for RxOptions {
@@ -154,6 +165,7 @@ impl RxOptions {
             recv_bytes: s.stream_recv_bytes,
             placement: s.stream_placement,
             pin_workers: s.stream_pin,
+            verify_checksums: true,
         }
     }
 }

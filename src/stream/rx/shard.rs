@@ -423,6 +423,7 @@ fn start_body(ctx: &mut ShardCtx, conn: &Rc<RefCell<Conn>>, body: BodyStart, han
         counters,
         dry_run: shared.options.dry_run,
         max_header: shared.options.max_header,
+        verify: shared.options.verify_checksums,
     };
     {
         let mut c = conn.borrow_mut();

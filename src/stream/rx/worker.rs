@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{RecvError, RecvHandler, Session};
-use crate::proto::objstream::{BodyDecoder, BodyEvent, Event, Framing, ObjHdr, SbrCode, SbrError};
+use crate::proto::objstream::{
+    BodyDecoder, BodyEvent, ChecksumError, Event, Framing, ObjHdr, SbrCode, SbrError, Verdict,
+};
 use crate::stream::pipe::Pipe;
 use crate::stream::stats::RxCounters;
 use crate::telemetry::{Direction, StreamDelta, counters as telemetry};
@@ -22,6 +24,8 @@ pub(crate) struct Job {
     pub counters: Arc<RxCounters>,
     pub dry_run: bool,
     pub max_header: usize,
+    /// Verify objects' checksums.
+    pub verify: bool,
 }
 
 /// The hand-over point between the shard and the thread.
@@ -84,13 +88,9 @@ pub(crate) fn spawn(
 
 /// Decodes one body, calling the handler per object.
 fn run(pipe: &Arc<Pipe>, job: Job) -> Result<(), RecvError> {
-    let mut body = Body {
-        pipe: pipe.clone(),
-        dec: BodyDecoder::new(job.framing, job.compressed, job.max_header),
-        owed: 0,
-        offset: 0,
-        error: None,
-    };
+    let mut dec = BodyDecoder::new(job.framing, job.compressed, job.max_header);
+    dec.set_verify(job.verify);
+    let mut body = Body { pipe: pipe.clone(), dec, owed: 0, offset: 0, error: None };
     let trname = job.session.trname.clone();
     telemetry::stream(&trname, Direction::Rx, StreamDelta { sessions: 1, ..StreamDelta::default() });
     let result = objects(&mut body, &job);
@@ -115,15 +115,39 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
     loop {
         match body.step()? {
             Step::Header(hdr) => {
-                let mut reader = ObjReader { body: &mut *body, cur: (std::ptr::null(), 0), done: false, received: 0 };
+                let mut reader = ObjReader {
+                    body: &mut *body,
+                    cur: (std::ptr::null(), 0),
+                    done: false,
+                    received: 0,
+                    bad: None,
+                    bad_seen: false,
+                };
                 let handled = if job.dry_run { Ok(()) } else { call_handler(job, &hdr, &mut reader) };
+                // Whether the handler's own reads met a checksum failure
+                // (the drain below may meet it too).
+                let bad_seen = reader.bad_seen;
                 if reader.body.error.is_none() {
-                    // A failure here is recorded in body.error, read below.
+                    // A failure here is recorded in body.error (or, for a
+                    // checksum, in reader.bad), read below.
                     let _ = reader.discard();
                 }
-                let received = reader.received;
+                let (received, bad) = (reader.received, reader.bad.take());
                 if let Some(e) = body.error.take() {
                     return Err(e);
+                }
+                if let Some(bad) = bad {
+                    // The object failed; the stream goes on. A handler error
+                    // that came of reading the failure is that failure, not
+                    // a refusal of the stream.
+                    object_failed(job, &hdr, &bad);
+                    if let Err(e) = handled
+                        && !bad_seen
+                    {
+                        return Err(RecvError::Handler(e.0));
+                    }
+                    job.counters.offset.store(body.offset as i64, Ordering::Relaxed);
+                    continue;
                 }
                 handled.map_err(|e| RecvError::Handler(e.0))?;
                 let c = &job.counters;
@@ -137,12 +161,27 @@ fn objects(body: &mut Body, job: &Job) -> Result<(), RecvError> {
             }
             Step::Fin => {}
             Step::BodyEnd => return Ok(()),
-            Step::Data(..) | Step::ObjEnd(_) => {
+            Step::Data(..) | Step::ObjEnd(..) => {
                 let e = RecvError::Broken(SbrError::new(SbrCode::ProtoHdr, "object bytes outside an object"));
                 return Err(e);
             }
         }
         job.counters.offset.store(body.offset as i64, Ordering::Relaxed);
+    }
+}
+
+/// An object failed its checksum: counted as a stream error, logged, and
+/// reported to the handler's hook (a panic there is logged, nothing more).
+fn object_failed(job: &Job, hdr: &ObjHdr, bad: &ChecksumError) {
+    job.counters.bad_checksums.fetch_add(1, Ordering::Relaxed);
+    telemetry::stream(&job.session.trname, Direction::Rx, StreamDelta { errors: 1, ..StreamDelta::default() });
+    log::warn!("stream {}: object {}/{} failed: {bad}", job.session.trname, hdr.bucket.name, hdr.name);
+    if job.dry_run {
+        return;
+    }
+    let call = std::panic::AssertUnwindSafe(|| job.handler.bad_checksum(&job.session, hdr, bad));
+    if std::panic::catch_unwind(call).is_err() {
+        log::error!("stream receiver: the bad_checksum hook of {} panicked", job.session.trname);
     }
 }
 
@@ -161,7 +200,7 @@ fn call_handler(job: &Job, hdr: &ObjHdr, reader: &mut ObjReader<'_>) -> Result<(
 enum Step {
     Header(Box<ObjHdr>),
     Data(*const u8, usize),
-    ObjEnd(u64),
+    ObjEnd(u64, Verdict),
     Fin,
     BodyEnd,
 }
@@ -197,7 +236,7 @@ impl Body {
                     return Ok(s);
                 }
                 BodyEvent::Obj(Event::Header(h)) => Some(Step::Header(h)),
-                BodyEvent::Obj(Event::End { received }) => Some(Step::ObjEnd(received)),
+                BodyEvent::Obj(Event::End { received, verdict }) => Some(Step::ObjEnd(received, verdict)),
                 BodyEvent::Obj(Event::Fin) => Some(Step::Fin),
             };
             self.pipe.consume(used);
@@ -219,11 +258,23 @@ impl Body {
 /// Reads end (return 0) at the object's end, never past it; a broken stream
 /// makes them fail, and the stream then ends with that error whatever the
 /// handler returns.
+///
+/// An object whose bytes do not match its header's checksum: the read that
+/// reaches its end fails instead of returning 0, with an
+/// [`io::ErrorKind::InvalidData`] error whose inner error is the
+/// [`ChecksumError`] (expected and actual values), and so does every read
+/// after it. The object is failed whether or not the handler read that far
+/// ([`RecvHandler::bad_checksum`](super::RecvHandler::bad_checksum) is
+/// told), and the stream goes on.
 pub struct ObjReader<'b> {
     body: &'b mut Body,
     cur: (*const u8, usize),
     done: bool,
     received: u64,
+    /// The object failed its checksum.
+    bad: Option<ChecksumError>,
+    /// The handler was given that failure by a read.
+    bad_seen: bool,
 }
 
 impl ObjReader<'_> {
@@ -249,15 +300,25 @@ impl ObjReader<'_> {
 
 impl BufRead for ObjReader<'_> {
     fn fill_buf(&mut self) -> io::Result<&[u8]> {
+        if let Some(bad) = &self.bad {
+            self.bad_seen = true;
+            return Err(io::Error::new(io::ErrorKind::InvalidData, bad.clone()));
+        }
         if self.cur.1 == 0 && !self.done {
             if let Some(e) = &self.body.error {
                 return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string()));
             }
             match self.body.step() {
                 Ok(Step::Data(p, n)) => self.cur = (p, n),
-                Ok(Step::ObjEnd(n)) => {
+                Ok(Step::ObjEnd(n, verdict)) => {
                     debug_assert_eq!(n, self.received);
                     self.done = true;
+                    if let Verdict::Failed(bad) = verdict {
+                        self.bad_seen = true;
+                        let e = io::Error::new(io::ErrorKind::InvalidData, (*bad).clone());
+                        self.bad = Some(*bad);
+                        return Err(e);
+                    }
                 }
                 Ok(_) => {
                     let e = RecvError::Broken(SbrError::new(SbrCode::ProtoHdr, "an object ended without its end"));

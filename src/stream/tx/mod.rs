@@ -30,6 +30,7 @@ use batch::{Chunk, Payload, Streamed};
 
 use super::stats::{Stats, TxCounters};
 use crate::config::Settings;
+use crate::proto::objstream::checksum::{self, CksumType};
 use crate::proto::objstream::header::{MAX_HEADER_BYTES, OPC_FIN};
 use crate::proto::objstream::lz4::BlockSize;
 use crate::proto::objstream::{ObjHdr, frame::MAX_PDU_PAYLOAD};
@@ -157,6 +158,14 @@ pub struct StreamOptions {
     /// the kernel); `None`: half the in-flight cap to a peer on this host,
     /// the kernel's choice to others.
     pub sndbuf: Option<usize>,
+    /// Put this checksum in the header of every object sent from memory
+    /// ([`Body::Bytes`], [`Body::Empty`]) whose header carries none; it is
+    /// computed by the thread that calls `send`. The header goes out before
+    /// the body, so a [`Body::Reader`]'s object keeps the checksum its
+    /// header carries (compute one with [`checksum::compute_hex`] or
+    /// [`checksum::Hasher`] when the bytes can be read twice), as AIStore's
+    /// senders put the stored checksum of an object in its header.
+    pub checksum: Option<CksumType>,
 }
 
 impl Default for StreamOptions {
@@ -182,6 +191,7 @@ impl StreamOptions {
             batch_bytes: s.stream_batch_bytes,
             batch_bytes_max: s.stream_batch_bytes_max,
             sndbuf: s.stream_sndbuf,
+            checksum: None,
         }
     }
 }
@@ -195,6 +205,7 @@ impl fmt::Debug for StreamOptions {
             .field("pdu_size", &self.pdu_size)
             .field("max_header", &self.max_header)
             .field("caller_id", &self.caller_id)
+            .field("checksum", &self.checksum)
             .finish_non_exhaustive()
     }
 }
@@ -413,7 +424,7 @@ impl Stream {
         self.send_obj(hdr, body.into(), Some(Box::new(cb)))
     }
 
-    fn send_obj(&self, hdr: ObjHdr, body: Body, cb: Option<ObjCallback>) -> Result<(), StreamError> {
+    fn send_obj(&self, mut hdr: ObjHdr, body: Body, cb: Option<ObjCallback>) -> Result<(), StreamError> {
         let s = &self.shared;
         let reject = |hdr: ObjHdr, cb: Option<ObjCallback>, e: StreamError| {
             complete(s, &hdr, cb, Err(&e));
@@ -439,6 +450,9 @@ impl Stream {
         {
             let e = format!("{}: {} bytes given, {} declared", hdr.name, b.len(), hdr.attrs.size);
             return reject(hdr, cb, StreamError::Object(e));
+        }
+        if let Some(ty) = s.options.checksum {
+            add_checksum(&mut hdr, &body, ty);
         }
         // Back-pressure: wait for room in the burst, as long as a send may
         // take (a stream that moves nothing for that long is broken).
@@ -585,6 +599,25 @@ impl Drop for Stream {
             self.stop();
         }
     }
+}
+
+/// Puts `ty`'s checksum of an in-memory body into a header that has none
+/// (AIStore's `NoneC`: an empty or `none` type, or an empty value).
+fn add_checksum(hdr: &mut ObjHdr, body: &Body, ty: CksumType) {
+    let a = &hdr.attrs;
+    if !(a.cksum_type.is_empty() || a.cksum_type == "none" || a.cksum_value.is_empty()) {
+        return;
+    }
+    let bytes: &[u8] = match body {
+        // Only `size` bytes go (an unsized object sends them all).
+        Body::Bytes(b) if a.size >= 0 => &b[..(a.size as usize).min(b.len())],
+        Body::Bytes(b) => b,
+        Body::Empty if a.size == 0 => &[],
+        Body::Empty | Body::Reader(_) => return,
+    };
+    let value = checksum::compute_hex(ty, bytes);
+    hdr.attrs.cksum_type = ty.as_str().to_string();
+    hdr.attrs.cksum_value = value;
 }
 
 fn term_error(t: Termination) -> StreamError {

@@ -52,6 +52,9 @@ pub struct ClientLimits {
     pub awaiting_bytes_local_max: u64,
     /// How long a connect may take.
     pub connect_timeout: Duration,
+    /// Ask peers that advertise it for CRC-32C framing
+    /// (`SHARDWIRE_TCP_CRC32C`).
+    pub crc32c: bool,
 }
 
 impl Default for ClientLimits {
@@ -63,6 +66,7 @@ impl Default for ClientLimits {
             awaiting_bytes_max: 64 << 20,
             awaiting_bytes_local_max: local_inflight_default(),
             connect_timeout: Duration::from_secs(5),
+            crc32c: false,
         }
     }
 }
@@ -198,7 +202,8 @@ impl ClientShard {
                         telemetry::event(Event::TcpReconnect);
                     }
                     let deadline = Instant::now() + s.limits.connect_timeout;
-                    let mut core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline);
+                    let mut core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline)
+                        .with_crc32c(peer.crc32c);
                     if let Some(key) = &s.auth {
                         core = core.authenticating(Prover::new(key.clone(), Port::Data, auth::nonce()));
                     }
@@ -483,6 +488,7 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
             Settle::Rejected { message, .. } => r.ticket.fail(TransferStatus::Failed, &message),
             Settle::Failed(why) => r.ticket.fail(TransferStatus::Failed, &why),
             Settle::TimedOut(why) => r.ticket.fail(TransferStatus::Timeout, &why),
+            Settle::Corrupt(why) => r.ticket.fail_corrupt(&why),
             Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
         }
     }

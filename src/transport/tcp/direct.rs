@@ -49,6 +49,8 @@ thread_local! {
 pub struct DirectError {
     pub rejected: bool,
     pub timed_out: bool,
+    /// The bytes failed their CRC-32C (never retried).
+    pub corrupt: bool,
     pub message: String,
 }
 
@@ -83,9 +85,18 @@ pub fn transfer(
                 stream = connect(peer.addr, r.deadline, connect_timeout)?;
                 cached = false;
             }
-            Settle::Rejected { message, .. } => return Err(DirectError { rejected: true, timed_out: false, message }),
-            Settle::TimedOut(message) => return Err(DirectError { rejected: false, timed_out: true, message }),
-            Settle::Failed(message) => return Err(DirectError { rejected: false, timed_out: false, message }),
+            Settle::Rejected { message, .. } => {
+                return Err(DirectError { rejected: true, timed_out: false, corrupt: false, message });
+            }
+            Settle::TimedOut(message) => {
+                return Err(DirectError { rejected: false, timed_out: true, corrupt: false, message });
+            }
+            Settle::Failed(message) => {
+                return Err(DirectError { rejected: false, timed_out: false, corrupt: false, message });
+            }
+            Settle::Corrupt(message) => {
+                return Err(DirectError { rejected: false, timed_out: false, corrupt: true, message });
+            }
             Settle::Canceled => unreachable!("nothing cancels a direct request"),
         }
         // On any failure the connection's state is unknown: it is dropped.
@@ -111,11 +122,13 @@ fn take(engine: u64, peer: SocketAddr) -> Option<TcpStream> {
 fn connect(peer: SocketAddr, deadline: Instant, connect_timeout: Duration) -> Result<TcpStream, DirectError> {
     let timeout = deadline.saturating_duration_since(Instant::now()).min(connect_timeout);
     if timeout.is_zero() {
-        return Err(DirectError { rejected: false, timed_out: true, message: "timed out before connecting".into() });
+        let message = "timed out before connecting".into();
+        return Err(DirectError { rejected: false, timed_out: true, corrupt: false, message });
     }
     let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|e| DirectError {
         rejected: false,
         timed_out: e.kind() == io::ErrorKind::TimedOut,
+        corrupt: false,
         message: format!("connect to {peer}: {e}"),
     })?;
     let _ = stream.set_nodelay(true);
@@ -136,7 +149,7 @@ fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
 /// Drives a one-request core over a blocking stream until it settles.
 fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8, prover: Option<Prover>) -> Settle {
     let limits = Limits { group_reqs_max: 1, awaiting_max: 1, queued_max: 1, ..Limits::default() };
-    let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline);
+    let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline).with_crc32c(peer.crc32c);
     if let Some(p) = prover {
         core = core.authenticating(p);
     }

@@ -56,6 +56,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// Whether the peer sends v2 status frames (`tcp_proto_version >= 2`).
     pub v2: bool,
+    /// Whether requests carry CRC-32Cs: the peer advertises it
+    /// (`shardwire_tcp_crc32c`) and `SHARDWIRE_TCP_CRC32C` is on.
+    pub crc32c: bool,
 }
 
 /// Requests handed to each shard and not yet settled (the back-pressure).
@@ -286,7 +289,9 @@ impl Transport for TcpTransport {
         };
         let target = name::HostPort::with_port(&host, desc.tcp_data_port);
         let addr = crate::meta::p2p::resolve(&target, desc.tcp_data_port)?[0];
-        Ok(Some(Route::Tcp(Peer { addr, v2: desc.tcp_proto_version >= 2 })))
+        let v2 = desc.tcp_proto_version >= 2;
+        let crc32c = self.limits.crc32c && v2 && desc.shardwire_tcp_crc32c;
+        Ok(Some(Route::Tcp(Peer { addr, v2, crc32c })))
     }
 
     fn submit(&self, route: &Route, requests: Vec<Request>) {
@@ -330,7 +335,13 @@ impl Transport for TcpTransport {
             return None;
         }
         Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout, self.auth.as_ref()).map_err(|e| {
-            let code = if e.rejected || e.timed_out { code::INVALID_ARGUMENT } else { code::SOCKET };
+            let code = if e.corrupt {
+                code::CHECKSUM
+            } else if e.rejected || e.timed_out {
+                code::INVALID_ARGUMENT
+            } else {
+                code::SOCKET
+            };
             TeError::new(code, e.message)
         }))
     }

@@ -10,9 +10,9 @@ fn ok() -> [u8; 8] {
     encode_status(STATUS_OK)
 }
 
-/// Three writes and two reads, pipelined: their headers, and the answer a
-/// v2 server gives.
-fn pipeline(h: &mut Harness) -> Vec<u8> {
+/// Fills the local buffer with a pattern and queues two writes and two
+/// reads, alternating.
+fn push_four(h: &mut Harness) {
     for i in 0..4096 {
         h.local[i] = i as u8;
     }
@@ -20,6 +20,12 @@ fn pipeline(h: &mut Harness) -> Vec<u8> {
     h.push(Opcode::Read, 1000, 7, 0x2000);
     h.push(Opcode::Write, 200, 1, 0x3000);
     h.push(Opcode::Read, 2000, 300, 0x4000);
+}
+
+/// Three writes and two reads, pipelined: their headers, and the answer a
+/// v2 server gives.
+fn pipeline(h: &mut Harness) -> Vec<u8> {
+    push_four(h);
     h.push(Opcode::Write, 3000, 33, 0x5000);
     let mut answer = Vec::new();
     answer.extend(ok());
@@ -41,7 +47,7 @@ fn pipelined_requests_go_out_in_one_group_with_their_payloads() {
     for (op, local, len, remote) in
         [(Opcode::Write, 0, 100, 0x1000), (Opcode::Read, 1000, 7, 0x2000), (Opcode::Write, 200, 1, 0x3000)]
     {
-        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true }.encode());
+        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: false }.encode());
         if op == Opcode::Write {
             expect.extend(&h.local[local..local + len]);
         }
@@ -312,7 +318,7 @@ mod authentication {
     fn no_request_goes_before_both_sides_have_proved_the_key_at_every_split() {
         for step in 1..=40 {
             let v = verifier();
-            let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+            let mut h = Harness::with_auth(true, false, Limits::default(), prover(KEY));
             h.local[..4].copy_from_slice(b"data");
             h.push(Opcode::Write, 0, 4, 0x1000);
             h.send_all(usize::MAX);
@@ -323,7 +329,9 @@ mod authentication {
             h.wire.clear();
             feed_in_steps(&mut h, &verdict, step);
             // Now the request goes, and its answer settles it.
-            let mut expect = RequestHeader { size: 4, addr: 0x1000, opcode: Opcode::Write, v2: true }.encode().to_vec();
+            let mut expect = RequestHeader { size: 4, addr: 0x1000, opcode: Opcode::Write, v2: true, crc32c: false }
+                .encode()
+                .to_vec();
             expect.extend(b"data");
             assert_eq!(h.wire, expect, "step {step}");
             assert_eq!(h.feed(&ok()), 8);
@@ -335,7 +343,7 @@ mod authentication {
     #[test]
     fn a_refusal_fails_the_requests_without_a_resend() {
         let v = verifier();
-        let mut h = Harness::with_auth(true, Limits::default(), prover(b"another key of enough bytes"));
+        let mut h = Harness::with_auth(true, false, Limits::default(), prover(b"another key of enough bytes"));
         h.push(Opcode::Read, 0, 4, 0x1000);
         assert_eq!(h.feed(&v.challenge()), 40);
         h.send_all(usize::MAX);
@@ -351,7 +359,7 @@ mod authentication {
     fn a_server_without_the_key_is_not_trusted() {
         // Something that opens like a challenge but cannot prove the key.
         let v = Verifier::new(AuthKey::new(b"the server's other key....").unwrap(), Port::Data, [4; NONCE_BYTES]);
-        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        let mut h = Harness::with_auth(true, false, Limits::default(), prover(KEY));
         h.push(Opcode::Write, 0, 4, 0x1000);
         h.feed(&v.challenge());
         h.send_all(usize::MAX);
@@ -369,7 +377,7 @@ mod authentication {
 
     #[test]
     fn silence_or_a_close_in_place_of_the_challenge_is_named() {
-        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        let mut h = Harness::with_auth(true, false, Limits::default(), prover(KEY));
         h.push(Opcode::Write, 0, 4, 0x1000);
         assert!(h.conn.next_deadline().is_some_and(|d| d <= h.now + Duration::from_secs(5)));
         h.conn.on_timer(h.now + Duration::from_secs(6));
@@ -377,7 +385,7 @@ mod authentication {
         let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
         assert!(why.contains("timed out") && why.contains("no SHARDWIRE_AUTH_KEY"), "{why}");
 
-        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        let mut h = Harness::with_auth(true, false, Limits::default(), prover(KEY));
         h.push(Opcode::Write, 0, 4, 0x1000);
         h.conn.on_eof();
         h.finish();
@@ -385,7 +393,7 @@ mod authentication {
         assert!(why.contains("did not open with an authentication challenge"), "{why}");
 
         // A Mooncake status frame where the challenge belongs.
-        let mut h = Harness::with_auth(true, Limits::default(), prover(KEY));
+        let mut h = Harness::with_auth(true, false, Limits::default(), prover(KEY));
         h.push(Opcode::Write, 0, 4, 0x1000);
         let mut not_a_challenge = ok().to_vec();
         not_a_challenge.resize(40, 0);
@@ -405,4 +413,124 @@ mod authentication {
         let Settle::Failed(why) = h.how(0) else { panic!("{:?}", h.how(0)) };
         assert!(why.contains("requires authentication") && why.contains("SHARDWIRE_AUTH_KEY"), "{why}");
     }
+}
+
+/// The pipeline with CRC-32C framing, and the answer a shardwire server
+/// gives: statuses, READ bytes and their CRC-32Cs.
+fn crc_pipeline(h: &mut Harness) -> Vec<u8> {
+    push_four(h);
+    let read: Vec<u8> = (0..300).map(|i| (i * 3) as u8).collect();
+    let mut answer = Vec::new();
+    answer.extend(ok());
+    answer.extend(ok());
+    answer.extend([7u8; 7]);
+    answer.extend(crate::proto::mooncake::tcp::crc32c(&[7u8; 7]).to_le_bytes());
+    answer.extend(ok());
+    answer.extend(ok());
+    answer.extend(&read);
+    answer.extend(crate::proto::mooncake::tcp::crc32c(&read).to_le_bytes());
+    answer
+}
+
+#[test]
+fn crc32c_requests_carry_checks_and_answers_split_anywhere_settle_the_same() {
+    use crate::proto::mooncake::tcp::crc32c;
+    let mut h = Harness::with_crc32c(true, true, Limits::default());
+    let answer = crc_pipeline(&mut h);
+    h.send_all(usize::MAX);
+    // WRITE: flagged header, payload, its CRC-32C; READ: a flagged header.
+    let mut expect = Vec::new();
+    for (op, local, len, remote) in [
+        (Opcode::Write, 0, 100, 0x1000),
+        (Opcode::Read, 1000, 7, 0x2000),
+        (Opcode::Write, 200, 1, 0x3000),
+        (Opcode::Read, 2000, 300, 0x4000),
+    ] {
+        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: true }.encode());
+        if op == Opcode::Write {
+            expect.extend(&h.local[local..local + len]);
+            expect.extend(crc32c(&h.local[local..local + len]).to_le_bytes());
+        }
+    }
+    assert_eq!(h.wire, expect);
+    for cut in 0..=answer.len() {
+        for step in [1, 5, usize::MAX] {
+            let mut h = Harness::with_crc32c(true, true, Limits::default());
+            let _ = crc_pipeline(&mut h);
+            h.send_all(step);
+            let mut fed = h.feed(&answer[..cut]);
+            for piece in answer[cut..].chunks(step) {
+                fed += h.feed(piece);
+            }
+            assert_eq!(fed, answer.len(), "cut {cut} step {step}");
+            h.assert_each_settled_once();
+            assert!(h.settled.iter().all(|(_, s)| *s == Settle::Done), "cut {cut}: {:?}", h.settled);
+            assert!(h.local[2000..2300].iter().enumerate().all(|(i, &b)| b == (i * 3) as u8));
+            assert!(!h.conn.is_closing());
+        }
+    }
+}
+
+#[test]
+fn a_corrupted_byte_anywhere_in_a_read_fails_that_read_alone() {
+    let mut reference = Harness::with_crc32c(true, true, Limits::default());
+    let answer = crc_pipeline(&mut reference);
+    // The second READ's bytes and its trailer: a flipped byte in either is
+    // caught, and only that request fails.
+    let start = answer.len() - 300 - 4;
+    for at in start..answer.len() {
+        let mut h = Harness::with_crc32c(true, true, Limits::default());
+        let _ = crc_pipeline(&mut h);
+        h.send_all(usize::MAX);
+        let mut bad = answer.clone();
+        bad[at] ^= 0x80;
+        assert_eq!(h.feed(&bad), bad.len());
+        h.assert_each_settled_once();
+        for id in 0..3 {
+            assert_eq!(h.how(id), &Settle::Done, "byte {at}");
+        }
+        assert!(
+            matches!(h.how(3), Settle::Corrupt(why) if why.contains("300 bytes read from 0x4000") && why.contains("CRC-32C")),
+            "byte {at}: {:?}",
+            h.how(3)
+        );
+        assert!(!h.conn.is_closing(), "the framing is intact: the connection goes on");
+    }
+}
+
+#[test]
+fn the_servers_checksum_statuses_fail_their_requests() {
+    use crate::proto::mooncake::tcp::{STATUS_HEADER_CHECKSUM, STATUS_PAYLOAD_CHECKSUM};
+    // A WRITE whose bytes landed corrupted: that request fails, the
+    // connection goes on.
+    let mut h = Harness::with_crc32c(true, true, Limits::default());
+    let answer = crc_pipeline(&mut h);
+    h.send_all(usize::MAX);
+    let mut bad = answer.clone();
+    bad[..8].copy_from_slice(&encode_status(STATUS_PAYLOAD_CHECKSUM));
+    assert_eq!(h.feed(&bad), bad.len());
+    h.assert_each_settled_once();
+    assert!(matches!(h.how(0), Settle::Corrupt(why) if why.contains("WRITE of 100 bytes at 0x1000")), "{:?}", h.how(0));
+    assert!((1..4).all(|id| *h.how(id) == Settle::Done));
+    assert!(!h.conn.is_closing());
+    // A header the server found corrupted: that request fails; the server
+    // has ended the session, so those behind it go again elsewhere.
+    let mut h = Harness::with_crc32c(true, true, Limits::default());
+    let _ = crc_pipeline(&mut h);
+    h.send_all(usize::MAX);
+    let mut answer = ok().to_vec();
+    answer.extend(encode_status(STATUS_HEADER_CHECKSUM));
+    h.feed(&answer);
+    assert!(h.conn.is_closing());
+    h.finish();
+    h.assert_each_settled_once();
+    assert_eq!(h.how(0), &Settle::Done);
+    assert!(matches!(h.how(1), Settle::Corrupt(why) if why.contains("header")), "{:?}", h.how(1));
+    assert!((2..4).all(|id| *h.how(id) == Settle::Retry));
+    // Without CRC-32C framing, these codes are plain rejections.
+    let mut h = Harness::new(true, Limits::default());
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.send_all(usize::MAX);
+    h.feed(&encode_status(STATUS_PAYLOAD_CHECKSUM));
+    assert!(matches!(h.how(0), Settle::Rejected { status: 3, .. }));
 }

@@ -8,7 +8,7 @@ use crate::proto::mooncake::harness::server::Harness;
 use crate::proto::mooncake::tcp::{STATUS_OK, STATUS_REJECTED, encode_status};
 
 fn header(op: Opcode, addr: u64, size: u64, v2: bool) -> Vec<u8> {
-    RequestHeader { size, addr, opcode: op, v2 }.encode().to_vec()
+    RequestHeader { size, addr, opcode: op, v2, crc32c: false }.encode().to_vec()
 }
 
 fn ok() -> Vec<u8> {
@@ -325,4 +325,90 @@ mod authentication {
         assert!(h.s.is_closing());
         assert!(h.s.why().unwrap().contains("no authentication proof"));
     }
+}
+
+fn crc_header(op: Opcode, addr: u64, size: u64) -> Vec<u8> {
+    RequestHeader { size, addr, opcode: op, v2: true, crc32c: true }.encode().to_vec()
+}
+
+/// The pipeline with CRC-32C framing: WRITEs carry trailers, READ replies
+/// end with one. `corrupt`: the index of a WRITE payload byte to flip on
+/// the way (its trailer stays the sender's).
+fn crc_pipeline(h: &Harness, corrupt: Option<usize>) -> (Vec<u8>, Vec<u8>) {
+    let mut client = Vec::new();
+    let mut replies = Vec::new();
+    let write = |client: &mut Vec<u8>, replies: &mut Vec<u8>, at: usize, payload: Vec<u8>, flip: Option<usize>| {
+        client.extend(crc_header(Opcode::Write, h.addr(at), payload.len() as u64));
+        let crc = tcp::crc32c(&payload);
+        let mut sent = payload;
+        let status = match flip {
+            Some(i) if i < sent.len() => {
+                sent[i] ^= 0x04;
+                tcp::STATUS_PAYLOAD_CHECKSUM
+            }
+            _ => STATUS_OK,
+        };
+        client.extend(sent);
+        client.extend(crc.to_le_bytes());
+        replies.extend(encode_status(status));
+    };
+    write(&mut client, &mut replies, 0, vec![0xa1; 100], corrupt);
+    client.extend(crc_header(Opcode::Read, h.addr(1 << 20), 50));
+    replies.extend(ok());
+    replies.extend([0x5au8; 50]);
+    replies.extend(tcp::crc32c(&[0x5a; 50]).to_le_bytes());
+    write(&mut client, &mut replies, 4096, (0..4096).map(|i| i as u8).collect(), None);
+    // A large write, received in place, then its trailer through staging.
+    write(&mut client, &mut replies, 2 << 20, (0..300_000).map(|i| (i % 251) as u8).collect(), None);
+    client.extend(crc_header(Opcode::Read, h.addr(4096), 10));
+    replies.extend(ok());
+    replies.extend(0..10u8);
+    replies.extend(tcp::crc32c(&(0..10u8).collect::<Vec<_>>()).to_le_bytes());
+    (client, replies)
+}
+
+#[test]
+fn crc32c_requests_split_at_every_byte_boundary_are_checked() {
+    for corrupt in [None, Some(0), Some(99)] {
+        let small_end = 24 + 100 + 4 + 24 + 24 + 4096 + 4 + 24 + 64;
+        let len = crc_pipeline(&Harness::new(Limits::default()), corrupt).0.len();
+        let cuts = (0..=small_end).chain((small_end..len).step_by(7919)).chain([len - 4, len - 1, len]);
+        for cut in cuts {
+            let mut h = Harness::new(Limits::default());
+            h.mem.bytes[1 << 20..(1 << 20) + 50].fill(0x5a);
+            h.send_step = 1 + cut % 13;
+            let (client, replies) = crc_pipeline(&h, corrupt);
+            h.feed(&client[..cut]);
+            h.feed(&client[cut..]);
+            assert_eq!(h.wire, replies, "cut at {cut}, corrupt {corrupt:?}");
+            assert!(!h.s.is_closing(), "a corrupted payload leaves the framing intact: the session goes on");
+            assert!(h.mem.bytes[4096..8192].iter().enumerate().all(|(i, &b)| b == i as u8));
+            let served = h.s.take_served();
+            assert_eq!((served.writes, served.corrupt), (3, u64::from(corrupt.is_some())));
+        }
+    }
+}
+
+#[test]
+fn a_corrupted_crc32c_header_is_refused_and_ends_the_session() {
+    let mut h = Harness::new(Limits::default());
+    let mut client = crc_header(Opcode::Write, h.addr(0), 8);
+    client.extend([1u8; 8]);
+    client.extend(tcp::crc32c(&[1u8; 8]).to_le_bytes());
+    let mut bad = crc_header(Opcode::Write, h.addr(64), 8);
+    bad[9] ^= 0x01; // the address: without the check it would land elsewhere
+    client.extend(&bad);
+    client.extend([2u8; 8]);
+    client.extend(tcp::crc32c(&[2u8; 8]).to_le_bytes());
+    h.feed(&client);
+    let mut want = ok();
+    want.extend(encode_status(tcp::STATUS_HEADER_CHECKSUM));
+    assert_eq!(h.wire, want);
+    assert!(h.mem.bytes[64..72].iter().all(|&b| b == 0), "nothing of the refused request landed");
+    assert!(h.mem.bytes[64 + 256..72 + 256].iter().all(|&b| b == 0));
+    assert_eq!(h.s.take_served().corrupt, 1);
+    h.eof();
+    assert!(h.s.is_closing());
+    h.s.finish();
+    assert_eq!(h.mem.pins.get(), 0);
 }
