@@ -266,6 +266,7 @@ impl TransferEngine {
             runtime.clone(),
             registry.clone(),
             bind_ip,
+            self.config.data_port,
             self.config.port_range,
             self.config.client_limits,
         )?);
@@ -334,10 +335,14 @@ impl TransferEngine {
         }
         transports.push(tcp.clone());
         let notifies = Arc::new(NotifyQueue::default());
+        // What peers are told of the data port: the listener's, unless
+        // SHARDWIRE_TCP_DATA_ADVERTISE names something in front of it.
+        let (data_host, data_port) =
+            self.config.data_advertise.clone().unwrap_or_else(|| (advertised.clone(), tcp.data_port()));
         let handler = Arc::new(EngineRpc {
             name: name.clone(),
-            data_host: advertised.clone(),
-            data_port: tcp.data_port(),
+            data_host,
+            data_port,
             registry: registry.clone(),
             notifies: notifies.clone(),
             local: local.as_ref().map(|l| l.descriptor()),
@@ -365,7 +370,12 @@ impl TransferEngine {
                 Meta::Store(Box::new(Mutex::new(registration)))
             }
         };
-        log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
+        log::info!(
+            "engine {name}: RPC port {rpc_port}, TCP data port {} (advertised as {}:{})",
+            tcp.data_port(),
+            handler.data_host,
+            handler.data_port
+        );
         *slot = Some(Arc::new(Engine {
             name,
             rpc_port,
