@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use interop::proxy::{Conns, Dir, Fault, Proxy, Rule};
 use interop::{EtcdServer, KillOnDrop, die_with_parent, free_port, pattern, stream_listener};
 use shardwire::engine::{BatchState, EngineConfig, TransferEngine, TransferOpcode, TransferRequest, code};
+use shardwire::proto::mooncake::tcp::Opcode;
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::{Stream, StreamOptions, Termination};
 
@@ -161,16 +162,6 @@ enum Expect {
     TimedOut,
 }
 
-/// One TCP data fault: its rule (on the data proxy, for the connections
-/// the scenario's initiator opens), the operation, and the outcome.
-struct Scenario {
-    what: &'static str,
-    dir: Dir,
-    fault: Fault,
-    op: TransferOpcode,
-    expect: Expect,
-}
-
 /// Submits `n` requests of `len` bytes as one batch, waits (bounded) for
 /// it to settle, and returns its state; its settle hook must run once.
 fn settle(e: &TransferEngine, name: &str, op: TransferOpcode, local: u64, remote: u64, n: u64, len: u64) -> BatchState {
@@ -215,115 +206,58 @@ fn round_trip(e: &TransferEngine, name: &str, local: u64, remote: u64, len: u64,
 fn tcp_transfers_under_each_fault_settle_once_and_recover() {
     use Dir::{Down, Up};
     use Expect::{Completed, Failed, TimedOut};
-    use shardwire::proto::mooncake::tcp::Opcode::{Read, Write};
+    use Opcode::{Read, Write};
     let t = target();
     // 8 requests of 256 KiB: over both shards, so over two connections.
     let (n, len) = (8u64, 256u64 << 10);
-    let scenarios = [
-        Scenario {
-            what: "delay",
-            dir: Up,
-            fault: Fault::Delay(Duration::from_millis(5)),
-            op: Write,
-            expect: Completed,
-        },
-        Scenario {
-            what: "bandwidth cap",
-            dir: Down,
-            fault: Fault::Bandwidth { bytes_per_s: 8 << 20 },
-            op: Read,
-            expect: Completed,
-        },
-        Scenario {
-            what: "short stall",
-            dir: Up,
-            fault: Fault::Stall { at: 100_000, for_ms: Some(300) },
-            op: Write,
-            expect: Completed,
-        },
-        Scenario {
-            what: "stall of the payload",
-            dir: Up,
-            fault: Fault::Stall { at: 100_000, for_ms: None },
-            op: Write,
-            expect: TimedOut,
-        },
-        Scenario {
-            what: "stall of the answers",
-            dir: Down,
-            fault: Fault::Stall { at: 0, for_ms: None },
-            op: Read,
-            expect: TimedOut,
-        },
-        Scenario {
-            what: "half-close toward the target",
-            dir: Up,
-            fault: Fault::HalfClose { at: 100_000 },
-            op: Write,
-            expect: Failed,
-        },
-        Scenario {
-            what: "half-close toward the initiator",
-            dir: Down,
-            fault: Fault::HalfClose { at: 0 },
-            op: Write,
-            expect: Failed,
-        },
-        Scenario { what: "reset mid-write", dir: Up, fault: Fault::Reset { at: 100_000 }, op: Write, expect: Failed },
-        Scenario { what: "reset mid-read", dir: Down, fault: Fault::Reset { at: 100_000 }, op: Read, expect: Failed },
-        Scenario {
-            what: "truncated write",
-            dir: Up,
-            fault: Fault::Truncate { at: 100_000 },
-            op: Write,
-            expect: Failed,
-        },
-        Scenario {
-            what: "truncated read",
-            dir: Down,
-            fault: Fault::Truncate { at: 100_000 },
-            op: Read,
-            expect: Failed,
-        },
+    let scenarios: [(&str, Dir, Fault, Opcode, Expect); 13] = [
+        ("delay", Up, Fault::Delay(Duration::from_millis(5)), Write, Completed),
+        ("bandwidth cap", Down, Fault::Bandwidth { bytes_per_s: 8 << 20 }, Read, Completed),
+        ("short stall", Up, Fault::Stall { at: 100_000, for_ms: Some(300) }, Write, Completed),
+        ("stall of the payload", Up, Fault::Stall { at: 100_000, for_ms: None }, Write, TimedOut),
+        ("stall of the answers", Down, Fault::Stall { at: 0, for_ms: None }, Read, TimedOut),
+        ("half-close toward the target", Up, Fault::HalfClose { at: 100_000 }, Write, Failed),
+        ("half-close toward the initiator", Down, Fault::HalfClose { at: 0 }, Write, Failed),
+        ("reset mid-write", Up, Fault::Reset { at: 100_000 }, Write, Failed),
+        ("reset mid-read", Down, Fault::Reset { at: 100_000 }, Read, Failed),
+        ("truncated write", Up, Fault::Truncate { at: 100_000 }, Write, Failed),
+        ("truncated read", Down, Fault::Truncate { at: 100_000 }, Read, Failed),
         // Byte 16 of the first header is its opcode (0x81, WRITE with v2
         // framing): flipped, it is no opcode at all.
-        Scenario {
-            what: "corrupt request header",
-            dir: Up,
-            fault: Fault::Corrupt { at: 16 },
-            op: Write,
-            expect: Failed,
-        },
+        ("corrupt request header", Up, Fault::Corrupt { at: 16 }, Write, Failed),
         // Byte 4 of the first answer is in its status frame's "MCTV" magic.
-        Scenario { what: "corrupt status frame", dir: Down, fault: Fault::Corrupt { at: 4 }, op: Read, expect: Failed },
+        ("corrupt status frame", Down, Fault::Corrupt { at: 4 }, Read, Failed),
     ];
     let mut report = Vec::new();
-    for (i, s) in scenarios.iter().enumerate() {
+    // Each: what, the fault's direction and rule (on the data proxy, for
+    // the connections the scenario's initiator opens), the operation, and
+    // how the batch must end.
+    for (i, &(what, dir, fault, op, expect)) in scenarios.iter().enumerate() {
         // A fresh initiator: its connections are new, so offsets count
         // from their first byte.
         let e = Arc::new(initiator());
         let local = e.allocate_managed_buffer(BUF).unwrap();
         let remote = e.get_first_buffer_address(&t.name).unwrap();
         let first = t.data.counts().accepted;
-        t.data.set(vec![Rule::new(Conns::From(first), s.dir, s.fault)]);
+        t.data.set(vec![Rule::new(Conns::From(first), dir, fault)]);
         let bystander = Bystander::start(e.clone());
         let start = Instant::now();
-        let state = settle(&e, &t.name, s.op, local, remote, n, len);
+        let state = settle(&e, &t.name, op, local, remote, n, len);
         let took = start.elapsed();
         let rounds = bystander.finish();
-        let want = match s.expect {
+        let want = match expect {
             Completed => BatchState::Completed,
             Failed => BatchState::Failed,
             TimedOut => BatchState::TimedOut,
         };
-        assert_eq!(state, want, "{}: the batch's state (code {})", s.what, state.code());
-        assert!(rounds >= 2, "{}: the bystander went on ({rounds} rounds)", s.what);
+        assert_eq!(state, want, "{what}: the batch's state (code {})", state.code());
+        assert!(rounds >= 2, "{what}: the bystander went on ({rounds} rounds)");
         // Healed, the same initiator carries on with intact bytes, small
         // (the caller's direct path) and large.
         t.data.heal();
         round_trip(&e, &t.name, local, remote + AFTER_HEAL, 4096, i as u64);
         round_trip(&e, &t.name, local, remote + AFTER_HEAL, 1 << 20, i as u64 + 100);
-        report.push(format!("{}: {:?} ({}) in {took:?}; bystander {rounds} rounds", s.what, state, state.code()));
+        report.push(format!("{what}: {state:?} ({}) in {took:?}; bystander {rounds} rounds", state.code()));
         e.shutdown();
     }
     eprintln!("{}", report.join("\n"));
