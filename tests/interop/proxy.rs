@@ -22,7 +22,7 @@
 //!   as long as the rule does.
 //! - Rules come as an explicit list ([`Proxy::set`]) or are drawn from a
 //!   seed ([`random_rules`]), so a failing run can be replayed: a proxy
-//!   dropped while its thread panics prints its seed and rules.
+//!   dropped during a panic (a failing test) prints its seed and rules.
 //! - [`Proxy::heal`] removes every rule and ends every stall.
 //!
 //! Limits: at most [`CONNECTIONS_MAX`] connections at once (more are closed
