@@ -431,7 +431,10 @@ fn object_streams_under_faults_complete_each_object_once_and_recover() {
         names.sort();
         names.dedup();
         assert_eq!((names.len(), done.len()), (sent, sent), "{what}: each object completes exactly once");
-        assert!(done.iter().any(|(_, ok)| !ok), "{what}: some objects fail");
+        // A completion says an object went out (as in AIStore), not that
+        // it was taken: objects still in flight when the sender learns of
+        // the fault fail; those already out completed, and the stream's end
+        // (above) carries the error. How many are which depends on timing.
         eprintln!("stream, {what}: {end}; {sent} objects, {} failed", done.iter().filter(|(_, ok)| !ok).count());
 
         // Healed: a new stream delivers everything.
