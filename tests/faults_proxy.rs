@@ -260,6 +260,9 @@ fn tcp_transfers_under_each_fault_settle_once_and_recover() {
         report.push(format!("{what}: {state:?} ({}) in {took:?}; bystander {rounds} rounds", state.code()));
         e.shutdown();
     }
+    // The initiators reached the data port only through its proxy, as
+    // the descriptor said (none of the faults would have fired otherwise).
+    assert!(t.data.counts().accepted >= scenarios.len() as u64, "{:?}", t.data.counts());
     eprintln!("{}", report.join("\n"));
 }
 
