@@ -266,8 +266,8 @@ impl TransferEngine {
             runtime.clone(),
             registry.clone(),
             bind_ip,
-            self.config.data_port,
-            self.config.port_range,
+            // SHARDWIRE_TCP_DATA_PORT: a range of one port.
+            self.config.data_port.map_or(self.config.port_range, |p| (p, p)),
             self.config.client_limits,
         )?);
         let managed = ManagedPool::new(registry.clone(), UNREGISTER_DRAIN);

@@ -127,18 +127,17 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// Binds the data port (on `bind_ip`, at `port` or else a random port
-    /// of `ports`) and installs the shard halves.
+    /// Binds the data port (on `bind_ip`, at a random port of `ports`) and
+    /// installs the shard halves.
     pub fn start(
         engine: u64,
         runtime: Arc<Runtime>,
         registry: Arc<Registry>,
         bind_ip: IpAddr,
-        port: Option<u16>,
         ports: (u16, u16),
         limits: ClientLimits,
     ) -> TeResult<Self> {
-        let listener = sock::bind_listener(bind_ip, port, ports)
+        let listener = sock::bind_listener(bind_ip, None, ports)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot bind the TCP data port on {bind_ip}: {e}")))?;
         let data_port = listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
         let credits = Arc::new(Credits::new(runtime.shard_count()));
