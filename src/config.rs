@@ -108,6 +108,23 @@ pub const METADATA_SERVER: Var = var(
 );
 pub const TCP_BIND_ADDRESS: Var =
     var("MC_TCP_BIND_ADDRESS", Kind::Ip, "unset", "the address the RPC and data ports bind, and the one advertised");
+pub const TCP_DATA_PORT: Var = int(
+    "SHARDWIRE_TCP_DATA_PORT",
+    1,
+    65_535,
+    "",
+    "random in `MC_MIN_RPC_PORT`..=`MC_MAX_RPC_PORT`",
+    "the port the TCP data listener binds",
+);
+pub const TCP_DATA_ADVERTISE: Var = var(
+    "SHARDWIRE_TCP_DATA_ADVERTISE",
+    Kind::Form(ADVERTISE_FORM),
+    "the address bound",
+    "the `tcp_data_host` and `tcp_data_port` this engine's segment descriptor publishes, in place of the data listener's own (a proxy or NAT in front of it); the listener does not move",
+);
+/// What `SHARDWIRE_TCP_DATA_ADVERTISE` may hold.
+const ADVERTISE_FORM: &str =
+    "host:port, such as 10.0.0.5:16000 (a name, an IPv4 address or a bracketed IPv6 one; port 1 to 65535)";
 pub const LEGACY_RPC_PORT_BINDING: Var = var(
     "MC_LEGACY_RPC_PORT_BINDING",
     Kind::Bool,
@@ -382,6 +399,8 @@ pub const VARS: &[Var] = &[
     TRANSFER_TIMEOUT,
     METADATA_SERVER,
     TCP_BIND_ADDRESS,
+    TCP_DATA_PORT,
+    TCP_DATA_ADVERTISE,
     LEGACY_RPC_PORT_BINDING,
     METADATA_CLUSTER_ID,
     ETCD_TTL,
@@ -569,6 +588,10 @@ pub struct Settings {
     pub transfer_timeout: Duration,
     pub metadata_server: Option<String>,
     pub tcp_bind_address: Option<IpAddr>,
+    /// `SHARDWIRE_TCP_DATA_PORT`, if set.
+    pub tcp_data_port: Option<u16>,
+    /// `SHARDWIRE_TCP_DATA_ADVERTISE`: host (without brackets) and port.
+    pub tcp_data_advertise: Option<(String, u16)>,
     pub legacy_rpc_port_binding: bool,
     pub metadata_cluster_id: Option<String>,
     pub etcd_ttl: Duration,
@@ -657,6 +680,11 @@ impl Settings {
             transfer_timeout: Duration::from_secs(r.int(&TRANSFER_TIMEOUT)?.unwrap_or(30)),
             metadata_server: r.text(&METADATA_SERVER),
             tcp_bind_address: r.ip(&TCP_BIND_ADDRESS)?,
+            tcp_data_port: r.int(&TCP_DATA_PORT)?.map(|p| p as u16),
+            tcp_data_advertise: match r.text(&TCP_DATA_ADVERTISE) {
+                None => None,
+                Some(t) => Some(advertised(&t)?),
+            },
             legacy_rpc_port_binding: r.boolean(&LEGACY_RPC_PORT_BINDING)?.unwrap_or(false),
             metadata_cluster_id: r.text(&METADATA_CLUSTER_ID),
             etcd_ttl: Duration::from_secs(r.int(&ETCD_TTL)?.unwrap_or(30)),
@@ -762,6 +790,22 @@ fn host_port(var: &Var, text: &str) -> Result<String, ConfigError> {
         return Err(bad());
     }
     Ok(t.to_string())
+}
+
+/// `SHARDWIRE_TCP_DATA_ADVERTISE`: `host:port` with a port that can be
+/// connected to (not 0), split; an IPv6 host loses its brackets, as
+/// `tcp_data_host` carries it.
+fn advertised(text: &str) -> Result<(String, u16), ConfigError> {
+    let bad =
+        || ConfigError { var: TCP_DATA_ADVERTISE.name.into(), value: text.into(), accepted: ADVERTISE_FORM.into() };
+    let checked = host_port(&TCP_DATA_ADVERTISE, text)?;
+    let (host, port) = checked.rsplit_once(':').ok_or_else(bad)?;
+    let port = port.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_string(), port))
 }
 
 /// `MC_IB_TC`: -1 (Mooncake's "none", sent as 0) or a class of 0 to 255.
@@ -996,6 +1040,19 @@ mod tests {
         assert_eq!(e.var, v.name);
         let text = e.to_string();
         assert!(text.contains(v.name) && text.contains(&v.accepted()), "{text}");
+    }
+
+    #[test]
+    fn the_advertised_data_address_is_host_and_a_port() {
+        let got = |v: &str| with(TCP_DATA_ADVERTISE.name, v).unwrap().tcp_data_advertise;
+        assert_eq!(got("127.0.0.1:16000"), Some(("127.0.0.1".into(), 16000)));
+        assert_eq!(got(" [::1]:7 "), Some(("::1".into(), 7)));
+        assert_eq!(got("node-1:65535"), Some(("node-1".into(), 65535)));
+        for bad in ["16000", "h:0", "::1:80", "[]:80", "h:port", "h:65536", ":80", "a b:1"] {
+            refused(&TCP_DATA_ADVERTISE, bad);
+        }
+        assert_eq!(with(TCP_DATA_PORT.name, "40000").unwrap().tcp_data_port, Some(40000));
+        refused(&TCP_DATA_PORT, "0");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use interop::{KillOnDrop, Rng, die_with_parent, free_port};
+use interop::{KillOnDrop, Rng, die_with_parent, free_port, stream_listener};
 use shardwire::proto::objstream::checksum::{ChecksumError, CksumType, compute_hex};
 use shardwire::proto::objstream::lz4::BlockSize;
 use shardwire::proto::objstream::{ObjHdr, SIZE_UNKNOWN, frame};
@@ -475,13 +475,8 @@ fn back_pressure_bounds_what_is_queued() {
 #[test]
 fn a_receiver_killed_mid_stream_fails_every_pending_object() {
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
-    cmd.args(["stream", "listen", "--listen", &format!("127.0.0.1:{port}"), "--trname", "k"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
+    let mut child = stream_listener(port, "k");
     let mut lines = Lines::of(child.0.stdout.take().unwrap());
-    wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let (log, opts) = recorder();
     let s = Stream::new(&format!("http://127.0.0.1:{port}"), "k", opts).unwrap();
     s.send(ObjHdr::new("b", "first", 100), vec![1u8; 100]).unwrap();
@@ -624,13 +619,8 @@ fn bundle_destinations_change_at_run_time() {
 #[test]
 fn cli_listen_prints_one_json_line_per_object() {
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
-    cmd.args(["stream", "listen", "--listen", &format!("127.0.0.1:{port}"), "--trname", "cli"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().unwrap());
+    let mut child = stream_listener(port, "cli");
     let mut lines = Lines::of(child.0.stdout.take().unwrap());
-    wait_for("the listener", Duration::from_secs(10), || TcpStream::connect(("127.0.0.1", port)).is_ok());
     let s = Stream::new(&format!("http://127.0.0.1:{port}"), "cli", StreamOptions::default()).unwrap();
     let mut h = ObjHdr::new("bkt", "dir/name", 1000);
     h.bucket.provider = "aws".into();

@@ -25,6 +25,12 @@ pub struct EngineConfig {
     /// `MC_TCP_BIND_ADDRESS`: where the RPC and data ports listen, and the
     /// address the segment advertises. Mooncake only advertises it.
     pub bind_address: Option<IpAddr>,
+    /// `SHARDWIRE_TCP_DATA_PORT`: the data listener's port (else random
+    /// in `port_range`).
+    pub data_port: Option<u16>,
+    /// `SHARDWIRE_TCP_DATA_ADVERTISE`: the data address the descriptor
+    /// publishes instead of the listener's (a proxy in front of it).
+    pub data_advertise: Option<(String, u16)>,
     /// `MC_LEGACY_RPC_PORT_BINDING`: bind the port of `local_hostname`
     /// (shardwire always does when one is given).
     pub legacy_rpc_port_binding: bool,
@@ -100,6 +106,8 @@ impl EngineConfig {
             transfer_timeout: s.transfer_timeout,
             default_metadata_server: s.metadata_server.clone(),
             bind_address: s.tcp_bind_address,
+            data_port: s.tcp_data_port,
+            data_advertise: s.tcp_data_advertise.clone(),
             legacy_rpc_port_binding: s.legacy_rpc_port_binding,
             port_range: s.rpc_port_range,
             handshake_max_len: s.handshake_max_len,

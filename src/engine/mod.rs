@@ -266,7 +266,8 @@ impl TransferEngine {
             runtime.clone(),
             registry.clone(),
             bind_ip,
-            self.config.port_range,
+            // SHARDWIRE_TCP_DATA_PORT: a range of one port.
+            self.config.data_port.map_or(self.config.port_range, |p| (p, p)),
             self.config.client_limits,
             self.config.auth.clone(),
         )?);
@@ -336,10 +337,14 @@ impl TransferEngine {
         }
         transports.push(tcp.clone());
         let notifies = Arc::new(NotifyQueue::default());
+        // What peers are told of the data port: the listener's, unless
+        // SHARDWIRE_TCP_DATA_ADVERTISE names something in front of it.
+        let (data_host, data_port) =
+            self.config.data_advertise.clone().unwrap_or_else(|| (advertised.clone(), tcp.data_port()));
         let handler = Arc::new(EngineRpc {
             name: name.clone(),
-            data_host: advertised.clone(),
-            data_port: tcp.data_port(),
+            data_host,
+            data_port,
             registry: registry.clone(),
             notifies: notifies.clone(),
             local: local.as_ref().map(|l| l.descriptor()),
@@ -368,7 +373,12 @@ impl TransferEngine {
                 Meta::Store(Box::new(Mutex::new(registration)))
             }
         };
-        log::info!("engine {name}: RPC port {rpc_port}, TCP data port {}", tcp.data_port());
+        log::info!(
+            "engine {name}: RPC port {rpc_port}, TCP data port {} (advertised as {}:{})",
+            tcp.data_port(),
+            handler.data_host,
+            handler.data_port
+        );
         *slot = Some(Arc::new(Engine {
             name,
             rpc_port,

@@ -1,9 +1,16 @@
 //! Helpers for the interop tests: a Mooncake peer process from the real
-//! wheel, a real etcd server, and the byte pattern both sides check.
+//! wheel, a real etcd server, the byte pattern both sides check, and a
+//! fault-injecting TCP proxy ([`proxy`]).
 
 #![allow(dead_code)]
 
 pub mod netns;
+pub mod proxy;
+
+/// The generator of test parameters (it lives with the proxy, whose
+/// random schedules use it).
+#[allow(unused_imports)]
+pub use proxy::Rng;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -110,6 +117,19 @@ impl Drop for EtcdServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `shardwire stream listen` for `trname` on 127.0.0.1:`port`, a process
+/// of its own (killed on drop) whose stdout (a JSON line per object) is
+/// piped; returns once it accepts connections.
+pub fn stream_listener(port: u16, trname: &str) -> KillOnDrop {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
+    cmd.args(["stream", "listen", "--listen", &format!("127.0.0.1:{port}"), "--trname", trname])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
+    wait_until("the stream listener", || std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()));
+    child
 }
 
 /// Waits until `ready` says yes, for at most 30 s; panics with `what`
@@ -439,20 +459,4 @@ pub fn mooncake_and_shardwire_meet(
     assert_eq!(peer.cmd("notify ping"), "ok 0");
     assert!(e.get_notifies().unwrap().iter().any(|n| n.name == "mooncake-peer" && n.msg == "ping"));
     assert_eq!(peer.cmd(&format!("probe {e_name}")), "ok 0");
-}
-
-/// A tiny deterministic generator for test parameters.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.next() % (hi - lo)
-    }
 }
