@@ -9,8 +9,11 @@ use std::path::{Path, PathBuf};
 
 use shardwire::{meta, proto, stream, transport};
 
+/// A fuzz target's body: any bytes, never a panic.
+type Body = fn(&[u8]);
+
 /// Every target of `fuzz/Cargo.toml`, by name, with the body it runs.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Body)] = &[
     ("handshake_frame", proto::mooncake::fuzzing::handshake_frame),
     ("tcp_header", proto::mooncake::fuzzing::tcp_header),
     ("segment_name", proto::mooncake::fuzzing::segment_name),
