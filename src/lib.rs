@@ -20,6 +20,7 @@
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
 //!   config, error        every environment variable, checked; the error type and Mooncake's codes
+//!   sync                 std's atomics, or loom's under `--cfg loom`, for the structures loom checks
 //!   telemetry/           metrics: plain per-thread counters every layer records into, published
 //!                        every ~100 ms; Prometheus text, engine.metrics(), Mooncake's metric line
 //! ```
@@ -121,6 +122,7 @@ pub mod proto;
 pub mod python;
 pub mod runtime;
 pub mod stream;
+pub(crate) mod sync;
 pub mod telemetry;
 pub mod topo;
 pub mod transport;

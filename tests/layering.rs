@@ -11,6 +11,7 @@ const LEVELS: &[(&str, u8)] = &[
     ("topo", 0),
     ("http", 0),
     ("telemetry", 0),
+    ("sync", 0),
     ("mem", 1),
     ("runtime", 1),
     ("proto", 2),

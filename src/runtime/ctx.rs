@@ -119,7 +119,7 @@ impl ShardCtx {
         if self.wake_list.is_empty() {
             return;
         }
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+        super::park::producer_fence();
         for &peer in &self.wake_list {
             self.wake_marks[peer] = false;
             self.peers[peer].parker.wake_if_parked_after_fence();

@@ -20,6 +20,7 @@
 pub mod ctx;
 pub mod error;
 pub mod hook;
+pub(crate) mod inbox;
 pub mod latch;
 pub mod park;
 pub mod shard;
@@ -441,18 +442,10 @@ impl Runtime {
     }
 
     fn register_foreign(&self, shard: usize, target: &ShardShared) -> Result<Producer<Task>, SubmitError> {
-        let mut registry = target.lock_foreign();
-        if registry.closed {
-            return Err(SubmitError::ShutDown);
-        }
-        if registry.live >= self.config.foreign_rings_max {
-            return Err(SubmitError::TooManyThreads { shard, limit: self.config.foreign_rings_max });
-        }
-        let (producer, consumer) = spsc::channel(self.config.inbox_capacity);
-        registry.pending.push(consumer);
-        registry.live += 1;
-        target.foreign_pending.store(true, Ordering::Release);
-        Ok(producer)
+        target.foreign.register(self.config.inbox_capacity, self.config.foreign_rings_max).map_err(|e| match e {
+            inbox::RegisterError::Closed => SubmitError::ShutDown,
+            inbox::RegisterError::Full { limit } => SubmitError::TooManyThreads { shard, limit },
+        })
     }
 
     fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<ShardReport>>> {

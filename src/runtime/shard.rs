@@ -15,7 +15,7 @@
 use std::collections::VecDeque;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
 use io_uring::types::{CancelBuilder, SubmitArgs, Timespec};
@@ -23,6 +23,7 @@ use io_uring::{opcode, types};
 
 use super::ctx::ShardCtx;
 use super::hook::{HookChange, HookId, PollHook};
+use super::inbox::ForeignInbox;
 use super::park::Parker;
 use super::spin::SpinState;
 use super::spsc::{Consumer, Producer};
@@ -47,21 +48,9 @@ const SHUTDOWN_CANCEL_WAIT: Duration = Duration::from_secs(2);
 pub(crate) struct ShardShared {
     pub(crate) parker: Parker,
     pub(crate) stop: AtomicBool,
-    pub(crate) foreign: Mutex<ForeignRegistry>,
-    /// Set when `foreign.pending` has rings for the shard to adopt.
-    pub(crate) foreign_pending: AtomicBool,
+    /// Rings from foreign threads, registered on their first use.
+    pub(crate) foreign: ForeignInbox<Task>,
     pub(crate) stats: StatsCell,
-}
-
-/// Rings from foreign threads, handed over on first use.
-#[derive(Default)]
-pub(crate) struct ForeignRegistry {
-    /// Registered but not yet adopted by the shard.
-    pub(crate) pending: Vec<Consumer<Task>>,
-    /// Rings attached (pending or adopted) and not yet reclaimed.
-    pub(crate) live: usize,
-    /// The shard has stopped: no more registrations.
-    pub(crate) closed: bool,
 }
 
 impl ShardShared {
@@ -69,15 +58,9 @@ impl ShardShared {
         Ok(Self {
             parker: Parker::new()?,
             stop: AtomicBool::new(false),
-            foreign: Mutex::new(ForeignRegistry::default()),
-            foreign_pending: AtomicBool::new(false),
+            foreign: ForeignInbox::new(),
             stats: StatsCell::default(),
         })
-    }
-
-    pub(crate) fn lock_foreign(&self) -> std::sync::MutexGuard<'_, ForeignRegistry> {
-        // The registry holds no invariant a panic could break halfway.
-        self.foreign.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -308,11 +291,7 @@ impl Shard {
                 work += 1;
             }
         }
-        if self.shared.foreign_pending.load(Ordering::Acquire) {
-            let mut registry = self.shared.lock_foreign();
-            self.foreign_in.append(&mut registry.pending);
-            self.shared.foreign_pending.store(false, Ordering::Release);
-        }
+        self.shared.foreign.adopt(&mut self.foreign_in);
         let mut i = 0;
         while i < self.foreign_in.len() {
             let mut popped = 0;
@@ -325,11 +304,9 @@ impl Shard {
                 popped += 1;
             }
             work += popped;
-            // Abandoned is read before the last emptiness check: the
-            // producer's final push happens before it marks the ring.
-            if popped == 0 && self.foreign_in[i].is_abandoned() && !self.foreign_in[i].has_pending() {
+            if popped == 0 && self.foreign_in[i].is_finished() {
                 drop(self.foreign_in.swap_remove(i));
-                self.shared.lock_foreign().live -= 1;
+                self.shared.foreign.retire();
                 continue;
             }
             i += 1;
@@ -423,10 +400,7 @@ impl Shard {
     }
 
     fn has_work_or_stop(&mut self) -> bool {
-        if self.shared.stop.load(Ordering::Acquire)
-            || self.shared.foreign_pending.load(Ordering::Acquire)
-            || !self.ctx.local.is_empty()
-        {
+        if self.shared.stop.load(Ordering::Acquire) || self.shared.foreign.has_new() || !self.ctx.local.is_empty() {
             return true;
         }
         if self.mesh_in.iter_mut().any(|c| c.has_pending()) || self.foreign_in.iter_mut().any(|c| c.has_pending()) {
@@ -492,12 +466,7 @@ impl Shard {
         for ring in std::mem::take(&mut self.mesh_in) {
             canceled += ring.close_and_drain();
         }
-        {
-            let mut registry = self.shared.lock_foreign();
-            registry.closed = true;
-            self.foreign_in.append(&mut registry.pending);
-            registry.live = 0;
-        }
+        self.shared.foreign.close(&mut self.foreign_in);
         for ring in std::mem::take(&mut self.foreign_in) {
             canceled += ring.close_and_drain();
         }

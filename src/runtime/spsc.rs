@@ -16,10 +16,11 @@
 //! - **Liveness.** The consumer can see that the producer has been dropped
 //!   ([`Consumer::is_abandoned`]), so rings of exited threads are reclaimed.
 
-use std::cell::UnsafeCell;
 use std::mem::MaybeUninit;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
-use std::sync::{Arc, Mutex};
+
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering, fence};
+use crate::sync::cell::UnsafeCell;
+use crate::sync::{Arc, Mutex};
 
 use crossbeam_utils::CachePadded;
 
@@ -56,12 +57,17 @@ unsafe impl<T: Send> Send for Producer<T> {}
 unsafe impl<T: Send> Send for Consumer<T> {}
 
 impl<T> Ring<T> {
-    /// The slot for a (never-wrapping) index.
+    /// Takes the value out of the slot for a (never-wrapping) index.
+    ///
+    /// # Safety
+    /// The slot holds a value written by push and not yet read, and the
+    /// caller has the right to read it (it is the consumer, or acts as one).
     #[inline]
-    fn slot(&self, index: usize) -> *mut MaybeUninit<T> {
-        // SAFETY: `index & mask` is below `slots.len()` (a power of two equal
-        // to mask + 1), so the access is in bounds.
-        unsafe { self.slots.get_unchecked(index & self.mask).get() }
+    unsafe fn take(&self, index: usize) -> T {
+        // `index & mask` is below `slots.len()`, a power of two equal to
+        // mask + 1: indexing never panics.
+        // SAFETY: forwarded from the caller.
+        self.slots[index & self.mask].with_mut(|slot| unsafe { (*slot).assume_init_read() })
     }
 
     /// Drops every value in [head, tail). Caller must be the only accessor.
@@ -71,7 +77,7 @@ impl<T> Ring<T> {
         for index in head..tail {
             // SAFETY: slots in [head, tail) were written by push and not yet
             // read; the caller guarantees exclusive access.
-            unsafe { (*self.slot(index)).assume_init_drop() };
+            drop(unsafe { self.take(index) });
         }
         self.head.store(tail, Ordering::Release);
     }
@@ -106,7 +112,9 @@ pub struct Producer<T> {
     tail: usize,
     cached_head: usize,
     /// Copies of the ring's constants, so the hot path reads only this
-    /// struct and the slot it writes.
+    /// struct and the slot it writes (loom's slots are reached through the
+    /// ring, where it can watch every access).
+    #[cfg(not(loom))]
     slots: *mut MaybeUninit<T>,
     mask: usize,
 }
@@ -116,6 +124,7 @@ pub struct Consumer<T> {
     ring: Arc<Ring<T>>,
     head: usize,
     cached_tail: usize,
+    #[cfg(not(loom))]
     slots: *mut MaybeUninit<T>,
     mask: usize,
     /// The head the producer can see. Publishing every pop would move the
@@ -144,16 +153,25 @@ pub fn channel<T>(capacity: usize) -> (Producer<T>, Consumer<T>) {
         mask: capacity - 1,
         slots,
     });
-    // UnsafeCell<MaybeUninit<T>> has the layout of T's slot, so the slice's
-    // base pointer addresses slot 0.
+    // UnsafeCell<MaybeUninit<T>> has the layout of T's slot (both cells are
+    // repr(transparent)), so the slice's base pointer addresses slot 0.
+    #[cfg(not(loom))]
     let base = ring.slots.as_ptr() as *mut MaybeUninit<T>;
     let mask = ring.mask;
     (
-        Producer { ring: ring.clone(), tail: 0, cached_head: 0, slots: base, mask },
+        Producer {
+            ring: ring.clone(),
+            tail: 0,
+            cached_head: 0,
+            #[cfg(not(loom))]
+            slots: base,
+            mask,
+        },
         Consumer {
             ring,
             head: 0,
             cached_tail: 0,
+            #[cfg(not(loom))]
             slots: base,
             mask,
             published_head: 0,
@@ -186,14 +204,28 @@ impl<T> Producer<T> {
                 return Err(PushError::Full(value));
             }
         }
-        // SAFETY: tail - head < capacity, so this slot is free: the consumer
-        // has moved past it (or never reached it) and will not touch it until
-        // the Release store of tail below publishes it. `tail & mask` is in
-        // bounds of the slot array `slots` points to, which the Arc keeps.
-        unsafe { (*self.slots.add(self.tail & self.mask)).write(value) };
+        // tail - head < capacity, so this slot is free: the consumer has
+        // moved past it (or never reached it) and will not touch it until
+        // the Release store of tail below publishes it.
+        self.write_slot(value);
         self.tail += 1;
         self.ring.tail.store(self.tail, Ordering::Release);
         Ok(())
+    }
+
+    /// Writes `value` into the free slot at `tail`.
+    #[inline(always)]
+    fn write_slot(&mut self, value: T) {
+        // SAFETY: the slot at tail is free (checked by the caller), and
+        // `tail & mask` is in bounds of the slot array `slots` points to,
+        // which the Arc keeps alive.
+        #[cfg(not(loom))]
+        unsafe {
+            (*self.slots.add(self.tail & self.mask)).write(value)
+        };
+        #[cfg(loom)]
+        // SAFETY: as above.
+        self.ring.slots[self.tail & self.mask].with_mut(|slot| unsafe { (*slot).write(value) });
     }
 
     /// Pushes a value, or hands it back if the ring is full or closed.
@@ -228,7 +260,7 @@ impl<T> Producer<T> {
         self.tail -= 1;
         // SAFETY: the slot at tail - 1 holds our value, written above and not
         // read by the consumer (head == tail - 1 means it stopped before it).
-        let value = unsafe { (*self.ring.slot(self.tail)).assume_init_read() };
+        let value = unsafe { self.ring.take(self.tail) };
         self.ring.tail.store(self.tail, Ordering::Release);
         Err(PushError::Closed(value))
     }
@@ -272,15 +304,26 @@ impl<T> Consumer<T> {
                 return None;
             }
         }
-        // SAFETY: head < tail, so the producer wrote this slot and published
-        // it with the Release store of tail that our Acquire load saw; the
-        // index is masked into the slot array the Arc keeps alive.
-        let value = unsafe { (*self.slots.add(self.head & self.mask)).assume_init_read() };
+        let value = self.read_slot();
         self.head += 1;
         if self.head - self.published_head >= self.publish_every {
             self.publish_head();
         }
         Some(value)
+    }
+
+    /// Reads the value at `head`, which the caller found below `tail`.
+    #[inline(always)]
+    fn read_slot(&mut self) -> T {
+        // SAFETY: head < tail, so the producer wrote this slot and published
+        // it with the Release store of tail that our Acquire load saw; the
+        // index is masked into the slot array the Arc keeps alive.
+        #[cfg(not(loom))]
+        let value = unsafe { (*self.slots.add(self.head & self.mask)).assume_init_read() };
+        // SAFETY: as above.
+        #[cfg(loom)]
+        let value = unsafe { self.ring.take(self.head) };
+        value
     }
 
     /// Lets the producer see every slot popped so far.
@@ -317,6 +360,14 @@ impl<T> Consumer<T> {
         self.ring.abandoned.load(Ordering::Acquire)
     }
 
+    /// Whether the producer is gone and every value it pushed was popped:
+    /// the ring can be dropped. `abandoned` is read first: the producer's
+    /// last push is published before it marks the ring, so a value pushed
+    /// before the mark is seen by the emptiness check that follows.
+    pub fn is_finished(&mut self) -> bool {
+        self.is_abandoned() && !self.has_pending()
+    }
+
     /// Closes the ring for good and drops every value still in it. Returns
     /// how many values were dropped. See [`Producer::push`] for why none can
     /// be stranded.
@@ -334,10 +385,22 @@ impl<T> Consumer<T> {
     }
 }
 
+/// A value that counts its drops, for the tests here and in `inbox`: a
+/// value lost or dropped twice shows in the count.
+#[cfg(test)]
+#[derive(Debug)]
+pub(crate) struct Counted(pub(crate) Arc<AtomicUsize>);
+
+#[cfg(test)]
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
 
     #[test]
     fn fifo_and_full() {
@@ -357,14 +420,6 @@ mod tests {
     fn capacity_rounds_up() {
         assert_eq!(channel::<u8>(0).0.capacity(), 2);
         assert_eq!(channel::<u8>(5).0.capacity(), 8);
-    }
-
-    #[derive(Debug)]
-    struct Counted(Arc<AtomicUsize>);
-    impl Drop for Counted {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
     }
 
     #[test]
@@ -396,5 +451,97 @@ mod tests {
         assert_eq!(drops.load(Ordering::SeqCst), 3);
         drop(p);
         assert_eq!(drops.load(Ordering::SeqCst), 3, "nothing left to drop twice");
+    }
+}
+
+/// Model checks (`RUSTFLAGS="--cfg loom" cargo test --profile loom --lib
+/// loom`). Loom watches every slot access: a value read before its write
+/// is published, or a slot rewritten while it is read, is a reported race.
+/// How each fails when the code is broken: publishing `tail` or reading
+/// `head` with Relaxed makes the first one race on a slot; dropping the
+/// fence in `push` (or in `close_and_drain`) strands a value in the second;
+/// checking emptiness before `abandoned` in `is_finished` loses a value in
+/// the third.
+#[cfg(all(test, loom))]
+mod loom_tests {
+    use super::*;
+    use loom::thread;
+
+    /// Three values through a ring of two (it fills, and wraps): all
+    /// arrive, in order, with no race on a slot.
+    #[test]
+    fn loom_values_cross_in_order() {
+        crate::sync::model(|| {
+            let (mut tx, mut rx) = channel::<u32>(2);
+            let producer = thread::spawn(move || {
+                for v in 0..3 {
+                    let mut v = v;
+                    while let Err(PushError::Full(back)) = tx.push_unchecked(v) {
+                        v = back;
+                        thread::yield_now();
+                    }
+                }
+            });
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match rx.pop() {
+                    Some(v) => got.push(v),
+                    None => thread::yield_now(),
+                }
+            }
+            producer.join().unwrap();
+            assert_eq!(got, [0, 1, 2]);
+        });
+    }
+
+    /// A push racing the consumer's close: the value is either drained (and
+    /// dropped) by the close, or handed back to the producer; never left in
+    /// a ring nobody reads while the producer lives on.
+    #[test]
+    fn loom_a_push_racing_close_is_drained_or_handed_back() {
+        crate::sync::model(|| {
+            let drops = Arc::new(AtomicUsize::new(0));
+            let (mut tx, rx) = channel::<Counted>(2);
+            let value = Counted(drops.clone());
+            let producer = thread::spawn(move || {
+                let pushed = tx.push(value);
+                (tx, pushed)
+            });
+            rx.close_and_drain();
+            let (tx, pushed) = producer.join().unwrap();
+            match pushed {
+                Ok(()) => {}
+                Err(PushError::Closed(v)) => drop(v),
+                Err(PushError::Full(_)) => panic!("a ring of two is not full after one push"),
+            }
+            assert_eq!(drops.load(Ordering::Relaxed), 1, "the value was stranded (or dropped twice)");
+            drop(tx);
+            assert_eq!(drops.load(Ordering::Relaxed), 1);
+        });
+    }
+
+    /// A producer that pushes and goes away (a foreign thread exiting): the
+    /// consumer drops its ring only once it has popped everything.
+    #[test]
+    fn loom_a_finished_ring_has_nothing_left() {
+        crate::sync::model(|| {
+            let (mut tx, mut rx) = channel::<u32>(2);
+            let producer = thread::spawn(move || {
+                tx.push(1).unwrap();
+                drop(tx);
+            });
+            let mut popped = 0;
+            loop {
+                if rx.pop().is_some() {
+                    popped += 1;
+                } else if rx.is_finished() {
+                    break;
+                } else {
+                    thread::yield_now();
+                }
+            }
+            assert_eq!(popped, 1, "the ring was reclaimed with a value in it");
+            producer.join().unwrap();
+        });
     }
 }

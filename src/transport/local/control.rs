@@ -23,11 +23,14 @@
 //! lane whose owner process has died is cleared by whoever finds it (the
 //! target while draining, a peer looking for a free lane), so a peer killed
 //! mid-copy holds nothing for long. The wait is bounded by its deadline.
+//! The protocol's steps themselves are in `lanes.rs`, where loom checks them.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use super::lanes::{self, SLOT_FREE, SLOT_OPEN, STATE_LIVE, STATE_SHUT_DOWN, Word};
 
 /// "SHWLCT01": the table's layout, version 1.
 pub const MAGIC: u64 = 0x5348_574c_4354_3031;
@@ -35,13 +38,6 @@ pub const MAGIC: u64 = 0x5348_574c_4354_3031;
 pub const SLOTS_MAX: u32 = 1 << 16;
 /// Copying threads, over all peers, at once.
 pub const LANES_MAX: u32 = 1024;
-
-const STATE_LIVE: u32 = 1;
-const STATE_SHUT_DOWN: u32 = 2;
-
-const SLOT_FREE: u32 = 0;
-const SLOT_OPEN: u32 = 1;
-const SLOT_CLOSED: u32 = 2;
 
 /// What a slot's bytes are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,7 +162,7 @@ impl Table {
         let base = map(&fd)?;
         let t = Table { base, fd: Arc::new(fd) };
         t.header().target_pid.store(pid, Ordering::Relaxed);
-        t.header().state.store(STATE_LIVE, Ordering::Relaxed);
+        t.header().state.set(STATE_LIVE, Ordering::Relaxed);
         t.header().magic.store(MAGIC, Ordering::Release);
         Ok(t)
     }
@@ -220,7 +216,7 @@ impl Table {
 
     /// Whether the target is up: not shut down, not dead.
     pub fn target_live(&self) -> bool {
-        self.header().state.load(Ordering::Acquire) == STATE_LIVE
+        self.header().state.get(Ordering::Acquire) == STATE_LIVE
     }
 
     // --- The target's side -------------------------------------------------
@@ -228,7 +224,7 @@ impl Table {
     /// Opens slot `i` (free, chosen by the target) for a buffer.
     pub fn open(&self, i: u32, addr: u64, len: u64, kind: Kind) {
         let s = self.slot(i);
-        assert_eq!(s.state.load(Ordering::Acquire), SLOT_FREE, "slot {i} is in use");
+        assert_eq!(s.state.get(Ordering::Acquire), SLOT_FREE, "slot {i} is in use");
         s.addr.store(addr, Ordering::Relaxed);
         s.len.store(len, Ordering::Relaxed);
         let (k, file, offset) = match kind {
@@ -238,8 +234,7 @@ impl Table {
         s.kind.store(k, Ordering::Relaxed);
         s.file.store(file, Ordering::Relaxed);
         s.offset.store(offset, Ordering::Relaxed);
-        s.generation.fetch_add(1, Ordering::SeqCst);
-        s.state.store(SLOT_OPEN, Ordering::SeqCst);
+        lanes::open(&s.state, &s.generation);
         self.header().high.fetch_max(i + 1, Ordering::SeqCst);
     }
 
@@ -249,14 +244,12 @@ impl Table {
     /// stays closed: no new copy starts; call again to finish).
     pub fn revoke(&self, i: u32, deadline: Instant) -> Result<(), usize> {
         let s = self.slot(i);
-        if s.state.swap(SLOT_CLOSED, Ordering::SeqCst) == SLOT_OPEN {
-            s.generation.fetch_add(1, Ordering::SeqCst);
-        }
+        lanes::close(&s.state, &s.generation);
         let mut waited = 0u32;
         loop {
             let busy = self.copies_in(i);
             if busy == 0 {
-                s.state.store(SLOT_FREE, Ordering::SeqCst);
+                lanes::free(&s.state);
                 return Ok(());
             }
             if Instant::now() >= deadline {
@@ -277,13 +270,13 @@ impl Table {
         let mut n = 0;
         for l in 0..LANES_MAX {
             let lane = self.lane(l);
-            if lane.busy.load(Ordering::SeqCst) != u64::from(i) + 1 {
+            if !lanes::copying(&lane.busy, i) {
                 continue;
             }
             let owner = lane.owner.load(Ordering::SeqCst);
             if owner == 0 || is_dead((owner >> 32) as u32) {
                 // Its copy ended with its process.
-                let _ = lane.busy.compare_exchange(u64::from(i) + 1, 0, Ordering::SeqCst, Ordering::SeqCst);
+                let _ = lane.busy.compare_exchange(lanes::busy_mark(i), 0, Ordering::SeqCst, Ordering::SeqCst);
                 let _ = lane.owner.compare_exchange(owner, 0, Ordering::SeqCst, Ordering::SeqCst);
                 continue;
             }
@@ -300,7 +293,7 @@ impl Table {
     /// The target is going away: no copy starts from now on (peers fail,
     /// and, being on this host, fall back to nothing: the target is gone).
     pub fn shut_down(&self) {
-        self.header().state.store(STATE_SHUT_DOWN, Ordering::SeqCst);
+        self.header().state.set(STATE_SHUT_DOWN, Ordering::SeqCst);
     }
 
     // --- A peer's side -----------------------------------------------------
@@ -312,7 +305,7 @@ impl Table {
         let mut out = Vec::new();
         for i in 0..high {
             let s = self.slot(i);
-            if s.state.load(Ordering::SeqCst) != SLOT_OPEN {
+            if s.state.get(Ordering::SeqCst) != SLOT_OPEN {
                 continue;
             }
             let generation = s.generation.load(Ordering::SeqCst);
@@ -323,7 +316,7 @@ impl Table {
                 }
                 _ => Kind::Cma,
             };
-            if s.state.load(Ordering::SeqCst) == SLOT_OPEN && s.generation.load(Ordering::SeqCst) == generation {
+            if s.state.get(Ordering::SeqCst) == SLOT_OPEN && s.generation.load(Ordering::SeqCst) == generation {
                 out.push(SlotView { slot: i, generation, addr, len, kind });
             }
         }
@@ -361,21 +354,13 @@ impl Table {
     /// may go; call [`exit`](Self::exit) after it), `false` if it was
     /// revoked (nothing may be copied).
     pub fn enter(&self, lane: u32, view: &SlotView) -> bool {
-        let l = self.lane(lane);
-        l.busy.store(u64::from(view.slot) + 1, Ordering::SeqCst);
         let s = self.slot(view.slot);
-        let ok = self.target_live()
-            && s.state.load(Ordering::SeqCst) == SLOT_OPEN
-            && s.generation.load(Ordering::SeqCst) == view.generation;
-        if !ok {
-            l.busy.store(0, Ordering::SeqCst);
-        }
-        ok
+        lanes::enter(&self.lane(lane).busy, view.slot, &self.header().state, &s.state, &s.generation, view.generation)
     }
 
     /// The copy on `lane` ended.
     pub fn exit(&self, lane: u32) {
-        self.lane(lane).busy.store(0, Ordering::SeqCst);
+        lanes::exit(&self.lane(lane).busy);
     }
 }
 

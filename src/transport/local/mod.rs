@@ -29,6 +29,7 @@
 
 pub mod control;
 mod crew;
+mod lanes;
 pub mod service;
 
 use crate::telemetry::{Event, counters as telemetry};
