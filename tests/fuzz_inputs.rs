@@ -24,6 +24,7 @@ const TARGETS: &[(&str, Body)] = &[
     ("obj_header", proto::objstream::fuzzing::obj_header),
     ("objstream_body", proto::objstream::fuzzing::objstream_body),
     ("lz4_frame", proto::objstream::fuzzing::lz4_frame),
+    ("obj_checksum", proto::objstream::fuzzing::obj_checksum),
     ("http_request", proto::objstream::fuzzing::http_request),
     ("objstream_sender", stream::fuzzing::objstream_sender),
     ("objstream_receiver", stream::fuzzing::objstream_receiver),
