@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use interop::proxy::{Conns, Dir, Fault, Proxy, Rule};
 use interop::{KillOnDrop, Rng, die_with_parent, free_port, stamped};
 use shardwire::engine::{BatchState, EngineConfig, TransferEngine, TransferOpcode as Opcode, TransferRequest};
 use shardwire::proto::objstream::ObjHdr;
@@ -41,10 +42,13 @@ use shardwire::stream::rx::{HandlerError, ObjReader, Receiver, RxOptions};
 use shardwire::transport::rdma::emu::{EmuConfig, EmuFabric};
 use shardwire::transport::rdma::fabric::Fabric;
 
-/// Target processes: the first ones over TCP, the last over RDMA on the
-/// emulated fabric (`SHARDWIRE_FABRIC=emu`).
-const TARGETS: usize = 4;
+/// Target processes: the first ones over TCP, then one over RDMA on the
+/// emulated fabric (`SHARDWIRE_FABRIC=emu`), then one over TCP whose data
+/// port is reached through the fault-injecting proxy.
+const TARGETS: usize = 5;
 const TCP_TARGETS: usize = 3;
+const RDMA_TARGET: usize = 3;
+const PROXIED_TARGET: usize = 4;
 /// Callers, dealt in turn to three engines: the local transport, TCP, and
 /// RDMA on the emulated fabric.
 const CALLERS: usize = 9;
@@ -71,6 +75,8 @@ struct Counts {
     by_path: [AtomicU64; 3],
     failed_while_down: AtomicU64,
     failed_after_restart: AtomicU64,
+    failed_under_proxy_faults: AtomicU64,
+    proxy_faults: AtomicU64,
     unchecked_across_a_kill: AtomicU64,
     objects: AtomicU64,
     object_bytes: AtomicU64,
@@ -86,6 +92,13 @@ struct Counts {
 struct Target {
     port: u16,
     rdma: bool,
+    /// The proxy in front of its data port, and that port.
+    proxy: Option<(Proxy, u16)>,
+    /// Odd while the proxy injects faults; bumped at the start and at the
+    /// heal. A transfer may fail across such a window.
+    fault_epoch: AtomicU64,
+    /// When the last fault window ended, in ms since `epoch`.
+    healed_ms: AtomicU64,
     name: String,
     child: Mutex<Option<KillOnDrop>>,
     /// Bumped before each kill: a read-back across a change is not checked.
@@ -97,9 +110,16 @@ struct Target {
 }
 
 impl Target {
-    fn spawn(port: u16, rdma: bool) -> KillOnDrop {
+    fn spawn(port: u16, rdma: bool, proxy: Option<&(Proxy, u16)>) -> KillOnDrop {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
         cmd.args(["bench", "--mode=target", &format!("--local_server_name=127.0.0.1:{port}")]);
+        if let Some((p, data_port)) = proxy {
+            // Its data port fixed, and the proxy's address published in
+            // its descriptor: every data connection goes through the proxy.
+            cmd.env("SHARDWIRE_TCP_DATA_PORT", data_port.to_string())
+                .env("SHARDWIRE_TCP_DATA_ADVERTISE", p.addr().to_string())
+                .env("SHARDWIRE_LOCAL", "0");
+        }
         if rdma {
             cmd.arg("--protocol=rdma")
                 .env("SHARDWIRE_FABRIC", "emu")
@@ -125,9 +145,21 @@ impl Target {
     }
 
     fn restart(&self) {
-        *self.child.lock().unwrap() = Some(Self::spawn(self.port, self.rdma));
+        *self.child.lock().unwrap() = Some(Self::spawn(self.port, self.rdma, self.proxy.as_ref()));
         self.restarted_ms.store(self.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether a proxy fault window overlapped `[since, now]`, or ended
+    /// less than `STALE_AFTER_RESTART` before `since` (a connection broken
+    /// in the window may be found broken only by the next request).
+    fn faulted_since(&self, epoch_before: u64, since: Instant) -> bool {
+        let now = self.fault_epoch.load(Ordering::SeqCst);
+        let at = since.saturating_duration_since(self.epoch).as_millis() as u64;
+        let healed = self.healed_ms.load(Ordering::SeqCst);
+        epoch_before % 2 == 1
+            || now != epoch_before
+            || (healed > 0 && at.saturating_sub(healed) < STALE_AFTER_RESTART.as_millis() as u64)
     }
 
     /// Whether it came back less than `STALE_AFTER_RESTART` before `at`:
@@ -166,8 +198,11 @@ fn listen_process(port: u16) -> KillOnDrop {
 /// fabric) on RDMA.
 fn engine(local: bool, fabric: Option<Arc<dyn Fabric>>) -> TransferEngine {
     let protocol = if fabric.is_some() { "rdma" } else { "tcp" };
-    let config =
+    let mut config =
         EngineConfig { local, fabric, transfer_timeout: TRANSFER_TIMEOUT, ..EngineConfig::from_env().unwrap() };
+    // The TCP engine checks CRC-32C end to end: the proxy corrupts bytes,
+    // and a corrupted byte must fail its transfer, never land unseen.
+    config.client_limits.crc32c = !local && protocol == "tcp";
     let e = TransferEngine::with_config(config);
     e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
     e
@@ -185,6 +220,7 @@ fn round(
     counts: &Counts,
 ) -> bool {
     let gen_before = t.generation.load(Ordering::SeqCst);
+    let faults_before = t.fault_epoch.load(Ordering::SeqCst);
     let begun = Instant::now();
     if !t.up.load(Ordering::SeqCst) {
         return false;
@@ -268,6 +304,9 @@ fn round(
         Err(_) if t.just_restarted(begun) => {
             counts.failed_after_restart.fetch_add(1, Ordering::Relaxed);
         }
+        Err(_) if t.faulted_since(faults_before, begun) => {
+            counts.failed_under_proxy_faults.fetch_add(1, Ordering::Relaxed);
+        }
         Err(err) => {
             eprintln!("soak: a transfer to {} failed while it was up: {err}", t.name);
             counts.lost.fetch_add(1, Ordering::Relaxed);
@@ -287,6 +326,28 @@ fn round(
         }
     }
     checked
+}
+
+/// One window of proxy faults, drawn from the schedule's generator:
+/// connections open now (indices below `accepted`) are reset, stalled,
+/// half-closed, slowed or delayed at once; the ones opened during the
+/// window are truncated or corrupted at an offset, or reset.
+fn proxy_episode(rng: &mut Rng, accepted: u64) -> Vec<Rule> {
+    let dir = if rng.range(0, 2) == 0 { Dir::Up } else { Dir::Down };
+    // The open ones: the proxy holds at most CONNECTIONS_MAX at once.
+    let open = accepted.saturating_sub(interop::proxy::CONNECTIONS_MAX as u64)..accepted;
+    let now = |fault: Fault| open.clone().map(move |i| Rule::new(Conns::Index(i), dir, fault)).collect::<Vec<_>>();
+    let later = |fault| vec![Rule::new(Conns::From(accepted), dir, fault)];
+    let at = rng.range(0, 4 << 20);
+    match rng.range(0, 8) {
+        0 => now(Fault::Reset { at: 0 }),
+        1 => now(Fault::Stall { at: 0, for_ms: None }),
+        2 => now(Fault::HalfClose { at: 0 }),
+        3 => vec![Rule::new(Conns::All, dir, Fault::Bandwidth { bytes_per_s: rng.range(8, 64) << 20 })],
+        4 => vec![Rule::new(Conns::All, dir, Fault::Delay(Duration::from_millis(rng.range(1, 20))))],
+        5 => [now(Fault::Reset { at: 0 }), later(Fault::Truncate { at })].concat(),
+        _ => [now(Fault::Reset { at: 0 }), later(Fault::Corrupt { at })].concat(),
+    }
 }
 
 /// This process's open descriptors, threads and resident bytes.
@@ -314,12 +375,20 @@ fn soak() {
     let targets: Vec<Arc<Target>> = (0..TARGETS)
         .map(|i| {
             let port = free_port();
-            let rdma = i >= TCP_TARGETS;
+            let rdma = i == RDMA_TARGET;
+            let proxy = (i == PROXIED_TARGET).then(|| {
+                let data_port = free_port();
+                (Proxy::start(std::net::SocketAddr::from(([127, 0, 0, 1], data_port))), data_port)
+            });
+            let child = Target::spawn(port, rdma, proxy.as_ref());
             Arc::new(Target {
                 port,
                 rdma,
+                proxy,
+                fault_epoch: AtomicU64::new(0),
+                healed_ms: AtomicU64::new(0),
                 name: format!("127.0.0.1:{port}"),
-                child: Mutex::new(Some(Target::spawn(port, rdma))),
+                child: Mutex::new(Some(child)),
                 generation: AtomicU64::new(0),
                 up: AtomicBool::new(true),
                 restarted_ms: AtomicU64::new(0),
@@ -329,7 +398,7 @@ fn soak() {
         .collect();
     let emu: Arc<dyn Fabric> = Arc::new(EmuFabric::new(EmuConfig::new(&["emu0", "emu1"])).unwrap());
     let engines = [Arc::new(engine(true, None)), Arc::new(engine(false, None)), Arc::new(engine(false, Some(emu)))];
-    for (e, t, path) in [(0, 0, "local"), (1, 0, "tcp"), (2, TCP_TARGETS, "rdma")] {
+    for (e, t, path) in [(0, 0, "local"), (1, 0, "tcp"), (2, RDMA_TARGET, "rdma"), (1, PROXIED_TARGET, "tcp")] {
         assert_eq!(engines[e].transport_for(&targets[t].name).unwrap(), path, "engine {e}");
     }
 
@@ -382,9 +451,11 @@ fn soak() {
                 let mut seq = (c as u64) << 40;
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
-                    // RDMA callers to the RDMA target; the others to the TCP ones.
+                    // RDMA callers to the RDMA target; TCP callers to the TCP
+                    // ones and the proxied one; the local ones to the TCP ones.
                     let t = match c % 3 {
-                        2 => &targets[rng.range(TCP_TARGETS as u64, TARGETS as u64) as usize],
+                        2 => &targets[RDMA_TARGET],
+                        1 if rng.range(0, 2) == 0 => &targets[PROXIED_TARGET],
                         _ => &targets[rng.range(0, TCP_TARGETS as u64) as usize],
                     };
                     if round(&e, t, &mut rng, seq, c as u64, bufs, &counts) {
@@ -441,7 +512,30 @@ fn soak() {
             }
             thread::sleep(Duration::from_millis(rng.range(1500, 4000)));
             counts.faults.fetch_add(1, Ordering::Relaxed);
-            match rng.range(0, TARGETS as u64 + 1) as usize {
+            // A third of the faults on the proxy's wire, the rest kills: of
+            // a target (any of them) or of the listen process.
+            let pick = match rng.range(0, 3) {
+                0 => TARGETS + 1,
+                _ => rng.range(0, TARGETS as u64 + 1) as usize,
+            };
+            match pick {
+                i if i == TARGETS + 1 => {
+                    let t = &targets[PROXIED_TARGET];
+                    let (p, _) = t.proxy.as_ref().expect("the proxied target has a proxy");
+                    counts.proxy_faults.fetch_add(1, Ordering::Relaxed);
+                    t.fault_epoch.fetch_add(1, Ordering::SeqCst);
+                    let rules = proxy_episode(&mut rng, p.counts().accepted);
+                    eprintln!(
+                        "soak: proxy faults: {:?} on {} connection(s)",
+                        rules[rules.len() - 1].fault,
+                        rules.len()
+                    );
+                    p.set(rules);
+                    thread::sleep(Duration::from_millis(rng.range(500, 3000)));
+                    p.heal();
+                    t.healed_ms.store(t.epoch.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    t.fault_epoch.fetch_add(1, Ordering::SeqCst);
+                }
                 i if i < TARGETS => {
                     let t = &targets[i];
                     t.kill();
@@ -496,6 +590,9 @@ fn soak() {
         "faults_injected": counts.faults.load(Ordering::Relaxed),
         "failed_while_down": counts.failed_while_down.load(Ordering::Relaxed),
         "failed_just_after_a_restart": counts.failed_after_restart.load(Ordering::Relaxed),
+        "failed_under_proxy_faults": counts.failed_under_proxy_faults.load(Ordering::Relaxed),
+        "proxy_fault_windows": counts.proxy_faults.load(Ordering::Relaxed),
+        "proxy_offset_faults_fired": targets[PROXIED_TARGET].proxy.as_ref().map_or(0, |(p, _)| p.counts().fired),
         "objects_failed_while_down": counts.objects_failed.load(Ordering::Relaxed),
         "unchecked_across_a_kill": counts.unchecked_across_a_kill.load(Ordering::Relaxed),
         "lost": counts.lost.load(Ordering::Relaxed),
