@@ -350,6 +350,18 @@ fn proxy_episode(rng: &mut Rng, accepted: u64) -> Vec<Rule> {
     }
 }
 
+/// What each open descriptor of this process is (for the report of what
+/// piled up).
+fn fd_targets() -> BTreeMap<String, String> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else { return BTreeMap::new() };
+    dir.filter_map(|e| e.ok())
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+            (e.file_name().to_string_lossy().to_string(), target)
+        })
+        .collect()
+}
+
 /// This process's open descriptors, threads and resident bytes.
 fn sample() -> (u64, u64, u64) {
     let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
@@ -439,6 +451,7 @@ fn soak() {
     let warm = Instant::now() + Duration::from_secs((seconds / 10).clamp(2, 30));
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut baseline = None;
+    let fds_at_baseline: Mutex<BTreeMap<String, String>> = Mutex::default();
 
     thread::scope(|s| {
         // Callers.
@@ -509,6 +522,7 @@ fn soak() {
         while Instant::now() < end {
             if baseline.is_none() && Instant::now() >= warm {
                 baseline = Some(sample());
+                *fds_at_baseline.lock().unwrap() = fd_targets();
             }
             thread::sleep(Duration::from_millis(rng.range(1500, 4000)));
             counts.faults.fetch_add(1, Ordering::Relaxed);
@@ -576,6 +590,16 @@ fn soak() {
     let _ = received;
     drop(bundle);
     let end_sample = sample();
+    // What is open now that was not then, by kind (socket, pipe, file...).
+    let before = fds_at_baseline.into_inner().unwrap();
+    let mut new_kinds: BTreeMap<String, u64> = BTreeMap::new();
+    for (fd, target) in fd_targets() {
+        if before.get(&fd) != Some(&target) {
+            let kind = target.split(':').next().unwrap_or("?").to_string();
+            *new_kinds.entry(kind).or_default() += 1;
+        }
+    }
+
     let (fds0, threads0, rss0) = baseline.unwrap_or(end_sample);
     let line = serde_json::json!({
         "seconds": seconds,
@@ -600,6 +624,7 @@ fn soak() {
         "corrupted": counts.corrupted.load(Ordering::Relaxed),
         "hung": counts.hung.load(Ordering::Relaxed),
         "fds_growth": end_sample.0 as i64 - fds0 as i64,
+        "fds_opened_since_warm_up_by_kind": new_kinds,
         "threads_growth": end_sample.1 as i64 - threads0 as i64,
         "rss_growth_bytes": end_sample.2 as i64 - rss0 as i64,
     });
@@ -608,8 +633,13 @@ fn soak() {
         assert_eq!(line[key], 0, "{key} is not zero: {line}");
     }
     // Flat: connections and threads come and go with the faults, but do
-    // not pile up (RSS is reported; the allocator keeps what it had).
-    assert!(line["fds_growth"].as_i64().unwrap() <= 64, "descriptors grew: {line}");
+    // not pile up (RSS is reported; the allocator keeps what it had). The
+    // sample after the warm-up may catch connections not yet reopened to
+    // a target that just came back, so the bound leaves room for those
+    // (5 targets x 2 shards x 3 engines, the streams and the memfds); a
+    // descriptor leaked per fault exceeds it within minutes, and an hour
+    // by far.
+    assert!(line["fds_growth"].as_i64().unwrap() <= 96, "descriptors grew: {line}");
     assert!(line["threads_growth"].as_i64().unwrap() <= 8, "threads grew: {line}");
     assert!(line["transfers"].as_u64().unwrap() > 0 && line["objects"].as_u64().unwrap() > 0, "{line}");
 }
