@@ -27,6 +27,8 @@ use crate::proto::mooncake::name;
 pub const CONNECTIONS_MAX: usize = 64;
 /// How long the server waits for a request, and for the client to close.
 pub const SERVER_IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a refused client may keep sending before the server closes.
+const REFUSAL_DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 /// Mooncake's default port for a name without one (`MC_HANDSHAKE_PORT`).
 pub const HANDSHAKE_PORT_DEFAULT: u16 = 12001;
 
@@ -156,10 +158,15 @@ fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64, auth: 
         match verifier.check(&proof) {
             Ok(verdict) => stream.write_all(&verdict)?,
             Err((e, verdict)) => {
-                // The refusal, then the close: nothing else is read or said.
+                // The refusal, then a half-close and a short drain of what
+                // the client still sends (never looked at), so that it reads
+                // the refusal rather than a reset.
                 let peer = stream.peer_addr().map_or_else(|_| "?".into(), |a| a.to_string());
                 log::warn!("rpc: refused {peer}: {e}");
                 let _ = stream.write_all(&verdict);
+                let _ = stream.shutdown(Shutdown::Write);
+                let _ = stream.set_read_timeout(Some(REFUSAL_DRAIN_TIMEOUT));
+                drain(&mut stream);
                 return Err(invalid_data(e));
             }
         }
@@ -189,6 +196,13 @@ fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64, auth: 
     stream.write_all(&reply)?;
     // As Mooncake's server does: half-close, then let the client close.
     stream.shutdown(Shutdown::Write)?;
+    drain(&mut stream);
+    Ok(())
+}
+
+/// Reads and drops what the client still sends, until it closes, at most
+/// 64 KiB (each read bounded by the stream's read timeout).
+fn drain(stream: &mut TcpStream) {
     let mut sink = [0u8; 256];
     let mut drained = 0;
     while drained < 64 << 10 {
@@ -197,7 +211,6 @@ fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64, auth: 
             Ok(n) => drained += n,
         }
     }
-    Ok(())
 }
 
 fn invalid_data(e: impl std::fmt::Display) -> io::Error {
