@@ -20,6 +20,7 @@
 //!   proto/, http/        sans-IO: codecs AND connection cores (events in, actions out), fuzzed
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
 //!   config, error        every environment variable, checked; the error type and Mooncake's codes
+//!   entropy              random bytes from the kernel (nonces, tokens); proto takes them as arguments
 //!   sync                 std's atomics, or loom's under `--cfg loom`, for the structures loom checks
 //!   telemetry/           metrics: plain per-thread counters every layer records into, published
 //!                        every ~100 ms; Prometheus text, engine.metrics(), Mooncake's metric line
@@ -113,6 +114,7 @@ struct ReadmeExamples;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub(crate) mod entropy;
 pub mod error;
 pub mod http;
 pub mod mem;

@@ -12,6 +12,7 @@ const LEVELS: &[(&str, u8)] = &[
     ("http", 0),
     ("telemetry", 0),
     ("sync", 0),
+    ("entropy", 0),
     ("mem", 1),
     ("runtime", 1),
     ("proto", 2),

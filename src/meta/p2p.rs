@@ -151,7 +151,7 @@ fn serve(mut stream: TcpStream, handler: &dyn RpcHandler, max_frame: u64, auth: 
     stream.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
     let _ = stream.set_nodelay(true);
     if let Some(key) = auth {
-        let verifier = Verifier::new(key, Port::Rpc, auth::nonce());
+        let verifier = Verifier::new(key, Port::Rpc, crate::entropy::bytes());
         stream.write_all(&verifier.challenge())?;
         let mut proof = [0u8; auth::PROOF_BYTES];
         stream.read_exact(&mut proof)?;
@@ -298,7 +298,7 @@ fn auth_error(target: &str, e: AuthError) -> TeError {
 
 /// Proves the key to the server, and checks its proof in turn.
 fn authenticate(stream: &mut TcpStream, target: &str, key: &AuthKey) -> TeResult<()> {
-    let mut prover = Prover::new(key.clone(), Port::Rpc, auth::nonce());
+    let mut prover = Prover::new(key.clone(), Port::Rpc, crate::entropy::bytes());
     let mut challenge = [0u8; auth::CHALLENGE_BYTES];
     // A peer without a key waits for our frame: we read nothing until our
     // timeout, or its close.

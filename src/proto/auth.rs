@@ -143,7 +143,7 @@ pub struct Verifier {
 
 impl Verifier {
     /// `nonce` must be fresh and unpredictable (the driver draws it from
-    /// the kernel; tests pass fixed ones).
+    /// the kernel, `crate::entropy`; tests pass fixed ones).
     pub fn new(key: AuthKey, port: Port, nonce: [u8; NONCE_BYTES]) -> Self {
         Self { key, port, nonce }
     }
@@ -215,26 +215,6 @@ impl Prover {
         }
         Ok(())
     }
-}
-
-/// A fresh nonce from the kernel's random source.
-pub fn nonce() -> [u8; NONCE_BYTES] {
-    let mut out = [0u8; NONCE_BYTES];
-    let mut filled = 0;
-    // Bounded: getrandom(2) returns at most 32 bytes short only when a
-    // signal interrupts it; a few tries are plenty.
-    for _ in 0..16 {
-        // SAFETY: the pointer and length describe the unfilled tail of
-        // `out`, which lives across the call.
-        let n = unsafe { libc::getrandom(out[filled..].as_mut_ptr().cast(), NONCE_BYTES - filled, 0) };
-        if n > 0 {
-            filled += n as usize;
-            if filled == NONCE_BYTES {
-                return out;
-            }
-        }
-    }
-    panic!("getrandom(2) failed to fill {NONCE_BYTES} bytes: {}", std::io::Error::last_os_error());
 }
 
 #[cfg(test)]
@@ -319,10 +299,5 @@ mod tests {
         assert!(AuthKey::new(&[0u8; KEY_BYTES_MAX + 1]).is_err());
         let k = key("0123456789abcdef-secret");
         assert!(!format!("{k:?}").contains("secret"));
-    }
-
-    #[test]
-    fn nonces_differ() {
-        assert_ne!(nonce(), nonce());
     }
 }

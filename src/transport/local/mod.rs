@@ -72,15 +72,8 @@ pub fn boot_id() -> String {
 }
 
 fn random_token() -> u64 {
-    let mut t = [0u8; 8];
-    // SAFETY: getrandom fills the 8 bytes of a live array.
-    let n = unsafe { libc::getrandom(t.as_mut_ptr().cast(), t.len(), 0) };
-    let t = u64::from_le_bytes(t);
-    if n == 8 && t != 0 {
-        return t;
-    }
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 40) | 1
+    // Never 0 (0 means "no token").
+    u64::from_le_bytes(crate::entropy::bytes()) | 1
 }
 
 /// The slots this target has open, by buffer address.

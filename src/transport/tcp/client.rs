@@ -24,7 +24,7 @@ use io_uring::{opcode, types};
 use super::iov::IoVecs;
 use super::sock::{self, RawSockAddr};
 use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
-use crate::proto::auth::{self, AuthKey, Port, Prover};
+use crate::proto::auth::{AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
 use crate::runtime::{Completion, ShardCtx, TimerId};
 use crate::telemetry::{Event, counters as telemetry};
@@ -205,7 +205,7 @@ impl ClientShard {
                     let mut core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline)
                         .with_crc32c(peer.crc32c);
                     if let Some(key) = &s.auth {
-                        core = core.authenticating(Prover::new(key.clone(), Port::Data, auth::nonce()));
+                        core = core.authenticating(Prover::new(key.clone(), Port::Data, crate::entropy::bytes()));
                     }
                     let conn = Rc::new(RefCell::new(Conn {
                         id: s.next_id,

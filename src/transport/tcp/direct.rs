@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::Peer;
 use super::iov::IoVecs;
-use crate::proto::auth::{self, AuthKey, Port, Prover};
+use crate::proto::auth::{AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Req, Settle};
 use crate::telemetry::{Event, counters as telemetry};
 use crate::transport::InlineRequest;
@@ -74,7 +74,7 @@ pub fn transfer(
         // Requests are idempotent: the same bytes to the same addresses.
         let retries = u8::from(cached);
         // A fresh connection proves the key first; a cached one has.
-        let prover = auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, auth::nonce()));
+        let prover = auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, crate::entropy::bytes()));
         match exchange(&mut stream, peer, r, retries, prover) {
             Settle::Done => {
                 put_back(engine, peer.addr, stream);

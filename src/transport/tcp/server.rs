@@ -22,7 +22,7 @@ use io_uring::{opcode, squeue, types};
 use super::iov::IoVecs;
 use super::sock;
 use crate::mem::{Pin, Registry};
-use crate::proto::auth::{self, AuthKey, Port, Verifier};
+use crate::proto::auth::{AuthKey, Port, Verifier};
 use crate::proto::mooncake::server::{Limits, Memory, Served, ServerSession};
 use crate::runtime::{Completion, ShardCtx, TimerId};
 
@@ -121,7 +121,7 @@ impl ServerShard {
             let id = shard.next_id;
             let mut core = ServerSession::new(Limits::default());
             if let Some(key) = &shard.auth {
-                let verifier = Verifier::new(key.clone(), Port::Data, auth::nonce());
+                let verifier = Verifier::new(key.clone(), Port::Data, crate::entropy::bytes());
                 core = core.authenticating(verifier, Instant::now() + AUTH_TIMEOUT);
             }
             let s = Rc::new(RefCell::new(Session {
