@@ -32,9 +32,7 @@ fn engine(key: Option<&str>) -> TransferEngine {
         transfer_timeout: TIMEOUT,
         ..EngineConfig::from_env().unwrap()
     };
-    let e = TransferEngine::with_config(config);
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
-    e
+    interop::p2p_engine(config, "tcp")
 }
 
 /// A `shardwire bench --mode=target` process with `key` or none.

@@ -49,9 +49,7 @@ fn loopback(port: u16) -> SocketAddr {
 fn initiator() -> TransferEngine {
     let config =
         EngineConfig { transfer_timeout: TIMEOUT, local: false, force_tcp: true, ..EngineConfig::from_env().unwrap() };
-    let e = TransferEngine::with_config(config);
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
-    e
+    interop::p2p_engine(config, "tcp")
 }
 
 /// A `shardwire bench --mode=target` process whose RPC and data ports are

@@ -55,9 +55,7 @@ fn target() -> (KillOnDrop, String) {
 }
 
 fn engine(local: bool) -> TransferEngine {
-    let e = TransferEngine::with_config(EngineConfig { local, ..EngineConfig::from_env().unwrap() });
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
-    e
+    interop::p2p_engine(EngineConfig { local, ..EngineConfig::from_env().unwrap() }, "tcp")
 }
 
 #[derive(Default)]

@@ -203,9 +203,7 @@ fn engine(local: bool, fabric: Option<Arc<dyn Fabric>>) -> TransferEngine {
     // The TCP engine checks CRC-32C end to end: the proxy corrupts bytes,
     // and a corrupted byte must fail its transfer, never land unseen.
     config.client_limits.crc32c = !local && protocol == "tcp";
-    let e = TransferEngine::with_config(config);
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
-    e
+    interop::p2p_engine(config, protocol)
 }
 
 /// One transfer pair (write, then read back) of a caller; returns whether

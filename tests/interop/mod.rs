@@ -246,6 +246,14 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
     (0..len).map(|i| ((i as u64 * 131 + seed * 7 + (i as u64 >> 8)) & 0xff) as u8).collect()
 }
 
+/// An engine of this process made from `config`, initialized on loopback
+/// with P2P metadata over `protocol`.
+pub fn p2p_engine(config: shardwire::engine::EngineConfig, protocol: &str) -> shardwire::engine::TransferEngine {
+    let e = shardwire::engine::TransferEngine::with_config(config);
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "").expect("initialize");
+    e
+}
+
 /// Bytes that name the transfer they belong to: every 512-byte block opens
 /// with the sequence number, so a stale or misplaced block is caught, not
 /// only a wrong byte.
