@@ -16,26 +16,22 @@
 
 mod interop;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread::{self, JoinHandle};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use interop::faults::{Bystander, Lines, SLACK, bounded, broken_stream, round_trip, settle};
 use interop::proxy::{Conns, Dir, Fault, Proxy, Rule};
 use interop::{EtcdServer, KillOnDrop, die_with_parent, free_port, pattern, stream_listener};
-use shardwire::engine::{BatchState, EngineConfig, TransferEngine, TransferOpcode, TransferRequest, code};
+use shardwire::engine::{BatchState, EngineConfig, TransferEngine, code};
 use shardwire::proto::mooncake::tcp::Opcode;
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::{Stream, StreamOptions, Termination};
 
 /// The initiators' transfer timeout: short, so that stalls settle soon.
 const TIMEOUT: Duration = Duration::from_secs(3);
-/// How long past its own bound a call may take before the test calls it
-/// a hang: the bound of every wait here, not an expectation.
-const SLACK: Duration = Duration::from_secs(15);
 /// The target's buffer: faults hit its first half, checks after a heal
 /// its second (bytes of a timed-out write may still land after a heal).
 const BUF: u64 = 8 << 20;
@@ -83,121 +79,12 @@ fn target() -> Target {
     Target { name: rpc.addr().to_string(), rpc, data, _child: child }
 }
 
-/// Runs `f` on a thread of its own and waits for it at most `limit`: a
-/// call that hangs fails the test instead of stopping it.
-fn bounded<T: Send + 'static>(what: &str, limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit).unwrap_or_else(|_| panic!("{what}: no answer within {limit:?} (a hang)"))
-}
-
-/// Transfers to a peer the proxies do not carry, on a thread of their own
-/// until stopped; each must succeed with its bytes intact.
-struct Bystander {
-    stop: Arc<AtomicBool>,
-    rounds: Arc<AtomicU64>,
-    thread: Option<JoinHandle<u64>>,
-}
-
-impl Bystander {
-    /// Starts it and returns once its first round went through.
-    fn start(e: Arc<TransferEngine>) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let rounds = Arc::new(AtomicU64::new(0));
-        let (s, done) = (stop.clone(), rounds.clone());
-        let thread = thread::spawn(move || {
-            let peer = initiator();
-            let (len, name) = (256u64 << 10, peer.segment_name().unwrap());
-            let remote = peer.allocate_managed_buffer(len).unwrap();
-            let (out, back) = (e.allocate_managed_buffer(len).unwrap(), e.allocate_managed_buffer(len).unwrap());
-            let mut rounds = 0u64;
-            while !s.load(Ordering::Acquire) {
-                let data = pattern(len as usize, rounds);
-                e.write_bytes_to_buffer(out, &data).unwrap();
-                e.transfer_sync_write(&name, out, remote, len).expect("the bystander's write");
-                e.transfer_sync_read(&name, back, remote, len).expect("the bystander's read");
-                assert!(e.read_bytes_from_buffer(back, len).unwrap() == data, "the bystander's bytes, round {rounds}");
-                rounds += 1;
-                done.store(rounds, Ordering::Release);
-            }
-            peer.shutdown();
-            rounds
-        });
-        let b = Self { stop, rounds, thread: Some(thread) };
-        b.wait_rounds(1);
-        b
-    }
-
-    /// Waits (bounded) until `n` rounds went through.
-    fn wait_rounds(&self, n: u64) {
-        let deadline = Instant::now() + SLACK;
-        while self.rounds.load(Ordering::Acquire) < n {
-            let finished = self.thread.as_ref().is_none_or(|t| t.is_finished());
-            assert!(!finished && Instant::now() < deadline, "the bystander stopped at {n} rounds");
-            thread::sleep(Duration::from_millis(1));
-        }
-    }
-
-    /// Lets one more round go through, then stops it; returns how many
-    /// went through (panics if one failed).
-    fn finish(mut self) -> u64 {
-        let more = self.rounds.load(Ordering::Acquire) + 1;
-        let last = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.wait_rounds(more)));
-        self.stop.store(true, Ordering::Release);
-        let rounds = self.thread.take().unwrap().join().expect("the bystander's transfers all succeeded");
-        last.expect("the bystander's rounds go on");
-        rounds
-    }
-}
-
 /// What a batch under a fault must end as.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Expect {
     Completed,
     Failed,
     TimedOut,
-}
-
-/// Submits `n` requests of `len` bytes as one batch, waits (bounded) for
-/// it to settle, and returns its state; its settle hook must run once.
-fn settle(e: &TransferEngine, name: &str, op: TransferOpcode, local: u64, remote: u64, n: u64, len: u64) -> BatchState {
-    let requests: Vec<TransferRequest> = (0..n)
-        .map(|i| TransferRequest { opcode: op, source: local + i * len, target_offset: remote + i * len, length: len })
-        .collect();
-    let hooks = Arc::new(AtomicU32::new(0));
-    let h = hooks.clone();
-    let hook = Box::new(move || {
-        h.fetch_add(1, Ordering::AcqRel);
-    });
-    let id = e.batch_transfer_async_hooked(name, &requests, Some(hook)).unwrap();
-    let deadline = Instant::now() + TIMEOUT + SLACK;
-    let state = loop {
-        let s = *e.batch_states(&[id]).unwrap()[0].as_ref().unwrap();
-        if s != BatchState::Pending {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "a batch still pending {SLACK:?} past its timeout");
-        thread::sleep(Duration::from_millis(5));
-    };
-    while hooks.load(Ordering::Acquire) == 0 {
-        assert!(Instant::now() < deadline, "the batch settled but its hook never ran");
-        thread::sleep(Duration::from_millis(1));
-    }
-    assert_eq!(e.transfer_check_status(id).unwrap(), state, "a settled batch keeps its state");
-    assert_eq!(hooks.load(Ordering::Acquire), 1, "settled once");
-    state
-}
-
-/// Writes and reads back `len` bytes at `remote` (sync), checking them.
-fn round_trip(e: &TransferEngine, name: &str, local: u64, remote: u64, len: u64, seed: u64) {
-    let data = pattern(len as usize, seed);
-    e.write_bytes_to_buffer(local, &data).unwrap();
-    e.transfer_sync_write(name, local, remote, len).unwrap_or_else(|err| panic!("write of {len} after a heal: {err}"));
-    e.write_bytes_to_buffer(local, &vec![0; len as usize]).unwrap();
-    e.transfer_sync_read(name, local, remote, len).unwrap_or_else(|err| panic!("read of {len} after a heal: {err}"));
-    assert!(e.read_bytes_from_buffer(local, len).unwrap() == data, "{len} bytes intact after a heal");
 }
 
 #[test]
@@ -238,9 +125,9 @@ fn tcp_transfers_under_each_fault_settle_once_and_recover() {
         let remote = e.get_first_buffer_address(&t.name).unwrap();
         let first = t.data.counts().accepted;
         t.data.set(vec![Rule::new(Conns::From(first), dir, fault)]);
-        let bystander = Bystander::start(e.clone());
+        let bystander = Bystander::start(e.clone(), initiator);
         let start = Instant::now();
-        let state = settle(&e, &t.name, op, local, remote, n, len);
+        let state = settle(&e, &t.name, op, local, remote, n, len, TIMEOUT).expect("the batch is submitted");
         let took = start.elapsed();
         let rounds = bystander.finish();
         let want = match expect {
@@ -346,35 +233,6 @@ fn etcd_lookups_under_faults_fail_clearly_and_recover() {
     e.shutdown();
 }
 
-/// Lines of a child's output, each wait bounded.
-struct Lines(mpsc::Receiver<String>);
-
-impl Lines {
-    fn of(r: impl Read + Send + 'static) -> Lines {
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(r).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Lines(rx)
-    }
-
-    /// Waits until a line contains `needle`.
-    fn find(&self, needle: &str) {
-        let deadline = Instant::now() + SLACK;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.0.recv_timeout(left).unwrap_or_else(|_| panic!("no line with {needle} within {SLACK:?}"));
-            if line.contains(needle) {
-                return;
-            }
-        }
-    }
-}
-
 /// Object streams to a `shardwire stream listen` process through a proxy:
 /// under each fault the stream ends with an error within the send timeout,
 /// every object sent completes exactly once, and a new stream after the
@@ -399,44 +257,13 @@ fn object_streams_under_faults_complete_each_object_once_and_recover() {
     ];
     for (round, (what, dir, fault)) in faults.into_iter().enumerate() {
         p.set(vec![Rule::new(Conns::From(p.counts().accepted), dir, fault)]);
-        let done: Arc<Mutex<Vec<(String, bool)>>> = Arc::default();
-        let d = done.clone();
-        let opts = StreamOptions {
-            send_timeout,
-            on_sent: Some(Arc::new(move |h: &ObjHdr, r| {
-                d.lock().unwrap().push((h.name.clone(), r.is_ok()));
-            })),
-            ..StreamOptions::default()
-        };
-        let url2 = url.clone();
-        // Every object handed to `send` completes once, a refused one too.
-        let (sent, end) = bounded(what, send_timeout * 4 + SLACK, move || {
-            let s = Stream::new(&url2, "f", opts).unwrap();
-            let mut sent = 0usize;
-            for i in 0..40 {
-                sent += 1;
-                if s.send(ObjHdr::new("b", &format!("r{round}-{i}"), 65_536), vec![i as u8; 65_536]).is_err() {
-                    break;
-                }
-            }
-            (sent, s.fin())
-        });
-        assert!(matches!(end, Termination::Error(_)), "{what}: the stream ends with an error, not {end:?}");
-        let deadline = Instant::now() + SLACK;
-        while done.lock().unwrap().len() < sent {
-            assert!(Instant::now() < deadline, "{what}: {} of {sent} objects completed", done.lock().unwrap().len());
-            thread::sleep(Duration::from_millis(5));
-        }
-        let done = done.lock().unwrap().clone();
-        let mut names: Vec<&String> = done.iter().map(|(n, _)| n).collect();
-        names.sort();
-        names.dedup();
-        assert_eq!((names.len(), done.len()), (sent, sent), "{what}: each object completes exactly once");
+        let opts = StreamOptions { send_timeout, ..StreamOptions::default() };
+        let (sent, failed, end) = broken_stream(what, &url, "f", &format!("r{round}-"), opts);
         // A completion says an object went out (as in AIStore), not that
         // it was taken: objects still in flight when the sender learns of
         // the fault fail; those already out completed, and the stream's end
-        // (above) carries the error. How many are which depends on timing.
-        eprintln!("stream, {what}: {end}; {sent} objects, {} failed", done.iter().filter(|(_, ok)| !ok).count());
+        // carries the error. How many are which depends on timing.
+        eprintln!("stream, {what}: {end}; {sent} objects, {failed} failed");
 
         // Healed: a new stream delivers everything.
         p.heal();

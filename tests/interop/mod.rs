@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod netns;
 pub mod proxy;
 

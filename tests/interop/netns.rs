@@ -12,6 +12,7 @@ fn ip(args: &[&str]) -> bool {
 pub struct Link {
     pub ns: String,
     host_if: String,
+    ns_if: String,
     sub: u32,
 }
 
@@ -23,7 +24,7 @@ impl Link {
         let ns = format!("swt{tag}");
         let (a, b) = (format!("swa{tag}"), format!("swb{tag}"));
         let sub = 100 + tag % 100;
-        let l = Link { ns: ns.clone(), host_if: a.clone(), sub };
+        let l = Link { ns: ns.clone(), host_if: a.clone(), ns_if: b.clone(), sub };
         assert!(ip(&["netns", "add", &ns]), "ip netns add (the test needs root)");
         assert!(ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]));
         assert!(ip(&["link", "set", &b, "netns", &ns]));
@@ -38,6 +39,74 @@ impl Link {
             assert!(Command::new("tc").args(&tc).status().unwrap().success(), "tc {tc:?}");
         }
         l
+    }
+
+    /// Puts `qdisc` (such as `netem loss 2%`) at the root of both ends,
+    /// in place of what was there: it acts on what each side sends.
+    pub fn shape_both(&self, qdisc: &str) {
+        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
+            let mut tc = Command::new("tc");
+            if let Some(ns) = ns {
+                tc.args(["-n", ns]);
+            }
+            tc.args(["qdisc", "replace", "dev", dev, "root"]).args(qdisc.split(' '));
+            assert!(tc.status().unwrap().success(), "{tc:?}");
+        }
+    }
+
+    /// Takes the qdiscs of [`Link::shape_both`] away from both ends.
+    pub fn unshape(&self) {
+        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
+            let mut tc = Command::new("tc");
+            if let Some(ns) = ns {
+                tc.args(["-n", ns]);
+            }
+            tc.args(["qdisc", "del", "dev", dev, "root"]);
+            assert!(tc.status().unwrap().success(), "{tc:?}");
+        }
+    }
+
+    /// Packets sent and dropped by the root qdiscs of both ends since they
+    /// were put there (`tc -s qdisc`), summed.
+    pub fn qdisc_counts(&self) -> (u64, u64) {
+        let (mut sent, mut dropped) = (0, 0);
+        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
+            let mut tc = Command::new("tc");
+            if let Some(ns) = ns {
+                tc.args(["-n", ns]);
+            }
+            let out = tc.args(["-s", "qdisc", "show", "dev", dev]).output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            // " Sent 1234 bytes 56 pkt (dropped 7, overlimits 0 requeues 0)"
+            let words: Vec<&str> = text.split_whitespace().collect();
+            for w in words.windows(2) {
+                match (w[0].trim_start_matches('('), w[1].trim_end_matches(',').parse::<u64>()) {
+                    ("dropped", Ok(n)) => dropped += n,
+                    (_, _) if w[1] == "pkt" => sent += w[0].parse::<u64>().unwrap_or(0),
+                    _ => {}
+                }
+            }
+        }
+        (sent, dropped)
+    }
+
+    /// Whether this kernel has netem (a probe on this side's end, removed
+    /// again).
+    pub fn has_netem(&self) -> bool {
+        let add = Command::new("tc")
+            .args(["qdisc", "add", "dev", &self.host_if, "root", "netem", "delay", "1ms"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if add {
+            let _ = Command::new("tc").args(["qdisc", "del", "dev", &self.host_if, "root"]).status();
+        }
+        add
+    }
+
+    /// This side's address.
+    pub fn local(&self) -> String {
+        format!("10.211.{}.1", self.sub)
     }
 
     /// The namespace's address.
