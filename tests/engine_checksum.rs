@@ -14,7 +14,7 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use shardwire::engine::{EngineConfig, TransferEngine};
 use shardwire::error::code;
@@ -213,6 +213,22 @@ fn a_corrupted_byte_fails_the_transfer_with_the_checksum_code() {
         e.transfer_sync_read(&s.name, local + (2 << 20), s.remote, len as u64).unwrap();
         assert_eq!(e.read_bytes_from_buffer(local + (2 << 20), len as u64).unwrap(), data);
     }
+    // The metrics count them (the process's: both ends are here, and the
+    // other test of this file turns the checksum off): per size, the
+    // target found two (the WRITE's payload, the header) and the
+    // initiator failed three.
+    let key = |side: &str| format!("shardwire_checksum_failures_total{{transport=\"tcp\",side=\"{side}\"}}");
+    let want = (2.0 * SIZES.len() as f64, 3.0 * SIZES.len() as f64);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = loop {
+        let m = e.metrics();
+        let got = (m.get(&key("target")).copied().unwrap_or(0.0), m.get(&key("initiator")).copied().unwrap_or(0.0));
+        if got == want || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(got, want, "checksum failures counted (target, initiator)");
 }
 
 #[test]

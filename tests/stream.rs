@@ -658,7 +658,34 @@ fn cli_listen_prints_one_json_line_per_object() {
         let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
         assert_eq!((v["name"].as_str().unwrap(), v["received"].as_i64().unwrap()), (name, size));
     }
+
+    // `--checksum`: the sender puts one in each header (a file's read
+    // first), the listener verifies it.
+    let out = cli_send(port, "cli", &["--checksum", "xxhash", f1.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
+    assert_eq!((v["name"].as_str(), v["received"].as_i64()), (Some("f1"), Some(300_000)), "{v}");
+    assert_eq!(v["cksum_type"], "xxhash");
+    assert_eq!(v["cksum_value"], compute_hex(CksumType::Xxhash, &[3u8; 300_000]));
+    let out = cli_send(port, "cli", &["--checksum", "sha1", "--count", "1"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("\"sha1\" is not a checksum type (xxhash,"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
+
+    // An object whose bytes do not match its checksum: a line with the
+    // error in place of the object's, and the stream goes on.
+    let s = Stream::new(&format!("http://127.0.0.1:{port}"), "cli", StreamOptions::default()).unwrap();
+    let mut h = ObjHdr::new("bkt", "bad", 1000);
+    h.attrs.cksum_type = "crc32c".into();
+    h.attrs.cksum_value = compute_hex(CksumType::Crc32c, &[1u8; 1000]);
+    s.send(h, vec![2u8; 1000]).unwrap();
+    s.send(ObjHdr::new("bkt", "after", 10), vec![0u8; 10]).unwrap();
+    assert_eq!(s.fin(), Termination::EndOfStream);
+    let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
+    assert_eq!((v["name"].as_str(), v["error"]["code"].as_str()), (Some("bad"), Some("bad_checksum")), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("crc32c"), "{v}");
+    let v: serde_json::Value = serde_json::from_str(&lines.next()).unwrap();
+    assert_eq!((v["name"].as_str(), v["received"].as_i64()), (Some("after"), Some(10)), "{v}");
 }
 
 #[test]

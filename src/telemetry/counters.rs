@@ -77,9 +77,15 @@ pub enum Event {
     RdmaToTcp = 4,
     /// An RDMA endpoint (queue pairs to one peer device) connected.
     RdmaConnect = 5,
+    /// A request a target found corrupted by its CRC-32C (a header it
+    /// refused, or a WRITE whose bytes landed wrong).
+    TcpChecksumTarget = 6,
+    /// A request that failed at its initiator with the checksum code
+    /// (whichever end found the mismatch).
+    TcpChecksumInitiator = 7,
 }
 /// How many [`Event`]s there are.
-pub const EVENTS: usize = 6;
+pub const EVENTS: usize = 8;
 
 /// A stream's direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -486,8 +492,16 @@ pub fn submitted(via: Via, n: u64) {
 }
 
 pub fn event(e: Event) {
+    events(e, 1);
+}
+
+/// `n` events of kind `e`.
+pub fn events(e: Event, n: u64) {
+    if n == 0 {
+        return;
+    }
     with_local(|l| {
-        l.plain.events[e as usize] += 1;
+        l.plain.events[e as usize] += n;
         l.dirty.rest = true;
     });
 }

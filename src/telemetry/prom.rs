@@ -33,6 +33,7 @@ pub const IN_FLIGHT: &str = "shardwire_transfer_in_flight";
 pub const CONNECTIONS: &str = "shardwire_connections_total";
 pub const RECONNECTS: &str = "shardwire_reconnects_total";
 pub const FALLBACKS: &str = "shardwire_fallbacks_total";
+pub const CHECKSUM_FAILURES: &str = "shardwire_checksum_failures_total";
 pub const DEVICE_BYTES: &str = "shardwire_rdma_device_bytes_total";
 pub const RAIL_PAUSES: &str = "shardwire_rdma_rail_pauses_total";
 pub const STREAM_OBJECTS: &str = "shardwire_stream_objects_total";
@@ -54,6 +55,11 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
     ),
     (RECONNECTS, Kind::Counter, "Data connections opened again to a peer that had one before."),
     (FALLBACKS, Kind::Counter, "Transfer requests handed from one transport to another."),
+    (
+        CHECKSUM_FAILURES,
+        Kind::Counter,
+        "Transfer requests whose CRC-32C did not match (target: found there; initiator: failed with -400).",
+    ),
     (DEVICE_BYTES, Kind::Counter, "Bytes moved through each local RDMA device."),
     (RAIL_PAUSES, Kind::Counter, "Times a rail of an RDMA device was paused after errors."),
     (STREAM_OBJECTS, Kind::Counter, "Objects sent or received on object streams, per trname."),
@@ -120,13 +126,15 @@ pub fn samples(c: &Counters) -> Vec<Sample> {
         }
     }
     type Labels = &'static [(&'static str, &'static str)];
-    let events: [(Event, &'static str, Labels); 6] = [
+    let events: [(Event, &'static str, Labels); 8] = [
         (Event::TcpConnect, CONNECTIONS, &[("transport", "tcp"), ("side", "initiator")]),
         (Event::TcpAccept, CONNECTIONS, &[("transport", "tcp"), ("side", "target")]),
         (Event::RdmaConnect, CONNECTIONS, &[("transport", "rdma"), ("side", "initiator")]),
         (Event::TcpReconnect, RECONNECTS, &[("transport", "tcp")]),
         (Event::LocalToTcp, FALLBACKS, &[("from", "local"), ("to", "tcp")]),
         (Event::RdmaToTcp, FALLBACKS, &[("from", "rdma"), ("to", "tcp")]),
+        (Event::TcpChecksumTarget, CHECKSUM_FAILURES, &[("transport", "tcp"), ("side", "target")]),
+        (Event::TcpChecksumInitiator, CHECKSUM_FAILURES, &[("transport", "tcp"), ("side", "initiator")]),
     ];
     for (e, name, labels) in events {
         if c.event(e) > 0 {

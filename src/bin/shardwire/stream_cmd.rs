@@ -7,8 +7,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shardwire::proto::objstream::ObjHdr;
+use shardwire::proto::objstream::checksum::{self, ChecksumError, CksumType};
 use shardwire::stream::{
-    Body, HandlerError, ObjReader, Receiver, RecvHandler, RxOptions, Stream, StreamError, StreamOptions, Termination,
+    Body, HandlerError, ObjReader, Receiver, RecvHandler, RxOptions, Session, Stream, StreamError, StreamOptions,
+    Termination,
 };
 
 use crate::fail::Failure;
@@ -67,6 +69,11 @@ pub struct SendArgs {
     /// Ais-Caller-Id.
     #[arg(long, default_value = "shardwire-cli")]
     caller: String,
+    /// Put this checksum of each object in its header, for the receiver to
+    /// verify: xxhash, xxhash2, crc32c, md5, sha256 or sha512 (a file is
+    /// read once more to compute it).
+    #[arg(long, value_name = "TYPE")]
+    checksum: Option<String>,
     /// Print the outcome and the stream's statistics as JSON at the end
     /// (with {"error": {"code", "message"}} when it failed).
     #[arg(long)]
@@ -93,6 +100,56 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// What `stream listen` does with each object: a JSON line on stdout, for
+/// an object received whole and for one that failed its checksum.
+struct Printer {
+    out: Arc<Mutex<std::io::Stdout>>,
+}
+
+impl Printer {
+    fn print(&self, line: &serde_json::Value) -> std::io::Result<()> {
+        let mut o = self.out.lock().expect("stdout lock");
+        writeln!(o, "{line}")?;
+        o.flush()
+    }
+}
+
+impl RecvHandler for Printer {
+    fn object(&self, _: &Session, h: &ObjHdr, body: &mut ObjReader<'_>) -> Result<(), HandlerError> {
+        let received = body.discard()?;
+        let custom: serde_json::Map<String, serde_json::Value> =
+            h.attrs.custom.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
+        self.print(&serde_json::json!({
+            "bucket": h.bucket.name,
+            "provider": h.bucket.provider,
+            "name": h.name,
+            "opaque": hex(&h.opaque),
+            "size": h.attrs.size,
+            "received": received,
+            "atime": h.attrs.atime,
+            "cksum_type": h.attrs.cksum_type,
+            "cksum_value": h.attrs.cksum_value,
+            "version": h.attrs.version,
+            "custom": custom,
+        }))?;
+        Ok(())
+    }
+
+    /// The object failed (the stream goes on): a line that says so, in
+    /// place of the object's.
+    fn bad_checksum(&self, _: &Session, h: &ObjHdr, err: &ChecksumError) {
+        let _ = self.print(&serde_json::json!({
+            "bucket": h.bucket.name,
+            "provider": h.bucket.provider,
+            "name": h.name,
+            "size": h.attrs.size,
+            "cksum_type": h.attrs.cksum_type,
+            "cksum_value": h.attrs.cksum_value,
+            "error": { "code": "bad_checksum", "message": err.to_string() },
+        }));
+    }
+}
+
 fn listen(a: &ListenArgs) -> Result<(), Failure> {
     let stats_interval = a.stats_interval.map(|s| flags::positive_seconds("--stats-interval", s)).transpose()?;
     let out = Arc::new(Mutex::new(std::io::stdout()));
@@ -101,29 +158,7 @@ fn listen(a: &ListenArgs) -> Result<(), Failure> {
         if handlers.iter().any(|(n, _)| n == name) {
             return Err(Failure::usage(format!("--trname {name:?} is given twice")));
         }
-        let out = out.clone();
-        let handler = move |h: &ObjHdr, body: &mut ObjReader<'_>| -> Result<(), HandlerError> {
-            let received = body.discard()?;
-            let custom: serde_json::Map<String, serde_json::Value> =
-                h.attrs.custom.iter().map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone()))).collect();
-            let line = serde_json::json!({
-                "bucket": h.bucket.name,
-                "provider": h.bucket.provider,
-                "name": h.name,
-                "opaque": hex(&h.opaque),
-                "size": h.attrs.size,
-                "received": received,
-                "atime": h.attrs.atime,
-                "cksum_type": h.attrs.cksum_type,
-                "cksum_value": h.attrs.cksum_value,
-                "version": h.attrs.version,
-                "custom": custom,
-            });
-            let mut o = out.lock().expect("stdout lock");
-            writeln!(o, "{line}")?;
-            o.flush()?;
-            Ok(())
-        };
+        let handler = Printer { out: out.clone() };
         handlers.push((name.clone(), Arc::new(handler)));
     }
     // Handlers are in place before the first connection is taken.
@@ -143,6 +178,23 @@ fn listen(a: &ListenArgs) -> Result<(), Failure> {
             eprintln!("{stats}");
         }
     }
+}
+
+/// `ty`'s checksum of the first `len` bytes of `file` (what goes out as
+/// the object), as hex; the file is left at its start again.
+fn file_checksum(file: &mut std::fs::File, len: u64, ty: CksumType) -> std::io::Result<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut hasher = checksum::Hasher::new(ty);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut piece = Read::by_ref(file).take(len);
+    loop {
+        match piece.read(&mut buf)? {
+            0 => break,
+            n => hasher.update(&buf[..n]),
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(hasher.finish_hex())
 }
 
 /// "1 object", "3 objects".
@@ -170,6 +222,16 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
     let compression = flags::compress(a.compress.as_deref())?;
     let pdu_size = a.pdu.as_deref().map(|p| flags::size("--pdu", p)).transpose()?;
     let size = a.count.map(|_| flags::size("--size", &a.size)).transpose()?;
+    let cksum = a
+        .checksum
+        .as_deref()
+        .map(|t| {
+            CksumType::parse(t).ok_or_else(|| {
+                let names: Vec<&str> = CksumType::ALL.iter().map(|c| c.as_str()).collect();
+                Failure::usage(format!("--checksum {t:?} is not a checksum type ({})", names.join(", ")))
+            })
+        })
+        .transpose()?;
     // Every file is checked before the stream opens: one that cannot be
     // read sends nothing. (Each is opened again when its turn comes, so
     // that many files do not hold as many descriptors.)
@@ -185,6 +247,7 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
         compression,
         pdu_size,
         caller_id: a.caller.clone(),
+        checksum: cksum,
         on_sent: Some(Arc::new(move |h: &ObjHdr, r| {
             if let Err(e) = r {
                 f.lock().expect("failures lock").add(&h.name, e);
@@ -215,7 +278,7 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
         for path in &a.files {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             let opened = std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f)));
-            let (len, file) = match opened {
+            let (len, mut file) = match opened {
                 Ok(o) => o,
                 Err(e) => {
                     // Gone since the check: this object fails, the rest go.
@@ -224,8 +287,21 @@ fn send(a: &SendArgs) -> Result<(), Failure> {
                     continue;
                 }
             };
+            let mut hdr = ObjHdr::new(&a.bucket, &name, len as i64);
+            if let Some(ty) = cksum.filter(|_| len > 0) {
+                // A file is read as it is sent: its checksum takes a read
+                // of its own first.
+                match file_checksum(&mut file, len, ty) {
+                    Ok(value) => (hdr.attrs.cksum_type, hdr.attrs.cksum_value) = (ty.as_str().to_string(), value),
+                    Err(e) => {
+                        let e = StreamError::Object(format!("cannot read it: {e}"));
+                        failures.lock().expect("failures lock").add(&name, &e);
+                        continue;
+                    }
+                }
+            }
             let body = if len == 0 { Body::Empty } else { Body::Reader(Box::new(file)) };
-            if !queue(ObjHdr::new(&a.bucket, &name, len as i64), body) {
+            if !queue(hdr, body) {
                 break;
             }
         }

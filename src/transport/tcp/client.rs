@@ -488,7 +488,10 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
             Settle::Rejected { message, .. } => r.ticket.fail(TransferStatus::Failed, &message),
             Settle::Failed(why) => r.ticket.fail(TransferStatus::Failed, &why),
             Settle::TimedOut(why) => r.ticket.fail(TransferStatus::Timeout, &why),
-            Settle::Corrupt(why) => r.ticket.fail_corrupt(&why),
+            Settle::Corrupt(why) => {
+                telemetry::event(Event::TcpChecksumInitiator);
+                r.ticket.fail_corrupt(&why)
+            }
             Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
         }
     }

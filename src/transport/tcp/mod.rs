@@ -336,6 +336,7 @@ impl Transport for TcpTransport {
         }
         Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout, self.auth.as_ref()).map_err(|e| {
             let code = if e.corrupt {
+                crate::telemetry::counters::event(crate::telemetry::Event::TcpChecksumInitiator);
                 code::CHECKSUM
             } else if e.rejected || e.timed_out {
                 code::INVALID_ARGUMENT

@@ -262,7 +262,8 @@ fn pump(ctx: &mut ShardCtx, session: &Rc<RefCell<Session>>) {
 /// request counts as a failed write: which operation it was is unknown
 /// when its header did not decode.
 fn count_served(served: Served) {
-    use crate::telemetry::counters::{Op, Via, record_served};
+    use crate::telemetry::counters::{Event, Op, Via, events, record_served};
+    events(Event::TcpChecksumTarget, served.corrupt);
     if served.is_empty() {
         return;
     }
