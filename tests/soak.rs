@@ -360,6 +360,9 @@ fn fd_targets() -> BTreeMap<String, String> {
         .collect()
 }
 
+/// Samples of descriptors, threads and RSS kept, at most.
+const SAMPLES_MAX: usize = 4096;
+
 /// This process's open descriptors, threads and resident bytes.
 fn sample() -> (u64, u64, u64) {
     let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count() as u64).unwrap_or(0);
@@ -449,6 +452,11 @@ fn soak() {
     let warm = Instant::now() + Duration::from_secs((seconds / 10).clamp(2, 30));
     let end = Instant::now() + Duration::from_secs(seconds);
     let mut baseline = None;
+    // A sample before each fault once warm (the last one at least 1.5 s
+    // back): the floor of each half of the run shows a leak as a rising
+    // floor, whatever the faults' transient connections do to a single
+    // sample. Bounded: an hour takes about 1,300.
+    let mut samples: Vec<(u64, u64, u64)> = Vec::new();
     let fds_at_baseline: Mutex<BTreeMap<String, String>> = Mutex::default();
 
     thread::scope(|s| {
@@ -523,6 +531,9 @@ fn soak() {
                 *fds_at_baseline.lock().unwrap() = fd_targets();
             }
             thread::sleep(Duration::from_millis(rng.range(1500, 4000)));
+            if baseline.is_some() && samples.len() < SAMPLES_MAX {
+                samples.push(sample());
+            }
             counts.faults.fetch_add(1, Ordering::Relaxed);
             // A third of the faults on the proxy's wire, the rest kills: of
             // a target (any of them) or of the listen process.
@@ -599,6 +610,11 @@ fn soak() {
     }
 
     let (fds0, threads0, rss0) = baseline.unwrap_or(end_sample);
+    // The floors of the first and second half of the samples (the end
+    // sample stands in when there are too few).
+    let fallback = [end_sample];
+    let halves = if samples.len() >= 2 { samples.split_at(samples.len() / 2) } else { (&fallback[..], &fallback[..]) };
+    let floor = |half: &[(u64, u64, u64)], pick: fn(&(u64, u64, u64)) -> u64| half.iter().map(pick).min().unwrap_or(0);
     let line = serde_json::json!({
         "seconds": seconds,
         "seed": seed,
@@ -625,6 +641,10 @@ fn soak() {
         "fds_opened_since_warm_up_by_kind": new_kinds,
         "threads_growth": end_sample.1 as i64 - threads0 as i64,
         "rss_growth_bytes": end_sample.2 as i64 - rss0 as i64,
+        "samples": samples.len(),
+        "fds_floor_by_half": [floor(halves.0, |x| x.0), floor(halves.1, |x| x.0)],
+        "threads_floor_by_half": [floor(halves.0, |x| x.1), floor(halves.1, |x| x.1)],
+        "rss_floor_by_half_bytes": [floor(halves.0, |x| x.2), floor(halves.1, |x| x.2)],
     });
     println!("{line}");
     for key in ["lost", "duplicated", "corrupted", "hung"] {

@@ -392,14 +392,29 @@ impl LocalTransport {
             dead: AtomicBool::new(false),
         });
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        // A new target process: let go of the ones it replaced (a target
+        // that restarted comes back under its name with a new token) and
+        // of those that have exited. Nothing else looks at them again, and
+        // each holds a socket, the target's control table and mappings of
+        // its memory (which would stay resident while mapped). Copies still
+        // running hold their own `Arc`; routes that still name an old token
+        // find no peer and go over TCP.
+        let before = peers.len();
+        peers.retain(|_, p| p.name != name && !p.gone());
+        if peers.len() < before {
+            log::debug!("local transport: let go of {} peer(s) that restarted or exited", before - peers.len());
+        }
         if peers.len() >= PEERS_MAX {
-            peers.retain(|_, p| !p.dead.load(Ordering::Acquire));
-            if peers.len() >= PEERS_MAX {
-                return None;
-            }
+            return None;
         }
         peers.insert(ld.token, peer.clone());
+        debug_assert!(peers.len() <= PEERS_MAX);
         Some(peer)
+    }
+
+    /// How many target processes this engine holds connected (tests).
+    pub fn peers_connected(&self) -> usize {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 }
 
@@ -502,6 +517,15 @@ impl Peer {
                 None => self.cma(op, local, remote, len),
             },
         }
+    }
+
+    /// Whether the target has exited or shut its sharing down, looked at
+    /// now (a syscall or two).
+    fn gone(&self) -> bool {
+        self.dead.load(Ordering::Acquire)
+            || !self.table.target_live()
+            || control::is_dead(self.table.target_pid())
+            || self.link.is_closed()
     }
 
     /// Whether the target is up (looked at with a syscall at most every
