@@ -41,27 +41,31 @@ impl Link {
         l
     }
 
-    /// Puts `qdisc` (such as `netem loss 2%`) at the root of both ends,
-    /// in place of what was there: it acts on what each side sends.
-    pub fn shape_both(&self, qdisc: &str) {
-        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
+    /// `tc [-n ns] <head> dev <end> <tail>` for this side's end and the
+    /// namespace's.
+    fn tc_both(&self, head: &[&str], tail: &[&str]) -> [Command; 2] {
+        [(None, &self.host_if), (Some(&self.ns), &self.ns_if)].map(|(ns, dev)| {
             let mut tc = Command::new("tc");
             if let Some(ns) = ns {
                 tc.args(["-n", ns]);
             }
-            tc.args(["qdisc", "replace", "dev", dev, "root"]).args(qdisc.split(' '));
+            tc.args(head).args(["dev", dev.as_str()]).args(tail);
+            tc
+        })
+    }
+
+    /// Puts `qdisc` (such as `netem loss 2%`) at the root of both ends,
+    /// in place of what was there: it acts on what each side sends.
+    pub fn shape_both(&self, qdisc: &str) {
+        let tail: Vec<&str> = std::iter::once("root").chain(qdisc.split(' ')).collect();
+        for mut tc in self.tc_both(&["qdisc", "replace"], &tail) {
             assert!(tc.status().unwrap().success(), "{tc:?}");
         }
     }
 
     /// Takes the qdiscs of [`Link::shape_both`] away from both ends.
     pub fn unshape(&self) {
-        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
-            let mut tc = Command::new("tc");
-            if let Some(ns) = ns {
-                tc.args(["-n", ns]);
-            }
-            tc.args(["qdisc", "del", "dev", dev, "root"]);
+        for mut tc in self.tc_both(&["qdisc", "del"], &["root"]) {
             assert!(tc.status().unwrap().success(), "{tc:?}");
         }
     }
@@ -70,12 +74,8 @@ impl Link {
     /// were put there (`tc -s qdisc`), summed.
     pub fn qdisc_counts(&self) -> (u64, u64) {
         let (mut sent, mut dropped) = (0, 0);
-        for (ns, dev) in [(None, &self.host_if), (Some(&self.ns), &self.ns_if)] {
-            let mut tc = Command::new("tc");
-            if let Some(ns) = ns {
-                tc.args(["-n", ns]);
-            }
-            let out = tc.args(["-s", "qdisc", "show", "dev", dev]).output().unwrap();
+        for mut tc in self.tc_both(&["-s", "qdisc", "show"], &[]) {
+            let out = tc.output().unwrap();
             let text = String::from_utf8_lossy(&out.stdout);
             // " Sent 1234 bytes 56 pkt (dropped 7, overlimits 0 requeues 0)"
             let words: Vec<&str> = text.split_whitespace().collect();
@@ -102,11 +102,6 @@ impl Link {
             let _ = Command::new("tc").args(["qdisc", "del", "dev", &self.host_if, "root"]).status();
         }
         add
-    }
-
-    /// This side's address.
-    pub fn local(&self) -> String {
-        format!("10.211.{}.1", self.sub)
     }
 
     /// The namespace's address.

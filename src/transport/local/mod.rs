@@ -411,11 +411,6 @@ impl LocalTransport {
         debug_assert!(peers.len() <= PEERS_MAX);
         Some(peer)
     }
-
-    /// How many target processes this engine holds connected (tests).
-    pub fn peers_connected(&self) -> usize {
-        self.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
-    }
 }
 
 impl Peer {
