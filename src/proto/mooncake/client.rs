@@ -14,6 +14,8 @@
 //!                                         ├─ is_closing() -> shut the socket, then
 //!                                         │     finish() once no operation is out
 //!                                         ├─ next_deadline() -> when to call on_timer
+//!                                         ├─ poll_watch() -> watch an idle socket for
+//!                                         │     the peer's close; report with on_watch
 //!                                         └─ poll_settled() -> (request, how it ended)
 //! ```
 //!
@@ -39,6 +41,14 @@
 //!   [`Settle::TimedOut`]; else [`Settle::Retry`] if the close allows a
 //!   re-send and the request has a retry left (requests are idempotent:
 //!   the same bytes to the same addresses); else [`Settle::Failed`].
+//! - **Idle connections.** A connection with no answer due has no receive
+//!   out, so nothing would notice its peer go: a connection to a peer
+//!   that was killed would wait in the driver's table for ever. While it
+//!   is idle the core asks the driver to watch the socket for the peer's
+//!   close ([`ClientConn::poll_watch`]); a close seen while idle ends the
+//!   connection, and what was queued behind it goes again on a fresh one.
+//!   A close seen with answers due is left to the receive, which reads
+//!   what the peer sent before it (a rejection, say) and then the end.
 //! - **Timeouts.** A request still queued past its deadline settles as
 //!   timed out on its own; one already sent means the peer went silent,
 //!   and the connection is torn down.
@@ -306,6 +316,20 @@ pub struct ClientConn<T> {
     /// No request deadline is earlier than this (it may be stale: the
     /// request it came from may be gone; `on_timer` recomputes it).
     earliest: Option<Instant>,
+    /// The driver's watch for the peer's close.
+    watch: Watch,
+}
+
+/// Where the driver's idle watch stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    /// None out; one is asked for once the connection is idle.
+    Idle,
+    /// One is out.
+    Armed,
+    /// The driver cannot watch this connection (its watch failed): never
+    /// asked for again, so a failing watch cannot spin.
+    Off,
 }
 
 impl<T> ClientConn<T> {
@@ -328,6 +352,7 @@ impl<T> ClientConn<T> {
             ending: None,
             settled: VecDeque::new(),
             earliest: None,
+            watch: Watch::Idle,
         }
     }
 
@@ -747,6 +772,44 @@ impl<T> ClientConn<T> {
         }
         self.queue = kept;
         n
+    }
+
+    /// Whether the driver should now watch the socket for the peer's close
+    /// (with an op that does not read: a poll for a hang-up). Asked for
+    /// once a connection is ready and idle (no answer due) and none is
+    /// out; the driver reports it back with [`on_watch`](Self::on_watch).
+    /// A driver that cannot watch never calls this (the direct path, which
+    /// finds a dead connection when it next uses it).
+    pub fn poll_watch(&mut self) -> bool {
+        let idle = self.phase == Phase::Ready && self.awaiting.is_empty() && self.recv.is_none();
+        if !idle || self.watch != Watch::Idle {
+            return false;
+        }
+        self.watch = Watch::Armed;
+        true
+    }
+
+    /// The watch came back: `hung_up` if the peer closed or reset the
+    /// connection; otherwise it ended without news (cancelled, or the
+    /// driver could not run it) and is not asked for again.
+    pub fn on_watch(&mut self, hung_up: bool) {
+        debug_assert_eq!(self.watch, Watch::Armed, "a watch reported that was not out");
+        if !hung_up {
+            self.watch = Watch::Off;
+            return;
+        }
+        // A hang-up is level-triggered: a new watch would see it at once.
+        // Once the receive has taken the answers in front of it, the
+        // connection ends through that receive or through the next watch.
+        self.watch = Watch::Idle;
+        if self.phase != Phase::Ready || !self.awaiting.is_empty() || self.recv.is_some() {
+            // Answers are due and may sit in front of the close: the
+            // receive reads them, then meets the end itself.
+            return;
+        }
+        // Nothing was in flight, so what is queued was never sent and
+        // may go again on a fresh connection.
+        self.end(format!("{} closed the idle connection", self.peer), true);
     }
 
     /// When [`on_timer`](Self::on_timer) is next due.

@@ -141,8 +141,9 @@ pub fn segment_name(data: &[u8]) {
 /// With bit 7 of the shape byte, the connection uses CRC-32C framing; with
 /// bit 6, it authenticates first:
 /// the peer's bytes then stand where the challenge belongs, or, in
-/// structured mode, follow a real challenge and verdict. Nothing panics,
-/// and every request settles exactly once.
+/// structured mode, follow a real challenge and verdict. The driver's
+/// hang-up watch reports at points the input picks. Nothing panics, and
+/// every request settles exactly once.
 pub fn tcp_client(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let Some((&shape, mut rest)) = rest.split_first() else { return };
@@ -194,13 +195,25 @@ pub fn tcp_client(data: &[u8]) {
     }
     h.send_all(step);
     let mut at = 0;
+    // The driver's hang-up watch, armed whenever the core asks, comes back
+    // (with the peer's close, or without news) where a peer byte has its
+    // two top bits set.
+    let mut watched = h.conn.poll_watch();
     while at < peer.len() && !h.conn.is_closing() {
+        if peer[at] & 0xc0 == 0xc0 && watched {
+            h.conn.on_watch(peer[at] & 0x20 != 0);
+            watched = false;
+            if h.conn.is_closing() {
+                break;
+            }
+        }
         let n = (1 + usize::from(peer[at] % 23)).min(peer.len() - at);
         if h.feed(&peer[at..at + n]) == 0 {
             break;
         }
         at += n;
         h.send_all(step);
+        watched |= h.conn.poll_watch();
     }
     if !h.conn.is_closing() {
         if mode & 4 == 0 {

@@ -10,7 +10,9 @@
 //! once, so requests are pipelined. Every protocol decision (what goes in a
 //! group, what an answer means, what a close means for each request) is the
 //! core's; the driver only moves bytes, arms the timer the core asks for,
-//! and re-sends on a fresh connection what the core says may be re-sent.
+//! keeps the poll for a hang-up the core asks for on an idle connection
+//! (so one to a peer that died leaves the table), and re-sends on a fresh
+//! connection what the core says may be re-sent.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -26,7 +28,7 @@ use super::sock::{self, RawSockAddr};
 use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
 use crate::proto::auth::{AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
-use crate::runtime::{Completion, ShardCtx, TimerId};
+use crate::runtime::{Completion, OpId, ShardCtx, TimerId};
 use crate::telemetry::{Event, counters as telemetry};
 use crate::transport::request::{Request, Sink, TransferStatus};
 
@@ -90,6 +92,10 @@ const RCVLOWAT_MIN: usize = 64 << 10;
 /// The largest SO_RCVLOWAT set (the kernel caps it at half the largest
 /// receive buffer; a larger answer is taken in several wake-ups).
 const RCVLOWAT_MAX: usize = 4 << 20;
+/// Poll bits that mean the peer is gone: its FIN (`POLLRDHUP`), or a reset
+/// or both directions shut (`POLLHUP`, `POLLERR`, reported whatever the
+/// mask asked for).
+const HANG_UP_MASK: u32 = (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32;
 /// io_uring: arm the poll before trying the receive (`IORING_RECVSEND_POLL_FIRST`).
 const IORING_RECVSEND_POLL_FIRST: u16 = 1;
 
@@ -133,6 +139,8 @@ struct Conn {
     /// The send out, and the receive out, with their scatter lists.
     send: Option<Box<IoVecs>>,
     recv: Option<Box<IoVecs>>,
+    /// The poll for the peer's hang-up out on an idle connection.
+    watch: Option<OpId>,
     /// The socket's SO_RCVLOWAT as last set (1, the kernel's default).
     rcvlowat: usize,
     timer: Option<(TimerId, Instant)>,
@@ -145,7 +153,10 @@ struct Conn {
 
 impl Conn {
     fn ops_out(&self) -> usize {
-        usize::from(self.connect_addr.is_some()) + usize::from(self.send.is_some()) + usize::from(self.recv.is_some())
+        usize::from(self.connect_addr.is_some())
+            + usize::from(self.send.is_some())
+            + usize::from(self.recv.is_some())
+            + usize::from(self.watch.is_some())
     }
 
     fn fd(&self) -> i32 {
@@ -159,6 +170,7 @@ enum Op {
     Connect,
     Send,
     Recv,
+    Watch,
 }
 
 impl ClientShard {
@@ -216,6 +228,7 @@ impl ClientShard {
                         connect_addr: None,
                         send: None,
                         recv: None,
+                        watch: None,
                         rcvlowat: 1,
                         timer: None,
                         shut: false,
@@ -302,6 +315,7 @@ fn guarded(
                     Op::Connect => c.connect_addr = None,
                     Op::Send => c.send = None,
                     Op::Recv => c.recv = None,
+                    Op::Watch => c.watch = None,
                 }
                 c.core.close("internal error in the TCP client");
             }
@@ -397,6 +411,26 @@ fn on_recv(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
     pump(ctx, conn_rc);
 }
 
+/// The hang-up poll came back: with the peer's close, or (an error, or
+/// cancelled) without news.
+fn on_watch(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion) {
+    {
+        let mut c = conn_rc.borrow_mut();
+        c.watch = None;
+        let hung_up = match done.io_result() {
+            Ok(mask) => mask & HANG_UP_MASK != 0,
+            Err(e) => {
+                if !c.core.is_closing() {
+                    log::debug!("connection {} to {}: hang-up poll: {e}", c.id, c.peer.addr);
+                }
+                false
+            }
+        };
+        c.core.on_watch(hung_up);
+    }
+    pump(ctx, conn_rc);
+}
+
 fn on_timer(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
     {
         let mut c = conn_rc.borrow_mut();
@@ -460,6 +494,21 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
                     continue;
                 }
             }
+            if c.watch.is_none() && c.core.poll_watch() {
+                let entry = opcode::PollAdd::new(types::Fd(c.fd()), libc::POLLRDHUP as u32).build();
+                // SAFETY: a poll points at no memory; the descriptor stays
+                // open until the op is back (`close_if_idle` finishes only
+                // once `ops_out` is zero).
+                match unsafe { ctx.submit_op(entry, guarded(conn_rc, Op::Watch, on_watch)) } {
+                    Ok(id) => c.watch = Some(id),
+                    // No watch: the connection works on, as the direct
+                    // path's do, and finds a dead peer when next used.
+                    Err(e) => {
+                        log::debug!("connection {} to {}: no hang-up poll: {e}", c.id, c.peer.addr);
+                        c.core.on_watch(false);
+                    }
+                }
+            }
             break;
         }
         while let Some(s) = c.core.poll_settled() {
@@ -520,6 +569,13 @@ fn close_if_idle(ctx: &mut ShardCtx, c: &mut Conn, conn_rc: &Rc<RefCell<Conn>>) 
         }
         if let Some(fd) = &c.fd {
             sock::shutdown_both(fd);
+        }
+        // The shutdown wakes the poll with a hang-up; the cancel makes
+        // sure of it whatever state the socket was in.
+        if let Some(id) = c.watch
+            && let Err(e) = ctx.cancel_op(id)
+        {
+            log::debug!("connection {} to {}: cancelling the hang-up poll: {e}", c.id, c.peer.addr);
         }
         if let Some(shard) = c.shard.upgrade()
             && let Ok(mut shard) = shard.try_borrow_mut()

@@ -534,3 +534,95 @@ fn the_servers_checksum_statuses_fail_their_requests() {
     h.feed(&encode_status(STATUS_PAYLOAD_CHECKSUM));
     assert!(matches!(h.how(0), Settle::Rejected { status: 3, .. }));
 }
+
+#[test]
+fn a_hang_up_seen_at_every_point_of_the_answers_loses_none_of_them() {
+    let mut reference = Harness::new(true, Limits::default());
+    let answer = pipeline(&mut reference);
+    for cut in 0..=answer.len() {
+        let mut h = Harness::new(true, Limits::default());
+        assert!(h.conn.poll_watch(), "a ready, idle connection is watched");
+        assert!(!h.conn.poll_watch(), "one watch at a time");
+        let _ = pipeline(&mut h);
+        h.send_all(usize::MAX);
+        h.feed(&answer[..cut]);
+        // The peer answered everything and then closed: the close may be
+        // seen before, amid or after the answers are read.
+        h.conn.on_watch(true);
+        if cut < answer.len() {
+            assert!(!h.conn.is_closing(), "answers are due at byte {cut}: the receive reads them first");
+            assert!(!h.conn.poll_watch(), "no watch while answers are due");
+            assert_eq!(h.feed(&answer[cut..]), answer.len() - cut);
+            assert!(h.conn.poll_watch(), "idle again, watched again");
+            h.conn.on_watch(true);
+        }
+        assert!(h.conn.is_closing(), "a hang-up on an idle connection ends it (cut {cut})");
+        assert!(h.conn.ending().is_some_and(|w| w.contains("closed the idle connection")));
+        h.finish();
+        h.assert_each_settled_once();
+        assert!(h.settled.iter().all(|(_, s)| *s == Settle::Done), "cut {cut}: {:?}", h.settled);
+    }
+}
+
+#[test]
+fn a_hang_up_behind_a_rejection_leaves_the_rejection_its_meaning() {
+    let mut h = Harness::new(true, Limits::default());
+    assert!(h.conn.poll_watch());
+    h.push(Opcode::Write, 0, 10, 0x1000);
+    h.push(Opcode::Write, 10, 10, 0x2000);
+    h.send_all(usize::MAX);
+    // The server refused the first and closed: the close is seen first.
+    h.conn.on_watch(true);
+    assert!(!h.conn.is_closing());
+    h.feed(&encode_status(STATUS_REJECTED));
+    assert!(matches!(h.how(0), Settle::Rejected { status, .. } if *status == STATUS_REJECTED));
+    h.finish();
+    assert_eq!(h.how(1), &Settle::Retry, "not run: may go again");
+    h.assert_each_settled_once();
+}
+
+#[test]
+fn what_was_queued_on_an_idle_connection_that_hung_up_goes_again() {
+    let mut h = Harness::new(true, Limits::default());
+    assert!(h.conn.poll_watch());
+    // Queued in the moment between the hang-up and its report.
+    h.push(Opcode::Read, 0, 16, 0x1000);
+    h.conn.on_watch(true);
+    assert!(h.conn.is_closing());
+    assert!(h.conn.poll_send().is_none(), "nothing goes on a connection that is ending");
+    h.finish();
+    assert_eq!(h.how(0), &Settle::Retry);
+    h.assert_each_settled_once();
+}
+
+#[test]
+fn a_watch_that_ends_without_news_is_not_asked_for_again() {
+    let mut h = Harness::new(true, Limits::default());
+    assert!(h.conn.poll_watch());
+    h.conn.on_watch(false);
+    assert!(!h.conn.is_closing());
+    assert!(!h.conn.poll_watch(), "a failing watch must not spin");
+    h.push(Opcode::Write, 0, 8, 0x1000);
+    h.send_all(usize::MAX);
+    h.feed(&ok());
+    assert_eq!(h.how(0), &Settle::Done, "the connection works on without it");
+    assert!(!h.conn.poll_watch());
+}
+
+#[test]
+fn no_watch_before_the_connection_is_ready_or_once_it_ends() {
+    let now = Instant::now();
+    let mut c: ClientConn<u32> = ClientConn::new("p", true, Limits::default(), now + Duration::from_secs(5));
+    assert!(!c.poll_watch(), "connecting");
+    let key = crate::proto::auth::AuthKey::new(b"a key of at least sixteen bytes").unwrap();
+    let prover =
+        crate::proto::auth::Prover::new(key, crate::proto::auth::Port::Data, [1; crate::proto::auth::NONCE_BYTES]);
+    let mut c: ClientConn<u32> =
+        ClientConn::new("p", true, Limits::default(), now + Duration::from_secs(5)).authenticating(prover);
+    c.on_connected();
+    assert!(!c.poll_watch(), "authenticating: the exchange's own receive watches");
+    let mut c: ClientConn<u32> = ClientConn::new("p", true, Limits::default(), now + Duration::from_secs(5));
+    c.on_connected();
+    c.close("engine shutting down");
+    assert!(!c.poll_watch(), "closing");
+}
