@@ -69,6 +69,12 @@ fn round_trip(e: &TransferEngine, transport: &str, name: &str, local: u64, seed:
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(e.transport_for(name).unwrap(), transport);
+    // A small synchronous one too: over TCP the calling thread carries it
+    // on a connection of its own, which it keeps.
+    e.write_bytes_to_buffer(local, &data[..4096]).unwrap();
+    e.transfer_sync_write(name, local, remote + (1 << 20), 4096).expect("a small write");
+    e.transfer_sync_read(name, local + (1 << 20), remote + (1 << 20), 4096).expect("a small read");
+    assert!(e.read_bytes_from_buffer(local + (1 << 20), 4096).unwrap() == data[..4096], "small at {remote:#x}");
     assert!(e.read_bytes_from_buffer(local + (1 << 20), 1 << 20).unwrap() == data, "bytes at {remote:#x}");
 }
 

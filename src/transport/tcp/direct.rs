@@ -66,7 +66,10 @@ pub fn transfer(
     debug_assert!(peer.v2 && r.len > 0 && r.len <= DIRECT_BYTES_MAX);
     let (mut stream, mut cached) = match take(engine, peer.addr) {
         Some(s) => (s, true),
-        None => (connect(peer.addr, r.deadline, connect_timeout)?, false),
+        None => {
+            drop_hung_up();
+            (connect(peer.addr, r.deadline, connect_timeout)?, false)
+        }
     };
     loop {
         // A kept connection may be dead (the peer restarted, or idled us
@@ -117,6 +120,37 @@ fn take(engine: u64, peer: SocketAddr) -> Option<TcpStream> {
         })
         .ok()
         .flatten()
+}
+
+/// Drops this thread's kept connections whose peer hung up (a process
+/// that died, or was replaced on a new data port that nothing addresses
+/// the old one by), which would otherwise wait for the cache's bound to
+/// push them out. Runs when a connection is opened anyway, not on every
+/// transfer: one poll of at most `CONNECTIONS_PER_THREAD_MAX` descriptors.
+fn drop_hung_up() {
+    let _ = CONNECTIONS.try_with(|c| {
+        let mut c = c.borrow_mut();
+        if c.is_empty() {
+            return;
+        }
+        debug_assert!(c.len() <= CONNECTIONS_PER_THREAD_MAX);
+        let mut polls: Vec<libc::pollfd> =
+            c.iter().map(|k| libc::pollfd { fd: k.stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 }).collect();
+        // SAFETY: `polls` is a live array of `polls.len()` entries, each on
+        // a descriptor the cache owns; a zero timeout does not block.
+        let ready = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, 0) };
+        if ready <= 0 {
+            return;
+        }
+        let gone = libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL;
+        let mut i = 0;
+        // `retain` visits the entries once each, in order, as `polls` has them.
+        c.retain(|_| {
+            let hung_up = polls[i].revents & gone != 0;
+            i += 1;
+            !hung_up
+        });
+    });
 }
 
 fn connect(peer: SocketAddr, deadline: Instant, connect_timeout: Duration) -> Result<TcpStream, DirectError> {
