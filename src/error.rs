@@ -27,6 +27,13 @@ pub mod code {
     /// shardwire's own (Mooncake has no checksum): a transfer's bytes did
     /// not match their CRC-32C (`SHARDWIRE_TCP_CRC32C`).
     pub const CHECKSUM: i32 = -400;
+    /// shardwire's own: the request was addressed to a peer process that
+    /// has since exited or been replaced by a new process under the same
+    /// segment name. It is not re-sent to the new process (whose memory
+    /// the request's addresses do not describe); the engine has looked
+    /// the name up again, so a transfer with addresses from the new
+    /// process goes through.
+    pub const PEER_GONE: i32 = -401;
 }
 
 /// The name of a Mooncake return code, in snake case (`-102` is
@@ -53,6 +60,7 @@ pub fn code_name(c: i32) -> &'static str {
         code::MEMORY => "memory",
         code::NOT_IMPLEMENTED => "not_implemented",
         code::CHECKSUM => "checksum",
+        code::PEER_GONE => "peer_gone",
         _ => "error",
     }
 }

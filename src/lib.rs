@@ -21,6 +21,8 @@
 //!   runtime/, topo/, mem/  shards and rings, the shared runtime; topology; registry, pins, managed memory
 //!   config, error        every environment variable, checked; the error type and Mooncake's codes
 //!   entropy              random bytes from the kernel (nonces, tokens); proto takes them as arguments
+//!   liveness             keepalive and TCP_USER_TIMEOUT from a timeout: every TCP socket notices a
+//!                        peer whose host vanished without a word
 //!   sync                 std's atomics, or loom's under `--cfg loom`, for the structures loom checks
 //!   telemetry/           metrics: plain per-thread counters every layer records into, published
 //!                        every ~100 ms; Prometheus text, engine.metrics(), Mooncake's metric line
@@ -117,6 +119,7 @@ pub mod engine;
 pub(crate) mod entropy;
 pub mod error;
 pub mod http;
+pub mod liveness;
 pub mod mem;
 pub mod meta;
 pub mod proto;

@@ -140,7 +140,9 @@ fn a_peer_without_the_key_is_refused_and_learns_nothing() {
     let desc: SegmentDesc = message::from_wire(&reply).unwrap();
     let host = desc.tcp_data_host.clone().unwrap_or_else(|| "127.0.0.1".into());
     let mut data = TcpStream::connect((host.as_str(), desc.tcp_data_port)).unwrap();
-    let header = RequestHeader { size: 4096, addr: remote, opcode: Opcode::Read, v2: true, crc32c: false }.encode();
+    let header =
+        RequestHeader { size: 4096, addr: remote, opcode: Opcode::Read, v2: true, crc32c: false, instance: None }
+            .encode();
     data.write_all(&[header, header, header].concat()).unwrap();
     let got = read_to_close(&mut data);
     assert_eq!(got.len(), CHALLENGE_BYTES + VERDICT_BYTES, "the data port said more than a refusal");

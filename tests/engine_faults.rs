@@ -54,6 +54,7 @@ impl RpcHandler for SilentHandler {
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
             shardwire: None,
+            shardwire_instance: 0,
             shardwire_tcp_crc32c: false,
             tcp_data_host: Some("127.0.0.1".into()),
             tcp_data_port: self.data_port,

@@ -22,7 +22,7 @@ fn target() -> (TransferEngine, u64, TcpStream) {
 }
 
 fn header(op: Opcode, addr: u64, size: u64, v2: bool) -> Vec<u8> {
-    RequestHeader { size, addr, opcode: op, v2, crc32c: false }.encode().to_vec()
+    RequestHeader { size, addr, opcode: op, v2, crc32c: false, instance: None }.encode().to_vec()
 }
 
 fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {

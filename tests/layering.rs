@@ -13,6 +13,7 @@ const LEVELS: &[(&str, u8)] = &[
     ("telemetry", 0),
     ("sync", 0),
     ("entropy", 0),
+    ("liveness", 0),
     ("mem", 1),
     ("runtime", 1),
     ("proto", 2),

@@ -89,6 +89,8 @@ pub struct Batch {
     first_error: Mutex<Option<String>>,
     /// The first CRC-32C failure's description, if any.
     first_corrupt: Mutex<Option<String>>,
+    /// The first failure because the peer process was gone, if any.
+    first_gone: Mutex<Option<String>>,
     /// Runs once, when the batch settles (an asyncio loop's wake-up).
     on_settle: Mutex<Option<SettleHook>>,
 }
@@ -151,6 +153,7 @@ impl Batch {
             submitted: Instant::now(),
             first_error: Mutex::new(None),
             first_corrupt: Mutex::new(None),
+            first_gone: Mutex::new(None),
             on_settle: Mutex::new(None),
         });
         if pending == 0 {
@@ -254,6 +257,24 @@ impl Batch {
         self.slice_failed(task, TransferStatus::Failed, why);
     }
 
+    /// A slice of task `task` was addressed to a peer process that has
+    /// exited or been replaced: a failure, and the batch's result then
+    /// says so with [`code::PEER_GONE`] (unless bytes were corrupted).
+    pub fn slice_gone(&self, task: usize, why: &str) {
+        {
+            let mut first = self.first_gone.lock().unwrap_or_else(|e| e.into_inner());
+            if first.is_none() {
+                *first = Some(why.to_string());
+            }
+        }
+        self.slice_failed(task, TransferStatus::Failed, why);
+    }
+
+    /// Whether a slice failed because its peer process was gone.
+    pub fn peer_gone(&self) -> bool {
+        self.first_gone.lock().unwrap_or_else(|e| e.into_inner()).is_some()
+    }
+
     /// The first failure's description.
     pub fn first_error(&self) -> Option<String> {
         self.first_error.lock().unwrap_or_else(|e| e.into_inner()).clone()
@@ -274,6 +295,11 @@ impl Batch {
                 if let Some(why) = self.first_corrupt.lock().unwrap_or_else(|e| e.into_inner()).clone() {
                     return Err(TeError::new(code::CHECKSUM, why));
                 }
+                // Then a peer that is gone: the caller must look it up
+                // again, not retry the same addresses.
+                if let Some(why) = self.first_gone.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+                    return Err(TeError::new(code::PEER_GONE, why));
+                }
                 Err(TeError::invalid(self.first_error().unwrap_or_else(|| "transfer failed".into())))
             }
             BatchState::TimedOut => Err(TeError::invalid(
@@ -293,6 +319,10 @@ impl Sink for Batch {
 
     fn settle_corrupt(&self, task: usize, why: &str) {
         self.slice_corrupt(task, why);
+    }
+
+    fn settle_gone(&self, task: usize, why: &str) {
+        self.slice_gone(task, why);
     }
 }
 

@@ -48,6 +48,7 @@ pub use batch::{Batch, BatchState, TransferStatus};
 pub use config::EngineConfig;
 pub use rpc::TransferNotify;
 
+use crate::liveness::Liveness;
 use crate::mem::Registry;
 use crate::mem::managed::ManagedPool;
 use crate::meta::etcd::{EtcdClient, EtcdStore};
@@ -61,10 +62,10 @@ use crate::telemetry::counters as metrics;
 use crate::transport::local::LocalTransport;
 use crate::transport::rdma::transport::RdmaTransport;
 use crate::transport::request::{self as req, Sink, Ticket};
-use crate::transport::tcp::{TcpTransport, sock};
+use crate::transport::tcp::{TcpOptions, TcpTransport, sock};
 use crate::transport::{InlineRequest, PeerSegment, Route, Transport};
 use rpc::{EngineRpc, NotifyQueue};
-use segment::{Segment, SegmentCache};
+use segment::{Put, Segment, SegmentCache};
 
 /// Read or write, as `TransferOpcode`.
 pub type TransferOpcode = Opcode;
@@ -261,15 +262,22 @@ impl TransferEngine {
         };
         let registry = Arc::new(Registry::new());
         let engine_id = NEXT_ENGINE_ID.fetch_add(1, Ordering::Relaxed);
+        // Which process this is, for peers: drawn anew each time, never 0,
+        // top bit clear (see `SegmentDesc::incarnation`).
+        let instance = (u64::from_le_bytes(crate::entropy::bytes()) >> 1) | 1;
         let tcp = Arc::new(TcpTransport::start(
             engine_id,
             runtime.clone(),
             registry.clone(),
-            bind_ip,
-            // SHARDWIRE_TCP_DATA_PORT: a range of one port.
-            self.config.data_port.map_or(self.config.port_range, |p| (p, p)),
-            self.config.client_limits,
-            self.config.auth.clone(),
+            TcpOptions {
+                bind_ip,
+                // SHARDWIRE_TCP_DATA_PORT: a range of one port.
+                ports: self.config.data_port.map_or(self.config.port_range, |p| (p, p)),
+                limits: self.config.client_limits,
+                auth: self.config.auth.clone(),
+                instance,
+                liveness: Liveness::for_timeout(self.config.transfer_timeout),
+            },
         )?);
         let managed = ManagedPool::new(registry.clone(), UNREGISTER_DRAIN);
         let local = if self.config.local && !self.config.force_tcp {
@@ -349,6 +357,7 @@ impl TransferEngine {
             notifies: notifies.clone(),
             local: local.as_ref().map(|l| l.descriptor()),
             rdma: rdma.clone(),
+            instance,
         });
         let rpc =
             RpcServer::start(rpc_listener, handler.clone(), self.config.handshake_max_len, self.config.auth.clone())
@@ -608,7 +617,7 @@ impl TransferEngine {
             }
             _ => engine.submit(target, requests).and_then(|batch| {
                 engine.wait_settled(&batch)?;
-                engine.settle(&batch)
+                engine.settle(&batch, true)
             }),
         };
         // What this thread counted (submissions; requests it carried out
@@ -699,7 +708,9 @@ impl TransferEngine {
         let state = batch.state();
         if state != BatchState::Pending {
             engine.batches.remove(batch_id);
-            let _ = engine.settle(&batch);
+            // Not looked up again here (a status check does not block):
+            // the next transfer to it does that.
+            let _ = engine.settle(&batch, false);
         }
         Ok(state)
     }
@@ -719,7 +730,7 @@ impl TransferEngine {
         let mut outcome = Ok(());
         for b in &batches {
             engine.wait_settled(b)?;
-            if let Err(e) = engine.settle(b) {
+            if let Err(e) = engine.settle(b, true) {
                 outcome = Err(e);
                 break;
             }
@@ -974,18 +985,77 @@ fn refuse_live_name(registration: &mut Registration, name: &str) -> TeResult<()>
 }
 
 impl Engine {
-    /// The segment `name`, from the cache unless `refresh`.
+    /// The segment `name`, from the cache unless `refresh` (or unless a
+    /// transfer to it failed since).
+    ///
+    /// This is the one place that decides which process a name reaches:
+    /// a lookup that finds another process than the one cached (it
+    /// restarted) has every transport let go of the old one first, so no
+    /// connection, mapping or endpoint of it is used again, and whatever
+    /// is still queued or in flight to it settles as gone.
     fn open_segment(&self, name: &str, refresh: bool) -> TeResult<Arc<Segment>> {
         if !refresh && let Some(seg) = self.segments.get(name) {
             return Ok(seg);
         }
+        let looked_up = Instant::now();
         let (desc, rpc_host) = self.fetch_descriptor(name).inspect_err(|_| self.segments.forget(name))?;
+        let instance = desc.incarnation();
+        // Before the new process is routed: a transport may keep state by
+        // name (RDMA's peers), which must start afresh for it.
+        if let Some(known) = self.segments.instance(name)
+            && known != instance
+            && let Some(old) = self.segments.take_if(name, known)
+        {
+            self.retire(&old);
+        }
         let peer = PeerSegment { name, desc: &desc, rpc_host: rpc_host.as_deref() };
         let (transport, route) = self.route(&peer)?;
         let buffers = desc.buffers.iter().map(|b| (b.addr, b.length)).collect();
-        let seg = Arc::new(Segment { name: name.to_string(), transport, route, buffers });
-        self.segments.put(seg.clone());
-        Ok(seg)
+        let seg = Arc::new(Segment { name: name.to_string(), instance, transport, route, buffers, looked_up });
+        match self.segments.put(seg.clone()) {
+            Put::Fresh => Ok(seg),
+            // Another thread's lookup put the old process in meanwhile.
+            Put::Replaced(old) => {
+                self.retire(&old);
+                Ok(seg)
+            }
+            Put::Outdated(now) => Ok(now),
+        }
+    }
+
+    /// The process `old` describes is gone (another answers under its
+    /// name): every transport lets go of it.
+    fn retire(&self, old: &Segment) {
+        log::info!(
+            "segment {}: a new process answers under its name; letting go of the one it replaced (instance {:#x})",
+            old.name,
+            old.instance
+        );
+        for t in &self.transports {
+            t.retire(&old.route);
+        }
+    }
+
+    /// A transfer to `target` failed: it is looked up again before its
+    /// next use. If the failure says the peer process is gone
+    /// ([`code::PEER_GONE`]) and `now`, it is looked up at once (the
+    /// caller is waiting anyway), so the application's next transfer, with
+    /// addresses from the new process, goes straight to it; the error then
+    /// says what the lookup found.
+    fn after_failure(&self, target: &str, err: TeError, now: bool) -> TeError {
+        self.segments.forget(target);
+        if err.code() != code::PEER_GONE || !now {
+            return err;
+        }
+        let before = self.segments.instance(target);
+        let found = match self.open_segment(target, true) {
+            Ok(seg) if Some(seg.instance) != before => {
+                format!("{target} answers as a new process now: transfers with the addresses it gives go through")
+            }
+            Ok(_) => format!("{target} answers as the same process"),
+            Err(e) => format!("{target} does not answer ({e}): it has exited"),
+        };
+        TeError::new(code::PEER_GONE, format!("{}; {found}", err.message()))
     }
 
     /// The transport for a peer segment: the first, in order of
@@ -1145,12 +1215,12 @@ impl Engine {
                     Some(now - start),
                     now,
                 );
-                result.inspect_err(|_| self.segments.forget(target))
+                result.map_err(|e| self.after_failure(target, e, true))
             }
             None => {
                 let batch = self.submit(target, std::slice::from_ref(r))?;
                 self.wait_settled(&batch)?;
-                self.settle(&batch)
+                self.settle(&batch, true)
             }
         }
     }
@@ -1221,15 +1291,12 @@ impl Engine {
         Ok(batch)
     }
 
-    /// The batch's result; a failure also forgets the target's cached
-    /// segment, so the next transfer looks the peer up again (it may have
-    /// restarted, with a new data port).
-    fn settle(&self, batch: &Batch) -> TeResult<()> {
-        let result = batch.result();
-        if result.is_err() {
-            self.segments.forget(&batch.target);
-        }
-        result
+    /// The batch's result; a failure also has the target looked up again
+    /// before its next transfer (it may have restarted, with a new data
+    /// port), and at once if the caller waited for the batch (`waited`)
+    /// and the peer process is gone (see [`Engine::after_failure`]).
+    fn settle(&self, batch: &Batch, waited: bool) -> TeResult<()> {
+        batch.result().map_err(|e| self.after_failure(&batch.target, e, waited))
     }
 
     /// Waits until every slice of `batch` has finished.

@@ -56,6 +56,9 @@ pub struct EngineRpc {
     pub local: Option<LocalDesc>,
     /// The RDMA transport, with `protocol = "rdma"` on a fabric.
     pub rdma: Option<Arc<RdmaTransport>>,
+    /// This process's instance number (see
+    /// [`SegmentDesc::shardwire_instance`]).
+    pub instance: u64,
 }
 
 impl EngineRpc {
@@ -79,6 +82,7 @@ impl EngineRpc {
             protocol: "tcp".into(),
             rdma_server_name: String::new(),
             shardwire: self.local.clone(),
+            shardwire_instance: self.instance,
             shardwire_tcp_crc32c: true,
             tcp_data_host: Some(self.data_host.clone()),
             tcp_data_port: self.data_port,

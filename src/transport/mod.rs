@@ -58,6 +58,16 @@ pub enum Route {
     Rdma { peer: u32, tcp: Option<tcp::Peer> },
 }
 
+impl Route {
+    /// The TCP data port this route reaches, or falls back to.
+    pub fn tcp(&self) -> Option<tcp::Peer> {
+        match *self {
+            Route::Tcp(p) | Route::Local { tcp: p, .. } => Some(p),
+            Route::Rdma { tcp, .. } => tcp,
+        }
+    }
+}
+
 /// One small request the caller waits for.
 #[derive(Debug, Clone, Copy)]
 pub struct InlineRequest {
@@ -102,6 +112,17 @@ pub trait Transport: Send + Sync {
 
     /// Fails with `Canceled` every request of `sink` that has not gone out.
     fn cancel(&self, sink: &Arc<dyn Sink>);
+
+    /// The peer process `route` reaches is gone: the engine learnt that
+    /// another process took its segment name. Lets go of what is kept for
+    /// it (connections, mappings, endpoints), and settles what is queued
+    /// or in flight to it as gone ([`request::Ticket::fail_gone`]); a
+    /// request that still names it later fails the same way, never
+    /// reaching the new process. The part of `route` another transport
+    /// reads is left to that one (the engine tells every transport).
+    fn retire(&self, route: &Route) {
+        let _ = route;
+    }
 
     /// Stops: requests in flight fail; new ones fail at once.
     fn close(&self);

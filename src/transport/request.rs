@@ -58,6 +58,13 @@ pub trait Sink: Send + Sync {
     fn settle_corrupt(&self, task: usize, why: &str) {
         self.settle(task, Err((TransferStatus::Failed, why)));
     }
+
+    /// Request `task` failed because the peer process it was addressed to
+    /// has exited or been replaced by another under its name: a failure,
+    /// which a sink may report with its own code.
+    fn settle_gone(&self, task: usize, why: &str) {
+        self.settle(task, Err((TransferStatus::Failed, why)));
+    }
 }
 
 /// What a request carries besides its addresses: its sink and task index,
@@ -96,6 +103,14 @@ impl Ticket {
         self.armed = false;
         self.pin.take();
         self.sink.settle_corrupt(self.task, why);
+    }
+
+    /// The peer process the request was addressed to is gone (exited, or
+    /// replaced under its name); it was not carried out.
+    pub fn fail_gone(mut self, why: &str) {
+        self.armed = false;
+        self.pin.take();
+        self.sink.settle_gone(self.task, why);
     }
 
     /// The request failed.

@@ -58,6 +58,13 @@
 //!   connect deadline. A failure ends the connection without re-sends (the
 //!   same key would fail again). Without a key, a challenge where a status
 //!   belongs is named as such.
+//! - **A peer that is gone.** Requests to a peer that publishes an
+//!   instance number carry its tag ([`ClientConn::with_instance`]); a
+//!   process that answers with [`tcp::STATUS_STALE_INSTANCE`] replaced
+//!   the one they were addressed to, and a refused connect means nothing
+//!   listens there any more. Either way every request left settles as
+//!   [`Settle::PeerGone`], never re-sent: their addresses describe a
+//!   process that no longer exists.
 //! - **CRC-32C** ([`ClientConn::with_crc32c`], to shardwire targets that
 //!   advertise it; see [`tcp`]): headers carry their own check, a WRITE's
 //!   payload is followed by its CRC-32C, a READ's answer by the CRC-32C
@@ -110,6 +117,9 @@ pub enum Settle {
     Corrupt(String),
     /// Cancelled before it was sent.
     Canceled,
+    /// The process it was addressed to has exited or been replaced by a
+    /// new one under its name; it was not re-sent to that one.
+    PeerGone(String),
 }
 
 /// Bounds on what one connection takes on.
@@ -171,6 +181,10 @@ struct Ending {
     why: String,
     /// The requests left may be re-sent on a fresh connection.
     retry: bool,
+    /// The process the requests were addressed to is gone (exited, or
+    /// replaced by another under the same name): what is left settles as
+    /// [`Settle::PeerGone`], never re-sent.
+    gone: bool,
 }
 
 /// Where the authentication exchange stands.
@@ -318,6 +332,9 @@ pub struct ClientConn<T> {
     earliest: Option<Instant>,
     /// The driver's watch for the peer's close.
     watch: Watch,
+    /// The tag of the peer process requests are addressed to (see
+    /// [`tcp`]'s instance tags), if it publishes one.
+    instance: Option<u32>,
 }
 
 /// Where the driver's idle watch stands.
@@ -353,7 +370,19 @@ impl<T> ClientConn<T> {
             settled: VecDeque::new(),
             earliest: None,
             watch: Watch::Idle,
+            instance: None,
         }
+    }
+
+    /// Tags every request with `tag`, the peer process's (a v2 peer that
+    /// publishes one); the peer refuses them if it is another process.
+    /// Set before the first request is pushed.
+    pub fn with_instance(mut self, tag: Option<u32>) -> Self {
+        assert!(tag.is_none() || self.v2, "instance tags need a v2 peer");
+        assert!(tag.is_none_or(|t| t <= tcp::INSTANCE_TAG_MASK), "a tag is 24 bits");
+        assert!(self.queue.is_empty() && self.awaiting.is_empty(), "set before any request");
+        self.instance = tag;
+        self
     }
 
     /// The connection proves `prover`'s key once connected, before any
@@ -419,6 +448,18 @@ impl<T> ClientConn<T> {
         self.end(format!("connect to {}: {}", self.peer, why.into()), false);
     }
 
+    /// The connect was refused: nothing listens at the peer's data port,
+    /// so the process the requests were addressed to has exited (or
+    /// stopped taking connections, which it does only to go away): what is
+    /// queued settles as [`Settle::PeerGone`].
+    pub fn on_connect_refused(&mut self) {
+        let why = format!(
+            "connect to {}: refused: nothing listens at that data port any more (the peer process exited)",
+            self.peer
+        );
+        self.end_gone(why);
+    }
+
     /// The next send, if none is out and there is room: take it, send its
     /// pieces, and report with [`on_sent`](Self::on_sent).
     pub fn poll_send(&mut self) -> Option<&SendGroup> {
@@ -468,7 +509,14 @@ impl<T> ClientConn<T> {
         };
         for _ in 0..count {
             let r = self.queue.pop_front().expect("counted above");
-            let header = RequestHeader { size: r.len, addr: r.remote, opcode: r.op, v2: self.v2, crc32c: self.crc32c };
+            let header = RequestHeader {
+                size: r.len,
+                addr: r.remote,
+                opcode: r.op,
+                v2: self.v2,
+                crc32c: self.crc32c,
+                instance: self.instance,
+            };
             group.headers.push(header.encode());
             group.total += tcp::HEADER_BYTES;
             let payload = (r.op == Opcode::Write).then_some((r.local, r.len as usize));
@@ -655,6 +703,21 @@ impl<T> ClientConn<T> {
                         self.end(why, true);
                         return;
                     }
+                    Ok(tcp::STATUS_STALE_INSTANCE) if self.instance.is_some() => {
+                        // Another process answers at this data port: the
+                        // one the requests were addressed to is gone. None
+                        // of them may run in this one.
+                        let r = self.pop_awaiting();
+                        let why = format!(
+                            "{} is another process now: the one this {:?} of {} bytes at {:#x} was addressed to has exited and been replaced",
+                            self.peer, r.op, r.len, r.remote
+                        );
+                        self.settled.push_back((r, Settle::PeerGone(why.clone())));
+                        group.settled += 1;
+                        self.recv = Some(group);
+                        self.end_gone(why);
+                        return;
+                    }
                     Ok(status) => {
                         let r = self.pop_awaiting();
                         let message = format!(
@@ -756,6 +819,13 @@ impl<T> ClientConn<T> {
     /// down): what is left fails, without re-sends.
     pub fn close(&mut self, why: impl Into<String>) {
         self.end(why.into(), false);
+    }
+
+    /// Closes the connection because the peer process it reaches is gone
+    /// (the engine learnt that another took its name): what is left
+    /// settles as [`Settle::PeerGone`].
+    pub fn close_gone(&mut self, why: impl Into<String>) {
+        self.end_gone(why.into());
     }
 
     /// Cancels the queued (not yet sent) requests `which` selects.
@@ -889,12 +959,14 @@ impl<T> ClientConn<T> {
         self.phase = Phase::Closed;
         self.send = None;
         self.recv = None;
-        let ending = self.ending.clone().unwrap_or(Ending { why: "connection lost".into(), retry: false });
+        let ending = self.ending.clone().unwrap_or(Ending { why: "connection lost".into(), retry: false, gone: false });
         let left: Vec<Req<T>> = self.awaiting.drain(..).chain(self.queue.drain(..)).collect();
         self.awaiting_bytes = 0;
         for mut r in left {
             let how = if now >= r.deadline {
                 Settle::TimedOut(format!("{} (the transfer timeout passed)", ending.why))
+            } else if ending.gone {
+                Settle::PeerGone(ending.why.clone())
             } else if ending.retry && r.retries > 0 {
                 r.retries -= 1;
                 Settle::Retry
@@ -916,7 +988,15 @@ impl<T> ClientConn<T> {
             return;
         }
         self.phase = Phase::Closing;
-        self.ending = Some(Ending { why, retry });
+        self.ending = Some(Ending { why, retry, gone: false });
+    }
+
+    fn end_gone(&mut self, why: String) {
+        if self.is_closing() {
+            return;
+        }
+        self.phase = Phase::Closing;
+        self.ending = Some(Ending { why, retry: false, gone: true });
     }
 
     fn pop_awaiting(&mut self) -> Req<T> {

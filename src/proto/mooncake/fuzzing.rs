@@ -273,7 +273,8 @@ pub fn tcp_server(data: &[u8]) {
             let v2 = b & 0x80 == 0 || i % 7 != 0;
             // Some requests with CRC-32C framing, a few of them corrupted.
             let crc32c = v2 && i % 3 == 0;
-            let header = |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c }.encode();
+            let header =
+                |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c, instance: None }.encode();
             match b % 4 {
                 0 => {
                     out.extend(header(len, addr, tcp::Opcode::Write));
@@ -344,8 +345,8 @@ mod tests {
                 br#"{"buffers":[{"addr":1,"length":2,"name":"a"}],"name":"h:1","protocol":"tcp","tcp_data_port":5}"#,
             ),
             frame::encode(frame::FrameType::Notify, br#"{"name":"a","notify_msg":"b"}"#),
-            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true, crc32c: false }.encode().to_vec(),
-            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Read, v2: true, crc32c: true }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Write, v2: true, crc32c: false, instance: None }.encode().to_vec(),
+            tcp::RequestHeader { size: 9, addr: 4096, opcode: tcp::Opcode::Read, v2: true, crc32c: true, instance: None }.encode().to_vec(),
             tcp::encode_status(1).to_vec(),
             b"[::1]:15000".to_vec(),
             br#"{"buffers":[{"addr":4096,"length":8192,"lkey":[1],"name":"cpu:0","rkey":[2]}],"devices":[{"gid":"fe:80:00:00:00:00:00:00:02:42:ac:ff:fe:11:00:02","lid":0,"name":"rxe0"}],"name":"h:1","priority_matrix":{"cpu:0":[["rxe0"],[]]},"protocol":"rdma"}"#.to_vec(),

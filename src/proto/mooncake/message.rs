@@ -60,6 +60,13 @@ pub struct SegmentDesc {
     /// (jsoncpp reads fields by name), and never writes this one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shardwire: Option<LocalDesc>,
+    /// shardwire's own field: a random number drawn when the engine
+    /// started, so a peer tells a restarted process from the one it
+    /// replaced under the same name (and TCP requests carry a tag of it,
+    /// see [`super::tcp`]). 0 (left out): a Mooncake peer, which never
+    /// writes it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub shardwire_instance: u64,
     /// shardwire's own field: this target takes TCP requests with CRC-32C
     /// framing (see [`super::tcp`]). Mooncake ignores it and never writes
     /// it, so its initiators never ask for the framing.
@@ -79,6 +86,22 @@ pub struct SegmentDesc {
 }
 
 impl SegmentDesc {
+    /// Which process of a segment this descriptor describes: its
+    /// `shardwire_instance`, or, for a Mooncake peer (which draws no
+    /// such number), its TCP data port, which Mooncake picks at random
+    /// per process (0 when it has none: an RDMA-only Mooncake peer, whose
+    /// restarts only its queue pairs reveal). Two descriptors of one name
+    /// with different incarnations come from two processes.
+    pub fn incarnation(&self) -> u64 {
+        if self.shardwire_instance != 0 {
+            self.shardwire_instance
+        } else {
+            // Tagged, so a port never reads as a drawn number of the
+            // same value (a 2^-48 chance otherwise, but free to rule out).
+            (1 << 63) | u64::from(self.tcp_data_port)
+        }
+    }
+
     /// A descriptor of `name` with nothing in it yet (Mooncake's defaults).
     pub fn new(name: &str, protocol: &str) -> SegmentDesc {
         SegmentDesc {
@@ -89,6 +112,7 @@ impl SegmentDesc {
             protocol: protocol.to_string(),
             rdma_server_name: String::new(),
             shardwire: None,
+            shardwire_instance: 0,
             shardwire_tcp_crc32c: false,
             tcp_data_host: None,
             tcp_data_port: 0,
@@ -115,6 +139,10 @@ pub struct LocalDesc {
 
 fn proto_v1() -> u32 {
     1
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 fn string_or_first<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -45,6 +45,10 @@
 //!   still sending (bounded in bytes and time), so the client reads the
 //!   status rather than a reset. A v1 client gets no status: the session
 //!   just ends.
+//! - **Instance tags** ([`ServerSession::with_instance`]): a request
+//!   tagged for another process of this segment (the one this process
+//!   replaced) is refused with status 4, as a bad range is, before its
+//!   range is looked at.
 //! - **Authentication** (with a key, [`ServerSession::authenticating`]):
 //!   the challenge is the first reply; the client's first 64 bytes must be
 //!   a proof of the key, before a single header is looked at. A wrong
@@ -208,6 +212,9 @@ pub struct Served {
     /// CRC-32C failures: headers refused for them, and WRITEs whose bytes
     /// landed wrong.
     pub corrupt: u64,
+    /// Requests refused because they were addressed to the process this
+    /// one replaced (counted among `rejected` too).
+    pub stale: u64,
 }
 
 impl Served {
@@ -240,6 +247,9 @@ pub struct ServerSession<P> {
     served: Served,
     /// The client's proof is awaited, until the deadline.
     proof_awaited: Option<(Verifier, Instant)>,
+    /// The tag of this process's instance number: a request tagged for
+    /// another is refused ([`tcp::STATUS_STALE_INSTANCE`]).
+    instance: Option<u32>,
 }
 
 impl<P> ServerSession<P> {
@@ -262,7 +272,16 @@ impl<P> ServerSession<P> {
             why: None,
             served: Served::default(),
             proof_awaited: None,
+            instance: None,
         }
+    }
+
+    /// Requests tagged with an instance other than `tag` (this process's)
+    /// are refused: they were addressed to the process this one replaced.
+    pub fn with_instance(mut self, tag: u32) -> Self {
+        assert!(tag <= tcp::INSTANCE_TAG_MASK, "a tag is 24 bits");
+        self.instance = Some(tag);
+        self
     }
 
     /// The session opens with the authentication exchange: `verifier`'s
@@ -634,6 +653,15 @@ impl<P> ServerSession<P> {
                 }
                 Err((partial, why)) => return self.reject(partial.v2, tcp::STATUS_REJECTED, &why.to_string()),
             };
+            if let (Some(theirs), Some(ours)) = (h.instance, self.instance)
+                && theirs != ours
+            {
+                // Checked before the range: the addresses describe another
+                // process's memory, whatever this one has registered there.
+                self.served.stale += 1;
+                let why = format!("a request for instance {theirs:#08x} of this segment; this is {ours:#08x}");
+                return self.reject(h.v2, tcp::STATUS_STALE_INSTANCE, &why);
+            }
             let Some(pin) = memory.pin(h.addr, h.size) else {
                 return self.reject(h.v2, tcp::STATUS_REJECTED, "address range is not inside one registered buffer");
             };

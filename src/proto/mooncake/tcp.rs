@@ -35,6 +35,21 @@
 //!          computed from the server's memory; the client checks it
 //! ```
 //!
+//! **Instance tags (shardwire's own).** A shardwire target publishes
+//! `shardwire_instance`, a number drawn when its engine started. An
+//! initiator sets [`INSTANCE_FLAG`] on every request to such a target and
+//! puts the number's low 24 bits in header bytes 17..20 (padding in
+//! Mooncake's header; covered by the header's CRC-32C when that is on). A
+//! target whose own tag differs answers [`STATUS_STALE_INSTANCE`] and ends
+//! the session as after a rejection: the request was addressed to the
+//! process this one replaced (its addresses describe that process's
+//! memory), so nothing of it lands. A connection re-opened to a restarted
+//! peer on the same data port can thus never carry an old request into
+//! the new process. The tag tells two processes apart but for a 2^-24
+//! chance; the engine also compares the whole number in the descriptors
+//! it fetches. A Mooncake target publishes no number, so its initiators
+//! never set the flag.
+//!
 //! A header that fails its check is answered with
 //! [`STATUS_HEADER_CHECKSUM`], and the session ends as after a rejection
 //! (the framing cannot be trusted). A WRITE whose payload fails is answered
@@ -58,6 +73,14 @@ pub const V2_FLAG: u8 = 0x80;
 /// The opcode bit that asks for CRC-32C framing (shardwire's extension,
 /// v2 only; see the module documentation).
 pub const CRC32C_FLAG: u8 = 0x40;
+/// The opcode bit that says bytes 17..20 carry the instance tag of the
+/// target process the request is addressed to (shardwire's extension, v2
+/// only; see the module documentation).
+pub const INSTANCE_FLAG: u8 = 0x20;
+/// Where a tagged header keeps its instance tag (3 bytes, little-endian).
+const INSTANCE_AT: usize = 17;
+/// The instance tag's bits.
+pub const INSTANCE_TAG_MASK: u32 = 0x00ff_ffff;
 /// Bytes of a CRC-32C on the wire (a payload's trailer, a header's check).
 pub const CRC_BYTES: usize = 4;
 /// Where a flagged header keeps its own CRC-32C (of the bytes before it).
@@ -68,6 +91,15 @@ pub const STATUS_HEADER_CHECKSUM: u32 = 2;
 /// Status (CRC-32C WRITEs only): the payload landed but does not match its
 /// CRC-32C; the session goes on.
 pub const STATUS_PAYLOAD_CHECKSUM: u32 = 3;
+/// Status (tagged requests only): the request names another process of
+/// this segment than the one answering, which replaced it; nothing of it
+/// ran, and the session ends after it.
+pub const STATUS_STALE_INSTANCE: u32 = 4;
+
+/// The tag of a target's instance number that requests carry.
+pub fn instance_tag(instance: u64) -> u32 {
+    (instance as u32) & INSTANCE_TAG_MASK
+}
 
 /// The CRC-32C (Castagnoli) of `bytes`: SSE4.2's `crc32` instruction where
 /// the CPU has it (the `crc32c` crate picks at run time).
@@ -93,6 +125,9 @@ pub struct RequestHeader {
     pub v2: bool,
     /// CRC-32C framing (shardwire's extension; needs `v2`).
     pub crc32c: bool,
+    /// The tag of the target instance it is addressed to (shardwire's
+    /// extension; needs `v2`; at most [`INSTANCE_TAG_MASK`]).
+    pub instance: Option<u32>,
 }
 
 /// Why a header is refused.
@@ -108,6 +143,8 @@ pub enum HeaderError {
     HeaderChecksum { carried: u32, actual: u32 },
     #[error("CRC-32C framing asked for without v2 framing")]
     Crc32cWithoutV2,
+    #[error("an instance tag without v2 framing")]
+    InstanceWithoutV2,
 }
 
 impl RequestHeader {
@@ -116,6 +153,12 @@ impl RequestHeader {
         out[..8].copy_from_slice(&self.size.to_le_bytes());
         out[8..16].copy_from_slice(&self.addr.to_le_bytes());
         out[16] = self.opcode as u8 | if self.v2 { V2_FLAG } else { 0 };
+        if let Some(tag) = self.instance {
+            debug_assert!(self.v2, "instance tags are v2 only");
+            debug_assert!(tag <= INSTANCE_TAG_MASK, "a tag is 24 bits");
+            out[16] |= INSTANCE_FLAG;
+            out[INSTANCE_AT..INSTANCE_AT + 3].copy_from_slice(&(tag & INSTANCE_TAG_MASK).to_le_bytes()[..3]);
+        }
         if self.crc32c {
             debug_assert!(self.v2, "CRC-32C framing is v2 only");
             out[16] |= CRC32C_FLAG;
@@ -134,7 +177,12 @@ impl RequestHeader {
         let raw = bytes[16];
         let v2 = raw & V2_FLAG != 0;
         let crc = raw & CRC32C_FLAG != 0;
-        let partial = Self { size, addr, opcode: Opcode::Read, v2, crc32c: crc };
+        let instance = (raw & INSTANCE_FLAG != 0).then(|| {
+            let mut tag = [0u8; 4];
+            tag[..3].copy_from_slice(&bytes[INSTANCE_AT..INSTANCE_AT + 3]);
+            u32::from_le_bytes(tag)
+        });
+        let partial = Self { size, addr, opcode: Opcode::Read, v2, crc32c: crc, instance };
         if crc {
             // Checked first: nothing else in a header that fails is trusted.
             let carried = u32::from_le_bytes(bytes[HEADER_CRC_AT..].try_into().expect("4 bytes"));
@@ -146,7 +194,10 @@ impl RequestHeader {
                 return Err((partial, HeaderError::Crc32cWithoutV2));
             }
         }
-        let opcode = match raw & !(V2_FLAG | CRC32C_FLAG) {
+        if instance.is_some() && !v2 {
+            return Err((partial, HeaderError::InstanceWithoutV2));
+        }
+        let opcode = match raw & !(V2_FLAG | CRC32C_FLAG | INSTANCE_FLAG) {
             0 => Opcode::Read,
             1 => Opcode::Write,
             other => return Err((partial, HeaderError::UnknownOpcode(other))),
@@ -195,7 +246,14 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_layout() {
-        let h = RequestHeader { size: 100, addr: 0x1_0000_0010, opcode: Opcode::Write, v2: true, crc32c: false };
+        let h = RequestHeader {
+            size: 100,
+            addr: 0x1_0000_0010,
+            opcode: Opcode::Write,
+            v2: true,
+            crc32c: false,
+            instance: None,
+        };
         let bytes = h.encode();
         assert_eq!(bytes[16], 0x81);
         assert_eq!(&bytes[17..], &[0; 7]);
@@ -208,12 +266,16 @@ mod tests {
 
     #[test]
     fn bad_headers_are_named() {
-        let mut b = RequestHeader { size: 8, addr: 64, opcode: Opcode::Read, v2: true, crc32c: false }.encode();
+        let mut b =
+            RequestHeader { size: 8, addr: 64, opcode: Opcode::Read, v2: true, crc32c: false, instance: None }.encode();
         b[16] = 0x82;
         assert_eq!(RequestHeader::decode(&b).unwrap_err().1, HeaderError::UnknownOpcode(2));
-        let z = RequestHeader { size: 0, addr: 64, opcode: Opcode::Write, v2: true, crc32c: false }.encode();
+        let z = RequestHeader { size: 0, addr: 64, opcode: Opcode::Write, v2: true, crc32c: false, instance: None }
+            .encode();
         assert_eq!(RequestHeader::decode(&z).unwrap_err().1, HeaderError::ZeroSize);
-        let o = RequestHeader { size: 2, addr: u64::MAX, opcode: Opcode::Write, v2: true, crc32c: false }.encode();
+        let o =
+            RequestHeader { size: 2, addr: u64::MAX, opcode: Opcode::Write, v2: true, crc32c: false, instance: None }
+                .encode();
         assert!(matches!(RequestHeader::decode(&o).unwrap_err().1, HeaderError::Overflow { .. }));
         // The partial header still says whether to answer with a v2 status.
         assert!(RequestHeader::decode(&o).unwrap_err().0.v2);
@@ -221,7 +283,14 @@ mod tests {
 
     #[test]
     fn crc32c_headers_carry_their_own_check() {
-        let h = RequestHeader { size: 4096, addr: 0x7f00_0000_1000, opcode: Opcode::Read, v2: true, crc32c: true };
+        let h = RequestHeader {
+            size: 4096,
+            addr: 0x7f00_0000_1000,
+            opcode: Opcode::Read,
+            v2: true,
+            crc32c: true,
+            instance: None,
+        };
         let b = h.encode();
         assert_eq!(b[16], 0xc0);
         assert_eq!(&b[17..20], &[0; 3]);
@@ -249,6 +318,36 @@ mod tests {
         assert_eq!(RequestHeader::decode(&v1).unwrap_err().1, HeaderError::Crc32cWithoutV2);
         // The catalogue check value of CRC-32C.
         assert_eq!(crc32c(b"123456789"), 0xe306_9283);
+    }
+
+    #[test]
+    fn instance_tags_ride_in_the_padding() {
+        let h = RequestHeader {
+            size: 64,
+            addr: 0x7f00_0000_2000,
+            opcode: Opcode::Write,
+            v2: true,
+            crc32c: false,
+            instance: Some(instance_tag(0x1234_5678_9abc_def1)),
+        };
+        let b = h.encode();
+        assert_eq!(b[16], 0xa1);
+        assert_eq!(&b[17..20], &[0xf1, 0xde, 0xbc]);
+        assert_eq!(&b[20..], &[0; 4]);
+        assert_eq!(RequestHeader::decode(&b), Ok(h));
+        // With CRC-32C framing too: the tag is covered by the check.
+        let c = RequestHeader { crc32c: true, ..h };
+        let mut cb = c.encode();
+        assert_eq!(cb[16], 0xe1);
+        assert_eq!(RequestHeader::decode(&cb), Ok(c));
+        cb[18] ^= 1;
+        assert!(matches!(RequestHeader::decode(&cb).unwrap_err().1, HeaderError::HeaderChecksum { .. }));
+        // A tag without v2 framing is refused; a plain header has no tag.
+        let mut v1 = RequestHeader { v2: false, instance: None, ..h }.encode();
+        v1[16] |= INSTANCE_FLAG;
+        assert_eq!(RequestHeader::decode(&v1).unwrap_err().1, HeaderError::InstanceWithoutV2);
+        assert_eq!(RequestHeader::decode(&RequestHeader { instance: None, ..h }.encode()).unwrap().instance, None);
+        assert_eq!(instance_tag(u64::MAX), INSTANCE_TAG_MASK);
     }
 
     #[test]

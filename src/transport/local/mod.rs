@@ -35,8 +35,8 @@ pub mod service;
 use crate::telemetry::{Event, counters as telemetry};
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,6 @@ const SHM_SPLIT: Split = Split { min_bytes: 512 << 10, align: 64 };
 const CMA_SPLIT: Split = Split { min_bytes: 1 << 20, align: 2 << 20 };
 /// Batches of smaller requests are shared in groups of this many bytes.
 const BATCH_GROUP_BYTES: u64 = 1 << 20;
-/// How often a peer's liveness is looked at (a syscall), at most.
-const LIVENESS_EVERY: Duration = Duration::from_millis(20);
 
 /// This host's boot id.
 pub fn boot_id() -> String {
@@ -116,10 +114,14 @@ struct Peer {
     lanes: Mutex<Vec<(u32, u64)>>,
     /// The kernel refused cross-memory attach to it: those requests go over TCP.
     cma_refused: AtomicBool,
-    /// When it was connected.
-    epoch: Instant,
-    /// Nanoseconds (since `epoch`) of the last liveness look.
-    looked: AtomicU64,
+    /// The target process, as this process's pid namespace numbers it
+    /// (the socket's peer credentials): cross-memory attach goes there.
+    pid: u32,
+    /// A pidfd of the target process: readable once it has exited, so a
+    /// copy is known to have reached a live process (one poll, no matter
+    /// how many processes have come and gone since). `None` where the
+    /// kernel has none (before 5.3): then `kill(pid, 0)` and `/proc`.
+    pidfd: Option<OwnedFd>,
     dead: AtomicBool,
 }
 
@@ -132,6 +134,9 @@ enum Miss {
     Fallback,
     /// It fails, as it would over TCP.
     Fail(TransferStatus, String),
+    /// The target process it was addressed to has exited (or shut its
+    /// sharing down): it fails as gone, and is not sent elsewhere.
+    Gone(String),
 }
 
 thread_local! {
@@ -350,6 +355,15 @@ impl LocalTransport {
         }
     }
 
+    /// Why a request to a target this transport let go of fails.
+    fn let_go_why(&self) -> String {
+        if self.closed.load(Ordering::Acquire) {
+            "the engine is shutting down".into()
+        } else {
+            "the target process it was addressed to has exited or been replaced under its name".into()
+        }
+    }
+
     fn peer(&self, token: u64) -> Option<Arc<Peer>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(&token).cloned()
     }
@@ -378,6 +392,16 @@ impl LocalTransport {
                 return None;
             }
         };
+        // The process at the other end of the link, numbered in this pid
+        // namespace; the pidfd is opened while the link is up, so it is
+        // that process's (a pid is not reused while its process lives),
+        // which the look at the link after it confirms.
+        let pid = link.peer_pid().unwrap_or_else(|_| table.target_pid());
+        let pidfd = pidfd_open(pid);
+        if link.is_closed() || pidfd.as_ref().is_some_and(exited) {
+            log::debug!("local transport: {name} exited as it was connected");
+            return None;
+        }
         let peer = Arc::new(Peer {
             token: ld.token,
             name: name.to_string(),
@@ -387,8 +411,8 @@ impl LocalTransport {
             maps: Mutex::new(HashMap::new()),
             lanes: Mutex::new(Vec::new()),
             cma_refused: AtomicBool::new(false),
-            epoch: Instant::now(),
-            looked: AtomicU64::new(0),
+            pid,
+            pidfd,
             dead: AtomicBool::new(false),
         });
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -424,8 +448,8 @@ impl Peer {
         remote: u64,
         len: u64,
     ) -> Result<(), Miss> {
-        if !self.alive() {
-            return Err(Miss::Fail(TransferStatus::Failed, format!("{} has shut down or exited", self.name)));
+        if self.dead.load(Ordering::Acquire) || !self.table.target_live() {
+            return Err(Miss::Gone(self.gone_why()));
         }
         let Some(lane) = lane_for(self) else { return Err(Miss::Fallback) };
         let mut view = self.find(remote, len);
@@ -517,33 +541,40 @@ impl Peer {
     /// Whether the target has exited or shut its sharing down, looked at
     /// now (a syscall or two).
     fn gone(&self) -> bool {
-        self.dead.load(Ordering::Acquire)
-            || !self.table.target_live()
-            || control::is_dead(self.table.target_pid())
-            || self.link.is_closed()
+        !self.alive() || self.link.is_closed()
     }
 
-    /// Whether the target is up (looked at with a syscall at most every
-    /// [`LIVENESS_EVERY`]).
+    /// Whether the target process is up and sharing, looked at now: one
+    /// poll of its pidfd. Run after each copy (or run of copies): a copy
+    /// counts as done only if its target was alive once it ended, so bytes
+    /// copied into the memory of a process that has died (a memfd stays
+    /// mapped here) are never reported as written.
     fn alive(&self) -> bool {
         if self.dead.load(Ordering::Acquire) || !self.table.target_live() {
             return false;
         }
-        let now = self.epoch.elapsed().as_nanos() as u64;
-        let last = self.looked.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= LIVENESS_EVERY.as_nanos() as u64
-            && self.looked.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-            && (control::is_dead(self.table.target_pid()) || self.link.is_closed())
-        {
+        let gone = match &self.pidfd {
+            Some(fd) => exited(fd),
+            None => control::is_dead(self.pid),
+        };
+        if gone {
             self.dead.store(true, Ordering::Release);
-            return false;
         }
-        true
+        !gone
+    }
+
+    /// Why copies to the target fail now.
+    fn gone_why(&self) -> String {
+        if self.table.target_live() {
+            format!("{} (pid {}) has exited", self.name, self.pid)
+        } else {
+            format!("{} (pid {}) has shut down", self.name, self.pid)
+        }
     }
 
     /// Cross-memory attach into the target's registered memory.
     fn cma(&self, op: Opcode, local: u64, remote: u64, len: u64) -> Result<(), Miss> {
-        let pid = self.table.target_pid() as libc::pid_t;
+        let pid = self.pid as libc::pid_t;
         let mut done = 0u64;
         while done < len {
             let l = libc::iovec { iov_base: (local + done) as *mut libc::c_void, iov_len: (len - done) as usize };
@@ -574,7 +605,7 @@ impl Peer {
                 }
                 Some(libc::ESRCH) => {
                     self.dead.store(true, Ordering::Release);
-                    Miss::Fail(TransferStatus::Failed, format!("{} exited", self.name))
+                    Miss::Gone(self.gone_why())
                 }
                 _ => Miss::Fail(
                     TransferStatus::Failed,
@@ -636,6 +667,27 @@ impl Peer {
     }
 }
 
+/// A pidfd for process `pid` (Linux 5.3), or `None` if the kernel has
+/// none to give (the caller then falls back to `kill(pid, 0)`).
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: a plain syscall; a descriptor it returns is wrapped at once.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        log::debug!("local transport: pidfd_open({pid}): {}", std::io::Error::last_os_error());
+        return None;
+    }
+    // SAFETY: fd is a fresh descriptor nothing else owns.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Whether the process of `pidfd` has exited (its pidfd polls readable).
+fn exited(pidfd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: polls one live descriptor without waiting.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// The calling thread's lane in `peer`'s table, claimed on first use.
 fn lane_for(peer: &Arc<Peer>) -> Option<u32> {
     LANES
@@ -687,18 +739,27 @@ impl Transport for LocalTransport {
             return;
         };
         let Some(peer) = self.peer(token) else {
-            for _ in &requests {
-                telemetry::event(Event::LocalToTcp);
+            let why = self.let_go_why();
+            for r in requests {
+                r.ticket.fail_gone(&why);
             }
-            return self.tcp.submit(&Route::Tcp(tcp), requests);
+            return;
         };
-        let results = self.copy_all(&peer, &requests);
+        let mut results = self.copy_all(&peer, &requests);
         debug_assert_eq!(results.len(), requests.len());
+        // Done only if the target outlived the copies (see `Peer::alive`).
+        if results.iter().any(Result::is_ok) && !peer.alive() {
+            let why = peer.gone_why();
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(Miss::Gone(why.clone()));
+            }
+        }
         let mut over_tcp = Vec::new();
         for (r, result) in requests.into_iter().zip(results) {
             match result {
                 Ok(()) => r.ticket.done(r.len),
                 Err(Miss::Fail(status, why)) => r.ticket.fail(status, &why),
+                Err(Miss::Gone(why)) => r.ticket.fail_gone(&why),
                 Err(Miss::Fallback) => over_tcp.push(r),
             }
         }
@@ -713,11 +774,12 @@ impl Transport for LocalTransport {
     fn run_inline(&self, route: &Route, r: &InlineRequest) -> Option<TeResult<()>> {
         let Route::Local { token, tcp } = *route else { return None };
         let Some(peer) = self.peer(token) else {
-            telemetry::event(Event::LocalToTcp);
-            return self.tcp.run_inline(&Route::Tcp(tcp), r);
+            return Some(Err(TeError::new(code::PEER_GONE, self.let_go_why())));
         };
         match peer.copy(Some(&self.crew), r.op, r.local, r.remote, r.len) {
-            Ok(()) => Some(Ok(())),
+            // Done only if the target outlived the copy (see `Peer::alive`).
+            Ok(()) if peer.alive() => Some(Ok(())),
+            Ok(()) | Err(Miss::Gone(_)) => Some(Err(TeError::new(code::PEER_GONE, peer.gone_why()))),
             Err(Miss::Fail(_, why)) => Some(Err(TeError::invalid(why))),
             Err(Miss::Fallback) => {
                 telemetry::event(Event::LocalToTcp);
@@ -736,6 +798,16 @@ impl Transport for LocalTransport {
     fn cancel(&self, _sink: &Arc<dyn Sink>) {
         // Local requests complete in `submit`; nothing waits here. Those
         // handed to TCP are cancelled by the TCP transport.
+    }
+
+    /// Lets go of the target process: its socket, table and mappings go
+    /// once no copy holds them, and later requests that name it fail as
+    /// gone (copies running now end as they would have).
+    fn retire(&self, route: &Route) {
+        let Route::Local { token, .. } = *route else { return };
+        if self.peers.lock().unwrap_or_else(|e| e.into_inner()).remove(&token).is_some() {
+            log::debug!("local transport: let go of a target process that was replaced");
+        }
     }
 
     /// Stops sharing: no peer copy starts from now on, and the ones running

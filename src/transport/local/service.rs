@@ -124,8 +124,9 @@ fn recv(stream: &UnixStream) -> io::Result<([u8; 16], Option<OwnedFd>)> {
     Ok((bytes, fd))
 }
 
-/// The uid of the process at the other end.
-fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+/// The credentials of the process at the other end (pids as this
+/// process's pid namespace numbers them).
+fn peer_cred(stream: &UnixStream) -> io::Result<libc::ucred> {
     // SAFETY: plain data.
     let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
@@ -139,7 +140,12 @@ fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
             &mut len,
         )
     };
-    if r == 0 { Ok(cred.uid) } else { Err(io::Error::last_os_error()) }
+    if r == 0 { Ok(cred) } else { Err(io::Error::last_os_error()) }
+}
+
+/// The uid of the process at the other end.
+fn peer_uid(stream: &UnixStream) -> io::Result<u32> {
+    peer_cred(stream).map(|c| c.uid)
 }
 
 /// The target's side: the socket and the thread that serves it.
@@ -289,6 +295,13 @@ impl Link {
             (STATUS_UNKNOWN, _) => Err(io::Error::new(io::ErrorKind::NotFound, format!("no memfd {id} (freed?)"))),
             _ => Err(io::Error::other("the target refused")),
         }
+    }
+
+    /// The process at the other end (the target), as this process's pid
+    /// namespace numbers it: the socket's peer credentials.
+    pub fn peer_pid(&self) -> io::Result<u32> {
+        let cred = peer_cred(&self.stream.lock().unwrap_or_else(|e| e.into_inner()))?;
+        u32::try_from(cred.pid).ok().filter(|&p| p > 0).ok_or_else(|| io::Error::other("no peer pid"))
     }
 
     /// Whether the target has closed the connection (it exited).

@@ -26,6 +26,7 @@ use io_uring::{opcode, types};
 use super::iov::IoVecs;
 use super::sock::{self, RawSockAddr};
 use super::{Credits, Peer, QUEUED_PER_SHARD_MAX};
+use crate::liveness::Liveness;
 use crate::proto::auth::{AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Settle};
 use crate::runtime::{Completion, OpId, ShardCtx, TimerId};
@@ -125,6 +126,8 @@ pub struct ClientShard {
     shard: usize,
     /// The key each new connection proves before its first request.
     auth: Option<AuthKey>,
+    /// Keepalive and `TCP_USER_TIMEOUT` on each new connection.
+    liveness: Liveness,
     closed: bool,
 }
 
@@ -149,6 +152,8 @@ struct Conn {
     /// The shard's back-pressure count, released as requests settle.
     credits: Arc<Credits>,
     shard_id: usize,
+    /// Keepalive and `TCP_USER_TIMEOUT`, set on its socket.
+    liveness: Liveness,
 }
 
 impl Conn {
@@ -174,7 +179,13 @@ enum Op {
 }
 
 impl ClientShard {
-    pub fn new(limits: ClientLimits, credits: Arc<Credits>, shard: usize, auth: Option<AuthKey>) -> Rc<RefCell<Self>> {
+    pub fn new(
+        limits: ClientLimits,
+        credits: Arc<Credits>,
+        shard: usize,
+        auth: Option<AuthKey>,
+        liveness: Liveness,
+    ) -> Rc<RefCell<Self>> {
         Rc::new(RefCell::new(Self {
             conns: HashMap::new(),
             seen: std::collections::HashSet::new(),
@@ -183,6 +194,7 @@ impl ClientShard {
             credits,
             shard,
             auth,
+            liveness,
             closed: false,
         }))
     }
@@ -215,7 +227,8 @@ impl ClientShard {
                     }
                     let deadline = Instant::now() + s.limits.connect_timeout;
                     let mut core = ClientConn::new(peer.addr.to_string(), peer.v2, s.limits.for_peer(&peer), deadline)
-                        .with_crc32c(peer.crc32c);
+                        .with_crc32c(peer.crc32c)
+                        .with_instance(peer.instance);
                     if let Some(key) = &s.auth {
                         core = core.authenticating(Prover::new(key.clone(), Port::Data, crate::entropy::bytes()));
                     }
@@ -234,6 +247,7 @@ impl ClientShard {
                         shut: false,
                         credits: credits.clone(),
                         shard_id: shard,
+                        liveness: s.liveness,
                     }));
                     s.conns.insert(peer, conn.clone());
                     (conn, true, credits, shard)
@@ -285,6 +299,17 @@ impl ClientShard {
         }
     }
 
+    /// The peer process `peer` reaches is gone (the engine learnt that
+    /// another took its name): its connections close, and what they held
+    /// settles as gone.
+    pub fn retire(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx, peer: Peer) {
+        let conn = this.borrow_mut().conns.remove(&peer);
+        if let Some(conn) = conn {
+            conn.borrow_mut().core.close_gone(format!("{} is gone: another process took its segment name", peer.addr));
+            pump(ctx, &conn);
+        }
+    }
+
     /// Aborts every connection; their requests fail. New submissions fail.
     pub fn close(this: &Rc<RefCell<Self>>, ctx: &mut ShardCtx) {
         let conns: Vec<_> = {
@@ -332,6 +357,7 @@ fn start_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
         Ok(fd) => fd,
         Err(e) => return c.core.on_connect_failed(format!("socket: {e}")),
     };
+    c.liveness.apply_or_log(&fd, "a data connection");
     let addr = RawSockAddr::new(&peer);
     let entry = opcode::Connect::new(types::Fd(fd.as_raw_fd()), addr.as_ptr(), addr.len).build();
     c.fd = Some(fd);
@@ -352,6 +378,7 @@ fn on_connect(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>, done: Completion)
                 telemetry::event(Event::TcpConnect);
                 c.core.on_connected()
             }
+            Err(e) if e.raw_os_error() == Some(libc::ECONNREFUSED) => c.core.on_connect_refused(),
             Err(e) => c.core.on_connect_failed(e.to_string()),
         }
     }
@@ -542,6 +569,7 @@ fn pump(ctx: &mut ShardCtx, conn_rc: &Rc<RefCell<Conn>>) {
                 r.ticket.fail_corrupt(&why)
             }
             Settle::Canceled => r.ticket.fail(TransferStatus::Canceled, "canceled before it was sent"),
+            Settle::PeerGone(why) => r.ticket.fail_gone(&why),
         }
     }
     if !retry.is_empty() {

@@ -13,14 +13,16 @@
 //! ([`ClientConn`]), with blocking sockets instead of io_uring: the
 //! protocol has one implementation.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::io;
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use super::Peer;
 use super::iov::IoVecs;
+use crate::liveness::Liveness;
 use crate::proto::auth::{AuthKey, Port, Prover};
 use crate::proto::mooncake::client::{ClientConn, Limits, Req, Settle};
 use crate::telemetry::{Event, counters as telemetry};
@@ -35,71 +37,107 @@ const SPIN: Duration = Duration::from_micros(30);
 
 struct Cached {
     engine: u64,
-    peer: SocketAddr,
+    /// The peer's data port and process (its instance tag): a restarted
+    /// peer never gets a connection made to the process it replaced.
+    peer: Peer,
     stream: TcpStream,
 }
 
 thread_local! {
     static CONNECTIONS: RefCell<Vec<Cached>> = const { RefCell::new(Vec::new()) };
+    /// The [`RETIRED`] count this thread's cache was last pruned at.
+    static PRUNED_AT: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Why a direct transfer failed; `rejected` if the peer said no (status 1),
-/// so retrying elsewhere would not help.
+/// Bumped whenever an engine learns that a peer process is gone
+/// ([`retired`]): each thread then prunes its kept connections of hung-up
+/// ones at its next direct transfer, rather than only when it next opens
+/// one, so a thread that goes on using other peers lets go of them too.
+static RETIRED: AtomicU64 = AtomicU64::new(0);
+
+/// A peer process is gone: every thread prunes its dead connections at
+/// its next direct transfer.
+pub fn retired() {
+    RETIRED.fetch_add(1, Ordering::Release);
+}
+
+/// How a direct transfer failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The peer refused it (status 1): retrying elsewhere would not help.
+    Rejected,
+    TimedOut,
+    /// The bytes failed their CRC-32C (never retried).
+    Corrupt,
+    /// The peer process it was addressed to has exited or been replaced.
+    PeerGone,
+    /// Anything else (the connection broke, and the re-send did too).
+    Failed,
+}
+
+/// Why a direct transfer failed.
 #[derive(Debug)]
 pub struct DirectError {
-    pub rejected: bool,
-    pub timed_out: bool,
-    /// The bytes failed their CRC-32C (never retried).
-    pub corrupt: bool,
+    pub failure: Failure,
     pub message: String,
+}
+
+impl DirectError {
+    fn new(failure: Failure, message: impl Into<String>) -> Self {
+        Self { failure, message: message.into() }
+    }
+}
+
+/// How the direct path opens a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct Dial<'a> {
+    pub connect_timeout: Duration,
+    /// Keepalive and `TCP_USER_TIMEOUT`, from the transfer timeout.
+    pub liveness: Liveness,
+    /// The key a fresh connection proves.
+    pub auth: Option<&'a AuthKey>,
 }
 
 /// Carries out `r` on this thread. The caller has checked both ranges and
 /// pinned the local one for the length of the call.
-pub fn transfer(
-    engine: u64,
-    peer: Peer,
-    r: &InlineRequest,
-    connect_timeout: Duration,
-    auth: Option<&AuthKey>,
-) -> Result<(), DirectError> {
+pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, dial: Dial<'_>) -> Result<(), DirectError> {
     debug_assert!(peer.v2 && r.len > 0 && r.len <= DIRECT_BYTES_MAX);
-    let (mut stream, mut cached) = match take(engine, peer.addr) {
+    let retired = RETIRED.load(Ordering::Acquire);
+    if PRUNED_AT.try_with(|p| p.replace(retired) != retired).unwrap_or(false) {
+        drop_hung_up();
+    }
+    let (mut stream, mut cached) = match take(engine, peer) {
         Some(s) => (s, true),
         None => {
             drop_hung_up();
-            (connect(peer.addr, r.deadline, connect_timeout)?, false)
+            (connect(peer, r.deadline, dial)?, false)
         }
     };
     loop {
         // A kept connection may be dead (the peer restarted, or idled us
         // out): a request on it may go once more, on a fresh one.
         // Requests are idempotent: the same bytes to the same addresses.
+        // (A re-send goes only to the process it was addressed to: the
+        // request carries the peer's instance tag, which another process
+        // refuses.)
         let retries = u8::from(cached);
         // A fresh connection proves the key first; a cached one has.
-        let prover = auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, crate::entropy::bytes()));
+        let prover = dial.auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, crate::entropy::bytes()));
         match exchange(&mut stream, peer, r, retries, prover) {
             Settle::Done => {
-                put_back(engine, peer.addr, stream);
+                put_back(engine, peer, stream);
                 return Ok(());
             }
             Settle::Retry => {
                 telemetry::event(Event::TcpReconnect);
-                stream = connect(peer.addr, r.deadline, connect_timeout)?;
+                stream = connect(peer, r.deadline, dial)?;
                 cached = false;
             }
-            Settle::Rejected { message, .. } => {
-                return Err(DirectError { rejected: true, timed_out: false, corrupt: false, message });
-            }
-            Settle::TimedOut(message) => {
-                return Err(DirectError { rejected: false, timed_out: true, corrupt: false, message });
-            }
-            Settle::Failed(message) => {
-                return Err(DirectError { rejected: false, timed_out: false, corrupt: false, message });
-            }
-            Settle::Corrupt(message) => {
-                return Err(DirectError { rejected: false, timed_out: false, corrupt: true, message });
-            }
+            Settle::Rejected { message, .. } => return Err(DirectError::new(Failure::Rejected, message)),
+            Settle::TimedOut(message) => return Err(DirectError::new(Failure::TimedOut, message)),
+            Settle::Failed(message) => return Err(DirectError::new(Failure::Failed, message)),
+            Settle::Corrupt(message) => return Err(DirectError::new(Failure::Corrupt, message)),
+            Settle::PeerGone(message) => return Err(DirectError::new(Failure::PeerGone, message)),
             Settle::Canceled => unreachable!("nothing cancels a direct request"),
         }
         // On any failure the connection's state is unknown: it is dropped.
@@ -112,7 +150,7 @@ pub fn forget(engine: u64) {
     let _ = CONNECTIONS.try_with(|c| c.borrow_mut().retain(|k| k.engine != engine));
 }
 
-fn take(engine: u64, peer: SocketAddr) -> Option<TcpStream> {
+fn take(engine: u64, peer: Peer) -> Option<TcpStream> {
     CONNECTIONS
         .try_with(|c| {
             let mut c = c.borrow_mut();
@@ -153,24 +191,29 @@ fn drop_hung_up() {
     });
 }
 
-fn connect(peer: SocketAddr, deadline: Instant, connect_timeout: Duration) -> Result<TcpStream, DirectError> {
-    let timeout = deadline.saturating_duration_since(Instant::now()).min(connect_timeout);
+fn connect(peer: Peer, deadline: Instant, dial: Dial<'_>) -> Result<TcpStream, DirectError> {
+    let timeout = deadline.saturating_duration_since(Instant::now()).min(dial.connect_timeout);
     if timeout.is_zero() {
-        let message = "timed out before connecting".into();
-        return Err(DirectError { rejected: false, timed_out: true, corrupt: false, message });
+        return Err(DirectError::new(Failure::TimedOut, "timed out before connecting"));
     }
-    let stream = TcpStream::connect_timeout(&peer, timeout).map_err(|e| DirectError {
-        rejected: false,
-        timed_out: e.kind() == io::ErrorKind::TimedOut,
-        corrupt: false,
-        message: format!("connect to {peer}: {e}"),
+    let stream = TcpStream::connect_timeout(&peer.addr, timeout).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut => DirectError::new(Failure::TimedOut, format!("connect to {}: {e}", peer.addr)),
+        io::ErrorKind::ConnectionRefused => DirectError::new(
+            Failure::PeerGone,
+            format!(
+                "connect to {}: refused: nothing listens at that data port any more (the peer process exited)",
+                peer.addr
+            ),
+        ),
+        _ => DirectError::new(Failure::Failed, format!("connect to {}: {e}", peer.addr)),
     })?;
     let _ = stream.set_nodelay(true);
+    dial.liveness.apply_or_log(&stream, "a direct-path connection");
     telemetry::event(Event::TcpConnect);
     Ok(stream)
 }
 
-fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
+fn put_back(engine: u64, peer: Peer, stream: TcpStream) {
     let _ = CONNECTIONS.try_with(|c| {
         let mut c = c.borrow_mut();
         if c.len() >= CONNECTIONS_PER_THREAD_MAX {
@@ -183,7 +226,9 @@ fn put_back(engine: u64, peer: SocketAddr, stream: TcpStream) {
 /// Drives a one-request core over a blocking stream until it settles.
 fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8, prover: Option<Prover>) -> Settle {
     let limits = Limits { group_reqs_max: 1, awaiting_max: 1, queued_max: 1, ..Limits::default() };
-    let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline).with_crc32c(peer.crc32c);
+    let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline)
+        .with_crc32c(peer.crc32c)
+        .with_instance(peer.instance);
     if let Some(p) = prover {
         core = core.authenticating(p);
     }

@@ -35,9 +35,10 @@ pub use server::ServerShard;
 use super::request::{Request, Sink, TransferStatus};
 use super::{InlineRequest, PeerSegment, Route, Transport};
 use crate::error::{TeError, TeResult, code};
+use crate::liveness::Liveness;
 use crate::mem::Registry;
 use crate::proto::auth::AuthKey;
-use crate::proto::mooncake::name;
+use crate::proto::mooncake::{name, tcp};
 use crate::runtime::{OpId, Runtime, ShardCtx};
 
 /// Most server sessions per shard.
@@ -59,6 +60,11 @@ pub struct Peer {
     /// Whether requests carry CRC-32Cs: the peer advertises it
     /// (`shardwire_tcp_crc32c`) and `SHARDWIRE_TCP_CRC32C` is on.
     pub crc32c: bool,
+    /// The tag of the peer process's instance number, which every request
+    /// carries (a v2 shardwire peer; `None` for Mooncake's). Part of the
+    /// key of a shard's and a thread's connections, so a restarted peer
+    /// never shares one with the process it replaced.
+    pub instance: Option<u32>,
 }
 
 /// Requests handed to each shard and not yet settled (the back-pressure).
@@ -129,22 +135,34 @@ pub struct TcpTransport {
     limits: ClientLimits,
     /// The key every data connection proves, both ways (`None`: none).
     auth: Option<AuthKey>,
+    /// Keepalive and `TCP_USER_TIMEOUT` on every data connection, both
+    /// ways, from the transfer timeout.
+    liveness: Liveness,
     closed: Mutex<bool>,
+}
+
+/// What a [`TcpTransport`] is started with besides its runtime and memory.
+#[derive(Debug, Clone)]
+pub struct TcpOptions {
+    pub bind_ip: IpAddr,
+    /// The ports to bind the data port in (a range of one: that port).
+    pub ports: (u16, u16),
+    pub limits: ClientLimits,
+    /// The key every data connection proves, both ways (`None`: none).
+    pub auth: Option<AuthKey>,
+    /// This process's instance number: requests tagged for another are
+    /// refused (see [`tcp`]'s instance tags).
+    pub instance: u64,
+    /// Keepalive and `TCP_USER_TIMEOUT` on every data connection.
+    pub liveness: Liveness,
 }
 
 impl TcpTransport {
     /// Binds the data port (on `bind_ip`, at a random port of `ports`) and
     /// installs the shard halves. With `auth`, every connection either way
     /// opens with the key's exchange ([`crate::proto::auth`]).
-    pub fn start(
-        engine: u64,
-        runtime: Arc<Runtime>,
-        registry: Arc<Registry>,
-        bind_ip: IpAddr,
-        ports: (u16, u16),
-        limits: ClientLimits,
-        auth: Option<AuthKey>,
-    ) -> TeResult<Self> {
+    pub fn start(engine: u64, runtime: Arc<Runtime>, registry: Arc<Registry>, options: TcpOptions) -> TeResult<Self> {
+        let TcpOptions { bind_ip, ports, limits, auth, instance, liveness } = options;
         let listener = sock::bind_listener(bind_ip, None, ports)
             .map_err(|e| TeError::new(code::SOCKET, format!("cannot bind the TCP data port on {bind_ip}: {e}")))?;
         let data_port = listener.local_addr().map_err(|e| TeError::new(code::SOCKET, e.to_string()))?.port();
@@ -158,6 +176,7 @@ impl TcpTransport {
             credits: credits.clone(),
             limits,
             auth: auth.clone(),
+            liveness,
             closed: Mutex::new(false),
         };
         for shard in 0..runtime.shard_count() {
@@ -165,8 +184,14 @@ impl TcpTransport {
             runtime
                 .call(shard, move |ctx| {
                     let state = EngineTcp {
-                        client: ClientShard::new(limits, credits, ctx.id(), auth.clone()),
-                        server: ServerShard::new(registry, SESSIONS_PER_SHARD_MAX, auth),
+                        client: ClientShard::new(limits, credits, ctx.id(), auth.clone(), liveness),
+                        server: ServerShard::new(
+                            registry,
+                            SESSIONS_PER_SHARD_MAX,
+                            auth,
+                            tcp::instance_tag(instance),
+                            liveness,
+                        ),
                         accept: None,
                         accepting: true,
                     };
@@ -291,7 +316,8 @@ impl Transport for TcpTransport {
         let addr = crate::meta::p2p::resolve(&target, desc.tcp_data_port)?[0];
         let v2 = desc.tcp_proto_version >= 2;
         let crc32c = self.limits.crc32c && v2 && desc.shardwire_tcp_crc32c;
-        Ok(Some(Route::Tcp(Peer { addr, v2, crc32c })))
+        let instance = (v2 && desc.shardwire_instance != 0).then(|| tcp::instance_tag(desc.shardwire_instance));
+        Ok(Some(Route::Tcp(Peer { addr, v2, crc32c, instance })))
     }
 
     fn submit(&self, route: &Route, requests: Vec<Request>) {
@@ -334,17 +360,39 @@ impl Transport for TcpTransport {
         if !peer.v2 || r.len == 0 || r.len > INLINE_BYTES_MAX {
             return None;
         }
-        Some(direct::transfer(self.engine, peer, r, self.limits.connect_timeout, self.auth.as_ref()).map_err(|e| {
-            let code = if e.corrupt {
-                crate::telemetry::counters::event(crate::telemetry::Event::TcpChecksumInitiator);
-                code::CHECKSUM
-            } else if e.rejected || e.timed_out {
-                code::INVALID_ARGUMENT
-            } else {
-                code::SOCKET
+        let dial = direct::Dial {
+            connect_timeout: self.limits.connect_timeout,
+            liveness: self.liveness,
+            auth: self.auth.as_ref(),
+        };
+        Some(direct::transfer(self.engine, peer, r, dial).map_err(|e| {
+            let code = match e.failure {
+                direct::Failure::Corrupt => {
+                    crate::telemetry::counters::event(crate::telemetry::Event::TcpChecksumInitiator);
+                    code::CHECKSUM
+                }
+                direct::Failure::PeerGone => code::PEER_GONE,
+                direct::Failure::Rejected | direct::Failure::TimedOut => code::INVALID_ARGUMENT,
+                direct::Failure::Failed => code::SOCKET,
             };
             TeError::new(code, e.message)
         }))
+    }
+
+    /// Closes every shard's connection to the route's data port (their
+    /// requests settle as gone), and has every thread prune its kept
+    /// direct-path connections that hung up.
+    fn retire(&self, route: &Route) {
+        let Some(peer) = route.tcp() else { return };
+        let engine = self.engine;
+        for shard in 0..self.runtime.shard_count() {
+            let _ = self.runtime.submit(shard, move |ctx| {
+                if let Some((client, _)) = halves(ctx, engine) {
+                    ClientShard::retire(&client, ctx, peer);
+                }
+            });
+        }
+        direct::retired();
     }
 
     fn cancel(&self, sink: &Arc<dyn Sink>) {

@@ -21,6 +21,7 @@ use io_uring::{opcode, squeue, types};
 
 use super::iov::IoVecs;
 use super::sock;
+use crate::liveness::Liveness;
 use crate::mem::{Pin, Registry};
 use crate::proto::auth::{AuthKey, Port, Verifier};
 use crate::proto::mooncake::server::{Limits, Memory, Served, ServerSession};
@@ -38,6 +39,12 @@ pub struct ServerShard {
     sessions_max: usize,
     /// The key each client must prove before its first request.
     auth: Option<AuthKey>,
+    /// This process's instance tag: requests tagged for another process
+    /// (the one this replaced) are refused.
+    instance: u32,
+    /// Keepalive and `TCP_USER_TIMEOUT` on each accepted connection, so a
+    /// client whose host vanished does not hold a session for ever.
+    liveness: Liveness,
     closed: bool,
 }
 
@@ -91,13 +98,21 @@ impl Session {
 }
 
 impl ServerShard {
-    pub fn new(registry: Arc<Registry>, sessions_max: usize, auth: Option<AuthKey>) -> Rc<RefCell<Self>> {
+    pub fn new(
+        registry: Arc<Registry>,
+        sessions_max: usize,
+        auth: Option<AuthKey>,
+        instance: u32,
+        liveness: Liveness,
+    ) -> Rc<RefCell<Self>> {
         Rc::new(RefCell::new(Self {
             sessions: HashMap::new(),
             next_id: 0,
             memory: Arc::new(RegisteredMemory(registry)),
             sessions_max,
             auth,
+            instance,
+            liveness,
             closed: false,
         }))
     }
@@ -116,10 +131,11 @@ impl ServerShard {
                 return; // dropping fd closes it
             }
             let _ = sock::set_nodelay(&fd);
+            shard.liveness.apply_or_log(&fd, "an accepted data connection");
             crate::telemetry::counters::event(crate::telemetry::Event::TcpAccept);
             shard.next_id += 1;
             let id = shard.next_id;
-            let mut core = ServerSession::new(Limits::default());
+            let mut core = ServerSession::new(Limits::default()).with_instance(shard.instance);
             if let Some(key) = &shard.auth {
                 let verifier = Verifier::new(key.clone(), Port::Data, crate::entropy::bytes());
                 core = core.authenticating(verifier, Instant::now() + AUTH_TIMEOUT);

@@ -47,7 +47,10 @@ fn pipelined_requests_go_out_in_one_group_with_their_payloads() {
     for (op, local, len, remote) in
         [(Opcode::Write, 0, 100, 0x1000), (Opcode::Read, 1000, 7, 0x2000), (Opcode::Write, 200, 1, 0x3000)]
     {
-        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: false }.encode());
+        expect.extend(
+            RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: false, instance: None }
+                .encode(),
+        );
         if op == Opcode::Write {
             expect.extend(&h.local[local..local + len]);
         }
@@ -329,9 +332,10 @@ mod authentication {
             h.wire.clear();
             feed_in_steps(&mut h, &verdict, step);
             // Now the request goes, and its answer settles it.
-            let mut expect = RequestHeader { size: 4, addr: 0x1000, opcode: Opcode::Write, v2: true, crc32c: false }
-                .encode()
-                .to_vec();
+            let mut expect =
+                RequestHeader { size: 4, addr: 0x1000, opcode: Opcode::Write, v2: true, crc32c: false, instance: None }
+                    .encode()
+                    .to_vec();
             expect.extend(b"data");
             assert_eq!(h.wire, expect, "step {step}");
             assert_eq!(h.feed(&ok()), 8);
@@ -446,7 +450,10 @@ fn crc32c_requests_carry_checks_and_answers_split_anywhere_settle_the_same() {
         (Opcode::Write, 200, 1, 0x3000),
         (Opcode::Read, 2000, 300, 0x4000),
     ] {
-        expect.extend(RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: true }.encode());
+        expect.extend(
+            RequestHeader { size: len as u64, addr: remote, opcode: op, v2: true, crc32c: true, instance: None }
+                .encode(),
+        );
         if op == Opcode::Write {
             expect.extend(&h.local[local..local + len]);
             expect.extend(crc32c(&h.local[local..local + len]).to_le_bytes());

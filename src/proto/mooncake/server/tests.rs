@@ -8,7 +8,7 @@ use crate::proto::mooncake::harness::server::Harness;
 use crate::proto::mooncake::tcp::{STATUS_OK, STATUS_REJECTED, encode_status};
 
 fn header(op: Opcode, addr: u64, size: u64, v2: bool) -> Vec<u8> {
-    RequestHeader { size, addr, opcode: op, v2, crc32c: false }.encode().to_vec()
+    RequestHeader { size, addr, opcode: op, v2, crc32c: false, instance: None }.encode().to_vec()
 }
 
 fn ok() -> Vec<u8> {
@@ -328,7 +328,7 @@ mod authentication {
 }
 
 fn crc_header(op: Opcode, addr: u64, size: u64) -> Vec<u8> {
-    RequestHeader { size, addr, opcode: op, v2: true, crc32c: true }.encode().to_vec()
+    RequestHeader { size, addr, opcode: op, v2: true, crc32c: true, instance: None }.encode().to_vec()
 }
 
 /// The pipeline with CRC-32C framing: WRITEs carry trailers, READ replies
