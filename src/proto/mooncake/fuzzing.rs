@@ -161,7 +161,10 @@ pub fn tcp_client(data: &[u8]) {
         let prover = auth::Prover::new(key(), auth::Port::Data, [1; auth::NONCE_BYTES]);
         client_harness::Harness::with_auth(v2, crc32c, limits, prover)
     } else {
-        client_harness::Harness::with_crc32c(v2, crc32c, limits)
+        // Half the unkeyed v2 connections tag their requests, so a peer's
+        // status 4 (another process) is met too.
+        let instance = (v2 && rest.len() % 2 == 1).then_some(7);
+        client_harness::Harness::with_instance(v2, crc32c, instance, limits)
     };
     let requests = 1 + usize::from(mode >> 5);
     for i in 0..requests {
@@ -235,7 +238,9 @@ pub fn tcp_client(data: &[u8]) {
 /// arbitrary sizes, with small limits so back-pressure and staging edges
 /// are reached. With bit 0 of the second byte, the session requires a key:
 /// the client's bytes stand where the proof belongs, or (bit 1) follow a
-/// good proof. Nothing panics, and every pin is released at the end.
+/// good proof; with bit 2, it knows its instance tag and refuses requests
+/// tagged for another. Nothing panics, and every pin is released at the
+/// end.
 pub fn tcp_server(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else { return };
     let Some((&flags, rest)) = rest.split_first() else { return };
@@ -251,10 +256,15 @@ pub fn tcp_server(data: &[u8]) {
     let mut h = server_harness::Harness::with_memory(limits, 4096);
     h.send_step = 1 + usize::from(mode >> 5);
     let mut proof = Vec::new();
+    if flags & 4 != 0 {
+        // This process's tag is 5; some structured requests carry 6.
+        h.s = server::ServerSession::new(limits).with_instance(5);
+    }
     if flags & 1 != 0 {
         let key = || auth::AuthKey::new(b"the fuzzing key, 26 bytes.").expect("long enough");
         let verifier = auth::Verifier::new(key(), auth::Port::Data, [3; auth::NONCE_BYTES]);
-        h.s = server::ServerSession::new(limits).authenticating(verifier, h.now + std::time::Duration::from_secs(5));
+        let session = std::mem::replace(&mut h.s, server::ServerSession::new(limits));
+        h.s = session.authenticating(verifier, h.now + std::time::Duration::from_secs(5));
         h.run();
         if flags & 2 != 0 {
             let mut prover = auth::Prover::new(key(), auth::Port::Data, [4; auth::NONCE_BYTES]);
@@ -273,8 +283,9 @@ pub fn tcp_server(data: &[u8]) {
             let v2 = b & 0x80 == 0 || i % 7 != 0;
             // Some requests with CRC-32C framing, a few of them corrupted.
             let crc32c = v2 && i % 3 == 0;
-            let header =
-                |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c, instance: None }.encode();
+            // Some tagged: for this process, or (now and then) another.
+            let instance = (v2 && i % 4 == 1).then_some(if i % 9 == 1 { 6 } else { 5 });
+            let header = |size, addr, opcode| tcp::RequestHeader { size, addr, opcode, v2, crc32c, instance }.encode();
             match b % 4 {
                 0 => {
                     out.extend(header(len, addr, tcp::Opcode::Write));

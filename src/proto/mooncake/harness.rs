@@ -39,6 +39,22 @@ pub mod client {
             Self { conn, local: vec![0u8; 1 << 16], wire: Vec::new(), settled: Vec::new(), now, pushed: 0, recv: None }
         }
 
+        /// A v2 harness whose requests carry the instance tag `tag`.
+        pub fn tagged(tag: u32) -> Self {
+            Self::with_instance(true, false, Some(tag), Limits::default())
+        }
+
+        /// A harness with CRC-32C framing if `crc32c`, and requests tagged
+        /// with `instance` if given (v2 only).
+        pub fn with_instance(v2: bool, crc32c: bool, instance: Option<u32>, limits: Limits) -> Self {
+            let mut h = Self::with_crc32c(v2, crc32c, limits);
+            h.conn = ClientConn::new("peer", v2, limits, h.now + Duration::from_secs(5))
+                .with_crc32c(crc32c)
+                .with_instance(instance);
+            h.conn.on_connected();
+            h
+        }
+
         /// As [`with_crc32c`](Self::with_crc32c), for a connection that
         /// proves `prover`'s key before its first request.
         pub fn with_auth(v2: bool, crc32c: bool, limits: Limits, prover: crate::proto::auth::Prover) -> Self {

@@ -24,7 +24,7 @@ pub type Done = Box<dyn FnOnce(Settled) + Send>;
 
 /// A request that failed without reaching a slice engine.
 fn refused(id: u64, why: String) -> Settled {
-    Settled { id, result: Err(why), rails_failed: false }
+    Settled { id, result: Err(why), rails_failed: false, peer_gone: false }
 }
 
 /// One engine's RDMA state on a shard.

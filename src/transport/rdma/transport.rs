@@ -495,6 +495,7 @@ impl Dispatch {
         let (me, name) = (self.clone(), peer.clone());
         let done: Done = Box::new(move |settled| match settled.result {
             Ok(()) => job.ticket.done(job.len),
+            Err(why) if settled.peer_gone => job.ticket.fail_gone(&why),
             Err(why) if settled.rails_failed => {
                 let other = (1..me.engines.len())
                     .map(|k| (e + k) % me.engines.len())
@@ -618,6 +619,24 @@ impl Transport for RdmaTransport {
 
     fn cancel(&self, _sink: &Arc<dyn Sink>) {
         // Requests settle by their deadline; nothing waits outside a shard.
+    }
+
+    /// Every shard's slice engine destroys its endpoints to the old
+    /// process and settles what it held for it as gone; the name is learnt
+    /// afresh when the new process is routed.
+    fn retire(&self, route: &Route) {
+        let Route::Rdma { peer, .. } = *route else { return };
+        let Some(name) = self.peers.lock().unwrap_or_else(|e| e.into_inner()).get(peer as usize).cloned() else {
+            return;
+        };
+        let known = name.clone();
+        match self.with_all(move |eng| eng.retire_peer(&known)) {
+            Ok(n) => log::debug!(
+                "RDMA: {name}: let go of the process it replaced ({} requests settled)",
+                n.iter().sum::<usize>()
+            ),
+            Err(e) => log::warn!("RDMA: {name}: letting go of the process it replaced: {e}"),
+        }
     }
 
     fn close(&self) {

@@ -633,3 +633,100 @@ fn no_watch_before_the_connection_is_ready_or_once_it_ends() {
     c.close("engine shutting down");
     assert!(!c.poll_watch(), "closing");
 }
+
+// --- Instance tags: a peer process that is gone ------------------------------
+
+#[test]
+fn tagged_requests_carry_the_peers_tag() {
+    let mut h = Harness::tagged(0xab_cdef);
+    h.push(Opcode::Write, 0, 4, 0x1000);
+    h.send_all(usize::MAX);
+    let header: [u8; 24] = h.wire[..24].try_into().unwrap();
+    let decoded = RequestHeader::decode(&header).unwrap();
+    assert_eq!(decoded.instance, Some(0xab_cdef));
+    assert_eq!((decoded.size, decoded.addr, decoded.opcode), (4, 0x1000, Opcode::Write));
+}
+
+/// Another process answers at the data port (status 4): the request it
+/// refused and every one behind it settle as gone, none re-sent, however
+/// the answer is split.
+#[test]
+fn a_stale_instance_answer_settles_everything_left_as_gone_split_anywhere() {
+    let mut reference = Harness::tagged(7);
+    let answer = pipeline(&mut reference);
+    // Requests 0 and 1 answered, then the refusal of request 2.
+    let mut script = answer[..8 + 8 + 7].to_vec();
+    script.extend(encode_status(crate::proto::mooncake::tcp::STATUS_STALE_INSTANCE));
+    for cut in 0..=script.len() {
+        for step in [1, 5, usize::MAX] {
+            let mut h = Harness::tagged(7);
+            let _ = pipeline(&mut h);
+            h.send_all(step);
+            h.feed(&script[..cut]);
+            for piece in script[cut..].chunks(step) {
+                h.feed(piece);
+            }
+            assert!(h.conn.is_closing(), "cut {cut}: the refusal ends the connection");
+            h.finish();
+            h.assert_each_settled_once();
+            assert_eq!((h.how(0), h.how(1)), (&Settle::Done, &Settle::Done), "cut {cut}");
+            assert!(
+                matches!(h.how(2), Settle::PeerGone(w) if w.contains("another process now") && w.contains("0x3000")),
+                "cut {cut}: {:?}",
+                h.how(2)
+            );
+            for i in [3, 4] {
+                assert!(matches!(h.how(i), Settle::PeerGone(_)), "cut {cut}: {i} is {:?}, not re-sent", h.how(i));
+            }
+        }
+    }
+}
+
+/// Status 4 means a stale instance only to a connection that tagged its
+/// requests; to another it is a rejection like any other.
+#[test]
+fn status_4_to_an_untagged_connection_is_a_rejection() {
+    let mut h = Harness::new(true, Limits::default());
+    h.push(Opcode::Write, 0, 4, 0x1000);
+    h.send_all(usize::MAX);
+    h.feed(&encode_status(crate::proto::mooncake::tcp::STATUS_STALE_INSTANCE));
+    h.finish();
+    assert!(matches!(h.how(0), Settle::Rejected { status: 4, .. }), "{:?}", h.how(0));
+}
+
+#[test]
+fn a_refused_connect_or_a_retired_peer_settles_as_gone() {
+    let now = Instant::now();
+    let req = |t| Req {
+        op: Opcode::Read,
+        local: 0x1000,
+        remote: 0x2000,
+        len: 8,
+        deadline: now + Duration::from_secs(30),
+        retries: 1,
+        ticket: t,
+    };
+    let mut c: ClientConn<u32> = ClientConn::new("10.0.0.1:1", true, Limits::default(), now + Duration::from_secs(5));
+    assert!(c.push(req(1)).is_ok() && c.push(req(2)).is_ok());
+    c.on_connect_refused();
+    c.finish(now);
+    for _ in 0..2 {
+        let (_, how) = c.poll_settled().unwrap();
+        assert!(matches!(how, Settle::PeerGone(ref w) if w.contains("nothing listens")), "{how:?}");
+    }
+    // One whose peer the engine retired, with a request sent and one queued.
+    let mut h = Harness::tagged(1);
+    h.push(Opcode::Write, 0, 4, 0x1000);
+    h.send_all(usize::MAX);
+    h.push(Opcode::Write, 0, 4, 0x2000);
+    h.conn.close_gone("retired");
+    h.finish();
+    h.assert_each_settled_once();
+    assert!(h.settled.iter().all(|(_, s)| matches!(s, Settle::PeerGone(w) if w == "retired")), "{:?}", h.settled);
+    // Past its deadline, a request times out, gone or not.
+    let mut c: ClientConn<u32> = ClientConn::new("p", true, Limits::default(), now + Duration::from_secs(5));
+    assert!(c.push(Req { deadline: now, ..req(3) }).is_ok());
+    c.on_connect_refused();
+    c.finish(now + Duration::from_secs(1));
+    assert!(matches!(c.poll_settled().unwrap().1, Settle::TimedOut(_)));
+}

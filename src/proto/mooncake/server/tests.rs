@@ -412,3 +412,44 @@ fn a_corrupted_crc32c_header_is_refused_and_ends_the_session() {
     h.s.finish();
     assert_eq!(h.mem.pins.get(), 0);
 }
+
+fn tagged(op: Opcode, addr: u64, size: u64, tag: u32) -> Vec<u8> {
+    RequestHeader { size, addr, opcode: op, v2: true, crc32c: false, instance: Some(tag) }.encode().to_vec()
+}
+
+/// Requests tagged for this process run; one tagged for another (the one
+/// this replaced) is refused with status 4 even where its range is
+/// registered here, nothing after it runs, and the session drains as
+/// after any rejection; an untagged one (a Mooncake client) runs.
+#[test]
+fn a_request_for_another_instance_is_refused_before_its_range_is_looked_at() {
+    let mut h = Harness::new(Limits::default());
+    h.s = ServerSession::new(Limits::default()).with_instance(0x12_3456);
+    let mut client = tagged(Opcode::Write, h.addr(0), 8, 0x12_3456);
+    client.extend([1u8; 8]);
+    client.extend(header(Opcode::Write, h.addr(8), 8, true));
+    client.extend([3u8; 8]);
+    client.extend(tagged(Opcode::Write, h.addr(100), 8, 0x65_4321));
+    client.extend([2u8; 8]);
+    client.extend(tagged(Opcode::Write, h.addr(200), 8, 0x12_3456));
+    client.extend([4u8; 8]);
+    h.feed(&client);
+    let mut expect = ok();
+    expect.extend(ok());
+    expect.extend(encode_status(crate::proto::mooncake::tcp::STATUS_STALE_INSTANCE));
+    assert_eq!(h.wire, expect);
+    assert_eq!(&h.mem.bytes[..16], &[[1u8; 8], [3u8; 8]].concat()[..]);
+    assert_eq!(&h.mem.bytes[100..108], &[0u8; 8], "the stale request did not land");
+    assert_eq!(&h.mem.bytes[200..208], &[0u8; 8], "nothing after the refusal runs");
+    let served = h.s.take_served();
+    assert_eq!((served.writes, served.rejected, served.stale), (2, 1, 1));
+    assert!(!h.s.is_closing(), "it drains before it closes");
+    h.eof();
+    assert!(h.s.is_closing());
+    h.s.finish();
+    assert_eq!(h.mem.pins.get(), 0);
+    // A session that knows no tag of its own serves tagged requests.
+    let mut h = Harness::new(Limits::default());
+    h.feed(&[tagged(Opcode::Write, h.addr(0), 2, 9), vec![5u8; 2]].concat());
+    assert_eq!(h.wire, ok());
+}

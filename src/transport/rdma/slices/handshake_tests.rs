@@ -90,14 +90,14 @@ fn two_engines_connect_through_the_handshake_and_write_both_ways() {
     };
     a.submit(write(1, pa, pb, "B"));
     let mut h = Handshake { me: "A", them: &mut b, rounds: 0, send_mtu: true };
-    assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+    assert_eq!(drive(&mut a, &mut h, &net), [Settled { id: 1, result: Ok(()), rails_failed: false, peer_gone: false }]);
     let made_by_a = h.rounds;
     assert!(made_by_a >= 2, "both of A's rails were connected ({made_by_a})");
     // B writes back over the endpoints A's handshakes made, and makes
     // the ones it still lacks the same way.
     b.submit(write(2, pb, pa, "A"));
     let mut h = Handshake { me: "B", them: &mut a, rounds: 0, send_mtu: true };
-    assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()), rails_failed: false }]);
+    assert_eq!(drive(&mut b, &mut h, &net), [Settled { id: 2, result: Ok(()), rails_failed: false, peer_gone: false }]);
     assert!(mem_b[512 << 10..] == want_a[..512 << 10], "A's bytes landed in B");
     assert!(mem_a[512 << 10..] == want_b[..512 << 10], "B's bytes landed in A");
     assert!(mem_a[..512 << 10] == want_a[..512 << 10] && mem_b[..512 << 10] == want_b[..512 << 10]);

@@ -209,13 +209,16 @@ pub struct Settled {
     /// Not so for a refusal of the memory (keys, bounds, access) or a
     /// deadline.
     pub rails_failed: bool,
+    /// The peer process it was addressed to is gone (another took its
+    /// name): nothing may carry it.
+    pub peer_gone: bool,
 }
 
 impl Settled {
     fn new(id: u64, fault: Option<Fault>) -> Settled {
         match fault {
-            None => Settled { id, result: Ok(()), rails_failed: false },
-            Some(f) => Settled { id, result: Err(f.why), rails_failed: f.rails },
+            None => Settled { id, result: Ok(()), rails_failed: false, peer_gone: false },
+            Some(f) => Settled { id, result: Err(f.why), rails_failed: f.rails, peer_gone: f.gone },
         }
     }
 }
@@ -225,15 +228,21 @@ impl Settled {
 struct Fault {
     why: String,
     rails: bool,
+    /// The peer process is gone.
+    gone: bool,
 }
 
 impl Fault {
     fn rails(why: String) -> Fault {
-        Fault { why, rails: true }
+        Fault { why, rails: true, gone: false }
     }
 
     fn request(why: String) -> Fault {
-        Fault { why, rails: false }
+        Fault { why, rails: false, gone: false }
+    }
+
+    fn gone(why: String) -> Fault {
+        Fault { why, rails: false, gone: true }
     }
 }
 
@@ -605,6 +614,43 @@ impl SliceEngine {
         }
         self.peers[p].learn(segment);
         Ok(())
+    }
+
+    /// The process `name` reached is gone (another took its name): its
+    /// endpoints are destroyed, and every slice of a request to it, posted
+    /// or waiting, settles as gone (none goes again: its keys and
+    /// addresses are the old process's). The peer is learnt afresh by the
+    /// next [`add_peer`](Self::add_peer). Returns the requests settled.
+    pub fn retire_peer(&mut self, name: &str) -> usize {
+        let Some(&p) = self.peer_ids.get(name) else { return 0 };
+        debug_assert!(self.later.is_empty() && self.staged.is_empty(), "between rounds");
+        let n = self.peers[p].devices();
+        for ld in 0..self.devices.len() {
+            for pd in 0..n {
+                // Completions of its queue pairs name no slice from now on.
+                self.close_endpoint(p, ld, pd);
+            }
+        }
+        let doomed: std::collections::HashSet<Key> = self
+            .slices
+            .iter()
+            .filter(|(_, r)| self.requests.get(r.request).is_some_and(|q| q.peer == p))
+            .map(|(k, _)| k)
+            .collect();
+        self.ready.retain(|k| !doomed.contains(k));
+        let settled_before = self.settled.len();
+        let why = format!("{name} is another process now: the one this request was addressed to is gone");
+        for key in doomed {
+            self.settle(key, Some(Fault::gone(why.clone())));
+        }
+        let peer = &mut self.peers[p];
+        peer.segment = RdmaSegment { devices: vec![], buffers: vec![], matrix: PriorityMatrix::new() };
+        peer.locations.clear();
+        peer.buffer_rails.clear();
+        peer.endpoints.clear();
+        peer.errors.clear();
+        peer.paused_until.clear();
+        self.settled.len() - settled_before
     }
 
     /// What this engine publishes of itself: its devices, its registered
@@ -1269,7 +1315,7 @@ impl SliceEngine {
         rec.state = SliceState::Ready;
         if rec.tries > self.config.retry_cnt {
             let why = format!("a slice failed {} times; the last: {}", rec.tries, fault.why);
-            self.settle(key, Some(Fault { why, rails: fault.rails }));
+            self.settle(key, Some(Fault { why, rails: fault.rails, gone: fault.gone }));
         } else {
             self.ready.push_back(key);
         }
@@ -1337,7 +1383,7 @@ impl SliceEngine {
             // A refused key, bound or access is the memory's fault: no
             // rail (nor TCP) would carry it.
             let rails = !matches!(c.status, WcStatus::RemAccessErr | WcStatus::LocProtErr | WcStatus::LocLenErr);
-            self.fail_try(key, p, pd, Fault { why, rails }, now_ns);
+            self.fail_try(key, p, pd, Fault { why, rails, gone: false }, now_ns);
         }
     }
 

@@ -214,7 +214,7 @@ fn an_answer_on_its_way_does_not_block_and_is_asked_for_again() {
         // Each progress returns at once, answer or not.
         w.engine.progress(&mut slow, w.net.now_ns());
     }
-    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false, peer_gone: false }]);
     assert!(slow.asked > 7, "asked again until it answered ({})", slow.asked);
     assert!(w.target.mem == w.local);
 }
@@ -279,7 +279,7 @@ fn a_slice_past_the_slice_timeout_goes_again_on_another_rail() {
     w.engine.config.slice_timeout_ns = Some(50_000_000);
     w.write(1, 0, 1 << 20);
     let settled = w.run_stepped(100_000);
-    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false, peer_gone: false }]);
     assert!(w.target.mem == w.local, "every byte, once");
     assert!(w.engine.retries() > 0, "the slow rail's slices went again");
     assert!(w.net.now_ns() < 10_000_000_000, "well before the slow device's due time ({} ns)", w.net.now_ns());
@@ -295,7 +295,7 @@ fn work_a_hung_device_holds_is_taken_back_by_destroying_its_queue_pairs() {
     w.engine.config.slice_timeout_ns = Some(100_000_000);
     w.write(1, 0, 1 << 20);
     let settled = w.run_stepped(1_000_000);
-    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false }]);
+    assert_eq!(settled, [Settled { id: 1, result: Ok(()), rails_failed: false, peer_gone: false }]);
     assert!(w.target.mem == w.local, "every byte");
     let t = w.net.now_ns();
     assert!((DRAIN_MAX_NS..DRAIN_MAX_NS + 1_000_000_000).contains(&t), "after the drain bound: {t} ns");
@@ -583,4 +583,39 @@ fn numa_local_nics_first_on_a_dgx_h100() {
     drop(engine);
     drop(target);
     local.clear();
+}
+
+/// A peer process replaced under its name: what was posted or waiting for
+/// the old one settles as gone, at once and once, its endpoints go, and
+/// the name learnt again carries new work to the new process.
+#[test]
+fn retiring_a_peer_settles_its_work_as_gone_and_starts_it_afresh() {
+    let mut w = world(2, 2, FaultPlan::default(), 11, 4 << 20);
+    w.write(1, 0, 4 << 20);
+    w.write(2, 0, 64 << 10);
+    // One round: some slices posted, the rest waiting.
+    let now = w.net.now_ns();
+    w.engine.progress(&mut w.target, now);
+    assert!(w.engine.in_flight() > 0);
+    assert_eq!(w.engine.retire_peer("target"), 2);
+    let mut settled: Vec<Settled> = w.engine.drain_settled().collect();
+    settled.sort_by_key(|s| s.id);
+    assert_eq!(settled.len(), 2, "each request settles once: {settled:?}");
+    for s in &settled {
+        assert!(s.peer_gone && !s.rails_failed, "{s:?}");
+        assert!(s.result.as_ref().unwrap_err().contains("is another process now"), "{s:?}");
+    }
+    assert_eq!(w.engine.in_flight(), 0);
+    assert_eq!(w.engine.devices.iter().map(|d| d.endpoints).sum::<usize>(), 0, "its endpoints went");
+    // Completions of the old queue pairs still arriving name nothing.
+    let now = w.net.now_ns();
+    w.engine.progress(&mut w.target, now);
+    assert_eq!(w.engine.drain_settled().count(), 0);
+    assert_eq!(w.engine.retire_peer("nobody"), 0, "an unknown name is a no-op");
+    // The new process (here the same memory) is learnt and written anew.
+    w.target.mem.iter_mut().for_each(|b| *b = 0);
+    w.engine.add_peer("target", w.target.segment()).unwrap();
+    w.write(3, 0, 4 << 20);
+    assert_eq!(w.run("after the retire"), [Settled { id: 3, result: Ok(()), rails_failed: false, peer_gone: false }]);
+    assert!(w.target.mem == w.local, "every byte, once");
 }
