@@ -1,31 +1,57 @@
-//! A target that restarts again and again (killed, then started on the
-//! same port, so the same segment name in a new process; or on a new port,
-//! as a replacement node) must not cost its initiators a descriptor or a
-//! mapping per restart: the local transport lets go of the process it
-//! replaced, and the TCP transport of its connections to a process that
-//! died, even those nothing will use again. Alone in their file, since
-//! they count the descriptors of the whole process, one test at a time.
+//! Targets that restart again and again under initiators in this process:
+//! killed, then started on the same port (the same segment name in a new
+//! process, on the same data port or a new one) or on a new port (a
+//! replacement node), while several threads of the initiator move small
+//! and large transfers, with two threads of this process spinning so
+//! every core is contended.
+//!
+//! What must hold, every round:
+//! - a transfer with the addresses of the process that was killed fails
+//!   with `PEER_GONE` (-401), saying whether a new process answers, and
+//!   never lands in the new process;
+//! - then every transfer of every thread, with addresses from the new
+//!   process, succeeds at its first try and reads back what it wrote:
+//!   nothing of the old process (a connection, a mapping, a lane, a
+//!   cached descriptor) is used again or fails a transfer;
+//! - and the restarts cost the initiator nothing: its descriptors come
+//!   back to what they were after the first round.
+//!
+//! Alone in their file, since they count the descriptors of the whole
+//! process; one test at a time.
 
 mod interop;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex, RwLock};
 
-use interop::{KillOnDrop, die_with_parent, free_port, pattern};
-use shardwire::engine::{EngineConfig, TransferEngine};
+use interop::{KillOnDrop, WAIT, die_with_parent, free_port, poll_until, stamped};
+use shardwire::engine::{EngineConfig, TransferEngine, TransferOpcode as Opcode, TransferRequest};
+use shardwire::error::code;
+
+/// Caller threads transferring at once, each in its own slot of the
+/// target's buffer.
+const THREADS: usize = 3;
+const SLOT_BYTES: u64 = 2 << 20;
+/// Restarts per variant: four variants make 104.
+const RESTARTS: u64 = 26;
 
 /// A `shardwire bench --mode=target` process on `port`, once it says its
-/// segment. Its data port is a fresh one each time (as when other
-/// processes took the old one), so that a connection to the process it
-/// replaced is never used again: only its hang-up can end it.
-fn target(port: u16) -> KillOnDrop {
+/// segment, with its data port at `data_port`.
+fn target(port: u16, data_port: u16) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
-    cmd.args(["bench", "--mode=target", &format!("--local_server_name=127.0.0.1:{port}"), "--buffer_size=4194304"])
-        .env("SHARDWIRE_TCP_DATA_PORT", free_port().to_string())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+    cmd.args([
+        "bench",
+        "--mode=target",
+        &format!("--local_server_name=127.0.0.1:{port}"),
+        &format!("--buffer_size={}", THREADS as u64 * SLOT_BYTES),
+    ])
+    .env("SHARDWIRE_TCP_DATA_PORT", data_port.to_string())
+    // Serving the same-host path whatever the test's environment says.
+    .env_remove("SHARDWIRE_LOCAL")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null());
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
     let mut line = String::new();
     BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
@@ -49,87 +75,175 @@ fn fds() -> Vec<String> {
 /// One test at a time counts descriptors.
 static COUNTING: Mutex<()> = Mutex::new(());
 
-/// A write and a read back of 1 MiB over `transport`; the first try after
-/// a restart may fail (the engine may still hold the old process's
-/// descriptor, and looks the peer up again after the failure).
-fn round_trip(e: &TransferEngine, transport: &str, name: &str, local: u64, seed: u64) {
-    let data = pattern(1 << 20, seed);
-    e.write_bytes_to_buffer(local, &data).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let remote = loop {
-        let tried = e.get_first_buffer_address(name).and_then(|remote| {
-            e.transfer_sync_write(name, local, remote, 1 << 20)?;
-            e.transfer_sync_read(name, local + (1 << 20), remote, 1 << 20)?;
-            Ok(remote)
-        });
-        match tried {
-            Ok(remote) => break remote,
-            Err(err) => assert!(Instant::now() < deadline, "no round trip to the restarted target: {err}"),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(e.transport_for(name).unwrap(), transport);
-    // A small synchronous one too: over TCP the calling thread carries it
-    // on a connection of its own, which it keeps.
-    e.write_bytes_to_buffer(local, &data[..4096]).unwrap();
-    e.transfer_sync_write(name, local, remote + (1 << 20), 4096).expect("a small write");
-    e.transfer_sync_read(name, local + (1 << 20), remote + (1 << 20), 4096).expect("a small read");
-    assert!(e.read_bytes_from_buffer(local + (1 << 20), 4096).unwrap() == data[..4096], "small at {remote:#x}");
-    assert!(e.read_bytes_from_buffer(local + (1 << 20), 1 << 20).unwrap() == data, "bytes at {remote:#x}");
+/// Where the threads find the target this round.
+#[derive(Clone, Default)]
+struct Round {
+    number: u64,
+    name: String,
 }
 
-/// Restarts a target 12 times under an initiator that uses `transport`
-/// (`local` with the same-host path on, `tcp` with it off), on the same
-/// port or (`replaced`) on a new one each time, with a round trip after
-/// each, and checks the initiator's descriptors come back to what they
-/// were after the first round.
-fn restarts_cost_nothing(transport: &str, replaced: bool) {
+/// Thread `t`'s transfers to the target of `round`: the buffer's address
+/// asked of the new process, then writes and reads of 4 KiB (the direct
+/// path or a local inline copy), 64 KiB, 1 MiB (striped or shared with the
+/// crew) and a batch of two, sync and async; each must succeed at its
+/// first try and read back what was written.
+fn transfers(e: &TransferEngine, t: usize, round: &Round, local: u64, via: &str) {
+    let fail = |what: &str, err: shardwire::engine::TeError| -> ! {
+        panic!("round {} ({}), thread {t}: {what} failed at its first try: {err}", round.number, round.name)
+    };
+    let base = e.get_first_buffer_address(&round.name).unwrap_or_else(|err| fail("the lookup", err));
+    assert_eq!(e.transport_for(&round.name).unwrap(), via, "round {}", round.number);
+    let slot = base + t as u64 * SLOT_BYTES;
+    let back = local + SLOT_BYTES;
+    for (i, len) in [4096u64, 64 << 10, 1 << 20, 4096, 300_000].into_iter().enumerate() {
+        let seq = round.number << 16 | (t as u64) << 8 | i as u64;
+        let data = stamped(len as usize, seq);
+        e.write_bytes_to_buffer(local, &data).unwrap();
+        let remote = slot + (i as u64 % 2) * (SLOT_BYTES / 2);
+        match i % 3 {
+            0 => {
+                e.transfer_sync_write(&round.name, local, remote, len).unwrap_or_else(|err| fail("a write", err));
+                e.transfer_sync_read(&round.name, back, remote, len).unwrap_or_else(|err| fail("a read", err));
+            }
+            1 => {
+                let id = e.transfer_submit_write(&round.name, local, remote, len).unwrap_or_else(|err| fail("a submit", err));
+                e.get_batch_transfer_status(&[id]).unwrap_or_else(|err| fail("an async write", err));
+                let id = e.transfer_submit_read(&round.name, back, remote, len).unwrap_or_else(|err| fail("a submit", err));
+                e.get_batch_transfer_status(&[id]).unwrap_or_else(|err| fail("an async read", err));
+            }
+            _ => {
+                let half = len / 2;
+                let two = |opcode, at: u64| {
+                    [
+                        TransferRequest { opcode, source: at, target_offset: remote, length: half },
+                        TransferRequest { opcode, source: at + half, target_offset: remote + half, length: len - half },
+                    ]
+                };
+                e.batch_transfer_sync(&round.name, &two(Opcode::Write, local), None)
+                    .unwrap_or_else(|err| fail("a batch write", err));
+                e.batch_transfer_sync(&round.name, &two(Opcode::Read, back), None)
+                    .unwrap_or_else(|err| fail("a batch read", err));
+            }
+        }
+        assert!(
+            e.read_bytes_from_buffer(back, len).unwrap() == data,
+            "round {}, thread {t}: {len} bytes read back differ",
+            round.number
+        );
+    }
+}
+
+/// Restarts a target `RESTARTS` times under an initiator on `via`
+/// (`local`: the same-host path on; `tcp`: off), on the same port or
+/// (`replaced`) a new one each time; see the module documentation.
+fn restarts(via: &str, replaced: bool) {
     let _alone = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
-    let local_path = transport == "local";
-    let e = TransferEngine::with_config(EngineConfig { local: local_path, ..EngineConfig::from_env().unwrap() });
+    let config = EngineConfig { local: via == "local", ..EngineConfig::from_env().unwrap() };
+    let e = Arc::new(TransferEngine::with_config(config));
     e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
-    let local = e.allocate_managed_buffer(2 << 20).unwrap();
-    let mut port = free_port();
-    let mut t = target(port);
-    round_trip(&e, transport, &format!("127.0.0.1:{port}"), local, 0);
+    // Two threads spinning: every core is contended throughout.
+    let stop = Arc::new(AtomicBool::new(false));
+    let burners: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let (mut port, mut data_port) = (free_port(), free_port());
+    let mut t = target(port, data_port);
+    let round = Arc::new(RwLock::new(Round { number: 0, name: format!("127.0.0.1:{port}") }));
+    // Each round: the threads start together, and the next restart waits
+    // until they are all done.
+    let start = Arc::new(Barrier::new(THREADS + 1));
+    let done = Arc::new(Barrier::new(THREADS + 1));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|i| {
+            let (e, round, start, done, via) = (e.clone(), round.clone(), start.clone(), done.clone(), via.to_string());
+            std::thread::spawn(move || {
+                let local = e.allocate_managed_buffer(2 * SLOT_BYTES).unwrap();
+                loop {
+                    start.wait();
+                    let r = round.read().unwrap().clone();
+                    if r.name.is_empty() {
+                        return;
+                    }
+                    transfers(&e, i, &r, local, &via);
+                    done.wait();
+                }
+            })
+        })
+        .collect();
+    let run_round = || {
+        start.wait();
+        done.wait();
+    };
+    run_round();
     let first = fds();
-    const RESTARTS: u64 = 12;
-    for round in 1..=RESTARTS {
-        let _ = t.0.kill();
-        let _ = t.0.wait();
+    let probe = e.allocate_managed_buffer(4096).unwrap();
+    for n in 1..=RESTARTS {
+        let old = round.read().unwrap().clone();
+        let old_base = e.get_first_buffer_address(&old.name).unwrap();
+        drop(t);
         if replaced {
             port = free_port();
         }
-        t = target(port);
-        round_trip(&e, transport, &format!("127.0.0.1:{port}"), local, round);
+        // Every other restart keeps the data port: a re-opened connection
+        // then reaches the new process, which must refuse what was
+        // addressed to the old one.
+        if n % 2 == 1 {
+            data_port = free_port();
+        }
+        t = target(port, data_port);
+        // A transfer with the old process's address: gone, and said so.
+        let err = e.transfer_sync_write(&old.name, probe, old_base, 4096).expect_err("the old process is gone");
+        assert_eq!(err.code(), code::PEER_GONE, "restart {n} ({via}, replaced: {replaced}): {err}");
+        let said = if replaced { "does not answer" } else { "answers as a new process now" };
+        assert!(err.message().contains(said), "restart {n} ({via}): {err}");
+        *round.write().unwrap() = Round { number: n, name: format!("127.0.0.1:{port}") };
+        run_round();
     }
     // One target process is connected now, as after the first round: the
     // same descriptors, give or take one that comes and goes (a
     // connection of the handshake's being closed). A connection to the
     // last process killed may still be closing: its shard lets go of it
-    // once it has seen the hang-up, so the count is given a few seconds.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut now = fds();
-    while now.len() > first.len() + 1 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-        now = fds();
+    // once it has seen the hang-up.
+    poll_until(&format!("{RESTARTS} restarts under {via} (replaced: {replaced}) leave no descriptor"), WAIT, || {
+        let now = fds();
+        if now.len() <= first.len() + 1 { Ok(()) } else { Err(format!("after the first round {first:?}, now {now:?}")) }
+    });
+    *round.write().unwrap() = Round::default();
+    start.wait();
+    for w in workers {
+        w.join().unwrap();
     }
-    assert!(
-        now.len() <= first.len() + 1,
-        "{RESTARTS} restarts under {transport} (replaced: {replaced}) left descriptors behind: \
-         after the first round {first:?}, now {now:?}"
-    );
+    stop.store(true, Ordering::Relaxed);
+    for b in burners {
+        b.join().unwrap();
+    }
+    drop(t);
     e.shutdown();
 }
 
 #[test]
-fn a_restarting_target_costs_a_local_initiator_nothing_per_restart() {
-    restarts_cost_nothing("local", false);
-    restarts_cost_nothing("local", true);
+fn a_target_restarting_on_its_port_under_a_local_initiator() {
+    restarts("local", false);
 }
 
 #[test]
-fn a_restarting_target_costs_a_tcp_initiator_nothing_per_restart() {
-    restarts_cost_nothing("tcp", false);
-    restarts_cost_nothing("tcp", true);
+fn a_target_replaced_on_new_ports_under_a_local_initiator() {
+    restarts("local", true);
+}
+
+#[test]
+fn a_target_restarting_on_its_port_under_a_tcp_initiator() {
+    restarts("tcp", false);
+}
+
+#[test]
+fn a_target_replaced_on_new_ports_under_a_tcp_initiator() {
+    restarts("tcp", true);
 }

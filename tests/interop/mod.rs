@@ -6,7 +6,11 @@
 
 pub mod faults;
 pub mod netns;
+pub mod poll;
 pub mod proxy;
+
+#[allow(unused_imports)]
+pub use poll::{WAIT, poll_for, poll_true, poll_until};
 
 /// The generator of test parameters (it lives with the proxy, whose
 /// random schedules use it).
@@ -16,7 +20,7 @@ pub use proxy::Rng;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Makes the child die with the thread that spawns it, so a test runner
 /// that is killed leaves no peer behind.
@@ -44,9 +48,28 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A free loopback TCP port (free when asked; the caller binds it soon).
+/// A free loopback TCP port (free when asked; the caller binds it soon),
+/// below the kernel's ephemeral range (32768 and up): no outgoing
+/// connection of any process is given it as its own meanwhile, so a
+/// target restarted on it binds it again. Each call of a process takes
+/// the next of a sequence that starts at a place drawn from the pid, so
+/// two tests of one binary are not handed the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU64, Ordering};
+    const FIRST: u64 = 20_000;
+    const SPAN: u64 = 12_000;
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let start = (u64::from(std::process::id()) * 0x9e37_79b9) % SPAN;
+    for _ in 0..SPAN {
+        let port = (FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed) * 7919) % SPAN) as u16;
+        // Bindable on every address (a target binds the wildcard).
+        let free = std::net::TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 /// A real etcd server (Debian's etcd-server, installed by tools/setup) on
@@ -87,14 +110,7 @@ impl EtcdServer {
 
     fn wait_ready(&self) {
         let client = shardwire::meta::etcd::EtcdClient::new(&self.endpoint).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match client.get("shardwire-test/ready") {
-                Ok(_) => return,
-                Err(e) if Instant::now() > deadline => panic!("etcd at {} never answered: {e}", self.endpoint),
-                Err(_) => std::thread::sleep(Duration::from_millis(50)),
-            }
-        }
+        poll_until(&format!("etcd at {} answers", self.endpoint), WAIT, || client.get("shardwire-test/ready"));
     }
 
     /// `etcd://127.0.0.1:PORT`, what `initialize` takes.
@@ -133,17 +149,10 @@ pub fn stream_listener(port: u16, trname: &str) -> KillOnDrop {
     child
 }
 
-/// Waits until `ready` says yes, for at most 30 s; panics with `what`
+/// Waits until `ready` says yes, for at most [`WAIT`]; panics with `what`
 /// and the last answer otherwise.
-pub fn wait_until<E: std::fmt::Display>(what: &str, mut ready: impl FnMut() -> Result<(), E>) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        match ready() {
-            Ok(()) => return,
-            Err(e) if Instant::now() > deadline => panic!("{what} never answered: {e}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
+pub fn wait_until<E: std::fmt::Debug>(what: &str, ready: impl FnMut() -> Result<(), E>) {
+    poll_until(what, WAIT, ready)
 }
 
 /// An HTTP metadata server, a process of its own on a loopback port: the
@@ -411,13 +420,14 @@ impl Drop for MooncakePeer {
     fn drop(&mut self) {
         let _ = writeln!(self.stdin, "quit");
         let _ = self.stdin.flush();
-        for _ in 0..50 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+        // A second to leave on its own, then the kill.
+        let exited = poll::poll_for(Duration::from_secs(1), || match self.child.try_wait() {
+            Ok(Some(_)) => Ok(()),
+            _ => Err(()),
+        });
+        if exited.is_err() {
+            self.kill();
         }
-        self.kill();
     }
 }
 
