@@ -1,6 +1,9 @@
 //! Bad environment values stop the CLI before it starts, with the message
 //! `shardwire::config` gives (the same one `initialize` returns).
 
+#[path = "interop/poll.rs"]
+mod poll;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -13,16 +16,9 @@ fn refused(args: &[&str], var: &str, value: &str, expect: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("shardwire starts");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("shardwire {args:?} with {var}={value:?} kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = poll::exit_within(&mut child, Duration::from_secs(20)) else {
+        let _ = child.kill();
+        panic!("shardwire {args:?} with {var}={value:?} kept running");
     };
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().expect("piped"), &mut err).expect("stderr");

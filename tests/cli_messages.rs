@@ -7,7 +7,10 @@ use std::io::{BufRead, BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "interop/poll.rs"]
+mod poll;
 
 /// A finished run.
 struct Run {
@@ -28,17 +31,10 @@ fn shardwire(args: &[&str], env: &[(&str, &str)]) -> Run {
     // Both pipes are drained on threads, so a chatty child cannot block.
     let out = drain(child.stdout.take().expect("piped"));
     let err = drain(child.stderr.take().expect("piped"));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break s;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("shardwire {args:?} kept running");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let Some(status) = poll::exit_within(&mut child, Duration::from_secs(60)) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("shardwire {args:?} kept running");
     };
     let collect = |rx: mpsc::Receiver<String>| rx.recv_timeout(Duration::from_secs(10)).expect("the pipe closes");
     Run { code: status.code(), stdout: collect(out), stderr: collect(err) }

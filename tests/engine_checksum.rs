@@ -14,7 +14,10 @@ use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "interop/poll.rs"]
+mod poll;
 
 use shardwire::engine::{EngineConfig, TransferEngine};
 use shardwire::error::code;
@@ -219,16 +222,11 @@ fn a_corrupted_byte_fails_the_transfer_with_the_checksum_code() {
     // initiator failed three.
     let key = |side: &str| format!("shardwire_checksum_failures_total{{transport=\"tcp\",side=\"{side}\"}}");
     let want = (2.0 * SIZES.len() as f64, 3.0 * SIZES.len() as f64);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let got = loop {
+    poll::poll_until("checksum failures counted (target, initiator)", poll::WAIT, || {
         let m = e.metrics();
         let got = (m.get(&key("target")).copied().unwrap_or(0.0), m.get(&key("initiator")).copied().unwrap_or(0.0));
-        if got == want || Instant::now() > deadline {
-            break got;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(got, want, "checksum failures counted (target, initiator)");
+        if got == want { Ok(()) } else { Err(format!("{got:?}, want {want:?}")) }
+    });
 }
 
 #[test]

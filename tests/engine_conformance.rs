@@ -124,12 +124,12 @@ fn async_batches_poll_and_wait() {
     }
     // One id polled to completion; the rest waited for together.
     let first = ids.remove(0);
-    let state = loop {
+    let state = interop::poll_until("the first batch settles", interop::WAIT, || {
         match initiator.transfer_check_status(first).unwrap() {
-            BatchState::Pending => std::thread::sleep(Duration::from_micros(100)),
-            s => break s,
+            BatchState::Pending => Err("pending"),
+            s => Ok(s),
         }
-    };
+    });
     assert_eq!(state, BatchState::Completed);
     assert_eq!(state.code(), 1);
     assert!(initiator.transfer_check_status(first).is_err(), "a finished batch is forgotten");

@@ -20,16 +20,9 @@ fn json(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_slice(bytes).expect("the value is JSON")
 }
 
-/// Polls `cond` for up to `limit`.
+/// Whether `cond` comes to hold within `limit` (polled).
 fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    cond()
+    interop::poll_for(limit, || if cond() { Ok(()) } else { Err(()) }).is_ok()
 }
 
 /// `shardwire bench --mode=target` registered through `etcd` as `name`,
@@ -142,6 +135,7 @@ fn a_killed_engine_leaves_no_keys_past_its_lease() {
     let mut target = bench_target(&etcd, "127.0.0.1:7201", &[("SHARDWIRE_ETCD_TTL", "2")]);
     let client = etcd.client();
     // The lease is kept alive past its TTL while the process lives...
+    // Time itself must pass here (more than the TTL): no event to wait on.
     std::thread::sleep(Duration::from_secs(3));
     assert!(client.get("mooncake/ram/127.0.0.1:7201").unwrap().is_some(), "kept alive");
     // ... and lapses once it is killed without a chance to clean up.
@@ -228,6 +222,7 @@ fn a_live_name_is_refused_and_a_dead_ones_is_reused() {
     let heir = engine(&etcd, "127.0.0.1:7502");
     let buf = heir.allocate_managed_buffer(4096).unwrap();
     heir.write_bytes_to_buffer(buf, b"heir").unwrap();
+    // Past the old lease's TTL (time must pass: a lapse has no event).
     std::thread::sleep(Duration::from_secs(4));
     let rpc = json(&client.get("mooncake/rpc_meta/127.0.0.1:7502").unwrap().expect("the heir's keys"));
     assert_eq!(rpc["rpc_port"], heir.get_rpc_port().unwrap());

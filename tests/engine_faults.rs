@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use interop::pattern;
+use interop::{free_port, pattern};
 use shardwire::engine::{BatchState, EngineConfig, TransferEngine};
 use shardwire::meta::p2p::{RpcHandler, RpcServer};
 use shardwire::proto::mooncake::frame;
@@ -91,6 +91,7 @@ impl SilentPeer {
                         }
                     }
                 }
+                // The fake server's own pace (non-blocking sockets).
                 thread::sleep(Duration::from_millis(5));
             }
         });
@@ -128,18 +129,12 @@ fn a_silent_peer_times_out_within_the_bound() {
     }
     // Async: the status turns to TIMEOUT (-2).
     let id = e.transfer_submit_write(&peer.name, local, 1 << 32, 4096).unwrap();
-    let state = loop {
-        match e.transfer_check_status(id).unwrap() {
-            BatchState::Pending => thread::sleep(Duration::from_millis(10)),
-            s => break s,
-        }
-    };
+    let state =
+        interop::poll_until("the batch settles", interop::WAIT, || match e.transfer_check_status(id).unwrap() {
+            BatchState::Pending => Err("pending"),
+            s => Ok(s),
+        });
     assert_eq!((state, state.code()), (BatchState::TimedOut, -2));
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// A shardwire target in its own process, on a fixed RPC port.
@@ -174,25 +169,25 @@ fn a_peer_killed_mid_transfer_fails_it_in_bounds_and_later_transfers_reconnect()
     let healthy_buf = healthy.allocate_managed_buffer(size).unwrap();
     let healthy_name = healthy.segment_name().unwrap();
 
+    let written = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let writer = {
-        let (e, name) = (e.clone(), name.clone());
+        let (e, name, written) = (e.clone(), name.clone(), written.clone());
         thread::spawn(move || {
-            let mut ok = 0u32;
             loop {
                 match e.transfer_sync_write(&name, local, remote, size) {
-                    Ok(()) => ok += 1,
-                    Err(err) => return (ok, err, Instant::now()),
-                }
-                assert!(ok < 100_000, "the target never died?");
+                    Ok(()) => written.fetch_add(1, Ordering::Release),
+                    Err(err) => return (err, Instant::now()),
+                };
+                assert!(written.load(Ordering::Relaxed) < 100_000, "the target never died?");
             }
         })
     };
-    thread::sleep(Duration::from_millis(300));
+    // Killed once writes are going: some finished, one is on its way.
+    interop::poll_true("the first write", interop::WAIT, || written.load(Ordering::Acquire) > 0);
     let killed_at = Instant::now();
     child.kill().unwrap();
     child.wait().unwrap();
-    let (ok, err, failed_at) = writer.join().unwrap();
-    assert!(ok > 0, "some writes finished before the kill");
+    let (err, failed_at) = writer.join().unwrap();
     let took = failed_at.saturating_duration_since(killed_at);
     assert!(took <= timeout + Duration::from_secs(5), "failed {took:?} after the kill: {err}");
 
@@ -220,7 +215,6 @@ fn shutdown_with_transfers_in_flight_settles_them_and_returns() {
     let e = engine_with_timeout(Duration::from_secs(60));
     let local = e.allocate_managed_buffer(1 << 20).unwrap();
     let ids: Vec<u64> = (0..8).map(|_| e.transfer_submit_write(&peer.name, local, 1 << 32, 65536).unwrap()).collect();
-    thread::sleep(Duration::from_millis(50));
     let start = Instant::now();
     e.shutdown();
     assert!(start.elapsed() < Duration::from_secs(30), "shutdown hung");
@@ -250,11 +244,9 @@ fn cancel_takes_back_what_is_still_queued() {
     let id = e.batch_transfer_async(&peer.name, &requests).unwrap();
     assert_eq!(e.batch_states(&[id]).unwrap()[0], Ok(BatchState::Pending));
     e.cancel_transfer(id).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while e.batch_states(&[id]).unwrap()[0] == Ok(BatchState::Pending) {
-        assert!(Instant::now() < deadline, "the cancel never landed");
-        thread::sleep(Duration::from_millis(5));
-    }
+    interop::poll_true("the cancel lands", interop::WAIT, || {
+        e.batch_states(&[id]).unwrap()[0] != Ok(BatchState::Pending)
+    });
     assert_eq!(e.batch_states(&[id]).unwrap()[0], Ok(BatchState::Failed), "canceled, not timed out");
     assert!(e.cancel_transfer(0xdead).is_err(), "a bogus id is an error");
     e.shutdown();

@@ -193,23 +193,6 @@ fn the_cli_bench_runs_across_processes_on_every_device() {
     assert!(report["device_bytes"]["emu0"].as_u64().unwrap() > 0, "{report}");
 }
 
-/// A free port below the ephemeral range (32768 and up), so that no
-/// outgoing connection is given it as its own meanwhile: a restarted
-/// target binds it again.
-fn quiet_port() -> u16 {
-    let mut x = u64::from(std::process::id()) * 0x9e37_79b9 + 1;
-    for _ in 0..1000 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let port = 20_000 + (x % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in 20000..32000");
-}
-
 /// An engine of this process on `fabric`, without the same-host path, so
 /// RDMA carries the bytes.
 fn engine_on(fabric: &Arc<EmuFabric>, timeout: Duration) -> TransferEngine {
@@ -370,7 +353,7 @@ fn bytes_cross_processes_both_ways_and_are_checked_on_the_far_side() {
 /// the same RPC port (its soft NICs on new ports) is reached again.
 #[test]
 fn a_peer_killed_mid_transfer_fails_what_was_outstanding_and_a_restarted_peer_is_reached() {
-    let port = quiet_port();
+    let port = interop::free_port();
     let mut target = Target::spawn(Some(port), None);
     let timeout = Duration::from_secs(5);
     let f = fabric(Vec::new());
@@ -400,16 +383,10 @@ fn a_peer_killed_mid_transfer_fails_what_was_outstanding_and_a_restarted_peer_is
     ids.extend((9..13).map(|k| me.batch_transfer_async(&name, &batch_of(k)).unwrap()));
     // Every one settles, by the transfer timeout (and a margin for the
     // machine: this bounds a hang, it measures nothing).
-    let deadline = killed_at + timeout + Duration::from_secs(15);
-    let mut states;
-    loop {
-        states = me.batch_states(&ids).unwrap().into_iter().map(Result::unwrap).collect::<Vec<_>>();
-        if !states.contains(&BatchState::Pending) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "still pending {:?} after the kill: {states:?}", killed_at.elapsed());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let states = interop::poll_until("every batch settles after the kill", timeout + interop::WAIT, || {
+        let states = me.batch_states(&ids).unwrap().into_iter().map(Result::unwrap).collect::<Vec<_>>();
+        if states.contains(&BatchState::Pending) { Err(states) } else { Ok(states) }
+    });
     println!("settled {:?} after the kill: {states:?}", killed_at.elapsed());
     let failed: Vec<i32> = states.iter().filter(|s| **s != BatchState::Completed).map(|s| s.code()).collect();
     assert!(failed.len() >= 4, "at least the batches made after the kill failed: {states:?}");

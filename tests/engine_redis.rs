@@ -5,7 +5,6 @@
 mod interop;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use interop::{KillOnDrop, RedisServer, pattern};
 use shardwire::engine::{EngineConfig, TransferEngine, code};
@@ -106,14 +105,7 @@ fn the_environment_variables_are_read() {
     drop(good);
 
     let mut bad = run(&[("MC_REDIS_PASSWORD", "pw"), ("MC_REDIS_DB_INDEX", "256")]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = bad.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "a bad variable must end the process");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interop::poll::exit_within(&mut bad.0, interop::WAIT).expect("a bad variable must end the process");
     assert!(!status.success());
     let mut err = String::new();
     std::io::Read::read_to_string(bad.0.stderr.as_mut().unwrap(), &mut err).unwrap();

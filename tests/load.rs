@@ -67,20 +67,15 @@ struct Tally {
 
 /// Polls an async batch to its end (bounded), and checks it stays ended.
 fn settle(e: &TransferEngine, id: u64) -> BatchState {
-    let until = Instant::now() + SETTLE_BOUND;
-    loop {
+    let done = interop::poll_until(&format!("batch {id} settles"), SETTLE_BOUND, || {
         match e.transfer_check_status(id).expect("a live batch id") {
-            BatchState::Pending => {
-                assert!(Instant::now() < until, "batch {id} still pending after {SETTLE_BOUND:?}");
-                thread::sleep(Duration::from_micros(200));
-            }
-            done => {
-                // Settled once: the id is forgotten, not settled again.
-                assert!(e.transfer_check_status(id).is_err(), "batch {id} reported twice");
-                return done;
-            }
+            BatchState::Pending => Err("pending"),
+            done => Ok(done),
         }
-    }
+    });
+    // Settled once: the id is forgotten, not settled again.
+    assert!(e.transfer_check_status(id).is_err(), "batch {id} reported twice");
+    done
 }
 
 /// One caller thread's loop; panics (failing the test) on any wrong byte.

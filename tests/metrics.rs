@@ -9,17 +9,19 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shardwire::engine::{EngineConfig, TransferEngine, TransferRequest};
 use shardwire::proto::mooncake::tcp::Opcode;
 
+#[path = "interop/poll.rs"]
+mod poll;
 mod prom_text;
 use prom_text::parse_prometheus;
 
 /// How long figures may take to be published (they are about 100 ms old
 /// at most; this is the bound of the wait, not an expectation).
-const PUBLISH_WAIT: Duration = Duration::from_secs(10);
+const PUBLISH_WAIT: Duration = poll::WAIT;
 
 fn tcp_engine(metrics_addr: Option<&str>) -> TransferEngine {
     let config = EngineConfig {
@@ -38,15 +40,10 @@ fn key(name: &str, labels: &str) -> String {
 
 /// Waits until `want` holds of the figures, or fails with the last ones.
 fn wait_for(e: &TransferEngine, what: &str, want: impl Fn(&BTreeMap<String, f64>) -> bool) -> BTreeMap<String, f64> {
-    let deadline = Instant::now() + PUBLISH_WAIT;
-    loop {
+    poll::poll_until(what, PUBLISH_WAIT, || {
         let m = e.metrics();
-        if want(&m) {
-            return m;
-        }
-        assert!(Instant::now() < deadline, "{what}: not seen within {PUBLISH_WAIT:?}; figures: {m:#?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        if want(&m) { Ok(m) } else { Err(m) }
+    })
 }
 
 fn get(m: &BTreeMap<String, f64>, k: &str) -> f64 {

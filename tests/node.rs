@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -18,6 +18,8 @@ use shardwire::stream::{Stream, StreamOptions};
 
 mod interop;
 mod prom_text;
+
+use interop::{free_port, poll_true};
 
 /// Bound of every wait on the node (start-up, a page, an exit).
 const WAIT: Duration = Duration::from_secs(60);
@@ -37,10 +39,6 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// Starts a node with `args` and waits for its segment and HTTP address.
@@ -105,14 +103,7 @@ fn initiator(timeout: Duration) -> TransferEngine {
 }
 
 fn wait_exit(node: &mut Node) -> std::process::ExitStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let Some(status) = node.child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(Instant::now() < deadline, "the node did not exit within {WAIT:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    interop::poll::exit_within(&mut node.child, WAIT).unwrap_or_else(|| panic!("the node did not exit within {WAIT:?}"))
 }
 
 fn signal(node: &Node, sig: i32) {
@@ -164,11 +155,7 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
     let s = Stream::new(&format!("http://{listen}"), "files", opts).unwrap();
     s.send(ObjHdr::new("bck", "one", 5), b"hello".to_vec()).unwrap();
     assert_eq!(done_rx.recv_timeout(WAIT).expect("a completion"), ("one".to_string(), true));
-    let deadline = Instant::now() + WAIT;
-    while !dir.join("bck").join("one").exists() {
-        assert!(Instant::now() < deadline, "the object never reached the directory");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_true("the object reaches the directory", WAIT, || dir.join("bck").join("one").exists());
     assert_eq!(std::fs::read(dir.join("bck").join("one")).unwrap(), b"hello");
     // A completion says the object was sent; the receiver refuses it (the
     // stream's error count says so) and writes nothing outside.
@@ -176,11 +163,9 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
     let _ = done_rx.recv_timeout(WAIT).expect("a completion");
     drop(s);
     let errors = "shardwire_stream_errors_total{trname=\"files\",direction=\"rx\"}";
-    let deadline = Instant::now() + WAIT;
-    while prom_text::parse_prometheus(&get(node.http, "/metrics").1).get(errors) != Some(&1.0) {
-        assert!(Instant::now() < deadline, "the refusal was never counted");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll_true("the refusal is counted", WAIT, || {
+        prom_text::parse_prometheus(&get(node.http, "/metrics").1).get(errors) == Some(&1.0)
+    });
     assert!(!dir.join("escape").exists() && !dir.join("bck").join("escape").exists());
 
     // The metrics page parses and shows what was served.
@@ -194,28 +179,30 @@ fn serves_its_pool_streams_and_pages_then_drains_on_sigterm() {
     // SIGTERM while the initiator writes: every transfer settles, done or
     // failed with a code, and the node exits 0 within its drain timeout.
     let stop = Arc::new(AtomicBool::new(false));
-    let (seg, stop2) = (node.segment.clone(), stop.clone());
+    let written = Arc::new(AtomicU64::new(0));
+    let (seg, stop2, written2) = (node.segment.clone(), stop.clone(), written.clone());
     let writer = std::thread::spawn(move || {
-        let (mut ok, mut failed) = (0u64, 0u64);
+        let mut failed = 0u64;
         while !stop2.load(Ordering::Acquire) {
             match e.transfer_sync_write(&seg, local, pool, 256 << 10) {
-                Ok(()) => ok += 1,
+                Ok(()) => {
+                    written2.fetch_add(1, Ordering::Release);
+                }
                 Err(err) => {
                     assert!(err.code() < 0, "a failure has a code: {err}");
                     failed += 1;
-                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }
-        (ok, failed)
+        failed
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // The signal comes while the writer is at it.
+    poll_true("the writer's first write", WAIT, || written.load(Ordering::Acquire) > 0);
     signal(&node, libc::SIGTERM);
     let status = wait_exit(&mut node);
     assert_eq!(status.code(), Some(0), "{status}");
     stop.store(true, Ordering::Release);
-    let (ok, _failed) = writer.join().expect("every transfer settled: the writer ended");
-    assert!(ok > 0);
+    let _failed = writer.join().expect("every transfer settled: the writer ended");
     let log: Vec<String> = node.log.try_iter().collect();
     assert!(log.iter().any(|l| l.contains("stopping: no new peers; draining")), "{log:?}");
     assert!(!log.iter().any(|l| l.contains("panicked")), "nothing panicked, even caught: {log:?}");
@@ -242,19 +229,13 @@ fn a_second_signal_ends_the_drain_at_once() {
         }
     });
     signal(&node, libc::SIGTERM);
-    let deadline = Instant::now() + WAIT;
-    while get(node.http, "/readyz").0 != 503 {
-        assert!(Instant::now() < deadline, "never stopped being ready");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_true("the node stops being ready", WAIT, || get(node.http, "/readyz").0 == 503);
     // Draining: no new peers, no new streams (the RPC port is the
     // segment's), while the writer's connection goes on.
     let rpc: SocketAddr = node.segment.parse().unwrap();
-    let deadline = Instant::now() + WAIT;
-    while TcpStream::connect_timeout(&rpc, Duration::from_secs(5)).is_ok() {
-        assert!(Instant::now() < deadline, "the RPC port still takes connections");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    poll_true("the RPC port refuses connections", WAIT, || {
+        TcpStream::connect_timeout(&rpc, Duration::from_secs(5)).is_err()
+    });
     assert!(TcpStream::connect_timeout(&listen.parse().unwrap(), Duration::from_secs(5)).is_err());
     signal(&node, libc::SIGINT);
     let status = wait_exit(&mut node);

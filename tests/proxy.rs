@@ -284,11 +284,7 @@ fn random_schedules_replay_from_their_seed_and_every_connection_ends() {
     let up = Upstream::start(conns, echo);
     let p = Proxy::random(up.addr, seed, conns as u64, 50_000);
     let thread = format!("proxy-{}", p.addr().port());
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while !thread_named(&thread) {
-        assert!(Instant::now() < deadline, "no thread named {thread}");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    interop::poll_true(&format!("a thread named {thread}"), IO_TIMEOUT, || thread_named(&thread));
     for i in 0..conns {
         let s = connect(&p);
         let sent = data(100_000, i as u8);
@@ -315,11 +311,10 @@ fn random_schedules_replay_from_their_seed_and_every_connection_ends() {
     up.acceptor.join().unwrap();
     // Every socket the proxy made is closed (the upstream's threads close
     // theirs as their connections end; earlier tests' may still be closing).
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while open_fds() > fds && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(open_fds() <= fds, "seed {seed}: {} descriptors open, {fds} before", open_fds());
+    interop::poll_until(&format!("seed {seed}: the descriptors come back"), IO_TIMEOUT, || {
+        let now = open_fds();
+        if now <= fds { Ok(()) } else { Err(format!("{now} open, {fds} before")) }
+    });
 }
 
 #[test]
@@ -340,9 +335,8 @@ fn dropping_the_proxy_closes_its_open_connections() {
         assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)), "each client sees its end");
     }
     up.acceptor.join().unwrap();
-    let deadline = Instant::now() + IO_TIMEOUT;
-    while open_fds() > fds && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    assert!(open_fds() <= fds, "{} descriptors open, {fds} before", open_fds());
+    interop::poll_until("the descriptors come back", IO_TIMEOUT, || {
+        let now = open_fds();
+        if now <= fds { Ok(()) } else { Err(format!("{now} open, {fds} before")) }
+    });
 }

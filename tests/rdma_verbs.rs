@@ -351,11 +351,9 @@ impl Drop for Restore {
         for line in &self.0 {
             let _ = std::process::Command::new("sh").args(["-c", line]).output();
         }
-        // The ports take a moment to come back ACTIVE.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline && devices().is_none_or(|d| d.len() < 2) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        // The ports take a moment to come back ACTIVE (a drop does not
+        // panic: the test's own failure says more).
+        let _ = interop::poll_for(interop::WAIT, || devices().filter(|d| d.len() >= 2).ok_or(()));
     }
 }
 

@@ -106,9 +106,12 @@ fn transfers(e: &TransferEngine, t: usize, round: &Round, local: u64, via: &str)
                 e.transfer_sync_read(&round.name, back, remote, len).unwrap_or_else(|err| fail("a read", err));
             }
             1 => {
-                let id = e.transfer_submit_write(&round.name, local, remote, len).unwrap_or_else(|err| fail("a submit", err));
+                let id = e
+                    .transfer_submit_write(&round.name, local, remote, len)
+                    .unwrap_or_else(|err| fail("a submit", err));
                 e.get_batch_transfer_status(&[id]).unwrap_or_else(|err| fail("an async write", err));
-                let id = e.transfer_submit_read(&round.name, back, remote, len).unwrap_or_else(|err| fail("a submit", err));
+                let id =
+                    e.transfer_submit_read(&round.name, back, remote, len).unwrap_or_else(|err| fail("a submit", err));
                 e.get_batch_transfer_status(&[id]).unwrap_or_else(|err| fail("an async read", err));
             }
             _ => {

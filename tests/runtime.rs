@@ -6,6 +6,9 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "interop/poll.rs"]
+mod poll;
+
 use io_uring::{opcode, types};
 use shardwire::runtime::{
     CallError, Completion, PollHook, Runtime, RuntimeConfig, ShardCtx, SpinPolicy, StartError, SubmitError, UringSetup,
@@ -99,17 +102,12 @@ fn mesh_keeps_order_and_loses_nothing() {
     for s in 0..n {
         rt.submit(s, move |ctx| pump(ctx, vec![0; n])).unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
     for s in 0..n {
-        loop {
+        poll::poll_until(&format!("shard {s} sees every message"), Duration::from_secs(120), || {
             let seen = rt.call(s, |ctx| ctx.local_mut::<Seen>().unwrap().0.clone()).unwrap();
             let want: Vec<u64> = (0..n).map(|from| if from == s { 0 } else { PER_PAIR }).collect();
-            if seen == want {
-                break;
-            }
-            assert!(Instant::now() < deadline, "shard {s} saw {seen:?}");
-            thread::sleep(Duration::from_millis(5));
-        }
+            if seen == want { Ok(()) } else { Err(seen) }
+        });
     }
     let stats = rt.stats();
     assert_eq!(stats.iter().map(|s| s.panics).sum::<u64>(), 0, "no receive assertion failed");
@@ -138,15 +136,10 @@ fn many_foreign_threads_and_their_rings_are_reclaimed() {
     // The threads have exited, so their rings are abandoned; the shards drop
     // them. Only this thread's own rings (one per shard, made by the calls
     // below) remain.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    poll::poll_until("the exited threads' rings are dropped", poll::WAIT, || {
         let rings: Vec<usize> = (0..2).map(|s| rt.call(s, |ctx| ctx.stats().foreign_rings as usize).unwrap()).collect();
-        if rings == vec![1, 1] {
-            break;
-        }
-        assert!(Instant::now() < deadline, "rings still attached: {rings:?}");
-        thread::sleep(Duration::from_millis(5));
-    }
+        if rings == vec![1, 1] { Ok(()) } else { Err(rings) }
+    });
 }
 
 #[test]
@@ -179,11 +172,14 @@ fn a_full_ring_pushes_back_and_submit_waits_for_room() {
     c.inbox_capacity = 4;
     let rt = Runtime::start(c).unwrap();
     let (block_tx, block_rx) = std::sync::mpsc::channel::<()>();
+    let (stuck_tx, stuck_rx) = std::sync::mpsc::channel::<()>();
     rt.submit(0, move |_| {
+        stuck_tx.send(()).unwrap();
         let _ = block_rx.recv_timeout(Duration::from_secs(30));
     })
     .unwrap();
-    thread::sleep(Duration::from_millis(20)); // the shard is now stuck in the job
+    // The shard has taken the job off its ring and is stuck in it.
+    stuck_rx.recv_timeout(poll::WAIT).expect("the shard runs the job");
     let mut accepted = 0;
     let refused = loop {
         match rt.try_submit(0, |_| ()) {
@@ -194,6 +190,8 @@ fn a_full_ring_pushes_back_and_submit_waits_for_room() {
     };
     assert_eq!(refused, SubmitError::Full { shard: 0 });
     assert_eq!(accepted, 4);
+    // Released a moment later, so the call below most likely finds the
+    // ring full and waits; it must succeed whichever comes first.
     let releaser = thread::spawn(move || {
         thread::sleep(Duration::from_millis(20));
         block_tx.send(()).unwrap();
@@ -217,11 +215,7 @@ fn a_panicking_job_fails_alone() {
     assert_eq!(rt.call(0, |ctx| *ctx.local_mut::<u32>().unwrap() + 1).unwrap(), 42);
     // A panicking timer callback too.
     rt.call(0, |ctx| ctx.set_timer(Duration::ZERO, |_| panic!("boom in a timer")).map(|_| ())).unwrap().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rt.call(0, |ctx| ctx.stats().panics).unwrap() < 3 {
-        assert!(Instant::now() < deadline);
-        thread::sleep(Duration::from_millis(1));
-    }
+    poll::poll_true("three panics counted", poll::WAIT, || rt.call(0, |ctx| ctx.stats().panics).unwrap() >= 3);
     assert_eq!(rt.call(0, |_| "alive").unwrap(), "alive");
 }
 
@@ -364,7 +358,8 @@ fn poll_hooks_run_every_iteration_and_can_keep_the_shard_awake() {
         vec![Box::new(CountingHook { polls: p.clone(), allow_park: false, panic_after: None })]
     }));
     let rt = Runtime::start(c).unwrap();
-    thread::sleep(Duration::from_millis(30));
+    // Long enough for a shard free to park to have parked many times over.
+    poll::poll_true("the shard loops", poll::WAIT, || rt.stats()[0].loops >= 10_000);
     let s = rt.stats()[0];
     assert_eq!(s.parks, 0, "a hook that vetoes parking keeps the shard spinning");
     assert!(polls.load(Ordering::Relaxed) as u64 >= s.loops.min(1000), "polled every loop");
@@ -378,11 +373,10 @@ fn poll_hooks_run_every_iteration_and_can_keep_the_shard_awake() {
         ctx.add_poll_hook(Box::new(CountingHook { polls: p, allow_park: true, panic_after: Some(5) }));
     })
     .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while rt.stats()[0].panics == 0 {
-        assert!(Instant::now() < deadline);
+    poll::poll_true("the hook panics", poll::WAIT, || {
         let _ = rt.call(0, |_| ());
-    }
+        rt.stats()[0].panics > 0
+    });
     let after = polls.load(Ordering::Relaxed);
     for _ in 0..50 {
         rt.call(0, |_| ()).unwrap();
@@ -395,10 +389,10 @@ fn poll_hooks_run_every_iteration_and_can_keep_the_shard_awake() {
     let id = rt
         .call(0, move |ctx| ctx.add_poll_hook(Box::new(CountingHook { polls: p, allow_park: true, panic_after: None })))
         .unwrap();
-    while polls.load(Ordering::Relaxed) == 0 {
-        assert!(Instant::now() < deadline);
+    poll::poll_true("the new hook is polled", poll::WAIT, || {
         rt.call(0, |_| ()).unwrap();
-    }
+        polls.load(Ordering::Relaxed) > 0
+    });
     rt.call(0, move |ctx| ctx.remove_poll_hook(id)).unwrap();
     rt.call(0, |_| ()).unwrap();
     let after = polls.load(Ordering::Relaxed);
@@ -426,9 +420,13 @@ fn producers_wake_a_shard_only_when_it_is_parked() {
     let mut c = config(1);
     c.spin = SpinPolicy { budget: Duration::ZERO, adaptive: false };
     let rt = Runtime::start(c).unwrap();
-    for _ in 0..200 {
-        thread::sleep(Duration::from_micros(300));
+    poll::poll_true("the shard parks", poll::WAIT, || rt.stats()[0].parks > 0);
+    for _ in 0..50 {
+        // Each call finds the shard parked (it parks again after each), so
+        // each must wake it.
+        let parks = rt.stats()[0].parks;
         rt.call(0, |_| ()).unwrap();
+        poll::poll_true("the shard parks again", poll::WAIT, || rt.stats()[0].parks > parks);
     }
     let s = rt.stats()[0];
     assert!(s.wake_writes > 0 && s.wakeups > 0, "{s:?}");

@@ -8,10 +8,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use io_uring::{opcode, types};
 use shardwire::runtime::{CallError, Runtime, RuntimeConfig, ShardCtx, SpinPolicy, SubmitError};
+
+#[path = "interop/poll.rs"]
+mod poll;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -55,11 +58,7 @@ fn threads() -> usize {
 
 /// Waits until `f` holds, failing after a generous bound (hang guard only).
 fn eventually(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
+    poll::poll_true(what, poll::WAIT, f);
 }
 
 fn config(shards: usize) -> RuntimeConfig {
@@ -156,9 +155,9 @@ fn shutdown_while_busy_fails_pending_work_and_leaks_nothing() {
             }
         })
         .unwrap();
+        // Behind it (or behind the stop, if the shard has not taken the
+        // stuck job yet): these are canceled either way.
         let queued: Vec<_> = (0..100).map(|i| rt.call_async(0, move |_| i).unwrap()).collect();
-
-        thread::sleep(Duration::from_millis(20));
 
         // Shut down from another thread while shard 0 is stuck; release it
         // once the stop is visible.
@@ -241,15 +240,13 @@ fn shutdown_requested_from_a_shard_does_not_deadlock() {
     drop(rt);
     // Shard 0 asked for the stop itself: its thread (and its ring) may
     // still be on the way out.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !opened_since(&fds_before).is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "descriptors did not close: before {fds_before:#?}, opened since {:#?}; shard threads {}",
-            opened_since(&fds_before),
-            threads()
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
+    poll::poll_until("the descriptors close", poll::WAIT, || {
+        let opened = opened_since(&fds_before);
+        if opened.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("before {fds_before:#?}, opened since {opened:#?}; shard threads {}", threads()))
+        }
+    });
     eventually("threads exit", || threads() == threads_before);
 }

@@ -186,11 +186,7 @@ fn listen_process(port: u16) -> KillOnDrop {
         let mut sink = [0u8; 4096];
         while matches!(out.read(&mut sink), Ok(n) if n > 0) {}
     });
-    let until = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < until, "stream listen did not come up");
-        thread::sleep(Duration::from_millis(20));
-    }
+    interop::wait_until("stream listen comes up", || std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()));
     child
 }
 
@@ -613,10 +609,10 @@ fn soak() {
     });
     // Every caller and the sender have returned: every object sent must
     // settle exactly once, within a bound.
-    let until = Instant::now() + HUNG_AFTER;
-    while settled.lock().unwrap().once < sent.load(Ordering::SeqCst) && Instant::now() < until {
-        thread::sleep(Duration::from_millis(50));
-    }
+    // (What has not settled by then is counted as hung below.)
+    let _ = interop::poll_for(HUNG_AFTER, || {
+        if settled.lock().unwrap().once >= sent.load(Ordering::SeqCst) { Ok(()) } else { Err(()) }
+    });
     {
         let settled = settled.lock().unwrap();
         let never = sent.load(Ordering::SeqCst).saturating_sub(settled.once);

@@ -64,12 +64,8 @@ fn bytes(seed: u64, len: usize) -> Vec<u8> {
     (0..len).map(|_| r.next() as u8).collect()
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+    interop::poll_true(what, timeout.max(interop::WAIT), f);
 }
 
 /// Completions in order: each records its index; the test checks order.
@@ -482,8 +478,9 @@ fn a_receiver_killed_mid_stream_fails_every_pending_object() {
     s.send(ObjHdr::new("b", "first", 100), vec![1u8; 100]).unwrap();
     assert!(lines.next().contains("\"first\""));
     let big: Arc<[u8]> = vec![7u8; 4 << 20].into();
+    let handed = Arc::new(AtomicUsize::new(0));
     let feeder = {
-        let big = big.clone();
+        let (big, handed) = (big.clone(), handed.clone());
         let s = Arc::new(s);
         let s2 = s.clone();
         (
@@ -494,13 +491,15 @@ fn a_receiver_killed_mid_stream_fails_every_pending_object() {
                     if s2.send(ObjHdr::new("b", &format!("big{i}"), big.len() as i64), big.clone()).is_err() {
                         break;
                     }
+                    handed.fetch_add(1, Ordering::SeqCst);
                     n += 1;
                 }
                 n
             }),
         )
     };
-    std::thread::sleep(Duration::from_millis(300));
+    // Killed mid-stream: with objects handed over and more coming.
+    wait_for("a few objects handed over", interop::WAIT, || handed.load(Ordering::SeqCst) >= 4);
     child.0.kill().unwrap();
     let start = Instant::now();
     let sent = feeder.1.join().unwrap();

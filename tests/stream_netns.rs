@@ -12,7 +12,7 @@ mod interop;
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use interop::netns::Link;
 use interop::{KillOnDrop, Rng, die_with_parent};
@@ -40,11 +40,9 @@ fn a_stream_over_a_rate_limited_link() {
         }
     });
     // Wait for the listener inside the namespace.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200)).is_err() {
-        assert!(Instant::now() < deadline, "the listener in the namespace did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    interop::poll_until("the listener in the namespace comes up", interop::WAIT, || {
+        std::net::TcpStream::connect_timeout(&addr.parse().unwrap(), Duration::from_millis(200))
+    });
     let s =
         Stream::new(&format!("http://{addr}"), "far", StreamOptions { burst: 64, ..StreamOptions::default() }).unwrap();
     let mut rng = Rng(7);
@@ -57,11 +55,10 @@ fn a_stream_over_a_rate_limited_link() {
         want.push((format!("far-{i}"), len as u64));
     }
     assert_eq!(s.fin(), Termination::EndOfStream);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lines.lock().unwrap().len() < want.len() {
-        assert!(Instant::now() < deadline, "only {} of {} objects arrived", lines.lock().unwrap().len(), want.len());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    interop::poll_until("every object arrives", interop::WAIT, || {
+        let n = lines.lock().unwrap().len();
+        if n >= want.len() { Ok(()) } else { Err(format!("{n} of {}", want.len())) }
+    });
     let got: Vec<(String, u64)> = lines
         .lock()
         .unwrap()

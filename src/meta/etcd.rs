@@ -107,6 +107,7 @@ fn post_once(endpoint: &str, path: &str, body: &serde_json::Value) -> Result<ser
     let addrs: Vec<_> = std::net::ToSocketAddrs::to_socket_addrs(endpoint).map_err(|e| e.to_string())?.collect();
     let addr = addrs.first().ok_or("no address")?;
     let mut stream = TcpStream::connect_timeout(addr, CALL_TIMEOUT).map_err(|e| e.to_string())?;
+    crate::liveness::Liveness::for_timeout(CALL_TIMEOUT).apply_or_log(&stream, "an etcd connection");
     stream.set_read_timeout(Some(CALL_TIMEOUT)).map_err(|e| e.to_string())?;
     stream.set_write_timeout(Some(CALL_TIMEOUT)).map_err(|e| e.to_string())?;
     let payload = body.to_string();

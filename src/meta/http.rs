@@ -135,6 +135,10 @@ impl HttpStore {
             match TcpStream::connect_timeout(&addr, wait) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
+                    // A kept connection to a host that vanished ends by
+                    // itself, rather than failing the next call first.
+                    crate::liveness::Liveness::for_timeout(CALL_TIMEOUT)
+                        .apply_or_log(&stream, "an HTTP metadata connection");
                     return Ok(Conn { stream, buf: Vec::new() });
                 }
                 Err(e) => last = format!("cannot connect to {addr}: {e}"),

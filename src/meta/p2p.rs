@@ -337,6 +337,7 @@ fn exchange(target: &str, kind: FrameType, body: &[u8], opts: &CallOptions) -> T
     stream.set_read_timeout(Some(opts.io_timeout)).map_err(io)?;
     stream.set_write_timeout(Some(opts.io_timeout)).map_err(io)?;
     let _ = stream.set_nodelay(true);
+    crate::liveness::Liveness::for_timeout(opts.io_timeout).apply_or_log(&stream, "an RPC connection");
     if let Some(key) = &opts.auth {
         authenticate(&mut stream, target, key)?;
     }

@@ -119,6 +119,9 @@ impl RedisStore {
             match TcpStream::connect_timeout(&addr, wait) {
                 Ok(stream) => {
                     let _ = stream.set_nodelay(true);
+                    // A kept connection to a host that vanished ends by
+                    // itself, rather than failing the next call first.
+                    crate::liveness::Liveness::for_timeout(CALL_TIMEOUT).apply_or_log(&stream, "a redis connection");
                     conn = Some(Conn { stream, buf: Vec::new() });
                     break;
                 }

@@ -70,12 +70,11 @@ impl Bystander {
 
     /// Waits (bounded) until `n` rounds went through.
     fn wait_rounds(&self, n: u64) {
-        let deadline = Instant::now() + SLACK;
-        while self.rounds.load(Ordering::Acquire) < n {
+        super::poll_true(&format!("the bystander reaches {n} rounds"), SLACK, || {
             let finished = self.thread.as_ref().is_none_or(|t| t.is_finished());
-            assert!(!finished && Instant::now() < deadline, "the bystander stopped at {n} rounds");
-            thread::sleep(Duration::from_millis(1));
-        }
+            assert!(!finished, "the bystander stopped short of {n} rounds");
+            self.rounds.load(Ordering::Acquire) >= n
+        });
     }
 
     /// Lets one more round go through, then stops it; returns how many
@@ -113,20 +112,12 @@ pub fn settle(
     let hook = Box::new(move || {
         h.fetch_add(1, Ordering::AcqRel);
     });
-    let deadline = Instant::now() + timeout + SLACK;
     let id = e.batch_transfer_async_hooked(name, &requests, Some(hook))?;
-    let state = loop {
+    let state = super::poll_until("the batch settles within its timeout and some slack", timeout + SLACK, || {
         let s = *e.batch_states(&[id]).unwrap()[0].as_ref().unwrap();
-        if s != BatchState::Pending {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "a batch still pending {SLACK:?} past its timeout");
-        thread::sleep(Duration::from_millis(5));
-    };
-    while hooks.load(Ordering::Acquire) == 0 {
-        assert!(Instant::now() < deadline, "the batch settled but its hook never ran");
-        thread::sleep(Duration::from_millis(1));
-    }
+        if s != BatchState::Pending { Ok(s) } else { Err(s) }
+    });
+    super::poll_true("the settled batch's hook runs", SLACK, || hooks.load(Ordering::Acquire) > 0);
     assert_eq!(e.transfer_check_status(id).unwrap(), state, "a settled batch keeps its state");
     assert_eq!(hooks.load(Ordering::Acquire), 1, "settled once");
     Ok(state)
@@ -210,11 +201,10 @@ pub fn broken_stream(
         (sent, s.fin())
     });
     assert!(matches!(end, Termination::Error(_)), "{what}: the stream ends with an error, not {end:?}");
-    let deadline = Instant::now() + SLACK;
-    while done.lock().unwrap().len() < sent {
-        assert!(Instant::now() < deadline, "{what}: {} of {sent} objects completed", done.lock().unwrap().len());
-        thread::sleep(Duration::from_millis(5));
-    }
+    super::poll_until(&format!("{what}: every object completes"), SLACK, || {
+        let n = done.lock().unwrap().len();
+        if n >= sent { Ok(()) } else { Err(format!("{n} of {sent}")) }
+    });
     let done = done.lock().unwrap().clone();
     let mut names: Vec<&String> = done.iter().map(|(n, _)| n).collect();
     names.sort();

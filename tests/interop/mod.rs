@@ -421,11 +421,7 @@ impl Drop for MooncakePeer {
         let _ = writeln!(self.stdin, "quit");
         let _ = self.stdin.flush();
         // A second to leave on its own, then the kill.
-        let exited = poll::poll_for(Duration::from_secs(1), || match self.child.try_wait() {
-            Ok(Some(_)) => Ok(()),
-            _ => Err(()),
-        });
-        if exited.is_err() {
+        if poll::exit_within(&mut self.child, Duration::from_secs(1)).is_none() {
             self.kill();
         }
     }

@@ -45,3 +45,14 @@ pub fn poll_for<T, E>(limit: Duration, mut check: impl FnMut() -> Result<T, E>) 
         }
     }
 }
+
+/// Waits for `child` to exit, for at most `limit`: its status, or `None`
+/// if it still runs then (the caller kills it, and fails if it must).
+pub fn exit_within(child: &mut std::process::Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    poll_for(limit, || match child.try_wait() {
+        Ok(Some(status)) => Ok(status),
+        Ok(None) => Err(()),
+        Err(e) => panic!("waiting for a child: {e}"),
+    })
+    .ok()
+}

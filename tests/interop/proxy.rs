@@ -337,15 +337,10 @@ impl Proxy {
 
     /// Waits (at most `limit`) until `ready` holds of the counts.
     pub fn wait_for(&self, what: &str, limit: Duration, ready: impl Fn(&Counts) -> bool) -> Counts {
-        let deadline = Instant::now() + limit;
-        loop {
+        super::poll_until(&format!("proxy {}: {what}", self.addr), limit, || {
             let c = self.counts();
-            if ready(&c) {
-                return c;
-            }
-            assert!(Instant::now() < deadline, "proxy {}: {what} not within {limit:?} ({c:?})", self.addr);
-            std::thread::sleep(Duration::from_millis(2));
-        }
+            if ready(&c) { Ok(c) } else { Err(c) }
+        })
     }
 }
 

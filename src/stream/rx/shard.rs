@@ -195,6 +195,9 @@ fn adopt(ctx: &mut ShardCtx, rx: u64, fd: OwnedFd, shared: Arc<RxShared>) {
     st.next_conn += 1;
     let id = st.next_conn;
     let _ = crate::transport::tcp::sock::set_nodelay(&fd);
+    // A sender whose host vanishes ends the connection within the idle
+    // timeout, between objects or in the middle of one.
+    crate::liveness::Liveness::for_timeout(shared.options.idle_timeout).apply_or_log(&fd, "a stream connection");
     let pipe = match Pipe::new(shared.options.pipe_bytes) {
         Ok(p) => p,
         Err(e) => {

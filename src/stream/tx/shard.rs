@@ -241,9 +241,9 @@ fn request_head(s: &TxShared) -> Vec<u8> {
 }
 
 fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
-    let (addr, sndbuf, generation) = {
+    let (addr, sndbuf, generation, send_timeout) = {
         let t = tx.borrow();
-        (t.shared.addr, t.shared.options.sndbuf, t.core.generation())
+        (t.shared.addr, t.shared.options.sndbuf, t.core.generation(), t.shared.options.send_timeout)
     };
     let fail = |ctx: &mut ShardCtx, why: String| {
         tx.borrow_mut().core.on_connect_failed(why);
@@ -253,6 +253,9 @@ fn connect(ctx: &mut ShardCtx, tx: &Rc<RefCell<Tx>>) {
         Ok(fd) => Rc::new(fd),
         Err(e) => return fail(ctx, format!("socket: {e}")),
     };
+    // A receiver whose host vanishes ends the connection within the send
+    // timeout, idle or not.
+    crate::liveness::Liveness::for_timeout(send_timeout).apply_or_log(&*fd, "a stream connection");
     if let Some(bytes) = sndbuf_for(&addr, sndbuf) {
         // SAFETY: setsockopt reads one c_int from a live local.
         unsafe {
