@@ -104,6 +104,13 @@ impl Link {
         add
     }
 
+    /// Cuts the namespace off, as a host that loses power or its network
+    /// is: the veth pair is deleted, so its processes live on and send
+    /// nothing (no FIN, no reset), and what this side sends goes nowhere.
+    pub fn cut(&self) {
+        assert!(ip(&["link", "del", &self.host_if]), "ip link del {}", self.host_if);
+    }
+
     /// The namespace's address.
     pub fn peer(&self) -> String {
         format!("10.211.{}.2", self.sub)
