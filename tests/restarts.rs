@@ -206,6 +206,9 @@ fn restarts(via: &str, replaced: bool) {
         assert_eq!(err.code(), code::PEER_GONE, "restart {n} ({via}, replaced: {replaced}): {err}");
         let said = if replaced { "does not answer" } else { "answers as a new process now" };
         assert!(err.message().contains(said), "restart {n} ({via}): {err}");
+        if n <= 2 {
+            eprintln!("restart {n} ({via}, replaced: {replaced}): {err}");
+        }
         *round.write().unwrap() = Round { number: n, name: format!("127.0.0.1:{port}") };
         run_round();
     }

@@ -1053,7 +1053,7 @@ impl Engine {
                 format!("{target} answers as a new process now: transfers with the addresses it gives go through")
             }
             Ok(_) => format!("{target} answers as the same process"),
-            Err(e) => format!("{target} does not answer ({e}): it has exited"),
+            Err(e) => format!("{target} does not answer ({}): it has exited", e.message()),
         };
         TeError::new(code::PEER_GONE, format!("{}; {found}", err.message()))
     }

@@ -243,7 +243,17 @@ fn serve_peer(stream: &UnixStream, token: u64, table: &OwnedFd, files: &ShmFiles
     while !stop.load(Ordering::SeqCst) {
         let req = match recv(stream) {
             Ok((req, _)) => req,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            // A signal, or the poll's timeout: not the peer going. (A
+            // link closed by mistake would make its peer take this target
+            // for gone.)
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue;
+            }
             Err(e) => return Err(e),
         };
         match parse(&req) {

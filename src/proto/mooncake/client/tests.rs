@@ -219,19 +219,25 @@ fn a_stale_earliest_deadline_is_recomputed() {
     assert_eq!(h.conn.next_deadline(), Some(h.now + Duration::from_secs(30)));
 }
 
-#[test]
-fn connect_failures_and_timeouts_are_final() {
-    let now = Instant::now();
-    let mut c: ClientConn<u32> = ClientConn::new("10.0.0.1:1", true, Limits::default(), now + Duration::from_secs(5));
-    let req = |t| Req {
+/// A request for a connection driven without a harness: a 1-byte WRITE
+/// due 30 s after `now`, with one retry, whose ticket is `ticket`.
+fn lone_req(now: Instant, ticket: u32) -> Req<u32> {
+    Req {
         op: Opcode::Write,
         local: 0x1000,
         remote: 0x1000,
         len: 1,
         deadline: now + Duration::from_secs(30),
         retries: 1,
-        ticket: t,
-    };
+        ticket,
+    }
+}
+
+#[test]
+fn connect_failures_and_timeouts_are_final() {
+    let now = Instant::now();
+    let mut c: ClientConn<u32> = ClientConn::new("10.0.0.1:1", true, Limits::default(), now + Duration::from_secs(5));
+    let req = |t| lone_req(now, t);
     assert!(c.push(req(1)).is_ok());
     assert!(c.poll_send().is_none(), "nothing goes before the connect");
     assert_eq!(c.next_deadline(), Some(now + Duration::from_secs(5)));
@@ -697,15 +703,7 @@ fn status_4_to_an_untagged_connection_is_a_rejection() {
 #[test]
 fn a_refused_connect_or_a_retired_peer_settles_as_gone() {
     let now = Instant::now();
-    let req = |t| Req {
-        op: Opcode::Read,
-        local: 0x1000,
-        remote: 0x2000,
-        len: 8,
-        deadline: now + Duration::from_secs(30),
-        retries: 1,
-        ticket: t,
-    };
+    let req = |t| lone_req(now, t);
     let mut c: ClientConn<u32> = ClientConn::new("10.0.0.1:1", true, Limits::default(), now + Duration::from_secs(5));
     assert!(c.push(req(1)).is_ok() && c.push(req(2)).is_ok());
     c.on_connect_refused();
