@@ -396,7 +396,16 @@ impl LocalTransport {
         // namespace; the pidfd is opened while the link is up, so it is
         // that process's (a pid is not reused while its process lives),
         // which the look at the link after it confirms.
-        let pid = link.peer_pid().unwrap_or_else(|_| table.target_pid());
+        // A target this pid namespace cannot see (its credentials say pid
+        // 0) could be neither watched nor reached by cross-memory attach:
+        // it is reached over TCP.
+        let pid = match link.peer_pid() {
+            Ok(pid) => pid,
+            Err(e) => {
+                self.refuse(ld.token, name, format!("its process is not visible from here ({e})"));
+                return None;
+            }
+        };
         let pidfd = pidfd_open(pid);
         if link.is_closed() || pidfd.as_ref().is_some_and(exited) {
             log::debug!("local transport: {name} exited as it was connected");
@@ -528,6 +537,12 @@ impl Peer {
                     None => piece(0, len),
                 }
             }
+            // Cross-memory attach names the target by pid: once the target
+            // has exited, its pid may go to another process, whose memory
+            // must never be written. So the pidfd is looked at first (a
+            // pid is taken again only after a wrap of the pid space, not
+            // within the microseconds before the copy).
+            Kind::Cma if !self.alive() => Err(Miss::Gone(self.gone_why())),
             Kind::Cma => match crew {
                 Some(crew) => {
                     let peer = self.clone();
