@@ -75,6 +75,9 @@ impl Task {
 pub struct Batch {
     /// The segment the batch transfers to.
     pub target: String,
+    /// Which process of it the batch was addressed to
+    /// (`SegmentDesc::incarnation`; 0 if not said).
+    pub instance: u64,
     pub tasks: Box<[Task]>,
     pending_tasks: AtomicUsize,
     /// Tasks that failed or timed out (counted once each).
@@ -112,14 +115,16 @@ impl Batch {
     /// A batch whose task `i` will be carried out in `slices[i]` slices; a
     /// task with no slices (zero bytes) is complete at once.
     pub fn new(target: &str, lens: &[u64], slices: &[u32], deadline: Instant) -> Arc<Self> {
-        Self::counted(target, None, &vec![Op::Write; lens.len()], lens, slices, deadline)
+        Self::counted(target, 0, None, &vec![Op::Write; lens.len()], lens, slices, deadline)
     }
 
     /// [`Batch::new`], counted in the metrics as requests of `ops` over
     /// `via` (when given) as they settle. Tasks of no bytes are not
     /// counted: nothing is sent for them.
+    #[allow(clippy::too_many_arguments)]
     pub fn counted(
         target: &str,
+        instance: u64,
         via: Option<Via>,
         ops: &[Op],
         lens: &[u64],
@@ -143,6 +148,7 @@ impl Batch {
         let pending = slices.iter().filter(|&&n| n > 0).count();
         let batch = Arc::new(Self {
             target: target.to_string(),
+            instance,
             tasks,
             pending_tasks: AtomicUsize::new(pending),
             failed_tasks: AtomicUsize::new(0),

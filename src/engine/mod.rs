@@ -1042,14 +1042,15 @@ impl Engine {
     /// caller is waiting anyway), so the application's next transfer, with
     /// addresses from the new process, goes straight to it; the error then
     /// says what the lookup found.
-    fn after_failure(&self, target: &str, err: TeError, now: bool) -> TeError {
-        self.segments.forget(target);
+    fn after_failure(&self, target: &str, addressed: u64, err: TeError, now: bool) -> TeError {
+        self.segments.forget_if(target, addressed);
         if err.code() != code::PEER_GONE || !now {
             return err;
         }
-        let before = self.segments.instance(target);
+        // Compared with the process the request was addressed to: another
+        // thread may have looked the name up since.
         let found = match self.open_segment(target, true) {
-            Ok(seg) if Some(seg.instance) != before => {
+            Ok(seg) if seg.instance != addressed => {
                 format!("{target} answers as a new process now: transfers with the addresses it gives go through")
             }
             Ok(_) => format!("{target} answers as the same process"),
@@ -1215,7 +1216,7 @@ impl Engine {
                     Some(now - start),
                     now,
                 );
-                result.map_err(|e| self.after_failure(target, e, true))
+                result.map_err(|e| self.after_failure(target, seg.instance, e, true))
             }
             None => {
                 let batch = self.submit(target, std::slice::from_ref(r))?;
@@ -1260,7 +1261,7 @@ impl Engine {
         let lens: Vec<u64> = requests.iter().map(|r| r.length).collect();
         let ops: Vec<metrics::Op> = requests.iter().map(|r| op_of(r.opcode)).collect();
         let via = metrics::Via::from_name(transport.name());
-        let batch = Batch::counted(target, Some(via), &ops, &lens, &slice_counts, deadline);
+        let batch = Batch::counted(target, seg.instance, Some(via), &ops, &lens, &slice_counts, deadline);
         metrics::submitted(via, slice_counts.iter().filter(|&&n| n > 0).count() as u64);
         let sink: Arc<dyn Sink> = batch.clone();
         // Slices go out in bounded runs: the transport waits for room, so
@@ -1296,7 +1297,7 @@ impl Engine {
     /// port), and at once if the caller waited for the batch (`waited`)
     /// and the peer process is gone (see [`Engine::after_failure`]).
     fn settle(&self, batch: &Batch, waited: bool) -> TeResult<()> {
-        batch.result().map_err(|e| self.after_failure(&batch.target, e, waited))
+        batch.result().map_err(|e| self.after_failure(&batch.target, batch.instance, e, waited))
     }
 
     /// Waits until every slice of `batch` has finished.

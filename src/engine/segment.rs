@@ -107,10 +107,21 @@ impl SegmentCache {
         None
     }
 
-    /// Looks `name` up again before its next use (a transfer to it
-    /// failed: it may have restarted, or moved).
+    /// Looks `name` up again before its next use (a lookup of it failed:
+    /// it may have restarted, or moved).
     pub fn forget(&self, name: &str) {
         if let Some(e) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get_mut(name) {
+            e.stale = true;
+        }
+    }
+
+    /// Looks `name` up again before its next use, if it still reaches
+    /// process `instance` (a transfer to that one failed); a process found
+    /// since by another lookup stays as it is.
+    pub fn forget_if(&self, name: &str, instance: u64) {
+        if let Some(e) = self.map.lock().unwrap_or_else(|e| e.into_inner()).get_mut(name)
+            && e.segment.instance == instance
+        {
             e.stale = true;
         }
     }
@@ -143,6 +154,12 @@ mod tests {
         // found process 1, does not bring it back.
         assert!(matches!(cache.put(seg("a", 1, t1)), Put::Outdated(now) if now.instance == 2));
         assert_eq!(cache.get("a").map(|s| s.instance), Some(2));
+        // A failure of a transfer to process 1 leaves process 2 alone.
+        cache.forget_if("a", 1);
+        assert_eq!(cache.get("a").map(|s| s.instance), Some(2));
+        cache.forget_if("a", 2);
+        assert!(cache.get("a").is_none());
+        assert!(matches!(cache.put(seg("a", 2, t2)), Put::Fresh));
         assert!(cache.take_if("a", 1).is_none(), "only the process named is taken out");
         assert_eq!(cache.take_if("a", 2).map(|s| s.instance), Some(2));
         assert!(cache.get("a").is_none() && cache.instance("a").is_none());
