@@ -51,7 +51,10 @@
 //! shards owning their memory's devices, endpoints that fail, stall or
 //! outlive a deadline are flushed, and work no rail of a shard carries
 //! goes to another shard, then to TCP, so every request settles exactly
-//! once.
+//! once. A request addressed to a peer process that has since exited or
+//! been replaced under its name settles as gone (`PEER_GONE`), never in
+//! the new process: every shardwire descriptor carries an instance number,
+//! and every TCP request a tag of it.
 //!
 //! ```text
 //!   caller threads (Rust, Python, CLI)            RPC thread (P2P handshake)

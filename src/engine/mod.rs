@@ -33,6 +33,17 @@
 //! the batch (the batch is the requests' [`Sink`]). The caller waits on the
 //! batch. One small synchronous request may instead be carried out on the
 //! caller's thread, when the transport can (`Transport::run_inline`).
+//!
+//! A segment name reaches one process at a time, and the segment cache
+//! ([`segment::SegmentCache`]) is the one place that says which: each
+//! descriptor carries the process's instance number, and a lookup that
+//! finds another one under a cached name has every transport let go of the
+//! old process (`Transport::retire`) before the new one is routed. A
+//! transfer addressed to a process that has gone fails with
+//! [`code::PEER_GONE`] and is never re-sent to the new one (its addresses
+//! describe the old one's memory); the engine looks the name up again at
+//! once, so the application's next transfer, with the new process's
+//! addresses, goes through (`docs/reliability.md`).
 
 pub mod batch;
 pub mod config;
