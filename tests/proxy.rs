@@ -157,8 +157,10 @@ fn delay_holds_each_chunk_and_bandwidth_caps_the_rate() {
 
     // 1 MiB at 4 MiB/s: a quarter of a second at the least.
     p.set(vec![Rule::new(Conns::Index(1), Dir::Up, Fault::Bandwidth { bytes_per_s: 4 << 20 })]);
-    let s = connect(&p);
+    // Timed from before the connect: the proxy's clock for the connection
+    // may start as soon as it accepts, before this thread runs on.
     let start = Instant::now();
+    let s = connect(&p);
     let sent = data(1 << 20, 9);
     let w = send_then_close(&s, sent.clone());
     let (got, _) = drain(s);
@@ -192,8 +194,11 @@ fn a_stall_holds_at_its_byte_until_healed_or_its_time_is_up() {
 
     // A stall of 200 ms ends by itself.
     p.set(vec![Rule::new(Conns::Index(1), Dir::Up, Fault::Stall { at: 0, for_ms: Some(200) })]);
-    let s = connect(&p);
+    // Timed from before the connect: a stall at byte 0 starts when the
+    // proxy first looks at the connection, which may be before this
+    // thread runs on after its connect returns.
     let start = Instant::now();
+    let s = connect(&p);
     let w = send_then_close(&s, data(1000, 2));
     let (got, _) = up.next();
     w.join().unwrap().unwrap();
