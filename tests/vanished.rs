@@ -1,6 +1,8 @@
 //! A peer whose host vanishes without a word: its processes run on in a
 //! network namespace whose veth pair is deleted, so nothing comes back,
-//! neither a FIN nor a reset, and what this side sends goes nowhere. Only
+//! neither a FIN nor a reset, and what this side sends goes nowhere (a
+//! blackhole route drops it here, rather than letting it take the default
+//! route off the machine). Only
 //! TCP keepalive and `TCP_USER_TIMEOUT`, tied to the transfer timeout,
 //! can tell.
 //!
@@ -10,7 +12,8 @@
 //!   and some slack, and so does every later one;
 //! - an object stream to a receiver there ends with an error within its
 //!   send timeout, and every object handed to it completes once;
-//! - a metadata call (the P2P handshake) to it fails within its timeout;
+//! - metadata calls to it (the P2P handshake, an HTTP metadata server's
+//!   kept connection) fail within their timeouts;
 //! - and every TCP connection of this process to that host is closed,
 //!   the idle ones too (no transfer would ever have noticed those).
 //!
@@ -27,6 +30,8 @@ use std::time::{Duration, Instant};
 use interop::netns::Link;
 use interop::{KillOnDrop, WAIT, die_with_parent, poll_true, poll_until};
 use shardwire::engine::{EngineConfig, TransferEngine};
+use shardwire::meta::http::{CALL_TIMEOUT, HttpStore};
+use shardwire::meta::store::KvStore;
 use shardwire::proto::objstream::ObjHdr;
 use shardwire::stream::{Stream, StreamOptions, Termination};
 
@@ -91,6 +96,17 @@ fn a_host_that_vanishes_is_noticed_and_every_transfer_settles_in_time() {
     poll_until("the receiver listens", WAIT, || {
         std::net::TcpStream::connect_timeout(&listen.parse().unwrap(), Duration::from_millis(500))
     });
+    // And an HTTP metadata server there, whose client keeps its connection.
+    let meta = format!("{host}:9603");
+    let mut cmd = link.exec(env!("CARGO_BIN_EXE_shardwire"));
+    cmd.args(["metadata-server", "--listen", &meta]).stdout(Stdio::null()).stderr(Stdio::null());
+    let _meta_server = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
+    poll_until("the metadata server listens", WAIT, || {
+        std::net::TcpStream::connect_timeout(&meta.parse().unwrap(), Duration::from_millis(500))
+    });
+    let mut store = HttpStore::new(&format!("http://{meta}/metadata")).unwrap();
+    store.put("vanished/k", b"{}").unwrap();
+    assert_eq!(store.get("vanished/k").unwrap().as_deref(), Some(&b"{}"[..]));
 
     let config = EngineConfig { local: false, transfer_timeout: TIMEOUT, ..EngineConfig::from_env().unwrap() };
     let e = Arc::new(TransferEngine::with_config(config));
@@ -181,13 +197,18 @@ fn a_host_that_vanishes_is_noticed_and_every_transfer_settles_in_time() {
     assert!(e.send_probe(&name).is_err(), "the handshake port is gone too");
     assert!(start.elapsed() <= TIMEOUT + SLACK, "the probe took {:?}", start.elapsed());
 
-    // Every connection to the host is closed, the idle ones included:
-    // keepalive's probes go unanswered for the user timeout.
+    // Every connection to the host is closed, the idle ones included (the
+    // metadata client's, kept since its last call): keepalive's probes go
+    // unanswered for the user timeout.
     poll_until("every connection to the vanished host is closed", TIMEOUT * 2 + SLACK, || {
         let left = connections_to(host);
         if left.is_empty() { Ok(()) } else { Err(left) }
     });
     eprintln!("every connection closed {:?} after the cut", cut.elapsed());
+    // And the metadata client's next call fails within its own timeout.
+    let start = Instant::now();
+    assert!(store.get("vanished/k").is_err(), "the metadata server is gone");
+    assert!(start.elapsed() <= CALL_TIMEOUT + SLACK, "the lookup took {:?}", start.elapsed());
     let _ = target.0.kill();
     e.shutdown();
 }

@@ -107,7 +107,13 @@ impl Link {
     /// Cuts the namespace off, as a host that loses power or its network
     /// is: the veth pair is deleted, so its processes live on and send
     /// nothing (no FIN, no reset), and what this side sends goes nowhere.
+    /// A blackhole route for the namespace's subnet is put in first, so
+    /// nothing this side sends there afterwards can take the default route
+    /// off this machine: it is dropped here, silently, as a vanished host
+    /// would drop it.
     pub fn cut(&self) {
+        let subnet = format!("10.211.{}.0/24", self.sub);
+        assert!(ip(&["route", "add", "blackhole", &subnet, "metric", "1024"]), "ip route add blackhole {subnet}");
         assert!(ip(&["link", "del", &self.host_if]), "ip link del {}", self.host_if);
     }
 
@@ -128,5 +134,6 @@ impl Drop for Link {
     fn drop(&mut self) {
         ip(&["link", "del", &self.host_if]);
         ip(&["netns", "del", &self.ns]);
+        ip(&["route", "del", "blackhole", &format!("10.211.{}.0/24", self.sub)]);
     }
 }
