@@ -29,17 +29,23 @@ use std::sync::{Arc, Barrier, Mutex, RwLock};
 use interop::{KillOnDrop, WAIT, die_with_parent, free_port, poll_until, stamped};
 use shardwire::engine::{EngineConfig, TransferEngine, TransferOpcode as Opcode, TransferRequest};
 use shardwire::error::code;
+use shardwire::transport::rdma::emu::{EmuConfig, EmuFabric};
+use shardwire::transport::rdma::fabric::Fabric;
 
 /// Caller threads transferring at once, each in its own slot of the
 /// target's buffer.
 const THREADS: usize = 3;
 const SLOT_BYTES: u64 = 2 << 20;
-/// Restarts per variant: four variants make 104.
+/// Restarts per variant over TCP and the local path: four variants make
+/// 104. Over RDMA (the emulated fabric, whose queue pairs to a new
+/// process take longer to make), 12 per variant.
 const RESTARTS: u64 = 26;
+const RDMA_RESTARTS: u64 = 12;
 
 /// A `shardwire bench --mode=target` process on `port`, once it says its
-/// segment, with its data port at `data_port`.
-fn target(port: u16, data_port: u16) -> KillOnDrop {
+/// segment, with its data port at `data_port`; over RDMA on the emulated
+/// fabric if `rdma`.
+fn target(port: u16, data_port: u16, rdma: bool) -> KillOnDrop {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_shardwire"));
     cmd.args([
         "bench",
@@ -52,6 +58,13 @@ fn target(port: u16, data_port: u16) -> KillOnDrop {
     .env_remove("SHARDWIRE_LOCAL")
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
+    if rdma {
+        cmd.arg("--protocol=rdma")
+            .env("SHARDWIRE_FABRIC", "emu")
+            .env("SHARDWIRE_LOCAL", "0")
+            .env_remove("SHARDWIRE_EMU_DEVICES")
+            .env_remove("SHARDWIRE_EMU_FAULTS");
+    }
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
     let mut line = String::new();
     BufReader::new(child.0.stdout.as_mut().unwrap()).read_line(&mut line).unwrap();
@@ -136,14 +149,17 @@ fn transfers(e: &TransferEngine, t: usize, round: &Round, local: u64, via: &str)
     }
 }
 
-/// Restarts a target `RESTARTS` times under an initiator on `via`
-/// (`local`: the same-host path on; `tcp`: off), on the same port or
-/// (`replaced`) a new one each time; see the module documentation.
-fn restarts(via: &str, replaced: bool) {
+/// Restarts a target `restarts` times under an initiator on `via`
+/// (`local`: the same-host path on; `tcp`: off; `rdma`: the emulated
+/// fabric), on the same port or (`replaced`) a new one each time; see the
+/// module documentation.
+fn restarts(via: &str, replaced: bool, restarts: u64) {
     let _alone = COUNTING.lock().unwrap_or_else(|p| p.into_inner());
-    let config = EngineConfig { local: via == "local", ..EngineConfig::from_env().unwrap() };
+    let rdma = via == "rdma";
+    let fabric = rdma.then(|| Arc::new(EmuFabric::new(EmuConfig::new(&["emu0", "emu1"])).unwrap()) as Arc<dyn Fabric>);
+    let config = EngineConfig { local: via == "local", fabric, ..EngineConfig::from_env().unwrap() };
     let e = Arc::new(TransferEngine::with_config(config));
-    e.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "").expect("initialize");
+    e.initialize("127.0.0.1", "P2PHANDSHAKE", if rdma { "rdma" } else { "tcp" }, "").expect("initialize");
     // Two threads spinning: every core is contended throughout.
     let stop = Arc::new(AtomicBool::new(false));
     let burners: Vec<_> = (0..2)
@@ -157,7 +173,7 @@ fn restarts(via: &str, replaced: bool) {
         })
         .collect();
     let (mut port, mut data_port) = (free_port(), free_port());
-    let mut t = target(port, data_port);
+    let mut t = target(port, data_port, rdma);
     let round = Arc::new(RwLock::new(Round { number: 0, name: format!("127.0.0.1:{port}") }));
     // Each round: the threads start together, and the next restart waits
     // until they are all done.
@@ -187,7 +203,7 @@ fn restarts(via: &str, replaced: bool) {
     run_round();
     let first = fds();
     let probe = e.allocate_managed_buffer(4096).unwrap();
-    for n in 1..=RESTARTS {
+    for n in 1..=restarts {
         let old = round.read().unwrap().clone();
         let old_base = e.get_first_buffer_address(&old.name).unwrap();
         drop(t);
@@ -200,7 +216,7 @@ fn restarts(via: &str, replaced: bool) {
         if n % 2 == 1 {
             data_port = free_port();
         }
-        t = target(port, data_port);
+        t = target(port, data_port, rdma);
         // A transfer with the old process's address: gone, and said so.
         let err = e.transfer_sync_write(&old.name, probe, old_base, 4096).expect_err("the old process is gone");
         assert_eq!(err.code(), code::PEER_GONE, "restart {n} ({via}, replaced: {replaced}): {err}");
@@ -217,7 +233,7 @@ fn restarts(via: &str, replaced: bool) {
     // connection of the handshake's being closed). A connection to the
     // last process killed may still be closing: its shard lets go of it
     // once it has seen the hang-up.
-    poll_until(&format!("{RESTARTS} restarts under {via} (replaced: {replaced}) leave no descriptor"), WAIT, || {
+    poll_until(&format!("{restarts} restarts under {via} (replaced: {replaced}) leave no descriptor"), WAIT, || {
         let now = fds();
         if now.len() <= first.len() + 1 { Ok(()) } else { Err(format!("after the first round {first:?}, now {now:?}")) }
     });
@@ -236,20 +252,30 @@ fn restarts(via: &str, replaced: bool) {
 
 #[test]
 fn a_target_restarting_on_its_port_under_a_local_initiator() {
-    restarts("local", false);
+    restarts("local", false, RESTARTS);
 }
 
 #[test]
 fn a_target_replaced_on_new_ports_under_a_local_initiator() {
-    restarts("local", true);
+    restarts("local", true, RESTARTS);
 }
 
 #[test]
 fn a_target_restarting_on_its_port_under_a_tcp_initiator() {
-    restarts("tcp", false);
+    restarts("tcp", false, RESTARTS);
 }
 
 #[test]
 fn a_target_replaced_on_new_ports_under_a_tcp_initiator() {
-    restarts("tcp", true);
+    restarts("tcp", true, RESTARTS);
+}
+
+#[test]
+fn a_target_restarting_on_its_port_under_an_rdma_initiator() {
+    restarts("rdma", false, RDMA_RESTARTS);
+}
+
+#[test]
+fn a_target_replaced_on_new_ports_under_an_rdma_initiator() {
+    restarts("rdma", true, RDMA_RESTARTS);
 }

@@ -202,7 +202,7 @@ fn world(o: &Options, bufs: &mut Buffers) -> Result<(SliceEngine, Peer), String>
     let mut engine = SliceEngine::new(config, contexts, PriorityMatrix::new()).map_err(|e| e.to_string())?;
     // SAFETY: as above.
     unsafe { engine.register(local, BUFFER_BYTES as u64, "cpu:0") }.map_err(|e| e.to_string())?;
-    engine.add_peer("peer", RdmaSegment::from_desc(&desc).map_err(|e| e.to_string())?)?;
+    engine.add_peer("peer", RdmaSegment::from_desc(&desc).map_err(|e| e.to_string())?, 0)?;
     Ok((engine, peer))
 }
 

@@ -332,6 +332,7 @@ impl TransferEngine {
                         &allowed,
                         tcp.clone(),
                         &name,
+                        instance,
                         self.config.rdma,
                         call_options.clone(),
                         custom.as_ref(),

@@ -180,6 +180,12 @@ pub struct HandshakeDesc {
     pub ready_ack: Option<bool>,
     #[serde(default)]
     pub reply_msg: String,
+    /// shardwire's own field, in a reply: the instance number of the
+    /// process that answers (see [`SegmentDesc::shardwire_instance`]), so
+    /// the initiator knows its queue pairs reach the process it addressed
+    /// (Mooncake peers leave it out, and ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shardwire_instance: Option<u64>,
     /// shardwire's own field: the sender's active path MTU, so the two
     /// sides agree on the smaller (Mooncake peers leave it out, and ignore
     /// it).

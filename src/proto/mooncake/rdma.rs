@@ -303,6 +303,8 @@ pub struct Connection {
     pub ready_ack: Option<bool>,
     /// The sender's active MTU, when it is a shardwire engine.
     pub mtu: Option<u32>,
+    /// The sender's instance number, in a shardwire engine's reply.
+    pub instance: Option<u64>,
 }
 
 impl Connection {
@@ -330,6 +332,7 @@ impl Connection {
             qps: h.qp_num.clone(),
             ready_ack: h.ready_ack,
             mtu: h.shardwire_mtu,
+            instance: h.shardwire_instance,
         })
     }
 
@@ -344,6 +347,7 @@ impl Connection {
             qp_num: self.qps.clone(),
             ready_ack: self.ready_ack,
             reply_msg: String::new(),
+            shardwire_instance: self.instance,
             shardwire_mtu: self.mtu,
         }
     }

@@ -254,7 +254,7 @@ mod tests {
                 SliceEngine::new(RdmaConfig::default(), contexts, PriorityMatrix::new()).map_err(|e| e.to_string())?;
             // SAFETY: `src` outlives the runtime, shut down below.
             unsafe { e.register(src_addr, bytes as u64, "cpu:0") }.map_err(|e| e.to_string())?;
-            e.add_peer("peer", segment)?;
+            e.add_peer("peer", segment, 0)?;
             Ok((e, Box::new(SimPeer { ctxs }) as Box<dyn Connector>))
         })
         .unwrap();

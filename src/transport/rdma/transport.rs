@@ -75,7 +75,13 @@ impl Connector for RpcConnector {
                 from_wire(&body?).map_err(|e| format!("{peer}: a malformed Connection reply: {e}"))?;
             let theirs = asked.request.check_reply(&reply).map_err(|e| format!("{peer}: {e}"))?;
             let qps = theirs.qps.into_iter().map(super::fabric::QpNum).collect();
-            return Ok(Answer::Ready(PeerSide { gid: theirs.gid, lid: theirs.lid, qps, mtu: theirs.mtu }));
+            return Ok(Answer::Ready(PeerSide {
+                gid: theirs.gid,
+                lid: theirs.lid,
+                qps,
+                mtu: theirs.mtu,
+                instance: theirs.instance,
+            }));
         }
         if self.asked.len() >= HANDSHAKES_MAX {
             // Handshakes whose endpoint gave up on them (it timed out and
@@ -95,6 +101,7 @@ impl Connector for RpcConnector {
             qps: ours.qps.iter().map(|q| q.0).collect(),
             ready_ack: None,
             mtu: Some(ours.mtu),
+            instance: None,
         };
         let body = to_wire(&request.to_desc());
         let (tx, rx) = mpsc::channel();
@@ -152,6 +159,8 @@ pub struct RdmaTransport {
     peers: Mutex<Vec<String>>,
     dispatch: Arc<Dispatch>,
     closed: AtomicBool,
+    /// This process's instance number, told to each peer that connects.
+    instance: u64,
 }
 
 /// Locations whose deal order is kept.
@@ -169,6 +178,7 @@ impl RdmaTransport {
         allowed: &[Vec<String>],
         tcp: Arc<TcpTransport>,
         me: &str,
+        instance: u64,
         config: RdmaConfig,
         opts: CallOptions,
         custom: Option<&PriorityMatrix>,
@@ -272,6 +282,7 @@ impl RdmaTransport {
             peers: Mutex::new(Vec::new()),
             dispatch,
             closed: AtomicBool::new(false),
+            instance,
         })
     }
 
@@ -406,7 +417,11 @@ impl RdmaTransport {
             return rejection(request, &format!("rejected: no RDMA device {:?} here", asked.peer.device));
         };
         match self.with(e, move |eng| eng.accept(&asked)) {
-            Ok(Ok(reply)) => reply.to_desc(),
+            Ok(Ok(reply)) => {
+                // Which process answers: the initiator's queue pairs must
+                // reach the one its requests were addressed to.
+                HandshakeDesc { shardwire_instance: Some(self.instance), ..reply.to_desc() }
+            }
             Ok(Err(why)) | Err(why) => rejection(request, &format!("rejected: {why}")),
         }
     }
@@ -565,7 +580,8 @@ impl Transport for RdmaTransport {
         };
         let name = peer.name.to_string();
         let known = name.clone();
-        let learned = self.with_all(move |eng| eng.add_peer(&known, segment.clone()));
+        let instance = peer.desc.shardwire_instance;
+        let learned = self.with_all(move |eng| eng.add_peer(&known, segment.clone(), instance));
         if let Err(e) = learned.and_then(|all| all.into_iter().collect::<Result<Vec<()>, String>>()) {
             log::warn!("RDMA: {}: {e}; using TCP", peer.name);
             return Ok(None);

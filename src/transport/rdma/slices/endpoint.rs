@@ -132,5 +132,5 @@ pub fn answer_on(ctx: &mut dyn Context, cq: CqId, ours: &OurSide<'_>) -> Result<
         qps.push(m);
     }
     let info = ctx.info();
-    Ok(PeerSide { gid: info.gids[1].gid, lid: 0, qps, mtu: Some(info.active_mtu) })
+    Ok(PeerSide { gid: info.gids[1].gid, lid: 0, qps, mtu: Some(info.active_mtu), instance: None })
 }

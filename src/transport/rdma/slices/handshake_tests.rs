@@ -29,6 +29,7 @@ impl Connector for Handshake<'_> {
             qps: ours.qps.iter().map(|q| q.0).collect(),
             ready_ack: Some(true),
             mtu: self.send_mtu.then_some(ours.mtu),
+            instance: None,
         };
         // The passive side, as its RPC handler will: decode, check,
         // accept or refuse with a reason.
@@ -43,7 +44,13 @@ impl Connector for Handshake<'_> {
         assert_eq!(theirs.ready_ack, Some(true), "the passive side echoes ready_ack");
         self.rounds += 1;
         let qps = theirs.qps.into_iter().map(QpNum).collect();
-        Ok(Answer::Ready(PeerSide { gid: theirs.gid, lid: theirs.lid, qps, mtu: theirs.mtu.filter(|_| self.send_mtu) }))
+        Ok(Answer::Ready(PeerSide {
+            gid: theirs.gid,
+            lid: theirs.lid,
+            qps,
+            mtu: theirs.mtu.filter(|_| self.send_mtu),
+            instance: theirs.instance,
+        }))
     }
 }
 
@@ -76,8 +83,8 @@ fn two_engines_connect_through_the_handshake_and_write_both_ways() {
     let (want_a, want_b) = (mem_a.clone(), mem_b.clone());
     let mut a = engine(&net, ["a0", "a1"], &mut mem_a);
     let mut b = engine(&net, ["b0", "b1"], &mut mem_b);
-    a.add_peer("B", b.describe()).unwrap();
-    b.add_peer("A", a.describe()).unwrap();
+    a.add_peer("B", b.describe(), 0).unwrap();
+    b.add_peer("A", a.describe(), 0).unwrap();
     let (pa, pb) = (mem_a.as_ptr() as u64, mem_b.as_ptr() as u64);
     let write = |id, from: u64, to: u64, peer: &str| RdmaRequest {
         id,
@@ -125,7 +132,7 @@ fn the_path_mtu_is_agreed_in_the_handshake() {
             a.register(mem_a.as_mut_ptr() as u64, mem_a.len() as u64, "cpu:0").unwrap();
             b.register(mem_b.as_mut_ptr() as u64, mem_b.len() as u64, "cpu:0").unwrap();
         }
-        a.add_peer("B", b.describe()).unwrap();
+        a.add_peer("B", b.describe(), 0).unwrap();
         a.submit(RdmaRequest {
             id: 1,
             verb: Verb::Write,
@@ -168,8 +175,8 @@ fn two(
         a.register(mem_a.as_mut_ptr() as u64, bytes as u64, "cpu:0").unwrap();
         b.register(mem_b.as_mut_ptr() as u64, bytes as u64, "cpu:0").unwrap();
     }
-    a.add_peer("B", b.describe()).unwrap();
-    b.add_peer("A", a.describe()).unwrap();
+    a.add_peer("B", b.describe(), 0).unwrap();
+    b.add_peer("A", a.describe(), 0).unwrap();
     (net, a, b, mem_a, mem_b)
 }
 
@@ -279,6 +286,7 @@ fn a_request_for_a_device_that_is_not_there_is_refused_with_the_reason() {
         qps: vec![17, 18],
         ready_ack: None,
         mtu: None,
+        instance: None,
     };
     let why = b.accept(&req).unwrap_err();
     assert_eq!(why, "no RDMA device \"mlx5_7\" here");

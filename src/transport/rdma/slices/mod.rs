@@ -153,6 +153,9 @@ pub struct PeerSide {
     pub qps: Vec<QpNum>,
     /// Its active MTU, if it said (a shardwire peer does).
     pub mtu: Option<u32>,
+    /// The instance number of the process that answered, if it said (a
+    /// shardwire peer does).
+    pub instance: Option<u64>,
 }
 
 /// Our side of a new endpoint, as the peer is told of it.
@@ -325,6 +328,27 @@ struct Peer {
     /// when it never rested).
     errors: Vec<VecDeque<u64>>,
     paused_until: Vec<u64>,
+    /// The instance number of the process its segment describes (0: not
+    /// said, a Mooncake peer): a connection answered by another process of
+    /// the name is refused, since the work waiting for it was addressed to
+    /// this one.
+    instance: u64,
+}
+
+/// Why an endpoint could not be had.
+enum EndpointError {
+    /// The rails' trouble (a failed or timed-out connection): the slice
+    /// may go on another rail.
+    Rails(String),
+    /// Another process than the one the work was addressed to answered:
+    /// the slice settles as gone.
+    Gone(String),
+}
+
+impl From<String> for EndpointError {
+    fn from(why: String) -> Self {
+        EndpointError::Rails(why)
+    }
 }
 
 impl Peer {
@@ -582,7 +606,18 @@ impl SliceEngine {
     /// Learns (or learns again) a peer's segment. A peer that comes back
     /// with another number of devices has its old endpoints destroyed and
     /// their work taken back (to go again on the new ones).
-    pub fn add_peer(&mut self, name: &str, segment: RdmaSegment) -> Result<(), String> {
+    ///
+    /// `instance` is the process's number from its descriptor (0 if it
+    /// gives none); learning another for a known name lets go of the old
+    /// process first ([`retire_peer`](Self::retire_peer)).
+    pub fn add_peer(&mut self, name: &str, segment: RdmaSegment, instance: u64) -> Result<(), String> {
+        if let Some(&p) = self.peer_ids.get(name)
+            && self.peers[p].instance != 0
+            && instance != 0
+            && self.peers[p].instance != instance
+        {
+            self.retire_peer(name);
+        }
         let p = match self.peer_ids.get(name) {
             Some(&p) => p,
             None if self.peers.len() >= PEERS_MAX => return Err(format!("{PEERS_MAX} peers already")),
@@ -595,6 +630,7 @@ impl SliceEngine {
                     endpoints: Vec::new(),
                     errors: Vec::new(),
                     paused_until: Vec::new(),
+                    instance,
                 });
                 self.peer_ids.insert(name.to_string(), self.peers.len() - 1);
                 self.peers.len() - 1
@@ -613,6 +649,7 @@ impl SliceEngine {
             self.peers[p].paused_until.clear();
         }
         self.peers[p].learn(segment);
+        self.peers[p].instance = instance;
         Ok(())
     }
 
@@ -644,6 +681,7 @@ impl SliceEngine {
             self.settle(key, Some(Fault::gone(why.clone())));
         }
         let peer = &mut self.peers[p];
+        peer.instance = 0;
         peer.segment = RdmaSegment { devices: vec![], buffers: vec![], matrix: PriorityMatrix::new() };
         peer.locations.clear();
         peer.buffer_rails.clear();
@@ -759,6 +797,7 @@ impl SliceEngine {
             qps: mine.iter().map(|q| q.0).collect(),
             ready_ack: req.ready_ack,
             mtu: Some(self.devices[ld].info.active_mtu.min(cap)),
+            instance: None,
         })
     }
 
@@ -1069,7 +1108,11 @@ impl SliceEngine {
                     self.later.push_back(key); // connecting, draining or full
                     continue;
                 }
-                Err(why) => {
+                Err(EndpointError::Gone(why)) => {
+                    self.settle(key, Some(Fault::gone(why)));
+                    continue;
+                }
+                Err(EndpointError::Rails(why)) => {
                     // A connection that failed counts as a try.
                     log::warn!("RDMA: {} -> {} device {pd}: {why}", self.devices[ld].info.name, self.peers[p].name);
                     self.count_try(key);
@@ -1191,7 +1234,7 @@ impl SliceEngine {
         ld: usize,
         pd: usize,
         now_ns: u64,
-    ) -> Result<Option<usize>, String> {
+    ) -> Result<Option<usize>, EndpointError> {
         let stale = self.peers[p].endpoint(ld, pd).is_some_and(|ep| ep.broken && !ep.holding());
         if stale {
             self.close_endpoint(p, ld, pd);
@@ -1211,11 +1254,11 @@ impl SliceEngine {
         if let Some(since) = ep.connecting_since {
             if now_ns.saturating_sub(since) > self.config.connect_timeout_ns {
                 self.close_endpoint(p, ld, pd);
-                return Err(format!(
+                return Err(EndpointError::Rails(format!(
                     "{} did not answer a connection within {} ms",
                     self.peers[p].name,
                     self.config.connect_timeout_ns / 1_000_000
-                ));
+                )));
             }
             let device = &mut self.devices[ld];
             let mtu = device.info.active_mtu.min(self.config.mtu);
@@ -1223,8 +1266,23 @@ impl SliceEngine {
             let answer = connector.connect(&peer.name, pd, &peer.segment.devices[pd].name, ours);
             let done = match answer {
                 Ok(Answer::Pending) => return Ok(None),
-                Ok(Answer::Ready(side)) => finish_endpoint(device, &self.config, ep, &peer.name, &side),
-                Err(e) => Err(e),
+                Ok(Answer::Ready(side))
+                    if side.instance.is_some_and(|theirs| peer.instance != 0 && theirs != peer.instance) =>
+                {
+                    // The name answers with another process: its queue
+                    // pairs must not carry work addressed to the old one
+                    // (whose keys and addresses they would hand it).
+                    Err(EndpointError::Gone(format!(
+                        "{} is another process now (instance {:#x}, not {:#x}): the one this request was addressed to is gone",
+                        peer.name,
+                        side.instance.unwrap_or(0),
+                        peer.instance
+                    )))
+                }
+                Ok(Answer::Ready(side)) => {
+                    finish_endpoint(device, &self.config, ep, &peer.name, &side).map_err(EndpointError::Rails)
+                }
+                Err(e) => Err(EndpointError::Rails(e)),
             };
             if let Err(e) = done {
                 self.close_endpoint(p, ld, pd);

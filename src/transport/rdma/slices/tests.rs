@@ -82,7 +82,7 @@ fn world(locals: usize, peers: usize, plan: FaultPlan, seed: u64, bytes: usize) 
     let mut local: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
     // SAFETY: the local memory lives as long as the world.
     unsafe { engine.register(local.as_mut_ptr() as u64, bytes as u64, "cpu:0") }.unwrap();
-    engine.add_peer("target", target.segment()).unwrap();
+    engine.add_peer("target", target.segment(), 0).unwrap();
     World { net, engine, target, local }
 }
 
@@ -482,7 +482,7 @@ fn rails_line_up_across_the_engines_of_one_segment() {
         e.set_rails(&[rail], 2);
         // SAFETY: the local memory outlives the engines (dropped first).
         unsafe { e.register(local.as_mut_ptr() as u64, bytes as u64, "cpu:0") }.unwrap();
-        e.add_peer("target", target.segment()).unwrap();
+        e.add_peer("target", target.segment(), 0).unwrap();
         engines.push(e);
     }
     let half = bytes as u64 / 2;
@@ -548,7 +548,7 @@ fn numa_local_nics_first_on_a_dgx_h100() {
     unsafe { engine.register(node1, bytes as u64, "cpu:1") }.unwrap();
     // SAFETY: as above.
     unsafe { engine.register(gpu2, bytes as u64, "cuda:2") }.unwrap();
-    engine.add_peer("target", target.segment()).unwrap();
+    engine.add_peer("target", target.segment(), 0).unwrap();
     let mut run = |engine: &mut SliceEngine, local: u64| {
         let remote = target.mem.as_ptr() as u64;
         engine.submit(RdmaRequest {
@@ -614,8 +614,62 @@ fn retiring_a_peer_settles_its_work_as_gone_and_starts_it_afresh() {
     assert_eq!(w.engine.retire_peer("nobody"), 0, "an unknown name is a no-op");
     // The new process (here the same memory) is learnt and written anew.
     w.target.mem.iter_mut().for_each(|b| *b = 0);
-    w.engine.add_peer("target", w.target.segment()).unwrap();
+    w.engine.add_peer("target", w.target.segment(), 0).unwrap();
     w.write(3, 0, 4 << 20);
     assert_eq!(w.run("after the retire"), [Settled { id: 3, result: Ok(()), rails_failed: false, peer_gone: false }]);
     assert!(w.target.mem == w.local, "every byte, once");
+}
+
+/// Answers as the target does, but says it is the process `instance`.
+struct Answering<'a> {
+    target: &'a mut Target,
+    instance: Option<u64>,
+}
+
+impl Connector for Answering<'_> {
+    fn connect(&mut self, peer: &str, peer_dev: usize, peer_device: &str, ours: OurSide<'_>) -> Result<Answer, String> {
+        match self.target.connect(peer, peer_dev, peer_device, ours)? {
+            Answer::Ready(side) => Ok(Answer::Ready(PeerSide { instance: self.instance, ..side })),
+            Answer::Pending => Ok(Answer::Pending),
+        }
+    }
+}
+
+/// Work addressed to process 5 of a name: a connection answered by
+/// process 6 (the name restarted before the engine looked it up again) is
+/// refused, and the request settles as gone with no byte landed; answered
+/// by process 5, or by a peer that says nothing (Mooncake), it goes.
+#[test]
+fn a_connection_answered_by_another_process_carries_none_of_the_work() {
+    for (answer, gone) in [(Some(6), true), (Some(5), false), (None, false)] {
+        let mut w = world(1, 1, FaultPlan::default(), 12, 256 << 10);
+        w.engine.add_peer("target", w.target.segment(), 5).unwrap();
+        w.write(1, 0, 256 << 10);
+        let mut settled = Vec::new();
+        for _ in 0..100_000 {
+            settled.extend(w.engine.drain_settled());
+            if w.engine.in_flight() == 0 {
+                break;
+            }
+            let now = w.net.now_ns();
+            w.engine.progress(&mut Answering { target: &mut w.target, instance: answer }, now);
+        }
+        assert_eq!(settled.len(), 1, "{answer:?}: {settled:?}");
+        assert_eq!(settled[0].peer_gone, gone, "{answer:?}: {settled:?}");
+        if gone {
+            assert!(settled[0].result.as_ref().unwrap_err().contains("is another process now"), "{settled:?}");
+            assert!(w.target.mem.iter().all(|&b| b == 0), "no byte reached the other process");
+        } else {
+            assert!(settled[0].result.is_ok() && w.target.mem == w.local, "{answer:?}: {settled:?}");
+        }
+    }
+    // Learning another process under a known name lets go of the old one.
+    let mut w = world(1, 1, FaultPlan::default(), 13, 4 << 20);
+    w.engine.add_peer("target", w.target.segment(), 5).unwrap();
+    w.write(1, 0, 4 << 20);
+    let now = w.net.now_ns();
+    w.engine.progress(&mut w.target, now);
+    w.engine.add_peer("target", w.target.segment(), 6).unwrap();
+    let settled: Vec<Settled> = w.engine.drain_settled().collect();
+    assert!(settled.len() == 1 && settled[0].peer_gone, "{settled:?}");
 }
