@@ -3,7 +3,8 @@
 //! process, on the same data port or a new one) or on a new port (a
 //! replacement node), while several threads of the initiator move small
 //! and large transfers, with two threads of this process spinning so
-//! every core is contended.
+//! every core is contended; under initiators on the same-host path, on
+//! TCP and on RDMA (the emulated fabric).
 //!
 //! What must hold, every round:
 //! - a transfer with the addresses of the process that was killed fails
