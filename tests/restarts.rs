@@ -60,11 +60,7 @@ fn target(port: u16, data_port: u16, rdma: bool) -> KillOnDrop {
     .stdout(Stdio::piped())
     .stderr(Stdio::null());
     if rdma {
-        cmd.arg("--protocol=rdma")
-            .env("SHARDWIRE_FABRIC", "emu")
-            .env("SHARDWIRE_LOCAL", "0")
-            .env_remove("SHARDWIRE_EMU_DEVICES")
-            .env_remove("SHARDWIRE_EMU_FAULTS");
+        interop::rdma_emu_target(&mut cmd);
     }
     let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));
     let mut line = String::new();

@@ -124,11 +124,7 @@ impl Target {
                 .env("SHARDWIRE_LOCAL", "0");
         }
         if rdma {
-            cmd.arg("--protocol=rdma")
-                .env("SHARDWIRE_FABRIC", "emu")
-                .env("SHARDWIRE_LOCAL", "0")
-                .env_remove("SHARDWIRE_EMU_DEVICES")
-                .env_remove("SHARDWIRE_EMU_FAULTS");
+            interop::rdma_emu_target(&mut cmd);
         }
         cmd.arg(format!("--buffer_size={}", CALLERS as u64 * SLOT_BYTES)).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = KillOnDrop(die_with_parent(&mut cmd).spawn().expect("shardwire runs"));

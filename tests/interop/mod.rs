@@ -38,6 +38,17 @@ pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
     }
 }
 
+/// Makes `cmd` (a `shardwire bench --mode=target`) serve over RDMA on the
+/// emulated fabric, with its default devices and no injected faults, and
+/// without the same-host path (so RDMA carries the bytes).
+pub fn rdma_emu_target(cmd: &mut Command) -> &mut Command {
+    cmd.arg("--protocol=rdma")
+        .env("SHARDWIRE_FABRIC", "emu")
+        .env("SHARDWIRE_LOCAL", "0")
+        .env_remove("SHARDWIRE_EMU_DEVICES")
+        .env_remove("SHARDWIRE_EMU_FAULTS")
+}
+
 /// A child process killed (and reaped) when dropped.
 pub struct KillOnDrop(pub Child);
 
