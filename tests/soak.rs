@@ -27,7 +27,7 @@
 
 mod interop;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -86,6 +86,9 @@ struct Counts {
     objects_failed: AtomicU64,
     faults: AtomicU64,
     corrupted: AtomicU64,
+    /// Read-backs that found the bytes of a WRITE of the same caller that
+    /// had failed (allowed: see `FailedWrite`).
+    late_landings: AtomicU64,
     lost: AtomicU64,
     duplicated: AtomicU64,
     hung: AtomicU64,
@@ -203,6 +206,34 @@ fn engine(local: bool, fabric: Option<Arc<dyn Fabric>>) -> TransferEngine {
 
 /// One transfer pair (write, then read back) of a caller; returns whether
 /// the bytes were checked.
+/// A WRITE of a caller that failed: its bytes may still land, in part or
+/// whole, later (a WRITE that fails after it was sent may have run, or may
+/// yet run from what the old connection still holds); the caller's later
+/// read-backs of the same target may find them.
+struct FailedWrite {
+    port: u16,
+    seq: u64,
+    off: u64,
+    len: u64,
+}
+
+/// Failed WRITEs a caller remembers, the newest last.
+const FAILED_WRITES_KEPT: usize = 64;
+
+/// Whether every byte where `got` differs from `want` (read back from
+/// `[off, off + len)` of the slot) is the byte one of `failed` would have
+/// put there: the late landing of a failed WRITE, not a corruption.
+fn explained_by_failed_writes(got: &[u8], want: &[u8], off: u64, port: u16, failed: &VecDeque<FailedWrite>) -> bool {
+    let candidates: Vec<(&FailedWrite, Vec<u8>)> =
+        failed.iter().rev().filter(|f| f.port == port).map(|f| (f, stamped(f.len as usize, f.seq))).collect();
+    !candidates.is_empty()
+        && got.iter().zip(want).enumerate().filter(|(_, (g, w))| g != w).all(|(p, (g, _))| {
+            let at = off + p as u64;
+            candidates.iter().any(|(f, bytes)| at >= f.off && at < f.off + f.len && bytes[(at - f.off) as usize] == *g)
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
 fn round(
     e: &TransferEngine,
     t: &Target,
@@ -211,6 +242,7 @@ fn round(
     slot: u64,
     bufs: (u64, u64),
     counts: &Counts,
+    failed_writes: &mut VecDeque<FailedWrite>,
 ) -> bool {
     let gen_before = t.generation.load(Ordering::SeqCst);
     let faults_before = t.fault_epoch.load(Ordering::SeqCst);
@@ -234,9 +266,14 @@ fn round(
     e.write_bytes_to_buffer(src + off, &bytes).unwrap();
     e.write_bytes_to_buffer(dst + off, &vec![0u8; len as usize]).unwrap();
     let started = Instant::now();
+    // Set if the WRITE (rather than the READ) failed.
+    let mut write_failed = false;
+    let mut wrote = |r: Result<(), shardwire::engine::TeError>| {
+        write_failed = r.is_err();
+        r
+    };
     let result = match rng.range(0, 3) {
-        0 => e
-            .transfer_sync_write(&t.name, src + off, remote, len)
+        0 => wrote(e.transfer_sync_write(&t.name, src + off, remote, len))
             .and_then(|()| e.transfer_sync_read(&t.name, dst + off, remote, len)),
         1 => {
             let half = len / 2;
@@ -253,7 +290,7 @@ fn round(
                 }
                 v
             };
-            e.batch_transfer_sync(&t.name, &reqs(Opcode::Write, src), None)
+            wrote(e.batch_transfer_sync(&t.name, &reqs(Opcode::Write, src), None))
                 .and_then(|()| e.batch_transfer_sync(&t.name, &reqs(Opcode::Read, dst), None))
         }
         _ => {
@@ -279,14 +316,23 @@ fn round(
                 }
             };
             let w = e.transfer_submit_write(&t.name, src + off, remote, len).map_err(|x| x.to_string());
-            let r = w.and_then(settle).and_then(|()| {
-                e.transfer_submit_read(&t.name, dst + off, remote, len).map_err(|x| x.to_string()).and_then(settle)
-            });
-            r.map_err(|why| shardwire::engine::TeError::new(-1, why))
+            let w = wrote(w.and_then(settle).map_err(|why| shardwire::engine::TeError::new(-1, why)));
+            w.and_then(|()| {
+                e.transfer_submit_read(&t.name, dst + off, remote, len)
+                    .map_err(|x| x.to_string())
+                    .and_then(settle)
+                    .map_err(|why| shardwire::engine::TeError::new(-1, why))
+            })
         }
     };
     if started.elapsed() > TRANSFER_TIMEOUT * 3 + Duration::from_secs(10) {
         counts.hung.fetch_add(1, Ordering::Relaxed);
+    }
+    if write_failed {
+        if failed_writes.len() >= FAILED_WRITES_KEPT {
+            failed_writes.pop_front();
+        }
+        failed_writes.push_back(FailedWrite { port: t.port, seq, off, len });
     }
     let across_a_kill = t.generation.load(Ordering::SeqCst) != gen_before;
     let checked = matches!(result, Ok(())) && !across_a_kill;
@@ -311,8 +357,16 @@ fn round(
             let got = e.read_bytes_from_buffer(dst + off, len).unwrap();
             if got != bytes {
                 let at = got.iter().zip(&bytes).position(|(a, b)| a != b).unwrap_or(0);
-                eprintln!("soak: seq {seq}: {len} bytes from {} differ at {at}", t.name);
-                counts.corrupted.fetch_add(1, Ordering::Relaxed);
+                if explained_by_failed_writes(&got, &bytes, off, t.port, failed_writes) {
+                    eprintln!(
+                        "soak: seq {seq}: {len} bytes from {} differ at {at}: a failed WRITE landed late",
+                        t.name
+                    );
+                    counts.late_landings.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    eprintln!("soak: seq {seq}: {len} bytes from {} differ at {at}", t.name);
+                    counts.corrupted.fetch_add(1, Ordering::Relaxed);
+                }
             }
             counts.transfers.fetch_add(2, Ordering::Relaxed);
             counts.bytes.fetch_add(2 * len, Ordering::Relaxed);
@@ -542,6 +596,7 @@ fn soak() {
                 let bufs =
                     (e.allocate_managed_buffer(SLOT_BYTES).unwrap(), e.allocate_managed_buffer(SLOT_BYTES).unwrap());
                 let mut seq = (c as u64) << 40;
+                let mut failed_writes = VecDeque::new();
                 while !stop.load(Ordering::Relaxed) {
                     seq += 1;
                     // RDMA callers to the RDMA target; TCP callers to the TCP
@@ -551,7 +606,7 @@ fn soak() {
                         1 if rng.range(0, 2) == 0 => &targets[PROXIED_TARGET],
                         _ => &targets[rng.range(0, TCP_TARGETS as u64) as usize],
                     };
-                    if round(&e, t, &mut rng, seq, c as u64, bufs, &counts) {
+                    if round(&e, t, &mut rng, seq, c as u64, bufs, &counts, &mut failed_writes) {
                         counts.by_path[c % 3].fetch_add(2, Ordering::Relaxed);
                     }
                 }
@@ -720,6 +775,7 @@ fn soak() {
         "lost": counts.lost.load(Ordering::Relaxed),
         "duplicated": counts.duplicated.load(Ordering::Relaxed),
         "corrupted": counts.corrupted.load(Ordering::Relaxed),
+        "late_landings_of_failed_writes": counts.late_landings.load(Ordering::Relaxed),
         "hung": counts.hung.load(Ordering::Relaxed),
         "fds_growth": end_sample.fds as i64 - start.fds as i64,
         "fds_opened_since_warm_up_by_kind": new_kinds,
@@ -779,4 +835,29 @@ fn soak() {
     let rss_rise = rss[3].as_i64().unwrap() - rss[1].as_i64().unwrap();
     assert!(rss_rise <= 64 << 20, "the resident memory's floor kept rising: {line}");
     assert!(line["transfers"].as_u64().unwrap() > 0 && line["objects"].as_u64().unwrap() > 0, "{line}");
+}
+
+/// The soak's own check of a read-back: bytes of a failed WRITE of the same
+/// caller explain a difference; anything else is a corruption.
+#[test]
+fn a_failed_writes_bytes_explain_a_difference_and_nothing_else_does() {
+    let (off, len) = (100u64, 2000u64);
+    let want = stamped(len as usize, 7);
+    let older = FailedWrite { port: 1, seq: 3, off: 600, len: 1000 };
+    let mut got = want.clone();
+    // Bytes 600..1000 of the slot hold the older write's.
+    let late = stamped(older.len as usize, older.seq);
+    got[500..900].copy_from_slice(&late[..400]);
+    let failed: VecDeque<FailedWrite> = [older].into();
+    assert!(explained_by_failed_writes(&got, &want, off, 1, &failed));
+    assert!(!explained_by_failed_writes(&got, &want, off, 2, &failed), "another target's write explains nothing");
+    got[1500] ^= 1;
+    assert!(!explained_by_failed_writes(&got, &want, off, 1, &failed), "a flipped byte is a corruption");
+    assert!(!explained_by_failed_writes(
+        &want.iter().map(|b| b ^ 1).collect::<Vec<_>>(),
+        &want,
+        off,
+        1,
+        &VecDeque::new()
+    ));
 }

@@ -38,9 +38,13 @@
 //!   until the driver reports every operation back ([`ClientConn::finish`]):
 //!   the kernel may still be writing READ destinations until then. Each
 //!   request left then settles once: past its deadline as
-//!   [`Settle::TimedOut`]; else [`Settle::Retry`] if the close allows a
-//!   re-send and the request has a retry left (requests are idempotent:
-//!   the same bytes to the same addresses); else [`Settle::Failed`].
+//!   [`Settle::TimedOut`]; else [`Settle::Retry`] if it has a retry left
+//!   and the peer cannot have run it (it was never sent, or the peer
+//!   refused one ahead of it); else [`Settle::Failed`]. A request sent on
+//!   a connection that then broke is never re-sent: the peer may have run
+//!   it, or may yet (from what the old connection still holds), after a
+//!   re-sent copy was answered and a newer WRITE to the same addresses
+//!   landed.
 //! - **Idle connections.** A connection with no answer due has no receive
 //!   out, so nothing would notice its peer go: a connection to a peer
 //!   that was killed would wait in the driver's table for ever. While it
@@ -179,12 +183,33 @@ enum Phase {
 #[derive(Debug, Clone)]
 struct Ending {
     why: String,
-    /// The requests left may be re-sent on a fresh connection.
-    retry: bool,
+    /// Which of the requests left may be re-sent on a fresh connection.
+    resend: Resend,
     /// The process the requests were addressed to is gone (exited, or
     /// replaced by another under the same name): what is left settles as
     /// [`Settle::PeerGone`], never re-sent.
     gone: bool,
+}
+
+/// Which requests of a connection that ended may go again on a fresh one.
+///
+/// A request may be re-sent only where the peer cannot have run it, and
+/// will not run it later: it was never sent, or the peer refused one ahead
+/// of it (a server runs nothing after a refusal). One sent on a connection
+/// that then broke is not: the peer may have run it, or may yet, from what
+/// its kernel (or a middlebox) still holds of the old connection, after the
+/// re-sent copy has been answered and a newer WRITE to the same addresses
+/// has landed. The soak found exactly that: a WRITE retried on a fresh
+/// connection, then overwritten by the caller's next WRITE, and then
+/// landing again from the old connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resend {
+    /// None of them (the engine closing, a connect or key that failed).
+    Nothing,
+    /// Those never sent (still queued).
+    Unsent,
+    /// All of them: the peer refused the one ahead of them and ran none.
+    All,
 }
 
 /// Where the authentication exchange stands.
@@ -445,7 +470,7 @@ impl<T> ClientConn<T> {
     /// The connect failed: nothing was sent, and a re-send would meet the
     /// same refusal, so what is queued fails.
     pub fn on_connect_failed(&mut self, why: impl Into<String>) {
-        self.end(format!("connect to {}: {}", self.peer, why.into()), false);
+        self.end(format!("connect to {}: {}", self.peer, why.into()), Resend::Nothing);
     }
 
     /// The connect was refused: nothing listens at the peer's data port,
@@ -700,7 +725,7 @@ impl<T> ClientConn<T> {
                         // The server ends the session: what follows was not
                         // run, and may go again.
                         self.recv = Some(group);
-                        self.end(why, true);
+                        self.end(why, Resend::All);
                         return;
                     }
                     Ok(tcp::STATUS_STALE_INSTANCE) if self.instance.is_some() => {
@@ -729,18 +754,21 @@ impl<T> ClientConn<T> {
                         // The server closes after a rejection; what follows
                         // was not run, and may go again elsewhere.
                         self.recv = Some(group);
-                        self.end(message, true);
+                        self.end(message, Resend::All);
                         return;
                     }
                     Err(_) if auth::is_challenge(raw) => {
                         self.recv = Some(group);
                         let why = auth::AuthError::Required;
-                        self.end(format!("{}: {why}", self.peer), false);
+                        self.end(format!("{}: {why}", self.peer), Resend::Nothing);
                         return;
                     }
                     Err(raw) => {
                         self.recv = Some(group);
-                        self.end(format!("{} sent {raw:#018x} where a status frame belongs", self.peer), true);
+                        self.end(
+                            format!("{} sent {raw:#018x} where a status frame belongs", self.peer),
+                            Resend::Unsent,
+                        );
                         return;
                     }
                 }
@@ -793,7 +821,7 @@ impl<T> ClientConn<T> {
         };
         if let Err(e) = outcome {
             // No re-send: the same keys would meet the same answer.
-            self.end(format!("authentication with {}: {e}", self.peer), false);
+            self.end(format!("authentication with {}: {e}", self.peer), Resend::Nothing);
         }
     }
 
@@ -805,20 +833,20 @@ impl<T> ClientConn<T> {
                 Some(Exchange::Challenge(_)) => auth::AuthError::NoChallenge,
                 _ => auth::AuthError::Refused,
             };
-            return self.end(format!("authentication with {}: {why}", self.peer), false);
+            return self.end(format!("authentication with {}: {why}", self.peer), Resend::Nothing);
         }
-        self.end(format!("{} closed the connection", self.peer), true);
+        self.end(format!("{} closed the connection", self.peer), Resend::Unsent);
     }
 
     /// An operation failed (a send or a receive).
     pub fn on_error(&mut self, why: impl Into<String>) {
-        self.end(format!("{}: {}", self.peer, why.into()), true);
+        self.end(format!("{}: {}", self.peer, why.into()), Resend::Unsent);
     }
 
     /// Closes the connection on the driver's behalf (the engine shutting
     /// down): what is left fails, without re-sends.
     pub fn close(&mut self, why: impl Into<String>) {
-        self.end(why.into(), false);
+        self.end(why.into(), Resend::Nothing);
     }
 
     /// Closes the connection because the peer process it reaches is gone
@@ -879,7 +907,7 @@ impl<T> ClientConn<T> {
         }
         // Nothing was in flight, so what is queued was never sent and
         // may go again on a fresh connection.
-        self.end(format!("{} closed the idle connection", self.peer), true);
+        self.end(format!("{} closed the idle connection", self.peer), Resend::Unsent);
     }
 
     /// When [`on_timer`](Self::on_timer) is next due.
@@ -903,7 +931,7 @@ impl<T> ClientConn<T> {
         if let Phase::Connecting { deadline } = self.phase
             && now >= deadline
         {
-            return self.end(format!("connect to {} timed out", self.peer), false);
+            return self.end(format!("connect to {} timed out", self.peer), Resend::Nothing);
         }
         if let Phase::Authenticating { deadline } = self.phase
             && now >= deadline
@@ -912,13 +940,13 @@ impl<T> ClientConn<T> {
                 Some(Exchange::Challenge(_)) => auth::AuthError::NoChallenge.to_string(),
                 _ => "no verdict in time".to_string(),
             };
-            return self.end(format!("authentication with {} timed out: {why}", self.peer), false);
+            return self.end(format!("authentication with {} timed out: {why}", self.peer), Resend::Nothing);
         }
         if self.earliest.is_none_or(|e| now < e) {
             return;
         }
         if self.awaiting.iter().any(|r| r.deadline <= now) {
-            return self.end(format!("no answer from {} within the transfer timeout", self.peer), true);
+            return self.end(format!("no answer from {} within the transfer timeout", self.peer), Resend::Unsent);
         }
         let mut kept = VecDeque::with_capacity(self.queue.len());
         for r in self.queue.drain(..) {
@@ -959,17 +987,33 @@ impl<T> ClientConn<T> {
         self.phase = Phase::Closed;
         self.send = None;
         self.recv = None;
-        let ending = self.ending.clone().unwrap_or(Ending { why: "connection lost".into(), retry: false, gone: false });
-        let left: Vec<Req<T>> = self.awaiting.drain(..).chain(self.queue.drain(..)).collect();
+        let ending = self.ending.clone().unwrap_or(Ending {
+            why: "connection lost".into(),
+            resend: Resend::Nothing,
+            gone: false,
+        });
+        // Sent (or being sent) first, then never sent: see `Resend`.
+        let sent: Vec<(Req<T>, bool)> = self.awaiting.drain(..).map(|r| (r, true)).collect();
+        let unsent = self.queue.drain(..).map(|r| (r, false));
         self.awaiting_bytes = 0;
-        for mut r in left {
+        for (mut r, was_sent) in sent.into_iter().chain(unsent) {
+            let may_resend = match ending.resend {
+                Resend::All => true,
+                Resend::Unsent => !was_sent,
+                Resend::Nothing => false,
+            };
             let how = if now >= r.deadline {
                 Settle::TimedOut(format!("{} (the transfer timeout passed)", ending.why))
             } else if ending.gone {
                 Settle::PeerGone(ending.why.clone())
-            } else if ending.retry && r.retries > 0 {
+            } else if may_resend && r.retries > 0 {
                 r.retries -= 1;
                 Settle::Retry
+            } else if was_sent && ending.resend == Resend::Unsent {
+                Settle::Failed(format!(
+                    "{}; the request had been sent, so it is not sent again (the peer may have run it, or still may)",
+                    ending.why
+                ))
             } else {
                 Settle::Failed(ending.why.clone())
             };
@@ -983,12 +1027,12 @@ impl<T> ClientConn<T> {
         self.settled.pop_front()
     }
 
-    fn end(&mut self, why: String, retry: bool) {
+    fn end(&mut self, why: String, resend: Resend) {
         if self.is_closing() {
             return;
         }
         self.phase = Phase::Closing;
-        self.ending = Some(Ending { why, retry, gone: false });
+        self.ending = Some(Ending { why, resend, gone: false });
     }
 
     fn end_gone(&mut self, why: String) {
@@ -996,7 +1040,7 @@ impl<T> ClientConn<T> {
             return;
         }
         self.phase = Phase::Closing;
-        self.ending = Some(Ending { why, retry: false, gone: true });
+        self.ending = Some(Ending { why, resend: Resend::Nothing, gone: true });
     }
 
     fn pop_awaiting(&mut self) -> Req<T> {

@@ -71,7 +71,7 @@ pub enum Failure {
     Corrupt,
     /// The peer process it was addressed to has exited or been replaced.
     PeerGone,
-    /// Anything else (the connection broke, and the re-send did too).
+    /// Anything else (the connection broke).
     Failed,
 }
 
@@ -106,42 +106,49 @@ pub fn transfer(engine: u64, peer: Peer, r: &InlineRequest, dial: Dial<'_>) -> R
     if PRUNED_AT.try_with(|p| p.replace(retired) != retired).unwrap_or(false) {
         drop_hung_up();
     }
-    let (mut stream, mut cached) = match take(engine, peer) {
+    // A kept connection may be dead (the peer restarted, idled us out, or
+    // its host vanished): it is looked at before the request goes on it,
+    // since a request sent on a connection that then breaks is not sent
+    // again (the peer may have run it; see the client core's `Resend`).
+    let kept = take(engine, peer).filter(|s| {
+        let dead = hung_up(s);
+        if dead {
+            telemetry::event(Event::TcpReconnect);
+        }
+        !dead
+    });
+    let (mut stream, cached) = match kept {
         Some(s) => (s, true),
         None => {
             drop_hung_up();
             (connect(peer, r.deadline, dial)?, false)
         }
     };
-    loop {
-        // A kept connection may be dead (the peer restarted, or idled us
-        // out): a request on it may go once more, on a fresh one.
-        // Requests are idempotent: the same bytes to the same addresses.
-        // (A re-send goes only to the process it was addressed to: the
-        // request carries the peer's instance tag, which another process
-        // refuses.)
-        let retries = u8::from(cached);
-        // A fresh connection proves the key first; a cached one has.
-        let prover = dial.auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, crate::entropy::bytes()));
-        match exchange(&mut stream, peer, r, retries, prover) {
-            Settle::Done => {
-                put_back(engine, peer, stream);
-                return Ok(());
-            }
-            Settle::Retry => {
-                telemetry::event(Event::TcpReconnect);
-                stream = connect(peer, r.deadline, dial)?;
-                cached = false;
-            }
-            Settle::Rejected { message, .. } => return Err(DirectError::new(Failure::Rejected, message)),
-            Settle::TimedOut(message) => return Err(DirectError::new(Failure::TimedOut, message)),
-            Settle::Failed(message) => return Err(DirectError::new(Failure::Failed, message)),
-            Settle::Corrupt(message) => return Err(DirectError::new(Failure::Corrupt, message)),
-            Settle::PeerGone(message) => return Err(DirectError::new(Failure::PeerGone, message)),
-            Settle::Canceled => unreachable!("nothing cancels a direct request"),
+    // A fresh connection proves the key first; a kept one has.
+    let prover = dial.auth.filter(|_| !cached).map(|k| Prover::new(k.clone(), Port::Data, crate::entropy::bytes()));
+    match exchange(&mut stream, peer, r, prover) {
+        Settle::Done => {
+            put_back(engine, peer, stream);
+            Ok(())
         }
         // On any failure the connection's state is unknown: it is dropped.
+        Settle::Rejected { message, .. } => Err(DirectError::new(Failure::Rejected, message)),
+        Settle::TimedOut(message) => Err(DirectError::new(Failure::TimedOut, message)),
+        Settle::Failed(message) => Err(DirectError::new(Failure::Failed, message)),
+        Settle::Corrupt(message) => Err(DirectError::new(Failure::Corrupt, message)),
+        Settle::PeerGone(message) => Err(DirectError::new(Failure::PeerGone, message)),
+        Settle::Retry => unreachable!("a direct request has no retry"),
+        Settle::Canceled => unreachable!("nothing cancels a direct request"),
     }
+}
+
+/// Whether a kept connection's peer has closed or reset it (or its host
+/// was found gone by keepalive): one poll, without waiting.
+fn hung_up(stream: &TcpStream) -> bool {
+    let mut pfd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: polls one live descriptor the stream owns, without waiting.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0
 }
 
 /// Forgets this thread's connections to an engine's peers (when it shuts
@@ -224,7 +231,7 @@ fn put_back(engine: u64, peer: Peer, stream: TcpStream) {
 }
 
 /// Drives a one-request core over a blocking stream until it settles.
-fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8, prover: Option<Prover>) -> Settle {
+fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, prover: Option<Prover>) -> Settle {
     let limits = Limits { group_reqs_max: 1, awaiting_max: 1, queued_max: 1, ..Limits::default() };
     let mut core = ClientConn::new(peer.addr.to_string(), true, limits, r.deadline)
         .with_crc32c(peer.crc32c)
@@ -233,7 +240,8 @@ fn exchange(stream: &mut TcpStream, peer: Peer, r: &InlineRequest, retries: u8, 
         core = core.authenticating(p);
     }
     core.on_connected();
-    let req = Req { op: r.op, local: r.local, remote: r.remote, len: r.len, deadline: r.deadline, retries, ticket: () };
+    let req =
+        Req { op: r.op, local: r.local, remote: r.remote, len: r.len, deadline: r.deadline, retries: 0, ticket: () };
     if core.push(req).is_err() {
         return Settle::Failed("the direct path refused the request".into());
     }
